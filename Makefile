@@ -1,0 +1,62 @@
+# `make train export serve` on a fresh machine: the first target creates .venv and installs everything.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PRESET ?= mnist-convnet
+RUN := runs/$(PRESET)
+EXPORT := exports/$(PRESET)
+INFERENCE_PORT ?= 8080
+MANAGEMENT_PORT ?= 8081
+METRICS_PORT ?= 8082
+BACKEND ?= onnx
+SERVE_FLAGS ?=
+
+.PHONY: all install train export verify serve stop status loadtest bench test lint clean
+
+all: train export serve
+
+# --no-compile: byte-compiling torch's 5 GB of CUDA wheels costs a minute and buys nothing here.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/torchship train --preset $(PRESET) --out $(RUN)
+
+export: $(STAMP)
+	$(BIN)/torchship export $(RUN)/best.pt --out $(EXPORT)
+
+verify: $(STAMP)
+	$(BIN)/torchship verify $(EXPORT)
+
+serve: $(STAMP)
+	$(BIN)/torchship archive $(EXPORT) --backend $(BACKEND)
+	$(BIN)/torchship serve start --model $(PRESET) --inference-port $(INFERENCE_PORT) \
+		--management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT) $(SERVE_FLAGS)
+
+stop: $(STAMP)
+	$(BIN)/torchship serve stop
+
+status: $(STAMP)
+	$(BIN)/torchship serve status
+
+loadtest: $(STAMP)
+	$(BIN)/torchship loadtest --out $(RUN)/loadtest
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	-test -x $(BIN)/torchship && $(BIN)/torchship serve stop
+	rm -rf runs exports data serve-state model_store/*.mar .pytest_cache

@@ -1,0 +1,119 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TORCHSHIP, quick
+from train import checkpoint
+from train.checkpoint import CheckpointError
+from train.fit import train
+
+
+class Evil:
+    """Not a tensor, not a plain type: weights_only=True must refuse to unpickle it."""
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("good")
+    train(quick("mnist-mlp50", epochs=1), out, data_dir, quiet=True)
+    return out / "last.pt"
+
+
+def test_good_checkpoint_loads(good):
+    ckpt = checkpoint.load(good, preset="mnist-mlp50")
+    model = checkpoint.model_from_checkpoint(ckpt)
+    assert not model.training
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def bad_files(tmp_path, good):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(4096))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.ones(1)}}, foreign)
+    evil = tmp_path / "evil.pt"
+    torch.save({"epoch": 1, "model_state_dict": {}, "meta": {"preset": "mnist-mlp50"}, "x": Evil()}, evil)
+    return {
+        "missing": (tmp_path / "nope.pt", "not found"),
+        "truncated": (truncated, "truncated or corrupt"),
+        "garbage": (garbage, "corrupt|not a torchship checkpoint"),
+        "foreign": (foreign, "not a torchship checkpoint"),
+        "evil": (evil, "weights_only"),
+        "other preset": (good, "preset 'mnist-mlp50', not 'mnist-convnet'"),
+    }
+
+
+def test_each_bad_checkpoint_is_a_clear_error(tmp_path, good):
+    for case, (path, message) in bad_files(tmp_path, good).items():
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.load(path, preset="mnist-convnet")
+        assert case
+
+
+def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, good, data_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(good.read_bytes()[:1000])
+    r = subprocess.run(
+        [
+            *TORCHSHIP,
+            "train",
+            "--preset",
+            "mnist-mlp50",
+            "--resume",
+            "--quiet",
+            "--out",
+            str(run),
+            "--data-dir",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "truncated or corrupt" in r.stderr, r.stderr
+
+
+def test_kill_9_during_training_leaves_a_loadable_last_checkpoint(tmp_path, data_dir):
+    """SIGKILL at several moments of a run that writes a checkpoint every few hundred milliseconds."""
+    out = tmp_path / "run"
+    cmd = [
+        *TORCHSHIP,
+        "train",
+        "--preset",
+        "mnist-mlp",
+        "--epochs",
+        "500",
+        "--quiet",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(data_dir),
+    ]
+    epochs = []
+    for delay in (0.05, 0.23, 0.41):
+        proc = subprocess.Popen(
+            cmd + (["--resume"] if epochs else []), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
+        deadline = time.monotonic() + 120
+        start = epochs[-1] if epochs else 0
+        while time.monotonic() < deadline:
+            if (out / "last.pt").exists() and checkpoint.load(out / "last.pt")["epoch"] > start + 1:
+                break
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = checkpoint.load(out / "last.pt", preset="mnist-mlp")
+        assert ckpt["epoch"] > start
+        epochs.append(ckpt["epoch"])
+    assert epochs == sorted(epochs)
+    assert sys.platform != "win32"

@@ -1,0 +1,19 @@
+"""The `torchship` console command: one subcommand per stage, each a thin layer over plain functions."""
+
+from __future__ import annotations
+
+import click
+
+from train.cli import train_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="torchship")
+def main() -> None:
+    """Train a small PyTorch image model, export it (TorchScript + ONNX, verified), serve it with TorchServe."""
+
+
+main.add_command(train_command)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""`torchship train`: a thin click layer over train.fit.train."""
+
+from __future__ import annotations
+
+import click
+
+from train.presets import DEFAULT_PRESET, PRESETS
+
+
+def _hidden(_ctx, _param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter("comma-separated layer sizes, e.g. 64 or 250,100") from None
+
+
+@click.command("train")
+@click.option(
+    "--preset",
+    type=click.Choice(list(PRESETS)),
+    default=DEFAULT_PRESET,
+    show_default=True,
+    help="Tutorial model and hyperparameters.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run directory for checkpoints and metrics  [default: runs/PRESET]",
+)
+@click.option(
+    "--dataset",
+    type=click.Choice(["mnist-5k", "mnist", "fashion-mnist"]),
+    default=None,
+    help="Override the preset's dataset (mnist-5k is embedded; the others download or read --data-dir).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default="data",
+    show_default=True,
+    help="Where datasets live (torchvision's <dir>/MNIST/raw layout).",
+)
+@click.option(
+    "--download/--no-download", default=True, show_default=True, help="Let torchvision download a missing dataset."
+)
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Total epochs (with --resume: the new total).")
+@click.option("--lr", type=float, default=None, help="Learning rate.")
+@click.option("--batch-size", type=click.IntRange(1), default=None)
+@click.option("--hidden", callback=_hidden, default=None, help="MLP hidden sizes, e.g. 64 or 250,100.")
+@click.option("--seed", type=int, default=None)
+@click.option("--scheduler", type=click.Choice(["none", "step", "onecycle"]), default=None)
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."
+)
+@click.option("--amp", is_flag=True, help="bf16 autocast (CUDA only).")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (model, optimiser, scheduler, RNG).")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+def train_command(
+    preset,
+    out_dir,
+    dataset,
+    data_dir,
+    download,
+    epochs,
+    lr,
+    batch_size,
+    hidden,
+    seed,
+    scheduler,
+    device,
+    amp,
+    resume,
+    quiet,
+):
+    """Train a preset and write resumable checkpoints, metrics.json and curves.png."""
+    from train.checkpoint import CheckpointError
+    from train.data import DataError
+    from train.fit import train
+    from train.presets import get_preset
+
+    try:
+        cfg = get_preset(
+            preset,
+            dataset=dataset,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            hidden=hidden,
+            seed=seed,
+            scheduler=scheduler,
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        train(cfg, out_dir or f"runs/{preset}", data_dir, device, resume, amp, quiet, download)
+    except (CheckpointError, DataError) as e:
+        raise click.ClickException(str(e)) from None

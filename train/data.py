@@ -1,0 +1,119 @@
+"""Datasets as whole tensors: read once through torchvision's classes, kept resident on the device."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from train.mnist5k import EMBEDDED, FILES
+
+DATASETS = ("mnist-5k", "mnist", "fashion-mnist")
+
+
+class DataError(Exception):
+    """A dataset that cannot be found or read; its message is one line for the user."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8, (N, 28, 28)
+    labels: torch.Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def prepare_embedded(root: Path) -> Path:
+    """Unpack the embedded digits into torchvision's raw layout, checking each file's sha256."""
+    raw = root / "mnist-5k" / "MNIST" / "raw"
+    sums = dict(line.split()[::-1] for line in (EMBEDDED / "SHA256SUMS").read_text().splitlines())
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        target = raw / name
+        if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == sums[name]:
+            continue
+        tmp = target.with_suffix(".tmp")
+        with gzip.open(EMBEDDED / f"{name}.gz") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        if hashlib.sha256(tmp.read_bytes()).hexdigest() != sums[name]:
+            tmp.unlink()
+            raise DataError(f"embedded file {name}.gz does not match SHA256SUMS: the checkout is damaged")
+        tmp.replace(target)
+    return root / "mnist-5k"
+
+
+def load(name: str, data_dir: Path | str = "data", download: bool = True) -> tuple[Split, Split]:
+    """(train, test) for a dataset name; torchvision reads the IDX files, downloading only when allowed."""
+    from torchvision import datasets
+
+    data_dir = Path(data_dir)
+    if name == "mnist-5k":
+        root, cls, download = prepare_embedded(data_dir), datasets.MNIST, False
+    elif name == "mnist":
+        root, cls = data_dir, datasets.MNIST
+    elif name == "fashion-mnist":
+        root, cls = data_dir, datasets.FashionMNIST
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    try:
+        parts = [cls(str(root), train=train, download=download) for train in (True, False)]
+    except Exception as e:  # torchvision raises RuntimeError offline, URLError/OSError on failed downloads
+        raw = root / cls.__name__ / "raw"
+        raise DataError(
+            f"{name} not found: put {', '.join(FILES)} (optionally .gz) in {raw}/"
+            f"{' or run online to download' if not download else ''} ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
+    return tuple(Split(p.data, p.targets.long()) for p in parts)  # type: ignore[return-value]
+
+
+def split_validation(data: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Split off a validation set, reproducible from the seed alone."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(len(data) * fraction))
+    val, train = order[:n_val], order[n_val:]
+    return Split(data.images[train], data.labels[train]), Split(data.images[val], data.labels[val])
+
+
+def mean_std(images: torch.Tensor) -> tuple[float, float]:
+    x = images.double() / 255.0
+    return round(x.mean().item(), 4), round(x.std().item(), 4)
+
+
+def to_tensor(images: torch.Tensor, mean: float, std: float, device: torch.device) -> torch.Tensor:
+    """What ToTensor + Normalize do per sample, done once for the whole set on the device."""
+    x = images.to(device, non_blocking=True).float().div_(255.0).unsqueeze(1)
+    return x.sub_(mean).div_(std)
+
+
+def augment(x: torch.Tensor, background: float, generator: torch.Generator) -> torch.Tensor:
+    """Small random rotations, scalings and shifts of a whole batch at once (one affine_grid call)."""
+    import torch.nn.functional as F
+
+    n = len(x)
+    r = torch.rand(n, 4, generator=generator).to(x.device) * 2 - 1  # uniform in [-1, 1)
+    angle, scale, shift = r[:, 0] * 0.17, 1 + r[:, 1] * 0.1, r[:, 2:] * 0.1  # ±10°, ±10%, ±1.4 px
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x - background, grid, align_corners=False) + background
+
+
+def batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled (when a generator is given) batches sliced from resident tensors; no per-sample work."""
+    n = len(x)
+    if generator is None:
+        for i in range(0, n, batch_size):
+            yield x[i : i + batch_size], y[i : i + batch_size]
+        return
+    order = torch.randperm(n, generator=generator).to(x.device)
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        yield x[idx], y[idx]
