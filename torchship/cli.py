@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from export.cli import export_command, verify_command
 from train.cli import train_command
 
 
@@ -14,6 +15,8 @@ def main() -> None:
 
 
 main.add_command(train_command)
+main.add_command(export_command)
+main.add_command(verify_command)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,167 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.artifacts import export_checkpoint
+from export.verify import compare, failure_message, verify
+from tests.conftest import ROOT, TORCHSHIP, quick
+from train.fit import train
+from train.presets import PRESETS
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, data_dir):
+    """Every preset trained for one epoch and exported."""
+    out = {}
+    for name in PRESETS:
+        run = tmp_path_factory.mktemp(f"run-{name}")
+        train(quick(name, dataset="mnist-5k", epochs=1), run, data_dir, quiet=True)
+        out[name] = export_checkpoint(run / "best.pt", tmp_path_factory.mktemp(f"export-{name}"))
+    return out
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_exports_and_verifies(name, exports, data_dir):
+    exp = exports[name]
+    for f in ("model.ts.pt", "model.onnx", "meta.json"):
+        assert (exp.directory / f).stat().st_size > 0
+    model = onnx.load(str(exp.onnx))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version >= 18
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["torchship"])["preset"] == name
+    assert [i.name for i in model.graph.input] == ["images"]
+    files = {"meta.json": ""}
+    torch.jit.load(str(exp.torchscript), _extra_files=files)
+    assert json.loads(files["meta.json"])["labels"] == exp.meta["labels"]
+    meta = json.loads((exp.directory / "meta.json").read_text())
+    for key in ("preset", "input_shape", "mean", "std", "labels", "output_kind", "checkpoint", "checkpoint_sha256"):
+        assert key in meta
+    assert set(meta["versions"]) == {"torch", "onnx", "onnxruntime"}
+    report = verify(exp.directory, data_dir=data_dir)
+    assert report.passed, failure_message(report)
+    assert {(c.backend, c.batch_size) for c in report.checks} == {
+        (b, s) for b in ("eager-fp32", "torchscript", "onnxruntime") for s in (1, 2, 7, 64)
+    }
+    assert report.inputs["real"] >= 256
+    if meta["task"] == "classify":
+        assert all(c.top1_agreement == 1.0 for c in report.checks)
+
+
+def test_onnx_batch_dimension_is_dynamic(exports):
+    import onnxruntime as ort
+
+    exp = exports["mnist-convnet"]
+    dim = onnx.load(str(exp.onnx)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param and not dim.dim_value
+    session = ort.InferenceSession(str(exp.onnx), providers=["CPUExecutionProvider"])
+    for n in (1, 3, 130):
+        assert session.run(None, {"images": np.zeros((n, 1, 28, 28), np.float32)})[0].shape == (n, 10)
+
+
+def test_exported_model_is_in_eval_mode(exports):
+    """Dropout is baked out: the same input gives the same output twice, in every backend."""
+    exp = exports["mnist-convnet"]
+    ts = torch.jit.load(str(exp.torchscript))
+    x = torch.randn(8, 1, 28, 28)
+    assert torch.equal(ts(x), ts(x))
+    assert not ts.training
+
+
+def corrupt_onnx(path):
+    model = onnx.load(str(path))
+    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    w = onnx.numpy_helper.to_array(init).copy()
+    w.flat[0] += 0.5  # one weight
+    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(path))
+
+
+def corrupt_torchscript(path):
+    files = {"meta.json": ""}
+    ts = torch.jit.load(str(path), _extra_files=files)
+    with torch.no_grad():
+        max(ts.parameters(), key=lambda p: p.numel()).view(-1)[0] += 0.5
+    ts.save(str(path), _extra_files=files)
+
+
+@pytest.mark.parametrize("backend,corrupt", [("onnxruntime", corrupt_onnx), ("torchscript", corrupt_torchscript)])
+def test_a_single_corrupted_weight_fails_verification(backend, corrupt, exports, tmp_path, data_dir):
+    import shutil
+
+    exp = exports["mnist-convnet"]
+    copy = tmp_path / "export"
+    shutil.copytree(exp.directory, copy)
+    corrupt(copy / ("model.onnx" if backend == "onnxruntime" else "model.ts.pt"))
+    report = verify(copy, data_dir=data_dir)
+    assert not report.passed
+    assert {c.backend for c in report.failures()} == {backend}
+    r = subprocess.run(
+        [*TORCHSHIP, "verify", str(copy), "--data-dir", str(data_dir)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert r.returncode == 1
+    assert backend in r.stderr and "batch size" in r.stderr and "worst at input" in r.stderr
+    assert "FAIL" in r.stdout
+    saved = json.loads((copy / "equivalence.json").read_text())
+    assert saved["passed"] is False
+
+
+def test_compare_follows_the_both_tolerances_rule():
+    ref = np.array([[100.0, 1e-3, 0.0]])
+    ok = compare(ref + np.array([[5e-3, 5e-6, 9e-6]]), ref, atol=1e-5, rtol=1e-4)  # within rtol, atol, atol
+    assert ok["failures"] == 0
+    bad = compare(ref + np.array([[2e-2, 0, 0]]), ref, atol=1e-5, rtol=1e-4)  # exceeds both
+    assert bad["failures"] == 1 and bad["worst"]["index"] == [0, 0]
+    assert bad["min_atol"] == pytest.approx(2e-2 - 1e-2)
+    nan = compare(np.array([[np.nan, 0, 0]]), np.zeros((1, 3)), atol=1, rtol=1)
+    assert nan["failures"] == 1 and nan["nan"] == 1
+
+
+def test_verify_refuses_an_export_whose_checkpoint_changed(exports, tmp_path, data_dir):
+    import shutil
+
+    exp = exports["mnist-mlp50"]
+    ckpt = tmp_path / "best.pt"
+    shutil.copy(exp.meta["checkpoint"], ckpt)
+    with open(ckpt, "ab") as f:
+        f.write(b"\0")
+    r = subprocess.run(
+        [*TORCHSHIP, "verify", str(exp.directory), "--checkpoint", str(ckpt)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert r.returncode == 1 and "changed since this export" in r.stderr
+
+
+def test_onnx_embedding_imports_no_torch_and_agrees_with_eager(exports, data_dir):
+    """In a fresh interpreter: load, predict every held-out digit, and torch must never have been imported."""
+    exp = exports["mnist-convnet"]
+    code = f"""
+import json, sys
+import numpy as np
+from handlers.onnx_model import load
+model = load({str(exp.onnx)!r})
+raw = {str(data_dir / "mnist-5k" / "MNIST" / "raw")!r}
+images = np.fromfile(raw + "/t10k-images-idx3-ubyte", np.uint8, offset=16).reshape(-1, 28, 28)
+labels = [r["label"] for r in model.predict(list(images))]
+one = model.predict(images[0])
+assert one["label"] == labels[0] and len(one["topk"]) == 3
+print(json.dumps({{"labels": labels, "torch": "torch" in sys.modules}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["torch"] is False
+    ckpt = torch.load(exp.meta["checkpoint"], weights_only=True)
+    from train.checkpoint import model_from_checkpoint
+    from train.data import load as load_data
+    from train.data import to_tensor
+
+    model = model_from_checkpoint(ckpt)
+    _, test = load_data("mnist-5k", data_dir)
+    with torch.no_grad():
+        eager = model(to_tensor(test.images, exp.meta["mean"], exp.meta["std"], torch.device("cpu"))).argmax(1)
+    assert out["labels"] == [str(i) for i in eager.tolist()]
