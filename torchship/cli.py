@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from export.cli import export_command, verify_command
+from serve.cli import archive_command, loadtest_command, serve_group
 from train.cli import train_command
 
 
@@ -17,6 +18,9 @@ def main() -> None:
 main.add_command(train_command)
 main.add_command(export_command)
 main.add_command(verify_command)
+main.add_command(archive_command)
+main.add_command(serve_group)
+main.add_command(loadtest_command)
 
 if __name__ == "__main__":
     main()

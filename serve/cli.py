@@ -1,0 +1,159 @@
+"""`torchship archive`, `torchship serve start|stop|status|key` and `torchship loadtest`: thin click layers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("archive")
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--backend",
+    type=click.Choice(["onnx", "torchscript"]),
+    default="onnx",
+    show_default=True,
+    help="Which exported model the archive carries.",
+)
+@click.option("--model-store", type=click.Path(file_okay=False), default="model_store", show_default=True)
+@click.option("--name", default=None, help="Model name  [default: the preset]")
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Min = max workers.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--max-batch-delay", type=click.IntRange(0), default=5, show_default=True, help="Milliseconds.")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads per worker.")
+@click.option("--response-timeout", type=click.IntRange(1), default=30, show_default=True, help="Seconds.")
+def archive_command(
+    export_dir, backend, model_store, name, workers, batch_size, max_batch_delay, threads, response_timeout
+):
+    """Package EXPORT_DIR into MODEL_STORE/NAME.mar with our image handler."""
+    from serve.archive import ModelConfig, build_archive
+
+    cfg = ModelConfig(workers, workers, batch_size, max_batch_delay, response_timeout, threads=threads)
+    try:
+        mar = build_archive(export_dir, model_store, name, backend, cfg)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {mar} ({backend}, batch {batch_size}, delay {max_batch_delay} ms, {workers} workers)")
+
+
+@click.group("serve")
+def serve_group():
+    """Run TorchServe on 127.0.0.1: start, stop, status, key."""
+
+
+STATE = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default="serve-state",
+    show_default=True,
+    help="This instance's config, logs, keys and pid file.",
+)
+
+
+@serve_group.command("start")
+@click.option("--model", default="mnist-convnet", show_default=True, help="Name of MODEL_STORE/MODEL.mar.")
+@click.option("--model-store", type=click.Path(file_okay=False), default="model_store", show_default=True)
+@STATE
+@click.option("--inference-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--management-port", type=click.IntRange(1, 65535), default=8081, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8082, show_default=True)
+@click.option("--no-token-auth", is_flag=True, help="Turn token authorisation off (local experiments only).")
+@click.option("--timeout", type=float, default=180, show_default=True, help="Seconds to wait for READY workers.")
+def start_command(model, model_store, state_dir, inference_port, management_port, metrics_port, no_token_auth, timeout):
+    """Start TorchServe and wait until MODEL's workers are READY; print a working curl line."""
+    from serve.samples import write_sample
+    from serve.server import ServerConfig, ServerError, curl_example, start
+
+    cfg = ServerConfig(
+        model, model_store, state_dir, inference_port, management_port, metrics_port, token_auth=not no_token_auth
+    )
+    try:
+        cfg = start(cfg, timeout)
+    except ServerError as e:
+        raise click.ClickException(str(e)) from None
+    sample, label = write_sample(Path(cfg.state_dir) / "sample-digit.png")
+    click.echo(
+        f"TorchServe is serving {model} at {cfg.inference_url} (management {cfg.management_url}, "
+        f"metrics {cfg.metrics_url}); logs in {cfg.state_dir}/logs"
+    )
+    click.echo(f"try it (a photographed-style {label}):\n  {curl_example(cfg, sample)}")
+
+
+@serve_group.command("stop")
+@STATE
+def stop_command(state_dir):
+    """Stop the TorchServe started from STATE_DIR, and its workers."""
+    from serve.server import stop
+
+    click.echo("stopped" if stop(state_dir) else f"no TorchServe running from {state_dir}")
+
+
+@serve_group.command("status")
+@STATE
+def status_command(state_dir):
+    """Whether the instance runs, and its workers' states."""
+    from serve.server import status
+
+    click.echo(json.dumps(status(state_dir), indent=2))
+
+
+@serve_group.command("key")
+@STATE
+@click.option("--api", type=click.Choice(["inference", "management"]), default="inference", show_default=True)
+def key_command(state_dir, api):
+    """Print the instance's token (for `Authorization: Bearer ...`)."""
+    from serve.server import keys
+
+    key = keys(state_dir).get(api, {}).get("key")
+    if not key:
+        raise click.ClickException(f"no {api} key in {state_dir}/key_file.json (token auth off, or not running)")
+    click.echo(key)
+
+
+@click.command("loadtest")
+@STATE
+@click.option("--concurrency", default="1,4,16", show_default=True, help="Comma-separated sweep of client counts.")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Open loop: requests per second on a fixed schedule (latency from the intended send time).",
+)
+@click.option(
+    "--duration", type=click.FloatRange(min=0.1), default=10, show_default=True, help="Seconds per level (upper bound)."
+)
+@click.option(
+    "--requests",
+    "max_requests",
+    type=click.IntRange(1),
+    default=20000,
+    show_default=True,
+    help="Requests per level (upper bound).",
+)
+@click.option(
+    "--style",
+    type=click.Choice(["mnist", "paper"]),
+    default="mnist",
+    show_default=True,
+    help="Send digits as MNIST stores them, or as dark ink photographed on white paper.",
+)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/loadtest", show_default=True)
+def loadtest_command(state_dir, concurrency, rate, duration, max_requests, style, out_dir):
+    """Measure the running TorchServe (from STATE_DIR) on 127.0.0.1: throughput, latency, accuracy."""
+    from serve.loadtest import Target, sweep, table, write
+    from serve.server import ServerError, keys, load_instance, pid
+
+    try:
+        cfg = load_instance(state_dir)
+    except ServerError as e:
+        raise click.ClickException(f"{e}: start one with `make serve`") from None
+    if pid(state_dir) is None:
+        raise click.ClickException(f"the TorchServe recorded in {state_dir} is not running: `make serve` first")
+    key = keys(state_dir).get("inference", {}).get("key")
+    target = Target("127.0.0.1", cfg.inference_port, cfg.model, key, cfg.metrics_url)
+    levels = sweep(target, tuple(int(c) for c in concurrency.split(",")), duration, max_requests, rate, style)
+    path = write(levels, out_dir, target, f"{cfg.model} on TorchServe")
+    click.echo(table(levels))
+    click.echo(f"wrote {path} and {Path(out_dir) / 'loadtest.png'}")

@@ -1,0 +1,257 @@
+"""Load test of a running TorchServe: closed-loop concurrency sweep or open-loop fixed rate, loopback only.
+
+Sends real held-out digits and checks every answer's label, so a fast wrong server shows as such.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import re
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serve.samples import on_paper, png, test_digits
+
+
+@dataclass
+class Target:
+    host: str
+    port: int
+    model: str
+    key: str | None = None
+    metrics_url: str | None = None
+
+    def __post_init__(self):
+        host = "127.0.0.1" if self.host == "localhost" else self.host
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"load tests only target this machine (127.0.0.0/8 or ::1), not {self.host}")
+
+
+@dataclass
+class Level:
+    mode: str  # "closed" (concurrency) or "open" (rate)
+    concurrency: int
+    rate: float | None
+    requests: int
+    errors: dict[str, int]
+    seconds: float
+    throughput: float
+    latency_ms: dict[str, float]
+    accuracy: float
+    server: dict = field(default_factory=dict)
+
+
+def payloads(style: str = "mnist", n: int = 1000) -> list[tuple[bytes, int]]:
+    """PNG-encoded held-out digits: as MNIST stores them, or photographed-style dark ink on white paper."""
+    images, labels = test_digits()
+    make = (lambda a: png(a)) if style == "mnist" else (lambda a: png(on_paper(a)))
+    return [(make(images[i]), int(labels[i])) for i in range(min(n, len(labels)))]
+
+
+class Client:
+    """One keep-alive connection; reconnects after errors."""
+
+    def __init__(self, target: Target, timeout: float = 30):
+        self.target, self.timeout, self.conn = target, timeout, None
+        self.headers = {"Content-Type": "image/png"}
+        if target.key:
+            self.headers["Authorization"] = f"Bearer {target.key}"
+
+    def send(self, body: bytes) -> tuple[int, bytes]:
+        for attempt in (0, 1):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.target.host, self.target.port, timeout=self.timeout)
+            try:
+                self.conn.request("POST", f"/predictions/{self.target.model}", body, self.headers)
+                r = self.conn.getresponse()
+                return r.status, r.read()
+            except (http.client.HTTPException, OSError):
+                self.conn.close()
+                self.conn = None
+                if attempt:
+                    return 0, b""  # connection-level failure, counted as status 0
+        return 0, b""
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    if not latencies:
+        return {k: float("nan") for k in ("p50", "p90", "p99", "p99.9", "max", "mean")}
+    a = np.asarray(latencies) * 1000
+    q = np.percentile(a, [50, 90, 99, 99.9])
+    return {"p50": q[0], "p90": q[1], "p99": q[2], "p99.9": q[3], "max": a.max(), "mean": a.mean()}
+
+
+def server_metrics(url: str | None) -> dict[str, float]:
+    """TorchServe's Prometheus counters (summed over label sets), or {} when the metrics API is unreachable."""
+    if not url:
+        return {}
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=3) as r:
+            text = r.read().decode()
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+    return out
+
+
+def server_delta(before: dict, after: dict) -> dict:
+    """Mean queue and inference time per request as TorchServe itself measured them."""
+    n = after.get("ts_inference_requests_total", 0) - before.get("ts_inference_requests_total", 0)
+    if n <= 0:
+        return {}
+    per = {}
+    for key, name in (
+        ("ts_queue_latency_microseconds", "queue_ms"),
+        ("ts_inference_latency_microseconds", "inference_ms"),
+    ):
+        if key in after:
+            per[name] = (after[key] - before.get(key, 0)) / n / 1000
+    return {"requests": n, **per}
+
+
+def run_level(
+    target: Target, bodies, concurrency: int, duration: float, max_requests: int, rate: float | None = None
+) -> Level:
+    """Closed loop: `concurrency` clients back to back. Open loop (rate): sends on a fixed schedule and times
+    each request from its intended send time, so a stalled server cannot hide its queue (no coordinated omission)."""
+    lock = threading.Lock()
+    latencies, statuses, correct = [], Counter(), [0]
+    counter = iter(range(max_requests))
+    t0 = time.perf_counter() + 0.05
+    deadline = t0 + duration
+
+    def worker():
+        client = Client(target)
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            intended = t0 + i / rate if rate else None
+            if intended is not None:
+                delay = intended - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            start = time.perf_counter()
+            if start > deadline:
+                return
+            body, label = bodies[i % len(bodies)]
+            status, reply = client.send(body)
+            end = time.perf_counter()
+            ok = False
+            if status == 200:
+                try:
+                    ok = json.loads(reply)["label"] == str(label)
+                except (ValueError, KeyError, TypeError):
+                    ok = False
+            with lock:
+                latencies.append(end - (intended if intended is not None else start))
+                statuses[status] += 1
+                correct[0] += ok
+
+    before = server_metrics(target.metrics_url)
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=duration + 60)
+    seconds = max(time.perf_counter() - t0, 1e-9)
+    n = sum(statuses.values())
+    errors = {str(k): v for k, v in sorted(statuses.items()) if k != 200}
+    return Level(
+        "open" if rate else "closed",
+        concurrency,
+        rate,
+        n,
+        errors,
+        seconds,
+        n / seconds,
+        percentiles(latencies),
+        correct[0] / max(n, 1),
+        server_delta(before, server_metrics(target.metrics_url)),
+    )
+
+
+def sweep(
+    target: Target,
+    concurrency=(1, 4, 16),
+    duration: float = 10,
+    max_requests: int = 20000,
+    rate: float | None = None,
+    style: str = "mnist",
+    warmup: int = 50,
+) -> list[Level]:
+    bodies = payloads(style)
+    client = Client(target)
+    for body, _ in bodies[:warmup]:  # warm the workers (first calls pay for lazy init)
+        client.send(body)
+    if rate:
+        return [run_level(target, bodies, max(concurrency), duration, max_requests, rate)]
+    return [run_level(target, bodies, c, duration, max_requests) for c in concurrency]
+
+
+def table(levels: list[Level]) -> str:
+    head = (
+        f"{'load':>10} {'requests':>8} {'errors':>8} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
+        f"{'p99.9':>7} {'max ms':>7} {'accuracy':>8} {'queue ms':>8}"
+    )
+    rows = [head, "-" * len(head)]
+    for lv in levels:
+        load = f"{lv.rate:g}/s" if lv.rate else f"c={lv.concurrency}"
+        err = sum(lv.errors.values())
+        lat = lv.latency_ms
+        queue = lv.server.get("queue_ms")
+        rows.append(
+            f"{load:>10} {lv.requests:>8} {err:>8} {lv.throughput:>8.1f} {lat['p50']:>7.2f} {lat['p90']:>7.2f} "
+            f"{lat['p99']:>7.2f} {lat['p99.9']:>7.2f} {lat['max']:>7.2f} {lv.accuracy:>8.4f} "
+            f"{queue if queue is None else round(queue, 3)!s:>8}"
+        )
+    return "\n".join(rows)
+
+
+def plot(levels: list[Level], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    x = [lv.throughput for lv in levels]
+    for p in ("p50", "p90", "p99", "p99.9"):
+        ax.plot(x, [lv.latency_ms[p] for lv in levels], "o-", label=p)
+    for lv in levels:
+        ax.annotate(
+            f"{lv.rate:g}/s" if lv.rate else f"c={lv.concurrency}",
+            (lv.throughput, lv.latency_ms["p50"]),
+            textcoords="offset points",
+            xytext=(4, -12),
+            fontsize=8,
+        )
+    ax.set(xlabel="throughput (requests/s)", ylabel="latency (ms)", yscale="log", title=title or "latency vs load")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(levels: list[Level], out_dir: Path | str, target: Target, title: str = "") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"target": {"host": target.host, "port": target.port, "model": target.model},
+              "levels": [asdict(lv) for lv in levels]}  # fmt: skip
+    (out / "loadtest.json").write_text(json.dumps(report, indent=2))
+    plot(levels, out / "loadtest.png", title)
+    return out / "loadtest.json"

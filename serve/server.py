@@ -1,0 +1,230 @@
+"""TorchServe's lifecycle through its own CLI: one state directory per instance, so we stop exactly ours."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+LOOPBACK = "127.0.0.1"
+PID_FILE = ".model_server.pid"
+
+
+class ServerError(Exception):
+    """TorchServe did not start, or did not stop; the message carries the log lines that say why."""
+
+
+@dataclass
+class ServerConfig:
+    model: str
+    model_store: str = "model_store"
+    state_dir: str = "serve-state"
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    token_auth: bool = True
+    max_request_size: int = 10 * 1024 * 1024  # bytes; larger bodies are refused by the frontend (413)
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.inference_port}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.management_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.metrics_port}"
+
+
+def config_properties(cfg: ServerConfig) -> str:
+    store = Path(cfg.model_store).resolve()
+    lines = {
+        "inference_address": cfg.inference_url,
+        "management_address": cfg.management_url,
+        "metrics_address": cfg.metrics_url,
+        "model_store": str(store),
+        "load_models": f"{cfg.model}={cfg.model}.mar",
+        "enable_model_api": "false",  # no registering models over HTTP (ShellTorch, CVE-2023-43654)
+        "allowed_urls": f"file://{store}/.*",  # only our own model store, never http(s)
+        "max_request_size": str(cfg.max_request_size),
+        "max_response_size": str(cfg.max_request_size),
+        "disable_token_authorization": "false" if cfg.token_auth else "true",
+        "metrics_mode": "prometheus",
+        "install_py_dep_per_model": "false",
+        "disable_system_metrics": "true",
+    }
+    return "\n".join(f"{k}={v}" for k, v in lines.items()) + "\n"
+
+
+def _exe(name: str) -> str:
+    exe = Path(sys.executable).with_name(name)
+    return str(exe) if exe.exists() else (shutil.which(name) or name)
+
+
+def _env(state: Path) -> dict:
+    tmp = state / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    # TMPDIR holds TorchServe's pid file: one per instance, so --stop stops this one and no other.
+    return {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(state / "logs"),
+            "METRICS_LOCATION": str(state / "logs")}  # fmt: skip
+
+
+def pid(state_dir: Path | str) -> int | None:
+    f = Path(state_dir) / "tmp" / PID_FILE
+    try:
+        p = int(f.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return p if psutil.pid_exists(p) else None
+
+
+def keys(state_dir: Path | str) -> dict:
+    """TorchServe's key_file.json: {'inference': {'key': ...}, 'management': {...}, ...}; {} when auth is off."""
+    f = Path(state_dir) / "key_file.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def headers(state_dir: Path | str, api: str = "inference") -> dict:
+    k = keys(state_dir).get(api, {}).get("key")
+    return {"Authorization": f"Bearer {k}"} if k else {}
+
+
+def http_json(url: str, hdrs: dict | None = None, timeout: float = 5.0):
+    req = urllib.request.Request(url, headers=hdrs or {})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"null")
+
+
+def log_excerpt(state: Path, lines: int = 25) -> str:
+    """The lines of TorchServe's logs that explain a failure: errors and tracebacks, newest last."""
+    picked: dict[str, None] = {}  # ordered and without repeats: workers retry and log the same error again
+    for name in ("ts_log.log", "model_log.log"):
+        f = state / "logs" / name
+        if f.is_file():
+            for line in f.read_text(errors="replace").splitlines():
+                if any(w in line for w in ("ERROR", "Error", "Exception", "error:")):
+                    text = line.split(" - ", 1)[-1].strip()[:300]
+                    picked[f"{name}: {text}"] = None
+    return "\n".join(list(picked)[-lines:]) or f"(no error lines in {state / 'logs'})"
+
+
+def worker_crashes(state: Path) -> int:
+    f = state / "logs" / "model_log.log"
+    return f.read_text(errors="replace").count("Traceback (most recent call last)") if f.is_file() else 0
+
+
+def model_status(cfg: ServerConfig) -> list[dict]:
+    return http_json(f"{cfg.management_url}/models/{cfg.model}", headers(cfg.state_dir, "management"))
+
+
+def wait_ready(cfg: ServerConfig, timeout: float) -> None:
+    state = Path(cfg.state_dir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid(state) is None and time.monotonic() > deadline - timeout + 5:
+            raise ServerError(f"TorchServe exited during start-up:\n{log_excerpt(state)}")
+        try:
+            ping = http_json(f"{cfg.inference_url}/ping", headers(state), timeout=2)
+            if ping.get("status") == "Healthy":
+                workers = [w for m in model_status(cfg) for w in m.get("workers", [])]
+                if workers and all(w.get("status") == "READY" for w in workers):
+                    return
+        except (urllib.error.URLError, OSError, ValueError, json.JSONDecodeError):
+            pass
+        if worker_crashes(state) >= 2:  # TorchServe retries a crashing worker forever: fail now, not at the timeout
+            raise ServerError(f"{cfg.model}'s workers crash while loading:\n{log_excerpt(state)}")
+        time.sleep(0.5)
+    raise ServerError(f"{cfg.model} was not READY after {timeout:.0f}s:\n{log_excerpt(state)}")
+
+
+def start(cfg: ServerConfig, timeout: float = 180) -> ServerConfig:
+    state = Path(cfg.state_dir).resolve()
+    cfg = ServerConfig(**{**asdict(cfg), "state_dir": str(state), "model_store": str(Path(cfg.model_store).resolve())})
+    if pid(state) is not None:
+        raise ServerError(f"a TorchServe started from {state} is already running: `torchship serve stop` first")
+    mar = Path(cfg.model_store) / f"{cfg.model}.mar"
+    if not mar.is_file():
+        raise ServerError(f"{mar} not found: run `torchship archive` first")
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "logs").mkdir(exist_ok=True)
+    (state / "key_file.json").unlink(missing_ok=True)
+    props = state / "config.properties"
+    props.write_text(config_properties(cfg))
+    cmd = [_exe("torchserve"), "--start", "--ncs", "--ts-config", str(props), "--model-store", cfg.model_store]
+    if not cfg.token_auth:
+        cmd.append("--disable-token-auth")
+    # The daemon inherits our stdout: send it to a file, or reading a pipe would wait for the server's exit.
+    with open(state / "logs" / "torchserve.out", "ab") as console:
+        code = subprocess.run(cmd, cwd=state, env=_env(state), stdout=console, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = (state / "logs" / "torchserve.out").read_text(errors="replace").strip().splitlines()[-5:]
+        raise ServerError("torchserve --start failed: " + " | ".join(tail))
+    (state / "instance.json").write_text(json.dumps(asdict(cfg), indent=2))
+    try:
+        wait_ready(cfg, timeout)
+    except ServerError:
+        stop(state)
+        raise
+    return cfg
+
+
+def load_instance(state_dir: Path | str) -> ServerConfig:
+    f = Path(state_dir) / "instance.json"
+    if not f.is_file():
+        raise ServerError(f"no TorchServe instance recorded in {state_dir}")
+    return ServerConfig(**json.loads(f.read_text()))
+
+
+def stop(state_dir: Path | str = "serve-state", timeout: float = 60) -> bool:
+    """`torchserve --stop` with this instance's TMPDIR, then wait until it and its workers are gone."""
+    state = Path(state_dir).resolve()
+    p = pid(state)
+    if p is None:
+        return False
+    try:
+        procs = [psutil.Process(p), *psutil.Process(p).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    subprocess.run([_exe("torchserve"), "--stop"], cwd=state, env=_env(state), capture_output=True, timeout=60)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:  # workers that outlived their frontend
+        proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+    return True
+
+
+def status(state_dir: Path | str = "serve-state") -> dict:
+    state = Path(state_dir)
+    p = pid(state)
+    if p is None:
+        return {"running": False, "state_dir": str(state)}
+    try:
+        cfg = load_instance(state)
+    except ServerError as e:
+        return {"running": True, "pid": p, "error": str(e)}
+    try:
+        models = model_status(cfg)
+        workers = [{"id": w.get("id"), "status": w.get("status"), "pid": w.get("pid")} for m in models
+                   for w in m.get("workers", [])]  # fmt: skip
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        workers = [{"error": str(e)}]
+    return {"running": True, "pid": p, "model": cfg.model, "inference": cfg.inference_url, "workers": workers}
+
+
+def curl_example(cfg: ServerConfig, sample: Path) -> str:
+    auth = ""
+    if cfg.token_auth:
+        key_cmd = f"python3 -c \"import json;print(json.load(open('{Path(cfg.state_dir) / 'key_file.json'}'))['inference']['key'])\""  # noqa: E501
+        auth = f'-H "Authorization: Bearer $({key_cmd})" '
+    return f"curl {auth}-T {sample} {cfg.inference_url}/predictions/{cfg.model}"
