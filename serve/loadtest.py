@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.samples import on_paper, png, test_digits
+from serve.samples import held_out_digits, on_paper, png
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Level:
 
 def payloads(style: str = "mnist", n: int = 1000) -> list[tuple[bytes, int]]:
     """PNG-encoded held-out digits: as MNIST stores them, or photographed-style dark ink on white paper."""
-    images, labels = test_digits()
+    images, labels = held_out_digits()
     make = (lambda a: png(a)) if style == "mnist" else (lambda a: png(on_paper(a)))
     return [(make(images[i]), int(labels[i])) for i in range(min(n, len(labels)))]
 

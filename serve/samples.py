@@ -12,7 +12,7 @@ from PIL import Image
 from train.mnist5k import EMBEDDED
 
 
-def test_digits() -> tuple[np.ndarray, np.ndarray]:
+def held_out_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 1,000 held-out embedded digits (uint8, N x 28 x 28) and their labels; no torch needed."""
     images = np.frombuffer(gzip.open(EMBEDDED / "t10k-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
     labels = np.frombuffer(gzip.open(EMBEDDED / "t10k-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
@@ -34,7 +34,7 @@ def on_paper(pixels: np.ndarray, size: int = 160, offset: tuple[int, int] = (30,
 
 
 def write_sample(path: Path | str, index: int = 0) -> tuple[Path, int]:
-    images, labels = test_digits()
+    images, labels = held_out_digits()
     path = Path(path)
     path.write_bytes(png(on_paper(images[index])))
     return path, int(labels[index])

@@ -1,0 +1,189 @@
+"""End to end: train a tiny model, export, archive, run a real TorchServe on free ports, query it, stop it."""
+
+import base64
+import http.client
+import io
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from export.artifacts import export_checkpoint
+from handlers.onnx_model import load as load_onnx
+from serve import server
+from serve.archive import ModelConfig, build_archive
+from serve.loadtest import Target, sweep
+from serve.samples import held_out_digits, on_paper, png
+from tests.conftest import quick
+from train.fit import train
+
+pytestmark = pytest.mark.serve
+DIGITS, LABELS = held_out_digits()
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, data_dir):
+    run, exp_dir = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("export")
+    train(quick("mnist-convnet", epochs=1), run, data_dir, quiet=True)
+    exp = export_checkpoint(run / "best.pt", exp_dir)
+    store = tmp_path_factory.mktemp("model_store")
+    # a long batch delay so concurrent requests are sure to share a batch; one worker sees them all
+    build_archive(exp.directory, store, config=ModelConfig(1, 1, batchSize=8, maxBatchDelay=150))
+    ports = free_ports(3)
+    state = tmp_path_factory.mktemp("state")
+    cfg = server.ServerConfig("mnist-convnet", str(store), str(state), *ports)
+    try:
+        cfg = server.start(cfg, timeout=240)
+        yield cfg, exp
+    finally:
+        java = server.pid(state)
+        server.stop(state)
+        assert server.pid(state) is None
+        assert java is None or not psutil.pid_exists(java)
+
+
+def post(cfg, body: bytes, content_type="image/png", key=True, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
+    h = {"Content-Type": content_type, **(headers or {})}
+    if key:
+        h.update(server.headers(cfg.state_dir))
+    conn.request("POST", f"/predictions/{cfg.model}", body, h)
+    r = conn.getresponse()
+    status, data = r.status, r.read()
+    conn.close()
+    return status, json.loads(data) if data else None
+
+
+def multipart(field: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "torchshipboundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="d.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_predictions_on_real_digits_equal_the_onnx_embedding(served):
+    cfg, exp = served
+    model = load_onnx(exp.onnx)
+    for i in range(0, 1000, 40):
+        for data in (png(DIGITS[i]), png(on_paper(DIGITS[i]))):
+            status, body = post(cfg, data)
+            assert status == 200
+            local = model.predict(data)
+            assert body["label"] == local["label"]
+            assert abs(body["probability"] - local["probability"]) < 1e-4
+
+
+def test_every_way_clients_send_images(served):
+    cfg, _ = served
+    digit = png(DIGITS[0])
+    expected = post(cfg, digit)[1]["label"]
+    form, ctype = multipart("data", digit)
+    assert post(cfg, form, ctype) == (200, post(cfg, digit)[1])
+    status, body = post(cfg, json.dumps({"data": base64.b64encode(digit).decode()}).encode(), "application/json")
+    assert status == 200 and body["label"] == expected
+    jpeg = io.BytesIO()
+    Image.fromarray(on_paper(DIGITS[0])).convert("RGB").save(jpeg, format="JPEG")
+    assert post(cfg, jpeg.getvalue(), "image/jpeg")[0] == 200
+    status, body = post(cfg, digit, headers={"X-TopK": "5"})
+    assert status == 200 and len(body["topk"]) == 5
+
+
+def big_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (6000, 4000), 255).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD = [
+    ("empty body", b"", "application/octet-stream", 400, "empty"),
+    ("not an image", b"GIF89a-but-not-really", "application/octet-stream", 415, "not an image"),
+    ("truncated", png(DIGITS[1])[:120], "image/png", 400, "truncated"),
+    ("pixel bomb", big_png(), "image/png", 413, "too large"),
+    ("bad base64", json.dumps({"data": "%%%"}).encode(), "application/json", 400, "base64"),
+    ("json without data", json.dumps({"image": "x"}).encode(), "application/json", 400, "'data'"),
+]
+
+
+@pytest.mark.parametrize("name,body,ctype,status,message", BAD, ids=[b[0] for b in BAD])
+def test_each_bad_input_gets_its_own_4xx_and_message(served, name, body, ctype, status, message):
+    cfg, _ = served
+    got, reply = post(cfg, body, ctype)
+    assert got == status, (name, reply)
+    assert message in reply["error"]
+
+
+def test_a_batch_mixing_good_and_bad_inputs(served):
+    """Sent at once, so TorchServe batches them into one handler call; the good ones must still succeed."""
+    cfg, _ = served
+    bodies = []
+    for i in range(4):
+        bodies.append((png(DIGITS[i * 100]), "image/png", 200))
+        _, bad, ctype, status, _ = BAD[i]
+        bodies.append((bad, ctype, status))
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(lambda b: post(cfg, b[0], b[1]), bodies))
+    assert [r[0] for r in results] == [b[2] for b in bodies]
+    for (_, body), (_, _, want) in zip(results, bodies):
+        assert ("label" in body) if want == 200 else ("error" in body)
+    log = open(f"{cfg.state_dir}/logs/model_log.log").read()
+    assert "Traceback" not in log  # no worker died on the bad inputs
+
+
+def test_token_authorisation_is_on(served):
+    cfg, _ = served
+    status, body = post(cfg, png(DIGITS[0]), key=False)
+    assert status in (400, 401, 403) and "Token" in body["message"]
+
+
+def test_security_settings_of_the_running_server(served):
+    cfg, _ = served
+    props = open(f"{cfg.state_dir}/config.properties").read()
+    assert "enable_model_api=false" in props and "127.0.0.1" in props and "allowed_urls=file://" in props
+    conn = http.client.HTTPConnection("127.0.0.1", cfg.management_port, timeout=10)
+    conn.request("POST", "/models?url=https://example.com/x.mar", headers=server.headers(cfg.state_dir, "management"))
+    assert conn.getresponse().status >= 400  # registering models over HTTP is off
+
+
+def test_load_test_counts_and_checks_answers(served):
+    cfg, _ = served
+    key = server.keys(cfg.state_dir)["inference"]["key"]
+    target = Target("127.0.0.1", cfg.inference_port, cfg.model, key, cfg.metrics_url)
+    t0 = time.monotonic()
+    levels = sweep(target, (1, 4), duration=2, max_requests=60, warmup=5)
+    assert time.monotonic() - t0 < 60
+    for lv in levels:  # this archive waits 150 ms per batch: the 2 s bound stops the sweep before 60 requests
+        assert 5 <= lv.requests <= 60 and not lv.errors and lv.seconds < 10
+        assert lv.server["requests"] == lv.requests and lv.server["queue_ms"] > 0  # TorchServe's own metrics
+        assert lv.accuracy > 0.7 and lv.latency_ms["p50"] <= lv.latency_ms["p99"] <= lv.latency_ms["max"]
+    open_loop = sweep(target, (8,), duration=3, max_requests=20, rate=10, warmup=0)[0]
+    assert open_loop.mode == "open" and open_loop.requests == 20 and open_loop.seconds >= 1.9  # on schedule
+    with pytest.raises(ValueError):
+        Target("10.0.0.1", 80, "m")
+
+
+def test_status_reports_ready_workers(served):
+    cfg, _ = served
+    st = server.status(cfg.state_dir)
+    assert st["running"] and st["workers"] and all(w["status"] == "READY" for w in st["workers"])
+    assert np.isfinite(st["pid"])
