@@ -226,6 +226,7 @@ def plot(levels: list[Level], path: Path, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     x = [lv.throughput for lv in levels]
@@ -240,6 +241,8 @@ def plot(levels: list[Level], path: Path, title: str = "") -> None:
             fontsize=8,
         )
     ax.set(xlabel="throughput (requests/s)", ylabel="latency (ms)", yscale="log", title=title or "latency vs load")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
