@@ -21,7 +21,7 @@ class ModelConfig:
     minWorkers: int = 2  # noqa: N815 - TorchServe's own key names
     maxWorkers: int = 2  # noqa: N815
     batchSize: int = 8  # noqa: N815
-    maxBatchDelay: int = 5  # noqa: N815 - milliseconds
+    maxBatchDelay: int = 1  # noqa: N815 - ms; 0 would mean TorchServe's default of 100
     responseTimeout: int = 30  # noqa: N815 - seconds
     startupTimeout: int = 120  # noqa: N815
     threads: int = 1  # handler: intra-op threads per worker
@@ -43,10 +43,13 @@ def build_archive(
     model_store: Path | str = "model_store",
     name: str | None = None,
     backend: str = "onnx",
-    config: ModelConfig | None = None,
+    config: ModelConfig | None = ModelConfig(),
     handler: Path | None = None,
 ) -> Path:
-    """Write <model_store>/<name>.mar holding the model, our handler and its modules, meta.json and the config."""
+    """Write <model_store>/<name>.mar holding the model, our handler and its modules, meta.json and the config.
+
+    config=None leaves model-config.yaml out: TorchServe's defaults (no batching, a worker per core).
+    """
     export_dir, store = Path(export_dir), Path(model_store)
     meta_path = export_dir / "meta.json"
     if not meta_path.is_file():
@@ -57,10 +60,9 @@ def build_archive(
     if not model.is_file():
         raise FileNotFoundError(f"{model} not found: run `torchship export` first")
     store.mkdir(parents=True, exist_ok=True)
-    config = config or ModelConfig()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "model-config.yaml"
-        cfg.write_text(config.yaml())
+        cfg.write_text(config.yaml() if config else "")
         extra = [str(HANDLERS / m) for m in HANDLER_MODULES] + [str(meta_path)]
         cmd = [
             archiver(),
@@ -69,10 +71,9 @@ def build_archive(
             "--serialized-file", str(model),
             "--handler", str(handler or HANDLERS / "image_handler.py"),
             "--extra-files", ",".join(extra),
-            "--config-file", str(cfg),
             "--export-path", str(store),
             "--force",
-        ]  # fmt: skip
+        ] + (["--config-file", str(cfg)] if config else [])  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"torch-model-archiver failed: {result.stderr.strip() or result.stdout.strip()}")

@@ -21,7 +21,13 @@ import click
 @click.option("--name", default=None, help="Model name  [default: the preset]")
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Min = max workers.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
-@click.option("--max-batch-delay", type=click.IntRange(0), default=5, show_default=True, help="Milliseconds.")
+@click.option(
+    "--max-batch-delay",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Milliseconds to wait for a fuller batch (TorchServe reads 0 as its default, 100).",
+)
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads per worker.")
 @click.option("--response-timeout", type=click.IntRange(1), default=30, show_default=True, help="Seconds.")
 def archive_command(

@@ -17,6 +17,7 @@ import psutil
 
 LOOPBACK = "127.0.0.1"
 PID_FILE = ".model_server.pid"
+LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
 
 
 class ServerError(Exception):
@@ -33,6 +34,7 @@ class ServerConfig:
     metrics_port: int = 8082
     token_auth: bool = True
     max_request_size: int = 10 * 1024 * 1024  # bytes; larger bodies are refused by the frontend (413)
+    extra: dict | None = None  # more config.properties lines (tuning experiments, site settings)
 
     @property
     def inference_url(self) -> str:
@@ -45,6 +47,19 @@ class ServerConfig:
     @property
     def metrics_url(self) -> str:
         return f"http://{LOOPBACK}:{self.metrics_port}"
+
+
+def free_ports(n: int = 3) -> list[int]:
+    """Ports the kernel says are free on the loopback now, for instances that must not clash (tests, benchmarks)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind((LOOPBACK, 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
 
 
 def config_properties(cfg: ServerConfig) -> str:
@@ -63,7 +78,9 @@ def config_properties(cfg: ServerConfig) -> str:
         "metrics_mode": "prometheus",
         "install_py_dep_per_model": "false",
         "disable_system_metrics": "true",
+        "async_logging": "true",
     }
+    lines.update(cfg.extra or {})
     return "\n".join(f"{k}={v}" for k, v in lines.items()) + "\n"
 
 
@@ -161,7 +178,8 @@ def start(cfg: ServerConfig, timeout: float = 180) -> ServerConfig:
     (state / "key_file.json").unlink(missing_ok=True)
     props = state / "config.properties"
     props.write_text(config_properties(cfg))
-    cmd = [_exe("torchserve"), "--start", "--ncs", "--ts-config", str(props), "--model-store", cfg.model_store]
+    cmd = [_exe("torchserve"), "--start", "--ncs", "--ts-config", str(props), "--model-store", cfg.model_store,
+           "--log-config", str(LOG_CONFIG)]  # fmt: skip
     if not cfg.token_auth:
         cmd.append("--disable-token-auth")
     # The daemon inherits our stdout: send it to a file, or reading a pipe would wait for the server's exit.

@@ -4,7 +4,6 @@ import base64
 import http.client
 import io
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,16 +25,6 @@ pytestmark = pytest.mark.serve
 DIGITS, LABELS = held_out_digits()
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, data_dir):
     run, exp_dir = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("export")
@@ -44,7 +33,7 @@ def served(tmp_path_factory, data_dir):
     store = tmp_path_factory.mktemp("model_store")
     # a long batch delay so concurrent requests are sure to share a batch; one worker sees them all
     build_archive(exp.directory, store, config=ModelConfig(1, 1, batchSize=8, maxBatchDelay=150))
-    ports = free_ports(3)
+    ports = server.free_ports(3)
     state = tmp_path_factory.mktemp("state")
     cfg = server.ServerConfig("mnist-convnet", str(store), str(state), *ports)
     try:

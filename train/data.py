@@ -72,11 +72,15 @@ def load(name: str, data_dir: Path | str = "data", download: bool = True) -> tup
     return tuple(Split(p.data, p.targets.long()) for p in parts)  # type: ignore[return-value]
 
 
+def validation_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices, reproducible from the seed alone."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(n * fraction))
+    return order[n_val:], order[:n_val]
+
+
 def split_validation(data: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Split off a validation set, reproducible from the seed alone."""
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(len(data) * fraction))
-    val, train = order[:n_val], order[n_val:]
+    train, val = validation_indices(len(data), fraction, seed)
     return Split(data.images[train], data.labels[train]), Split(data.images[val], data.labels[val])
 
 

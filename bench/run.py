@@ -1,0 +1,157 @@
+"""`make bench`: in-process inference, serving and training against their baselines; JSON + a table.
+
+Absolute numbers drift between machines; the ratios, measured side by side in one run, are what count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import onnxruntime
+import torch
+
+from bench import inference, serving, training
+
+RESULTS = Path(__file__).with_name("results.json")
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": str(torch.__version__),
+            "onnxruntime": onnxruntime.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available()
+            else None}  # fmt: skip
+
+
+def ensure_export(run_dir: Path, export_dir: Path, data_dir: Path) -> None:
+    """Benchmark the default model as `make train export` leaves it, building it first if needed."""
+    if not (run_dir / "best.pt").is_file():
+        from train.fit import train
+        from train.presets import get_preset
+
+        train(get_preset("mnist-convnet"), run_dir, data_dir, quiet=True)
+    if not (export_dir / "model.onnx").is_file():
+        from export.artifacts import export_checkpoint
+
+        export_checkpoint(run_dir / "best.pt", export_dir)
+
+
+def level(section: dict, c: int) -> dict:
+    return next(lv for lv in section["levels"] if lv["concurrency"] == c)
+
+
+def targets(r: dict) -> list[dict]:
+    out = []
+
+    def check(name, value, goal, ok):
+        out.append({"target": name, "value": value, "goal": goal, "met": bool(ok)})
+
+    if "serving" in r:
+        b16, o16 = level(r["serving"]["baseline"], 16), level(r["serving"]["ours"], 16)
+        b1, o1 = level(r["serving"]["baseline"], 1), level(r["serving"]["ours"], 1)
+        ratio = o16["throughput"] / b16["throughput"]
+        check("serving throughput c=16, ours/baseline", round(ratio, 2), ">= 10", ratio >= 10)
+        check("serving p99 c=16, ours vs baseline (ms)", [round(o16["latency_ms"]["p99"], 2),
+              round(b16["latency_ms"]["p99"], 2)], "ours <= baseline", o16["latency_ms"]["p99"] <=
+              b16["latency_ms"]["p99"])  # fmt: skip
+        errors = sum(sum(lv["errors"].values()) for lv in r["serving"]["ours"]["levels"])
+        check("serving errors (ours, all levels)", errors, "0", errors == 0)
+        acc = min(lv["accuracy"] for lv in r["serving"]["ours"]["levels"])
+        bacc = min(lv["accuracy"] for lv in r["serving"]["baseline"]["levels"])
+        check(
+            "serving accuracy, ours vs baseline",
+            [round(acc, 4), round(bacc, 4)],
+            "ours >= baseline - 0.005",
+            acc >= bacc - 0.005,
+        )
+        p50 = o1["latency_ms"]["p50"] / b1["latency_ms"]["p50"]
+        check("serving p50 c=1, ours/baseline", round(p50, 2), "<= 0.5", p50 <= 0.5)
+    if "inference" in r:
+        rows = {(x["backend"], x["batch"]): x["us_per_image"] for x in r["inference"]["rows"]}
+        speed = rows["eager", 1] / rows["onnxruntime", 1]
+        check("in-process batch 1, eager/onnxruntime", round(speed, 2), ">= 3", speed >= 3)
+        floor = rows["onnxruntime", 64] / r["inference"]["floor_us_per_image"]
+        check("in-process batch 64, onnxruntime/FLOP floor", round(floor, 2), "<= 1.5", floor <= 1.5)
+    if "training" in r:
+        t = r["training"]
+        check("training epoch time, ours/tutorial loop", round(t["ratio"], 2), "<= 0.7", t["ratio"] <= 0.7)
+        gap = t["accuracy_gap_points"]
+        check("training test accuracy gap (points)", round(gap, 2), "within +-0.5", abs(gap) <= 0.5)
+    return out
+
+
+def table(r: dict) -> str:
+    lines = [f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; torch {r['machine']['torch']}, "
+             f"onnxruntime {r['machine']['onnxruntime']}"]  # fmt: skip
+    if "inference" in r:
+        inf = r["inference"]
+        lines += ["", f"In-process inference (us per image; FLOP floor {inf['floor_us_per_image']:.1f} us = "
+                  f"{inf['flops_per_image'] / 1e6:.2f} MFLOP / {inf['matmul_gflops']:.0f} GFLOP/s matmul)",
+                  f"{'backend':<12} {'batch 1':>9} {'batch 64':>9}"]  # fmt: skip
+        rows = {(x["backend"], x["batch"]): x["us_per_image"] for x in inf["rows"]}
+        for b in ("eager", "torchscript", "onnxruntime"):
+            lines.append(f"{b:<12} {rows[b, 1]:>9.1f} {rows[b, 64]:>9.1f}")
+    if "serving" in r:
+        lines += [
+            "",
+            "Serving (TorchServe, same load test, 127.0.0.1)",
+            f"{'setup':<9} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'accuracy':>8}",
+        ]
+        for name in ("baseline", "ours"):
+            for lv in r["serving"][name]["levels"]:
+                lines.append(
+                    f"{name:<9} {lv['concurrency']:>4} {lv['throughput']:>8.1f} {lv['latency_ms']['p50']:>7.2f} "
+                    f"{lv['latency_ms']['p99']:>7.2f} {sum(lv['errors'].values()):>6} {lv['accuracy']:>8.4f}"
+                )
+    if "training" in r:
+        t = r["training"]
+        lines += [
+            "",
+            f"Training (mnist-convnet, {t['ours']['epochs']} epochs, median epoch seconds, test accuracy)",
+            f"ours      {t['ours_epoch_s']:.2f} s  {t['ours']['test_accuracy']:.4f}",
+            f"tutorial  {t['tutorial_epoch_s']:.2f} s  {t['tutorial']['test_accuracy']:.4f}",
+        ]
+    lines += ["", f"{'target':<48} {'value':>18}  {'goal':<24} met"]
+    for t in r["targets"]:
+        lines.append(f"{t['target']:<48} {json.dumps(t['value']):>18}  {t['goal']:<24} {'yes' if t['met'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--only", choices=["inference", "serving", "training"], action="append")
+    ap.add_argument("--duration", type=float, default=10, help="seconds per load level")
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    run_dir, export_dir, data_dir = Path("runs/mnist-convnet"), Path("exports/mnist-convnet"), Path("data")
+    ensure_export(run_dir, export_dir, data_dir)
+    parts = args.only or ["inference", "serving", "training"]
+    r: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with tempfile.TemporaryDirectory(prefix="torchship-bench-") as tmp:
+        if "inference" in parts:
+            print("in-process inference ...", flush=True)
+            r["inference"] = inference.run(export_dir, run_dir / "best.pt")
+        if "serving" in parts:
+            print("serving: baseline, then ours ...", flush=True)
+            r["serving"] = serving.run(export_dir, Path(tmp), args.duration)
+        if "training" in parts:
+            print("training: ours, then the tutorial loop ...", flush=True)
+            r["training"] = training.run(data_dir, Path(tmp), args.epochs, "cpu")
+    r["targets"] = targets(r)
+    args.out.write_text(json.dumps(r, indent=2))
+    print(table(r))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

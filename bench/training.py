@@ -1,0 +1,76 @@
+"""Training: our resident-tensor loop vs the tutorials' loop (torchvision dataset -> DataLoader -> .to(device))."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from train.fit import train
+from train.models import build_model
+from train.presets import get_preset
+
+
+def tutorial_loop(data_dir: Path, epochs: int, device: str = "cpu") -> dict:
+    """pytorch/examples mnist/main.py's loop, with the same model, optimiser and jitter as our preset."""
+    from torchvision import datasets, transforms
+
+    from train.data import prepare_embedded, validation_indices
+
+    p = get_preset("mnist-convnet")
+    root = prepare_embedded(Path(data_dir))
+    norm = transforms.Normalize((p.mean,), (p.std,))
+    jitter = transforms.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1))
+    train_set = datasets.MNIST(
+        str(root), train=True, transform=transforms.Compose([jitter, transforms.ToTensor(), norm])
+    )
+    test_set = datasets.MNIST(str(root), train=False, transform=transforms.Compose([transforms.ToTensor(), norm]))
+    keep, _ = validation_indices(len(train_set), p.val_fraction, p.seed)  # the same 90% our loop trains on
+    subset = torch.utils.data.Subset(train_set, keep.tolist())
+    kwargs = {"batch_size": p.batch_size, "num_workers": 1, "pin_memory": device.startswith("cuda")}
+    loader = torch.utils.data.DataLoader(subset, shuffle=True, **kwargs)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=1000)
+    torch.manual_seed(p.seed)
+    dev = torch.device(device)
+    model = build_model(p.arch).to(dev)
+    opt = torch.optim.Adadelta(model.parameters(), lr=p.lr)
+    seconds = []
+    for _ in range(epochs):
+        model.train()
+        t = time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(dev), y.to(dev)
+            opt.zero_grad()
+            loss = F.nll_loss(model(x), y)
+            loss.backward()
+            opt.step()
+        seconds.append(time.perf_counter() - t)
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in test_loader:
+            correct += (model(x.to(dev)).argmax(1) == y.to(dev)).sum().item()
+    return {"epochs": epochs, "epoch_seconds": seconds, "test_accuracy": correct / len(test_set)}
+
+
+def ours(data_dir: Path, out: Path, epochs: int, device: str = "auto") -> dict:
+    p = get_preset("mnist-convnet", epochs=epochs)
+    m = train(p, out, data_dir, device=device, quiet=True)
+    return {"epochs": epochs, "epoch_seconds": [h["seconds"] for h in m["history"]],
+            "test_accuracy": m["test_accuracy"], "device": m["device"]}  # fmt: skip
+
+
+def run(data_dir: Path, out: Path, epochs: int = 15, device: str = "cpu") -> dict:
+    a = ours(data_dir, out / "ours", epochs, device)
+    b = tutorial_loop(data_dir, epochs, "cuda" if device == "auto" and torch.cuda.is_available() else device)
+    med = lambda r: sorted(r["epoch_seconds"])[len(r["epoch_seconds"]) // 2]  # noqa: E731
+    return {
+        "ours": a,
+        "tutorial": b,
+        "ours_epoch_s": med(a),
+        "tutorial_epoch_s": med(b),
+        "ratio": med(a) / med(b),
+        "accuracy_gap_points": 100 * (a["test_accuracy"] - b["test_accuracy"]),
+    }
