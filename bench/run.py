@@ -17,6 +17,7 @@ import onnxruntime
 import torch
 
 from bench import inference, serving, training
+from serve.archive import ModelConfig
 
 RESULTS = Path(__file__).with_name("results.json")
 
@@ -132,6 +133,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10, help="seconds per load level")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--workers", type=int, help="try another serving config than `make serve`'s defaults")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--max-batch-delay", type=int)
     args = ap.parse_args()
     run_dir, export_dir, data_dir = Path("runs/mnist-convnet"), Path("exports/mnist-convnet"), Path("data")
     ensure_export(run_dir, export_dir, data_dir)
@@ -143,7 +147,12 @@ def main() -> None:
             r["inference"] = inference.run(export_dir, run_dir / "best.pt")
         if "serving" in parts:
             print("serving: baseline, then ours ...", flush=True)
-            r["serving"] = serving.run(export_dir, Path(tmp), args.duration)
+            d = ModelConfig()
+            workers = args.workers or d.minWorkers
+            ours = ModelConfig(
+                workers, workers, args.batch_size or d.batchSize, args.max_batch_delay or d.maxBatchDelay
+            )
+            r["serving"] = serving.run(export_dir, Path(tmp), args.duration, ours)
         if "training" in parts:
             print("training: ours, then the tutorial loop ...", flush=True)
             r["training"] = training.run(data_dir, Path(tmp), args.epochs, "cpu")

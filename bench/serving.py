@@ -42,7 +42,7 @@ def measure(
             "levels": [asdict(lv) for lv in levels]}  # fmt: skip
 
 
-def run(export_dir: Path, work: Path, duration: float = 10) -> dict:
+def run(export_dir: Path, work: Path, duration: float = 10, ours_config: ModelConfig | None = None) -> dict:
     baseline = measure("baseline", export_dir, work, "torchscript", None, BASELINE_HANDLER, duration=duration)
-    ours = measure("ours", export_dir, work, "onnx", ModelConfig(), None, duration=duration)
+    ours = measure("ours", export_dir, work, "onnx", ours_config or ModelConfig(), None, duration=duration)
     return {"baseline": baseline, "ours": ours}

@@ -89,12 +89,13 @@ class ImageHandler(BaseHandler):
         responses: list[str] = [""] * batch.size
         for i, e in batch.errors.items():
             responses[i] = json.dumps({"error": e.message, "status": e.status})
+        probs = preprocess.softmax(outputs) if self.meta["task"] == "classify" and outputs is not None else None
         for j, i in enumerate(batch.rows):
-            if self.meta["task"] == "reconstruct":
+            if probs is None:
                 png = preprocess.to_png(outputs[j], self.meta["mean"], self.meta["std"])
                 body = {"image_png_base64": base64.b64encode(png).decode("ascii")}
             else:
-                body = preprocess.top_k(preprocess.softmax(outputs[j]), self.meta["labels"], batch.topk[j])
+                body = preprocess.top_k(probs[j], self.meta["labels"], batch.topk[j])
             responses[i] = json.dumps(body)
         return responses
 

@@ -81,11 +81,12 @@ def load(
     threads: int = 1,
     optimization: str = "all",
     providers: list[str] | None = None,
+    spinning: bool = False,
 ) -> OnnxModel:
     """Load model.onnx; normalisation, labels and preprocessing mode come from its own metadata."""
     path = Path(path)
     session = ort.InferenceSession(
-        str(path), session_options(threads, optimization), providers=providers or ["CPUExecutionProvider"]
+        str(path), session_options(threads, optimization, spinning), providers=providers or ["CPUExecutionProvider"]
     )
     props = session.get_modelmeta().custom_metadata_map
     if META_KEY not in props:
