@@ -47,6 +47,7 @@ class Level:
     latency_ms: dict[str, float]
     accuracy: float
     server: dict = field(default_factory=dict)
+    answers: list[int] = field(default_factory=list)  # per digit of the set: 1 right, 0 wrong, -1 not sent
 
 
 def payloads(style: str = "mnist", n: int = 1000) -> list[tuple[bytes, int]]:
@@ -139,6 +140,7 @@ def run_level(
     each request from its intended send time, so a stalled server cannot hide its queue (no coordinated omission)."""
     lock = threading.Lock()
     latencies, statuses, correct = [], Counter(), [0]
+    answers = [-1] * len(bodies)
     counter = iter(range(max_requests))
     t0 = time.perf_counter() + 0.05
     deadline = t0 + duration
@@ -168,6 +170,7 @@ def run_level(
                 latencies.append(end - (intended if intended is not None else start))
                 statuses[status] += 1
                 correct[0] += ok
+                answers[i % len(bodies)] = int(ok)
 
     before = server_metrics(target.metrics_url)
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]

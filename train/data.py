@@ -91,6 +91,8 @@ def mean_std(images: torch.Tensor) -> tuple[float, float]:
 
 def to_tensor(images: torch.Tensor, mean: float, std: float, device: torch.device) -> torch.Tensor:
     """What ToTensor + Normalize do per sample, done once for the whole set on the device."""
+    if device.type == "cuda":
+        images = images.pin_memory()  # lets the copy below run asynchronously
     x = images.to(device, non_blocking=True).float().div_(255.0).unsqueeze(1)
     return x.sub_(mean).div_(std)
 
