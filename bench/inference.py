@@ -47,7 +47,7 @@ def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def time_per_image(fn, batch: np.ndarray, min_seconds: float = 2.0, min_repeats: int = 50) -> float:
+def time_per_image(fn, batch: np.ndarray, min_seconds: float = 1.0, min_repeats: int = 30) -> float:
     """Median seconds per image over many calls, after a warm-up."""
     for _ in range(10):
         fn(batch)
@@ -81,15 +81,22 @@ def run(export_dir: Path, ckpt_path: Path, batch_sizes=(1, 64)) -> dict:
     }
     flops = flops_per_image(model)
     gflops = matmul_gflops()
-    rows = []
+    rows, rounds = [], 7
     rng = np.random.default_rng(0)
     for bs in batch_sizes:
         x = rng.standard_normal((bs, 1, 28, 28)).astype(np.float32)
         # batch 1: one thread, nothing to split; a big batch: every core, spinning between its many ops
         ort_model = load_onnx(export_dir / "model.onnx", threads=1 if bs == 1 else 0, spinning=bs > 1)
-        for name, fn in backends.items():
-            fn = fn or ort_model.run
-            rows.append({"backend": name, "batch": bs, "us_per_image": time_per_image(fn, x) * 1e6})
+        fns = {name: fn or ort_model.run for name, fn in backends.items()}
+        # interleaved rounds, so a drift in the machine's speed hits every backend alike
+        per_round = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                per_round[name].append(time_per_image(fn, x, min_seconds=0.3, min_repeats=10) * 1e6)
+        for name, times in per_round.items():
+            ratio = [e / t for e, t in zip(per_round["eager"], times)]
+            rows.append({"backend": name, "batch": bs, "us_per_image": float(np.median(times)),
+                         "rounds_us": times, "eager_over_this": float(np.median(ratio))})  # fmt: skip
     floor = flops / (gflops * 1e9) * 1e6
     return {"torch_threads": threads, "flops_per_image": flops, "matmul_gflops": gflops,
             "floor_us_per_image": floor, "rows": rows}  # fmt: skip

@@ -84,19 +84,15 @@ def targets(r: dict) -> list[dict]:
               b16["latency_ms"]["p99"])  # fmt: skip
         errors = sum(sum(lv["errors"].values()) for lv in r["serving"]["ours"]["levels"])
         check("serving errors (ours, all levels)", errors, "0", errors == 0)
-        acc = min(lv["accuracy"] for lv in r["serving"]["ours"]["levels"])
-        bacc = min(lv["accuracy"] for lv in r["serving"]["baseline"]["levels"])
-        check(
-            "serving accuracy, ours vs baseline",
-            [round(acc, 4), round(bacc, 4)],
-            "ours >= baseline - 0.005",
-            acc >= bacc - 0.005,
-        )
+        acc, bacc, n = same_digits_accuracy(r["serving"])
+        check(f"serving accuracy, same {n} digits, ours vs base", [round(acc, 4), round(bacc, 4)],
+              "ours >= baseline", acc >= bacc)  # fmt: skip
         p50 = o1["latency_ms"]["p50"] / b1["latency_ms"]["p50"]
         check("serving p50 c=1, ours/baseline", round(p50, 2), "<= 0.5", p50 <= 0.5)
     if "inference" in r:
         rows = {(x["backend"], x["batch"]): x["us_per_image"] for x in r["inference"]["rows"]}
-        speed = rows["eager", 1] / rows["onnxruntime", 1]
+        ort1 = next(x for x in r["inference"]["rows"] if x["backend"] == "onnxruntime" and x["batch"] == 1)
+        speed = ort1.get("eager_over_this", rows["eager", 1] / rows["onnxruntime", 1])  # median of paired rounds
         check("in-process batch 1, eager/onnxruntime", round(speed, 2), ">= 3", speed >= 3)
         floor = rows["onnxruntime", 64] / r["inference"]["floor_us_per_image"]
         check("in-process batch 64, onnxruntime/FLOP floor", round(floor, 2), "<= 1.5", floor <= 1.5)
@@ -156,8 +152,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--max-batch-delay", type=int)
     args = ap.parse_args()
-    if args.table:
-        print(table(json.loads(args.out.read_text())))
+    if args.table:  # re-render (and re-judge) an earlier run
+        r = json.loads(args.out.read_text())
+        r["targets"] = targets(r)
+        print(table(r))
         return
     run_dir, export_dir, data_dir = Path("runs/mnist-convnet"), Path("exports/mnist-convnet"), Path("data")
     ensure_export(run_dir, export_dir, data_dir)

@@ -192,6 +192,7 @@ def run_level(
         percentiles(latencies),
         correct[0] / max(n, 1),
         server_delta(before, server_metrics(target.metrics_url)),
+        answers,
     )
 
 

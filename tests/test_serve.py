@@ -164,6 +164,7 @@ def test_load_test_counts_and_checks_answers(served):
     for lv in levels:  # this archive waits 150 ms per batch: the 2 s bound stops the sweep before 60 requests
         assert 5 <= lv.requests <= 60 and not lv.errors and lv.seconds < 10
         assert lv.server["requests"] == lv.requests and lv.server["queue_ms"] > 0  # TorchServe's own metrics
+        assert sum(a >= 0 for a in lv.answers) == min(lv.requests, 1000)  # which digits came back right
         assert lv.accuracy > 0.7 and lv.latency_ms["p50"] <= lv.latency_ms["p99"] <= lv.latency_ms["max"]
     open_loop = sweep(target, (8,), duration=3, max_requests=20, rate=10, warmup=0)[0]
     assert open_loop.mode == "open" and open_loop.requests == 20 and open_loop.seconds >= 1.9  # on schedule
