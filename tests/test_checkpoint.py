@@ -1,7 +1,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -51,10 +50,9 @@ def bad_files(tmp_path, good):
 
 
 def test_each_bad_checkpoint_is_a_clear_error(tmp_path, good):
-    for case, (path, message) in bad_files(tmp_path, good).items():
+    for path, message in bad_files(tmp_path, good).values():
         with pytest.raises(CheckpointError, match=message):
             checkpoint.load(path, preset="mnist-convnet")
-        assert case
 
 
 def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, good, data_dir):
@@ -116,4 +114,3 @@ def test_kill_9_during_training_leaves_a_loadable_last_checkpoint(tmp_path, data
         assert ckpt["epoch"] > start
         epochs.append(ckpt["epoch"])
     assert epochs == sorted(epochs)
-    assert sys.platform != "win32"
