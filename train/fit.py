@@ -108,7 +108,9 @@ def train_epoch(preset, model, opt, sched, xy, epoch, prep_mean_std=(0.0, 1.0), 
         total=len(x), desc=f"epoch {epoch}", unit="img", disable=quiet, leave=False, dynamic_ncols=True, mininterval=0.5
     )
     background = -prep_mean_std[0] / prep_mean_std[1]
-    for xb, yb in data.batches(x, y, preset.batch_size, gen):
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct, seen = torch.zeros((), dtype=torch.long, device=x.device), 0
+    for step, (xb, yb) in enumerate(data.batches(x, y, preset.batch_size, gen)):
         if preset.augment:
             xb = data.augment(xb, background, gen)
         with autocast(x.device, amp):
@@ -119,11 +121,16 @@ def train_epoch(preset, model, opt, sched, xy, epoch, prep_mean_std=(0.0, 1.0), 
         opt.step()
         if preset.scheduler == "onecycle":
             sched.step()
-        correct = (out.argmax(1) == yb).sum().item() if preset.task == "classify" else 0
-        meter.add(loss.item(), len(xb), correct)
+        # sums stay on the device: a .item() per batch would make a GPU wait for every step
+        loss_sum += loss.detach().double() * len(xb)
+        if preset.task == "classify":
+            correct += (out.argmax(1) == yb).sum()
+        seen += len(xb)
         bar.update(len(xb))
-        bar.set_postfix(loss=f"{meter.loss:.4f}")
+        if step % 20 == 0 and not quiet:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
     bar.close()
+    meter.add(loss_sum.item() / max(seen, 1), seen, int(correct))
     if preset.scheduler != "onecycle":
         sched.step()
     return meter
