@@ -19,7 +19,7 @@ import click
 )
 @click.option("--model-store", type=click.Path(file_okay=False), default="model_store", show_default=True)
 @click.option("--name", default=None, help="Model name  [default: the preset]")
-@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Min = max workers.")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Min = max workers  [default: one per two cores]")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option(
     "--max-batch-delay",
@@ -34,8 +34,9 @@ def archive_command(
     export_dir, backend, model_store, name, workers, batch_size, max_batch_delay, threads, response_timeout
 ):
     """Package EXPORT_DIR into MODEL_STORE/NAME.mar with our image handler."""
-    from serve.archive import ModelConfig, build_archive
+    from serve.archive import ModelConfig, build_archive, default_workers
 
+    workers = workers or default_workers()
     cfg = ModelConfig(workers, workers, batch_size, max_batch_delay, response_timeout, threads=threads)
     try:
         mar = build_archive(export_dir, model_store, name, backend, cfg)
@@ -65,16 +66,22 @@ STATE = click.option(
 @click.option("--inference-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--management-port", type=click.IntRange(1, 65535), default=8081, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8082, show_default=True)
+@click.option(
+    "--grpc-ports", type=(int, int), default=(7070, 7071), show_default=True, help="gRPC inference and management."
+)
 @click.option("--no-token-auth", is_flag=True, help="Turn token authorisation off (local experiments only).")
 @click.option("--timeout", type=float, default=180, show_default=True, help="Seconds to wait for READY workers.")
-def start_command(model, model_store, state_dir, inference_port, management_port, metrics_port, no_token_auth, timeout):
+def start_command(
+    model, model_store, state_dir, inference_port, management_port, metrics_port, grpc_ports, no_token_auth, timeout
+):
     """Start TorchServe and wait until MODEL's workers are READY; print a working curl line."""
     from serve.samples import write_sample
     from serve.server import ServerConfig, ServerError, curl_example, start
 
     cfg = ServerConfig(
-        model, model_store, state_dir, inference_port, management_port, metrics_port, token_auth=not no_token_auth
-    )
+        model, model_store, state_dir, inference_port, management_port, metrics_port, *grpc_ports,
+        token_auth=not no_token_auth,
+    )  # fmt: skip
     try:
         cfg = start(cfg, timeout)
     except ServerError as e:

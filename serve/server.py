@@ -32,6 +32,8 @@ class ServerConfig:
     inference_port: int = 8080
     management_port: int = 8081
     metrics_port: int = 8082
+    grpc_inference_port: int = 7070  # TorchServe always starts its gRPC servers: a second instance needs other ports
+    grpc_management_port: int = 7071
     token_auth: bool = True
     max_request_size: int = 10 * 1024 * 1024  # bytes; larger bodies are refused by the frontend (413)
     extra: dict | None = None  # more config.properties lines (tuning experiments, site settings)
@@ -68,6 +70,10 @@ def config_properties(cfg: ServerConfig) -> str:
         "inference_address": cfg.inference_url,
         "management_address": cfg.management_url,
         "metrics_address": cfg.metrics_url,
+        "grpc_inference_address": LOOPBACK,
+        "grpc_inference_port": str(cfg.grpc_inference_port),
+        "grpc_management_address": LOOPBACK,
+        "grpc_management_port": str(cfg.grpc_management_port),
         "model_store": str(store),
         "load_models": f"{cfg.model}={cfg.model}.mar",
         "enable_model_api": "false",  # no registering models over HTTP (ShellTorch, CVE-2023-43654)
@@ -126,7 +132,7 @@ def http_json(url: str, hdrs: dict | None = None, timeout: float = 5.0):
 def log_excerpt(state: Path, lines: int = 25) -> str:
     """The lines of TorchServe's logs that explain a failure: errors and tracebacks, newest last."""
     picked: dict[str, None] = {}  # ordered and without repeats: workers retry and log the same error again
-    for name in ("ts_log.log", "model_log.log"):
+    for name in ("torchserve.out", "ts_log.log", "model_log.log"):
         f = state / "logs" / name
         if f.is_file():
             for line in f.read_text(errors="replace").splitlines():
@@ -210,7 +216,7 @@ def stop(state_dir: Path | str = "serve-state", timeout: float = 60) -> bool:
     state = Path(state_dir).resolve()
     p = pid(state)
     if p is None:
-        return False
+        return kill_orphans(state)
     try:
         procs = [psutil.Process(p), *psutil.Process(p).children(recursive=True)]
     except psutil.NoSuchProcess:
@@ -221,6 +227,21 @@ def stop(state_dir: Path | str = "serve-state", timeout: float = 60) -> bool:
         proc.kill()
     psutil.wait_procs(alive, timeout=10)
     return True
+
+
+def kill_orphans(state: Path) -> bool:
+    """Workers whose frontend died (a failed start): they listen on sockets in this instance's TMPDIR."""
+    marker = str(state / "tmp" / ".ts.sock")
+    orphans = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(marker in arg for arg in proc.info["cmdline"] or []):
+            orphans.append(proc)
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+    psutil.wait_procs(orphans, timeout=10)
+    return bool(orphans)
 
 
 def status(state_dir: Path | str = "serve-state") -> dict:

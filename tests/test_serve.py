@@ -32,7 +32,7 @@ def served(tmp_path_factory, data_dir):
     store = tmp_path_factory.mktemp("model_store")
     # a long batch delay so concurrent requests are sure to share a batch; one worker sees them all
     build_archive(exp.directory, store, config=ModelConfig(1, 1, batchSize=8, maxBatchDelay=150))
-    ports = server.free_ports(3)
+    ports = server.free_ports(5)
     state = tmp_path_factory.mktemp("state")
     cfg = server.ServerConfig("mnist-convnet", str(store), str(state), *ports)
     try:
