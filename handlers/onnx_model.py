@@ -11,6 +11,7 @@ import base64
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,16 @@ class OnnxModel:
     def labels(self) -> list[str]:
         return self.meta["labels"]
 
+    @cached_property
+    def table(self) -> np.ndarray:
+        return preprocess.normaliser(self.meta["mean"], self.meta["std"])
+
     def prepare(self, item) -> np.ndarray:
         """Any supported input to one normalised (1, 28, 28) array, exactly as the TorchServe handler does."""
+        if isinstance(item, (bytes, bytearray)):
+            x = preprocess.fast_prepare(item, self.meta["preprocess"], self.table)
+            if x is not None:
+                return x
         img = preprocess.as_image(item)
         return preprocess.prepare(img, self.meta["preprocess"], self.meta["mean"], self.meta["std"])
 

@@ -128,3 +128,65 @@ def test_softmax_and_topk():
     assert np.allclose(probs, [0.1, 0.7, 0.2])
     r = preprocess.top_k(probs, ["a", "b", "c"], 2)
     assert r["label"] == "b" and [t["label"] for t in r["topk"]] == ["b", "c"]
+
+
+def general(data: bytes, mode: str, mean: float, std: float) -> np.ndarray:
+    return preprocess.prepare(preprocess.decode(data), mode, mean, std)
+
+
+def test_normaliser_table_is_prepare_exactly():
+    mean, std = 0.1307, 0.3081
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    expected = ((every.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+    assert np.array_equal(preprocess.normaliser(mean, std)[every], expected)
+
+
+@pytest.mark.parametrize("mode", ["mnist-digit", "fashion"])
+def test_fast_path_gives_the_general_paths_pixels(mode):
+    mean, std = 0.1307, 0.3081
+    table = preprocess.normaliser(mean, std)
+    pngs = [encode(Image.fromarray(d)) for d in DIGITS[:200]]
+    pngs.append(encode(Image.fromarray(255 - DIGITS[0])))  # light background
+    taken = 0
+    for data in pngs:
+        fast = preprocess.fast_prepare(data, mode, table)
+        if fast is None:
+            continue
+        taken += 1
+        slow = general(data, mode, mean, std)
+        assert fast.dtype == slow.dtype and fast.shape == slow.shape == (1, 28, 28)
+        assert np.array_equal(fast, slow)
+    assert taken == len(pngs) - (mode == "mnist-digit")  # ink on paper is cropped and centred by the general path
+
+
+def with_chunk(data: bytes, kind: bytes, payload: bytes) -> bytes:
+    """The PNG with one more chunk right after IHDR."""
+    import struct
+    import zlib
+
+    chunk = struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    return data[:33] + chunk + data[33:]
+
+
+DIGIT_PNG = encode(Image.fromarray(DIGITS[0]))
+
+
+@pytest.mark.parametrize("name,data", [
+    ("jpeg", encode(Image.fromarray(DIGITS[0]), "JPEG")),
+    ("rgb", encode(Image.fromarray(DIGITS[0]).convert("RGB"))),
+    ("palette", encode(Image.fromarray(DIGITS[0]).convert("P"))),
+    ("16-bit", encode(Image.fromarray(DIGITS[0].astype(np.uint16) * 257))),
+    ("other size", encode(Image.fromarray(DIGITS[0]).resize((27, 27)))),
+    ("transparency", with_chunk(DIGIT_PNG, b"tRNS", b"\x00\x00")),
+    ("exif", with_chunk(DIGIT_PNG, b"eXIf", b"MM\x00*\x00\x00\x00\x08\x00\x00")),
+    ("bad crc", DIGIT_PNG[:-20] + bytes([DIGIT_PNG[-20] ^ 1]) + DIGIT_PNG[-19:]),
+    ("truncated", DIGIT_PNG[:60]),
+])  # fmt: skip
+def test_fast_path_leaves_everything_else_to_pillow(name, data):
+    assert preprocess.fast_prepare(data, "mnist-digit", preprocess.normaliser(0.0, 1.0)) is None, name
+
+
+def test_fast_path_keeps_inert_chunks():
+    data = with_chunk(DIGIT_PNG, b"tEXt", b"Software\x00torchship")
+    fast = preprocess.fast_prepare(data, "mnist-digit", preprocess.normaliser(0.0, 1.0))
+    assert fast is not None and np.array_equal(fast, general(data, "mnist-digit", 0.0, 1.0))
