@@ -127,6 +127,14 @@ def table(r: dict) -> str:
                     f"{name:<9} {lv['concurrency']:>4} {lv['throughput']:>8.1f} {lv['latency_ms']['p50']:>7.2f} "
                     f"{lv['latency_ms']['p99']:>7.2f} {sum(lv['errors'].values()):>6} {lv['accuracy']:>8.4f}"
                 )
+        rounds = r["serving"].get("c1_rounds")
+        if rounds:
+            ratios = rounds["p50_ratios"]
+            lines.append(
+                f"c=1 was measured in {len(ratios) * 2} alternating rounds of {rounds['seconds_each']:g} s; "
+                f"per-round p50 ratio ours/baseline: median {rounds['p50_ratio_median']:.2f}, "
+                f"range {min(ratios):.2f}-{max(ratios):.2f}"
+            )
     if "training" in r:
         t = r["training"]
         lines += [
@@ -166,7 +174,7 @@ def main() -> None:
             print("in-process inference ...", flush=True)
             r["inference"] = inference.run(export_dir, run_dir / "best.pt")
         if "serving" in parts:
-            print("serving: baseline, then ours ...", flush=True)
+            print("serving: baseline and ours, c=1 in alternating rounds ...", flush=True)
             d = ModelConfig()
             workers = args.workers or d.minWorkers
             ours = ModelConfig(

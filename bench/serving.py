@@ -1,48 +1,102 @@
-"""Serving: TorchServe as its stock MNIST example runs it vs `make serve`'s defaults, same load test."""
+"""Serving: TorchServe as its stock MNIST example runs it vs `make serve`'s defaults, same load test.
+
+Both servers run at once and take turns: this machine's speed drifts by tens of percent over minutes,
+so c=1 is measured in alternating short rounds and each setup's rounds are pooled; the paired
+per-round ratios are kept to show how steady the comparison was.
+"""
 
 from __future__ import annotations
 
+import statistics
+from collections import Counter
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
 from serve import server
 from serve.archive import ModelConfig, build_archive
-from serve.loadtest import Target, sweep
+from serve.loadtest import Level, Target, payloads, percentiles, run_level
 
 BASELINE_HANDLER = Path(__file__).with_name("baseline_handler.py")
+NAMES = ("baseline", "ours")
 
 
-def measure(
-    name: str,
-    export_dir: Path,
-    work: Path,
-    backend: str,
-    config: ModelConfig | None,
-    handler: Path | None,
-    concurrency=(1, 4, 16),
-    duration: float = 10,
-    max_requests: int = 30000,
-) -> dict:
+def start(name: str, export_dir: Path, work: Path, backend: str, config: ModelConfig | None, handler: Path | None):
     store, state = work / f"store-{name}", work / f"state-{name}"
     build_archive(export_dir, store, name="mnist", backend=backend, config=config, handler=handler)
-    cfg = server.ServerConfig("mnist", str(store), str(state), *server.free_ports(3))
-    cfg = server.start(cfg, timeout=240)
-    try:
-        key = server.keys(state).get("inference", {}).get("key")
-        levels = sweep(
-            Target("127.0.0.1", cfg.inference_port, "mnist", key, cfg.metrics_url),
-            concurrency,
-            duration,
-            max_requests,
-            warmup=3000,
-        )
-    finally:
-        server.stop(state)
-    return {"backend": backend, "config": asdict(config) if config else "TorchServe defaults",
-            "levels": [asdict(lv) for lv in levels]}  # fmt: skip
+    cfg = server.start(server.ServerConfig("mnist", str(store), str(state), *server.free_ports(5)), timeout=240)
+    key = server.keys(state).get("inference", {}).get("key")
+    return Target("127.0.0.1", cfg.inference_port, "mnist", key, cfg.metrics_url)
 
 
-def run(export_dir: Path, work: Path, duration: float = 10, ours_config: ModelConfig | None = None) -> dict:
-    baseline = measure("baseline", export_dir, work, "torchscript", None, BASELINE_HANDLER, duration=duration)
-    ours = measure("ours", export_dir, work, "onnx", ours_config or ModelConfig(), None, duration=duration)
-    return {"baseline": baseline, "ours": ours}
+def pooled(levels: list[Level], samples: list[float]) -> Level:
+    """One level out of several rounds at the same concurrency: counts summed, percentiles over every request."""
+    n = sum(lv.requests for lv in levels)
+    seconds = sum(lv.seconds for lv in levels)
+    errors: Counter = Counter()
+    for lv in levels:
+        errors.update(lv.errors)
+    answers = [-1] * max(len(lv.answers) for lv in levels)
+    for lv in levels:
+        for i, a in enumerate(lv.answers):
+            if a >= 0:
+                answers[i] = a if answers[i] < 0 else min(answers[i], a)
+    server_ms = {}
+    for key in ("queue_ms", "inference_ms"):
+        pairs = [(lv.server[key], lv.server["requests"]) for lv in levels if key in lv.server]
+        if pairs:
+            server_ms[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+    return Level("closed", levels[0].concurrency, None, n, dict(errors), seconds, n / max(seconds, 1e-9),
+                 percentiles(samples), sum(lv.accuracy * lv.requests for lv in levels) / max(n, 1),
+                 {"requests": n, **server_ms}, answers)  # fmt: skip
+
+
+def run(
+    export_dir: Path,
+    work: Path,
+    duration: float = 10,
+    ours_config: ModelConfig | None = None,
+    rounds: int = 8,
+    concurrency=(4, 16),
+) -> dict:
+    setups = {
+        "baseline": ("torchscript", None, BASELINE_HANDLER),
+        "ours": ("onnx", ours_config or ModelConfig(), None),
+    }
+    bodies = payloads()
+    levels: dict[str, list[Level]] = {name: [] for name in NAMES}
+    with ExitStack() as stack:
+        targets = {}
+        for name, (backend, config, handler) in setups.items():
+            stack.callback(server.stop, work / f"state-{name}")
+            targets[name] = start(name, export_dir, work, backend, config, handler)
+        for name in NAMES:  # warm the workers and the JVM's JIT: first calls pay for lazy init and interpretation
+            run_level(targets[name], bodies, 4, 30, 3000)
+        rounds_c1: dict[str, list[Level]] = {name: [] for name in NAMES}
+        samples: dict[str, list[float]] = {name: [] for name in NAMES}
+        for r in range(rounds):
+            for name in NAMES if r % 2 == 0 else NAMES[::-1]:
+                rounds_c1[name].append(run_level(targets[name], bodies, 1, duration / 2, 30000, samples=samples[name]))
+        for name in NAMES:
+            levels[name].append(pooled(rounds_c1[name], samples[name]))
+        for c in concurrency:
+            for name in NAMES:
+                levels[name].append(run_level(targets[name], bodies, c, duration, 30000))
+    ratios = [o.latency_ms["p50"] / b.latency_ms["p50"] for o, b in zip(rounds_c1["ours"], rounds_c1["baseline"])]
+    return {
+        **{
+            name: {
+                "backend": setups[name][0],
+                "config": asdict(setups[name][1]) if setups[name][1] else "TorchServe defaults",
+                "levels": [asdict(lv) for lv in levels[name]],
+            }
+            for name in NAMES
+        },
+        "c1_rounds": {
+            "seconds_each": duration / 2,
+            "baseline_p50_ms": [lv.latency_ms["p50"] for lv in rounds_c1["baseline"]],
+            "ours_p50_ms": [lv.latency_ms["p50"] for lv in rounds_c1["ours"]],
+            "p50_ratios": ratios,
+            "p50_ratio_median": statistics.median(ratios),
+        },
+    }

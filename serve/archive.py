@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 HANDLERS = Path(__file__).resolve().parents[1] / "handlers"
 HANDLER_MODULES = ("preprocess.py", "request.py", "onnx_model.py")
 
 
+def default_workers() -> int:
+    """One single-threaded worker per two cores: the other core serves the frontend's JVM (bench/NOTES.md)."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 @dataclass
 class ModelConfig:
     """model-config.yaml: TorchServe's per-model settings (they beat config.properties)."""
 
-    minWorkers: int = 2  # noqa: N815 - TorchServe's own key names
-    maxWorkers: int = 2  # noqa: N815
+    minWorkers: int = field(default_factory=default_workers)  # noqa: N815 - TorchServe's own key names
+    maxWorkers: int = field(default_factory=default_workers)  # noqa: N815
     batchSize: int = 8  # noqa: N815
     maxBatchDelay: int = 1  # noqa: N815 - ms; 0 would mean TorchServe's default of 100
     responseTimeout: int = 30  # noqa: N815 - seconds
