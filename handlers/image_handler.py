@@ -27,6 +27,9 @@ class ImageHandler(BaseHandler):
         model_dir = properties.get("model_dir")
         config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
         self.threads = int(config.get("threads", os.environ.get("TORCHSHIP_THREADS", 1)))
+        # TorchServe's worker logs every batch's arrival and its PredictionTime gauge at INFO, through a pipe
+        # the frontend reads and parses: a measurable share of a lone request on 2 cores (bench/NOTES.md).
+        worker_level = str(config.get("worker_log_level", "WARNING")).upper()
         with open(os.path.join(model_dir, "meta.json")) as f:
             self.meta = json.load(f)
         onnx_path = os.path.join(model_dir, "model.onnx")
@@ -43,8 +46,10 @@ class ImageHandler(BaseHandler):
         self.table = preprocess.normaliser(self.meta["mean"], self.meta["std"])
         self.initialized = True
         logger.info(
-            "torchship %s loaded with %s backend, %d thread(s)", self.meta["preset"], self.backend, self.threads
-        )
+            "torchship %s loaded with %s backend, %d thread(s); worker log level %s",
+            self.meta["preset"], self.backend, self.threads, worker_level,
+        )  # fmt: skip
+        logging.getLogger().setLevel(worker_level)
 
     def topk_header(self, idx: int) -> str | None:
         """TorchServe 0.12 drops a POST's query string, so `?topk=` cannot reach us: X-TopK carries it."""

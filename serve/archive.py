@@ -31,12 +31,14 @@ class ModelConfig:
     responseTimeout: int = 30  # noqa: N815 - seconds
     startupTimeout: int = 120  # noqa: N815
     threads: int = 1  # handler: intra-op threads per worker
+    worker_log_level: str = "WARNING"  # handler: INFO brings back TorchServe's two log lines per request
+
+    HANDLER_KEYS = ("threads", "worker_log_level")
 
     def yaml(self) -> str:
         d = asdict(self)
-        threads = d.pop("threads")
-        lines = [f"{k}: {v}" for k, v in d.items()]
-        return "\n".join(lines + ["handler:", f"  threads: {threads}"]) + "\n"
+        handler = [f"  {k}: {d.pop(k)}" for k in self.HANDLER_KEYS]
+        return "\n".join([f"{k}: {v}" for k, v in d.items()] + ["handler:", *handler]) + "\n"
 
 
 def archiver() -> str:

@@ -30,14 +30,25 @@ import click
 )
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads per worker.")
 @click.option("--response-timeout", type=click.IntRange(1), default=30, show_default=True, help="Seconds.")
+@click.option(
+    "--worker-log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="WARNING",
+    show_default=True,
+    help="TorchServe worker's Python logging; INFO adds two lines per request and the PredictionTime metric.",
+)
 def archive_command(
-    export_dir, backend, model_store, name, workers, batch_size, max_batch_delay, threads, response_timeout
-):
+    export_dir, backend, model_store, name, workers, batch_size, max_batch_delay, threads, response_timeout,
+    worker_log_level,
+):  # fmt: skip
     """Package EXPORT_DIR into MODEL_STORE/NAME.mar with our image handler."""
     from serve.archive import ModelConfig, build_archive, default_workers
 
     workers = workers or default_workers()
-    cfg = ModelConfig(workers, workers, batch_size, max_batch_delay, response_timeout, threads=threads)
+    cfg = ModelConfig(
+        workers, workers, batch_size, max_batch_delay, response_timeout, threads=threads,
+        worker_log_level=worker_log_level.upper(),
+    )  # fmt: skip
     try:
         mar = build_archive(export_dir, model_store, name, backend, cfg)
     except (FileNotFoundError, RuntimeError) as e:

@@ -176,3 +176,11 @@ def test_status_reports_ready_workers(served):
     st = server.status(cfg.state_dir)
     assert st["running"] and st["workers"] and all(w["status"] == "READY" for w in st["workers"])
     assert psutil.pid_exists(st["pid"]) and st["model"] == cfg.model
+
+
+def test_worker_logs_only_warnings_by_default(served):
+    cfg, _ = served
+    assert post(cfg, png(DIGITS[0]))[0] == 200
+    log = open(f"{cfg.state_dir}/logs/model_log.log").read()
+    assert "worker log level WARNING" in log  # the handler loaded and said so before turning the level down
+    assert "Backend received inference" not in log and "[METRICS]PredictionTime" not in log
