@@ -68,11 +68,9 @@ class ImageHandler(BaseHandler):
         for i, row in enumerate(data):
             try:
                 req = decode_row(row, len(self.meta["labels"]), self.topk_header(i))
-                x = preprocess.fast_prepare(req.image, self.meta["preprocess"], self.table)
-                if x is None:  # anything but an MNIST-style grey PNG: Pillow, with every check
-                    img = preprocess.decode(req.image, self.max_pixels)
-                    x = preprocess.prepare(img, self.meta["preprocess"], self.meta["mean"], self.meta["std"])
-                arrays.append(x)
+                m = self.meta
+                arrays.append(preprocess.prepare_bytes(req.image, m["preprocess"], m["mean"], m["std"], self.table,
+                                                       self.max_pixels))  # fmt: skip
                 batch.rows.append(i)
                 batch.topk.append(req.topk)
             except preprocess.InputError as e:

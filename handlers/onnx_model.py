@@ -47,12 +47,11 @@ class OnnxModel:
 
     def prepare(self, item) -> np.ndarray:
         """Any supported input to one normalised (1, 28, 28) array, exactly as the TorchServe handler does."""
+        m = self.meta
         if isinstance(item, (bytes, bytearray)):
-            x = preprocess.fast_prepare(item, self.meta["preprocess"], self.table)
-            if x is not None:
-                return x
+            return preprocess.prepare_bytes(bytes(item), m["preprocess"], m["mean"], m["std"], self.table)
         img = preprocess.as_image(item)
-        return preprocess.prepare(img, self.meta["preprocess"], self.meta["mean"], self.meta["std"])
+        return preprocess.prepare(img, m["preprocess"], m["mean"], m["std"])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Raw model output for a normalised (N, 1, 28, 28) float32 batch."""
