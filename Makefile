@@ -9,6 +9,7 @@ EXPORT := exports/$(PRESET)
 INFERENCE_PORT ?= 8080
 MANAGEMENT_PORT ?= 8081
 METRICS_PORT ?= 8082
+GRPC_PORTS ?= 7070 7071
 BACKEND ?= onnx
 SERVE_FLAGS ?=
 
@@ -36,7 +37,8 @@ verify: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/torchship archive $(EXPORT) --backend $(BACKEND)
 	$(BIN)/torchship serve start --model $(PRESET) --inference-port $(INFERENCE_PORT) \
-		--management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT) $(SERVE_FLAGS)
+		--management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT) \
+		--grpc-ports $(GRPC_PORTS) $(SERVE_FLAGS)
 
 stop: $(STAMP)
 	$(BIN)/torchship serve stop

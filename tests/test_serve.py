@@ -184,3 +184,17 @@ def test_worker_logs_only_warnings_by_default(served):
     log = open(f"{cfg.state_dir}/logs/model_log.log").read()
     assert "worker log level WARNING" in log  # the handler loaded and said so before turning the level down
     assert "Backend received inference" not in log and "[METRICS]PredictionTime" not in log
+
+
+def test_a_second_instance_on_taken_grpc_ports_fails_clearly_and_leaves_nothing(served, tmp_path):
+    cfg, _ = served
+    ports = server.free_ports(3)  # its own HTTP ports, but the running instance's gRPC ports
+    second = server.ServerConfig(cfg.model, cfg.model_store, str(tmp_path / "state"), *ports,
+                                 cfg.grpc_inference_port, cfg.grpc_management_port)  # fmt: skip
+    with pytest.raises(server.ServerError) as e:
+        server.start(second, timeout=120)
+    assert "Address already in use" in str(e.value)
+    marker = str((tmp_path / "state" / "tmp" / ".ts.sock").resolve())
+    left = [p for p in psutil.process_iter(["cmdline"]) if any(marker in a for a in p.info["cmdline"] or [])]
+    assert not left and server.pid(tmp_path / "state") is None
+    assert server.status(cfg.state_dir)["running"]  # the first instance is untouched
