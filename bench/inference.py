@@ -1,37 +1,21 @@
-"""In-process inference: eager PyTorch vs TorchScript vs ONNX Runtime, and the FLOP floor of this machine."""
+"""In-process inference of any export: eager PyTorch vs every exported format, and the FLOP floor of this machine."""
 
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from export.formats import present, read_card
+from export.user_model import rebuild
+from export.verify import flops_per_image
+from handlers import runtime
+from handlers.card import FORMAT_BY_NAME
 from handlers.onnx_model import load as load_onnx
-from train import checkpoint
 
-
-def flops_per_image(model: torch.nn.Module, shape=(1, 1, 28, 28)) -> int:
-    """Multiply-adds x 2 of every conv and linear layer, counted from the shapes a forward pass produces."""
-    total = [0]
-
-    def hook(module, inputs, output):
-        if isinstance(module, torch.nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            total[0] += 2 * k * output.numel()
-        elif isinstance(module, torch.nn.Linear):
-            total[0] += 2 * module.in_features * output.numel()
-
-    handles = [
-        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
-    ]
-    with torch.no_grad():
-        model(torch.zeros(shape))
-    for h in handles:
-        h.remove()
-    return total[0]
+LABELS = {"ts": "torchscript", "onnx": "onnxruntime", "int8": "onnxruntime-int8", "pt2": "pt2"}
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
@@ -49,7 +33,7 @@ def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
 
 def time_per_image(fn, batch: np.ndarray, min_seconds: float = 1.0, min_repeats: int = 30) -> float:
     """Median seconds per image over many calls, after a warm-up."""
-    for _ in range(10):
+    for _ in range(3):
         fn(batch)
     times = []
     start = time.perf_counter()
@@ -60,43 +44,52 @@ def time_per_image(fn, batch: np.ndarray, min_seconds: float = 1.0, min_repeats:
     return float(np.median(times)) / len(batch)
 
 
-def run(export_dir: Path, ckpt_path: Path, batch_sizes=(1, 64)) -> dict:
+SMALL_MODEL_FLOPS = 1e8  # below this a lone image is too little work to split across threads (NOTES.md, lever 25)
+
+
+def backends(export_dir: Path, batch: int, flops: int) -> dict:
+    """Eager and every exported format, each set up as it serves best at this batch size (bench/NOTES.md)."""
+    model = rebuild(read_card(export_dir))
+    one_thread = batch == 1 and flops < SMALL_MODEL_FLOPS
+    torch_threads = torch.get_num_threads()
+
+    def eager(x):
+        with torch.inference_mode():
+            return model(torch.from_numpy(x))
+
+    fns = {"eager": eager}
+    for name in present(export_dir):
+        backend = FORMAT_BY_NAME[name].backend
+        if backend.startswith("onnx"):
+            # batch 1: one thread, nothing to split; a big batch: every core, spinning between its many ops
+            path = export_dir / FORMAT_BY_NAME[name].file
+            fns[LABELS[name]] = load_onnx(path, threads=1 if one_thread else 0, spinning=not one_thread).run
+        else:
+            fns[LABELS[name]] = runtime.load(export_dir, backend, threads=torch_threads).run
+    torch.set_num_threads(torch_threads)
+    return fns
+
+
+def run(export_dir: Path | str, batch_sizes=(1, 64), rounds: int = 7, min_seconds: float = 0.3) -> dict:
+    export_dir = Path(export_dir)
+    card = read_card(export_dir)
     threads = torch.get_num_threads()
-    model = checkpoint.model_from_checkpoint(checkpoint.load(ckpt_path))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ts = torch.jit.load(str(export_dir / "model.ts.pt")).eval()
-
-    def torch_fn(m):
-        def f(x):
-            with torch.inference_mode():
-                return m(torch.from_numpy(x))
-
-        return f
-
-    backends = {
-        "eager": torch_fn(model),
-        "torchscript": torch_fn(ts),
-        "onnxruntime": None,
-    }
-    flops = flops_per_image(model)
+    flops = flops_per_image(rebuild(card), card.input_shape)
     gflops = matmul_gflops()
-    rows, rounds = [], 7
+    rows = []
     rng = np.random.default_rng(0)
     for bs in batch_sizes:
-        x = rng.standard_normal((bs, 1, 28, 28)).astype(np.float32)
-        # batch 1: one thread, nothing to split; a big batch: every core, spinning between its many ops
-        ort_model = load_onnx(export_dir / "model.onnx", threads=1 if bs == 1 else 0, spinning=bs > 1)
-        fns = {name: fn or ort_model.run for name, fn in backends.items()}
-        # interleaved rounds, so a drift in the machine's speed hits every backend alike
-        per_round = {name: [] for name in fns}
+        x = rng.standard_normal((bs, *card.input_shape)).astype(np.float32)
+        fns = backends(export_dir, bs, flops)
+        per_round = {name: [] for name in fns}  # interleaved, so a drift in the machine's speed hits all alike
         for _ in range(rounds):
             for name, fn in fns.items():
-                per_round[name].append(time_per_image(fn, x, min_seconds=0.3, min_repeats=10) * 1e6)
+                per_round[name].append(time_per_image(fn, x, min_seconds=min_seconds, min_repeats=5) * 1e6)
         for name, times in per_round.items():
             ratio = [e / t for e, t in zip(per_round["eager"], times)]
             rows.append({"backend": name, "batch": bs, "us_per_image": float(np.median(times)),
                          "rounds_us": times, "eager_over_this": float(np.median(ratio))})  # fmt: skip
     floor = flops / (gflops * 1e9) * 1e6
-    return {"torch_threads": threads, "flops_per_image": flops, "matmul_gflops": gflops,
-            "floor_us_per_image": floor, "rows": rows}  # fmt: skip
+    return {"model": card.name, "input_shape": list(card.input_shape), "torch_threads": threads,
+            "flops_per_image": flops, "matmul_gflops": gflops, "floor_us_per_image": floor,
+            "batch_sizes": list(batch_sizes), "rows": rows}  # fmt: skip

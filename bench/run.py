@@ -18,8 +18,10 @@ import torch
 
 from bench import inference, serving, training
 from serve.archive import ModelConfig
+from train.presets import DEFAULT_PRESET
 
 RESULTS = Path(__file__).with_name("results.json")
+PARTS = ("inference", "resnet18", "serving", "training")
 
 
 def machine() -> dict:
@@ -39,11 +41,25 @@ def ensure_export(run_dir: Path, export_dir: Path, data_dir: Path) -> None:
         from train.fit import train
         from train.presets import get_preset
 
-        train(get_preset("mnist-convnet"), run_dir, data_dir, quiet=True)
+        train(get_preset(DEFAULT_PRESET), run_dir, data_dir, quiet=True)
     if not (export_dir / "model.onnx").is_file():
-        from export.artifacts import export_checkpoint
+        from export.formats import export_checkpoint
 
         export_checkpoint(run_dir / "best.pt", export_dir)
+
+
+def resnet18_export(work: Path) -> Path:
+    """torchvision's ResNet-18 (random weights: speed does not depend on them) through `export --model`'s path."""
+    import torchvision
+
+    from export.formats import export_model, stamp
+    from export.user_model import user_model
+
+    weights = work / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    model, card = user_model("torchvision.models:resnet18", weights, input_shape=(3, 224, 224),
+                             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # fmt: skip
+    return export_model(model, stamp(card, weights), work / "resnet18").directory
 
 
 def level(section: dict, c: int) -> dict:
@@ -104,17 +120,24 @@ def targets(r: dict) -> list[dict]:
     return out
 
 
+def inference_table(inf: dict) -> list[str]:
+    sizes = inf.get("batch_sizes", [1, 64])
+    lines = [f"In-process inference, {inf.get('model', 'mnist-convnet')} {inf.get('input_shape', '')} (us per image; "
+             f"FLOP floor {inf['floor_us_per_image']:.1f} us = {inf['flops_per_image'] / 1e6:.2f} MFLOP / "
+             f"{inf['matmul_gflops']:.0f} GFLOP/s matmul)",
+             f"{'backend':<18}" + "".join(f"{'batch ' + str(b):>10}" for b in sizes)]  # fmt: skip
+    rows = {(x["backend"], x["batch"]): x["us_per_image"] for x in inf["rows"]}
+    for b in dict.fromkeys(x["backend"] for x in inf["rows"]):
+        lines.append(f"{b:<18}" + "".join(f"{rows.get((b, s), float('nan')):>10.1f}" for s in sizes))
+    return lines
+
+
 def table(r: dict) -> str:
     lines = [f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; torch {r['machine']['torch']}, "
              f"onnxruntime {r['machine']['onnxruntime']}"]  # fmt: skip
-    if "inference" in r:
-        inf = r["inference"]
-        lines += ["", f"In-process inference (us per image; FLOP floor {inf['floor_us_per_image']:.1f} us = "
-                  f"{inf['flops_per_image'] / 1e6:.2f} MFLOP / {inf['matmul_gflops']:.0f} GFLOP/s matmul)",
-                  f"{'backend':<12} {'batch 1':>9} {'batch 64':>9}"]  # fmt: skip
-        rows = {(x["backend"], x["batch"]): x["us_per_image"] for x in inf["rows"]}
-        for b in ("eager", "torchscript", "onnxruntime"):
-            lines.append(f"{b:<12} {rows[b, 1]:>9.1f} {rows[b, 64]:>9.1f}")
+    for key in ("inference", "resnet18"):
+        if key in r:
+            lines += ["", *inference_table(r[key])]
     if "serving" in r:
         lines += [
             "",
@@ -151,7 +174,7 @@ def table(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", choices=["inference", "serving", "training"], action="append")
+    ap.add_argument("--only", choices=PARTS, action="append")
     ap.add_argument("--duration", type=float, default=10, help="seconds per load level")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -165,14 +188,18 @@ def main() -> None:
         r["targets"] = targets(r)
         print(table(r))
         return
-    run_dir, export_dir, data_dir = Path("runs/mnist-convnet"), Path("exports/mnist-convnet"), Path("data")
-    ensure_export(run_dir, export_dir, data_dir)
-    parts = args.only or ["inference", "serving", "training"]
+    run_dir, export_dir, data_dir = Path(f"runs/{DEFAULT_PRESET}"), Path(f"exports/{DEFAULT_PRESET}"), Path("data")
+    parts = args.only or list(PARTS)
+    if {"inference", "serving"} & set(parts):
+        ensure_export(run_dir, export_dir, data_dir)
     r: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with tempfile.TemporaryDirectory(prefix="torchship-bench-") as tmp:
         if "inference" in parts:
             print("in-process inference ...", flush=True)
-            r["inference"] = inference.run(export_dir, run_dir / "best.pt")
+            r["inference"] = inference.run(export_dir)
+        if "resnet18" in parts:
+            print("in-process inference, ResNet-18 ...", flush=True)
+            r["resnet18"] = inference.run(resnet18_export(Path(tmp)), batch_sizes=(1, 16), rounds=3, min_seconds=1)
         if "serving" in parts:
             print("serving: baseline and ours, c=1 in alternating rounds ...", flush=True)
             d = ModelConfig()

@@ -1,18 +1,22 @@
-"""`torchship export` and `torchship verify`: thin click layers over export.artifacts and export.verify."""
+"""`torchship export` and `torchship verify`: thin click layers over export.formats and export.verify."""
 
 from __future__ import annotations
 
 import click
 
+from export.formats import DEFAULT_FORMATS
+from export.verify import ATOL, RTOL
+from handlers.card import FORMAT_BY_NAME, RECIPES
+
 TOLERANCES = [
-    click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance."),
-    click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance."),
+    click.option("--atol", type=click.FloatRange(min=0), default=ATOL, show_default=True, help="Absolute tolerance."),
+    click.option("--rtol", type=click.FloatRange(min=0), default=RTOL, show_default=True, help="Relative tolerance."),
     click.option(
         "--data-dir",
         type=click.Path(file_okay=False),
         default="data",
         show_default=True,
-        help="Where the embedded held-out digits are unpacked.",
+        help="Where datasets live; the proof uses the card's held-out images when they are there.",
     ),
 ]
 
@@ -23,13 +27,42 @@ def tolerances(f):
     return f
 
 
-def check(export_dir, atol, rtol, data_dir, ckpt=None) -> None:
-    from export.verify import VerificationError, failure_message, table, verify, write_report
-    from train.checkpoint import CheckpointError
-
+def floats(_ctx, param, value: str | None):
+    if value is None:
+        return None
     try:
-        report = verify(export_dir, atol, rtol, ckpt, data_dir)
-    except (VerificationError, CheckpointError) as e:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"one number or one per channel, comma-separated; got {value!r}") from None
+
+
+def shape(_ctx, _param, value: str | None):
+    if value is None:
+        return None
+    try:
+        dims = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise click.BadParameter(f"C,H,W as three positive integers, e.g. 3,224,224; got {value!r}")
+    return dims
+
+
+def format_list(_ctx, _param, value: str):
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in FORMAT_BY_NAME]
+    if unknown or not names:
+        raise click.BadParameter(f"choose from {', '.join(FORMAT_BY_NAME)}; got {value!r}")
+    return tuple(dict.fromkeys(names))
+
+
+def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
+    from export.verify import VerificationError, failure_message, table, verify, write_report
+
+    click.echo("proving the export computes the eager model's function ...", err=True)
+    try:
+        report = verify(export_dir, atol, rtol, source, data_dir)
+    except VerificationError as e:
         raise click.ClickException(str(e)) from None
     path = write_report(report, export_dir)
     click.echo(table(report))
@@ -39,28 +72,105 @@ def check(export_dir, atol, rtol, data_dir, ckpt=None) -> None:
 
 
 @click.command("export")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path(dir_okay=False), required=False)
 @click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
+    "--model",
+    "spec",
     default=None,
-    help="Export directory  [default: exports/PRESET]",
+    help="Your own model instead of a checkpoint: package.module:callable or path/to/file.py:Callable.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --model: a state dict file (torch.save(model.state_dict(), FILE)).",
+)
+@click.option(
+    "--model-kwarg",
+    "kwargs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="With --model: a constructor argument (Python literal), e.g. num_classes=10. Repeatable.",
+)
+@click.option("--input-shape", callback=shape, default=None, metavar="C,H,W", help="With --model: e.g. 3,224,224.")
+@click.option(
+    "--labels",
+    default=None,
+    metavar="FILE|a,b,c",
+    help="With --model: class names, one per line in FILE or comma-separated  [default: 0..N-1]",
+)
+@click.option("--mean", callback=floats, default=None, help="With --model: per-channel mean of pixels in [0, 1].")
+@click.option("--std", callback=floats, default=None, help="With --model: per-channel std  [default: 1]")
+@click.option(
+    "--preprocess",
+    type=click.Choice(RECIPES),
+    default=None,
+    help="With --model: how served images are prepared  [default: resize-crop for RGB, resize for grey]",
+)
+@click.option(
+    "--output-kind",
+    type=click.Choice(["logits", "log-probabilities", "probabilities"]),
+    default=None,
+    help="With --model: what the last layer emits  [default: judged from a forward pass]",
+)
+@click.option("--dataset", default=None, help="With --model: a torchship dataset (mnist-5k, ...) for the proof.")
+@click.option("--name", default=None, help="Model name (a slug)  [default: the preset, or the callable's name]")
+@click.option(
+    "--formats",
+    callback=format_list,
+    default=",".join(DEFAULT_FORMATS),
+    show_default=True,
+    help=f"Comma-separated: {', '.join(FORMAT_BY_NAME)}.",
+)
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Export directory  [default: exports/NAME]"
 )
 @tolerances
-def export_command(checkpoint, out_dir, atol, rtol, data_dir):
-    """Export CHECKPOINT to TorchScript and ONNX, then prove both match the eager model."""
-    from export.artifacts import export_checkpoint
-    from train.checkpoint import CheckpointError
-    from train.checkpoint import load as load_ckpt
+def export_command(checkpoint, spec, weights, kwargs, input_shape, labels, mean, std, preprocess, output_kind, dataset,
+                   name, formats, out_dir, atol, rtol, data_dir):  # fmt: skip
+    """Export CHECKPOINT (or --model SPEC --weights FILE) to every format, then prove each matches the eager model."""
+    from pathlib import Path
 
+    from export.formats import ExportError, export_checkpoint, export_model, stamp
+    from export.user_model import ModelLoadError
+    from handlers.card import CardError, safe_name
+    from train.checkpoint import CheckpointError
+
+    if (checkpoint is None) == (spec is None):
+        raise click.UsageError("give either a torchship CHECKPOINT or --model SPEC --weights FILE")
+    user_only = {"--weights": weights, "--model-kwarg": kwargs, "--input-shape": input_shape, "--labels": labels,
+                 "--mean": mean, "--std": std, "--preprocess": preprocess, "--output-kind": output_kind,
+                 "--dataset": dataset}  # fmt: skip
+    if spec is not None and (weights is None or input_shape is None):
+        raise click.UsageError("--model needs --weights FILE and --input-shape C,H,W")
+    if checkpoint is not None and any(user_only.values()):
+        given = [k for k, v in user_only.items() if v]
+        raise click.UsageError(f"{', '.join(given)} apply to --model; a checkpoint carries its own model card")
+    if name is not None and not safe_name(name):
+        raise click.BadParameter(f"{name!r} is not a safe name (letters, digits, '_', '-', '.')", param_hint="--name")
+    progress = lambda m: click.echo(m + " ...", err=True)  # noqa: E731
     try:
-        out_dir = out_dir or f"exports/{load_ckpt(checkpoint)['meta']['preset']}"
-        exported = export_checkpoint(checkpoint, out_dir)
-    except CheckpointError as e:
+        if checkpoint is not None:
+            progress(f"loading {checkpoint}")
+            exported = export_checkpoint(checkpoint, out_dir, formats, name=name, progress=progress)
+            source = Path(checkpoint)
+        else:
+            from export.user_model import parse_kwargs, user_model
+
+            progress(f"building {spec} and loading {weights}")
+            model, card = user_model(
+                spec, weights, kwargs=parse_kwargs(kwargs), input_shape=input_shape, labels=labels,
+                mean=mean or (0.0,), std=std or (1.0,), preprocess=preprocess, name=name, output=output_kind,
+                dataset=dataset,
+            )  # fmt: skip
+            source = Path(weights)
+            card = stamp(card, source)
+            exported = export_model(model, card, Path(out_dir or f"exports/{card.name}"), formats, progress)
+    except (CheckpointError, ModelLoadError, ExportError, CardError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"exported {exported.meta['preset']} to {exported.torchscript} and {exported.onnx}")
-    check(out_dir, atol, rtol, data_dir, checkpoint)
+    card = exported.card
+    click.echo(f"exported {card.name} to {', '.join(str(p) for p in exported.files.values())}")
+    run_proof(exported.directory, atol, rtol, data_dir, source)
 
 
 @click.command("verify")
@@ -69,9 +179,9 @@ def export_command(checkpoint, out_dir, atol, rtol, data_dir):
     "--checkpoint",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Source checkpoint  [default: the path recorded in meta.json]",
+    help="The checkpoint or weights file the export was made from  [default: the path in meta.json]",
 )
 @tolerances
 def verify_command(export_dir, checkpoint, atol, rtol, data_dir):
-    """Re-run the equivalence check (eager vs TorchScript vs ONNX Runtime) on an export directory."""
-    check(export_dir, atol, rtol, data_dir, checkpoint)
+    """Re-run the equivalence proof (eager vs every exported format) on an export directory."""
+    run_proof(export_dir, atol, rtol, data_dir, checkpoint)

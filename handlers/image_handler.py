@@ -1,8 +1,7 @@
-"""TorchServe handler for torchship exports: TorchScript or ONNX, batch-aware, per-request errors."""
+"""TorchServe handler for torchship exports: any format the archive carries, batch-aware, per-request errors."""
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -11,105 +10,88 @@ import numpy as np
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # the repository layout
-    from handlers import onnx_model, preprocess
+    from handlers import runtime
+    from handlers.card import ModelCard
+    from handlers.images import InputError, Preprocessor
     from handlers.request import Batch, decode_row
+    from handlers.responses import respond
 except ImportError:  # pragma: no cover - the flat layout of a TorchServe archive
-    import onnx_model
-    import preprocess
+    import runtime
+    from card import ModelCard
+    from images import InputError, Preprocessor
     from request import Batch, decode_row
+    from responses import respond
 
 logger = logging.getLogger(__name__)
 
 
 class ImageHandler(BaseHandler):
     def initialize(self, context) -> None:
-        properties = context.system_properties
-        model_dir = properties.get("model_dir")
+        model_dir = context.system_properties.get("model_dir")
         config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
-        self.threads = int(config.get("threads", os.environ.get("TORCHSHIP_THREADS", 1)))
+        threads = int(config.get("threads", os.environ.get("TORCHSHIP_THREADS", 1)))
         # TorchServe's worker logs every batch's arrival and its PredictionTime gauge at INFO, through a pipe
         # the frontend reads and parses: a measurable share of a lone request on 2 cores (bench/NOTES.md).
         worker_level = str(config.get("worker_log_level", "WARNING")).upper()
-        with open(os.path.join(model_dir, "meta.json")) as f:
-            self.meta = json.load(f)
-        onnx_path = os.path.join(model_dir, "model.onnx")
-        if os.path.isfile(onnx_path):
-            self.backend = "onnx"
-            self.onnx = onnx_model.load(onnx_path, threads=self.threads)
-        else:
-            import torch
-
-            torch.set_num_threads(self.threads)  # one per worker: workers must not fight over the cores
-            self.backend = "torchscript"
-            self.model = torch.jit.load(os.path.join(model_dir, "model.ts.pt"), map_location="cpu").eval()
-        self.max_pixels = int(config.get("max_pixels", preprocess.MAX_PIXELS))
-        self.table = preprocess.normaliser(self.meta["mean"], self.meta["std"])
+        self.card = ModelCard.load(model_dir)
+        self.runner = runtime.load(model_dir, threads=threads)
+        self.backend = self.runner.backend
+        self.preprocessor = Preprocessor(self.card, int(config.get("max_pixels", 0)))
+        self.context = context
         self.initialized = True
         logger.info(
-            "torchship %s loaded with %s backend, %d thread(s); worker log level %s",
-            self.meta["preset"], self.backend, self.threads, worker_level,
+            "torchship %s loaded with %s backend, %d thread(s), max %d pixels; worker log level %s",
+            self.card.name, self.backend, threads, self.preprocessor.max_pixels, worker_level,
         )  # fmt: skip
         logging.getLogger().setLevel(worker_level)
 
     def topk_header(self, idx: int) -> str | None:
         """TorchServe 0.12 drops a POST's query string, so `?topk=` cannot reach us: X-TopK carries it."""
-        context = getattr(self, "context", None)
-        if context is None:
-            return None
         try:
-            found = context.get_all_request_header(idx) or {}
-        except (AttributeError, IndexError, TypeError):
+            found = self.context.get_all_request_header(idx) or {}
+        except (AttributeError, IndexError, TypeError, KeyError):
             return None
         return next((v for k, v in found.items() if isinstance(k, str) and k.lower() == "x-topk"), None)
 
     def preprocess(self, data: list[dict]) -> Batch:
-        batch = Batch(None, size=len(data))
+        batch = Batch(len(data))
         arrays = []
         for i, row in enumerate(data):
             try:
-                req = decode_row(row, len(self.meta["labels"]), self.topk_header(i))
-                m = self.meta
-                arrays.append(preprocess.prepare_bytes(req.image, m["preprocess"], m["mean"], m["std"], self.table,
-                                                       self.max_pixels))  # fmt: skip
+                req = decode_row(row if isinstance(row, dict) else {"body": row}, self.card.classes,
+                                 self.topk_header(i))  # fmt: skip
+                arrays.append(self.preprocessor.from_bytes(req.image))
                 batch.rows.append(i)
                 batch.topk.append(req.topk)
-            except preprocess.InputError as e:
+            except InputError as e:
                 batch.errors[i] = e
+            except MemoryError:
+                batch.errors[i] = InputError(413, "image too large to process")
             except Exception as e:  # an image Pillow opened but could not convert: still this row's fault
-                batch.errors[i] = preprocess.InputError(422, f"could not process the image: {e}")
+                batch.errors[i] = InputError(422, f"could not process the image: {str(e)[:200]}")
         if arrays:
             batch.inputs = np.stack(arrays)
         return batch
 
-    def inference(self, batch: Batch) -> np.ndarray | None:
+    def inference(self, data: Batch, *args, **kwargs) -> Batch:
         """One forward pass for every good image TorchServe batched together."""
-        if batch.inputs is None:
-            return None
-        if self.backend == "onnx":
-            return self.onnx.run(batch.inputs)
-        import torch
+        if data.inputs is not None:
+            data.outputs = self.runner.run(data.inputs)
+        return data
 
-        with torch.inference_mode():
-            return self.model(torch.from_numpy(batch.inputs)).numpy()
-
-    def postprocess(self, batch: Batch, outputs: np.ndarray | None) -> list[str]:
-        responses: list[str] = [""] * batch.size
-        for i, e in batch.errors.items():
+    def postprocess(self, data: Batch) -> list[str]:
+        responses = [""] * data.size
+        for i, e in data.errors.items():
             responses[i] = json.dumps({"error": e.message, "status": e.status})
-        probs = preprocess.softmax(outputs) if self.meta["task"] == "classify" and outputs is not None else None
-        for j, i in enumerate(batch.rows):
-            if probs is None:
-                png = preprocess.to_png(outputs[j], self.meta["mean"], self.meta["std"])
-                body = {"image_png_base64": base64.b64encode(png).decode("ascii")}
-            else:
-                body = preprocess.top_k(probs[j], self.meta["labels"], batch.topk[j])
-            responses[i] = json.dumps(body)
+        if data.outputs is not None:
+            for i, body in zip(data.rows, respond(self.card, data.outputs, data.topk)):
+                responses[i] = json.dumps(body)
         return responses
 
     def handle(self, data: list[dict], context) -> list[str]:
         self.context = context
-        batch = self.preprocess(data)
-        responses = self.postprocess(batch, self.inference(batch))
+        batch = self.inference(self.preprocess(data))
+        responses = self.postprocess(batch)
         for i in range(batch.size):
             context.set_response_content_type(i, "application/json")
         for i, e in batch.errors.items():

@@ -7,22 +7,22 @@ model.predict("digit.png")  # -> {"label": "7", "probability": 0.99, "topk": [..
 
 from __future__ import annotations
 
-import base64
-import json
 import os
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-try:  # inside a TorchServe archive the modules sit flat in the model directory
-    from handlers import preprocess
-except ImportError:  # pragma: no cover - exercised by the TorchServe worker
-    import preprocess
+try:  # the repository layout
+    from handlers.card import ONNX_METADATA_KEY, CardError, ModelCard
+    from handlers.images import InputError, Preprocessor
+    from handlers.responses import DEFAULT_TOPK, respond
+except ImportError:  # pragma: no cover - flat inside a TorchServe archive
+    from card import ONNX_METADATA_KEY, CardError, ModelCard
+    from images import InputError, Preprocessor
+    from responses import DEFAULT_TOPK, respond
 
-META_KEY = "torchship"
 OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -34,42 +34,40 @@ OPTIMIZATION = {
 @dataclass
 class OnnxModel:
     session: ort.InferenceSession
-    meta: dict
-    input_name: str
+    card: ModelCard
+    preprocessor: Preprocessor = field(repr=False, default=None)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.preprocessor is None:
+            self.preprocessor = Preprocessor(self.card)
+        self.input_name = self.session.get_inputs()[0].name
 
     @property
-    def labels(self) -> list[str]:
-        return self.meta["labels"]
-
-    @cached_property
-    def table(self) -> np.ndarray:
-        return preprocess.normaliser(self.meta["mean"], self.meta["std"])
+    def labels(self) -> tuple[str, ...]:
+        return self.card.labels
 
     def prepare(self, item) -> np.ndarray:
-        """Any supported input to one normalised (1, 28, 28) array, exactly as the TorchServe handler does."""
-        m = self.meta
-        if isinstance(item, (bytes, bytearray)):
-            return preprocess.prepare_bytes(bytes(item), m["preprocess"], m["mean"], m["std"], self.table)
-        img = preprocess.as_image(item)
-        return preprocess.prepare(img, m["preprocess"], m["mean"], m["std"])
+        """Any supported input to one normalised (C, H, W) array, exactly as the servers do."""
+        return self.preprocessor.from_item(item)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Raw model output for a normalised (N, 1, 28, 28) float32 batch."""
+        """Raw model output for a normalised (N, C, H, W) float32 batch."""
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
-    def predict(self, images, topk: int = 3):
-        """One image (path, bytes, PIL image, 2-D array) gives one result; a list gives a list, in one forward pass."""
+    def predict(self, images, topk: int = DEFAULT_TOPK):
+        """One image (path, bytes, PIL image, array) gives one result; a list gives a list, in one forward pass.
+
+        Raises images.InputError (with .status and .message) for input that is not a usable image.
+        """
         single = not isinstance(images, (list, tuple)) and not (isinstance(images, np.ndarray) and images.ndim == 4)
         items = [images] if single else list(images)
+        if not items:
+            return []
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+            raise ValueError(f"topk must be a positive integer, got {topk!r}")
         out = self.run(np.stack([self.prepare(i) for i in items]))
-        results = [self.result(o, topk) for o in out]
+        results = respond(self.card, out, [topk] * len(items))
         return results[0] if single else results
-
-    def result(self, output: np.ndarray, topk: int = 3) -> dict:
-        if self.meta["task"] == "reconstruct":
-            png = preprocess.to_png(output, self.meta["mean"], self.meta["std"])
-            return {"image_png_base64": base64.b64encode(png).decode("ascii")}
-        return preprocess.top_k(preprocess.softmax(output), self.labels, topk)
 
 
 def session_options(threads: int = 1, optimization: str = "all", spinning: bool = False) -> ort.SessionOptions:
@@ -84,19 +82,30 @@ def session_options(threads: int = 1, optimization: str = "all", spinning: bool 
     return options
 
 
+def card_of(session: ort.InferenceSession, path: Path) -> ModelCard:
+    props = session.get_modelmeta().custom_metadata_map
+    if ONNX_METADATA_KEY not in props:
+        raise CardError("(card)", f"{path} carries no torchship model card: export it with `torchship export`")
+    return ModelCard.from_json(props[ONNX_METADATA_KEY])
+
+
 def load(
     path: str | os.PathLike,
     threads: int = 1,
     optimization: str = "all",
     providers: list[str] | None = None,
     spinning: bool = False,
+    max_pixels: int = 0,
 ) -> OnnxModel:
-    """Load model.onnx; normalisation, labels and preprocessing mode come from its own metadata."""
+    """Load model.onnx; the card (normalisation, labels, preprocessing) comes from the model's own metadata."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
     session = ort.InferenceSession(
         str(path), session_options(threads, optimization, spinning), providers=providers or ["CPUExecutionProvider"]
     )
-    props = session.get_modelmeta().custom_metadata_map
-    if META_KEY not in props:
-        raise ValueError(f"{path} carries no torchship metadata: export it with `torchship export`")
-    return OnnxModel(session, json.loads(props[META_KEY]), session.get_inputs()[0].name)
+    card = card_of(session, path)
+    return OnnxModel(session, card, Preprocessor(card, max_pixels))
+
+
+__all__ = ["InputError", "OnnxModel", "load", "session_options"]

@@ -11,13 +11,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-try:
-    from handlers.preprocess import InputError
-except ImportError:  # pragma: no cover - flat layout inside a TorchServe archive
-    from preprocess import InputError
+try:  # the repository layout
+    from handlers.images import InputError
+    from handlers.responses import DEFAULT_TOPK
+except ImportError:  # pragma: no cover - flat inside a TorchServe archive
+    from images import InputError
+    from responses import DEFAULT_TOPK
 
 FILE_FIELDS = ("data", "body", "file", "image")  # raw body arrives as "body"; form files under their field name
-DEFAULT_TOPK = 3
+OPTION_FIELDS = ("topk",)
+HOW_TO_SEND = (
+    "send the image file's bytes (curl -T digit.png, or --data-binary @digit.png -H 'Content-Type: image/png'), "
+    'a multipart file (curl -F data=@digit.png) or JSON {"data": "<base64>"}'
+)
 
 
 @dataclass
@@ -30,10 +36,21 @@ def _text(value) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
-def b64(value: str | bytes) -> bytes:
+def shown(value, limit: int = 40) -> str:
+    """A client's value quoted back in an error, never longer than `limit` characters."""
+    text = _text(value)
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def b64(value) -> bytes:
+    if not isinstance(value, (str, bytes, bytearray)):
+        got = "null" if value is None else type(value).__name__
+        raise InputError(400, f"'data' must be a base64 string holding the image file, got {got}")
     text = _text(value).strip()
     if text.startswith("data:") and "," in text:  # data URLs from browsers
         text = text.split(",", 1)[1]
+    if not text:
+        raise InputError(400, "'data' is an empty string: it must hold the base64-encoded image file")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -47,20 +64,35 @@ def topk_of(row: dict, classes: int, header: str | None = None) -> int:
     raw = header if raw is None else raw
     if raw is None:
         return min(DEFAULT_TOPK, classes)
+    if isinstance(raw, bool) or not isinstance(raw, (int, str, bytes, bytearray)):
+        raise InputError(400, f"topk must be an integer, got {shown(raw)}")
     try:
-        k = int(_text(raw))
+        k = int(_text(raw).strip()) if len(_text(raw)) <= 12 else None
     except ValueError:
-        raise InputError(400, f"topk must be an integer, got {_text(raw)!r}") from None
+        k = None
+    if k is None:
+        raise InputError(400, f"topk must be an integer, got {shown(raw)}")
     if not 1 <= k <= classes:
-        raise InputError(400, f"topk must be between 1 and {classes}, got {k}")
+        raise InputError(400, f"topk must be between 1 and {classes}, got {shown(k)}")
     return k
+
+
+def looks_form_encoded(row: dict) -> bool:
+    """curl -d @file posts application/x-www-form-urlencoded: TorchServe splits the bytes into bogus form fields."""
+    return any(k not in FILE_FIELDS + OPTION_FIELDS for k in row) and not any(
+        isinstance(v, (bytes, bytearray)) and len(v) > 0 for v in row.values()
+    )
 
 
 def image_bytes(row: dict) -> bytes:
     """Raw bytes in the body, a multipart file, or JSON {"data": "<base64>"} (TorchServe has parsed the JSON)."""
-    value = next((row[k] for k in FILE_FIELDS if row.get(k) is not None), None)
-    if value is None:  # a multipart form with another field name: take its first bytes-valued field
-        value = next((v for k, v in row.items() if k != "topk" and isinstance(v, (bytes, bytearray))), None)
+    files = [k for k, v in row.items() if k not in OPTION_FIELDS and isinstance(v, (bytes, bytearray)) and v]
+    if len(files) > 1:
+        raise InputError(400, f"send one image per request; this one holds {len(files)} files "
+                              f"({', '.join(shown(f, 20) for f in files[:4])})")  # fmt: skip
+    value = next((row[k] for k in FILE_FIELDS if k in row), None)
+    if value is None and files:  # a multipart form with another field name
+        value = row[files[0]]
     if isinstance(value, dict):
         if "data" not in value:
             raise InputError(400, "JSON body needs a 'data' field holding the base64-encoded image")
@@ -73,10 +105,15 @@ def image_bytes(row: dict) -> bytes:
         data = bytes(value)
         if data.lstrip()[:1] in (b"{", b"["):  # TorchServe forwards JSON it could not parse as bytes
             raise InputError(400, 'body looks like JSON but does not parse: send {"data": "<base64>"}')
+        if not data:
+            raise InputError(400, f"empty request body: {HOW_TO_SEND}")
         return data
+    if value is None and row and looks_form_encoded(row):
+        raise InputError(400, f"the body arrived as a URL-encoded form ({len(row)} field(s), no file), which is "
+                              f"what curl -d sends and which mangles binary data: {HOW_TO_SEND}")  # fmt: skip
     if value is None:
-        raise InputError(400, "empty request: send image bytes, a multipart file or JSON {'data': base64}")
-    raise InputError(400, f"unsupported request payload of type {type(value).__name__}")
+        raise InputError(400, f"empty request: {HOW_TO_SEND}")
+    raise InputError(400, f"unsupported request payload of type {type(value).__name__}: {HOW_TO_SEND}")
 
 
 def decode_row(row: dict, classes: int, topk_header: str | None = None) -> Request:
@@ -85,10 +122,11 @@ def decode_row(row: dict, classes: int, topk_header: str | None = None) -> Reque
 
 @dataclass
 class Batch:
-    """What preprocess hands on: the good images stacked, and per row either its topk or its error."""
+    """A TorchServe batch on its way through the handler: good images stacked, per row its topk or its error."""
 
-    inputs: np.ndarray | None
+    size: int
+    inputs: np.ndarray | None = None
     rows: list[int] = field(default_factory=list)  # request index of each stacked image
     topk: list[int] = field(default_factory=list)
     errors: dict[int, InputError] = field(default_factory=dict)
-    size: int = 0
+    outputs: np.ndarray | None = None  # raw model output for `rows`, set by inference

@@ -2,22 +2,42 @@
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from handlers.card import CARD_FILE, FORMAT_BY_BACKEND, CardError, ModelCard
+
 HANDLERS = Path(__file__).resolve().parents[1] / "handlers"
-HANDLER_MODULES = ("preprocess.py", "request.py", "onnx_model.py")
+HANDLER = HANDLERS / "image_handler.py"
+BACKENDS = tuple(FORMAT_BY_BACKEND)
+BATCH_BUDGET_MS = 50  # a full batch should take about this long, so a queued request waits at most ~2 of them
+
+
+class ArchiveError(Exception):
+    """The archive could not be written; one line for the user."""
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_workers() -> int:
-    """One single-threaded worker per two cores: the other core serves the frontend's JVM (bench/NOTES.md)."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    """Two workers at least, so a worker's crash or restart never leaves the model without one (bench/NOTES.md)."""
+    return max(2, cores() // 2)
+
+
+def max_workers() -> int:
+    """More single-threaded workers than twice the cores only queue behind each other and starve the frontend."""
+    return max(2, 2 * cores())
 
 
 @dataclass
@@ -32,8 +52,9 @@ class ModelConfig:
     startupTimeout: int = 120  # noqa: N815
     threads: int = 1  # handler: intra-op threads per worker
     worker_log_level: str = "WARNING"  # handler: INFO brings back TorchServe's two log lines per request
+    max_pixels: int = 0  # handler: largest decoded image; 0 is handlers.images.default_max_pixels(card)
 
-    HANDLER_KEYS = ("threads", "worker_log_level")
+    HANDLER_KEYS = ("threads", "worker_log_level", "max_pixels")
 
     def yaml(self) -> str:
         d = asdict(self)
@@ -41,48 +62,102 @@ class ModelConfig:
         return "\n".join([f"{k}: {v}" for k, v in d.items()] + ["handler:", *handler]) + "\n"
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What one forward pass of the exported model costs on this machine, measured with one thread."""
+
+    batch1_ms: float
+    batch8_ms: float
+
+    @property
+    def per_image_batched_ms(self) -> float:
+        return self.batch8_ms / 8
+
+
+def measure(export_dir: Path | str, backend: str, card: ModelCard, seconds: float = 0.5) -> Cost:
+    """Median forward time at batch 1 and 8 with one thread: what a single-threaded worker will see."""
+    from handlers import runtime
+
+    run = runtime.load(export_dir, backend, threads=1).run
+    out = {}
+    for n in (1, 8):
+        x = np.zeros((n, *card.input_shape), np.float32)
+        run(x)
+        times, start = [], time.perf_counter()
+        while len(times) < 3 or (time.perf_counter() - start < seconds and len(times) < 200):
+            t = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - t)
+        out[n] = float(np.median(times)) * 1000
+    return Cost(out[1], out[8])
+
+
+def sized(cost: Cost, workers: int | None = None) -> ModelConfig:
+    """Batching, delay, timeout and threads from the model's measured cost instead of the digit model's."""
+    workers = workers or default_workers()
+    batch = int(np.clip(BATCH_BUDGET_MS // max(cost.per_image_batched_ms, 1e-3), 1, 8))
+    delay = int(np.clip(round(cost.batch1_ms / 10), 1, 20))  # waiting for company costs at most a tenth of a pass
+    # Threads help a model whose single pass is long; the tiny digit models only pay fork/join for them.
+    threads = max(1, cores() // workers) if cost.batch1_ms > 10 else 1
+    timeout = max(30, math.ceil(cost.batch1_ms * batch * 20 / 1000))
+    return ModelConfig(workers, workers, batch, delay, timeout, threads=threads)
+
+
 def archiver() -> str:
     exe = Path(sys.executable).with_name("torch-model-archiver")
     return str(exe) if exe.exists() else (shutil.which("torch-model-archiver") or "torch-model-archiver")
 
 
+def handler_modules(handler: Path = HANDLER) -> list[Path]:
+    """Every module of handlers/ beside the handler itself: the worker imports them flat from the archive."""
+    return sorted(p for p in HANDLERS.glob("*.py") if p.name != "__init__.py" and p.resolve() != handler.resolve())
+
+
 def build_archive(
     export_dir: Path | str,
     model_store: Path | str = "model_store",
+    *,
     name: str | None = None,
     backend: str = "onnx",
-    config: ModelConfig | None = ModelConfig(),
+    config: ModelConfig | None = None,
     handler: Path | None = None,
 ) -> Path:
-    """Write <model_store>/<name>.mar holding the model, our handler and its modules, meta.json and the config.
+    """Write <model_store>/<name>.mar holding the model, our handler and its modules, the card and the config.
 
     config=None leaves model-config.yaml out: TorchServe's defaults (no batching, a worker per core).
     """
     export_dir, store = Path(export_dir), Path(model_store)
-    meta_path = export_dir / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: run `torchship export` first")
-    meta = json.loads(meta_path.read_text())
-    name = name or meta["preset"]
-    model = export_dir / {"onnx": "model.onnx", "torchscript": "model.ts.pt"}[backend]
+    card_path = export_dir / CARD_FILE
+    if not card_path.is_file():
+        raise ArchiveError(f"{card_path} not found: run `torchship export` first")
+    try:
+        card = ModelCard.load(card_path)
+    except CardError as e:
+        raise ArchiveError(f"{card_path}: {e}") from None
+    if backend not in FORMAT_BY_BACKEND:
+        raise ArchiveError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    fmt = FORMAT_BY_BACKEND[backend]
+    model = export_dir / fmt.file
     if not model.is_file():
-        raise FileNotFoundError(f"{model} not found: run `torchship export` first")
+        raise ArchiveError(f"{model} not found: run `torchship export --formats ...,{fmt.name}` first")
+    name = name or card.name
     store.mkdir(parents=True, exist_ok=True)
+    handler = handler or HANDLER
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "model-config.yaml"
         cfg.write_text(config.yaml() if config else "")
-        extra = [str(HANDLERS / m) for m in HANDLER_MODULES] + [str(meta_path)]
+        extra = [str(p) for p in handler_modules(handler)] + [str(card_path)]
         cmd = [
             archiver(),
             "--model-name", name,
-            "--version", str(meta.get("checkpoint_epoch", 1)),
+            "--version", str(card.provenance.epoch or 1),
             "--serialized-file", str(model),
-            "--handler", str(handler or HANDLERS / "image_handler.py"),
+            "--handler", str(handler),
             "--extra-files", ",".join(extra),
             "--export-path", str(store),
             "--force",
         ] + (["--config-file", str(cfg)] if config else [])  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"torch-model-archiver failed: {result.stderr.strip() or result.stdout.strip()}")
+        raise ArchiveError(f"torch-model-archiver failed: {result.stderr.strip() or result.stdout.strip()}")
     return store / f"{name}.mar"

@@ -3,33 +3,59 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
+
+from serve.archive import BACKENDS
+
+MAX_CONCURRENCY = 1024  # loopback clients, each a thread: more only measures the load generator
 
 
 @click.command("archive")
 @click.argument("export_dir", type=click.Path(file_okay=False))
 @click.option(
     "--backend",
-    type=click.Choice(["onnx", "torchscript"]),
+    type=click.Choice(BACKENDS),
     default="onnx",
     show_default=True,
-    help="Which exported model the archive carries.",
+    help="Which exported model the archive carries (onnx-int8 and pt2 need `export --formats ...,int8,pt2`).",
 )
 @click.option("--model-store", type=click.Path(file_okay=False), default="model_store", show_default=True)
-@click.option("--name", default=None, help="Model name  [default: the preset]")
-@click.option("--workers", type=click.IntRange(1), default=None, help="Min = max workers  [default: one per two cores]")
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--name", default=None, help="Model name  [default: the card's name]")
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=None,
+    help="Min = max workers  [default: two, or one per two cores if more]",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Largest batch  [default: what the measured model runs in ~50 ms, at most 8]",
+)
 @click.option(
     "--max-batch-delay",
-    type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    help="Milliseconds to wait for a fuller batch (TorchServe reads 0 as its default, 100).",
+    type=click.IntRange(1, 10_000),
+    default=None,
+    help="Milliseconds to wait for a fuller batch (TorchServe reads 0 as its default, 100)  "
+    "[default: a tenth of one measured pass, 1-20]",
 )
-@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads per worker.")
-@click.option("--response-timeout", type=click.IntRange(1), default=30, show_default=True, help="Seconds.")
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Intra-op threads per worker  [default: 1; cores/workers for models slower than 10 ms]",
+)
+@click.option("--response-timeout", type=click.IntRange(1), default=None, help="Seconds  [default: >= 30, measured]")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1024),
+    default=None,
+    help="Largest image the handler decodes  [default: 4,194,304 (2048x2048) or 4 model inputs]",
+)
 @click.option(
     "--worker-log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
@@ -37,23 +63,39 @@ import click
     show_default=True,
     help="TorchServe worker's Python logging; INFO adds two lines per request and the PredictionTime metric.",
 )
-def archive_command(
-    export_dir, backend, model_store, name, workers, batch_size, max_batch_delay, threads, response_timeout,
-    worker_log_level,
-):  # fmt: skip
-    """Package EXPORT_DIR into MODEL_STORE/NAME.mar with our image handler."""
-    from serve.archive import ModelConfig, build_archive, default_workers
+def archive_command(export_dir, backend, model_store, name, workers, batch_size, max_batch_delay, threads,
+                    response_timeout, max_pixels, worker_log_level):  # fmt: skip
+    """Package EXPORT_DIR into MODEL_STORE/NAME.mar with our image handler, sized from the model's measured cost."""
+    from dataclasses import replace
 
-    workers = workers or default_workers()
-    cfg = ModelConfig(
-        workers, workers, batch_size, max_batch_delay, response_timeout, threads=threads,
-        worker_log_level=worker_log_level.upper(),
-    )  # fmt: skip
+    from handlers.card import CardError, ModelCard, safe_name
+    from serve.archive import ArchiveError, build_archive, max_workers, measure, sized
+
+    if workers is not None and workers > max_workers():
+        raise click.BadParameter(
+            f"{workers} workers on {os.cpu_count()} cores would queue behind each other and starve the server; "
+            f"at most {max_workers()} here",
+            param_hint="--workers",
+        )
+    if name is not None and not safe_name(name):
+        raise click.BadParameter(f"{name!r} is not a safe name (letters, digits, '_', '-', '.')", param_hint="--name")
     try:
-        mar = build_archive(export_dir, model_store, name, backend, cfg)
-    except (FileNotFoundError, RuntimeError) as e:
+        card = ModelCard.load(Path(export_dir))
+        cost = measure(export_dir, backend, card)
+    except (CardError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"wrote {mar} ({backend}, batch {batch_size}, delay {max_batch_delay} ms, {workers} workers)")
+    cfg = sized(cost, workers)
+    given = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay, "threads": threads,
+             "responseTimeout": response_timeout, "max_pixels": max_pixels}  # fmt: skip
+    cfg = replace(cfg, worker_log_level=worker_log_level.upper(), **{k: v for k, v in given.items() if v is not None})
+    try:
+        mar = build_archive(export_dir, model_store, name=name, backend=backend, config=cfg)
+    except ArchiveError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"measured {card.name} ({backend}, 1 thread): {cost.batch1_ms:.2f} ms at batch 1, "
+               f"{cost.batch8_ms:.2f} ms at batch 8")  # fmt: skip
+    click.echo(f"wrote {mar}: {cfg.minWorkers} workers x {cfg.threads} thread(s), batch {cfg.batchSize}, "
+               f"delay {cfg.maxBatchDelay} ms, timeout {cfg.responseTimeout} s")  # fmt: skip
 
 
 @click.group("serve")
@@ -136,22 +178,44 @@ def key_command(state_dir, api):
     click.echo(key)
 
 
+def concurrency_list(_ctx, _param, value: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or not all(1 <= c <= MAX_CONCURRENCY for c in levels):
+        raise click.BadParameter(
+            f"comma-separated client counts from 1 to {MAX_CONCURRENCY}, e.g. 1,4,16; got {value!r}"
+        )
+    return levels
+
+
 @click.command("loadtest")
 @STATE
-@click.option("--concurrency", default="1,4,16", show_default=True, help="Comma-separated sweep of client counts.")
+@click.option(
+    "--concurrency",
+    callback=concurrency_list,
+    default="1,4,16",
+    show_default=True,
+    help="Comma-separated sweep of client counts.",
+)
 @click.option(
     "--rate",
-    type=click.FloatRange(min=0.1),
+    type=click.FloatRange(min=0.1, max=100_000),
     default=None,
     help="Open loop: requests per second on a fixed schedule (latency from the intended send time).",
 )
 @click.option(
-    "--duration", type=click.FloatRange(min=0.1), default=10, show_default=True, help="Seconds per level (upper bound)."
+    "--duration",
+    type=click.FloatRange(min=0.1, max=3600),
+    default=10,
+    show_default=True,
+    help="Seconds per level (upper bound).",
 )
 @click.option(
     "--requests",
     "max_requests",
-    type=click.IntRange(1),
+    type=click.IntRange(1, 10_000_000),
     default=20000,
     show_default=True,
     help="Requests per level (upper bound).",
@@ -163,10 +227,16 @@ def key_command(state_dir, api):
     show_default=True,
     help="Send digits as MNIST stores them, or as dark ink photographed on white paper.",
 )
+@click.option(
+    "--images",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Send your own images instead of digits; with DIR/<label>/ folders the answers are scored.",
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/loadtest", show_default=True)
-def loadtest_command(state_dir, concurrency, rate, duration, max_requests, style, out_dir):
-    """Measure the running TorchServe (from STATE_DIR) on 127.0.0.1: throughput, latency, accuracy."""
-    from serve.loadtest import Target, sweep, table, write
+def loadtest_command(state_dir, concurrency, rate, duration, max_requests, style, images, out_dir):
+    """Measure the running server (from STATE_DIR) on 127.0.0.1: throughput, latency, accuracy."""
+    from serve.loadtest import Target, image_payloads, sweep, table, write
     from serve.server import ServerError, keys, load_instance, pid
 
     try:
@@ -175,9 +245,13 @@ def loadtest_command(state_dir, concurrency, rate, duration, max_requests, style
         raise click.ClickException(f"{e}: start one with `make serve`") from None
     if pid(state_dir) is None:
         raise click.ClickException(f"the TorchServe recorded in {state_dir} is not running: `make serve` first")
+    try:
+        bodies = image_payloads(images) if images else None
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     key = keys(state_dir).get("inference", {}).get("key")
     target = Target("127.0.0.1", cfg.inference_port, cfg.model, key, cfg.metrics_url)
-    levels = sweep(target, tuple(int(c) for c in concurrency.split(",")), duration, max_requests, rate, style)
+    levels = sweep(target, concurrency, duration, max_requests, rate, style, bodies=bodies)
     path = write(levels, out_dir, target, f"{cfg.model} on TorchServe")
     click.echo(table(levels))
     click.echo(f"wrote {path} and {Path(out_dir) / 'loadtest.png'}")

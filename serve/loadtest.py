@@ -45,16 +45,44 @@ class Level:
     seconds: float
     throughput: float
     latency_ms: dict[str, float]
-    accuracy: float
+    accuracy: float  # of the labelled answers; NaN when no request carried a label
     server: dict = field(default_factory=dict)
     answers: list[int] = field(default_factory=list)  # per digit of the set: 1 right, 0 wrong, -1 not sent
 
 
-def payloads(style: str = "mnist", n: int = 1000) -> list[tuple[bytes, int]]:
+@dataclass(frozen=True)
+class Payload:
+    body: bytes
+    label: str | None  # None: the answer cannot be judged (an image without a label folder)
+    content_type: str = "image/png"
+
+
+CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
+                 ".gif": "image/gif", ".webp": "image/webp", ".tif": "image/tiff", ".tiff": "image/tiff"}  # fmt: skip
+
+
+def payloads(style: str = "mnist", n: int = 1000) -> list[Payload]:
     """PNG-encoded held-out digits: as MNIST stores them, or photographed-style dark ink on white paper."""
     images, labels = held_out_digits()
     make = (lambda a: png(a)) if style == "mnist" else (lambda a: png(on_paper(a)))
-    return [(make(images[i]), int(labels[i])) for i in range(min(n, len(labels)))]
+    return [Payload(make(images[i]), str(labels[i])) for i in range(min(n, len(labels)))]
+
+
+def image_payloads(directory: Path | str, limit: int = 10_000) -> list[Payload]:
+    """Your own images: DIR/<label>/*.png gives labelled requests (accuracy counts), DIR/*.png unlabelled ones."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory of images")
+    found = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix.lower() in CONTENT_TYPES:
+            label = path.parent.name if path.parent != root else None
+            found.append(Payload(path.read_bytes(), label, CONTENT_TYPES[path.suffix.lower()]))
+            if len(found) >= limit:
+                break
+    if not found:
+        raise ValueError(f"no images ({', '.join(sorted(CONTENT_TYPES))}) under {root}")
+    return found
 
 
 class Client:
@@ -68,8 +96,7 @@ class Client:
         self.target, self.timeout, self.sock, self.buf = target, timeout, None, b""
         auth = f"Authorization: Bearer {target.key}\r\n" if target.key else ""
         self.head = (
-            f"POST /predictions/{target.model} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
-            f"Content-Type: image/png\r\n{auth}Content-Length: "
+            f"POST /predictions/{target.model} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n{auth}"
         ).encode()
 
     def connect(self) -> None:
@@ -117,12 +144,13 @@ class Client:
         body = self.buf + b"".join(iter(lambda: self.sock.recv(65536), b""))  # body runs to the close
         return status, body, False
 
-    def send(self, body: bytes) -> tuple[int, bytes]:
+    def send(self, body: bytes, content_type: str = "image/png") -> tuple[int, bytes]:
+        head = self.head + f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         for attempt in (0, 1):
             try:
                 if self.sock is None:
                     self.connect()
-                self.sock.sendall(self.head + str(len(body)).encode() + b"\r\n\r\n" + body)
+                self.sock.sendall(head + body)
                 status, reply, keep = self.response()
                 if not keep:
                     self.close()
@@ -197,7 +225,7 @@ def run_level(
     """Closed loop: `concurrency` clients back to back. Open loop (rate): sends on a fixed schedule and times
     each request from its intended send time, so a stalled server cannot hide its queue (no coordinated omission)."""
     lock = threading.Lock()
-    latencies, statuses, correct = [], Counter(), [0]
+    latencies, statuses, correct, judged = [], Counter(), [0], [0]
     answers = [-1] * len(bodies)
     counter = iter(range(max_requests))
     t0 = time.perf_counter() + 0.05
@@ -218,17 +246,16 @@ def run_level(
             start = time.perf_counter()
             if start > deadline:
                 return
-            body, label = bodies[i % len(bodies)]
-            status, reply = client.send(body)
+            p = bodies[i % len(bodies)]
+            status, reply = client.send(p.body, p.content_type)
             end = time.perf_counter()
-            ok = False
-            if status == 200:
-                ok = answer(reply) == str(label)
+            ok = status == 200 and p.label is not None and answer(reply) == p.label
             with lock:
                 latencies.append(end - (intended if intended is not None else start))
                 statuses[status] += 1
                 correct[0] += ok
-                answers[i % len(bodies)] = int(ok)
+                judged[0] += status == 200 and p.label is not None
+                answers[i % len(bodies)] = int(ok) if p.label is not None else -1
 
     before = server_metrics(target.metrics_url)
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
@@ -250,7 +277,7 @@ def run_level(
         seconds,
         n / seconds,
         percentiles(latencies),
-        correct[0] / max(n, 1),
+        correct[0] / judged[0] if judged[0] else float("nan"),
         server_delta(before, server_metrics(target.metrics_url)),
         answers,
     )
@@ -264,8 +291,9 @@ def sweep(
     rate: float | None = None,
     style: str = "mnist",
     warmup: int = 50,
+    bodies: list[Payload] | None = None,
 ) -> list[Level]:
-    bodies = payloads(style)
+    bodies = bodies or payloads(style)
     if warmup:  # warm the workers and the JVM's JIT: first calls pay for lazy init and interpretation
         run_level(target, bodies, min(4, max(concurrency)), 30, warmup)
     if rate:

@@ -37,6 +37,11 @@ class ServerConfig:
     token_auth: bool = True
     max_request_size: int = 10 * 1024 * 1024  # bytes; larger bodies are refused by the frontend (413)
     extra: dict | None = None  # more config.properties lines (tuning experiments, site settings)
+    extra_models: tuple[str, ...] = ()  # more archives of the store to serve beside `model`
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.model, *self.extra_models)
 
     @property
     def inference_url(self) -> str:
@@ -75,7 +80,7 @@ def config_properties(cfg: ServerConfig) -> str:
         "grpc_management_address": LOOPBACK,
         "grpc_management_port": str(cfg.grpc_management_port),
         "model_store": str(store),
-        "load_models": f"{cfg.model}={cfg.model}.mar",
+        "load_models": ",".join(f"{m}={m}.mar" for m in cfg.models),
         "enable_model_api": "false",  # no registering models over HTTP (ShellTorch, CVE-2023-43654)
         "allowed_urls": f"file://{store}/.*",  # only our own model store, never http(s)
         "max_request_size": str(cfg.max_request_size),
@@ -147,8 +152,13 @@ def worker_crashes(state: Path) -> int:
     return f.read_text(errors="replace").count("Traceback (most recent call last)") if f.is_file() else 0
 
 
-def model_status(cfg: ServerConfig) -> list[dict]:
-    return http_json(f"{cfg.management_url}/models/{cfg.model}", headers(cfg.state_dir, "management"))
+def model_status(cfg: ServerConfig, model: str | None = None) -> list[dict]:
+    return http_json(f"{cfg.management_url}/models/{model or cfg.model}", headers(cfg.state_dir, "management"))
+
+
+def ready(cfg: ServerConfig, model: str) -> bool:
+    workers = [w for m in model_status(cfg, model) for w in m.get("workers", [])]
+    return bool(workers) and all(w.get("status") == "READY" for w in workers)
 
 
 def wait_ready(cfg: ServerConfig, timeout: float) -> None:
@@ -160,10 +170,8 @@ def wait_ready(cfg: ServerConfig, timeout: float) -> None:
             raise ServerError(f"TorchServe exited during start-up:\n{log_excerpt(state)}")
         try:
             ping = http_json(f"{cfg.inference_url}/ping", headers(state), timeout=2)
-            if ping.get("status") == "Healthy":
-                workers = [w for m in model_status(cfg) for w in m.get("workers", [])]
-                if workers and all(w.get("status") == "READY" for w in workers):
-                    return
+            if ping.get("status") == "Healthy" and all(ready(cfg, m) for m in cfg.models):
+                return
         except (urllib.error.URLError, OSError, ValueError, json.JSONDecodeError):
             pass
         if worker_crashes(state) >= 2:  # TorchServe retries a crashing worker forever: fail now, not at the timeout
@@ -177,9 +185,10 @@ def start(cfg: ServerConfig, timeout: float = 180) -> ServerConfig:
     cfg = ServerConfig(**{**asdict(cfg), "state_dir": str(state), "model_store": str(Path(cfg.model_store).resolve())})
     if pid(state) is not None:
         raise ServerError(f"a TorchServe started from {state} is already running: `torchship serve stop` first")
-    mar = Path(cfg.model_store) / f"{cfg.model}.mar"
-    if not mar.is_file():
-        raise ServerError(f"{mar} not found: run `torchship archive` first")
+    for model in cfg.models:
+        mar = Path(cfg.model_store) / f"{model}.mar"
+        if not mar.is_file():
+            raise ServerError(f"{mar} not found: run `torchship archive` first")
     state.mkdir(parents=True, exist_ok=True)
     (state / "logs").mkdir(exist_ok=True)
     (state / "key_file.json").unlink(missing_ok=True)
@@ -208,7 +217,9 @@ def load_instance(state_dir: Path | str) -> ServerConfig:
     f = Path(state_dir) / "instance.json"
     if not f.is_file():
         raise ServerError(f"no TorchServe instance recorded in {state_dir}")
-    return ServerConfig(**json.loads(f.read_text()))
+    d = json.loads(f.read_text())
+    d["extra_models"] = tuple(d.get("extra_models", ()))
+    return ServerConfig(**d)
 
 
 def stop(state_dir: Path | str = "serve-state", timeout: float = 60) -> bool:

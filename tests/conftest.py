@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from handlers.card import Architecture, ModelCard
 from train.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,3 +26,37 @@ def data_dir(tmp_path_factory) -> Path:
 def quick(name: str, **kw):
     """A preset cut down to seconds: the real architecture and optimiser, fewer epochs."""
     return dataclasses.replace(get_preset(name), **{"epochs": 2, **kw})
+
+
+@pytest.fixture(scope="session")
+def convnet_run(tmp_path_factory, data_dir) -> Path:
+    """The default preset trained once for every module that needs a real digit model (1 epoch: ~0.95 accuracy)."""
+    from train.fit import train
+
+    run = tmp_path_factory.mktemp("run-convnet")
+    train(quick("mnist-convnet", epochs=1), run, data_dir, quiet=True)
+    return run
+
+
+@pytest.fixture(scope="session")
+def convnet_export(tmp_path_factory, convnet_run):
+    """Its TorchScript + ONNX export, shared read-only: tests that damage files copy it first."""
+    from export.formats import export_checkpoint
+
+    return export_checkpoint(convnet_run / "best.pt", tmp_path_factory.mktemp("export-convnet"))
+
+
+def card(**kw) -> ModelCard:
+    """A valid card for tests, changed where a test needs it."""
+    base = dict(
+        name="digits",
+        task="classify",
+        input_shape=(1, 28, 28),
+        mean=(0.1302,),
+        std=(0.3069,),
+        labels=tuple(str(i) for i in range(10)),
+        preprocess="mnist-digit",
+        output_kind="log-probabilities",
+        architecture=Architecture("train.models:ConvNet", {}),
+    )
+    return ModelCard(**{**base, **kw})

@@ -114,3 +114,50 @@ def test_kill_9_during_training_leaves_a_loadable_last_checkpoint(tmp_path, data
         assert ckpt["epoch"] > start
         epochs.append(ckpt["epoch"])
     assert epochs == sorted(epochs)
+
+
+def legacy(ckpt: dict) -> None:
+    """Rewrite a checkpoint as torchship wrote them before the model card (meta holds the model facts)."""
+    card = ckpt.pop("card")
+    ckpt["meta"].update(arch="mlp", arch_kwargs=card["architecture"]["kwargs"], input_shape=card["input_shape"],
+                        mean=card["mean"][0], std=card["std"][0], labels=card["labels"], task=card["task"],
+                        output_kind=card["output_kind"], preprocess=card["preprocess"], dataset=card["dataset"],
+                        metrics=card["metrics"])  # fmt: skip
+
+
+TAMPERED = {
+    "path in preset": (lambda c: c["meta"].update(preset="../../../tmp/x"), "does not know"),
+    "unknown preset": (lambda c: c["meta"].update(preset="no-such-preset"), "does not know"),
+    "code as architecture": (lambda c: c["card"]["architecture"].update(spec="os:system"), "not a torchship arch"),
+    "missing card field": (lambda c: c["card"].pop("labels"), "'labels'"),
+    "path as name": (lambda c: c["card"].update(name="../../x"), "safe name"),
+    "legacy unknown arch": (lambda c: (legacy(c), c["meta"].update(arch="resnet")), "'arch'"),
+    "legacy missing key": (lambda c: (legacy(c), c["meta"].pop("labels")), "'labels'"),
+}
+
+
+@pytest.mark.parametrize("name", list(TAMPERED))
+def test_untrusted_checkpoint_metadata_is_a_one_line_error_that_writes_nothing(name, tmp_path, good):
+    tamper, message = TAMPERED[name]
+    ckpt = torch.load(good, weights_only=True)
+    tamper(ckpt)
+    path = tmp_path / "tampered.pt"
+    torch.save(ckpt, path)
+    work = tmp_path / "work"
+    work.mkdir()
+    r = subprocess.run([*TORCHSHIP, "export", str(path)], capture_output=True, text=True, cwd=work)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert r.returncode == 1 and len(errors) == 1 and message in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and list(work.iterdir()) == [] and not (tmp_path.parent / "tmp" / "x").exists()
+
+
+def test_a_legacy_checkpoint_still_exports(tmp_path, good):
+    from export.formats import export_checkpoint
+
+    ckpt = torch.load(good, weights_only=True)
+    legacy(ckpt)
+    path = tmp_path / "old.pt"
+    torch.save(ckpt, path)
+    exp = export_checkpoint(path, tmp_path / "export", formats=("onnx",))
+    assert exp.card.name == "mnist-mlp50" and exp.card.architecture.spec == "train.models:MLP"
+    assert (tmp_path / "export" / "model.onnx").is_file()

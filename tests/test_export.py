@@ -1,14 +1,16 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from export.artifacts import export_checkpoint
+from export.formats import export_checkpoint, sha256
 from export.verify import compare, failure_message, verify
+from handlers.card import ModelCard
 from tests.conftest import ROOT, TORCHSHIP, quick
 from train.fit import train
 from train.presets import PRESETS
@@ -34,22 +36,23 @@ def test_every_preset_exports_and_verifies(name, exports, data_dir):
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version >= 18
     props = {p.key: p.value for p in model.metadata_props}
-    assert json.loads(props["torchship"])["preset"] == name
+    assert ModelCard.from_json(props["torchship"]) == exp.card  # the same card in every place it is written
     assert [i.name for i in model.graph.input] == ["images"]
     files = {"meta.json": ""}
     torch.jit.load(str(exp.torchscript), _extra_files=files)
-    assert json.loads(files["meta.json"])["labels"] == exp.meta["labels"]
-    meta = json.loads((exp.directory / "meta.json").read_text())
-    for key in ("preset", "input_shape", "mean", "std", "labels", "output_kind", "checkpoint", "checkpoint_sha256"):
-        assert key in meta
-    assert set(meta["versions"]) == {"torch", "onnx", "onnxruntime"}
+    assert ModelCard.from_json(files["meta.json"]) == exp.card
+    card = ModelCard.load(exp.directory)
+    assert card == exp.card and card.name == name and card.input_shape == (1, 28, 28)
+    p = card.provenance
+    assert p.source_sha256 == sha256(Path(p.source)) and p.epoch == 1 and p.created_at
+    assert all([p.torch, p.onnx, p.onnxruntime])
     report = verify(exp.directory, data_dir=data_dir)
     assert report.passed, failure_message(report)
     assert {(c.backend, c.batch_size) for c in report.checks} == {
-        (b, s) for b in ("eager-fp32", "torchscript", "onnxruntime") for s in (1, 2, 7, 64)
+        (b, s) for b in ("eager-fp32", "torchscript", "onnx") for s in (1, 2, 7, 64)
     }
     assert report.inputs["real"] >= 256
-    if meta["task"] == "classify":
+    if card.task == "classify":
         assert all(c.top1_agreement == 1.0 for c in report.checks)
 
 
@@ -90,14 +93,14 @@ def corrupt_torchscript(path):
     ts.save(str(path), _extra_files=files)
 
 
-@pytest.mark.parametrize("backend,corrupt", [("onnxruntime", corrupt_onnx), ("torchscript", corrupt_torchscript)])
+@pytest.mark.parametrize("backend,corrupt", [("onnx", corrupt_onnx), ("torchscript", corrupt_torchscript)])
 def test_a_single_corrupted_weight_fails_verification(backend, corrupt, exports, tmp_path, data_dir):
     import shutil
 
     exp = exports["mnist-convnet"]
     copy = tmp_path / "export"
     shutil.copytree(exp.directory, copy)
-    corrupt(copy / ("model.onnx" if backend == "onnxruntime" else "model.ts.pt"))
+    corrupt(copy / ("model.onnx" if backend == "onnx" else "model.ts.pt"))
     report = verify(copy, data_dir=data_dir)
     assert not report.passed
     assert {c.backend for c in report.failures()} == {backend}
@@ -127,7 +130,7 @@ def test_verify_refuses_an_export_whose_checkpoint_changed(exports, tmp_path, da
 
     exp = exports["mnist-mlp50"]
     ckpt = tmp_path / "best.pt"
-    shutil.copy(exp.meta["checkpoint"], ckpt)
+    shutil.copy(exp.card.provenance.source, ckpt)
     with open(ckpt, "ab") as f:
         f.write(b"\0")
     r = subprocess.run(
@@ -155,7 +158,7 @@ print(json.dumps({{"labels": labels, "torch": "torch" in sys.modules}}))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["torch"] is False
-    ckpt = torch.load(exp.meta["checkpoint"], weights_only=True)
+    ckpt = torch.load(exp.card.provenance.source, weights_only=True)
     from train.checkpoint import model_from_checkpoint
     from train.data import load as load_data
     from train.data import to_tensor
@@ -163,5 +166,5 @@ print(json.dumps({{"labels": labels, "torch": "torch" in sys.modules}}))
     model = model_from_checkpoint(ckpt)
     _, test = load_data("mnist-5k", data_dir)
     with torch.no_grad():
-        eager = model(to_tensor(test.images, exp.meta["mean"], exp.meta["std"], torch.device("cpu"))).argmax(1)
+        eager = model(to_tensor(test.images, exp.card.mean[0], exp.card.std[0], torch.device("cpu"))).argmax(1)
     assert out["labels"] == [str(i) for i in eager.tolist()]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.artifacts import export_checkpoint
-from handlers.preprocess import InputError
+from export.formats import export_checkpoint
+from handlers.images import InputError
 from handlers.request import decode_row
 from serve.archive import ModelConfig, build_archive
 from serve.samples import held_out_digits, png
@@ -40,12 +40,15 @@ print(json.dumps({"out": out, "status": [ctx.get_response_status(i)[0] for i in 
 
 
 @pytest.fixture(scope="module")
-def archives(tmp_path_factory, data_dir):
+def archives(tmp_path_factory, data_dir, convnet_export):
+    run = tmp_path_factory.mktemp("run-autoencoder")
+    train(quick("mnist-autoencoder", epochs=1), run, data_dir, quiet=True)
+    exports = {
+        "mnist-convnet": convnet_export,
+        "mnist-autoencoder": export_checkpoint(run / "best.pt", tmp_path_factory.mktemp("export")),
+    }
     out = {}
-    for name in ("mnist-convnet", "mnist-autoencoder"):
-        run = tmp_path_factory.mktemp(f"run-{name}")
-        train(quick(name, epochs=1), run, data_dir, quiet=True)
-        exp = export_checkpoint(run / "best.pt", tmp_path_factory.mktemp("export"))
+    for name, exp in exports.items():
         for backend in ("onnx", "torchscript"):
             store = tmp_path_factory.mktemp(f"store-{backend}")
             mar = build_archive(exp.directory, store, backend=backend, config=ModelConfig(batchSize=8))
@@ -159,7 +162,7 @@ def test_data_urls_and_text_base64_decode():
 def test_photographed_style_digits_are_classified_as_well_as_mnist_ones(archives):
     """The point of the MNIST-style preprocessing: dark ink on white paper, anywhere, any size, still reads."""
     from handlers.onnx_model import load
-    from tests.test_preprocess import paper
+    from tests.test_images import paper
 
     model = load(archives["mnist-convnet", "onnx"] / "model.onnx")
     idx = range(0, 1000, 4)

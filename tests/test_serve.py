@@ -11,24 +11,19 @@ import psutil
 import pytest
 from PIL import Image
 
-from export.artifacts import export_checkpoint
 from handlers.onnx_model import load as load_onnx
 from serve import server
 from serve.archive import ModelConfig, build_archive
 from serve.loadtest import Target, sweep
 from serve.samples import held_out_digits, on_paper, png
-from tests.conftest import quick
-from train.fit import train
 
 pytestmark = pytest.mark.serve
 DIGITS, LABELS = held_out_digits()
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, data_dir):
-    run, exp_dir = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("export")
-    train(quick("mnist-convnet", epochs=1), run, data_dir, quiet=True)
-    exp = export_checkpoint(run / "best.pt", exp_dir)
+def served(tmp_path_factory, convnet_export):
+    exp = convnet_export
     store = tmp_path_factory.mktemp("model_store")
     # a long batch delay so concurrent requests are sure to share a batch; one worker sees them all
     build_archive(exp.directory, store, config=ModelConfig(1, 1, batchSize=8, maxBatchDelay=150))

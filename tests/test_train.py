@@ -21,9 +21,10 @@ def test_every_preset_trains_and_its_loss_falls(name, tmp_path, data_dir):
     for f in ("last.pt", "best.pt", "metrics.json", "curves.png"):
         assert (tmp_path / f).stat().st_size > 0
     ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
-    meta = ckpt["meta"]
-    assert meta["preset"] == name and meta["input_shape"] == [1, 28, 28]
-    assert meta["metrics"]["test_loss"] == pytest.approx(metrics["test_loss"])
+    card = checkpoint.card_of(ckpt)
+    assert ckpt["meta"]["preset"] == card.name == name and card.input_shape == (1, 28, 28)
+    assert card.metrics["test_loss"] == pytest.approx(metrics["test_loss"])
+    assert card.labels == tuple(preset.labels) and card.dataset == "mnist-5k" and card.provenance.created_at
     if preset.task == "classify":
         assert metrics["test_accuracy"] > 0.3  # chance is 0.1; two epochs of SGD lr 0.5 are noisy
         assert set(metrics["per_class_accuracy"]) == set(preset.labels)
@@ -31,8 +32,8 @@ def test_every_preset_trains_and_its_loss_falls(name, tmp_path, data_dir):
 
 def test_fashion_preset_normalises_with_statistics_of_its_training_split(tmp_path, data_dir):
     train(quick("fashion-mlp", dataset="mnist-5k", epochs=1), tmp_path, data_dir, quiet=True)
-    meta = torch.load(tmp_path / "best.pt", weights_only=True)["meta"]
-    assert 0.1 < meta["mean"] < 0.15 and 0.28 < meta["std"] < 0.33  # MNIST's own statistics
+    card = checkpoint.card_of(torch.load(tmp_path / "best.pt", weights_only=True))
+    assert 0.1 < card.mean[0] < 0.15 and 0.28 < card.std[0] < 0.33  # MNIST's own statistics
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, data_dir):

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from handlers.card import CardError, ModelCard, from_legacy
+from train.presets import PRESETS
+
 REQUIRED = ("epoch", "model_state_dict", "meta")
 
 
@@ -61,22 +64,34 @@ def load(path: Path | str, preset: str | None = None, map_location: str | torch.
     except Exception as e:  # torch.load fails in many ways on damaged files: zip, EOF, unpickler index errors
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is truncated or corrupt ({first})") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED) or not isinstance(ckpt["meta"], dict):
         raise CheckpointError(f"{path} is not a torchship checkpoint (expected keys: {', '.join(REQUIRED)})")
     found = ckpt["meta"].get("preset")
+    if found not in PRESETS:
+        raise CheckpointError(f"{path} names preset {str(found)[:60]!r}, which torchship does not know "
+                              f"({', '.join(PRESETS)})")  # fmt: skip
     if preset is not None and found != preset:
         raise CheckpointError(f"{path} is a checkpoint of preset {found!r}, not {preset!r}")
+    card_of(ckpt, path)  # refuse a checkpoint whose model facts do not validate, whatever the caller wants next
     return ckpt
+
+
+def card_of(ckpt: dict, path: Path | str = "checkpoint") -> ModelCard:
+    """The checkpoint's model card; checkpoints from before the card carry the same facts in `meta`."""
+    try:
+        return ModelCard.from_dict(ckpt["card"]) if "card" in ckpt else from_legacy(ckpt["meta"])
+    except CardError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     """Rebuild the eager model a checkpoint describes, in eval mode."""
-    from train.models import build_model
+    from train.models import build_builtin
 
-    meta = ckpt["meta"]
-    model = build_model(meta["arch"], meta["arch_kwargs"])
+    arch = card_of(ckpt).architecture
     try:
+        model = build_builtin(arch.spec, arch.kwargs)
         model.load_state_dict(ckpt["model_state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"weights do not fit architecture {meta['arch']}: {str(e).splitlines()[0]}") from None
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"weights do not fit architecture {arch.spec}: {str(e).splitlines()[0]}") from None
     return model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import platform
 import time
@@ -13,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from handlers.card import BUILTIN_ARCHITECTURES, Architecture, ModelCard, Provenance
 from train import checkpoint, data
 from train.device import is_main_process, pick_device
-from train.models import OUTPUT_KIND, build_model
+from train.models import INPUT_SHAPE, OUTPUT_KIND, build_model
 from train.presets import Preset
 
 
@@ -172,25 +174,32 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def build_meta(preset: Preset, prep: Prepared, device: torch.device, metrics: dict) -> dict:
-    return {
-        "preset": preset.name,
-        "arch": preset.arch,
-        "arch_kwargs": dict(preset.arch_kwargs),
-        "hparams": preset.to_dict(),
-        "dataset": preset.dataset,
-        "mean": prep.mean,
-        "std": prep.std,
-        "labels": list(preset.labels),
-        "input_shape": [1, 28, 28],
-        "output_kind": OUTPUT_KIND[preset.arch],
-        "preprocess": preset.preprocess,
-        "task": preset.task,
-        "seed": preset.seed,
-        "torch_version": str(torch.__version__),
-        "device": str(device),
-        "metrics": metrics,
-    }
+def build_card(preset: Preset, prep: Prepared, metrics: dict) -> ModelCard:
+    """What export, serving and apps need to know about the model, and nothing about how it was trained."""
+    return ModelCard(
+        name=preset.name,
+        task=preset.task,
+        input_shape=INPUT_SHAPE,
+        mean=prep.mean,
+        std=prep.std,
+        labels=tuple(preset.labels),
+        preprocess=preset.preprocess,
+        output_kind=OUTPUT_KIND[preset.arch],
+        architecture=Architecture(BUILTIN_ARCHITECTURES[preset.arch], dict(preset.arch_kwargs)),
+        provenance=Provenance(torch=str(torch.__version__), created_at=now()),
+        dataset=preset.dataset,
+        metrics=metrics,
+    )
+
+
+def build_meta(preset: Preset, device: torch.device) -> dict:
+    """How the model was trained: what `--resume` checks and a reader of the checkpoint wants to know."""
+    return {"preset": preset.name, "hparams": preset.to_dict(), "seed": preset.seed, "device": str(device),
+            "torch_version": str(torch.__version__)}  # fmt: skip
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def train(
@@ -263,7 +272,8 @@ def train(
             "val_loss": [h["val_loss"] for h in history],
             "history": history,
             "rng_state": rng_state(dev),
-            "meta": build_meta(preset, prep, dev, {"val_loss": va.loss, "val_accuracy": va.accuracy}),
+            "card": build_card(preset, prep, {"val_loss": va.loss, "val_accuracy": va.accuracy}).to_dict(),
+            "meta": build_meta(preset, dev),
         }
         if va.loss < best:
             best = va.loss
@@ -291,7 +301,7 @@ def finish(preset, out: Path, prep: Prepared, dev, history, amp, writer, quiet) 
         "history": history,
     }
     if writer:
-        best["meta"]["metrics"].update(test_loss=te.loss, test_accuracy=metrics["test_accuracy"])
+        best["card"]["metrics"].update(test_loss=te.loss, test_accuracy=metrics["test_accuracy"])
         checkpoint.save_atomic(best, out / "best.pt")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         from train.plots import plot_curves

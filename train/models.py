@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from handlers.card import BUILTIN_ARCHITECTURES
+
+INPUT_SHAPE = (1, 28, 28)
 OUTPUT_KIND = {"mlp": "logits", "convnet": "log-probabilities", "autoencoder": "image"}
 
 
@@ -58,8 +61,21 @@ class AutoEncoder(nn.Module):
         return self.decoder(self.encoder(x)).view(-1, 1, 28, 28)
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLP, "convnet": ConvNet, "autoencoder": AutoEncoder}
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    name: globals()[spec.split(":")[1]] for name, spec in BUILTIN_ARCHITECTURES.items()
+}
 
 
 def build_model(arch: str, kwargs: dict | None = None) -> nn.Module:
     return ARCHITECTURES[arch](**(kwargs or {}))
+
+
+def build_builtin(spec: str, kwargs: dict | None = None) -> nn.Module:
+    """The model a checkpoint's card names, from our own architectures only: a checkpoint never picks code."""
+    names = {s: n for n, s in BUILTIN_ARCHITECTURES.items()}
+    if spec not in names:
+        raise ValueError(f"architecture {spec!r} is not a torchship architecture ({', '.join(names)})")
+    try:
+        return build_model(names[spec], dict(kwargs or {}))
+    except TypeError as e:
+        raise ValueError(f"architecture {spec} does not take these arguments: {e}") from None

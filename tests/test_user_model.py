@@ -1,0 +1,228 @@
+"""Any image classifier: torchvision's MobileNetV3 and a model file the test writes, from weights to a served answer."""
+
+import http.client
+import io
+import json
+import shutil
+import subprocess
+import textwrap
+
+import numpy as np
+import onnx
+import psutil
+import pytest
+import torch
+from PIL import Image
+
+from export.verify import verify
+from handlers.card import ModelCard
+from handlers.onnx_model import load as load_onnx
+from serve import server
+from serve.archive import ModelConfig, build_archive
+from tests.conftest import ROOT, TORCHSHIP
+
+MODEL_FILE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class PetNet(nn.Module):
+        """BatchNorm, depthwise conv, Dropout and AdaptiveAvgPool on 3 channels: what real classifiers hold."""
+
+        def __init__(self, classes: int = 4, width: int = 16):
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.Conv2d(width, width, 3, padding=1, groups=width), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+            )
+            self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(width, classes))
+
+        def forward(self, x):
+            return self.head(self.features(x))
+''')
+LABELS = ["cat", "dog", "bird", "fish"]
+
+
+def settle(model: torch.nn.Module, shape) -> torch.nn.Module:
+    """A few forward passes in train mode, so BatchNorm's running statistics are not the identity."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(8, *shape))
+    return model.eval()
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([*TORCHSHIP, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def user_exports(tmp_path_factory):
+    """Both models exported through the CLI, as a user would."""
+    import sys
+
+    import torchvision
+
+    work = tmp_path_factory.mktemp("user-models")
+    (work / "petnet.py").write_text(MODEL_FILE)
+    (work / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    sys.path.insert(0, str(work))
+    try:
+        import petnet
+    finally:
+        sys.path.remove(str(work))
+    torch.manual_seed(0)
+    torch.save(settle(petnet.PetNet(), (3, 64, 64)).state_dict(), work / "petnet.pt")
+    mobile = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10)
+    torch.save(settle(mobile, (3, 224, 224)).state_dict(), work / "mobilenet.pt")
+    runs = {
+        "petnet": run_cli("export", "--model", f"{work / 'petnet.py'}:PetNet", "--weights", work / "petnet.pt",
+                          "--input-shape", "3,64,64", "--labels", work / "labels.txt", "--preprocess", "resize",
+                          "--mean", "0.5", "--std", "0.25", "--out", work / "petnet"),
+        "mobilenet": run_cli("export", "--model", "torchvision.models:mobilenet_v3_small", "--model-kwarg",
+                             "num_classes=10", "--weights", work / "mobilenet.pt", "--input-shape", "3,224,224",
+                             "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--name", "mobilenet",
+                             "--out", work / "mobilenet"),
+    }  # fmt: skip
+    for name, r in runs.items():
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+    return work, runs
+
+
+def photo(seed: int, size=(180, 240)) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize(size[::-1], Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if seed % 2 else "JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", ["petnet", "mobilenet"])
+def test_export_writes_the_card_and_the_proof_passes(user_exports, name):
+    work, runs = user_exports
+    out = work / name
+    card = ModelCard.load(out)
+    assert "all checks pass" in runs[name].stdout
+    report = json.loads((out / "equivalence.json").read_text())
+    assert report["passed"] and {c["backend"] for c in report["checks"]} == {"eager-fp32", "torchscript", "onnx"}
+    assert report["inputs"]["real"] == 0 and report["inputs"]["smooth"] > 0  # no dataset: synthetic images
+    if name == "petnet":
+        assert card.labels == tuple(LABELS) and card.input_shape == (3, 64, 64) and card.preprocess == "resize"
+        assert card.architecture.spec.endswith("petnet.py:PetNet") and card.output_kind == "logits"
+    else:
+        assert card.name == "mobilenet" and card.preprocess == "resize-crop" and card.resize == 256
+        assert card.architecture.kwargs == {"num_classes": 10} and card.labels == tuple(str(i) for i in range(10))
+    assert card.provenance.source.endswith(f"{name}.pt") and len(card.provenance.source_sha256) == 64
+
+
+@pytest.mark.parametrize("name", ["petnet", "mobilenet"])
+def test_a_single_corrupted_weight_is_caught(user_exports, name, tmp_path):
+    work, _ = user_exports
+    copy = tmp_path / name
+    shutil.copytree(work / name, copy)
+    model = onnx.load(str(copy / "model.onnx"))
+    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    w = onnx.numpy_helper.to_array(init).copy()
+    w.flat[0] += 0.5
+    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(copy / "model.onnx"))
+    report = verify(copy)
+    assert not report.passed and {c.backend for c in report.failures()} == {"onnx"}
+
+
+@pytest.fixture(scope="module")
+def served(user_exports, tmp_path_factory):
+    work, _ = user_exports
+    store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
+    for name in ("petnet", "mobilenet"):
+        build_archive(work / name, store, config=ModelConfig(1, 1, batchSize=4, maxBatchDelay=5))
+    cfg = server.ServerConfig("petnet", str(store), str(state), *server.free_ports(5), extra_models=("mobilenet",))
+    try:
+        yield server.start(cfg, timeout=240)
+    finally:
+        java = server.pid(state)
+        server.stop(state)
+        assert java is None or not psutil.pid_exists(java)
+
+
+def post(cfg, model: str, body: bytes):
+    conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
+    conn.request("POST", f"/predictions/{model}", body, {"Content-Type": "application/octet-stream",
+                                                          **server.headers(cfg.state_dir)})  # fmt: skip
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read())
+    conn.close()
+    return out
+
+
+@pytest.mark.parametrize("name", ["petnet", "mobilenet"])
+def test_served_answers_equal_the_embeddings(user_exports, served, name):
+    work, _ = user_exports
+    model = load_onnx(work / name / "model.onnx")
+    for seed in range(6):
+        data = photo(seed)
+        status, body = post(served, name, data)
+        local = model.predict(data)
+        assert status == 200 and body["label"] == local["label"], body
+        assert abs(body["probability"] - local["probability"]) < 1e-5
+        assert [t["label"] for t in body["topk"]] == [t["label"] for t in local["topk"]]
+
+
+def test_loadtest_sends_your_own_images_and_scores_labelled_ones(user_exports, served, tmp_path):
+    work, _ = user_exports
+    model = load_onnx(work / "petnet" / "model.onnx")
+    images = tmp_path / "images"
+    for seed in range(8):  # file each photo under the label the model gives it: every answer must score right
+        data = photo(seed)
+        folder = images / model.predict(data)["label"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{seed}.{'png' if seed % 2 else 'jpg'}").write_bytes(data)
+    r = run_cli("loadtest", "--state-dir", served.state_dir, "--images", images, "--concurrency", "1,2",
+                "--requests", "16", "--duration", "20", "--out", tmp_path / "out")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    levels = json.loads((tmp_path / "out" / "loadtest.json").read_text())["levels"]
+    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    assert all(lv["requests"] == 16 and not lv["errors"] and lv["accuracy"] == 1.0 for lv in levels)
+
+
+def test_sizing_follows_the_models_measured_cost(user_exports):
+    from serve.archive import Cost, measure, sized
+
+    work, _ = user_exports
+    card = ModelCard.load(work / "mobilenet")
+    cost = measure(work / "mobilenet", "onnx", card, seconds=0.2)
+    assert cost.batch8_ms > cost.batch1_ms > 0
+    tiny, slow = sized(Cost(0.1, 0.4)), sized(Cost(40.0, 320.0))
+    assert tiny.batchSize == 8 and tiny.maxBatchDelay == 1 and tiny.threads == 1
+    assert slow.batchSize == 1 and slow.maxBatchDelay == 4 and slow.responseTimeout >= 30
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "torchvision.models:resnet18", "--weights", "{pickled}", "--input-shape", "3,32,32"],
+     "pickles Python objects"),
+    (["--model", "torchvision.models:resnet18", "--weights", "{petnet}", "--input-shape", "3,32,32"],
+     "keys"),
+    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,64,64", "--labels", "a,b"],
+     "2 labels but the model outputs 4"),
+    (["--model", "no.such.module:Net", "--weights", "{petnet}", "--input-shape", "3,64,64"], "cannot import"),
+    (["--model", "{file}:Nope", "--weights", "{petnet}", "--input-shape", "3,64,64"], "no attribute"),
+    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,64"], "C,H,W"),
+    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,64,64", "--mean", "1,2"],
+     "'mean'"),
+    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "1,64,64"], "does not run"),
+    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,64,64", "--name", "../x"],
+     "safe name"),
+    (["--model", "{file}:PetNet", "--input-shape", "3,64,64"], "--weights"),
+    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,64,64", "--formats", "ts,gif"],
+     "choose from"),
+])  # fmt: skip
+def test_what_cannot_be_exported_is_one_clear_line(user_exports, tmp_path, args, message):
+    work, _ = user_exports
+    pickled = tmp_path / "whole.pt"
+    torch.save(torch.nn.Linear(2, 2), pickled)  # a whole module, not a state dict
+    paths = {"pickled": pickled, "petnet": work / "petnet.pt", "file": work / "petnet.py"}
+    r = run_cli("export", *[a.format(**paths) for a in args], "--out", tmp_path / "out", cwd=tmp_path)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert r.returncode != 0 and len(errors) == 1 and message in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
