@@ -21,7 +21,7 @@ from serve.archive import ModelConfig
 from train.presets import DEFAULT_PRESET
 
 RESULTS = Path(__file__).with_name("results.json")
-PARTS = ("inference", "resnet18", "serving", "training")
+PARTS = ("inference", "resnet18", "serving", "workers", "training")
 
 
 def machine() -> dict:
@@ -105,6 +105,11 @@ def targets(r: dict) -> list[dict]:
               "ours >= baseline", acc >= bacc)  # fmt: skip
         p50 = o1["latency_ms"]["p50"] / b1["latency_ms"]["p50"]
         check("serving p50 c=1, ours/baseline", round(p50, 2), "<= 0.5", p50 <= 0.5)
+    if "workers" in r:
+        two = r["workers"]["2 workers"]["disruption"]
+        check("2 workers: no answer for at most (s)", round(two["longest_gap_s"], 2), "<= 2", two["longest_gap_s"] <= 2)
+        check("2 workers: failed requests sent after the kill", two["failed_sent_after_kill"], "0",
+              two["failed_sent_after_kill"] == 0)  # fmt: skip
     if "inference" in r:
         rows = {(x["backend"], x["batch"]): x["us_per_image"] for x in r["inference"]["rows"]}
         ort1 = next(x for x in r["inference"]["rows"] if x["backend"] == "onnxruntime" and x["batch"] == 1)
@@ -158,6 +163,21 @@ def table(r: dict) -> str:
                 f"per-round p50 ratio ours/baseline: median {rounds['p50_ratio_median']:.2f}, "
                 f"range {min(ratios):.2f}-{max(ratios):.2f}"
             )
+    if "workers" in r:
+        w = r["workers"]
+        lines += ["", "Workers (our handler, both up, same load test; then a READY worker SIGKILLed under 64 clients)",
+                  f"{'setup':<10} {'c=1 p50 ms':>10} {'c=16 req/s':>10} {'c=16 p99':>8} {'failed':>6} "
+                  f"{'sent after':>10} {'no answer':>9}"]  # fmt: skip
+        for name in (k for k in w if k != "c1_rounds"):
+            c1, c16 = level(w[name], 1), level(w[name], 16)
+            d = w[name].get("disruption", {})
+            lines.append(f"{name:<10} {c1['latency_ms']['p50']:>10.2f} {c16['throughput']:>10.1f} "
+                         f"{c16['latency_ms']['p99']:>8.2f} {sum(d.get('failed', {}).values()):>6} "
+                         f"{d.get('failed_sent_after_kill', 0):>10} {d.get('longest_gap_s', 0):>8.2f}s")  # fmt: skip
+        rounds = w["c1_rounds"]
+        lines.append(f"c=1 per-round p50 ratio {rounds['pair'][0]}/{rounds['pair'][1]}: median "
+                     f"{rounds['p50_ratio_median']:.2f}, range {min(rounds['p50_ratios']):.2f}-"
+                     f"{max(rounds['p50_ratios']):.2f}")  # fmt: skip
     if "training" in r:
         t = r["training"]
         lines += [
@@ -190,7 +210,7 @@ def main() -> None:
         return
     run_dir, export_dir, data_dir = Path(f"runs/{DEFAULT_PRESET}"), Path(f"exports/{DEFAULT_PRESET}"), Path("data")
     parts = args.only or list(PARTS)
-    if {"inference", "serving"} & set(parts):
+    if {"inference", "serving", "workers"} & set(parts):
         ensure_export(run_dir, export_dir, data_dir)
     r: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with tempfile.TemporaryDirectory(prefix="torchship-bench-") as tmp:
@@ -208,6 +228,9 @@ def main() -> None:
                 workers, workers, args.batch_size or d.batchSize, args.max_batch_delay or d.maxBatchDelay
             )
             r["serving"] = serving.run(export_dir, Path(tmp), args.duration, ours)
+        if "workers" in parts:
+            print("serving: 1 worker vs 2, c=1 in alternating rounds, then a worker killed under load ...", flush=True)
+            r["workers"] = serving.workers(export_dir, Path(tmp), args.duration)
         if "training" in parts:
             print("training: ours, then the tutorial loop ...", flush=True)
             r["training"] = training.run(data_dir, Path(tmp), args.epochs, "cpu")

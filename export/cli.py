@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from export.formats import DEFAULT_FORMATS
-from export.verify import ATOL, RTOL
-from handlers.card import FORMAT_BY_NAME, RECIPES
+from export.tolerance import ATOL, RTOL
+from handlers.card import DEFAULT_FORMATS, FORMAT_BY_NAME, RECIPES
 
 TOLERANCES = [
     click.option("--atol", type=click.FloatRange(min=0), default=ATOL, show_default=True, help="Absolute tolerance."),

@@ -11,11 +11,17 @@ from pathlib import Path
 
 import torch
 
-from handlers.card import CARD_FILE, FORMAT_BY_NAME, ONNX_METADATA_KEY, TORCHSCRIPT_EXTRA_FILE, ModelCard
+from handlers.card import (
+    CARD_FILE,
+    DEFAULT_FORMATS,
+    FORMAT_BY_NAME,
+    ONNX_METADATA_KEY,
+    TORCHSCRIPT_EXTRA_FILE,
+    ModelCard,
+)
 
 OPSET = 20
 MAX_BATCH = 1024  # the dynamic batch dimension's upper bound in every format
-DEFAULT_FORMATS = ("ts", "onnx")
 
 
 class ExportError(Exception):

@@ -50,6 +50,7 @@ FORMATS = (
     Format("int8", "onnx-int8", "model.int8.onnx", exact=False),
 )
 FORMAT_BY_NAME = {f.name: f for f in FORMATS}
+DEFAULT_FORMATS = ("ts", "onnx")  # what `torchship export` writes unless told: seconds to build (README)
 FORMAT_BY_BACKEND = {f.backend: f for f in FORMATS}
 
 

@@ -45,13 +45,14 @@ class ImageHandler(BaseHandler):
         )  # fmt: skip
         logging.getLogger().setLevel(worker_level)
 
-    def topk_header(self, idx: int) -> str | None:
-        """TorchServe 0.12 drops a POST's query string, so `?topk=` cannot reach us: X-TopK carries it."""
+    def header(self, idx: int, name: str) -> str | None:
+        """A request header, whatever its case (TorchServe 0.12 drops a POST's query string: X-TopK carries topk)."""
         try:
             found = self.context.get_all_request_header(idx) or {}
         except (AttributeError, IndexError, TypeError, KeyError):
             return None
-        return next((v for k, v in found.items() if isinstance(k, str) and k.lower() == "x-topk"), None)
+        value = next((v for k, v in found.items() if isinstance(k, str) and k.lower() == name), None)
+        return value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else value
 
     def preprocess(self, data: list[dict]) -> Batch:
         batch = Batch(len(data))
@@ -59,7 +60,7 @@ class ImageHandler(BaseHandler):
         for i, row in enumerate(data):
             try:
                 req = decode_row(row if isinstance(row, dict) else {"body": row}, self.card.classes,
-                                 self.topk_header(i))  # fmt: skip
+                                 self.header(i, "x-topk"), self.header(i, "content-type"))  # fmt: skip
                 arrays.append(self.preprocessor.from_bytes(req.image))
                 batch.rows.append(i)
                 batch.topk.append(req.topk)

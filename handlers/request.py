@@ -77,13 +77,6 @@ def topk_of(row: dict, classes: int, header: str | None = None) -> int:
     return k
 
 
-def looks_form_encoded(row: dict) -> bool:
-    """curl -d @file posts application/x-www-form-urlencoded: TorchServe splits the bytes into bogus form fields."""
-    return any(k not in FILE_FIELDS + OPTION_FIELDS for k in row) and not any(
-        isinstance(v, (bytes, bytearray)) and len(v) > 0 for v in row.values()
-    )
-
-
 def image_bytes(row: dict) -> bytes:
     """Raw bytes in the body, a multipart file, or JSON {"data": "<base64>"} (TorchServe has parsed the JSON)."""
     files = [k for k, v in row.items() if k not in OPTION_FIELDS and isinstance(v, (bytes, bytearray)) and v]
@@ -108,15 +101,18 @@ def image_bytes(row: dict) -> bytes:
         if not data:
             raise InputError(400, f"empty request body: {HOW_TO_SEND}")
         return data
-    if value is None and row and looks_form_encoded(row):
-        raise InputError(400, f"the body arrived as a URL-encoded form ({len(row)} field(s), no file), which is "
-                              f"what curl -d sends and which mangles binary data: {HOW_TO_SEND}")  # fmt: skip
     if value is None:
         raise InputError(400, f"empty request: {HOW_TO_SEND}")
     raise InputError(400, f"unsupported request payload of type {type(value).__name__}: {HOW_TO_SEND}")
 
 
-def decode_row(row: dict, classes: int, topk_header: str | None = None) -> Request:
+FORM_ENCODED = "application/x-www-form-urlencoded"
+
+
+def decode_row(row: dict, classes: int, topk_header: str | None = None, content_type: str | None = None) -> Request:
+    if content_type and content_type.split(";")[0].strip().lower() == FORM_ENCODED:
+        raise InputError(400, f"the body was sent as a URL-encoded form (what curl -d sends), which mangles binary "
+                              f"data: {HOW_TO_SEND}")  # fmt: skip
     return Request(image_bytes(row), topk_of(row, classes, topk_header))
 
 

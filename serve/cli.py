@@ -68,7 +68,7 @@ def archive_command(export_dir, backend, model_store, name, workers, batch_size,
     """Package EXPORT_DIR into MODEL_STORE/NAME.mar with our image handler, sized from the model's measured cost."""
     from dataclasses import replace
 
-    from handlers.card import CardError, ModelCard, safe_name
+    from handlers.card import CARD_FILE, CardError, ModelCard, safe_name
     from serve.archive import ArchiveError, build_archive, max_workers, measure, sized
 
     if workers is not None and workers > max_workers():
@@ -79,6 +79,8 @@ def archive_command(export_dir, backend, model_store, name, workers, batch_size,
         )
     if name is not None and not safe_name(name):
         raise click.BadParameter(f"{name!r} is not a safe name (letters, digits, '_', '-', '.')", param_hint="--name")
+    if not (Path(export_dir) / CARD_FILE).is_file():
+        raise click.ClickException(f"{Path(export_dir) / CARD_FILE} not found: run `torchship export` first")
     try:
         card = ModelCard.load(Path(export_dir))
         cost = measure(export_dir, backend, card)

@@ -221,6 +221,7 @@ def run_level(
     max_requests: int,
     rate: float | None = None,
     samples: list[float] | None = None,
+    timeline: list[tuple[float, float, int]] | None = None,
 ) -> Level:
     """Closed loop: `concurrency` clients back to back. Open loop (rate): sends on a fixed schedule and times
     each request from its intended send time, so a stalled server cannot hide its queue (no coordinated omission)."""
@@ -251,6 +252,8 @@ def run_level(
             end = time.perf_counter()
             ok = status == 200 and p.label is not None and answer(reply) == p.label
             with lock:
+                if timeline is not None:
+                    timeline.append((start, end, status))
                 latencies.append(end - (intended if intended is not None else start))
                 statuses[status] += 1
                 correct[0] += ok
@@ -299,6 +302,60 @@ def sweep(
     if rate:
         return [run_level(target, bodies, max(concurrency), duration, max_requests, rate)]
     return [run_level(target, bodies, c, duration, max_requests) for c in concurrency]
+
+
+@dataclass
+class Disruption:
+    """What killing one worker under load cost: which requests failed, and how long until answers came back."""
+
+    killed_pid: int
+    requests: int
+    failed: dict[str, int]  # status -> count, over the whole run
+    failed_sent_after_kill: int  # requests that failed although sent after the kill (ideally none)
+    in_flight_at_kill: int  # requests sent before and answered after the kill
+    recovery_s: float  # from the kill to the first success of a request sent after it
+    longest_gap_s: float  # the longest time around the kill in which no request succeeded
+    p99_ms: float
+
+
+def kill_worker_under_load(
+    target: Target,
+    worker_pid: int,
+    bodies: list[Payload],
+    concurrency: int = 64,
+    max_requests: int = 4000,
+    duration: float = 60,
+    kill_at: float = 0.3,
+) -> tuple[Level, Disruption]:
+    """SIGKILL one worker once `kill_at` of the requests are answered, and measure the outage from the clients."""
+    import os
+    import signal
+
+    timeline: list[tuple[float, float, int]] = []
+    result: list[Level] = []
+    runner = threading.Thread(target=lambda: result.append(
+        run_level(target, bodies, concurrency, duration, max_requests, timeline=timeline)), daemon=True)  # fmt: skip
+    runner.start()
+    while len(timeline) < kill_at * max_requests and runner.is_alive():
+        time.sleep(0.005)
+    t_kill = time.perf_counter()
+    os.kill(worker_pid, signal.SIGKILL)
+    runner.join(duration + 60)
+    level = result[0]
+    events = sorted(timeline, key=lambda e: e[1])
+    after = [end for start, end, status in events if status == 200 and start >= t_kill]
+    ok_ends = [t_kill] + [end for _, end, status in events if status == 200 and end >= t_kill] + [events[-1][1]]
+    failed = Counter(str(status) for _, _, status in events if status != 200)
+    return level, Disruption(
+        killed_pid=worker_pid,
+        requests=len(events),
+        failed=dict(failed),
+        failed_sent_after_kill=sum(1 for start, _, status in events if status != 200 and start >= t_kill),
+        in_flight_at_kill=sum(1 for start, end, _ in events if start < t_kill <= end),
+        recovery_s=(min(after) - t_kill) if after else float("inf"),
+        longest_gap_s=max(b - a for a, b in zip(ok_ends, ok_ends[1:])) if len(ok_ends) > 1 else 0.0,
+        p99_ms=level.latency_ms["p99"],
+    )
 
 
 def table(levels: list[Level]) -> str:

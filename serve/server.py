@@ -20,6 +20,16 @@ PID_FILE = ".model_server.pid"
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
 
 
+MAX_REQUEST_SIZE = 10 * 1024 * 1024  # a phone photo is 3-6 MB
+MAX_QUEUE = 1024
+
+
+def queue_size(max_request_size: int = MAX_REQUEST_SIZE) -> int:
+    """Queue a few hundred clients (TorchServe's 100 turns the 101st away with a 503), but never more request
+    bodies than a quarter of this machine's memory could hold at the largest request size."""
+    return int(min(MAX_QUEUE, max(100, psutil.virtual_memory().total // 4 // max_request_size)))
+
+
 class ServerError(Exception):
     """TorchServe did not start, or did not stop; the message carries the log lines that say why."""
 
@@ -35,7 +45,8 @@ class ServerConfig:
     grpc_inference_port: int = 7070  # TorchServe always starts its gRPC servers: a second instance needs other ports
     grpc_management_port: int = 7071
     token_auth: bool = True
-    max_request_size: int = 10 * 1024 * 1024  # bytes; larger bodies are refused by the frontend (413)
+    max_request_size: int = MAX_REQUEST_SIZE  # bytes; larger bodies are refused by the frontend (413)
+    job_queue_size: int = 0  # requests waiting per model beyond which TorchServe answers 503; 0: queue_size()
     extra: dict | None = None  # more config.properties lines (tuning experiments, site settings)
     extra_models: tuple[str, ...] = ()  # more archives of the store to serve beside `model`
 
@@ -84,6 +95,7 @@ def config_properties(cfg: ServerConfig) -> str:
         "enable_model_api": "false",  # no registering models over HTTP (ShellTorch, CVE-2023-43654)
         "allowed_urls": f"file://{store}/.*",  # only our own model store, never http(s)
         "max_request_size": str(cfg.max_request_size),
+        "job_queue_size": str(cfg.job_queue_size or queue_size(cfg.max_request_size)),
         "max_response_size": str(cfg.max_request_size),
         "disable_token_authorization": "false" if cfg.token_auth else "true",
         "metrics_mode": "prometheus",
@@ -134,22 +146,40 @@ def http_json(url: str, hdrs: dict | None = None, timeout: float = 5.0):
         return json.loads(r.read() or b"null")
 
 
-def log_excerpt(state: Path, lines: int = 25) -> str:
-    """The lines of TorchServe's logs that explain a failure: errors and tracebacks, newest last."""
+LOG_FILES = ("torchserve.out", "ts_log.log", "model_log.log")
+DEATH_SIGN = "Load model failed"  # what the frontend logs each time a worker dies while loading its model
+
+
+def log_marks(state: Path) -> dict[str, int]:
+    """How far each log reached before this start: later checks read only what this start wrote."""
+    return {name: (state / "logs" / name).stat().st_size if (state / "logs" / name).is_file() else 0
+            for name in LOG_FILES}  # fmt: skip
+
+
+def new_lines(state: Path, name: str, marks: dict[str, int] | None) -> list[str]:
+    f = state / "logs" / name
+    if not f.is_file():
+        return []
+    start = (marks or {}).get(name, 0)
+    with open(f, "rb") as fh:
+        if start <= f.stat().st_size:  # a log rolled over since the mark starts again from 0
+            fh.seek(start)
+        return fh.read().decode(errors="replace").splitlines()
+
+
+def log_excerpt(state: Path, marks: dict[str, int] | None = None, lines: int = 25) -> str:
+    """The lines of this start's logs that explain a failure: errors and tracebacks, newest last."""
     picked: dict[str, None] = {}  # ordered and without repeats: workers retry and log the same error again
-    for name in ("torchserve.out", "ts_log.log", "model_log.log"):
-        f = state / "logs" / name
-        if f.is_file():
-            for line in f.read_text(errors="replace").splitlines():
-                if any(w in line for w in ("ERROR", "Error", "Exception", "error:")):
-                    text = line.split(" - ", 1)[-1].strip()[:300]
-                    picked[f"{name}: {text}"] = None
-    return "\n".join(list(picked)[-lines:]) or f"(no error lines in {state / 'logs'})"
+    for name in LOG_FILES:
+        for line in new_lines(state, name, marks):
+            if any(w in line for w in ("ERROR", "Error", "Exception", "error:", DEATH_SIGN)):
+                text = line.split(" - ", 1)[-1].strip()[:300]
+                picked[f"{name}: {text}"] = None
+    return "\n".join(list(picked)[-lines:]) or f"(no error lines in {state / 'logs'} since this start)"
 
 
-def worker_crashes(state: Path) -> int:
-    f = state / "logs" / "model_log.log"
-    return f.read_text(errors="replace").count("Traceback (most recent call last)") if f.is_file() else 0
+def load_failures(state: Path, marks: dict[str, int] | None) -> int:
+    return sum(DEATH_SIGN in line for line in new_lines(state, "ts_log.log", marks))
 
 
 def model_status(cfg: ServerConfig, model: str | None = None) -> list[dict]:
@@ -161,23 +191,23 @@ def ready(cfg: ServerConfig, model: str) -> bool:
     return bool(workers) and all(w.get("status") == "READY" for w in workers)
 
 
-def wait_ready(cfg: ServerConfig, timeout: float) -> None:
+def wait_ready(cfg: ServerConfig, timeout: float, marks: dict[str, int] | None = None) -> None:
     state = Path(cfg.state_dir)
     started = time.monotonic()
     deadline = started + timeout
     while time.monotonic() < deadline:
         if pid(state) is None and time.monotonic() > started + 5:  # the pid file appears within seconds
-            raise ServerError(f"TorchServe exited during start-up:\n{log_excerpt(state)}")
+            raise ServerError(f"TorchServe exited during start-up:\n{log_excerpt(state, marks)}")
         try:
             ping = http_json(f"{cfg.inference_url}/ping", headers(state), timeout=2)
             if ping.get("status") == "Healthy" and all(ready(cfg, m) for m in cfg.models):
                 return
         except (urllib.error.URLError, OSError, ValueError, json.JSONDecodeError):
             pass
-        if worker_crashes(state) >= 2:  # TorchServe retries a crashing worker forever: fail now, not at the timeout
-            raise ServerError(f"{cfg.model}'s workers crash while loading:\n{log_excerpt(state)}")
+        if load_failures(state, marks) >= 2:  # TorchServe retries a crashing worker forever: fail now, not later
+            raise ServerError(f"{cfg.model}'s workers crash while loading:\n{log_excerpt(state, marks)}")
         time.sleep(0.5)
-    raise ServerError(f"{cfg.model} was not READY after {timeout:.0f}s:\n{log_excerpt(state)}")
+    raise ServerError(f"{cfg.model} was not READY after {timeout:.0f}s:\n{log_excerpt(state, marks)}")
 
 
 def start(cfg: ServerConfig, timeout: float = 180) -> ServerConfig:
@@ -191,6 +221,7 @@ def start(cfg: ServerConfig, timeout: float = 180) -> ServerConfig:
             raise ServerError(f"{mar} not found: run `torchship archive` first")
     state.mkdir(parents=True, exist_ok=True)
     (state / "logs").mkdir(exist_ok=True)
+    marks = log_marks(state)
     (state / "key_file.json").unlink(missing_ok=True)
     props = state / "config.properties"
     props.write_text(config_properties(cfg))
@@ -202,11 +233,11 @@ def start(cfg: ServerConfig, timeout: float = 180) -> ServerConfig:
     with open(state / "logs" / "torchserve.out", "ab") as console:
         code = subprocess.run(cmd, cwd=state, env=_env(state), stdout=console, stderr=subprocess.STDOUT).returncode
     if code != 0:
-        tail = (state / "logs" / "torchserve.out").read_text(errors="replace").strip().splitlines()[-5:]
+        tail = new_lines(state, "torchserve.out", marks)[-5:]
         raise ServerError("torchserve --start failed: " + " | ".join(tail))
     (state / "instance.json").write_text(json.dumps(asdict(cfg), indent=2))
     try:
-        wait_ready(cfg, timeout)
+        wait_ready(cfg, timeout, marks)
     except ServerError:
         stop(state)
         raise

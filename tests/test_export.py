@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from export.formats import export_checkpoint, sha256
-from export.verify import compare, failure_message, verify
+from export.tolerance import compare
+from export.verify import failure_message, verify
 from handlers.card import ModelCard
 from tests.conftest import ROOT, TORCHSHIP, quick
 from train.fit import train
@@ -152,6 +153,7 @@ images = np.fromfile(raw + "/t10k-images-idx3-ubyte", np.uint8, offset=16).resha
 labels = [r["label"] for r in model.predict(list(images))]
 one = model.predict(images[0])
 assert one["label"] == labels[0] and len(one["topk"]) == 3
+assert model.predict([]) == []  # a list in, a list out: no images, no forward pass
 print(json.dumps({{"labels": labels, "torch": "torch" in sys.modules}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

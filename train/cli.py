@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from train.presets import DEFAULT_PRESET, PRESETS
@@ -11,9 +13,18 @@ def _hidden(_ctx, _param, value: str | None) -> list[int] | None:
     if value is None:
         return None
     try:
-        return [int(v) for v in value.split(",")]
+        sizes = [int(v) for v in value.split(",")]
     except ValueError:
-        raise click.BadParameter("comma-separated layer sizes, e.g. 64 or 250,100") from None
+        sizes = []
+    if not sizes or not all(1 <= v <= 100_000 for v in sizes):
+        raise click.BadParameter(f"comma-separated layer sizes from 1 to 100000, e.g. 64 or 250,100; got {value!r}")
+    return sizes
+
+
+def _positive(_ctx, param, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a positive number, got {value}")
+    return value
 
 
 @click.command("train")
@@ -48,7 +59,7 @@ def _hidden(_ctx, _param, value: str | None) -> list[int] | None:
     "--download/--no-download", default=True, show_default=True, help="Let torchvision download a missing dataset."
 )
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Total epochs (with --resume: the new total).")
-@click.option("--lr", type=float, default=None, help="Learning rate.")
+@click.option("--lr", type=float, callback=_positive, default=None, help="Learning rate (positive).")
 @click.option("--batch-size", type=click.IntRange(1), default=None)
 @click.option("--hidden", callback=_hidden, default=None, help="MLP hidden sizes, e.g. 64 or 250,100.")
 @click.option("--seed", type=int, default=None)
@@ -79,9 +90,14 @@ def train_command(
     """Train a preset and write resumable checkpoints, metrics.json and curves.png."""
     from train.checkpoint import CheckpointError
     from train.data import DataError
+    from train.device import DeviceError, pick_device
     from train.fit import train
     from train.presets import get_preset
 
+    try:
+        pick_device(device)  # before any data is read: a missing GPU is the user's first thing to know
+    except DeviceError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
     try:
         cfg = get_preset(
             preset,
@@ -97,5 +113,7 @@ def train_command(
         raise click.UsageError(str(e)) from None
     try:
         train(cfg, out_dir or f"runs/{preset}", data_dir, device, resume, amp, quiet, download)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, DeviceError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # an --out or --data-dir that cannot be written
+        raise click.ClickException(f"{e.filename or out_dir}: {e.strerror or e}") from None
