@@ -170,3 +170,14 @@ print(json.dumps({{"labels": labels, "torch": "torch" in sys.modules}}))
     with torch.no_grad():
         eager = model(to_tensor(test.images, exp.card.mean[0], exp.card.std[0], torch.device("cpu"))).argmax(1)
     assert out["labels"] == [str(i) for i in eager.tolist()]
+
+
+def test_relative_error_is_reported_only_where_rtol_decides():
+    """Near-zero reference values made every row read 'max rel 1.00e+00 ... PASS'; they are atol's business."""
+    ref = np.array([[5.0, 1e-9, -3.0, 0.0]])
+    got = ref + np.array([[2e-6, 1e-7, -1e-6, 1e-7]])
+    stats = compare(got, ref, atol=1e-5, rtol=1e-4)
+    assert stats["failures"] == 0
+    assert stats["max_rel"] == pytest.approx(2e-6 / 5.0)  # not 100.0 from the 1e-9 element
+    tiny = compare(np.full((1, 3), 1e-7), np.zeros((1, 3)), atol=1e-5, rtol=1e-4)
+    assert tiny["max_rel"] is None and tiny["failures"] == 0
