@@ -15,8 +15,6 @@ from handlers import runtime
 from handlers.card import FORMAT_BY_NAME
 from handlers.onnx_model import load as load_onnx
 
-LABELS = {"ts": "torchscript", "onnx": "onnxruntime", "int8": "onnxruntime-int8", "pt2": "pt2"}
-
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
     """This machine's float32 matmul rate with every core (torch's BLAS), best of several runs."""
@@ -63,9 +61,9 @@ def backends(export_dir: Path, batch: int, flops: int) -> dict:
         if backend.startswith("onnx"):
             # batch 1: one thread, nothing to split; a big batch: every core, spinning between its many ops
             path = export_dir / FORMAT_BY_NAME[name].file
-            fns[LABELS[name]] = load_onnx(path, threads=1 if one_thread else 0, spinning=not one_thread).run
+            fns[backend] = load_onnx(path, threads=1 if one_thread else 0, spinning=not one_thread).run
         else:
-            fns[LABELS[name]] = runtime.load(export_dir, backend, threads=torch_threads).run
+            fns[backend] = runtime.load(export_dir, backend, threads=torch_threads).run
     torch.set_num_threads(torch_threads)
     return fns
 

@@ -17,11 +17,12 @@ import onnxruntime
 import torch
 
 from bench import inference, serving, training
+from handlers.card import FORMAT_BY_NAME
 from serve.archive import ModelConfig
 from train.presets import DEFAULT_PRESET
 
 RESULTS = Path(__file__).with_name("results.json")
-PARTS = ("inference", "resnet18", "serving", "workers", "training")
+PARTS = ("inference", "resnet18", "serving", "formats", "workers", "training")
 
 
 def machine() -> dict:
@@ -42,10 +43,11 @@ def ensure_export(run_dir: Path, export_dir: Path, data_dir: Path) -> None:
         from train.presets import get_preset
 
         train(get_preset(DEFAULT_PRESET), run_dir, data_dir, quiet=True)
-    if not (export_dir / "model.onnx").is_file():
-        from export.formats import export_checkpoint
+    if not all((export_dir / FORMAT_BY_NAME[f].file).is_file() for f in FORMAT_BY_NAME):
+        from export.formats import Options, export_checkpoint
 
-        export_checkpoint(run_dir / "best.pt", export_dir)
+        print("exporting every format (the pt2 compiles for a minute or two) ...", flush=True)
+        export_checkpoint(run_dir / "best.pt", export_dir, tuple(FORMAT_BY_NAME), options=Options(data_dir))
 
 
 def resnet18_export(work: Path) -> Path:
@@ -60,6 +62,12 @@ def resnet18_export(work: Path) -> Path:
     model, card = user_model("torchvision.models:resnet18", weights, input_shape=(3, 224, 224),
                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # fmt: skip
     return export_model(model, stamp(card, weights), work / "resnet18").directory
+
+
+def fastest_two(inf: dict) -> list[str]:
+    """The two exported formats with the lowest in-process time per image at batch 1."""
+    rows = sorted((x["us_per_image"], x["backend"]) for x in inf["rows"] if x["batch"] == 1 and x["backend"] != "eager")
+    return [b for _, b in rows[:2]]
 
 
 def level(section: dict, c: int) -> dict:
@@ -112,17 +120,25 @@ def targets(r: dict) -> list[dict]:
               two["failed_sent_after_kill"] == 0)  # fmt: skip
     if "inference" in r:
         rows = {(x["backend"], x["batch"]): x["us_per_image"] for x in r["inference"]["rows"]}
-        ort1 = next(x for x in r["inference"]["rows"] if x["backend"] == "onnxruntime" and x["batch"] == 1)
-        speed = ort1.get("eager_over_this", rows["eager", 1] / rows["onnxruntime", 1])  # median of paired rounds
-        check("in-process batch 1, eager/onnxruntime", round(speed, 2), ">= 3", speed >= 3)
-        floor = rows["onnxruntime", 64] / r["inference"]["floor_us_per_image"]
-        check("in-process batch 64, onnxruntime/FLOP floor", round(floor, 2), "<= 1.5", floor <= 1.5)
+        onnx = "onnx" if ("onnx", 1) in rows else "onnxruntime"  # results written before the formats issue
+        ort1 = next(x for x in r["inference"]["rows"] if x["backend"] == onnx and x["batch"] == 1)
+        speed = ort1.get("eager_over_this", rows["eager", 1] / rows[onnx, 1])  # median of paired rounds
+        check("in-process batch 1, eager/onnx", round(speed, 2), ">= 3", speed >= 3)
+        floor = rows[onnx, 64] / r["inference"]["floor_us_per_image"]
+        check("in-process batch 64, onnx/FLOP floor", round(floor, 2), "<= 1.5", floor <= 1.5)
     if "training" in r:
         t = r["training"]
         check("training epoch time, ours/tutorial loop", round(t["ratio"], 2), "<= 0.7", t["ratio"] <= 0.7)
         gap = t["accuracy_gap_points"]
         check("training test accuracy gap (points)", round(gap, 2), "within +-0.5", abs(gap) <= 0.5)
     return out
+
+
+def rounds_line(rounds: dict) -> str:
+    pair = rounds.get("pair", ["ours", "baseline"])
+    return (f"c=1 measured in {len(rounds['p50_ratios']) * 2} alternating rounds of {rounds['seconds_each']:g} s; "
+            f"per-round p50 ratio {pair[0]}/{pair[1]}: median {rounds['p50_ratio_median']:.2f}, range "
+            f"{min(rounds['p50_ratios']):.2f}-{max(rounds['p50_ratios']):.2f}")  # fmt: skip
 
 
 def inference_table(inf: dict) -> list[str]:
@@ -155,14 +171,20 @@ def table(r: dict) -> str:
                     f"{name:<9} {lv['concurrency']:>4} {lv['throughput']:>8.1f} {lv['latency_ms']['p50']:>7.2f} "
                     f"{lv['latency_ms']['p99']:>7.2f} {sum(lv['errors'].values()):>6} {lv['accuracy']:>8.4f}"
                 )
-        rounds = r["serving"].get("c1_rounds")
-        if rounds:
-            ratios = rounds["p50_ratios"]
-            lines.append(
-                f"c=1 was measured in {len(ratios) * 2} alternating rounds of {rounds['seconds_each']:g} s; "
-                f"per-round p50 ratio ours/baseline: median {rounds['p50_ratio_median']:.2f}, "
-                f"range {min(ratios):.2f}-{max(ratios):.2f}"
-            )
+        if r["serving"].get("c1_rounds"):
+            lines.append(rounds_line(r["serving"]["c1_rounds"]))
+    if "formats" in r:
+        f = r["formats"]
+        lines += ["", "Serving the two fastest formats (our handler, same defaults, both up, same load test)",
+                  f"{'backend':<10} {'c=1 p50 ms':>10} {'c=1 p99 ms':>10} {'c=16 req/s':>10} {'c=16 p99':>8} "
+                  f"{'errors':>6} {'accuracy':>8}"]  # fmt: skip
+        for name in (k for k in f if k != "c1_rounds"):
+            c1, c16 = level(f[name], 1), level(f[name], 16)
+            errors = sum(sum(lv["errors"].values()) for lv in f[name]["levels"])
+            lines.append(f"{name:<10} {c1['latency_ms']['p50']:>10.2f} {c1['latency_ms']['p99']:>10.2f} "
+                         f"{c16['throughput']:>10.1f} {c16['latency_ms']['p99']:>8.2f} {errors:>6} "
+                         f"{c16['accuracy']:>8.4f}")  # fmt: skip
+        lines.append(rounds_line(f["c1_rounds"]))
     if "workers" in r:
         w = r["workers"]
         lines += ["", "Workers (our handler, both up, same load test; then a READY worker SIGKILLed under 64 clients)",
@@ -174,10 +196,7 @@ def table(r: dict) -> str:
             lines.append(f"{name:<10} {c1['latency_ms']['p50']:>10.2f} {c16['throughput']:>10.1f} "
                          f"{c16['latency_ms']['p99']:>8.2f} {sum(d.get('failed', {}).values()):>6} "
                          f"{d.get('failed_sent_after_kill', 0):>10} {d.get('longest_gap_s', 0):>8.2f}s")  # fmt: skip
-        rounds = w["c1_rounds"]
-        lines.append(f"c=1 per-round p50 ratio {rounds['pair'][0]}/{rounds['pair'][1]}: median "
-                     f"{rounds['p50_ratio_median']:.2f}, range {min(rounds['p50_ratios']):.2f}-"
-                     f"{max(rounds['p50_ratios']):.2f}")  # fmt: skip
+        lines.append(rounds_line(w["c1_rounds"]))
     if "training" in r:
         t = r["training"]
         lines += [
@@ -210,7 +229,7 @@ def main() -> None:
         return
     run_dir, export_dir, data_dir = Path(f"runs/{DEFAULT_PRESET}"), Path(f"exports/{DEFAULT_PRESET}"), Path("data")
     parts = args.only or list(PARTS)
-    if {"inference", "serving", "workers"} & set(parts):
+    if {"inference", "serving", "formats", "workers"} & set(parts):
         ensure_export(run_dir, export_dir, data_dir)
     r: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with tempfile.TemporaryDirectory(prefix="torchship-bench-") as tmp:
@@ -228,6 +247,12 @@ def main() -> None:
                 workers, workers, args.batch_size or d.batchSize, args.max_batch_delay or d.maxBatchDelay
             )
             r["serving"] = serving.run(export_dir, Path(tmp), args.duration, ours)
+        if "formats" in parts:
+            inf = r.get("inference") or inference.run(export_dir, rounds=3)
+            fastest = fastest_two(inf)
+            print(f"serving the two fastest formats in-process at batch 1: {', '.join(fastest)} ...", flush=True)
+            setups = {b: (b, ModelConfig(), None) for b in fastest}
+            r["formats"] = serving.compare(export_dir, Path(tmp), setups, args.duration, rounds=6, concurrency=(16,))
         if "workers" in parts:
             print("serving: 1 worker vs 2, c=1 in alternating rounds, then a worker killed under load ...", flush=True)
             r["workers"] = serving.workers(export_dir, Path(tmp), args.duration)

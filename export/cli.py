@@ -115,6 +115,13 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
 @click.option("--dataset", default=None, help="With --model: a torchship dataset (mnist-5k, ...) for the proof.")
 @click.option("--name", default=None, help="Model name (a slug)  [default: the preset, or the callable's name]")
 @click.option(
+    "--calibration",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Images to calibrate int8 on, never held-out ones  [default: the card's dataset's training split, "
+    "else synthetic images]",
+)
+@click.option(
     "--formats",
     callback=format_list,
     default=",".join(DEFAULT_FORMATS),
@@ -126,11 +133,11 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
 )
 @tolerances
 def export_command(checkpoint, spec, weights, kwargs, input_shape, labels, mean, std, preprocess, output_kind, dataset,
-                   name, formats, out_dir, atol, rtol, data_dir):  # fmt: skip
+                   name, calibration, formats, out_dir, atol, rtol, data_dir):  # fmt: skip
     """Export CHECKPOINT (or --model SPEC --weights FILE) to every format, then prove each matches the eager model."""
     from pathlib import Path
 
-    from export.formats import ExportError, export_checkpoint, export_model, stamp
+    from export.formats import ExportError, Options, export_checkpoint, export_model, stamp
     from export.user_model import ModelLoadError
     from handlers.card import CardError, safe_name
     from train.checkpoint import CheckpointError
@@ -148,10 +155,11 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, labels, mean,
     if name is not None and not safe_name(name):
         raise click.BadParameter(f"{name!r} is not a safe name (letters, digits, '_', '-', '.')", param_hint="--name")
     progress = lambda m: click.echo(m + " ...", err=True)  # noqa: E731
+    options = Options(data_dir=data_dir, calibration=calibration)
     try:
         if checkpoint is not None:
             progress(f"loading {checkpoint}")
-            exported = export_checkpoint(checkpoint, out_dir, formats, name=name, progress=progress)
+            exported = export_checkpoint(checkpoint, out_dir, formats, name=name, progress=progress, options=options)
             source = Path(checkpoint)
         else:
             from export.user_model import parse_kwargs, user_model
@@ -164,8 +172,9 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, labels, mean,
             )  # fmt: skip
             source = Path(weights)
             card = stamp(card, source)
-            exported = export_model(model, card, Path(out_dir or f"exports/{card.name}"), formats, progress)
-    except (CheckpointError, ModelLoadError, ExportError, CardError) as e:
+            out = Path(out_dir or f"exports/{card.name}")
+            exported = export_model(model, card, out, formats, progress=progress, options=options)
+    except (CheckpointError, ModelLoadError, ExportError, CardError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     card = exported.card
     click.echo(f"exported {card.name} to {', '.join(str(p) for p in exported.files.values())}")

@@ -1,5 +1,6 @@
 """Bad input on the command line: a clear one-line error and a non-zero exit, never a traceback."""
 
+import shutil
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ CASES = [  # (name, arguments, words the error must hold); {export} and {file} a
     ("verify nothing", ["verify", "missing-dir"], "missing"),
     ("archive nothing", ["archive", "missing-dir"], "meta.json"),
     ("too many workers", ["archive", "{export}", "--workers", "100"], "at most"),
-    ("format not exported", ["archive", "{export}", "--backend", "pt2"], "model.pt2 not found"),
+    ("format not exported", ["archive", "{onnx_only}", "--backend", "pt2"], "model.pt2 not found"),
     ("path as name", ["archive", "{export}", "--name", "../x"], "safe name"),
     ("no archive to serve", ["serve", "start", "--model", "nope", "--model-store", "{empty}"], "nope.mar not found"),
     ("no key", ["serve", "key", "--state-dir", "{empty}"], "no inference key"),
@@ -38,9 +39,12 @@ CASES = [  # (name, arguments, words the error must hold); {export} and {file} a
 
 @pytest.mark.parametrize("name,args,words", CASES, ids=[c[0] for c in CASES])
 def test_bad_command_lines_get_one_line_errors(name, args, words, convnet_export, tmp_path):
-    empty = tmp_path / "empty"
+    empty, onnx_only = tmp_path / "empty", tmp_path / "onnx-only"
     empty.mkdir()
-    filled = [a.format(export=convnet_export.directory, empty=empty) for a in args]
+    onnx_only.mkdir()
+    for f in ("meta.json", "model.onnx"):
+        shutil.copy(convnet_export.directory / f, onnx_only / f)
+    filled = [a.format(export=convnet_export.directory, empty=empty, onnx_only=onnx_only) for a in args]
     r = subprocess.run([*TORCHSHIP, *filled], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
     assert r.returncode != 0 and len(errors) == 1 and words in errors[0], (r.returncode, r.stderr[-2000:])

@@ -1,8 +1,6 @@
 """The served model under overload, hostile input, a killed worker and a restart; real TorchServe, loopback only."""
 
-import base64
 import http.client
-import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,16 +14,17 @@ from serve import server
 from serve.archive import ModelConfig, build_archive
 from serve.loadtest import Payload, Target, kill_worker_under_load, payloads, run_level
 from serve.samples import held_out_digits, png
+from tests.hostile import DIGIT, HOSTILE, encode
 
 pytestmark = pytest.mark.serve
 DIGITS, _ = held_out_digits()
 BATCH = ModelConfig().batchSize
 
 
-def post(cfg, body: bytes, content_type="image/png", headers=None, key=True):
+def post(cfg, body: bytes, content_type="image/png", headers=None, key=True, model=None):
     conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
     h = {"Content-Type": content_type, **(server.headers(cfg.state_dir) if key else {}), **(headers or {})}
-    conn.request("POST", f"/predictions/{cfg.model}", body, h)
+    conn.request("POST", f"/predictions/{model or cfg.model}", body, h)
     r = conn.getresponse()
     status, data = r.status, r.read()
     conn.close()
@@ -97,45 +96,6 @@ def test_kill_9_of_a_worker_under_load_costs_only_its_own_requests(hardened, con
         time.sleep(0.5)
     assert all(w["status"] == "READY" for w in server.status(cfg.state_dir)["workers"])
     assert workers[0]["pid"] not in [w["pid"] for w in server.status(cfg.state_dir)["workers"]]
-
-
-def encode(img: Image.Image, fmt="PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def multipart(*files: tuple[str, bytes]) -> tuple[bytes, str]:
-    b = "torchshipboundary"
-    parts = [f'--{b}\r\nContent-Disposition: form-data; name="{n}"; filename="{n}.png"\r\nContent-Type: image/png'
-             f"\r\n\r\n".encode() + data + b"\r\n" for n, data in files]  # fmt: skip
-    return b"".join(parts) + f"--{b}--\r\n".encode(), f"multipart/form-data; boundary={b}"
-
-
-DIGIT = png(DIGITS[0])
-TWO_FILES = multipart(("data", DIGIT), ("other", DIGIT))
-HOSTILE = [  # (name, body, content type, extra headers, status, words the message must hold)
-    ("eps reaches no ghostscript", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
-     "application/postscript", {}, 415, "accepted format"),
-    ("ico is not on the list", encode(Image.new("RGB", (16, 16)), "ICO"), "image/x-icon", {}, 415, "accepted format"),
-    ("rgba pixel bomb", encode(Image.new("RGBA", (4000, 3999))), "image/png", {}, 413, "4000x3999"),
-    ("16-bit pixel bomb", encode(Image.new("I;16", (4000, 3999))), "image/png", {}, 413, "4000x3999"),
-    ("blank picture", encode(Image.new("L", (28, 28), 0)), "image/png", {}, 422, "blank"),
-    ("blank page", encode(Image.new("RGB", (300, 200), "white"), "JPEG"), "image/jpeg", {}, 422, "blank"),
-    ("data null", b'{"data": null}', "application/json", {}, 400, "got null"),
-    ("data number", b'{"data": 12}', "application/json", {}, 400, "base64 string"),
-    ("data empty", b'{"data": ""}', "application/json", {}, 400, "empty"),
-    ("json list", b"[1, 2, 3]", "application/json", {}, 400, "one image"),
-    ("two files", TWO_FILES[0], TWO_FILES[1], {}, 400, "2 files"),
-    ("url-encoded form", b"a=b&c=d", "application/x-www-form-urlencoded", {}, 400, "curl -T"),
-    ("huge topk", DIGIT, "image/png", {"X-TopK": "9" * 5000}, 400, "5000 characters"),
-    ("zero topk", DIGIT, "image/png", {"X-TopK": "0"}, 400, "between 1 and 10"),
-    ("text", b"hello", "text/plain", {}, 400, "base64"),
-    ("empty", b"", "image/png", {}, 400, "empty"),
-    ("truncated png", DIGIT[:60], "image/png", {}, 400, "truncated"),
-    ("not base64 image", json.dumps({"data": base64.b64encode(b"not an image").decode()}).encode(),
-     "application/json", {}, 415, "accepted format"),
-]  # fmt: skip
 
 
 @pytest.mark.parametrize("name,body,ctype,headers,status,words", HOSTILE, ids=[h[0] for h in HOSTILE])

@@ -41,7 +41,34 @@ MODEL_FILE = textwrap.dedent('''
         def forward(self, x):
             return self.head(self.features(x))
 ''')
-LABELS = ["cat", "dog", "bird", "fish"]
+LABELS = ["red", "green", "blue", "grey"]
+COLOURS = np.array([[0.9, 0.15, 0.1], [0.1, 0.8, 0.2], [0.15, 0.2, 0.9], [0.5, 0.5, 0.5]], np.float32)
+
+
+def colour_images(n: int, seed: int, side: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels in [0, 1] whose dominant colour is the class, under smooth shading: a task PetNet can learn."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    shade = torch.nn.functional.interpolate(torch.from_numpy(rng.uniform(0.6, 1.2, (n, 1, 4, 4)).astype(np.float32)),
+                                            size=(side, side), mode="bilinear")[:, 0].numpy()  # fmt: skip
+    noise = rng.normal(0, 0.05, (n, 3, side, side)).astype(np.float32)
+    return np.clip(COLOURS[labels][:, :, None, None] * shade[:, None] + noise, 0, 1), labels
+
+
+def trained_petnet(petnet):
+    """A few hundred Adam steps on colour_images, normalised as the card will say (mean 0.5, std 0.25)."""
+    torch.manual_seed(0)
+    model = petnet.PetNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = colour_images(2048, seed=1)
+    x, y = torch.from_numpy((x - 0.5) / 0.25), torch.from_numpy(y)
+    for _ in range(200):
+        idx = torch.randint(0, len(x), (32,))
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
 
 
 def settle(model: torch.nn.Module, shape) -> torch.nn.Module:
@@ -72,14 +99,18 @@ def user_exports(tmp_path_factory):
         import petnet
     finally:
         sys.path.remove(str(work))
-    torch.manual_seed(0)
-    torch.save(settle(petnet.PetNet(), (3, 64, 64)).state_dict(), work / "petnet.pt")
+    torch.save(trained_petnet(petnet).state_dict(), work / "petnet.pt")
+    calibration = work / "calibration"  # some of its training images, as files, for int8
+    calibration.mkdir()
+    for i, pixels in enumerate(colour_images(128, seed=1)[0]):
+        Image.fromarray((pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(calibration / f"{i}.png")
     mobile = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10)
     torch.save(settle(mobile, (3, 224, 224)).state_dict(), work / "mobilenet.pt")
     runs = {
         "petnet": run_cli("export", "--model", f"{work / 'petnet.py'}:PetNet", "--weights", work / "petnet.pt",
                           "--input-shape", "3,64,64", "--labels", work / "labels.txt", "--preprocess", "resize",
-                          "--mean", "0.5", "--std", "0.25", "--out", work / "petnet"),
+                          "--mean", "0.5", "--std", "0.25", "--formats", "ts,onnx,pt2,int8", "--calibration",
+                          calibration, "--out", work / "petnet"),
         "mobilenet": run_cli("export", "--model", "torchvision.models:mobilenet_v3_small", "--model-kwarg",
                              "num_classes=10", "--weights", work / "mobilenet.pt", "--input-shape", "3,224,224",
                              "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--name", "mobilenet",
@@ -105,11 +136,14 @@ def test_export_writes_the_card_and_the_proof_passes(user_exports, name):
     card = ModelCard.load(out)
     assert "all checks pass" in runs[name].stdout
     report = json.loads((out / "equivalence.json").read_text())
-    assert report["passed"] and {c["backend"] for c in report["checks"]} == {"eager-fp32", "torchscript", "onnx"}
+    exact = {"eager-fp32", "torchscript", "onnx"} | ({"pt2"} if name == "petnet" else set())
+    assert report["passed"] and {c["backend"] for c in report["checks"]} == exact
     assert report["inputs"]["real"] == 0 and report["inputs"]["smooth"] > 0  # no dataset: synthetic images
     if name == "petnet":
         assert card.labels == tuple(LABELS) and card.input_shape == (3, 64, 64) and card.preprocess == "resize"
         assert card.architecture.spec.endswith("petnet.py:PetNet") and card.output_kind == "logits"
+        (int8,) = report["approximations"]  # the formats of issue 13 work for your own model too
+        assert int8["agreement"] >= 0.99 and int8["accuracy"] is None and "128 images from" in int8["calibration"]
     else:
         assert card.name == "mobilenet" and card.preprocess == "resize-crop" and card.resize == 256
         assert card.architecture.kwargs == {"num_classes": 10} and card.labels == tuple(str(i) for i in range(10))

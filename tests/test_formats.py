@@ -1,0 +1,123 @@
+"""AOTInductor (.pt2) and int8 ONNX: carry the card, are proven, fail when damaged, load without a compiler."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.formats import ExportError, Options, export_checkpoint
+from export.inputs import calibration_images, dataset_split
+from export.verify import verify
+from handlers.card import ModelCard
+from tests.conftest import ROOT, TORCHSHIP
+
+
+def test_every_format_carries_the_same_card(convnet_export):
+    import torch._inductor
+
+    card = convnet_export.card
+    assert set(convnet_export.files) == {"ts", "onnx", "pt2", "int8"}
+    pt2 = torch._inductor.aoti_load_package(str(convnet_export.files["pt2"]))
+    assert ModelCard.from_json(pt2.get_metadata()["torchship"]) == card
+    props = {p.key: p.value for p in onnx.load(str(convnet_export.files["int8"])).metadata_props}
+    assert ModelCard.from_json(props["torchship"]) == card
+    assert "training images" in props["torchship_calibration"]
+    ops = {n.op_type for n in onnx.load(str(convnet_export.files["int8"])).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+
+
+def test_the_proof_covers_pt2_exactly_and_int8_by_its_answers(convnet_export, data_dir):
+    report = verify(convnet_export.directory, data_dir=data_dir)
+    assert report.passed
+    backends = {c.backend for c in report.checks}
+    assert backends == {"eager-fp32", "torchscript", "onnx", "pt2"}
+    assert all(c.top1_agreement == 1.0 for c in report.checks if c.backend == "pt2")
+    assert report.tolerance_note is None and {c.rtol for c in report.checks} == {1e-4}  # no format needed more
+    (int8,) = report.approximations
+    assert int8.backend == "onnx-int8" and int8.images == 1000 and "held-out" in int8.inputs
+    assert int8.agreement >= 0.99 and int8.accuracy_change_points >= -0.5
+    assert int8.max_abs > 0  # reported, not judged: int8 is not bit-exact
+
+
+def test_int8_calibrates_on_training_images_never_held_out_ones(convnet_export, data_dir):
+    card = convnet_export.card
+    images, source = calibration_images(card, data_dir)
+    assert len(images) == 1024 and "training" in source
+    held = dataset_split(card, data_dir, train=False)[0]
+    held_out = {hashlib.sha1(np.round(x * 255).astype(np.uint8).tobytes()).digest() for x in held}
+    pixels = images * np.float32(card.std[0]) + np.float32(card.mean[0])
+    assert not any(hashlib.sha1(np.round(x * 255).astype(np.uint8).tobytes()).digest() in held_out for x in pixels)
+
+
+def corrupt_pt2(path, weight: torch.Tensor) -> None:
+    """Change one weight inside the compiled package: AOTInductor keeps them as raw float32 in the .so."""
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename: z.read(i.filename) for i in z.infolist()}
+    so = next(n for n in members if n.endswith(".so"))
+    original = weight.float().numpy().tobytes()
+    at = members[so].find(original[:256])
+    assert at > 0, "weight bytes not found in the package"
+    changed = weight.float().numpy().copy()
+    changed.flat[0] += 0.5
+    members[so] = members[so][:at] + changed.tobytes()[:256] + members[so][at + 256 :]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def test_a_single_corrupted_weight_in_the_pt2_fails_verification(convnet_export, data_dir, tmp_path):
+    copy = tmp_path / "export"
+    shutil.copytree(convnet_export.directory, copy)
+    weights = torch.load(convnet_export.card.provenance.source, weights_only=True)["model_state_dict"]
+    corrupt_pt2(copy / "model.pt2", weights["fc1.weight"])
+    r = subprocess.run([*TORCHSHIP, "verify", str(copy), "--data-dir", str(data_dir)], capture_output=True,
+                       text=True, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 1 and "pt2 at batch size" in r.stderr, r.stderr[-2000:]
+    failed = {c["backend"] for c in json.loads((copy / "equivalence.json").read_text())["checks"] if not c["passed"]}
+    assert failed == {"pt2"}
+
+
+def test_a_damaged_int8_model_fails_its_section_of_the_proof(convnet_export, data_dir, tmp_path):
+    copy = tmp_path / "export"
+    shutil.copytree(convnet_export.directory, copy)
+    model = onnx.load(str(copy / "model.int8.onnx"))
+    scales = [t for t in model.graph.initializer if "scale" in t.name and "conv" in t.name.lower()]
+    for t in scales:  # every convolution's weights now dequantize to 3x their value
+        w = onnx.numpy_helper.to_array(t).copy() * 3
+        t.CopyFrom(onnx.numpy_helper.from_array(w, t.name))
+    assert scales
+    onnx.save(model, str(copy / "model.int8.onnx"))
+    report = verify(copy, data_dir=data_dir)
+    assert not report.passed and not report.failures()  # the exact formats still pass
+    assert not report.approximations[0].passed
+
+
+def test_loading_the_pt2_needs_no_compiler(convnet_export, tmp_path):
+    code = f"""
+import shutil, torch, torch._inductor
+assert shutil.which("g++") is None and shutil.which("c++") is None and shutil.which("cc") is None
+m = torch._inductor.aoti_load_package({str(convnet_export.files["pt2"])!r})
+for n in (1, 5, 300):
+    assert m(torch.zeros(n, 1, 28, 28)).shape == (n, 10)
+print("ok")
+"""
+    env = {"PATH": str(tmp_path), "HOME": os.environ.get("HOME", "/root"), "TMPDIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_int8_is_refused_for_a_reconstruction_model(tmp_path, data_dir):
+    from tests.conftest import quick
+    from train.fit import train
+
+    train(quick("mnist-autoencoder", epochs=1), tmp_path / "run", data_dir, quiet=True)
+    with pytest.raises(ExportError, match="int8 is for classifiers"):
+        export_checkpoint(tmp_path / "run" / "best.pt", tmp_path / "export", ("int8",), options=Options(data_dir))
