@@ -11,6 +11,7 @@ MANAGEMENT_PORT ?= 8081
 METRICS_PORT ?= 8082
 GRPC_PORTS ?= 7070 7071
 BACKEND ?= onnx
+RUNTIME ?= torchserve
 SERVE_FLAGS ?=
 
 .PHONY: all install train export verify serve stop status loadtest bench test lint clean
@@ -20,7 +21,7 @@ all: train export serve
 # --no-compile: byte-compiling torch's 5 GB of CUDA wheels costs a minute and buys nothing here.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[dev,kserve]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,11 +35,17 @@ export: $(STAMP)
 verify: $(STAMP)
 	$(BIN)/torchship verify $(EXPORT)
 
+# RUNTIME=kserve serves the export itself (no archive) over the Open Inference Protocol, REST and gRPC.
 serve: $(STAMP)
+ifeq ($(RUNTIME),kserve)
+	$(BIN)/torchship serve start --runtime kserve --model $(PRESET) --export-dir $(EXPORT) \
+		--inference-port $(INFERENCE_PORT) --grpc-ports $(GRPC_PORTS) --backend $(BACKEND) $(SERVE_FLAGS)
+else
 	$(BIN)/torchship archive $(EXPORT) --backend $(BACKEND)
 	$(BIN)/torchship serve start --model $(PRESET) --inference-port $(INFERENCE_PORT) \
 		--management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT) \
 		--grpc-ports $(GRPC_PORTS) $(SERVE_FLAGS)
+endif
 
 stop: $(STAMP)
 	$(BIN)/torchship serve stop

@@ -13,18 +13,23 @@ from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from serve import server
+from serve import kserve, torchserve
 from serve.archive import ModelConfig, build_archive
 from serve.loadtest import Level, Target, kill_worker_under_load, payloads, percentiles, run_level
+from serve.process import free_ports
 
 BASELINE_HANDLER = Path(__file__).with_name("baseline_handler.py")
 
 
 def start(name: str, export_dir: Path, work: Path, backend: str, config: ModelConfig | None, handler: Path | None):
     store, state = work / f"store-{slug(name)}", work / f"state-{slug(name)}"
+    if backend == "kserve":  # the Open Inference Protocol runtime serves the export directly
+        http_port, grpc_port = free_ports(2)
+        kserve.start(kserve.KServeConfig(str(export_dir), "mnist", str(state), http_port, grpc_port), timeout=120)
+        return kserve.load_target(state)
     build_archive(export_dir, store, name="mnist", backend=backend, config=config, handler=handler)
-    cfg = server.start(server.ServerConfig("mnist", str(store), str(state), *server.free_ports(5)), timeout=240)
-    key = server.keys(state).get("inference", {}).get("key")
+    cfg = torchserve.start(torchserve.ServerConfig("mnist", str(store), str(state), *free_ports(5)), timeout=240)
+    key = torchserve.keys(state).get("inference", {}).get("key")
     return Target("127.0.0.1", cfg.inference_port, "mnist", key, cfg.metrics_url)
 
 
@@ -66,7 +71,7 @@ def compare(export_dir: Path, work: Path, setups: dict, duration: float = 10, ro
     with ExitStack() as stack:
         targets = {}
         for name, (backend, config, handler) in setups.items():
-            stack.callback(server.stop, work / f"state-{slug(name)}")
+            stack.callback(kserve.stop if backend == "kserve" else torchserve.stop, work / f"state-{slug(name)}")
             targets[name] = start(name, export_dir, work, backend, config, handler)
         for name in names:  # warm the workers and the JVM's JIT: first calls pay for lazy init and interpretation
             run_level(targets[name], bodies, 4, 30, 3000)
@@ -84,6 +89,8 @@ def compare(export_dir: Path, work: Path, setups: dict, duration: float = 10, ro
             extra = {name: after(name, targets[name], work / f"state-{slug(name)}") for name in names}
     first, second = names[0], names[1]
     ratios = [o.latency_ms["p50"] / b.latency_ms["p50"] for o, b in zip(rounds_c1[second], rounds_c1[first])]
+    versus = {name: statistics.median(o.latency_ms["p50"] / b.latency_ms["p50"] for o, b in
+                                      zip(rounds_c1[name], rounds_c1[first])) for name in names[1:]}  # fmt: skip
     return {
         **{
             name: {
@@ -101,13 +108,16 @@ def compare(export_dir: Path, work: Path, setups: dict, duration: float = 10, ro
             f"{second}_p50_ms": [lv.latency_ms["p50"] for lv in rounds_c1[second]],
             "p50_ratios": ratios,
             "p50_ratio_median": statistics.median(ratios),
+            "p50_ratio_median_vs_first": versus,
+            "p50_ms": {name: [lv.latency_ms["p50"] for lv in rounds_c1[name]] for name in names},
         },
     }
 
 
 def run(export_dir: Path, work: Path, duration: float = 10, ours_config: ModelConfig | None = None) -> dict:
-    """TorchServe's stock MNIST setup against `make serve`'s defaults."""
-    setups = {"baseline": ("torchscript", None, BASELINE_HANDLER), "ours": ("onnx", ours_config or ModelConfig(), None)}
+    """TorchServe's stock MNIST setup against `make serve`'s defaults and the KServe runtime, all up at once."""
+    setups = {"baseline": ("torchscript", None, BASELINE_HANDLER), "ours": ("onnx", ours_config or ModelConfig(), None),
+              "kserve": ("kserve", None, None)}  # fmt: skip
     return compare(export_dir, work, setups, duration)
 
 
@@ -115,11 +125,11 @@ def kill_one(name: str, target: Target, state_dir: Path) -> dict:
     """SIGKILL a worker under 64 clients' load: the requests that fail and how long nothing is answered."""
     import time
 
-    pid = next(int(w["pid"]) for w in server.status(state_dir)["workers"] if w.get("status") == "READY")
+    pid = next(int(w["pid"]) for w in torchserve.status(state_dir)["workers"] if w.get("status") == "READY")
     _, d = kill_worker_under_load(target, pid, payloads(), concurrency=64, max_requests=6000)
     deadline = time.monotonic() + 60  # let TorchServe bring the worker back before the server is stopped
     while time.monotonic() < deadline and not all(w.get("status") == "READY" for w in
-                                                   server.status(state_dir)["workers"]):  # fmt: skip
+                                                   torchserve.status(state_dir)["workers"]):  # fmt: skip
         time.sleep(0.5)
     return asdict(d)
 

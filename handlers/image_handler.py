@@ -10,16 +10,17 @@ import numpy as np
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # the repository layout
-    from handlers import runtime
+    from handlers import runtime, v2
     from handlers.card import ModelCard
     from handlers.images import InputError, Preprocessor
-    from handlers.request import Batch, decode_row
+    from handlers.request import Batch, Part, decode_row
     from handlers.responses import respond
 except ImportError:  # pragma: no cover - the flat layout of a TorchServe archive
     import runtime
+    import v2
     from card import ModelCard
     from images import InputError, Preprocessor
-    from request import Batch, decode_row
+    from request import Batch, Part, decode_row
     from responses import respond
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class ImageHandler(BaseHandler):
         self.backend = self.runner.backend
         self.preprocessor = Preprocessor(self.card, int(config.get("max_pixels", 0)))
         self.context = context
+        self.model_name = (context.manifest or {}).get("model", {}).get("modelName", self.card.name)
         self.initialized = True
         logger.info(
             "torchship %s loaded with %s backend, %d thread(s), max %d pixels; worker log level %s",
@@ -54,24 +56,34 @@ class ImageHandler(BaseHandler):
         value = next((v for k, v in found.items() if isinstance(k, str) and k.lower() == name), None)
         return value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else value
 
+    def request(self, i: int, row) -> tuple[np.ndarray, dict]:
+        """One request's images, normalised, and how to answer it; raises InputError or ProtocolError."""
+        row = row if isinstance(row, dict) else {"body": row}
+        body, length = row.get("body", row.get("data")), self.header(i, v2.HEADER_LENGTH)
+        if length is not None or (isinstance(body, dict) and "inputs" in body):  # the Open Inference Protocol
+            header, tensors = v2.parse_http(body, int(length) if length and length.isdigit() else None)
+            return v2.model_inputs(self.card, self.preprocessor, tensors), {"v2": header}
+        req = decode_row(row, self.card.classes, self.header(i, "x-topk"), self.header(i, "content-type"))
+        return self.preprocessor.from_bytes(req.image)[None], {"topk": req.topk}
+
     def preprocess(self, data: list[dict]) -> Batch:
-        batch = Batch(len(data))
-        arrays = []
+        batch, arrays, n = Batch(len(data)), [], 0
         for i, row in enumerate(data):
             try:
-                req = decode_row(row if isinstance(row, dict) else {"body": row}, self.card.classes,
-                                 self.header(i, "x-topk"), self.header(i, "content-type"))  # fmt: skip
-                arrays.append(self.preprocessor.from_bytes(req.image))
-                batch.rows.append(i)
-                batch.topk.append(req.topk)
+                x, how = self.request(i, row)
+                arrays.append(x)
+                batch.parts.append(Part(i, n, n + len(x), **how))
+                n += len(x)
             except InputError as e:
                 batch.errors[i] = e
+            except v2.ProtocolError as e:
+                batch.errors[i] = InputError(400, str(e))
             except MemoryError:
                 batch.errors[i] = InputError(413, "image too large to process")
             except Exception as e:  # an image Pillow opened but could not convert: still this row's fault
                 batch.errors[i] = InputError(422, f"could not process the image: {str(e)[:200]}")
         if arrays:
-            batch.inputs = np.stack(arrays)
+            batch.inputs = np.concatenate(arrays)
         return batch
 
     def inference(self, data: Batch, *args, **kwargs) -> Batch:
@@ -84,9 +96,13 @@ class ImageHandler(BaseHandler):
         responses = [""] * data.size
         for i, e in data.errors.items():
             responses[i] = json.dumps({"error": e.message, "status": e.status})
-        if data.outputs is not None:
-            for i, body in zip(data.rows, respond(self.card, data.outputs, data.topk)):
-                responses[i] = json.dumps(body)
+        for part in data.parts:
+            out = data.outputs[part.start : part.stop]
+            if part.v2 is not None:
+                body = v2.response_json(self.model_name, part.v2, v2.model_outputs(self.card, out))
+            else:
+                body = respond(self.card, out, [part.topk])[0]
+            responses[part.index] = json.dumps(body)
         return responses
 
     def handle(self, data: list[dict], context) -> list[str]:

@@ -118,11 +118,22 @@ def decode_row(row: dict, classes: int, topk_header: str | None = None, content_
 
 @dataclass
 class Batch:
-    """A TorchServe batch on its way through the handler: good images stacked, per row its topk or its error."""
+    """A TorchServe batch on its way through the handler: every good request's images stacked in one array, and
+    per request either where its images sit, or its error."""
 
     size: int
     inputs: np.ndarray | None = None
-    rows: list[int] = field(default_factory=list)  # request index of each stacked image
-    topk: list[int] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)  # one per good request, in order
     errors: dict[int, InputError] = field(default_factory=dict)
-    outputs: np.ndarray | None = None  # raw model output for `rows`, set by inference
+    outputs: np.ndarray | None = None  # raw model output for `inputs`, set by inference
+
+
+@dataclass
+class Part:
+    """One good request's images within the batch: rows [start, stop) of its inputs and outputs."""
+
+    index: int  # which request of TorchServe's batch
+    start: int
+    stop: int
+    topk: int = DEFAULT_TOPK
+    v2: dict | None = None  # the request's v2 JSON header, when it came in through the Open Inference Protocol

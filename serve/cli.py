@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from serve.archive import BACKENDS
+from train.presets import DEFAULT_PRESET
 
 MAX_CONCURRENCY = 1024  # loopback clients, each a thread: more only measures the load generator
 
@@ -102,7 +103,7 @@ def archive_command(export_dir, backend, model_store, name, workers, batch_size,
 
 @click.group("serve")
 def serve_group():
-    """Run TorchServe on 127.0.0.1: start, stop, status, key."""
+    """Run a served model on 127.0.0.1 with TorchServe (default) or KServe's Open Inference Protocol runtime."""
 
 
 STATE = click.option(
@@ -112,33 +113,108 @@ STATE = click.option(
     show_default=True,
     help="This instance's config, logs, keys and pid file.",
 )
+RUNTIMES = ("torchserve", "kserve")
+
+
+def runtime_of(state_dir) -> str:
+    """Which runtime the instance recorded in STATE_DIR is (TorchServe when nothing says otherwise)."""
+    f = Path(state_dir) / "instance.json"
+    try:
+        return json.loads(f.read_text()).get("runtime", "torchserve")
+    except (OSError, ValueError, AttributeError):
+        return "torchserve"
 
 
 @serve_group.command("start")
-@click.option("--model", default="mnist-convnet", show_default=True, help="Name of MODEL_STORE/MODEL.mar.")
-@click.option("--model-store", type=click.Path(file_okay=False), default="model_store", show_default=True)
-@STATE
-@click.option("--inference-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-@click.option("--management-port", type=click.IntRange(1, 65535), default=8081, show_default=True)
-@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8082, show_default=True)
 @click.option(
-    "--grpc-ports", type=(int, int), default=(7070, 7071), show_default=True, help="gRPC inference and management."
+    "--runtime",
+    type=click.Choice(RUNTIMES),
+    default="torchserve",
+    show_default=True,
+    help="TorchServe with our handler, or KServe's model server speaking the Open Inference Protocol.",
 )
-@click.option("--no-token-auth", is_flag=True, help="Turn token authorisation off (local experiments only).")
-@click.option("--timeout", type=float, default=180, show_default=True, help="Seconds to wait for READY workers.")
-def start_command(
-    model, model_store, state_dir, inference_port, management_port, metrics_port, grpc_ports, no_token_auth, timeout
-):
-    """Start TorchServe and wait until MODEL's workers are READY; print a working curl line."""
+@click.option(
+    "--model",
+    default=DEFAULT_PRESET,
+    show_default=True,
+    help="TorchServe: MODEL_STORE/MODEL.mar; KServe: the model's name in the v2 URLs.",
+)
+@click.option(
+    "--model-store", type=click.Path(file_okay=False), default="model_store", show_default=True, help="TorchServe only."
+)
+@click.option(
+    "--export-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="KServe only: the export to serve  [default: exports/MODEL]",
+)
+@STATE
+@click.option(
+    "--inference-port",
+    type=click.IntRange(1, 65535),
+    default=8080,
+    show_default=True,
+    help="HTTP inference (KServe: every v2 REST route).",
+)
+@click.option(
+    "--management-port", type=click.IntRange(1, 65535), default=8081, show_default=True, help="TorchServe only."
+)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8082, show_default=True, help="TorchServe only.")
+@click.option(
+    "--grpc-ports",
+    type=(click.IntRange(1, 65535), click.IntRange(1, 65535)),
+    default=(7070, 7071),
+    show_default=True,
+    help="gRPC inference and management (KServe: the first is its v2 gRPC port).",
+)
+@click.option("--no-token-auth", is_flag=True, help="TorchServe: turn token authorisation off (local experiments).")
+@click.option(
+    "--backend",
+    type=click.Choice(["onnx", "onnx-int8"]),
+    default="onnx",
+    show_default=True,
+    help="KServe only: which ONNX export to run.",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="KServe only: address to listen on; anything but loopback needs --behind-auth.",
+)
+@click.option(
+    "--behind-auth",
+    is_flag=True,
+    help="KServe only: an authenticating proxy is in front (the protocol has no authentication).",
+)
+@click.option("--timeout", type=float, default=180, show_default=True, help="Seconds to wait until ready.")
+def start_command(runtime, model, model_store, export_dir, state_dir, inference_port, management_port, metrics_port,
+                  grpc_ports, no_token_auth, backend, host, behind_auth, timeout):  # fmt: skip
+    """Start a server and wait until MODEL is ready; print a working request to try."""
+    from serve.process import ServerError
     from serve.samples import write_sample
-    from serve.server import ServerConfig, ServerError, curl_example, start
 
-    cfg = ServerConfig(
-        model, model_store, state_dir, inference_port, management_port, metrics_port, *grpc_ports,
-        token_auth=not no_token_auth,
-    )  # fmt: skip
     try:
-        cfg = start(cfg, timeout)
+        if runtime == "kserve":
+            from serve import kserve
+
+            cfg = kserve.KServeConfig(
+                export_dir=export_dir or f"exports/{model}", model=model, state_dir=state_dir,
+                http_port=inference_port, grpc_port=grpc_ports[0], host=host, backend=backend,
+            )  # fmt: skip
+            cfg = kserve.start(cfg, timeout, behind_auth=behind_auth)
+            sample, label = write_sample(Path(cfg.state_dir) / "sample-digit.png")
+            click.echo(f"KServe is serving {model} at {cfg.inference_url}/v2/models/{model} (gRPC {cfg.grpc_address}); "
+                       f"logs in {cfg.state_dir}/logs")  # fmt: skip
+            click.echo(f"try it (a photographed-style {label}):\n  {kserve.curl_example(cfg, sample)}")
+            return
+        from serve import torchserve
+
+        cfg = torchserve.ServerConfig(
+            model=model, model_store=model_store, state_dir=state_dir, inference_port=inference_port,
+            management_port=management_port, metrics_port=metrics_port, grpc_inference_port=grpc_ports[0],
+            grpc_management_port=grpc_ports[1], token_auth=not no_token_auth,
+        )  # fmt: skip
+        cfg = torchserve.start(cfg, timeout)
     except ServerError as e:
         raise click.ClickException(str(e)) from None
     sample, label = write_sample(Path(cfg.state_dir) / "sample-digit.png")
@@ -146,34 +222,44 @@ def start_command(
         f"TorchServe is serving {model} at {cfg.inference_url} (management {cfg.management_url}, "
         f"metrics {cfg.metrics_url}); logs in {cfg.state_dir}/logs"
     )
-    click.echo(f"try it (a photographed-style {label}):\n  {curl_example(cfg, sample)}")
+    click.echo(f"try it (a photographed-style {label}):\n  {torchserve.curl_example(cfg, sample)}")
+
+
+def lifecycle(state_dir):
+    """The lifecycle module of the runtime STATE_DIR records."""
+    if runtime_of(state_dir) == "kserve":
+        from serve import kserve
+
+        return kserve
+    from serve import torchserve
+
+    return torchserve
 
 
 @serve_group.command("stop")
 @STATE
 def stop_command(state_dir):
-    """Stop the TorchServe started from STATE_DIR, and its workers."""
-    from serve.server import stop
-
-    click.echo("stopped" if stop(state_dir) else f"no TorchServe running from {state_dir}")
+    """Stop the server started from STATE_DIR, and only it (with its workers)."""
+    runtime = runtime_of(state_dir)
+    click.echo("stopped" if lifecycle(state_dir).stop(state_dir) else f"no {runtime} instance running from {state_dir}")
 
 
 @serve_group.command("status")
 @STATE
 def status_command(state_dir):
-    """Whether the instance runs, and its workers' states."""
-    from serve.server import status
-
-    click.echo(json.dumps(status(state_dir), indent=2))
+    """Whether the instance runs, and its workers' or model's state."""
+    click.echo(json.dumps(lifecycle(state_dir).status(state_dir), indent=2))
 
 
 @serve_group.command("key")
 @STATE
 @click.option("--api", type=click.Choice(["inference", "management"]), default="inference", show_default=True)
 def key_command(state_dir, api):
-    """Print the instance's token (for `Authorization: Bearer ...`)."""
-    from serve.server import keys
+    """Print the TorchServe instance's token (for `Authorization: Bearer ...`)."""
+    from serve.torchserve import keys
 
+    if runtime_of(state_dir) == "kserve":
+        raise click.ClickException("the KServe runtime has no tokens: it listens on loopback, or behind your proxy")
     key = keys(state_dir).get(api, {}).get("key")
     if not key:
         raise click.ClickException(f"no {api} key in {state_dir}/key_file.json (token auth off, or not running)")
@@ -238,22 +324,80 @@ def concurrency_list(_ctx, _param, value: str) -> tuple[int, ...]:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/loadtest", show_default=True)
 def loadtest_command(state_dir, concurrency, rate, duration, max_requests, style, images, out_dir):
     """Measure the running server (from STATE_DIR) on 127.0.0.1: throughput, latency, accuracy."""
-    from serve.loadtest import Target, image_payloads, sweep, table, write
-    from serve.server import ServerError, keys, load_instance, pid
+    from serve.loadtest import image_payloads, sweep, table, write
 
-    try:
-        cfg = load_instance(state_dir)
-    except ServerError as e:
-        raise click.ClickException(f"{e}: start one with `make serve`") from None
-    if pid(state_dir) is None:
-        raise click.ClickException(f"the TorchServe recorded in {state_dir} is not running: `make serve` first")
+    module = lifecycle(state_dir)
+    if not module.status(state_dir).get("running"):
+        raise click.ClickException(f"no server is running from {state_dir}: start one with `make serve`")
     try:
         bodies = image_payloads(images) if images else None
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    key = keys(state_dir).get("inference", {}).get("key")
-    target = Target("127.0.0.1", cfg.inference_port, cfg.model, key, cfg.metrics_url)
+    target = module.load_target(state_dir)
     levels = sweep(target, concurrency, duration, max_requests, rate, style, bodies=bodies)
-    path = write(levels, out_dir, target, f"{cfg.model} on TorchServe")
+    path = write(levels, out_dir, target, f"{target.model} on {runtime_of(state_dir)}")
     click.echo(table(levels))
     click.echo(f"wrote {path} and {Path(out_dir) / 'loadtest.png'}")
+
+
+@click.group("deploy")
+def deploy_group():
+    """Write Kubernetes deploy bundles (validated offline against the kserve SDK's model classes)."""
+
+
+@deploy_group.command("kserve")
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Bundle directory.")
+@click.option(
+    "--runtime",
+    type=click.Choice(RUNTIMES),
+    default="torchserve",
+    show_default=True,
+    help="KServe's TorchServe runtime with our .mar, or our own KServe runtime in a custom container.",
+)
+@click.option(
+    "--storage-uri",
+    default=None,
+    help="torchserve: where you upload the bundle (s3://, gs://, pvc://...)  [default: pvc://models/NAME]",
+)
+@click.option(
+    "--image", default=None, help="kserve: the image you build from the Dockerfile  [default: torchship-NAME]"
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["v1", "v2"]),
+    default="v2",
+    show_default=True,
+    help="torchserve: the InferenceService's protocolVersion.",
+)
+@click.option("--backend", type=click.Choice(["onnx", "onnx-int8"]), default="onnx", show_default=True)
+@click.option("--cpu", default="1", show_default=True, help="CPU request = limit per replica.")
+@click.option("--memory", default="1Gi", show_default=True, help="Memory request = limit per replica.")
+@click.option("--min-replicas", type=click.IntRange(0), default=1, show_default=True)
+@click.option("--max-replicas", type=click.IntRange(1), default=3, show_default=True)
+@click.option(
+    "--scale-metric",
+    type=click.Choice(["concurrency", "rps", "cpu", "memory"]),
+    default="concurrency",
+    show_default=True,
+)
+@click.option("--scale-target", type=click.IntRange(1), default=8, show_default=True)
+def deploy_kserve_command(export_dir, out_dir, runtime, storage_uri, image, protocol, backend, cpu, memory,
+                          min_replicas, max_replicas, scale_metric, scale_target):  # fmt: skip
+    """Write a KServe InferenceService bundle for EXPORT_DIR to OUT (Docker cannot run here: build it where it can)."""
+    from handlers.card import CARD_FILE, CardError
+    from serve.archive import ArchiveError
+    from serve.deploy import DeployError, Resources, Scaling, write_bundle
+
+    if not (Path(export_dir) / CARD_FILE).is_file():
+        raise click.ClickException(f"{Path(export_dir) / CARD_FILE} not found: run `torchship export` first")
+    try:
+        files = write_bundle(export_dir, out_dir, runtime=runtime, storage_uri=storage_uri, image=image,
+                             protocol=protocol, resources=Resources(cpu, memory), backend=backend,
+                             scaling=Scaling(min_replicas, max_replicas, scale_metric, scale_target))  # fmt: skip
+    except (DeployError, ArchiveError, CardError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    for f in files:
+        click.echo(f"wrote {f}")
+    click.echo(f"the InferenceService validates against the kserve SDK; apply it with: kubectl apply -f "
+               f"{Path(out_dir) / 'inferenceservice.yaml'}")  # fmt: skip

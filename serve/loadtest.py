@@ -9,6 +9,7 @@ import ipaddress
 import json
 import re
 import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -20,6 +21,8 @@ import numpy as np
 
 from serve.samples import held_out_digits, on_paper, png
 
+PROTOCOLS = ("torchserve", "v2")  # TorchServe's /predictions, or the Open Inference Protocol (KServe)
+
 
 @dataclass
 class Target:
@@ -28,11 +31,31 @@ class Target:
     model: str
     key: str | None = None
     metrics_url: str | None = None
+    protocol: str = "torchserve"
 
     def __post_init__(self):
         host = "127.0.0.1" if self.host == "localhost" else self.host
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"load tests only target this machine (127.0.0.0/8 or ::1), not {self.host}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+
+    def request(self, body: bytes, content_type: str) -> bytes:
+        """The whole HTTP request for one image: raw to /predictions, or one BYTES element in v2's binary form."""
+        auth = f"Authorization: Bearer {self.key}\r\n" if self.key else ""
+        if self.protocol == "torchserve":
+            path, extra = f"/predictions/{self.model}", f"Content-Type: {content_type}\r\n"
+        else:
+            header = json.dumps({
+                "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
+                            "parameters": {"binary_data_size": len(body) + 4}}],
+                "outputs": [{"name": "label", "parameters": {"binary_data": False}}],
+            }).encode()  # fmt: skip
+            path = f"/v2/models/{self.model}/infer"
+            extra = f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+            body = header + struct.pack("<I", len(body)) + body
+        return (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{auth}{extra}"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
 
 
 @dataclass
@@ -94,10 +117,6 @@ class Client:
 
     def __init__(self, target: Target, timeout: float = 30):
         self.target, self.timeout, self.sock, self.buf = target, timeout, None, b""
-        auth = f"Authorization: Bearer {target.key}\r\n" if target.key else ""
-        self.head = (
-            f"POST /predictions/{target.model} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n{auth}"
-        ).encode()
 
     def connect(self) -> None:
         self.sock = socket.create_connection((self.target.host, self.target.port), timeout=self.timeout)
@@ -145,12 +164,12 @@ class Client:
         return status, body, False
 
     def send(self, body: bytes, content_type: str = "image/png") -> tuple[int, bytes]:
-        head = self.head + f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        request = self.target.request(body, content_type)
         for attempt in (0, 1):
             try:
                 if self.sock is None:
                     self.connect()
-                self.sock.sendall(head + body)
+                self.sock.sendall(request)
                 status, reply, keep = self.response()
                 if not keep:
                     self.close()
@@ -163,11 +182,15 @@ class Client:
 
 
 def answer(reply: bytes) -> str | None:
-    """The predicted label of a reply: ours is {"label": ...}; TorchServe's stock MNIST handler sends a bare int."""
+    """The predicted label of a reply: ours is {"label": ...}; TorchServe's stock MNIST handler sends a bare int;
+    the Open Inference Protocol sends an output named label."""
     try:
         body = json.loads(reply)
     except ValueError:
         return None
+    if isinstance(body, dict) and isinstance(body.get("outputs"), list):
+        label = next((o.get("data") for o in body["outputs"] if isinstance(o, dict) and o.get("name") == "label"), None)
+        return str(label[0]) if isinstance(label, list) and label else None
     if isinstance(body, dict):
         return str(body.get("label"))
     return str(body) if isinstance(body, (int, str)) else None

@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from handlers.onnx_model import load as load_onnx
-from serve import server
+from serve import torchserve
 from serve.archive import ModelConfig, build_archive
 from serve.loadtest import Payload, Target, kill_worker_under_load, payloads, run_level
+from serve.process import free_ports
 from serve.samples import held_out_digits, png
 from tests.hostile import DIGIT, HOSTILE, encode
 
@@ -23,7 +24,7 @@ BATCH = ModelConfig().batchSize
 
 def post(cfg, body: bytes, content_type="image/png", headers=None, key=True, model=None):
     conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
-    h = {"Content-Type": content_type, **(server.headers(cfg.state_dir) if key else {}), **(headers or {})}
+    h = {"Content-Type": content_type, **(torchserve.headers(cfg.state_dir) if key else {}), **(headers or {})}
     conn.request("POST", f"/predictions/{model or cfg.model}", body, h)
     r = conn.getresponse()
     status, data = r.status, r.read()
@@ -37,18 +38,18 @@ def hardened(tmp_path_factory, convnet_export):
     started again on the same state directory: the restart the issue saw fail."""
     store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
     build_archive(convnet_export.directory, store, config=ModelConfig())
-    cfg = server.ServerConfig("mnist-convnet", str(store), str(state), *server.free_ports(5))
+    cfg = torchserve.ServerConfig("mnist-convnet", str(store), str(state), *free_ports(5))
     facts = {}
     try:
-        cfg = server.start(cfg, timeout=240)
+        cfg = torchserve.start(cfg, timeout=240)
         facts["bad json"] = [post(cfg, b'{"data": ', "application/json")[0] for _ in range(2)]
-        server.stop(state)
+        torchserve.stop(state)
         facts["tracebacks before restart"] = (state / "logs" / "model_log.log").read_text().count("Traceback")
-        cfg = server.start(cfg, timeout=240)
+        cfg = torchserve.start(cfg, timeout=240)
         yield cfg, facts
     finally:
-        server.stop(state)
-        assert server.pid(state) is None
+        torchserve.stop(state)
+        assert torchserve.pid(state) is None
 
 
 def test_a_restart_works_whatever_the_previous_run_logged(hardened):
@@ -66,7 +67,7 @@ def expected(convnet_export) -> list[Payload]:
 
 
 def target(cfg) -> Target:
-    return Target("127.0.0.1", cfg.inference_port, cfg.model, server.keys(cfg.state_dir)["inference"]["key"])
+    return Target("127.0.0.1", cfg.inference_port, cfg.model, torchserve.keys(cfg.state_dir)["inference"]["key"])
 
 
 def test_soak_256_clients_4000_digits_every_one_answered_right(hardened, convnet_export):
@@ -81,7 +82,7 @@ def test_soak_256_clients_4000_digits_every_one_answered_right(hardened, convnet
 
 def test_kill_9_of_a_worker_under_load_costs_only_its_own_requests(hardened, convnet_export):
     cfg, _ = hardened
-    workers = server.status(cfg.state_dir)["workers"]
+    workers = torchserve.status(cfg.state_dir)["workers"]
     assert len(workers) >= 2  # the default: a worker's death never leaves the model without one
     level, d = kill_worker_under_load(target(cfg), int(workers[0]["pid"]), expected(convnet_export), 256, 4000)
     print(f"\nkill -9 under load: {d}")
@@ -90,12 +91,12 @@ def test_kill_9_of_a_worker_under_load_costs_only_its_own_requests(hardened, con
     assert d.recovery_s < 2 and d.longest_gap_s < 2  # measured from the clients' side, not slept
     deadline = time.monotonic() + 90  # TorchServe brings the worker back; later tests want both
     while time.monotonic() < deadline:
-        ws = server.status(cfg.state_dir)["workers"]
+        ws = torchserve.status(cfg.state_dir)["workers"]
         if len(ws) == len(workers) and all(w["status"] == "READY" for w in ws):
             break
         time.sleep(0.5)
-    assert all(w["status"] == "READY" for w in server.status(cfg.state_dir)["workers"])
-    assert workers[0]["pid"] not in [w["pid"] for w in server.status(cfg.state_dir)["workers"]]
+    assert all(w["status"] == "READY" for w in torchserve.status(cfg.state_dir)["workers"])
+    assert workers[0]["pid"] not in [w["pid"] for w in torchserve.status(cfg.state_dir)["workers"]]
 
 
 @pytest.mark.parametrize("name,body,ctype,headers,status,words", HOSTILE, ids=[h[0] for h in HOSTILE])
@@ -121,7 +122,8 @@ def test_every_call_leaves_a_bounded_access_record_without_tokens(hardened):
     assert post(cfg, DIGIT, key=False)[0] in (400, 401)  # auth failure
     assert post(cfg, b"GIF89a-not", "image/gif")[0] == 415
     conn = http.client.HTTPConnection("127.0.0.1", cfg.management_port, timeout=10)
-    conn.request("GET", f"/models/{cfg.model}?token=secret-in-url", headers=server.headers(cfg.state_dir, "management"))
+    management = torchserve.headers(cfg.state_dir, "management")
+    conn.request("GET", f"/models/{cfg.model}?token=secret-in-url", headers=management)
     assert conn.getresponse().status == 200
     conn.close()
     time.sleep(1.5)  # log4j writes asynchronously
@@ -133,7 +135,7 @@ def test_every_call_leaves_a_bounded_access_record_without_tokens(hardened):
     assert any(" 400 " in line or " 401 " in line for line in lines)
     every_log = "".join(p.read_text(errors="replace") for p in (Path(cfg.state_dir) / "logs").glob("*.log"))
     for api in ("inference", "management"):
-        assert server.keys(cfg.state_dir)[api]["key"] not in every_log
+        assert torchserve.keys(cfg.state_dir)[api]["key"] not in every_log
     assert "secret-in-url" not in every_log
     props = (Path(cfg.state_dir) / "config.properties").read_text()
     assert int(props.split("job_queue_size=")[1].split()[0]) >= 256

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from handlers.onnx_model import load as load_onnx
-from serve import server
+from serve import torchserve
 from serve.archive import ModelConfig, build_archive
 from serve.loadtest import Target, sweep
+from serve.process import free_ports
 from serve.samples import held_out_digits, on_paper, png
 
 pytestmark = pytest.mark.serve
@@ -27,16 +28,16 @@ def served(tmp_path_factory, convnet_export):
     store = tmp_path_factory.mktemp("model_store")
     # a long batch delay so concurrent requests are sure to share a batch; one worker sees them all
     build_archive(exp.directory, store, config=ModelConfig(1, 1, batchSize=8, maxBatchDelay=150))
-    ports = server.free_ports(5)
+    ports = free_ports(5)
     state = tmp_path_factory.mktemp("state")
-    cfg = server.ServerConfig("mnist-convnet", str(store), str(state), *ports)
+    cfg = torchserve.ServerConfig("mnist-convnet", str(store), str(state), *ports)
     try:
-        cfg = server.start(cfg, timeout=240)
+        cfg = torchserve.start(cfg, timeout=240)
         yield cfg, exp
     finally:
-        java = server.pid(state)
-        server.stop(state)
-        assert server.pid(state) is None
+        java = torchserve.pid(state)
+        torchserve.stop(state)
+        assert torchserve.pid(state) is None
         assert java is None or not psutil.pid_exists(java)
 
 
@@ -44,7 +45,7 @@ def post(cfg, body: bytes, content_type="image/png", key=True, headers=None):
     conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
     h = {"Content-Type": content_type, **(headers or {})}
     if key:
-        h.update(server.headers(cfg.state_dir))
+        h.update(torchserve.headers(cfg.state_dir))
     conn.request("POST", f"/predictions/{cfg.model}", body, h)
     r = conn.getresponse()
     status, data = r.status, r.read()
@@ -144,13 +145,14 @@ def test_security_settings_of_the_running_server(served):
     props = open(f"{cfg.state_dir}/config.properties").read()
     assert "enable_model_api=false" in props and "127.0.0.1" in props and "allowed_urls=file://" in props
     conn = http.client.HTTPConnection("127.0.0.1", cfg.management_port, timeout=10)
-    conn.request("POST", "/models?url=https://example.com/x.mar", headers=server.headers(cfg.state_dir, "management"))
+    management = torchserve.headers(cfg.state_dir, "management")
+    conn.request("POST", "/models?url=https://example.com/x.mar", headers=management)
     assert conn.getresponse().status >= 400  # registering models over HTTP is off
 
 
 def test_load_test_counts_and_checks_answers(served):
     cfg, _ = served
-    key = server.keys(cfg.state_dir)["inference"]["key"]
+    key = torchserve.keys(cfg.state_dir)["inference"]["key"]
     target = Target("127.0.0.1", cfg.inference_port, cfg.model, key, cfg.metrics_url)
     t0 = time.monotonic()
     levels = sweep(target, (1, 4), duration=2, max_requests=60, warmup=5)
@@ -168,7 +170,7 @@ def test_load_test_counts_and_checks_answers(served):
 
 def test_status_reports_ready_workers(served):
     cfg, _ = served
-    st = server.status(cfg.state_dir)
+    st = torchserve.status(cfg.state_dir)
     assert st["running"] and st["workers"] and all(w["status"] == "READY" for w in st["workers"])
     assert psutil.pid_exists(st["pid"]) and st["model"] == cfg.model
 
@@ -183,13 +185,40 @@ def test_worker_logs_only_warnings_by_default(served):
 
 def test_a_second_instance_on_taken_grpc_ports_fails_clearly_and_leaves_nothing(served, tmp_path):
     cfg, _ = served
-    ports = server.free_ports(3)  # its own HTTP ports, but the running instance's gRPC ports
-    second = server.ServerConfig(cfg.model, cfg.model_store, str(tmp_path / "state"), *ports,
+    ports = free_ports(3)  # its own HTTP ports, but the running instance's gRPC ports
+    second = torchserve.ServerConfig(cfg.model, cfg.model_store, str(tmp_path / "state"), *ports,
                                  cfg.grpc_inference_port, cfg.grpc_management_port)  # fmt: skip
-    with pytest.raises(server.ServerError) as e:
-        server.start(second, timeout=120)
+    with pytest.raises(torchserve.ServerError) as e:
+        torchserve.start(second, timeout=120)
     assert "Address already in use" in str(e.value)
     marker = str((tmp_path / "state" / "tmp" / ".ts.sock").resolve())
     left = [p for p in psutil.process_iter(["cmdline"]) if any(marker in a for a in p.info["cmdline"] or [])]
-    assert not left and server.pid(tmp_path / "state") is None
-    assert server.status(cfg.state_dir)["running"]  # the first instance is untouched
+    assert not left and torchserve.pid(tmp_path / "state") is None
+    assert torchserve.status(cfg.state_dir)["running"]  # the first instance is untouched
+
+
+def test_torchserves_v2_infer_route_speaks_the_protocol_through_our_handler(served):
+    """TorchServe routes POST /v2/models/NAME/infer to the handler; tritonclient's binary form and plain v2 JSON
+    both work there (its v2 health and model routes do not: see the README's endpoint table)."""
+    import numpy as np
+    import tritonclient.http as thttp
+    from tritonclient.utils import InferenceServerException
+
+    cfg, exp = served
+    auth = torchserve.headers(cfg.state_dir)
+    c = thttp.InferenceServerClient(f"127.0.0.1:{cfg.inference_port}")
+    blobs = [png(DIGITS[i]) for i in (0, 100, 200, 300)]
+    inp = thttp.InferInput("images", [4], "BYTES")
+    inp.set_data_from_numpy(np.array(blobs, dtype=object))
+    result = c.infer(cfg.model, [inp], headers=auth)
+    expected = [r["label"] for r in load_onnx(exp.onnx).predict(blobs)]
+    assert [str(x) for x in result.as_numpy("label")] == expected and result.as_numpy("probabilities").shape == (4, 10)
+    body = {"id": "r7", "inputs": [{"name": "images", "datatype": "BYTES", "shape": [2],
+                                    "data": [base64.b64encode(b).decode() for b in blobs[:2]]}]}  # fmt: skip
+    status, reply = post(cfg, json.dumps(body).encode(), "application/json")
+    assert status == 200 and reply["id"] == "r7" and reply["outputs"][1]["data"] == expected[:2]
+    blobs[1] = b"garbage"
+    inp.set_data_from_numpy(np.array(blobs, dtype=object))
+    with pytest.raises(InferenceServerException) as e:
+        c.infer(cfg.model, [inp], headers=auth)
+    assert "400" in str(e.value.status()) and "element 1" in str(e.value)

@@ -3,9 +3,10 @@
 import pytest
 
 from handlers.onnx_model import load as load_onnx
-from serve import server
+from serve import torchserve
 from serve.archive import ModelConfig, build_archive
 from serve.loadtest import Payload, Target, payloads, run_level
+from serve.process import free_ports
 from tests.hostile import HOSTILE
 from tests.test_hardening import post
 
@@ -19,12 +20,12 @@ def served(tmp_path_factory, convnet_export):
     for name, backend in MODELS.items():
         build_archive(convnet_export.directory, store, name=name, backend=backend, config=ModelConfig())
     names = list(MODELS)
-    cfg = server.ServerConfig(names[0], str(store), str(state), *server.free_ports(5), extra_models=tuple(names[1:]))
+    cfg = torchserve.ServerConfig(names[0], str(store), str(state), *free_ports(5), extra_models=tuple(names[1:]))
     try:
-        yield server.start(cfg, timeout=240)
+        yield torchserve.start(cfg, timeout=240)
     finally:
-        server.stop(state)
-        assert server.pid(state) is None
+        torchserve.stop(state)
+        assert torchserve.pid(state) is None
 
 
 def local_answers(convnet_export, backend: str) -> list[Payload]:
@@ -38,11 +39,11 @@ def local_answers(convnet_export, backend: str) -> list[Payload]:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_load_test_on_each_format(served, convnet_export, name):
-    workers = server.status(served.state_dir)  # the primary model's workers; each format's own are checked below
+    workers = torchserve.status(served.state_dir)  # the primary model's workers; each format's own are checked below
     assert workers["running"]
-    model = server.model_status(served, name)[0]
+    model = torchserve.model_status(served, name)[0]
     assert len(model["workers"]) == 2 and all(w["status"] == "READY" for w in model["workers"])
-    target = Target("127.0.0.1", served.inference_port, name, server.keys(served.state_dir)["inference"]["key"])
+    target = Target("127.0.0.1", served.inference_port, name, torchserve.keys(served.state_dir)["inference"]["key"])
     for concurrency in (1, 16):
         level = run_level(target, local_answers(convnet_export, MODELS[name]), concurrency, 60, 400)
         assert level.requests == 400 and level.errors == {} and level.accuracy == 1.0

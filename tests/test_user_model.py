@@ -17,8 +17,9 @@ from PIL import Image
 from export.verify import verify
 from handlers.card import ModelCard
 from handlers.onnx_model import load as load_onnx
-from serve import server
+from serve import torchserve
 from serve.archive import ModelConfig, build_archive
+from serve.process import free_ports
 from tests.conftest import ROOT, TORCHSHIP
 
 MODEL_FILE = textwrap.dedent('''
@@ -171,19 +172,19 @@ def served(user_exports, tmp_path_factory):
     store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
     for name in ("petnet", "mobilenet"):
         build_archive(work / name, store, config=ModelConfig(1, 1, batchSize=4, maxBatchDelay=5))
-    cfg = server.ServerConfig("petnet", str(store), str(state), *server.free_ports(5), extra_models=("mobilenet",))
+    cfg = torchserve.ServerConfig("petnet", str(store), str(state), *free_ports(5), extra_models=("mobilenet",))
     try:
-        yield server.start(cfg, timeout=240)
+        yield torchserve.start(cfg, timeout=240)
     finally:
-        java = server.pid(state)
-        server.stop(state)
+        java = torchserve.pid(state)
+        torchserve.stop(state)
         assert java is None or not psutil.pid_exists(java)
 
 
 def post(cfg, model: str, body: bytes):
     conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
     conn.request("POST", f"/predictions/{model}", body, {"Content-Type": "application/octet-stream",
-                                                          **server.headers(cfg.state_dir)})  # fmt: skip
+                                                          **torchserve.headers(cfg.state_dir)})  # fmt: skip
     r = conn.getresponse()
     out = r.status, json.loads(r.read())
     conn.close()

@@ -5,14 +5,14 @@ from __future__ import annotations
 import click
 
 from export.cli import export_command, verify_command
-from serve.cli import archive_command, loadtest_command, serve_group
+from serve.cli import archive_command, deploy_group, loadtest_command, serve_group
 from train.cli import train_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="torchship")
 def main() -> None:
-    """Train a small PyTorch image model, export it (TorchScript + ONNX, verified), serve it with TorchServe."""
+    """Train an image model (or bring your own), export it with a proof, serve it with TorchServe or KServe."""
 
 
 main.add_command(train_command)
@@ -21,6 +21,7 @@ main.add_command(verify_command)
 main.add_command(archive_command)
 main.add_command(serve_group)
 main.add_command(loadtest_command)
+main.add_command(deploy_group)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import psutil
 
-LOOPBACK = "127.0.0.1"
+from serve.process import LOOPBACK, ServerError, http_json, log_marks, new_lines
+
 PID_FILE = ".model_server.pid"
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
 
@@ -28,10 +29,6 @@ def queue_size(max_request_size: int = MAX_REQUEST_SIZE) -> int:
     """Queue a few hundred clients (TorchServe's 100 turns the 101st away with a 503), but never more request
     bodies than a quarter of this machine's memory could hold at the largest request size."""
     return int(min(MAX_QUEUE, max(100, psutil.virtual_memory().total // 4 // max_request_size)))
-
-
-class ServerError(Exception):
-    """TorchServe did not start, or did not stop; the message carries the log lines that say why."""
 
 
 @dataclass
@@ -49,6 +46,7 @@ class ServerConfig:
     job_queue_size: int = 0  # requests waiting per model beyond which TorchServe answers 503; 0: queue_size()
     extra: dict | None = None  # more config.properties lines (tuning experiments, site settings)
     extra_models: tuple[str, ...] = ()  # more archives of the store to serve beside `model`
+    runtime: str = "torchserve"
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -65,19 +63,6 @@ class ServerConfig:
     @property
     def metrics_url(self) -> str:
         return f"http://{LOOPBACK}:{self.metrics_port}"
-
-
-def free_ports(n: int = 3) -> list[int]:
-    """Ports the kernel says are free on the loopback now, for instances that must not clash (tests, benchmarks)."""
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for sock in socks:
-        sock.bind((LOOPBACK, 0))
-    ports = [sock.getsockname()[1] for sock in socks]
-    for sock in socks:
-        sock.close()
-    return ports
 
 
 def config_properties(cfg: ServerConfig) -> str:
@@ -140,31 +125,8 @@ def headers(state_dir: Path | str, api: str = "inference") -> dict:
     return {"Authorization": f"Bearer {k}"} if k else {}
 
 
-def http_json(url: str, hdrs: dict | None = None, timeout: float = 5.0):
-    req = urllib.request.Request(url, headers=hdrs or {})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read() or b"null")
-
-
 LOG_FILES = ("torchserve.out", "ts_log.log", "model_log.log")
 DEATH_SIGN = "Load model failed"  # what the frontend logs each time a worker dies while loading its model
-
-
-def log_marks(state: Path) -> dict[str, int]:
-    """How far each log reached before this start: later checks read only what this start wrote."""
-    return {name: (state / "logs" / name).stat().st_size if (state / "logs" / name).is_file() else 0
-            for name in LOG_FILES}  # fmt: skip
-
-
-def new_lines(state: Path, name: str, marks: dict[str, int] | None) -> list[str]:
-    f = state / "logs" / name
-    if not f.is_file():
-        return []
-    start = (marks or {}).get(name, 0)
-    with open(f, "rb") as fh:
-        if start <= f.stat().st_size:  # a log rolled over since the mark starts again from 0
-            fh.seek(start)
-        return fh.read().decode(errors="replace").splitlines()
 
 
 def log_excerpt(state: Path, marks: dict[str, int] | None = None, lines: int = 25) -> str:
@@ -221,7 +183,7 @@ def start(cfg: ServerConfig, timeout: float = 180) -> ServerConfig:
             raise ServerError(f"{mar} not found: run `torchship archive` first")
     state.mkdir(parents=True, exist_ok=True)
     (state / "logs").mkdir(exist_ok=True)
-    marks = log_marks(state)
+    marks = log_marks(state, LOG_FILES)
     (state / "key_file.json").unlink(missing_ok=True)
     props = state / "config.properties"
     props.write_text(config_properties(cfg))
@@ -249,6 +211,8 @@ def load_instance(state_dir: Path | str) -> ServerConfig:
     if not f.is_file():
         raise ServerError(f"no TorchServe instance recorded in {state_dir}")
     d = json.loads(f.read_text())
+    if d.get("runtime", "torchserve") != "torchserve":
+        raise ServerError(f"{state_dir} holds a {d['runtime']} instance, not TorchServe")
     d["extra_models"] = tuple(d.get("extra_models", ()))
     return ServerConfig(**d)
 
@@ -310,3 +274,12 @@ def curl_example(cfg: ServerConfig, sample: Path) -> str:
         key_cmd = f"python3 -c \"import json;print(json.load(open('{Path(cfg.state_dir) / 'key_file.json'}'))['inference']['key'])\""  # noqa: E501
         auth = f'-H "Authorization: Bearer $({key_cmd})" '
     return f"curl {auth}-T {sample} {cfg.inference_url}/predictions/{cfg.model}"
+
+
+def load_target(state_dir: Path | str):
+    """What the load test sends to: this instance's inference port, token and metrics."""
+    from serve.loadtest import Target
+
+    cfg = load_instance(state_dir)
+    key = keys(state_dir).get("inference", {}).get("key")
+    return Target(LOOPBACK, cfg.inference_port, cfg.model, key, cfg.metrics_url)

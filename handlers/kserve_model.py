@@ -1,0 +1,145 @@
+"""The KServe runtime: a `kserve.Model` speaking the Open Inference Protocol (v2) over ONNX Runtime.
+
+The same card, image recipe, runtime and answers as the TorchServe handler (handlers/), no second copy;
+torch-free. Run it with `python -m handlers.kserve_model --model_dir EXPORT_DIR --model_name NAME`
+(`torchship serve start --runtime kserve` does, and so does the deploy bundle's container).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+import uuid
+
+import kserve
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
+
+try:  # the repository layout
+    from handlers import runtime, v2
+    from handlers.card import ModelCard
+    from handlers.images import Preprocessor
+except ImportError:  # pragma: no cover - flat, as in the deploy bundle's container
+    import runtime
+    import v2
+    from card import ModelCard
+    from images import Preprocessor
+
+logger = logging.getLogger(__name__)
+
+
+class ImageModel(kserve.Model):
+    def __init__(self, name: str, model_dir: str, *, backend: str = "onnx", threads: int = 1, max_pixels: int = 0):
+        super().__init__(name)
+        self.model_dir, self.backend, self.threads, self.max_pixels = model_dir, backend, threads, max_pixels
+        self.card = None
+
+    def load(self) -> bool:
+        """Ready only once the card validates and the model file runs."""
+        self.card = ModelCard.load(self.model_dir)
+        self.runner = runtime.load(self.model_dir, self.backend, threads=self.threads)
+        self.preprocessor = Preprocessor(self.card, self.max_pixels)
+        self.ready = True
+        return self.ready
+
+    def get_input_types(self) -> list[dict]:
+        return v2.input_types(self.card)
+
+    def get_output_types(self) -> list[dict]:
+        return v2.output_types(self.card)
+
+    async def predict(self, payload, headers=None) -> InferResponse:
+        """One forward pass for all N images or arrays of the request."""
+        if not isinstance(payload, InferRequest):
+            raise InvalidInput("this model speaks the Open Inference Protocol: POST /v2/models/NAME/infer")
+        tensors = []
+        for i in payload.inputs:
+            try:
+                tensors.append(v2.Tensor(i.name, i.datatype, tuple(int(d) for d in i.shape), i.as_numpy()))
+            except (ValueError, TypeError, InvalidInput):
+                raise InvalidInput(f"input '{i.name}': its {i.datatype} values do not fill its shape "
+                                   f"{list(i.shape)}") from None  # fmt: skip
+        try:
+            x = v2.model_inputs(self.card, self.preprocessor, tensors)
+        except v2.ProtocolError as e:
+            raise InvalidInput(str(e)) from None
+        outputs = []
+        binary = payload.from_grpc or payload.use_binary_outputs  # gRPC: raw contents, or tritonclient reads []
+        for t in v2.model_outputs(self.card, self.runner.run(x)):
+            out = InferOutput(name=t.name, shape=list(t.shape), datatype=t.datatype)
+            out.set_data_from_numpy(t.data, binary_data=binary)
+            outputs.append(out)
+        return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
+                             infer_outputs=outputs, use_binary_outputs=binary,
+                             requested_outputs=payload.request_outputs)  # fmt: skip
+
+
+def from_bytes(cls, req_bytes: bytes, json_length: int, model_name: str) -> InferRequest:
+    """A REST request with binary tensors, parsed by handlers/v2.py.
+
+    kserve 0.21's own decodes binary BYTES inputs to UTF-8 text, which an image file never is (a 500 for
+    every tritonclient request), and a body without 'inputs' is a KeyError (another 500): here each is kept
+    raw, or is a 400 that says what is wrong."""
+    try:
+        header, tensors = v2.parse_http(req_bytes, json_length)
+    except v2.ProtocolError as e:
+        raise InvalidInput(str(e)) from None
+    inputs = []
+    for t in tensors:
+        infer_input = InferInput(name=t.name, shape=list(t.shape), datatype=t.datatype)
+        infer_input.data = list(t.data) if t.datatype == "BYTES" else t.data
+        inputs.append(infer_input)
+    outputs = header.get("outputs")
+    requested = [RequestedOutput(name=o["name"], parameters=o.get("parameters")) for o in outputs
+                 if isinstance(o, dict) and "name" in o] if isinstance(outputs, list) else None  # fmt: skip
+    return cls(model_name=model_name, request_id=header.get("id"), parameters=header.get("parameters"),
+               infer_inputs=inputs, request_outputs=requested)  # fmt: skip
+
+
+def bind(host: str) -> None:
+    """kserve 0.21 hard-codes 0.0.0.0 (REST) and [::] (gRPC): make both listen where we were told."""
+    import kserve.model_server as ms
+    from kserve.protocol.grpc import server as grpc_server
+
+    class BoundREST(ms.RESTServer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.config.host = host
+
+    original = grpc_server.aio.server
+
+    def server(*args, **kwargs):
+        srv = original(*args, **kwargs)
+        add = srv.add_insecure_port
+        srv.add_insecure_port = lambda address: add(f"{host}:{address.rsplit(':', 1)[1]}")
+        return srv
+
+    ms.RESTServer = BoundREST
+    grpc_server.aio.server = server
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kserve.model_server import parser as kserve_parser
+
+    ap = argparse.ArgumentParser(parents=[kserve_parser], conflict_handler="resolve", description=__doc__)
+    ap.add_argument("--model_dir", required=True, help="an export directory: meta.json and model.onnx")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (REST and gRPC)")
+    ap.add_argument("--backend", default="onnx", help="which exported file to run: onnx, onnx-int8, ...")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--max_pixels", type=int, default=0, help="largest decoded image (0: the card's default)")
+    args, _ = ap.parse_known_args(argv)
+    if not ipaddress.ip_address(args.host).is_loopback:
+        logger.warning("listening on %s: the Open Inference Protocol has no authentication of its own; put an "
+                       "authenticating proxy in front (README, 'Serve with KServe')", args.host)  # fmt: skip
+    bind(args.host)
+    InferRequest.from_bytes = classmethod(from_bytes)
+    model = ImageModel(args.model_name, args.model_dir, backend=args.backend, threads=args.threads,
+                       max_pixels=args.max_pixels)  # fmt: skip
+    model.load()
+    kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1).start([model])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,120 @@
+"""Kubernetes bundles: every manifest checked key by key against the kserve SDK's classes; the custom container's
+own command run here (Docker cannot run on this machine), with torch made unimportable."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import yaml
+
+from serve.deploy import Scaling, inference_service, validate
+from serve.process import free_ports
+from serve.samples import held_out_digits, png
+from tests.conftest import ROOT, TORCHSHIP
+
+
+def deploy(export_dir, out, *args):
+    return subprocess.run([*TORCHSHIP, "deploy", "kserve", str(export_dir), "--out", str(out), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+
+
+def test_torchserve_bundle_has_kserves_layout_and_a_valid_inference_service(convnet_export, tmp_path):
+    out = tmp_path / "bundle"
+    r = deploy(convnet_export.directory, out, "--storage-uri", "s3://models/digits", "--protocol", "v2",
+               "--min-replicas", 2, "--max-replicas", 5, "--scale-metric", "rps", "--scale-target", 40,
+               "--cpu", "2", "--memory", "2Gi")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (out / "config" / "config.properties").is_file() and (out / "model-store" / "mnist-convnet.mar").is_file()
+    assert "meta.json" in zipfile.ZipFile(out / "model-store" / "mnist-convnet.mar").namelist()
+    props = (out / "config" / "config.properties").read_text()
+    assert "model_store=/mnt/models/model-store" in props and "enable_model_api=false" in props
+    doc = yaml.safe_load((out / "inferenceservice.yaml").read_text())
+    assert validate(doc) == []
+    predictor = doc["spec"]["predictor"]
+    assert (predictor["minReplicas"], predictor["maxReplicas"], predictor["scaleMetric"], predictor["scaleTarget"]) \
+        == (2, 5, "rps", 40)  # fmt: skip
+    model = predictor["model"]
+    assert model["modelFormat"]["name"] == "pytorch" and model["protocolVersion"] == "v2"
+    assert model["storageUri"] == "s3://models/digits" and model["resources"]["limits"] == {"cpu": "2", "memory": "2Gi"}
+
+
+def test_kserve_bundle_has_a_torch_free_dockerfile_and_a_custom_container(convnet_export, tmp_path):
+    out = tmp_path / "bundle"
+    r = deploy(convnet_export.directory, out, "--runtime", "kserve", "--image", "registry.example/digits:1")
+    assert r.returncode == 0, r.stderr
+    docker = (out / "Dockerfile").read_text()
+    requirements = (out / "requirements.txt").read_text()
+    assert "torch" not in requirements.replace("no torch", "") and "kserve==" in requirements
+    assert "onnxruntime==" in requirements and "COPY model/ /mnt/models/" in docker
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["meta.json", "model.onnx"]
+    doc = yaml.safe_load((out / "inferenceservice.yaml").read_text())
+    assert validate(doc) == []
+    (container,) = doc["spec"]["predictor"]["containers"]
+    assert container["image"] == "registry.example/digits:1"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/mnist-convnet/ready"
+
+
+@pytest.mark.parametrize("mistake,words", [
+    ("indent", "belongs under model"),  # how KServe's TorchServe docs page indents protocolVersion and storageUri
+    ("typo", "did you mean minReplicas"),
+    ("container name", "V1Container"),
+    ("type", "expected int"),
+    ("no predictor", "predictor"),
+])  # fmt: skip
+def test_a_manifest_with_a_mistake_does_not_validate(mistake, words):
+    model = {"modelFormat": {"name": "pytorch"}, "protocolVersion": "v2", "storageUri": "s3://x"}
+    doc = inference_service("digits", {"model": model}, Scaling())
+    predictor = doc["spec"]["predictor"]
+    if mistake == "indent":
+        predictor["protocolVersion"] = model.pop("protocolVersion")
+        predictor["storageUri"] = model.pop("storageUri")
+    elif mistake == "typo":
+        predictor["minReplica"] = predictor.pop("minReplicas")
+    elif mistake == "container name":
+        predictor["containers"] = [{"image": "x"}]
+    elif mistake == "type":
+        predictor["scaleTarget"] = "eight"
+    else:
+        doc["spec"] = {}
+    problems = validate(doc)
+    assert problems and any(words in p for p in problems), problems
+
+
+def test_the_containers_command_serves_the_bundle_without_torch(convnet_export, tmp_path):
+    """What `docker run` would start, run here from the bundle's own files, with `import torch` made to fail."""
+    import tritonclient.http as thttp
+
+    out = tmp_path / "bundle"
+    assert deploy(convnet_export.directory, out, "--runtime", "kserve").returncode == 0
+    blocker = tmp_path / "no-torch" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('torch is not in the runtime image')\n")
+    cmd = json.loads((out / "Dockerfile").read_text().split("CMD ", 1)[1])
+    http_port, grpc_port = free_ports(2)
+    swap = {"/mnt/models": str(out / "model"), "0.0.0.0": "127.0.0.1", "8080": str(http_port), "8081": str(grpc_port)}
+    cmd = [sys.executable if a == "python" else swap.get(a, a) for a in cmd]
+    env = {**os.environ, "PYTHONPATH": f"{blocker.parent}{os.pathsep}{out}"}
+    proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        client = thttp.InferenceServerClient(f"127.0.0.1:{http_port}")
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if client.is_model_ready("mnist-convnet"):
+                    break
+            except Exception:
+                pass
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        inp = thttp.InferInput("images", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([png(held_out_digits()[0][0])], dtype=object))
+        assert [x.decode() for x in client.infer("mnist-convnet", [inp]).as_numpy("label")] == ["0"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
