@@ -22,7 +22,7 @@ from serve.archive import ModelConfig
 from train.presets import DEFAULT_PRESET
 
 RESULTS = Path(__file__).with_name("results.json")
-PARTS = ("inference", "resnet18", "serving", "formats", "workers", "training")
+PARTS = ("inference", "resnet18", "serving", "formats", "workers", "training", "ddp")
 
 
 def machine() -> dict:
@@ -162,10 +162,10 @@ def table(r: dict) -> str:
     if "serving" in r:
         lines += [
             "",
-            "Serving (TorchServe, same load test, 127.0.0.1)",
+            "Serving (same load test, 127.0.0.1: stock TorchServe, our TorchServe, our KServe runtime over v2)",
             f"{'setup':<9} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'accuracy':>8}",
         ]
-        for name in ("baseline", "ours"):
+        for name in (k for k in ("baseline", "ours", "kserve") if k in r["serving"]):
             for lv in r["serving"][name]["levels"]:
                 lines.append(
                     f"{name:<9} {lv['concurrency']:>4} {lv['throughput']:>8.1f} {lv['latency_ms']['p50']:>7.2f} "
@@ -173,6 +173,14 @@ def table(r: dict) -> str:
                 )
         if r["serving"].get("c1_rounds"):
             lines.append(rounds_line(r["serving"]["c1_rounds"]))
+        if "kserve" in r["serving"]:
+            k1, o1 = level(r["serving"]["kserve"], 1), level(r["serving"]["ours"], 1)
+            k16, o16 = level(r["serving"]["kserve"], 16), level(r["serving"]["ours"], 16)
+            vs = r["serving"]["c1_rounds"]["p50_ratio_median_vs_first"]
+            lines.append(f"KServe runtime vs our TorchServe: c=1 p50 {k1['latency_ms']['p50']:.2f} vs "
+                         f"{o1['latency_ms']['p50']:.2f} ms (per-round median vs baseline {vs['kserve']:.2f} vs "
+                         f"{vs['ours']:.2f}); c=16 {k16['throughput']:.0f} vs {o16['throughput']:.0f} req/s, p99 "
+                         f"{k16['latency_ms']['p99']:.1f} vs {o16['latency_ms']['p99']:.1f} ms")  # fmt: skip
     if "formats" in r:
         f = r["formats"]
         lines += ["", "Serving the two fastest formats (our handler, same defaults, both up, same load test)",
@@ -205,6 +213,14 @@ def table(r: dict) -> str:
             f"ours      {t['ours_epoch_s']:.2f} s  {t['ours_accuracy']:.4f}",
             f"tutorial  {t['tutorial_epoch_s']:.2f} s  {t['tutorial_accuracy']:.4f}",
         ]
+    if "ddp" in r:
+        d = r["ddp"]
+        lines += ["", f"Training {d['preset']} with DistributedDataParallel on this machine (gloo, CPU; median epoch "
+                      f"after the first of {d['epochs']})", f"{'processes':>9} {'epoch s':>8} {'images/s':>9} "
+                      f"{'test acc':>8}"]  # fmt: skip
+        for row in d["rows"]:
+            lines.append(f"{row['processes']:>9} {row['epoch_s']:>8.2f} {row['images_per_second']:>9.0f} "
+                         f"{row['test_accuracy']:>8.4f}")  # fmt: skip
     lines += ["", f"{'target':<48} {'value':>18}  {'goal':<24} met"]
     for t in r["targets"]:
         lines.append(f"{t['target']:<48} {json.dumps(t['value']):>18}  {t['goal']:<24} {'yes' if t['met'] else 'NO'}")
@@ -256,6 +272,9 @@ def main() -> None:
         if "workers" in parts:
             print("serving: 1 worker vs 2, c=1 in alternating rounds, then a worker killed under load ...", flush=True)
             r["workers"] = serving.workers(export_dir, Path(tmp), args.duration)
+        if "ddp" in parts:
+            print("training with 1 and 2 processes (torchrun, gloo) ...", flush=True)
+            r["ddp"] = training.processes(data_dir, Path(tmp))
         if "training" in parts:
             print("training: ours, then the tutorial loop ...", flush=True)
             r["training"] = training.run(data_dir, Path(tmp), args.epochs, "cpu")

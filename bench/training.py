@@ -79,3 +79,27 @@ def run(data_dir: Path, out: Path, epochs: int = 15, device: str = "cpu", seeds=
             "tutorial_epoch_s": median_epoch(b), "ours_accuracy": mean_accuracy(a),
             "tutorial_accuracy": mean_accuracy(b), "ratio": median_epoch(a) / median_epoch(b),
             "accuracy_gap_points": 100 * (mean_accuracy(a) - mean_accuracy(b))}  # fmt: skip
+
+
+def processes(data_dir: Path, out: Path, epochs: int = 4, preset: str = "mnist-convnet", counts=(1, 2)) -> dict:
+    """Epoch time and images/s of the default preset with 1 and 2 processes (torchrun, gloo), run as a user would.
+
+    The first epoch is left out (start-up, first touches of the data)."""
+    import json
+    import statistics
+    import subprocess
+    import sys
+
+    rows = []
+    for n in counts:
+        run = out / f"ddp-{n}"
+        cmd = [sys.executable, "-m", "torchship.cli", "train", "--preset", preset, "--epochs", str(epochs),
+               "--out", str(run), "--data-dir", str(data_dir), "--nproc-per-node", str(n), "--quiet", "--device",
+               "cpu"]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True)
+        m = json.loads((run / "metrics.json").read_text())
+        later = m["history"][1:] or m["history"]
+        rows.append({"processes": n, "epoch_s": statistics.median(h["seconds"] for h in later),
+                     "images_per_second": statistics.median(h["images_per_second"] for h in later),
+                     "test_accuracy": m["test_accuracy"]})  # fmt: skip
+    return {"preset": preset, "epochs": epochs, "cores": torch.get_num_threads(), "rows": rows}

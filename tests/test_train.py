@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from tests.conftest import quick
 from train import checkpoint
-from train.fit import Meter, evaluate, train
+from train.distributed import Ranks
+from train.fit import Loop, Meter, criterion, evaluate, train
 from train.presets import PRESETS, get_preset
 
 
@@ -71,7 +72,9 @@ def test_evaluate_equals_one_big_batch_when_the_last_batch_is_short(data_dir):
     preset = get_preset("mnist-mlp")
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
     x, y = torch.randn(1001, 1, 28, 28), torch.randint(0, 10, (1001,))
-    meter, _ = evaluate(preset, model, (x, y), batch_size=100)  # ten of 100, one of 1
+    loop = Loop(model=model, opt=None, sched=None, loss=criterion(preset), batch_size=128, seed=1, background=None,
+                classify=True, classes=10, per_batch_schedule=False, ranks=Ranks())  # fmt: skip
+    meter, _ = evaluate(loop, (x, y), batch_size=100)  # ten of 100, one of 1
     with torch.no_grad():
         out = model(x)
     assert meter.loss == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-5)

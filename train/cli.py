@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import click
 
@@ -70,6 +71,28 @@ def _positive(_ctx, param, value: float | None) -> float | None:
 @click.option("--amp", is_flag=True, help="bf16 autocast (CUDA only).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (model, optimiser, scheduler, RNG).")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(1, 1024),
+    default=1,
+    show_default=True,
+    help="Processes on this machine, through torchrun (DistributedDataParallel: gloo on CPU, NCCL on GPUs).",
+)
+@click.option("--nnodes", type=click.IntRange(1, 1024), default=1, show_default=True, help="Machines in the run.")
+@click.option("--node-rank", type=click.IntRange(0), default=0, show_default=True, help="This machine's number.")
+@click.option(
+    "--rdzv-endpoint",
+    default=None,
+    metavar="HOST:PORT",
+    help="Where the machines gather (the same on every one; with --nnodes above 1).",
+)
+@click.option(
+    "--rdzv-timeout",
+    type=click.IntRange(1),
+    default=60,
+    show_default=True,
+    help="Seconds to wait for every machine before failing.",
+)
 def train_command(
     preset,
     out_dir,
@@ -86,18 +109,15 @@ def train_command(
     amp,
     resume,
     quiet,
+    nproc_per_node,
+    nnodes,
+    node_rank,
+    rdzv_endpoint,
+    rdzv_timeout,
 ):
     """Train a preset and write resumable checkpoints, metrics.json and curves.png."""
-    from train.checkpoint import CheckpointError
-    from train.data import DataError
-    from train.device import DeviceError, pick_device
-    from train.fit import train
     from train.presets import get_preset
 
-    try:
-        pick_device(device)  # before any data is read: a missing GPU is the user's first thing to know
-    except DeviceError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
     try:
         cfg = get_preset(
             preset,
@@ -111,9 +131,36 @@ def train_command(
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    out_dir = out_dir or f"runs/{preset}"
+    processes = nproc_per_node * nnodes
+    if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: start it, once
+        if cfg.batch_size % processes:
+            raise click.BadParameter(f"the global batch of {cfg.batch_size} does not divide into {processes} "
+                                     "processes", param_hint="--batch-size")  # fmt: skip
+        # c10d's C++ side logs every failed connection attempt with a stack; our one line says what failed
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+        import sys
+
+        from train.distributed import LaunchError, launch, without_launch_flags
+
+        try:
+            launch(without_launch_flags(sys.argv[1:]), nproc=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+                   endpoint=rdzv_endpoint, timeout=rdzv_timeout, out=out_dir)  # fmt: skip
+        except LaunchError as e:
+            raise click.ClickException(str(e)) from None
+        return
+    from train.checkpoint import CheckpointError
+    from train.data import DataError
+    from train.device import DeviceError, pick_device
+    from train.fit import TrainError, train
+
     try:
-        train(cfg, out_dir or f"runs/{preset}", data_dir, device, resume, amp, quiet, download)
-    except (CheckpointError, DataError, DeviceError) as e:
+        pick_device(device)  # before any data is read: a missing GPU is the user's first thing to know
+    except DeviceError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    try:
+        train(cfg, out_dir, data_dir, device=device, resume=resume, amp=amp, quiet=quiet, download=download)
+    except (CheckpointError, DataError, DeviceError, TrainError) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # an --out or --data-dir that cannot be written
         raise click.ClickException(f"{e.filename or out_dir}: {e.strerror or e}") from None

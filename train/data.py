@@ -97,12 +97,15 @@ def to_tensor(images: torch.Tensor, mean: float, std: float, device: torch.devic
     return x.sub_(mean).div_(std)
 
 
-def augment(x: torch.Tensor, background: float, generator: torch.Generator) -> torch.Tensor:
+def jitter(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Random parameters for augment(), one row per image, uniform in [-1, 1)."""
+    return torch.rand(n, 4, generator=generator) * 2 - 1
+
+
+def augment(x: torch.Tensor, background: float, r: torch.Tensor) -> torch.Tensor:
     """Small random rotations, scalings and shifts of a whole batch at once (one affine_grid call)."""
     import torch.nn.functional as F
 
-    n = len(x)
-    r = torch.rand(n, 4, generator=generator).to(x.device) * 2 - 1  # uniform in [-1, 1)
     angle, scale, shift = r[:, 0] * 0.17, 1 + r[:, 1] * 0.1, r[:, 2:] * 0.1  # ±10°, ±10%, ±1.4 px
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)

@@ -1,4 +1,4 @@
-"""The one place that decides where training runs and which process may write files."""
+"""The one place that decides where training runs (train/distributed.py decides which process writes files)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,3 @@ def pick_device(name: str = "auto") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise DeviceError(f"{name!r}: torchship trains on cpu, cuda or mps")
     return device
-
-
-def is_main_process() -> bool:
-    """Under torchrun only rank 0 writes checkpoints, metrics and plots."""
-    return int(os.environ.get("RANK", "0")) == 0

@@ -6,6 +6,7 @@ import datetime
 import json
 import platform
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from handlers.card import BUILTIN_ARCHITECTURES, Architecture, ModelCard, Provenance
-from train import checkpoint, data
-from train.device import is_main_process, pick_device
+from train import checkpoint, data, distributed
+from train.device import pick_device
+from train.distributed import Ranks
 from train.models import INPUT_SHAPE, OUTPUT_KIND, build_model
 from train.presets import Preset
 
@@ -55,12 +57,32 @@ class Prepared:
     history: list[dict] = field(default_factory=list)
 
 
-def loss_fn(preset: Preset, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def criterion(preset: Preset):
+    """The loss summed over samples (each sample's own mean over its elements), so ranks' shares add up exactly."""
     if preset.task == "reconstruct":
-        return F.mse_loss(out, x)
+        return lambda out, x, y: F.mse_loss(out, x, reduction="sum") / max(x[0].numel() if len(x) else 1, 1)
     if preset.arch == "convnet":  # the model ends in log_softmax
-        return F.nll_loss(out, y)
-    return F.cross_entropy(out, y)
+        return lambda out, x, y: F.nll_loss(out, y, reduction="sum")
+    return lambda out, x, y: F.cross_entropy(out, y, reduction="sum")
+
+
+@dataclass(frozen=True)
+class Loop:
+    """Everything an epoch needs, decided once from the preset and the ranks before training starts."""
+
+    model: torch.nn.Module  # wrapped in DistributedDataParallel under torchrun
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    loss: Callable
+    batch_size: int  # the global batch: every rank takes its share of each
+    seed: int
+    background: float | None  # jitter each batch over this background value, or None for no jitter
+    classify: bool
+    classes: int
+    per_batch_schedule: bool
+    ranks: Ranks
+    amp: bool = False
+    quiet: bool = False
 
 
 def prepare(preset: Preset, data_dir: Path | str, device: torch.device, download: bool = True) -> Prepared:
@@ -101,63 +123,74 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
 
 
-def train_epoch(preset, model, opt, sched, xy, epoch, prep_mean_std=(0.0, 1.0), amp=False, quiet=False) -> Meter:
-    model.train()
+def train_epoch(loop: Loop, xy, epoch: int) -> Meter:
+    """One pass over the training set in global batches fixed by the seed and the epoch (reproducible on resume
+    and equal for any number of ranks); each rank computes its share, DDP averages the gradients."""
+    loop.model.train()
     x, y = xy
-    meter = Meter()
-    gen = torch.Generator().manual_seed(preset.seed * 100_003 + epoch)  # reproducible on resume
-    bar = tqdm(
-        total=len(x), desc=f"epoch {epoch}", unit="img", disable=quiet, leave=False, dynamic_ncols=True, mininterval=0.5
-    )
-    background = -prep_mean_std[0] / prep_mean_std[1]
-    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct, seen = torch.zeros((), dtype=torch.long, device=x.device), 0
-    for step, (xb, yb) in enumerate(data.batches(x, y, preset.batch_size, gen)):
-        if preset.augment:
-            xb = data.augment(xb, background, gen)
-        with autocast(x.device, amp):
-            out = model(xb)
-            loss = loss_fn(preset, out.float(), xb, yb)
-        opt.zero_grad(set_to_none=True)
+    ranks = loop.ranks
+    gen = torch.Generator().manual_seed(loop.seed * 100_003 + epoch)
+    order = torch.randperm(len(x), generator=gen).to(x.device)
+    bar = tqdm(total=len(x), desc=f"epoch {epoch}", unit="img", disable=loop.quiet or not ranks.main, leave=False,
+               dynamic_ncols=True, mininterval=0.5)  # fmt: skip
+    # sums stay on the device: a .item() per batch would make a GPU wait for every step
+    sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss, correct, samples of this rank
+    for step, start in enumerate(range(0, len(x), loop.batch_size)):
+        batch = order[start : start + loop.batch_size]
+        mine = ranks.share(len(batch))
+        xb, yb = x[batch[mine]], y[batch[mine]]
+        if loop.background is not None:  # drawn for the whole global batch, so every split sees the same jitter
+            xb = data.augment(xb, loop.background, data.jitter(len(batch), gen)[mine].to(x.device))
+        with autocast(x.device, loop.amp):
+            out = loop.model(xb)
+            total = loop.loss(out.float(), xb, yb)
+        # DDP averages over ranks; scaling by ranks/len(batch) makes that average the global batch's mean loss
+        loss = total * (ranks.world_size / len(batch))
+        loop.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if preset.scheduler == "onecycle":
-            sched.step()
-        # sums stay on the device: a .item() per batch would make a GPU wait for every step
-        loss_sum += loss.detach().double() * len(xb)
-        if preset.task == "classify":
-            correct += (out.argmax(1) == yb).sum()
-        seen += len(xb)
-        bar.update(len(xb))
-        if step % 20 == 0 and not quiet:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
+        loop.opt.step()
+        if loop.per_batch_schedule:
+            loop.sched.step()
+        sums[0] += total.detach().double()
+        if loop.classify:
+            sums[1] += (out.argmax(1) == yb).sum()
+        sums[2] += len(xb)
+        bar.update(len(batch))
+        if step % 20 == 0 and not loop.quiet and ranks.main:
+            bar.set_postfix(loss=f"{sums[0].item() / max(sums[2].item(), 1):.4f}")
     bar.close()
-    meter.add(loss_sum.item() / max(seen, 1), seen, int(correct))
-    if preset.scheduler != "onecycle":
-        sched.step()
+    if not loop.per_batch_schedule:
+        loop.sched.step()
+    loss_sum, correct, seen = ranks.sum(sums).tolist()
+    meter = Meter()
+    meter.add(loss_sum / max(seen, 1), int(seen), int(correct))
     return meter
 
 
 @torch.no_grad()
-def evaluate(preset: Preset, model, xy, amp=False, batch_size: int = 1000) -> tuple[Meter, list[float] | None]:
-    """Loss/accuracy weighted by samples, plus per-class accuracy for classifiers."""
-    model.eval()
+def evaluate(loop: Loop, xy, batch_size: int = 1000) -> tuple[Meter, list[float] | None]:
+    """Loss/accuracy weighted by samples, plus per-class accuracy for classifiers; each rank scores its share
+    and the sums are added over ranks, so every rank reports what one process would."""
+    loop.model.eval()
     x, y = xy
-    meter = Meter()
-    classes = len(preset.labels)
-    hits, totals = torch.zeros(classes), torch.zeros(classes)
+    mine = loop.ranks.share(len(x))
+    x, y = x[mine], y[mine]
+    sums = torch.zeros(3 + 2 * loop.classes, dtype=torch.float64, device=x.device)  # loss, correct, n, hits, totals
     for xb, yb in data.batches(x, y, batch_size):
-        with autocast(x.device, amp):
-            out = model(xb).float()
-        loss = loss_fn(preset, out, xb, yb)
-        correct = 0
-        if preset.task == "classify":
-            ok = (out.argmax(1) == yb).cpu()
-            correct = int(ok.sum())
-            hits += torch.bincount(yb.cpu()[ok], minlength=classes).float()
-            totals += torch.bincount(yb.cpu(), minlength=classes).float()
-        meter.add(loss.item(), len(xb), correct)
-    per_class = (hits / totals.clamp(min=1)).tolist() if preset.task == "classify" else None
+        with autocast(x.device, loop.amp):
+            out = loop.model(xb).float()
+        sums[0] += loop.loss(out, xb, yb).double()
+        sums[2] += len(xb)
+        if loop.classify:
+            ok = out.argmax(1) == yb
+            sums[1] += ok.sum()
+            sums[3 : 3 + loop.classes] += torch.bincount(yb[ok], minlength=loop.classes).double()
+            sums[3 + loop.classes :] += torch.bincount(yb, minlength=loop.classes).double()
+    sums = loop.ranks.sum(sums).cpu()
+    meter = Meter()
+    meter.add(sums[0].item() / max(sums[2].item(), 1), int(sums[2]), int(sums[1]))
+    hits, totals = sums[3 : 3 + loop.classes], sums[3 + loop.classes :]
+    per_class = (hits / totals.clamp(min=1)).tolist() if loop.classify else None
     return meter, per_class
 
 
@@ -192,122 +225,147 @@ def build_card(preset: Preset, prep: Prepared, metrics: dict) -> ModelCard:
     )
 
 
-def build_meta(preset: Preset, device: torch.device) -> dict:
+def build_meta(preset: Preset, device: torch.device, ranks: Ranks) -> dict:
     """How the model was trained: what `--resume` checks and a reader of the checkpoint wants to know."""
     return {"preset": preset.name, "hparams": preset.to_dict(), "seed": preset.seed, "device": str(device),
-            "torch_version": str(torch.__version__)}  # fmt: skip
+            "world_size": ranks.world_size, "torch_version": str(torch.__version__)}  # fmt: skip
 
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+COMMUNICATION_FAILURES = ("Connection closed", "Connection reset", "connection", "gloo", "NCCL", "timed out")
+
+
+class TrainError(Exception):
+    """A training run that cannot start as asked; one line for the user."""
+
+
 def train(
     preset: Preset,
     out_dir: Path | str,
     data_dir: Path | str = "data",
+    *,
     device: str = "auto",
     resume: bool = False,
     amp: bool = False,
     quiet: bool = False,
     download: bool = True,
 ) -> dict:
-    """Train a preset into out_dir; returns the metrics written to metrics.json."""
-    out = Path(out_dir)
+    """Train a preset into out_dir, in this process or as one rank of torchrun's; returns what metrics.json holds."""
     dev = pick_device(device)
-    writer = is_main_process()
-    if writer:
+    ranks = distributed.init(dev)
+    try:
+        return run(preset, Path(out_dir), data_dir, dev, ranks, resume=resume, amp=amp, quiet=quiet,
+                   download=download)  # fmt: skip
+    except (RuntimeError, torch.distributed.DistError) as e:
+        lost = isinstance(e, torch.distributed.DistError) or any(w in str(e) for w in COMMUNICATION_FAILURES)
+        if not (ranks.distributed and lost):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TrainError(f"rank {ranks.rank} lost the other processes ({first})") from None
+    finally:
+        distributed.shutdown()
+
+
+def run(preset: Preset, out: Path, data_dir, dev: torch.device, ranks: Ranks, *, resume: bool, amp: bool,
+        quiet: bool, download: bool) -> dict:  # fmt: skip
+    if preset.batch_size % ranks.world_size:
+        raise TrainError(f"the global batch of {preset.batch_size} does not divide into {ranks.world_size} processes: "
+                         "pass --batch-size a multiple of the process count")  # fmt: skip
+    quiet = quiet or not ranks.main
+    if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_stale_temps(out)
-    torch.manual_seed(preset.seed)
+    torch.manual_seed(preset.seed)  # the same initial weights on every rank
     prep = prepare(preset, data_dir, dev, download)
     model = build_model(preset.arch, preset.arch_kwargs).to(dev)
     steps = -(-len(prep.train[0]) // preset.batch_size)
     opt, sched = make_optimizer(preset, model, steps)
     start, history, best = 1, [], float("inf")
-    if resume:
-        ckpt = checkpoint.load(out / "last.pt", preset=preset.name, map_location=dev)
+    if resume:  # into the plain model, before it is wrapped: any number of processes may continue any run
+        ckpt = ranks.from_main(lambda: checkpoint.load(out / "last.pt", preset=preset.name, map_location="cpu"))
         model.load_state_dict(ckpt["model_state_dict"])
         opt.load_state_dict(ckpt["optimizer_state_dict"])
         sched.load_state_dict(ckpt["scheduler_state_dict"])
         set_rng_state(ckpt["rng_state"], dev)
         start, history = ckpt["epoch"] + 1, ckpt["history"]
         best = min((h["val_loss"] for h in history), default=float("inf"))
+    if ranks.rank:
+        torch.manual_seed(preset.seed + ranks.rank)  # dropout differs between ranks, as between the samples
+    loop = Loop(
+        model=distributed.wrap(model, ranks, dev), opt=opt, sched=sched, loss=criterion(preset),
+        batch_size=preset.batch_size, seed=preset.seed, background=-prep.mean / prep.std if preset.augment else None,
+        classify=preset.task == "classify", classes=len(preset.labels),
+        per_batch_schedule=preset.scheduler == "onecycle", ranks=ranks, amp=amp, quiet=quiet,
+    )  # fmt: skip
     if not quiet:
-        print(
-            f"training {preset.name} on {preset.dataset} ({len(prep.train[0])} train / {len(prep.val[0])} val "
-            f"/ {len(prep.test[0])} test) on {dev}, epochs {start}..{preset.epochs}"
-        )
+        procs = f" x {ranks.world_size} processes" if ranks.distributed else ""
+        print(f"training {preset.name} on {preset.dataset} ({len(prep.train[0])} train / {len(prep.val[0])} val "
+              f"/ {len(prep.test[0])} test) on {dev}{procs}, epochs {start}..{preset.epochs}")  # fmt: skip
     for epoch in range(start, preset.epochs + 1):
         t0 = time.perf_counter()
-        tr = train_epoch(preset, model, opt, sched, prep.train, epoch, (prep.mean, prep.std), amp, quiet)
+        tr = train_epoch(loop, prep.train, epoch)
         seconds = time.perf_counter() - t0
-        va, _ = evaluate(preset, model, prep.val, amp)
-        history.append(
-            {
-                "epoch": epoch,
-                "loss": tr.loss,
-                "accuracy": tr.accuracy,
-                "val_loss": va.loss,
-                "val_accuracy": va.accuracy,
-                "seconds": seconds,
-                "images_per_second": tr.samples / seconds,
-                "lr": opt.param_groups[0]["lr"],
-            }
-        )
+        va, _ = evaluate(loop, prep.val)
+        history.append({"epoch": epoch, "loss": tr.loss, "accuracy": tr.accuracy, "val_loss": va.loss,
+                        "val_accuracy": va.accuracy, "seconds": seconds, "images_per_second": tr.samples / seconds,
+                        "lr": opt.param_groups[0]["lr"], "processes": ranks.world_size})  # fmt: skip
         if not quiet:
-            acc = f" acc {tr.accuracy:.4f} val_acc {va.accuracy:.4f}" if preset.task == "classify" else ""
-            print(
-                f"epoch {epoch}: loss {tr.loss:.4f} val_loss {va.loss:.4f}{acc} "
-                f"({seconds:.2f}s, {tr.samples / seconds:.0f} img/s)"
-            )
-        if not writer:
-            continue
-        state = {
-            "epoch": epoch,
-            "model_state_dict": model.state_dict(),
-            "optimizer_state_dict": opt.state_dict(),
-            "scheduler_state_dict": sched.state_dict(),
-            "loss": [h["loss"] for h in history],
-            "val_loss": [h["val_loss"] for h in history],
-            "history": history,
-            "rng_state": rng_state(dev),
-            "card": build_card(preset, prep, {"val_loss": va.loss, "val_accuracy": va.accuracy}).to_dict(),
-            "meta": build_meta(preset, dev),
-        }
-        if va.loss < best:
-            best = va.loss
-            checkpoint.save_atomic(state, out / "best.pt")
-        checkpoint.save_atomic(state, out / "last.pt")
-    return finish(preset, out, prep, dev, history, amp, writer, quiet)
+            acc = f" acc {tr.accuracy:.4f} val_acc {va.accuracy:.4f}" if loop.classify else ""
+            print(f"epoch {epoch}: loss {tr.loss:.4f} val_loss {va.loss:.4f}{acc} "
+                  f"({seconds:.2f}s, {tr.samples / seconds:.0f} img/s)")  # fmt: skip
+        if ranks.main:
+            state = {
+                "epoch": epoch,
+                "model_state_dict": model.state_dict(),  # the unwrapped model: export loads it as ever
+                "optimizer_state_dict": opt.state_dict(),
+                "scheduler_state_dict": sched.state_dict(),
+                "loss": [h["loss"] for h in history],
+                "val_loss": [h["val_loss"] for h in history],
+                "history": history,
+                "rng_state": rng_state(dev),
+                "card": build_card(preset, prep, {"val_loss": va.loss, "val_accuracy": va.accuracy}).to_dict(),
+                "meta": build_meta(preset, dev, ranks),
+            }
+            if va.loss < best:
+                checkpoint.save_atomic(state, out / "best.pt")
+            checkpoint.save_atomic(state, out / "last.pt")
+        best = min(best, va.loss)
+        ranks.barrier()
+    return finish(preset, out, prep, loop, model, history)
 
 
-def finish(preset, out: Path, prep: Prepared, dev, history, amp, writer, quiet) -> dict:
-    """Score the best checkpoint on the held-out test set; write metrics.json and curves.png."""
-    best = checkpoint.load(out / "best.pt", preset=preset.name, map_location=dev)
-    model = build_model(preset.arch, preset.arch_kwargs).to(dev)
-    model.load_state_dict(best["model_state_dict"])
-    te, per_class = evaluate(preset, model, prep.test, amp)
+def finish(preset: Preset, out: Path, prep: Prepared, loop: Loop, model, history) -> dict:
+    """Score the best checkpoint on the held-out test set; rank 0 writes metrics.json and curves.png."""
+    ranks, dev = loop.ranks, prep.test[0].device
+    best = ranks.from_main(lambda: checkpoint.load(out / "best.pt", preset=preset.name, map_location="cpu"))
+    model.load_state_dict(best["model_state_dict"])  # the wrapped model shares these parameters
+    te, per_class = evaluate(loop, prep.test)
     metrics = {
         "preset": preset.name,
         "dataset": preset.dataset,
         "device": str(dev),
+        "processes": ranks.world_size,
         "host": platform.node(),
         "best_epoch": best["epoch"],
         "test_loss": te.loss,
-        "test_accuracy": te.accuracy if preset.task == "classify" else None,
+        "test_accuracy": te.accuracy if loop.classify else None,
         "per_class_accuracy": dict(zip(preset.labels, per_class)) if per_class else None,
         "test_samples": te.samples,
         "history": history,
     }
-    if writer:
+    ranks.barrier()  # every rank has read best.pt before rank 0 rewrites it
+    if ranks.main:
         best["card"]["metrics"].update(test_loss=te.loss, test_accuracy=metrics["test_accuracy"])
         checkpoint.save_atomic(best, out / "best.pt")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         from train.plots import plot_curves
 
-        plot_curves(history, out / "curves.png", title=preset.name, classify=preset.task == "classify")
-    if not quiet:
-        acc = f", test accuracy {te.accuracy:.4f}" if preset.task == "classify" else ""
+        plot_curves(history, out / "curves.png", title=preset.name, classify=loop.classify)
+    if not loop.quiet:
+        acc = f", test accuracy {te.accuracy:.4f}" if loop.classify else ""
         print(f"best epoch {best['epoch']}: test loss {te.loss:.4f}{acc} -> {out}")
+    ranks.barrier()
     return metrics
