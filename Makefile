@@ -14,14 +14,16 @@ BACKEND ?= onnx
 RUNTIME ?= torchserve
 SERVE_FLAGS ?=
 
-.PHONY: all install train export verify serve stop status loadtest bench test lint clean
+.PHONY: all install train export verify serve stop status loadtest page bench test lint clean
 
 all: train export serve
 
 # --no-compile: byte-compiling torch's 5 GB of CUDA wheels costs a minute and buys nothing here.
-$(STAMP): pyproject.toml
+# npm: onnxruntime-web, which `torchship page` vendors into every page (package-lock.json pins it).
+$(STAMP): pyproject.toml serve/web/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[dev,kserve]'
+	npm ci --prefix serve/web --no-audit --no-fund --ignore-scripts --loglevel=error
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -55,6 +57,10 @@ status: $(STAMP)
 
 loadtest: $(STAMP)
 	$(BIN)/torchship loadtest --out $(RUN)/loadtest
+
+# The model page on http://127.0.0.1:8765, its "ask the server" switch relaying to `make serve`'s TorchServe.
+page: $(STAMP)
+	$(BIN)/torchship page $(EXPORT) --serve --server-state serve-state
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

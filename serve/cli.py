@@ -169,6 +169,12 @@ def runtime_of(state_dir) -> str:
 )
 @click.option("--no-token-auth", is_flag=True, help="TorchServe: turn token authorisation off (local experiments).")
 @click.option(
+    "--cors-origin",
+    default=None,
+    metavar="ORIGIN",
+    help="TorchServe: the one browser origin (e.g. http://127.0.0.1:8765) allowed to call inference.",
+)
+@click.option(
     "--backend",
     type=click.Choice(["onnx", "onnx-int8"]),
     default="onnx",
@@ -188,7 +194,7 @@ def runtime_of(state_dir) -> str:
 )
 @click.option("--timeout", type=float, default=180, show_default=True, help="Seconds to wait until ready.")
 def start_command(runtime, model, model_store, export_dir, state_dir, inference_port, management_port, metrics_port,
-                  grpc_ports, no_token_auth, backend, host, behind_auth, timeout):  # fmt: skip
+                  grpc_ports, no_token_auth, cors_origin, backend, host, behind_auth, timeout):  # fmt: skip
     """Start a server and wait until MODEL is ready; print a working request to try."""
     from serve.process import ServerError
     from serve.samples import write_sample
@@ -212,7 +218,7 @@ def start_command(runtime, model, model_store, export_dir, state_dir, inference_
         cfg = torchserve.ServerConfig(
             model=model, model_store=model_store, state_dir=state_dir, inference_port=inference_port,
             management_port=management_port, metrics_port=metrics_port, grpc_inference_port=grpc_ports[0],
-            grpc_management_port=grpc_ports[1], token_auth=not no_token_auth,
+            grpc_management_port=grpc_ports[1], token_auth=not no_token_auth, cors_origin=cors_origin,
         )  # fmt: skip
         cfg = torchserve.start(cfg, timeout)
     except ServerError as e:
@@ -401,3 +407,47 @@ def deploy_kserve_command(export_dir, out_dir, runtime, storage_uri, image, prot
         click.echo(f"wrote {f}")
     click.echo(f"the InferenceService validates against the kserve SDK; apply it with: kubectl apply -f "
                f"{Path(out_dir) / 'inferenceservice.yaml'}")  # fmt: skip
+
+
+@click.command("page")
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where to write the page  [default: EXPORT_DIR/page]",
+)
+@click.option("--serve", "serve_it", is_flag=True, help="Serve it on 127.0.0.1 and print its URL (Ctrl-C stops).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="With --serve.")
+@click.option(
+    "--server-state",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --serve: the TorchServe (started from this state dir) that 'ask the server' relays to.",
+)
+def page_command(export_dir, out_dir, serve_it, port, server_state):
+    """Write a page that shows EXPORT_DIR's card, proof and curves, and runs the model on what you draw or drop."""
+    import time
+
+    from serve.page import PageError, serve, write_page
+
+    out = Path(out_dir or Path(export_dir) / "page")
+    try:
+        index = write_page(export_dir, out)
+    except PageError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {index} (it needs an http:// URL, not file://: browsers refuse WebAssembly from files)")
+    if not serve_it:
+        return
+    try:
+        httpd = serve(out, port, server_state)
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on 127.0.0.1:{port}: {e.strerror or e}") from None
+    relay = f"; 'ask the server' relays to the TorchServe of {server_state}" if server_state else ""
+    click.echo(f"serving the page at http://127.0.0.1:{httpd.server_address[1]}/{relay} (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        httpd.shutdown()

@@ -46,6 +46,7 @@ class ServerConfig:
     job_queue_size: int = 0  # requests waiting per model beyond which TorchServe answers 503; 0: queue_size()
     extra: dict | None = None  # more config.properties lines (tuning experiments, site settings)
     extra_models: tuple[str, ...] = ()  # more archives of the store to serve beside `model`
+    cors_origin: str | None = None  # the one browser origin allowed to call inference (tokens off: README)
     runtime: str = "torchserve"
 
     @property
@@ -88,6 +89,9 @@ def config_properties(cfg: ServerConfig) -> str:
         "disable_system_metrics": "true",
         "async_logging": "true",
     }
+    if cfg.cors_origin:  # TorchServe sends these on every answer; no origin at all is allowed otherwise
+        lines.update(cors_allowed_origin=cfg.cors_origin, cors_allowed_methods="POST, OPTIONS",
+                     cors_allowed_headers="Authorization, Content-Type, X-TopK")  # fmt: skip
     lines.update(cfg.extra or {})
     return "\n".join(f"{k}={v}" for k, v in lines.items()) + "\n"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from export.cli import export_command, verify_command
-from serve.cli import archive_command, deploy_group, loadtest_command, serve_group
+from serve.cli import archive_command, deploy_group, loadtest_command, page_command, serve_group
 from train.cli import train_command
 
 
@@ -22,6 +22,7 @@ main.add_command(archive_command)
 main.add_command(serve_group)
 main.add_command(loadtest_command)
 main.add_command(deploy_group)
+main.add_command(page_command)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,137 @@
+"""The model page: a static folder a person opens to see a model and try it, and a loopback server for it.
+
+The page runs the ONNX model in the browser (onnxruntime-web, vendored, so nothing is fetched from
+elsewhere) with the servers' own recipe (web/images.js mirrors handlers/images.py). Its "ask the server"
+switch goes through the page's own origin, which relays to the TorchServe on this machine: TorchServe
+0.12 demands the token on the browser's CORS preflight too, which no browser sends, so a page cannot call
+it across origins while token auth is on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from handlers.card import CARD_FILE, FORMAT_BY_BACKEND, CardError, ModelCard
+from serve.process import LOOPBACK
+
+WEB = Path(__file__).with_name("web")
+STATIC = ("index.html", "page.css", "images.js", "page.js")
+ORT_DIST = WEB / "node_modules" / "onnxruntime-web" / "dist"
+ORT_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+MAX_BODY = 10 * 1024 * 1024  # as the servers' own limit
+# Only this origin's files, and WebAssembly compiled from them: a page that works offline and leaks nothing.
+CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; img-src 'self' data: blob:; "
+       "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'")  # fmt: skip
+
+
+class PageError(Exception):
+    """A page that cannot be written or served; one line for the user."""
+
+
+def figures(card: ModelCard, export_dir: Path) -> dict[str, Path]:
+    """Training curves and the load-test plot, where `make train` and `make loadtest` left them."""
+    found = {}
+    run_dir = Path(card.provenance.source).parent if card.provenance.source else None
+    for name, places in (("curves.png", [run_dir and run_dir / "curves.png", export_dir / "curves.png"]),
+                         ("loadtest.png", [run_dir and run_dir / "loadtest" / "loadtest.png",
+                                           export_dir / "loadtest.png"])):  # fmt: skip
+        hit = next((p for p in places if p and p.is_file()), None)
+        if hit:
+            found[name] = hit
+    return found
+
+
+def write_page(export_dir: Path | str, out: Path | str) -> Path:
+    """The page's folder: its own files, onnxruntime-web, the ONNX model, the card, the proof and the figures."""
+    export_dir, out = Path(export_dir), Path(out)
+    try:
+        card = ModelCard.load(export_dir / CARD_FILE)
+    except CardError as e:
+        raise PageError(f"{export_dir}: {e}") from None
+    model = export_dir / FORMAT_BY_BACKEND["onnx"].file
+    if not model.is_file():
+        raise PageError(f"{model} not found: the page runs the ONNX export (`torchship export --formats ...,onnx`)")
+    missing = [f for f in ORT_FILES if not (ORT_DIST / f).is_file()]
+    if missing:
+        raise PageError(f"onnxruntime-web is not installed in {WEB}: run `npm ci --prefix {WEB}` (make install does)")
+    (out / "ort").mkdir(parents=True, exist_ok=True)
+    for f in STATIC:
+        shutil.copy(WEB / f, out / f)
+    for f in ORT_FILES:
+        shutil.copy(ORT_DIST / f, out / "ort" / f)
+    shutil.copy(model, out / "model.onnx")
+    (out / "card.json").write_text(card.to_json())
+    if (export_dir / "equivalence.json").is_file():
+        shutil.copy(export_dir / "equivalence.json", out / "equivalence.json")
+    found = figures(card, export_dir)
+    for name, path in found.items():
+        shutil.copy(path, out / name)
+    (out / "figures.json").write_text(json.dumps(sorted(found)))
+    return out / "index.html"
+
+
+class PageHandler(SimpleHTTPRequestHandler):
+    """The page's files, and POST /relay/predictions to the TorchServe instance of `state_dir`, on loopback."""
+
+    state_dir: Path | None = None
+    quiet = True
+
+    def end_headers(self):
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("Cache-Control", "no-store")
+        super().end_headers()
+
+    def log_message(self, fmt, *args):
+        if not self.quiet:
+            super().log_message(fmt, *args)
+
+    def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def error(self, status: int, message: str) -> None:
+        self.reply(status, json.dumps({"error": message, "status": status}).encode())
+
+    def do_POST(self):
+        if self.path.split("?")[0] != "/relay/predictions":
+            return self.error(404, f"no such endpoint {self.path[:100]}: the page relays POST /relay/predictions")
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            return self.error(413, f"request body of {length} bytes is over the {MAX_BODY}-byte limit")
+        body = self.rfile.read(length)
+        if self.state_dir is None:
+            return self.error(404, "this page was started without --server-state: there is no server to ask")
+        from serve import torchserve
+
+        try:
+            target = torchserve.load_target(self.state_dir)
+        except torchserve.ServerError as e:
+            return self.error(404, f"{e}: start one with `make serve`")
+        url = f"http://{LOOPBACK}:{target.port}/predictions/{target.model}"
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type", "x-topk")}
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return self.reply(r.status, r.read(), r.headers.get("Content-Type", "application/json"))
+        except urllib.error.HTTPError as e:  # the server's own 4xx, passed on as it is
+            return self.reply(e.code, e.read(), e.headers.get("Content-Type", "application/json"))
+        except OSError as e:
+            return self.error(502, f"the server at {url} did not answer ({e})")
+
+
+def serve(directory: Path | str, port: int = 0, state_dir: Path | str | None = None) -> ThreadingHTTPServer:
+    """A server for the page on 127.0.0.1 (port 0: any free one), running in a background thread."""
+    handler = type("Handler", (PageHandler,), {"state_dir": Path(state_dir).resolve() if state_dir else None})
+    httpd = ThreadingHTTPServer((LOOPBACK, port), partial(handler, directory=str(directory)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd

@@ -1,0 +1,258 @@
+"""The model page in a real headless Chromium (Debian's, driven by Selenium with Debian's chromedriver): draw, drop,
+ask the server; the browser's tensor and answer are the embedding's for the same image."""
+
+import base64
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from handlers.onnx_model import load as load_onnx
+from serve import torchserve
+from serve.archive import ModelConfig, build_archive
+from serve.page import serve, write_page
+from serve.process import free_ports
+from serve.samples import held_out_digits, on_paper, png
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.serve
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots the test run keeps (git-ignored)
+DIGITS, LABELS = held_out_digits()
+
+
+@pytest.fixture(scope="module")
+def relay_server(tmp_path_factory, convnet_export):
+    """A TorchServe with token auth on, for the page's "ask the server" switch."""
+    store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
+    build_archive(convnet_export.directory, store, config=ModelConfig(1, 1))
+    cfg = torchserve.ServerConfig("mnist-convnet", str(store), str(state), *free_ports(5))
+    try:
+        yield torchserve.start(cfg, timeout=240)
+    finally:
+        torchserve.stop(state)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory, convnet_export, relay_server):
+    out = tmp_path_factory.mktemp("page")
+    write_page(convnet_export.directory, out)
+    httpd = serve(out, 0, relay_server.state_dir)
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/", out
+    finally:
+        httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "apt-get install chromium chromium-driver (.ci/run does)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1200,1500", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+                # every host name but 127.0.0.1 fails to resolve: the page must work with no network at all
+                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait(driver, script: str, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = driver.execute_script(f"return {script}")
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {script}: errors {driver.execute_script('return torchship.errors')}")
+
+
+def open_page(driver, url):
+    driver.get(url)
+    wait(driver, "window.torchship && window.torchship.ready === true")
+
+
+def fresh_answer(driver, before):
+    """Wait for a new answer (torchship.last is replaced for every image)."""
+    return wait(driver, f"torchship.last && torchship.last.done && torchship.last !== {before} && torchship.last")
+
+
+def drop(driver, data: bytes, name: str, mime: str = "image/png"):
+    driver.execute_script("window.__before = torchship.last;")
+    driver.execute_script(
+        """const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], arguments[1], {type: arguments[2]}));
+        document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));""",
+        base64.b64encode(data).decode(), name, mime,
+    )  # fmt: skip
+    return fresh_answer(driver, "window.__before")
+
+
+def same_as_embedding(model, data: bytes, answer: dict):
+    expected = model.prepare(data)
+    got = np.asarray(answer["input"], np.float32).reshape(expected.shape)
+    assert np.abs(got - expected).max() <= 1e-6  # the browser computed the very tensor the servers compute
+    local = model.predict(data)
+    assert answer["answer"]["label"] == local["label"]
+    assert abs(answer["answer"]["probability"] - local["probability"]) < 1e-5
+
+
+def test_drawing_a_digit_gives_the_embeddings_answer_for_the_same_canvas(browser, page, convnet_export):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    url, _ = page
+    open_page(browser, url)
+    pad = browser.find_element(By.ID, "pad")
+    model = load_onnx(convnet_export.onnx)
+    strokes = {  # a 7 and a 1, drawn with mouse events
+        "seven": [(-70, -80), (120, 0), (-40, 70), (-40, 90)],
+        "one": [(0, -100), (0, 100), (0, 100)],
+    }
+    for moves in strokes.values():
+        browser.find_element(By.ID, "clear").click()
+        browser.execute_script("window.__before = torchship.last;")
+        chain = ActionChains(browser).move_to_element_with_offset(pad, *moves[0]).click_and_hold()
+        for dx, dy in moves[1:]:
+            chain = chain.move_by_offset(dx, dy)
+        chain.release().perform()
+        answer = fresh_answer(browser, "window.__before")
+        canvas = base64.b64decode(browser.execute_script("return document.getElementById('pad').toDataURL()")[22:])
+        assert answer["source"] == "pad"
+        same_as_embedding(model, canvas, answer)
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "model-page.png"))
+    shot = Image.open(ARTIFACTS / "model-page.png")
+    assert shot.size[0] >= 1000 and np.asarray(shot.convert("L")).std() > 10  # a page, not a blank frame
+
+
+@pytest.mark.parametrize("kind", ["mnist", "paper", "rgb"])
+def test_dropping_a_png_gives_the_embeddings_answer(browser, page, convnet_export, kind):
+    url, _ = page
+    open_page(browser, url)
+    digit = DIGITS[kind_index := {"mnist": 10, "paper": 510, "rgb": 905}[kind]]
+    pixels = digit if kind == "mnist" else on_paper(digit)
+    image = Image.fromarray(pixels).convert("RGB") if kind == "rgb" else Image.fromarray(pixels)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    answer = drop(browser, buf.getvalue(), f"{kind}.png")
+    assert answer["source"] == "file"
+    same_as_embedding(load_onnx(convnet_export.onnx), buf.getvalue(), answer)
+    assert answer["answer"]["label"] == str(LABELS[kind_index])
+
+
+def test_a_blank_drop_says_so(browser, page):
+    url, _ = page
+    open_page(browser, url)
+    answer = drop(browser, png(np.zeros((28, 28), np.uint8)), "blank.png")
+    assert "blank" in answer["answer"]["error"]
+
+
+def test_the_page_loads_nothing_from_elsewhere(browser, page):
+    url, out = page
+    open_page(browser, url)
+    resources = browser.execute_script("return performance.getEntriesByType('resource').map((r) => r.name)")
+    assert resources and all(r.startswith(url) for r in resources), resources
+    assert {"ort/ort.wasm.min.js", "model.onnx", "card.json"} <= {r[len(url) :].split("?")[0] for r in resources}
+    assert browser.execute_script("return torchship.errors") == []
+    assert (out / "ort" / "ort-wasm-simd-threaded.wasm").stat().st_size > 1_000_000  # vendored, not fetched
+
+
+def test_asking_the_server_shows_both_answers_and_keeps_the_key_out_of_files(browser, page, relay_server):
+    from selenium.webdriver.common.by import By
+
+    url, out = page
+    open_page(browser, url)
+    key = torchserve.keys(relay_server.state_dir)["inference"]["key"]
+    browser.find_element(By.ID, "use-server").click()
+    browser.find_element(By.ID, "key").send_keys("wrong-key")
+    answer = drop(browser, png(on_paper(DIGITS[333])), "digit.png")
+    assert answer["remote"]["error"].startswith(("400", "401"))  # the server's own token check
+    browser.find_element(By.ID, "key").clear()
+    browser.find_element(By.ID, "key").send_keys(key)
+    answer = drop(browser, png(on_paper(DIGITS[333])), "digit.png")
+    assert answer["remote"]["label"] == answer["answer"]["label"] == str(LABELS[333])
+    assert abs(answer["remote"]["probability"] - answer["answer"]["probability"]) < 1e-4
+    shown = browser.find_element(By.ID, "remote").text
+    assert answer["remote"]["label"] in shown
+    assert browser.execute_script("return localStorage.length + sessionStorage.length + document.cookie.length") == 0
+    assert all(key not in p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file() and p.stat().st_size
+               < 5_000_000)  # fmt: skip
+
+
+def test_the_autoencoders_page_shows_input_and_reconstruction(browser, tmp_path, data_dir):
+    from export.formats import export_checkpoint
+    from tests.conftest import quick
+    from train.fit import train
+
+    train(quick("mnist-autoencoder", epochs=1), tmp_path / "run", data_dir, quiet=True)
+    exp = export_checkpoint(tmp_path / "run" / "best.pt", tmp_path / "export", ("onnx",))
+    write_page(exp.directory, tmp_path / "page")
+    httpd = serve(tmp_path / "page", 0)
+    try:
+        open_page(browser, f"http://127.0.0.1:{httpd.server_address[1]}/")
+        answer = drop(browser, png(DIGITS[42]), "digit.png")
+        assert len(answer["answer"]["reconstruction"]) == 784
+        sums = browser.execute_script(
+            """return [...document.querySelectorAll('#local .pair canvas')].map((c) =>
+                 c.getContext('2d').getImageData(0, 0, c.width, c.height).data.reduce((a, v) => a + v, 0));"""
+        )
+        assert len(sums) == 2 and all(s > 28 * 28 * 255 for s in sums)  # input and reconstruction, both drawn
+    finally:
+        httpd.shutdown()
+
+
+def test_torchserves_cors_is_opened_for_the_pages_origin_only(tmp_path):
+    cfg = torchserve.ServerConfig("m", str(tmp_path), str(tmp_path), cors_origin="http://127.0.0.1:8765")
+    props = dict(line.split("=", 1) for line in torchserve.config_properties(cfg).splitlines())
+    assert props["cors_allowed_origin"] == "http://127.0.0.1:8765" and "OPTIONS" in props["cors_allowed_methods"]
+    closed = torchserve.config_properties(torchserve.ServerConfig("m", str(tmp_path), str(tmp_path)))
+    assert not [line for line in closed.splitlines() if line.startswith("cors_")]
+
+
+def test_the_page_command_writes_a_folder_that_needs_no_build(tmp_path, convnet_export):
+    import subprocess
+
+    from tests.conftest import TORCHSHIP
+
+    r = subprocess.run([*TORCHSHIP, "page", str(convnet_export.directory), "--out", str(tmp_path / "p")],
+                       capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    files = {p.relative_to(tmp_path / "p").as_posix() for p in (tmp_path / "p").rglob("*") if p.is_file()}
+    assert {"index.html", "page.js", "images.js", "page.css", "model.onnx", "card.json", "figures.json",
+            "ort/ort.wasm.min.js", "ort/ort-wasm-simd-threaded.wasm"} <= files  # fmt: skip
+    assert json.loads((tmp_path / "p" / "card.json").read_text())["name"] == convnet_export.card.name
+    shutil.rmtree(tmp_path / "p")
+
+
+@pytest.mark.parametrize("filter_name", ["lanczos", "bilinear"])
+def test_the_browser_resamples_exactly_as_pillow(browser, page, filter_name):
+    """Pillow's fixed-point resampler ported to the page: random images and sizes, both pass orders."""
+    url, _ = page
+    open_page(browser, url)
+    rng = np.random.default_rng(7)
+    resample = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}[filter_name]
+    for h, w, oh, ow, c in [(217, 18, 20, 2, 1), (18, 217, 2, 20, 1), (124, 65, 31, 36, 1), (50, 40, 20, 17, 3),
+                            (300, 400, 256, 341, 3), (30, 30, 64, 48, 1), (40, 41, 40, 9, 3)]:  # fmt: skip
+        pixels = rng.integers(0, 256, (h, w, c) if c == 3 else (h, w)).astype(np.uint8)
+        expected = np.asarray(Image.fromarray(pixels).resize((ow, oh), resample))
+        got = browser.execute_script(
+            "return Array.from(Images.resample(Uint8Array.from(arguments[0]), arguments[1], arguments[2], "
+            "arguments[3], arguments[4], arguments[5], arguments[6]))",
+            pixels.ravel().tolist(), w, h, c, ow, oh, filter_name,
+        )  # fmt: skip
+        assert np.array_equal(np.asarray(got, np.uint8).reshape(expected.shape), expected), (h, w, oh, ow, c)
