@@ -259,9 +259,8 @@ def main() -> None:
             print("serving: baseline and ours, c=1 in alternating rounds ...", flush=True)
             d = ModelConfig()
             workers = args.workers or d.minWorkers
-            ours = ModelConfig(
-                workers, workers, args.batch_size or d.batchSize, args.max_batch_delay or d.maxBatchDelay
-            )
+            ours = ModelConfig(minWorkers=workers, maxWorkers=workers, batchSize=args.batch_size or d.batchSize,
+                               maxBatchDelay=args.max_batch_delay or d.maxBatchDelay)  # fmt: skip
             r["serving"] = serving.run(export_dir, Path(tmp), args.duration, ours)
         if "formats" in parts:
             inf = r.get("inference") or inference.run(export_dir, rounds=3)

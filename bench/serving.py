@@ -16,7 +16,6 @@ from pathlib import Path
 from serve import kserve, torchserve
 from serve.archive import ModelConfig, build_archive
 from serve.loadtest import Level, Target, kill_worker_under_load, payloads, percentiles, run_level
-from serve.process import free_ports
 
 BASELINE_HANDLER = Path(__file__).with_name("baseline_handler.py")
 
@@ -24,11 +23,10 @@ BASELINE_HANDLER = Path(__file__).with_name("baseline_handler.py")
 def start(name: str, export_dir: Path, work: Path, backend: str, config: ModelConfig | None, handler: Path | None):
     store, state = work / f"store-{slug(name)}", work / f"state-{slug(name)}"
     if backend == "kserve":  # the Open Inference Protocol runtime serves the export directly
-        http_port, grpc_port = free_ports(2)
-        kserve.start(kserve.KServeConfig(str(export_dir), "mnist", str(state), http_port, grpc_port), timeout=120)
+        kserve.start(kserve.KServeConfig.on_free_ports(str(export_dir), "mnist", str(state)), timeout=120)
         return kserve.load_target(state)
     build_archive(export_dir, store, name="mnist", backend=backend, config=config, handler=handler)
-    cfg = torchserve.start(torchserve.ServerConfig("mnist", str(store), str(state), *free_ports(5)), timeout=240)
+    cfg = torchserve.start(torchserve.ServerConfig.on_free_ports("mnist", str(store), str(state)), timeout=240)
     key = torchserve.keys(state).get("inference", {}).get("key")
     return Target("127.0.0.1", cfg.inference_port, "mnist", key, cfg.metrics_url)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from train.fit import train
 from train.models import build_model
-from train.presets import get_preset
+from train.presets import DEFAULT_PRESET, get_preset
 
 
 def tutorial_loop(data_dir: Path, epochs: int, device: str = "cpu", seed: int = 1) -> dict:
@@ -19,7 +19,7 @@ def tutorial_loop(data_dir: Path, epochs: int, device: str = "cpu", seed: int = 
 
     from train.data import prepare_embedded, validation_indices
 
-    p = get_preset("mnist-convnet", seed=seed)
+    p = get_preset(DEFAULT_PRESET, seed=seed)
     root = prepare_embedded(Path(data_dir))
     norm = transforms.Normalize((p.mean,), (p.std,))
     jitter = transforms.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1))
@@ -56,7 +56,7 @@ def tutorial_loop(data_dir: Path, epochs: int, device: str = "cpu", seed: int = 
 
 
 def ours(data_dir: Path, out: Path, epochs: int, device: str = "auto", seed: int = 1) -> dict:
-    p = get_preset("mnist-convnet", epochs=epochs, seed=seed)
+    p = get_preset(DEFAULT_PRESET, epochs=epochs, seed=seed)
     m = train(p, out, data_dir, device=device, quiet=True)
     return {"epochs": epochs, "epoch_seconds": [h["seconds"] for h in m["history"]],
             "test_accuracy": m["test_accuracy"], "device": m["device"]}  # fmt: skip
@@ -81,7 +81,7 @@ def run(data_dir: Path, out: Path, epochs: int = 15, device: str = "cpu", seeds=
             "accuracy_gap_points": 100 * (mean_accuracy(a) - mean_accuracy(b))}  # fmt: skip
 
 
-def processes(data_dir: Path, out: Path, epochs: int = 4, preset: str = "mnist-convnet", counts=(1, 2)) -> dict:
+def processes(data_dir: Path, out: Path, epochs: int = 4, preset: str = DEFAULT_PRESET, counts=(1, 2)) -> dict:
     """Epoch time and images/s of the default preset with 1 and 2 processes (torchrun, gloo), run as a user would.
 
     The first epoch is left out (start-up, first touches of the data)."""

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ def max_workers() -> int:
 class ModelConfig:
     """model-config.yaml: TorchServe's per-model settings (they beat config.properties)."""
 
+    _: KW_ONLY
     minWorkers: int = field(default_factory=default_workers)  # noqa: N815 - TorchServe's own key names
     maxWorkers: int = field(default_factory=default_workers)  # noqa: N815
     batchSize: int = 8  # noqa: N815
@@ -100,7 +101,8 @@ def sized(cost: Cost, workers: int | None = None) -> ModelConfig:
     # Threads help a model whose single pass is long; the tiny digit models only pay fork/join for them.
     threads = max(1, cores() // workers) if cost.batch1_ms > 10 else 1
     timeout = max(30, math.ceil(cost.batch1_ms * batch * 20 / 1000))
-    return ModelConfig(workers, workers, batch, delay, timeout, threads=threads)
+    return ModelConfig(minWorkers=workers, maxWorkers=workers, batchSize=batch, maxBatchDelay=delay,
+                       responseTimeout=timeout, threads=threads)  # fmt: skip
 
 
 def archiver() -> str:

@@ -11,6 +11,7 @@ import click
 from serve.archive import BACKENDS
 from train.presets import DEFAULT_PRESET
 
+ORT_BACKENDS = tuple(b for b in BACKENDS if b.startswith("onnx"))  # what the KServe runtime can run (no torch)
 MAX_CONCURRENCY = 1024  # loopback clients, each a thread: more only measures the load generator
 
 
@@ -176,7 +177,7 @@ def runtime_of(state_dir) -> str:
 )
 @click.option(
     "--backend",
-    type=click.Choice(["onnx", "onnx-int8"]),
+    type=click.Choice(ORT_BACKENDS),
     default="onnx",
     show_default=True,
     help="KServe only: which ONNX export to run.",
@@ -204,7 +205,7 @@ def start_command(runtime, model, model_store, export_dir, state_dir, inference_
             from serve import kserve
 
             cfg = kserve.KServeConfig(
-                export_dir=export_dir or f"exports/{model}", model=model, state_dir=state_dir,
+                export_dir or f"exports/{model}", model, state_dir=state_dir,
                 http_port=inference_port, grpc_port=grpc_ports[0], host=host, backend=backend,
             )  # fmt: skip
             cfg = kserve.start(cfg, timeout, behind_auth=behind_auth)
@@ -216,7 +217,7 @@ def start_command(runtime, model, model_store, export_dir, state_dir, inference_
         from serve import torchserve
 
         cfg = torchserve.ServerConfig(
-            model=model, model_store=model_store, state_dir=state_dir, inference_port=inference_port,
+            model, model_store=model_store, state_dir=state_dir, inference_port=inference_port,
             management_port=management_port, metrics_port=metrics_port, grpc_inference_port=grpc_ports[0],
             grpc_management_port=grpc_ports[1], token_auth=not no_token_auth, cors_origin=cors_origin,
         )  # fmt: skip
@@ -376,7 +377,7 @@ def deploy_group():
     show_default=True,
     help="torchserve: the InferenceService's protocolVersion.",
 )
-@click.option("--backend", type=click.Choice(["onnx", "onnx-int8"]), default="onnx", show_default=True)
+@click.option("--backend", type=click.Choice(ORT_BACKENDS), default="onnx", show_default=True)
 @click.option("--cpu", default="1", show_default=True, help="CPU request = limit per replica.")
 @click.option("--memory", default="1Gi", show_default=True, help="Memory request = limit per replica.")
 @click.option("--min-replicas", type=click.IntRange(0), default=1, show_default=True)

@@ -10,13 +10,13 @@ import subprocess
 import sys
 import time
 import urllib.error
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 
 import psutil
 
 from handlers.card import CARD_FILE, FORMAT_BY_BACKEND
-from serve.process import LOOPBACK, ServerError, http_json, log_marks, new_lines
+from serve.process import LOOPBACK, ServerError, free_ports, http_json, log_marks, new_lines
 
 MODULE = "handlers.kserve_model"
 LOG = "kserve.log"
@@ -26,6 +26,7 @@ LOG = "kserve.log"
 class KServeConfig:
     export_dir: str
     model: str
+    _: KW_ONLY
     state_dir: str = "serve-state"
     http_port: int = 8080
     grpc_port: int = 8081
@@ -34,6 +35,11 @@ class KServeConfig:
     threads: int = 1
     max_pixels: int = 0
     runtime: str = "kserve"
+
+    @classmethod
+    def on_free_ports(cls, export_dir: str, model: str, state_dir: str, **kw) -> KServeConfig:
+        http_port, grpc_port = free_ports(2)
+        return cls(export_dir, model, state_dir=state_dir, **{"http_port": http_port, "grpc_port": grpc_port, **kw})
 
     @property
     def inference_url(self) -> str:

@@ -10,12 +10,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 
 import psutil
 
-from serve.process import LOOPBACK, ServerError, http_json, log_marks, new_lines
+from serve.process import LOOPBACK, ServerError, free_ports, http_json, log_marks, new_lines
 
 PID_FILE = ".model_server.pid"
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
@@ -34,6 +34,7 @@ def queue_size(max_request_size: int = MAX_REQUEST_SIZE) -> int:
 @dataclass
 class ServerConfig:
     model: str
+    _: KW_ONLY
     model_store: str = "model_store"
     state_dir: str = "serve-state"
     inference_port: int = 8080
@@ -48,6 +49,13 @@ class ServerConfig:
     extra_models: tuple[str, ...] = ()  # more archives of the store to serve beside `model`
     cors_origin: str | None = None  # the one browser origin allowed to call inference (tokens off: README)
     runtime: str = "torchserve"
+
+    @classmethod
+    def on_free_ports(cls, model: str, model_store: str, state_dir: str, **kw) -> ServerConfig:
+        """Every port the kernel says is free now: for instances that must not clash (tests, benchmarks)."""
+        names = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
+        ports = dict(zip(names, free_ports(len(names))))
+        return cls(model, model_store=model_store, state_dir=state_dir, **{**ports, **kw})
 
     @property
     def models(self) -> tuple[str, ...]:

@@ -13,7 +13,6 @@ from handlers.onnx_model import load as load_onnx
 from serve import torchserve
 from serve.archive import ModelConfig, build_archive
 from serve.loadtest import Payload, Target, kill_worker_under_load, payloads, run_level
-from serve.process import free_ports
 from serve.samples import held_out_digits, png
 from tests.hostile import DIGIT, HOSTILE, encode
 
@@ -38,7 +37,7 @@ def hardened(tmp_path_factory, convnet_export):
     started again on the same state directory: the restart the issue saw fail."""
     store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
     build_archive(convnet_export.directory, store, config=ModelConfig())
-    cfg = torchserve.ServerConfig("mnist-convnet", str(store), str(state), *free_ports(5))
+    cfg = torchserve.ServerConfig.on_free_ports("mnist-convnet", str(store), str(state))
     facts = {}
     try:
         cfg = torchserve.start(cfg, timeout=240)

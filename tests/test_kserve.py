@@ -28,9 +28,8 @@ CLIENTS = {"http": thttp, "grpc": tgrpc}
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory, convnet_export):
-    http_port, grpc_port = free_ports(2)
     state = tmp_path_factory.mktemp("kserve-state")
-    cfg = kserve.KServeConfig(str(convnet_export.directory), "mnist", str(state), http_port, grpc_port)
+    cfg = kserve.KServeConfig.on_free_ports(str(convnet_export.directory), "mnist", str(state))
     try:
         yield kserve.start(cfg, timeout=120)
     finally:
@@ -154,7 +153,7 @@ def test_bad_requests_are_400_never_500(runtime, name, body, headers, words):
 
 
 def test_a_public_bind_without_auth_in_front_is_refused(convnet_export, tmp_path):
-    cfg = kserve.KServeConfig(str(convnet_export.directory), "mnist", str(tmp_path), *free_ports(2), host="0.0.0.0")
+    cfg = kserve.KServeConfig.on_free_ports(str(convnet_export.directory), "mnist", str(tmp_path), host="0.0.0.0")
     with pytest.raises(ServerError, match="no authentication"):
         kserve.start(cfg, timeout=30)
     assert kserve.pid(tmp_path) is None

@@ -16,7 +16,6 @@ from handlers.onnx_model import load as load_onnx
 from serve import torchserve
 from serve.archive import ModelConfig, build_archive
 from serve.page import serve, write_page
-from serve.process import free_ports
 from serve.samples import held_out_digits, on_paper, png
 from tests.conftest import ROOT
 
@@ -30,8 +29,8 @@ DIGITS, LABELS = held_out_digits()
 def relay_server(tmp_path_factory, convnet_export):
     """A TorchServe with token auth on, for the page's "ask the server" switch."""
     store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
-    build_archive(convnet_export.directory, store, config=ModelConfig(1, 1))
-    cfg = torchserve.ServerConfig("mnist-convnet", str(store), str(state), *free_ports(5))
+    build_archive(convnet_export.directory, store, config=ModelConfig(minWorkers=1, maxWorkers=1))
+    cfg = torchserve.ServerConfig.on_free_ports("mnist-convnet", str(store), str(state))
     try:
         yield torchserve.start(cfg, timeout=240)
     finally:
@@ -217,10 +216,14 @@ def test_the_autoencoders_page_shows_input_and_reconstruction(browser, tmp_path,
 
 
 def test_torchserves_cors_is_opened_for_the_pages_origin_only(tmp_path):
-    cfg = torchserve.ServerConfig("m", str(tmp_path), str(tmp_path), cors_origin="http://127.0.0.1:8765")
+    cfg = torchserve.ServerConfig(
+        "m", model_store=str(tmp_path), state_dir=str(tmp_path), cors_origin="http://127.0.0.1:8765"
+    )
     props = dict(line.split("=", 1) for line in torchserve.config_properties(cfg).splitlines())
     assert props["cors_allowed_origin"] == "http://127.0.0.1:8765" and "OPTIONS" in props["cors_allowed_methods"]
-    closed = torchserve.config_properties(torchserve.ServerConfig("m", str(tmp_path), str(tmp_path)))
+    closed = torchserve.config_properties(
+        torchserve.ServerConfig("m", model_store=str(tmp_path), state_dir=str(tmp_path))
+    )
     assert not [line for line in closed.splitlines() if line.startswith("cors_")]
 
 

@@ -15,7 +15,6 @@ from handlers.onnx_model import load as load_onnx
 from serve import torchserve
 from serve.archive import ModelConfig, build_archive
 from serve.loadtest import Target, sweep
-from serve.process import free_ports
 from serve.samples import held_out_digits, on_paper, png
 
 pytestmark = pytest.mark.serve
@@ -27,10 +26,9 @@ def served(tmp_path_factory, convnet_export):
     exp = convnet_export
     store = tmp_path_factory.mktemp("model_store")
     # a long batch delay so concurrent requests are sure to share a batch; one worker sees them all
-    build_archive(exp.directory, store, config=ModelConfig(1, 1, batchSize=8, maxBatchDelay=150))
-    ports = free_ports(5)
+    build_archive(exp.directory, store, config=ModelConfig(minWorkers=1, maxWorkers=1, batchSize=8, maxBatchDelay=150))
     state = tmp_path_factory.mktemp("state")
-    cfg = torchserve.ServerConfig("mnist-convnet", str(store), str(state), *ports)
+    cfg = torchserve.ServerConfig.on_free_ports("mnist-convnet", str(store), str(state))
     try:
         cfg = torchserve.start(cfg, timeout=240)
         yield cfg, exp
@@ -185,9 +183,10 @@ def test_worker_logs_only_warnings_by_default(served):
 
 def test_a_second_instance_on_taken_grpc_ports_fails_clearly_and_leaves_nothing(served, tmp_path):
     cfg, _ = served
-    ports = free_ports(3)  # its own HTTP ports, but the running instance's gRPC ports
-    second = torchserve.ServerConfig(cfg.model, cfg.model_store, str(tmp_path / "state"), *ports,
-                                 cfg.grpc_inference_port, cfg.grpc_management_port)  # fmt: skip
+    # its own HTTP ports, but the running instance's gRPC ports
+    second = torchserve.ServerConfig.on_free_ports(cfg.model, cfg.model_store, str(tmp_path / "state"),
+                                                   grpc_inference_port=cfg.grpc_inference_port,
+                                                   grpc_management_port=cfg.grpc_management_port)  # fmt: skip
     with pytest.raises(torchserve.ServerError) as e:
         torchserve.start(second, timeout=120)
     assert "Address already in use" in str(e.value)

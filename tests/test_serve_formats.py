@@ -6,7 +6,6 @@ from handlers.onnx_model import load as load_onnx
 from serve import torchserve
 from serve.archive import ModelConfig, build_archive
 from serve.loadtest import Payload, Target, payloads, run_level
-from serve.process import free_ports
 from tests.hostile import HOSTILE
 from tests.test_hardening import post
 
@@ -20,7 +19,7 @@ def served(tmp_path_factory, convnet_export):
     for name, backend in MODELS.items():
         build_archive(convnet_export.directory, store, name=name, backend=backend, config=ModelConfig())
     names = list(MODELS)
-    cfg = torchserve.ServerConfig(names[0], str(store), str(state), *free_ports(5), extra_models=tuple(names[1:]))
+    cfg = torchserve.ServerConfig.on_free_ports(names[0], str(store), str(state), extra_models=tuple(names[1:]))
     try:
         yield torchserve.start(cfg, timeout=240)
     finally:

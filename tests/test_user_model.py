@@ -19,7 +19,6 @@ from handlers.card import ModelCard
 from handlers.onnx_model import load as load_onnx
 from serve import torchserve
 from serve.archive import ModelConfig, build_archive
-from serve.process import free_ports
 from tests.conftest import ROOT, TORCHSHIP
 
 MODEL_FILE = textwrap.dedent('''
@@ -171,8 +170,8 @@ def served(user_exports, tmp_path_factory):
     work, _ = user_exports
     store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
     for name in ("petnet", "mobilenet"):
-        build_archive(work / name, store, config=ModelConfig(1, 1, batchSize=4, maxBatchDelay=5))
-    cfg = torchserve.ServerConfig("petnet", str(store), str(state), *free_ports(5), extra_models=("mobilenet",))
+        build_archive(work / name, store, config=ModelConfig(minWorkers=1, maxWorkers=1, batchSize=4, maxBatchDelay=5))
+    cfg = torchserve.ServerConfig.on_free_ports("petnet", str(store), str(state), extra_models=("mobilenet",))
     try:
         yield torchserve.start(cfg, timeout=240)
     finally:

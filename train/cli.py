@@ -7,7 +7,7 @@ import os
 
 import click
 
-from train.presets import DEFAULT_PRESET, PRESETS
+from train.presets import DATASETS, DEFAULT_PRESET, PRESETS
 
 
 def _hidden(_ctx, _param, value: str | None) -> list[int] | None:
@@ -45,7 +45,7 @@ def _positive(_ctx, param, value: float | None) -> float | None:
 )
 @click.option(
     "--dataset",
-    type=click.Choice(["mnist-5k", "mnist", "fashion-mnist"]),
+    type=click.Choice(DATASETS),
     default=None,
     help="Override the preset's dataset (mnist-5k is embedded; the others download or read --data-dir).",
 )

@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 
 from train.mnist5k import EMBEDDED, FILES
-
-DATASETS = ("mnist-5k", "mnist", "fashion-mnist")
+from train.presets import DATASETS
 
 
 class DataError(Exception):

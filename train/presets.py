@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+DATASETS = ("mnist-5k", "mnist", "fashion-mnist")  # mnist-5k is embedded; the others download or read --data-dir
 DIGITS = [str(d) for d in range(10)]
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
