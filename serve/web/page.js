@@ -3,6 +3,7 @@
 "use strict";
 
 const state = { card: null, session: null, last: null, errors: [] };
+const TOPK = 5; // bars shown, in the browser and from the server
 window.torchship = state; // what tests (and curious people) read
 
 const $ = (id) => document.getElementById(id);
@@ -88,7 +89,7 @@ function softmax(scores) {
 function respond(card, output) {
   if (card.task === "reconstruct") return { reconstruction: output };
   const probs = card.output_kind === "probabilities" ? Array.from(output) : softmax(Array.from(output));
-  const order = probs.map((p, i) => i).sort((a, b) => probs[b] - probs[a] || a - b).slice(0, Math.min(5, probs.length));
+  const order = probs.map((p, i) => i).sort((a, b) => probs[b] - probs[a] || a - b).slice(0, Math.min(TOPK, probs.length));
   const round = (p) => Math.round(p * 1e6) / 1e6;
   return { label: card.labels[order[0]], probability: round(probs[order[0]]),
            topk: order.map((i) => ({ label: card.labels[i], probability: round(probs[i]) })) };
@@ -181,7 +182,8 @@ async function ask(bytes, type) {
   let answer;
   try {
     const r = await fetch("relay/predictions", { method: "POST", body: bytes,
-      headers: { "Content-Type": type || "application/octet-stream", ...(key ? { Authorization: `Bearer ${key}` } : {}) } });
+      headers: { "Content-Type": type || "application/octet-stream", "X-TopK": String(Math.min(TOPK, state.card.labels.length)),
+                 ...(key ? { Authorization: `Bearer ${key}` } : {}) } });
     const body = await r.json().catch(() => ({}));
     answer = r.ok ? body : { error: `${r.status}: ${body.error || body.message || "the server refused"}` };
   } catch (e) {
