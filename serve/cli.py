@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from serve.archive import BACKENDS
+from serve.deploy import PROTOCOLS, RUNTIMES, SCALE_METRICS
 from train.presets import DEFAULT_PRESET
 
 ORT_BACKENDS = tuple(b for b in BACKENDS if b.startswith("onnx"))  # what the KServe runtime can run (no torch)
@@ -114,7 +115,6 @@ STATE = click.option(
     show_default=True,
     help="This instance's config, logs, keys and pid file.",
 )
-RUNTIMES = ("torchserve", "kserve")
 
 
 def runtime_of(state_dir) -> str:
@@ -372,7 +372,7 @@ def deploy_group():
 )
 @click.option(
     "--protocol",
-    type=click.Choice(["v1", "v2"]),
+    type=click.Choice(PROTOCOLS),
     default="v2",
     show_default=True,
     help="torchserve: the InferenceService's protocolVersion.",
@@ -384,7 +384,7 @@ def deploy_group():
 @click.option("--max-replicas", type=click.IntRange(1), default=3, show_default=True)
 @click.option(
     "--scale-metric",
-    type=click.Choice(["concurrency", "rps", "cpu", "memory"]),
+    type=click.Choice(SCALE_METRICS),
     default="concurrency",
     show_default=True,
 )
