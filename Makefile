@@ -1,4 +1,4 @@
-# `make train export serve` on a fresh machine: the first target creates .venv and installs everything.
+# `make train export serve` and `make test` on a bare machine: system packages first, then .venv with everything.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,23 +6,61 @@ STAMP := $(VENV)/.installed
 PRESET ?= mnist-convnet
 RUN := runs/$(PRESET)
 EXPORT := exports/$(PRESET)
-INFERENCE_PORT ?= 8080
-MANAGEMENT_PORT ?= 8081
-METRICS_PORT ?= 8082
-GRPC_PORTS ?= 7070 7071
 BACKEND ?= onnx
 RUNTIME ?= torchserve
 SERVE_FLAGS ?=
 
-.PHONY: all install train export verify serve stop status loadtest page bench test lint clean
+# What the machine itself must have, as command:package (Debian and Ubuntu names; `ubuntu:` entries replace them
+# there). Serving needs Java 17 (TorchServe) and npm (the page's onnxruntime-web); the tests also drive Chromium
+# through chromedriver and compile AOTInductor packages with g++.
+SERVE_SYSTEM := python-venv:python3-venv java:openjdk-17-jre-headless npm:npm
+TEST_SYSTEM := $(SERVE_SYSTEM) g++:g++ chromium:chromium chromedriver:chromium-driver
+UBUNTU_NAMES := chromium:chromium-browser chromedriver:chromium-chromedriver
+
+.PHONY: all install system-serve system-test train export verify serve stop status loadtest page bench gpu-check \
+	test test-fast lint clean
 
 all: train export serve
 
+# One line when something is installed, nothing when all is there; without root or password-less sudo, stop
+# before any work with the exact command to run.
+define SYSTEM_CHECK
+missing=""; \
+. /etc/os-release 2>/dev/null || true; \
+for pair in $(1); do \
+  cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+  if [ "$$ID" = ubuntu ]; then for u in $(UBUNTU_NAMES); do [ "$${u%%:*}" = "$$cmd" ] && pkg=$${u#*:}; done; fi; \
+  case $$cmd in \
+    python-venv) $(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 && continue ;; \
+    java) v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1); \
+          [ -n "$$v" ] && [ "$$v" -ge 17 ] && continue ;; \
+    chromium) { command -v chromium || command -v chromium-browser; } >/dev/null 2>&1 && continue ;; \
+    *) command -v $$cmd >/dev/null 2>&1 && continue ;; \
+  esac; \
+  missing="$$missing $$pkg"; \
+done; \
+[ -z "$$missing" ] && exit 0; \
+if ! command -v apt-get >/dev/null 2>&1; then \
+  echo "torchship needs these system packages (Debian names):$$missing; install them with your package manager"; exit 1; \
+elif [ "$$(id -u)" = 0 ]; then apt="apt-get"; \
+elif sudo -n true 2>/dev/null; then apt="sudo apt-get"; \
+else echo "missing system packages:$$missing; run: sudo apt-get install -y$$missing"; exit 1; fi; \
+echo "installing system packages with $$apt:$$missing"; \
+log=$$(mktemp); { $$apt update -qq && DEBIAN_FRONTEND=noninteractive $$apt install -y -qq$$missing; } >$$log 2>&1 \
+  || { cat $$log; rm -f $$log; exit 1; }; rm -f $$log
+endef
+
+system-serve:
+	@$(call SYSTEM_CHECK,$(SERVE_SYSTEM))
+
+system-test:
+	@$(call SYSTEM_CHECK,$(TEST_SYSTEM))
+
 # --no-compile: byte-compiling torch's 5 GB of CUDA wheels costs a minute and buys nothing here.
 # npm: onnxruntime-web, which `torchship page` vendors into every page (package-lock.json pins it).
-$(STAMP): pyproject.toml serve/web/package-lock.json
+$(STAMP): pyproject.toml serve/web/package-lock.json | system-serve
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[dev,kserve]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
 	npm ci --prefix serve/web --no-audit --no-fund --ignore-scripts --loglevel=error
 	touch $(STAMP)
 
@@ -37,16 +75,15 @@ export: $(STAMP)
 verify: $(STAMP)
 	$(BIN)/torchship verify $(EXPORT)
 
+# Ports and the rest are `torchship serve start`'s own defaults (--help); SERVE_FLAGS passes anything else.
 # RUNTIME=kserve serves the export itself (no archive) over the Open Inference Protocol, REST and gRPC.
-serve: $(STAMP)
-ifeq ($(RUNTIME),kserve)
-	$(BIN)/torchship serve start --runtime kserve --model $(PRESET) --export-dir $(EXPORT) \
-		--inference-port $(INFERENCE_PORT) --grpc-ports $(GRPC_PORTS) --backend $(BACKEND) $(SERVE_FLAGS)
-else
+serve: $(STAMP) system-serve
+ifeq ($(RUNTIME),torchserve)
 	$(BIN)/torchship archive $(EXPORT) --backend $(BACKEND)
-	$(BIN)/torchship serve start --model $(PRESET) --inference-port $(INFERENCE_PORT) \
-		--management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT) \
-		--grpc-ports $(GRPC_PORTS) $(SERVE_FLAGS)
+	$(BIN)/torchship serve start --model $(PRESET) $(SERVE_FLAGS)
+else
+	$(BIN)/torchship serve start --runtime $(RUNTIME) --model $(PRESET) --export-dir $(EXPORT) --backend $(BACKEND) \
+		$(SERVE_FLAGS)
 endif
 
 stop: $(STAMP)
@@ -58,15 +95,23 @@ status: $(STAMP)
 loadtest: $(STAMP)
 	$(BIN)/torchship loadtest --out $(RUN)/loadtest
 
-# The model page on http://127.0.0.1:8765, its "ask the server" switch relaying to `make serve`'s TorchServe.
+# The model page on http://127.0.0.1:8765, its "ask the server" switch relaying to `make serve`'s server.
 page: $(STAMP)
 	$(BIN)/torchship page $(EXPORT) --serve --server-state serve-state
 
-bench: $(STAMP)
+bench: $(STAMP) system-serve
 	$(BIN)/python -m bench.run
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# On a machine with a CUDA PyTorch and no network: `make gpu-check PYTHON=python3` runs from the checkout, no install.
+gpu-check:
+	$(PYTHON) -m bench.gpu
+
+test: $(STAMP) system-test
+	$(BIN)/pytest -q
+
+# The unit tests: no servers, no compiles, no browser (under a minute).
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.formats import present, read_card
-from export.user_model import rebuild
-from export.verify import flops_per_image
-from handlers import runtime
-from handlers.card import FORMAT_BY_NAME
-from handlers.onnx_model import load as load_onnx
+from torchship.export.formats import present, read_card
+from torchship.export.user_model import rebuild
+from torchship.export.verify import flops_per_image
+from torchship.runtime import runners
+from torchship.runtime.card import FORMAT_BY_NAME
+from torchship.runtime.onnx_model import load as load_onnx
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
@@ -63,7 +63,7 @@ def backends(export_dir: Path, batch: int, flops: int) -> dict:
             path = export_dir / FORMAT_BY_NAME[name].file
             fns[backend] = load_onnx(path, threads=1 if one_thread else 0, spinning=not one_thread).run
         else:
-            fns[backend] = runtime.load(export_dir, backend, threads=torch_threads).run
+            fns[backend] = runners.load(export_dir, backend, threads=torch_threads).run
     torch.set_num_threads(torch_threads)
     return fns
 

@@ -17,9 +17,9 @@ import onnxruntime
 import torch
 
 from bench import inference, serving, training
-from handlers.card import FORMAT_BY_NAME
-from serve.archive import ModelConfig
-from train.presets import DEFAULT_PRESET
+from torchship.runtime.card import FORMAT_BY_NAME
+from torchship.serve.archive import ModelConfig
+from torchship.train.presets import DEFAULT_PRESET
 
 RESULTS = Path(__file__).with_name("results.json")
 PARTS = ("inference", "resnet18", "serving", "formats", "workers", "training", "ddp")
@@ -39,12 +39,12 @@ def machine() -> dict:
 def ensure_export(run_dir: Path, export_dir: Path, data_dir: Path) -> None:
     """Benchmark the default model as `make train export` leaves it, building it first if needed."""
     if not (run_dir / "best.pt").is_file():
-        from train.fit import train
-        from train.presets import get_preset
+        from torchship.train.fit import train
+        from torchship.train.presets import get_preset
 
         train(get_preset(DEFAULT_PRESET), run_dir, data_dir, quiet=True)
     if not all((export_dir / FORMAT_BY_NAME[f].file).is_file() for f in FORMAT_BY_NAME):
-        from export.formats import Options, export_checkpoint
+        from torchship.export.formats import Options, export_checkpoint
 
         print("exporting every format (the pt2 compiles for a minute or two) ...", flush=True)
         export_checkpoint(run_dir / "best.pt", export_dir, tuple(FORMAT_BY_NAME), options=Options(data_dir))
@@ -54,8 +54,8 @@ def resnet18_export(work: Path) -> Path:
     """torchvision's ResNet-18 (random weights: speed does not depend on them) through `export --model`'s path."""
     import torchvision
 
-    from export.formats import export_model, stamp
-    from export.user_model import user_model
+    from torchship.export.formats import export_model, stamp
+    from torchship.export.user_model import user_model
 
     weights = work / "resnet18.pt"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)

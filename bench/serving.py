@@ -13,9 +13,9 @@ from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from serve import kserve, torchserve
-from serve.archive import ModelConfig, build_archive
-from serve.loadtest import Level, Target, kill_worker_under_load, payloads, percentiles, run_level
+from torchship.serve import kserve, torchserve
+from torchship.serve.archive import ModelConfig, build_archive
+from torchship.serve.loadtest import Level, Target, kill_worker_under_load, payloads, percentiles, run_level
 
 BASELINE_HANDLER = Path(__file__).with_name("baseline_handler.py")
 

@@ -8,16 +8,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from train.fit import train
-from train.models import build_model
-from train.presets import DEFAULT_PRESET, get_preset
+from torchship.train.fit import train
+from torchship.train.models import build_model
+from torchship.train.presets import DEFAULT_PRESET, get_preset
 
 
 def tutorial_loop(data_dir: Path, epochs: int, device: str = "cpu", seed: int = 1) -> dict:
     """pytorch/examples mnist/main.py's loop, with the same model, optimiser and jitter as our preset."""
     from torchvision import datasets, transforms
 
-    from train.data import prepare_embedded, validation_indices
+    from torchship.train.data import prepare_embedded, validation_indices
 
     p = get_preset(DEFAULT_PRESET, seed=seed)
     root = prepare_embedded(Path(data_dir))

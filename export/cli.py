@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from export.tolerance import ATOL, RTOL
-from handlers.card import DEFAULT_FORMATS, FORMAT_BY_NAME, RECIPES
+from torchship.export.tolerance import ATOL, RTOL
+from torchship.runtime.card import DEFAULT_FORMATS, FORMAT_BY_NAME, RECIPES
 
 TOLERANCES = [
     click.option("--atol", type=click.FloatRange(min=0), default=ATOL, show_default=True, help="Absolute tolerance."),
@@ -56,7 +56,7 @@ def format_list(_ctx, _param, value: str):
 
 
 def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
-    from export.verify import VerificationError, failure_message, table, verify, write_report
+    from torchship.export.verify import VerificationError, failure_message, table, verify, write_report
 
     click.echo("proving the export computes the eager model's function ...", err=True)
     try:
@@ -137,10 +137,10 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, labels, mean,
     """Export CHECKPOINT (or --model SPEC --weights FILE) to every format, then prove each matches the eager model."""
     from pathlib import Path
 
-    from export.formats import ExportError, Options, export_checkpoint, export_model, stamp
-    from export.user_model import ModelLoadError
-    from handlers.card import CardError, safe_name
-    from train.checkpoint import CheckpointError
+    from torchship.export.formats import ExportError, Options, export_checkpoint, export_model, stamp
+    from torchship.export.user_model import ModelLoadError
+    from torchship.runtime.card import CardError, safe_name
+    from torchship.train.checkpoint import CheckpointError
 
     if (checkpoint is None) == (spec is None):
         raise click.UsageError("give either a torchship CHECKPOINT or --model SPEC --weights FILE")
@@ -162,7 +162,7 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, labels, mean,
             exported = export_checkpoint(checkpoint, out_dir, formats, name=name, progress=progress, options=options)
             source = Path(checkpoint)
         else:
-            from export.user_model import parse_kwargs, user_model
+            from torchship.export.user_model import parse_kwargs, user_model
 
             progress(f"building {spec} and loading {weights}")
             model, card = user_model(

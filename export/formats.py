@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from handlers.card import (
+from torchship.runtime.card import (
     CARD_FILE,
     DEFAULT_FORMATS,
     FORMAT_BY_NAME,
@@ -152,7 +152,7 @@ def export_pt2(model: torch.nn.Module, card: ModelCard, path: Path, options: Opt
 def int8_calibration(card: ModelCard, options: Options):
     from onnxruntime.quantization import CalibrationDataReader
 
-    from export.inputs import calibration_images
+    from torchship.export.inputs import calibration_images
 
     images, source = calibration_images(card, options.data_dir, options.calibration)
 
@@ -256,7 +256,7 @@ def export_checkpoint(
     """A torchship checkpoint to out_dir (default exports/NAME): its card, stamped with where it came from."""
     from dataclasses import replace
 
-    from export.user_model import from_checkpoint
+    from torchship.export.user_model import from_checkpoint
 
     model, card, epoch = from_checkpoint(ckpt_path)
     card = stamp(replace(card, name=name) if name else card, Path(ckpt_path), epoch)

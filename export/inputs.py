@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from handlers.card import ModelCard
-from handlers.images import InputError, Preprocessor
+from torchship.runtime.card import ModelCard
+from torchship.runtime.images import InputError, Preprocessor
 
 CALIBRATION_IMAGES = 1024  # enough for MinMax ranges to settle (bench/NOTES.md, int8)
 CALIBRATION_BYTES = 1 << 26  # at most 64 MB of calibration inputs: 111 images at 3x224x224
@@ -23,7 +23,7 @@ def normalise(card: ModelCard, pixels: np.ndarray) -> np.ndarray:
 
 def dataset_split(card: ModelCard, data_dir: Path | str, train: bool):
     """The card's dataset split as a (images, labels) pair, or None when it is not on this disk."""
-    from train import data
+    from torchship.train import data
 
     if card.dataset not in data.DATASETS or card.input_shape != (1, 28, 28):
         return None

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from handlers.card import BUILTIN_ARCHITECTURES, GREY_RECIPES, Architecture, CardError, ModelCard
-from train import checkpoint
+from torchship.runtime.card import BUILTIN_ARCHITECTURES, GREY_RECIPES, Architecture, CardError, ModelCard
+from torchship.train import checkpoint
 
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")  # where common checkpoint layouts keep the weights
 SAVE_HINT = "save a state dict instead: torch.save(model.state_dict(), 'weights.pt')"
@@ -74,7 +74,7 @@ def parse_kwargs(pairs: Sequence[str]) -> dict:
 def build(spec: str, kwargs: Mapping) -> torch.nn.Module:
     """Our own architectures directly; anything else by importing the spec."""
     if spec in BUILTIN_ARCHITECTURES.values():
-        from train.models import build_builtin
+        from torchship.train.models import build_builtin
 
         return build_builtin(spec, kwargs)
     factory = import_callable(spec)

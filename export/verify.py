@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.formats import present, read_card, sha256
-from export.inputs import proof_inputs
-from export.tolerance import ATOL, FORMAT_LOOSENING, RTOL, compare, tolerance
-from handlers.card import FORMAT_BY_NAME, CardError, ModelCard
+from torchship.export.formats import present, read_card, sha256
+from torchship.export.inputs import proof_inputs
+from torchship.export.tolerance import ATOL, FORMAT_LOOSENING, RTOL, compare, tolerance
+from torchship.runtime.card import FORMAT_BY_NAME, CardError, ModelCard
 
 BATCH_SIZES = (1, 2, 7, 64)  # the last is capped at the number of proof images
 FLOP_BUDGET = 1e11  # about 20 s of this 2-core machine for the whole proof: big models get fewer images
@@ -122,13 +122,13 @@ def image_count(flops: int, backends: int, batch_sizes: int = len(BATCH_SIZES)) 
 
 def backends(export_dir: Path, model: torch.nn.Module, formats: list[str], threads: int = 0) -> dict:
     """Every exact format present, as a function of a numpy batch; eager float32 first."""
-    from handlers import runtime
+    from torchship.runtime import runners
 
-    fns = {"eager-fp32": runtime.torch_runner(model)}
+    fns = {"eager-fp32": runners.torch_runner(model)}
     for name in formats:
         fmt = FORMAT_BY_NAME[name]
         if fmt.exact:
-            fns[fmt.backend] = runtime.load(export_dir, fmt.backend, threads=threads or torch.get_num_threads()).run
+            fns[fmt.backend] = runners.load(export_dir, fmt.backend, threads=threads or torch.get_num_threads()).run
     return fns
 
 
@@ -141,8 +141,8 @@ def approximate(export_dir: Path, card: ModelCard, model: torch.nn.Module, forma
     """Every approximate format on the whole labelled held-out set where there is one, else on the proof's images."""
     import onnxruntime as ort
 
-    from export.inputs import dataset_split, normalise
-    from handlers import runtime
+    from torchship.export.inputs import dataset_split, normalise
+    from torchship.runtime import runners
 
     out = []
     for name in formats:
@@ -158,8 +158,8 @@ def approximate(export_dir: Path, card: ModelCard, model: torch.nn.Module, forma
             inputs = f"the proof's {len(x)} images (no labelled held-out set: accuracy not measured)"
         path = export_dir / fmt.file
         meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
-        ref = batched(runtime.torch_runner(model), x)
-        got = batched(runtime.load(export_dir, fmt.backend, threads=torch.get_num_threads()).run, x)
+        ref = batched(runners.torch_runner(model), x)
+        got = batched(runners.load(export_dir, fmt.backend, threads=torch.get_num_threads()).run, x)
         err = np.abs(got.astype(np.float64) - ref)
         agreement = float((got.argmax(1) == ref.argmax(1)).mean())
         acc_f = acc = change = None
@@ -195,8 +195,8 @@ def check(backend: str, bs: int, got, shape_ok, dtype_ok, ref, *, atol, rtol, cl
 
 
 def load_for_proof(export_dir: Path, source: Path | str | None) -> tuple[ModelCard, torch.nn.Module, list[str]]:
-    from export.user_model import ModelLoadError, rebuild
-    from train.checkpoint import CheckpointError
+    from torchship.export.user_model import ModelLoadError, rebuild
+    from torchship.train.checkpoint import CheckpointError
 
     if not (export_dir / "meta.json").is_file():
         raise VerificationError(f"{export_dir / 'meta.json'} is missing: run `torchship export` first")

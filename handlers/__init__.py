@@ -1,5 +1,7 @@
-"""Serving-side code: image preprocessing, the ONNX embedding API and the TorchServe handler.
+"""torchship's runtime: image and tensor preprocessing, the ONNX embedding, the TorchServe handler and the Open
+Inference Protocol server.
 
-Nothing here imports torch at module level except image_handler.py, so apps can embed the ONNX model
-with onnxruntime alone, and every module also imports flat from a TorchServe archive's model directory.
+Torch-free (only the TorchServe handler and the TorchScript/pt2 runners import torch, and only when used) and
+self-contained: relative imports only, so this one folder works as `torchship.runtime`, as `torchship_runtime`
+inside every archive and deploy bundle, or copied into an app.
 """

@@ -29,8 +29,10 @@ CROP_RATIO = 0.875  # torchvision's classification presets: resize to 256, centr
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
 # The architectures a torchship checkpoint may name: a checkpoint is data, so it never picks code to import.
-BUILTIN_ARCHITECTURES = {"mlp": "train.models:MLP", "convnet": "train.models:ConvNet",
-                         "autoencoder": "train.models:AutoEncoder"}  # fmt: skip
+BUILTIN_ARCHITECTURES = {"mlp": "torchship.train.models:MLP", "convnet": "torchship.train.models:ConvNet",
+                         "autoencoder": "torchship.train.models:AutoEncoder"}  # fmt: skip
+# Cards and checkpoints written before torchship became one package name `train.models:ConvNet`: the one alias.
+LEGACY_ARCHITECTURES = {spec.removeprefix("torchship."): spec for spec in BUILTIN_ARCHITECTURES.values()}
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class Architecture:
 
     spec: str
     kwargs: Mapping = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "spec", LEGACY_ARCHITECTURES.get(self.spec, self.spec))
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps
 
-try:  # the repository layout
-    from handlers.card import GREY_RECIPES, ModelCard
-except ImportError:  # pragma: no cover - flat inside a TorchServe archive
-    from card import GREY_RECIPES, ModelCard
+from .card import GREY_RECIPES, ModelCard
 
 # Only these decoders ever see request bytes: Pillow's other plugins (EPS runs Ghostscript) are never tried.
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")

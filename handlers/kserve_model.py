@@ -17,15 +17,9 @@ import kserve
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
 
-try:  # the repository layout
-    from handlers import runtime, v2
-    from handlers.card import ModelCard
-    from handlers.images import Preprocessor
-except ImportError:  # pragma: no cover - flat, as in the deploy bundle's container
-    import runtime
-    import v2
-    from card import ModelCard
-    from images import Preprocessor
+from . import runners, v2
+from .card import ModelCard
+from .images import Preprocessor
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +33,7 @@ class ImageModel(kserve.Model):
     def load(self) -> bool:
         """Ready only once the card validates and the model file runs."""
         self.card = ModelCard.load(self.model_dir)
-        self.runner = runtime.load(self.model_dir, self.backend, threads=self.threads)
+        self.runner = runners.load(self.model_dir, self.backend, threads=self.threads)
         self.preprocessor = Preprocessor(self.card, self.max_pixels)
         self.ready = True
         return self.ready

@@ -1,6 +1,6 @@
 """Embed an exported model in any app with onnxruntime alone: no torch import, anywhere.
 
-from handlers.onnx_model import load
+from torchship.runtime.onnx_model import load
 model = load("exports/mnist-convnet/model.onnx")
 model.predict("digit.png")  # -> {"label": "7", "probability": 0.99, "topk": [...]}
 """
@@ -14,14 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-try:  # the repository layout
-    from handlers.card import ONNX_METADATA_KEY, CardError, ModelCard
-    from handlers.images import InputError, Preprocessor
-    from handlers.responses import DEFAULT_TOPK, respond
-except ImportError:  # pragma: no cover - flat inside a TorchServe archive
-    from card import ONNX_METADATA_KEY, CardError, ModelCard
-    from images import InputError, Preprocessor
-    from responses import DEFAULT_TOPK, respond
+from .card import ONNX_METADATA_KEY, CardError, ModelCard
+from .images import InputError, Preprocessor
+from .responses import DEFAULT_TOPK, respond
 
 OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

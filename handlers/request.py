@@ -11,12 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-try:  # the repository layout
-    from handlers.images import InputError
-    from handlers.responses import DEFAULT_TOPK
-except ImportError:  # pragma: no cover - flat inside a TorchServe archive
-    from images import InputError
-    from responses import DEFAULT_TOPK
+from .images import InputError
+from .responses import DEFAULT_TOPK
 
 FILE_FIELDS = ("data", "body", "file", "image")  # raw body arrives as "body"; form files under their field name
 OPTION_FIELDS = ("topk",)

@@ -11,10 +11,7 @@ import io
 import numpy as np
 from PIL import Image
 
-try:  # the repository layout
-    from handlers.card import ModelCard
-except ImportError:  # pragma: no cover - flat inside a TorchServe archive
-    from card import ModelCard
+from .card import ModelCard
 
 DEFAULT_TOPK = 3
 

@@ -17,14 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-try:  # the repository layout
-    from handlers.card import ModelCard
-    from handlers.images import InputError, Preprocessor
-    from handlers.responses import probabilities
-except ImportError:  # pragma: no cover - flat inside a TorchServe archive
-    from card import ModelCard
-    from images import InputError, Preprocessor
-    from responses import probabilities
+from .card import ModelCard
+from .images import InputError, Preprocessor
+from .responses import probabilities
 
 IMAGES, ARRAY = "images", "input"
 PROBABILITIES, LABEL, RECONSTRUCTION = "probabilities", "label", "reconstruction"

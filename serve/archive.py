@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from handlers.card import CARD_FILE, FORMAT_BY_BACKEND, CardError, ModelCard
+from torchship.runtime.card import CARD_FILE, FORMAT_BY_BACKEND, CardError, ModelCard
+from torchship.serve.shipping import stage_torchserve_handler
 
-HANDLERS = Path(__file__).resolve().parents[1] / "handlers"
-HANDLER = HANDLERS / "image_handler.py"
 BACKENDS = tuple(FORMAT_BY_BACKEND)
 BATCH_BUDGET_MS = 50  # a full batch should take about this long, so a queued request waits at most ~2 of them
 
@@ -77,9 +76,9 @@ class Cost:
 
 def measure(export_dir: Path | str, backend: str, card: ModelCard, seconds: float = 0.5) -> Cost:
     """Median forward time at batch 1 and 8 with one thread: what a single-threaded worker will see."""
-    from handlers import runtime
+    from torchship.runtime import runners
 
-    run = runtime.load(export_dir, backend, threads=1).run
+    run = runners.load(export_dir, backend, threads=1).run
     out = {}
     for n in (1, 8):
         x = np.zeros((n, *card.input_shape), np.float32)
@@ -110,11 +109,6 @@ def archiver() -> str:
     return str(exe) if exe.exists() else (shutil.which("torch-model-archiver") or "torch-model-archiver")
 
 
-def handler_modules(handler: Path = HANDLER) -> list[Path]:
-    """Every module of handlers/ beside the handler itself: the worker imports them flat from the archive."""
-    return sorted(p for p in HANDLERS.glob("*.py") if p.name != "__init__.py" and p.resolve() != handler.resolve())
-
-
 def build_archive(
     export_dir: Path | str,
     model_store: Path | str = "model_store",
@@ -124,9 +118,10 @@ def build_archive(
     config: ModelConfig | None = None,
     handler: Path | None = None,
 ) -> Path:
-    """Write <model_store>/<name>.mar holding the model, our handler and its modules, the card and the config.
+    """Write <model_store>/<name>.mar holding the model, the runtime package with its handler, the card and the config.
 
-    config=None leaves model-config.yaml out: TorchServe's defaults (no batching, a worker per core).
+    config=None leaves model-config.yaml out: TorchServe's defaults (no batching, a worker per core); `handler`, a
+    handler file of your own instead of ours (the bench's stock baseline).
     """
     export_dir, store = Path(export_dir), Path(model_store)
     card_path = export_dir / CARD_FILE
@@ -144,11 +139,14 @@ def build_archive(
         raise ArchiveError(f"{model} not found: run `torchship export --formats ...,{fmt.name}` first")
     name = name or card.name
     store.mkdir(parents=True, exist_ok=True)
-    handler = handler or HANDLER
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "model-config.yaml"
         cfg.write_text(config.yaml() if config else "")
-        extra = [str(p) for p in handler_modules(handler)] + [str(card_path)]
+        staged = Path(tmp) / "extra"
+        staged.mkdir()
+        shutil.copy(card_path, staged / CARD_FILE)
+        handler = Path(handler) if handler else stage_torchserve_handler(staged)
+        extra = [str(staged)]  # torch-model-archiver copies a folder's contents into the archive's root
         cmd = [
             archiver(),
             "--model-name", name,

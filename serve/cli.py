@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from serve.archive import BACKENDS
-from serve.deploy import PROTOCOLS, RUNTIMES, SCALE_METRICS
-from train.presets import DEFAULT_PRESET
+from torchship.serve.archive import BACKENDS
+from torchship.serve.deploy import PROTOCOLS, RUNTIMES, SCALE_METRICS
+from torchship.train.presets import DEFAULT_PRESET
 
 ORT_BACKENDS = tuple(b for b in BACKENDS if b.startswith("onnx"))  # what the KServe runtime can run (no torch)
 MAX_CONCURRENCY = 1024  # loopback clients, each a thread: more only measures the load generator
@@ -71,8 +71,8 @@ def archive_command(export_dir, backend, model_store, name, workers, batch_size,
     """Package EXPORT_DIR into MODEL_STORE/NAME.mar with our image handler, sized from the model's measured cost."""
     from dataclasses import replace
 
-    from handlers.card import CARD_FILE, CardError, ModelCard, safe_name
-    from serve.archive import ArchiveError, build_archive, max_workers, measure, sized
+    from torchship.runtime.card import CARD_FILE, CardError, ModelCard, safe_name
+    from torchship.serve.archive import ArchiveError, build_archive, max_workers, measure, sized
 
     if workers is not None and workers > max_workers():
         raise click.BadParameter(
@@ -197,12 +197,12 @@ def runtime_of(state_dir) -> str:
 def start_command(runtime, model, model_store, export_dir, state_dir, inference_port, management_port, metrics_port,
                   grpc_ports, no_token_auth, cors_origin, backend, host, behind_auth, timeout):  # fmt: skip
     """Start a server and wait until MODEL is ready; print a working request to try."""
-    from serve.process import ServerError
-    from serve.samples import write_sample
+    from torchship.serve.process import ServerError
+    from torchship.serve.samples import write_sample
 
     try:
         if runtime == "kserve":
-            from serve import kserve
+            from torchship.serve import kserve
 
             cfg = kserve.KServeConfig(
                 export_dir or f"exports/{model}", model, state_dir=state_dir,
@@ -214,7 +214,7 @@ def start_command(runtime, model, model_store, export_dir, state_dir, inference_
                        f"logs in {cfg.state_dir}/logs")  # fmt: skip
             click.echo(f"try it (a photographed-style {label}):\n  {kserve.curl_example(cfg, sample)}")
             return
-        from serve import torchserve
+        from torchship.serve import torchserve
 
         cfg = torchserve.ServerConfig(
             model, model_store=model_store, state_dir=state_dir, inference_port=inference_port,
@@ -235,10 +235,10 @@ def start_command(runtime, model, model_store, export_dir, state_dir, inference_
 def lifecycle(state_dir):
     """The lifecycle module of the runtime STATE_DIR records."""
     if runtime_of(state_dir) == "kserve":
-        from serve import kserve
+        from torchship.serve import kserve
 
         return kserve
-    from serve import torchserve
+    from torchship.serve import torchserve
 
     return torchserve
 
@@ -263,7 +263,7 @@ def status_command(state_dir):
 @click.option("--api", type=click.Choice(["inference", "management"]), default="inference", show_default=True)
 def key_command(state_dir, api):
     """Print the TorchServe instance's token (for `Authorization: Bearer ...`)."""
-    from serve.torchserve import keys
+    from torchship.serve.torchserve import keys
 
     if runtime_of(state_dir) == "kserve":
         raise click.ClickException("the KServe runtime has no tokens: it listens on loopback, or behind your proxy")
@@ -331,7 +331,7 @@ def concurrency_list(_ctx, _param, value: str) -> tuple[int, ...]:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/loadtest", show_default=True)
 def loadtest_command(state_dir, concurrency, rate, duration, max_requests, style, images, out_dir):
     """Measure the running server (from STATE_DIR) on 127.0.0.1: throughput, latency, accuracy."""
-    from serve.loadtest import image_payloads, sweep, table, write
+    from torchship.serve.loadtest import image_payloads, sweep, table, write
 
     module = lifecycle(state_dir)
     if not module.status(state_dir).get("running"):
@@ -392,9 +392,9 @@ def deploy_group():
 def deploy_kserve_command(export_dir, out_dir, runtime, storage_uri, image, protocol, backend, cpu, memory,
                           min_replicas, max_replicas, scale_metric, scale_target):  # fmt: skip
     """Write a KServe InferenceService bundle for EXPORT_DIR to OUT (Docker cannot run here: build it where it can)."""
-    from handlers.card import CARD_FILE, CardError
-    from serve.archive import ArchiveError
-    from serve.deploy import DeployError, Resources, Scaling, write_bundle
+    from torchship.runtime.card import CARD_FILE, CardError
+    from torchship.serve.archive import ArchiveError
+    from torchship.serve.deploy import DeployError, Resources, Scaling, write_bundle
 
     if not (Path(export_dir) / CARD_FILE).is_file():
         raise click.ClickException(f"{Path(export_dir) / CARD_FILE} not found: run `torchship export` first")
@@ -431,7 +431,7 @@ def page_command(export_dir, out_dir, serve_it, port, server_state):
     """Write a page that shows EXPORT_DIR's card, proof and curves, and runs the model on what you draw or drop."""
     import time
 
-    from serve.page import PageError, serve, write_page
+    from torchship.serve.page import PageError, serve, write_page
 
     out = Path(out_dir or Path(export_dir) / "page")
     try:

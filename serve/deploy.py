@@ -13,15 +13,13 @@ from pathlib import Path
 
 import yaml
 
-from handlers.card import CARD_FILE, FORMAT_BY_BACKEND, ModelCard
-from serve.archive import HANDLERS, ModelConfig, build_archive
+from torchship.runtime.card import CARD_FILE, FORMAT_BY_BACKEND, ModelCard
+from torchship.serve.archive import ModelConfig, build_archive
+from torchship.serve.shipping import SHIPPED_NAME, copy_runtime
 
 RUNTIMES = ("torchserve", "kserve")
 PROTOCOLS = ("v1", "v2")
 SCALE_METRICS = ("concurrency", "rps", "cpu", "memory")
-# What the KServe runtime's container needs (handlers/kserve_model.py and what it imports): no torch.
-KSERVE_MODULES = ("__init__.py", "card.py", "images.py", "responses.py", "runtime.py", "v2.py", "onnx_model.py",
-                  "kserve_model.py")  # fmt: skip
 HTTP_PORT, GRPC_PORT = 8080, 8081
 
 
@@ -112,7 +110,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
-COPY handlers/ handlers/
+COPY {package}/ {package}/
 COPY model/ /mnt/models/
 USER 1000
 EXPOSE {http} {grpc}
@@ -123,7 +121,7 @@ CMD {cmd}
 
 
 def container_command(card: ModelCard, model_dir: str = "/mnt/models", host: str = "0.0.0.0") -> list[str]:
-    return ["python", "-m", "handlers.kserve_model", "--model_dir", model_dir, "--model_name", card.name,
+    return ["python", "-m", f"{SHIPPED_NAME}.kserve_model", "--model_dir", model_dir, "--model_name", card.name,
             "--http_port", str(HTTP_PORT), "--grpc_port", str(GRPC_PORT), "--host", host]  # fmt: skip
 
 
@@ -132,16 +130,17 @@ def kserve_bundle(export_dir: Path, out: Path, card: ModelCard, *, image: str, r
     """A Dockerfile for the torch-free runtime, its files, and an InferenceService with that custom container."""
     import json
 
-    (out / "handlers").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "model").mkdir(exist_ok=True)
-    for module in KSERVE_MODULES:
-        shutil.copy(HANDLERS / module, out / "handlers" / module)
+    package = copy_runtime(out)
     for f in (CARD_FILE, FORMAT_BY_BACKEND[backend].file):
         shutil.copy(export_dir / f, out / "model" / f)
     (out / "requirements.txt").write_text(requirements())
     cmd = container_command(card) + ([] if backend == "onnx" else ["--backend", backend])
     dockerfile = out / "Dockerfile"
-    dockerfile.write_text(DOCKERFILE.format(image=image, http=HTTP_PORT, grpc=GRPC_PORT, cmd=json.dumps(cmd)))
+    dockerfile.write_text(
+        DOCKERFILE.format(image=image, http=HTTP_PORT, grpc=GRPC_PORT, cmd=json.dumps(cmd), package=SHIPPED_NAME)
+    )
     container = {
         "name": "kserve-container",
         "image": image,
@@ -152,7 +151,7 @@ def kserve_bundle(export_dir: Path, out: Path, card: ModelCard, *, image: str, r
     manifest = out / "inferenceservice.yaml"
     manifest.write_text(yaml.safe_dump(inference_service(card.name, {"containers": [container]}, scaling),
                                        sort_keys=False))  # fmt: skip
-    return [dockerfile, out / "requirements.txt", out / "handlers", out / "model", manifest]
+    return [dockerfile, out / "requirements.txt", package, out / "model", manifest]
 
 
 def write_bundle(export_dir: Path | str, out: Path | str, *, runtime: str, storage_uri: str | None = None,

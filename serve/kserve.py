@@ -15,10 +15,10 @@ from pathlib import Path
 
 import psutil
 
-from handlers.card import CARD_FILE, FORMAT_BY_BACKEND
-from serve.process import LOOPBACK, ServerError, free_ports, http_json, log_marks, new_lines
+from torchship.runtime.card import CARD_FILE, FORMAT_BY_BACKEND
+from torchship.serve.process import LOOPBACK, ServerError, free_ports, http_json, log_marks, new_lines
 
-MODULE = "handlers.kserve_model"
+MODULE = "torchship.runtime.kserve_model"
 LOG = "kserve.log"
 
 
@@ -160,7 +160,7 @@ def load_instance(state_dir: Path | str) -> KServeConfig:
 
 def load_target(state_dir: Path | str):
     """What the load test sends to: the v2 infer route, one BYTES image per request."""
-    from serve.loadtest import Target
+    from torchship.serve.loadtest import Target
 
     cfg = load_instance(state_dir)
     return Target(LOOPBACK, cfg.http_port, cfg.model, protocol="v2")

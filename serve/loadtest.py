@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.samples import held_out_digits, on_paper, png
+from torchship.serve.samples import held_out_digits, on_paper, png
 
 PROTOCOLS = ("torchserve", "v2")  # TorchServe's /predictions, or the Open Inference Protocol (KServe)
 
@@ -336,6 +336,7 @@ class Disruption:
     failed: dict[str, int]  # status -> count, over the whole run
     failed_sent_after_kill: int  # requests that failed although sent after the kill (ideally none)
     in_flight_at_kill: int  # requests sent before and answered after the kill
+    failed_in_flight: int  # of those, the ones that failed: what the dead worker held
     recovery_s: float  # from the kill to the first success of a request sent after it
     longest_gap_s: float  # the longest time around the kill in which no request succeeded
     p99_ms: float
@@ -375,6 +376,7 @@ def kill_worker_under_load(
         failed=dict(failed),
         failed_sent_after_kill=sum(1 for start, _, status in events if status != 200 and start >= t_kill),
         in_flight_at_kill=sum(1 for start, end, _ in events if start < t_kill <= end),
+        failed_in_flight=sum(1 for start, end, status in events if status != 200 and start < t_kill <= end),
         recovery_s=(min(after) - t_kill) if after else float("inf"),
         longest_gap_s=max(b - a for a, b in zip(ok_ends, ok_ends[1:])) if len(ok_ends) > 1 else 0.0,
         p99_ms=level.latency_ms["p99"],

@@ -18,8 +18,8 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from handlers.card import CARD_FILE, FORMAT_BY_BACKEND, CardError, ModelCard
-from serve.process import LOOPBACK
+from torchship.runtime.card import CARD_FILE, FORMAT_BY_BACKEND, CardError, ModelCard
+from torchship.serve.process import LOOPBACK
 
 WEB = Path(__file__).with_name("web")
 STATIC = ("index.html", "page.css", "images.js", "page.js")
@@ -111,7 +111,7 @@ class PageHandler(SimpleHTTPRequestHandler):
         body = self.rfile.read(length)
         if self.state_dir is None:
             return self.error(404, "this page was started without --server-state: there is no server to ask")
-        from serve import torchserve
+        from torchship.serve import torchserve
 
         try:
             target = torchserve.load_target(self.state_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train.mnist5k import EMBEDDED
+from torchship.train.mnist5k import EMBEDDED
 
 
 def held_out_digits() -> tuple[np.ndarray, np.ndarray]:

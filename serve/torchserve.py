@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from serve.process import LOOPBACK, ServerError, free_ports, http_json, log_marks, new_lines
+from torchship.serve.process import LOOPBACK, ServerError, free_ports, http_json, log_marks, new_lines
 
 PID_FILE = ".model_server.pid"
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
@@ -48,6 +47,9 @@ class ServerConfig:
     extra: dict | None = None  # more config.properties lines (tuning experiments, site settings)
     extra_models: tuple[str, ...] = ()  # more archives of the store to serve beside `model`
     cors_origin: str | None = None  # the one browser origin allowed to call inference (tokens off: README)
+    # The interpreter TorchServe and its workers run under: any with TorchServe and the runtime's dependencies;
+    # torchship itself need not be installed there (the archive carries its runtime; tests prove it).
+    python: str = sys.executable
     runtime: str = "torchserve"
 
     @classmethod
@@ -104,9 +106,9 @@ def config_properties(cfg: ServerConfig) -> str:
     return "\n".join(f"{k}={v}" for k, v in lines.items()) + "\n"
 
 
-def _exe(name: str) -> str:
-    exe = Path(sys.executable).with_name(name)
-    return str(exe) if exe.exists() else (shutil.which(name) or name)
+def torchserve_command(python: str) -> list[str]:
+    """TorchServe's own CLI under PYTHON: its frontend starts every worker with that same interpreter."""
+    return [python, "-m", "ts.model_server"]
 
 
 def _env(state: Path) -> dict:
@@ -199,8 +201,8 @@ def start(cfg: ServerConfig, timeout: float = 180) -> ServerConfig:
     (state / "key_file.json").unlink(missing_ok=True)
     props = state / "config.properties"
     props.write_text(config_properties(cfg))
-    cmd = [_exe("torchserve"), "--start", "--ncs", "--ts-config", str(props), "--model-store", cfg.model_store,
-           "--log-config", str(LOG_CONFIG)]  # fmt: skip
+    cmd = [*torchserve_command(cfg.python), "--start", "--ncs", "--ts-config", str(props), "--model-store",
+           cfg.model_store, "--log-config", str(LOG_CONFIG)]  # fmt: skip
     if not cfg.token_auth:
         cmd.append("--disable-token-auth")
     # The daemon inherits our stdout: send it to a file, or reading a pipe would wait for the server's exit.
@@ -239,7 +241,12 @@ def stop(state_dir: Path | str = "serve-state", timeout: float = 60) -> bool:
         procs = [psutil.Process(p), *psutil.Process(p).children(recursive=True)]
     except psutil.NoSuchProcess:
         procs = []
-    subprocess.run([_exe("torchserve"), "--stop"], cwd=state, env=_env(state), capture_output=True, timeout=60)
+    try:
+        python = load_instance(state).python
+    except (ServerError, ValueError, TypeError):
+        python = sys.executable
+    python = python if Path(python).exists() else sys.executable
+    subprocess.run([*torchserve_command(python), "--stop"], cwd=state, env=_env(state), capture_output=True, timeout=60)
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:  # workers that outlived their frontend
         proc.kill()
@@ -290,7 +297,7 @@ def curl_example(cfg: ServerConfig, sample: Path) -> str:
 
 def load_target(state_dir: Path | str):
     """What the load test sends to: this instance's inference port, token and metrics."""
-    from serve.loadtest import Target
+    from torchship.serve.loadtest import Target
 
     cfg = load_instance(state_dir)
     key = keys(state_dir).get("inference", {}).get("key")

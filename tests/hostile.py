@@ -6,7 +6,7 @@ import json
 
 from PIL import Image
 
-from serve.samples import held_out_digits, png
+from torchship.serve.samples import held_out_digits, png
 
 
 def encode(img: Image.Image, fmt="PNG", **kw) -> bytes:

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from handlers.card import CardError, ModelCard
-from tests.conftest import ROOT, card
+from torchship.runtime.card import CardError, ModelCard
+
+from helpers import card
 
 LEGACY_EXPORT_META = {  # meta.json as torchship wrote it before the card (stop 7)
     "preset": "mnist-convnet", "arch": "convnet", "arch_kwargs": {}, "task": "classify", "input_shape": [1, 28, 28],
@@ -26,14 +27,14 @@ def test_round_trip_through_json_is_exact():
 
 
 def test_card_module_imports_nothing_but_the_standard_library():
-    code = "import sys; import handlers.card; print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    code = "import sys, torchship.runtime.card; print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]"
 
 
 def test_legacy_meta_of_old_exports_and_checkpoints_loads():
     c = ModelCard.from_dict(LEGACY_EXPORT_META)
-    assert c.name == "mnist-convnet" and c.architecture.spec == "train.models:ConvNet"
+    assert c.name == "mnist-convnet" and c.architecture.spec == "torchship.train.models:ConvNet"
     assert c.provenance.epoch == 7 and c.provenance.source_sha256 == "ab" * 32 and c.mean == (0.1302,)
     assert c.output_name == "log_probs" and c.metrics["test_accuracy"] == 0.97
 

@@ -6,10 +6,11 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, TORCHSHIP, quick
-from train import checkpoint
-from train.checkpoint import CheckpointError
-from train.fit import train
+from torchship.train import checkpoint
+from torchship.train.checkpoint import CheckpointError
+from torchship.train.fit import train
+
+from helpers import ROOT, TORCHSHIP, quick
 
 
 class Evil:
@@ -98,9 +99,7 @@ def test_kill_9_during_training_leaves_a_loadable_last_checkpoint(tmp_path, data
     ]
     epochs = []
     for delay in (0.05, 0.23, 0.41):
-        proc = subprocess.Popen(
-            cmd + (["--resume"] if epochs else []), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
-        )
+        proc = subprocess.Popen(cmd + (["--resume"] if epochs else []), cwd=tmp_path)
         deadline = time.monotonic() + 120
         start = epochs[-1] if epochs else 0
         while time.monotonic() < deadline:
@@ -152,12 +151,12 @@ def test_untrusted_checkpoint_metadata_is_a_one_line_error_that_writes_nothing(n
 
 
 def test_a_legacy_checkpoint_still_exports(tmp_path, good):
-    from export.formats import export_checkpoint
+    from torchship.export.formats import export_checkpoint
 
     ckpt = torch.load(good, weights_only=True)
     legacy(ckpt)
     path = tmp_path / "old.pt"
     torch.save(ckpt, path)
     exp = export_checkpoint(path, tmp_path / "export", formats=("onnx",))
-    assert exp.card.name == "mnist-mlp50" and exp.card.architecture.spec == "train.models:MLP"
+    assert exp.card.name == "mnist-mlp50" and exp.card.architecture.spec == "torchship.train.models:MLP"
     assert (tmp_path / "export" / "model.onnx").is_file()

@@ -1,5 +1,6 @@
 """Bad input on the command line: a clear one-line error and a non-zero exit, never a traceback."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, TORCHSHIP
+from helpers import ROOT, TORCHSHIP
 
 CASES = [  # (name, arguments, words the error must hold); {export} and {file} are filled in per test
     ("no cuda", ["train", "--device", "cuda"], "no usable CUDA GPU"),
@@ -54,11 +55,11 @@ def test_bad_command_lines_get_one_line_errors(name, args, words, convnet_export
 
 def test_the_embedding_example_explains_itself(convnet_export, tmp_path):
     example = [sys.executable, str(ROOT / "examples" / "embed_onnx.py")]
-    env = {"PYTHONPATH": str(ROOT)}
+    env = {**os.environ}
     (tmp_path / "notes.txt").write_text("not an image")
     Image.new("L", (28, 28), 0).save(tmp_path / "blank.png")
     digit = tmp_path / "digit.png"
-    from serve.samples import held_out_digits, png
+    from torchship.serve.samples import held_out_digits, png
 
     digit.write_bytes(png(held_out_digits()[0][0]))
     usage = subprocess.run(example, capture_output=True, text=True, env=env)

@@ -6,9 +6,10 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import ROOT, TORCHSHIP
-from train import data
-from train.mnist5k import EMBEDDED, FILES
+from torchship.train import data
+from torchship.train.mnist5k import EMBEDDED, FILES
+
+from helpers import ROOT, TORCHSHIP
 
 
 def test_embedded_files_match_their_checksums():

@@ -11,10 +11,11 @@ import zipfile
 import numpy as np
 import yaml
 
-from serve.deploy import Scaling, inference_service
-from serve.process import free_ports
-from serve.samples import held_out_digits, png
-from tests.conftest import ROOT, TORCHSHIP
+from torchship.serve.deploy import Scaling, inference_service
+from torchship.serve.process import free_ports
+from torchship.serve.samples import held_out_digits, png
+
+from helpers import ROOT, TORCHSHIP, no_torch
 
 
 def validated(*docs) -> list[list[str]]:
@@ -101,20 +102,18 @@ def test_a_manifest_with_a_mistake_does_not_validate():
         assert problems and any(words in p for p in problems), (mistake, problems)
 
 
-def test_the_containers_command_serves_the_bundle_without_torch(convnet_export, tmp_path):
-    """What `docker run` would start, run here from the bundle's own files, with `import torch` made to fail."""
+def test_the_containers_command_serves_the_bundle_without_torch(convnet_export, tmp_path, bare_python):
+    """What `docker run` would start, run here from the bundle's own files under a Python where torchship is not
+    installed and `import torch` fails."""
     import tritonclient.http as thttp
 
     out = tmp_path / "bundle"
     assert deploy(convnet_export.directory, out, "--runtime", "kserve").returncode == 0
-    blocker = tmp_path / "no-torch" / "torch"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('torch is not in the runtime image')\n")
     cmd = json.loads((out / "Dockerfile").read_text().split("CMD ", 1)[1])
     http_port, grpc_port = free_ports(2)
     swap = {"/mnt/models": str(out / "model"), "0.0.0.0": "127.0.0.1", "8080": str(http_port), "8081": str(grpc_port)}
-    cmd = [sys.executable if a == "python" else swap.get(a, a) for a in cmd]
-    env = {**os.environ, "PYTHONPATH": f"{blocker.parent}{os.pathsep}{out}"}
+    cmd = [str(bare_python) if a == "python" else swap.get(a, a) for a in cmd]
+    env = {**os.environ, "PYTHONPATH": f"{no_torch(tmp_path / 'blocker')}{os.pathsep}{out}"}
     proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     try:

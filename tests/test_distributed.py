@@ -13,10 +13,11 @@ import psutil
 import pytest
 import torch
 
-from serve.process import free_ports
-from tests.conftest import ROOT, TORCHSHIP
-from train import checkpoint
-from train.distributed import Ranks, without_launch_flags
+from torchship.serve.process import free_ports
+from torchship.train import checkpoint
+from torchship.train.distributed import Ranks, without_launch_flags
+
+from helpers import ROOT, TORCHSHIP
 
 MLP = ["train", "--preset", "mnist-mlp", "--quiet"]  # SGD, no augmentation, no dropout: equal results are expected
 
@@ -113,12 +114,21 @@ def test_kill_9_of_a_rank_ends_the_run_and_resume_finishes_it(tmp_path, data_dir
     assert r.returncode == 0 and checkpoint.load(out / "last.pt")["epoch"] == epoch + 4
 
 
-def test_a_rendezvous_nobody_answers_fails_in_bounded_time(tmp_path, data_dir):
+def test_a_rendezvous_nobody_answers_ends_the_command_by_itself(tmp_path, data_dir):
     (port,) = free_ports(1)
-    t0 = time.monotonic()
-    r = train(tmp_path / "run", data_dir, "--nnodes", 2, "--node-rank", 1, "--rdzv-endpoint", f"127.0.0.1:{port}",
-              "--rdzv-timeout", 3)  # fmt: skip
-    assert r.returncode == 1 and time.monotonic() - t0 < 60
+    r = train(
+        tmp_path / "run",
+        data_dir,
+        "--nnodes",
+        2,
+        "--node-rank",
+        1,
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-timeout",
+        3,
+    )  # fmt: skip (train() raises TimeoutExpired if it never ends)
+    assert r.returncode == 1
     assert len(errors(r)) == 1 and "could not gather the 2 machine(s)" in errors(r)[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
 

@@ -1,6 +1,6 @@
 import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,13 +8,15 @@ import onnx
 import pytest
 import torch
 
-from export.formats import export_checkpoint, sha256
-from export.tolerance import compare
-from export.verify import failure_message, verify
-from handlers.card import ModelCard
-from tests.conftest import ROOT, TORCHSHIP, quick
-from train.fit import train
-from train.presets import PRESETS
+from torchship.export.formats import export_checkpoint, sha256
+from torchship.export.tolerance import compare
+from torchship.export.verify import failure_message, verify
+from torchship.runtime.card import ModelCard
+from torchship.serve.shipping import copy_runtime
+from torchship.train.fit import train
+from torchship.train.presets import PRESETS
+
+from helpers import ROOT, TORCHSHIP, no_torch, quick
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +142,20 @@ def test_verify_refuses_an_export_whose_checkpoint_changed(exports, tmp_path, da
     assert r.returncode == 1 and "changed since this export" in r.stderr
 
 
-def test_onnx_embedding_imports_no_torch_and_agrees_with_eager(exports, data_dir):
-    """In a fresh interpreter: load, predict every held-out digit, and torch must never have been imported."""
+def test_onnx_embedding_needs_the_runtime_folder_and_no_torch(exports, data_dir, bare_python, tmp_path):
+    """An app with a copy of the runtime folder, onnxruntime, numpy and Pillow (no torchship installed, `import torch`
+    failing): load, predict every held-out digit, and agree with eager PyTorch."""
     exp = exports["mnist-convnet"]
+    app = tmp_path / "app"
+    copy_runtime(app)
     code = f"""
 import json, sys
 import numpy as np
-from handlers.onnx_model import load
+try:
+    import torch
+except ImportError:
+    torch = None
+from torchship_runtime.onnx_model import load
 model = load({str(exp.onnx)!r})
 raw = {str(data_dir / "mnist-5k" / "MNIST" / "raw")!r}
 images = np.fromfile(raw + "/t10k-images-idx3-ubyte", np.uint8, offset=16).reshape(-1, 28, 28)
@@ -154,16 +163,17 @@ labels = [r["label"] for r in model.predict(list(images))]
 one = model.predict(images[0])
 assert one["label"] == labels[0] and len(one["topk"]) == 3
 assert model.predict([]) == []  # a list in, a list out: no images, no forward pass
-print(json.dumps({{"labels": labels, "torch": "torch" in sys.modules}}))
+print(json.dumps({{"labels": labels, "torch": torch is not None}}))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": f"{no_torch(tmp_path / 'blocker')}{os.pathsep}{app}"}
+    r = subprocess.run([bare_python, "-c", code], capture_output=True, text=True, cwd=app, env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["torch"] is False
     ckpt = torch.load(exp.card.provenance.source, weights_only=True)
-    from train.checkpoint import model_from_checkpoint
-    from train.data import load as load_data
-    from train.data import to_tensor
+    from torchship.train.checkpoint import model_from_checkpoint
+    from torchship.train.data import load as load_data
+    from torchship.train.data import to_tensor
 
     model = model_from_checkpoint(ckpt)
     _, test = load_data("mnist-5k", data_dir)

@@ -13,11 +13,12 @@ import onnx
 import pytest
 import torch
 
-from export.formats import ExportError, Options, export_checkpoint
-from export.inputs import calibration_images, dataset_split
-from export.verify import verify
-from handlers.card import ModelCard
-from tests.conftest import ROOT, TORCHSHIP
+from torchship.export.formats import ExportError, Options, export_checkpoint
+from torchship.export.inputs import calibration_images, dataset_split
+from torchship.export.verify import verify
+from torchship.runtime.card import ModelCard
+
+from helpers import ROOT, TORCHSHIP
 
 
 def test_every_format_carries_the_same_card(convnet_export):
@@ -115,8 +116,9 @@ print("ok")
 
 
 def test_int8_is_refused_for_a_reconstruction_model(tmp_path, data_dir):
-    from tests.conftest import quick
-    from train.fit import train
+    from torchship.train.fit import train
+
+    from helpers import quick
 
     train(quick("mnist-autoencoder", epochs=1), tmp_path / "run", data_dir, quiet=True)
     with pytest.raises(ExportError, match="int8 is for classifiers"):

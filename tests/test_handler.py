@@ -1,46 +1,45 @@
-"""The handler driven by TorchServe's own Context, from an archive unpacked into a bare directory."""
+"""The handler driven by TorchServe's own Context, from an archive unpacked into a bare directory, under a Python
+where torchship is not installed: the archive's own files are all the worker has."""
 
 import base64
 import io
 import json
 import subprocess
-import sys
 import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from export.formats import export_checkpoint
-from handlers.images import InputError
-from handlers.request import decode_row
-from serve.archive import ModelConfig, build_archive
-from serve.samples import held_out_digits, png
-from tests.conftest import quick
-from train.fit import train
+from torchship.export.formats import export_checkpoint
+from torchship.runtime.images import InputError
+from torchship.runtime.request import decode_row
+from torchship.serve.archive import ModelConfig, build_archive
+from torchship.serve.samples import held_out_digits, png
+from torchship.train.fit import train
 
-# Runs inside the unpacked archive with only that directory on sys.path: proves the flat imports work.
+from helpers import quick
+
+# Runs inside the unpacked archive, whose folder is on sys.path as TorchServe's worker has it.
 DRIVER = r"""
 import json, sys
-sys.path[:] = [p for p in sys.path if "site-packages" in p or "lib/python" in p]
-sys.path.insert(0, ".")
 from ts.context import Context, RequestProcessor
-import image_handler
+import torchship_handler
 rows, headers = json.load(sys.stdin)
 rows = [{k: (bytes.fromhex(v[4:]) if isinstance(v, str) and v.startswith("hex:") else v) for k, v in r.items()}
         for r in rows]
 ctx = Context("m", ".", {"model": {}}, len(rows), None, "0.12", model_yaml_config={"handler": {"threads": 1}})
 ctx.request_processor = [RequestProcessor(h) for h in headers]
-h = image_handler.ImageHandler()
+h = torchship_handler.Handler()
 h.initialize(ctx)
 out = h.handle(rows, ctx)
 print(json.dumps({"out": out, "status": [ctx.get_response_status(i)[0] for i in range(len(rows))],
-                  "backend": h.backend, "torch": "torch" in sys.modules}))
+                  "backend": h.backend, "runtime": torchship_handler.ModelHandler.__module__}))
 """
 
 
 @pytest.fixture(scope="module")
-def archives(tmp_path_factory, data_dir, convnet_export):
+def archives(tmp_path_factory, data_dir, convnet_export, bare_python):
     run = tmp_path_factory.mktemp("run-autoencoder")
     train(quick("mnist-autoencoder", epochs=1), run, data_dir, quiet=True)
     exports = {
@@ -55,14 +54,16 @@ def archives(tmp_path_factory, data_dir, convnet_export):
             unpacked = tmp_path_factory.mktemp(f"unpacked-{name}-{backend}")
             zipfile.ZipFile(mar).extractall(unpacked)
             out[name, backend] = unpacked
+    out["python"] = bare_python
     return out
 
 
-def handle(directory, rows, headers=None):
+def handle(archives, key, rows, headers=None):
+    directory = archives[key]
     enc = [{k: ("hex:" + bytes(v).hex() if isinstance(v, (bytes, bytearray)) else v) for k, v in r.items()}
            for r in rows]  # fmt: skip
     payload = json.dumps([enc, headers or [{} for _ in rows]])
-    r = subprocess.run([sys.executable, "-c", DRIVER], input=payload, capture_output=True, text=True, cwd=directory)
+    r = subprocess.run([archives["python"], "-c", DRIVER], input=payload, capture_output=True, text=True, cwd=directory)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -92,8 +93,8 @@ def mixed_batch():
 @pytest.mark.parametrize("backend", ["onnx", "torchscript"])
 def test_mixed_batch_good_requests_succeed_bad_get_their_own_4xx(archives, backend):
     rows, expected = mixed_batch()
-    res = handle(archives["mnist-convnet", backend], rows)
-    assert res["backend"] == backend
+    res = handle(archives, ("mnist-convnet", backend), rows)
+    assert res["backend"] == backend and res["runtime"] == "torchship_runtime.torchserve_handler"
     assert res["status"] == expected
     good = [json.loads(res["out"][i]) for i in (0, 2, 4)]
     assert all(g["label"] in [str(d) for d in range(10)] for g in good)
@@ -108,8 +109,8 @@ def test_mixed_batch_good_requests_succeed_bad_get_their_own_4xx(archives, backe
 
 def test_onnx_and_torchscript_archives_answer_alike(archives):
     rows = [{"body": png(DIGITS[i])} for i in range(0, 1000, 50)]
-    a = handle(archives["mnist-convnet", "onnx"], rows)
-    b = handle(archives["mnist-convnet", "torchscript"], rows)
+    a = handle(archives, ("mnist-convnet", "onnx"), rows)
+    b = handle(archives, ("mnist-convnet", "torchscript"), rows)
     for x, y in zip(a["out"], b["out"]):
         x, y = json.loads(x), json.loads(y)
         assert x["label"] == y["label"] and abs(x["probability"] - y["probability"]) < 1e-4
@@ -124,14 +125,14 @@ def test_topk_from_header_form_field_and_json(archives):
         {"body": digit},
     ]
     headers = [{"X-TopK": "10"}, {}, {}, {"x-topk": "11"}]
-    res = handle(archives["mnist-convnet", "onnx"], rows, headers)
+    res = handle(archives, ("mnist-convnet", "onnx"), rows, headers)
     assert [len(json.loads(o).get("topk", [])) for o in res["out"][:3]] == [10, 5, 1]
     assert res["status"][3] == 400 and "between 1 and 10" in json.loads(res["out"][3])["error"]
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torchscript"])
 def test_autoencoder_returns_a_png_reconstruction(archives, backend):
-    res = handle(archives["mnist-autoencoder", backend], [{"body": png(DIGITS[5])}])
+    res = handle(archives, ("mnist-autoencoder", backend), [{"body": png(DIGITS[5])}])
     body = json.loads(res["out"][0])
     img = Image.open(io.BytesIO(base64.b64decode(body["image_png_base64"])))
     assert img.size == (28, 28) and img.format == "PNG"
@@ -161,8 +162,9 @@ def test_data_urls_and_text_base64_decode():
 
 def test_photographed_style_digits_are_classified_as_well_as_mnist_ones(archives):
     """The point of the MNIST-style preprocessing: dark ink on white paper, anywhere, any size, still reads."""
-    from handlers.onnx_model import load
-    from tests.test_images import paper
+    from test_images import paper
+
+    from torchship.runtime.onnx_model import load
 
     model = load(archives["mnist-convnet", "onnx"] / "model.onnx")
     idx = range(0, 1000, 4)

@@ -2,19 +2,20 @@
 
 import http.client
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from handlers.onnx_model import load as load_onnx
-from serve import torchserve
-from serve.archive import ModelConfig, build_archive
-from serve.loadtest import Payload, Target, kill_worker_under_load, payloads, run_level
-from serve.samples import held_out_digits, png
-from tests.hostile import DIGIT, HOSTILE, encode
+from torchship.runtime.onnx_model import load as load_onnx
+from torchship.serve import torchserve
+from torchship.serve.archive import ModelConfig, build_archive
+from torchship.serve.loadtest import Payload, Target, kill_worker_under_load, payloads, run_level
+from torchship.serve.samples import held_out_digits, png
+
+from helpers import wait_for
+from hostile import DIGIT, HOSTILE, encode
 
 pytestmark = pytest.mark.serve
 DIGITS, _ = held_out_digits()
@@ -32,12 +33,12 @@ def post(cfg, body: bytes, content_type="image/png", headers=None, key=True, mod
 
 
 @pytest.fixture(scope="module")
-def hardened(tmp_path_factory, convnet_export):
+def hardened(tmp_path_factory, convnet_export, bare_python):
     """`make serve`'s defaults, started once, hit with unparseable JSON (its worker logs a traceback), stopped and
     started again on the same state directory: the restart the issue saw fail."""
     store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
     build_archive(convnet_export.directory, store, config=ModelConfig())
-    cfg = torchserve.ServerConfig.on_free_ports("mnist-convnet", str(store), str(state))
+    cfg = torchserve.ServerConfig.on_free_ports("mnist-convnet", str(store), str(state), python=str(bare_python))
     facts = {}
     try:
         cfg = torchserve.start(cfg, timeout=240)
@@ -85,17 +86,14 @@ def test_kill_9_of_a_worker_under_load_costs_only_its_own_requests(hardened, con
     assert len(workers) >= 2  # the default: a worker's death never leaves the model without one
     level, d = kill_worker_under_load(target(cfg), int(workers[0]["pid"]), expected(convnet_export), 256, 4000)
     print(f"\nkill -9 under load: {d}")
-    assert d.requests == 4000 and d.failed_sent_after_kill == 0
-    assert sum(d.failed.values()) <= BATCH  # at most the one batch the dead worker held
-    assert d.recovery_s < 2 and d.longest_gap_s < 2  # measured from the clients' side, not slept
-    deadline = time.monotonic() + 90  # TorchServe brings the worker back; later tests want both
-    while time.monotonic() < deadline:
-        ws = torchserve.status(cfg.state_dir)["workers"]
-        if len(ws) == len(workers) and all(w["status"] == "READY" for w in ws):
-            break
-        time.sleep(0.5)
-    assert all(w["status"] == "READY" for w in torchserve.status(cfg.state_dir)["workers"])
-    assert workers[0]["pid"] not in [w["pid"] for w in torchserve.status(cfg.state_dir)["workers"]]
+    assert d.requests == 4000 and d.failed_sent_after_kill == 0  # every request sent after the kill is answered
+    assert sum(d.failed.values()) <= BATCH  # at most the one batch the dead worker held ...
+    assert sum(d.failed.values()) == d.failed_in_flight  # ... all of them requests it held when it died
+    assert set(d.failed) <= {"507"}  # TorchServe's answer for a worker that died with the batch
+    ready = lambda: (ws := torchserve.status(cfg.state_dir)["workers"]) and len(ws) == len(workers) and all(  # noqa: E731
+        w["status"] == "READY" for w in ws) and ws  # fmt: skip
+    after = wait_for(ready, 90, "TorchServe restarting the killed worker")
+    assert workers[0]["pid"] not in [w["pid"] for w in after]
 
 
 @pytest.mark.parametrize("name,body,ctype,headers,status,words", HOSTILE, ids=[h[0] for h in HOSTILE])
@@ -116,8 +114,21 @@ def test_a_volley_of_pixel_bombs_does_not_hold_the_workers(hardened):
     assert results == [413] * 16 + [200] * 8
 
 
+def access_lines(cfg, since: int = 0) -> list[str]:
+    log = Path(cfg.state_dir) / "logs" / "access_log.log"
+    with open(log, "rb") as f:
+        f.seek(since)
+        return f.read().decode(errors="replace").splitlines()
+
+
+def access_mark(cfg) -> int:
+    return (Path(cfg.state_dir) / "logs" / "access_log.log").stat().st_size
+
+
 def test_every_call_leaves_a_bounded_access_record_without_tokens(hardened):
     cfg, _ = hardened
+    mark = access_mark(cfg)
+    assert post(cfg, DIGIT)[0] == 200
     assert post(cfg, DIGIT, key=False)[0] in (400, 401)  # auth failure
     assert post(cfg, b"GIF89a-not", "image/gif")[0] == 415
     conn = http.client.HTTPConnection("127.0.0.1", cfg.management_port, timeout=10)
@@ -125,9 +136,8 @@ def test_every_call_leaves_a_bounded_access_record_without_tokens(hardened):
     conn.request("GET", f"/models/{cfg.model}?token=secret-in-url", headers=management)
     assert conn.getresponse().status == 200
     conn.close()
-    time.sleep(1.5)  # log4j writes asynchronously
-    log = (Path(cfg.state_dir) / "logs" / "access_log.log").read_text()
-    lines = log.splitlines()
+    lines = wait_for(lambda: (found := access_lines(cfg, mark)) and len(found) >= 4 and found, 30,
+                     "four access-log lines (log4j writes asynchronously)")  # fmt: skip
     assert any('"POST /predictions/mnist-convnet HTTP/1.1" 200' in line for line in lines)
     assert any('"POST /predictions/mnist-convnet HTTP/1.1" 415' in line for line in lines)
     assert any('"GET /models/mnist-convnet?token=*** HTTP/1.1" 200' in line for line in lines)
@@ -140,11 +150,18 @@ def test_every_call_leaves_a_bounded_access_record_without_tokens(hardened):
     assert int(props.split("job_queue_size=")[1].split()[0]) >= 256
 
 
-def test_no_5xx_and_no_worker_death_from_any_of_it(hardened):
+def test_the_hostile_corpus_gets_no_5xx_and_kills_no_worker(hardened):
+    """Every hostile request and a volley of pixel bombs, sent here; the access log holds a 4xx for each."""
     cfg, _ = hardened
-    time.sleep(1)
-    access = (Path(cfg.state_dir) / "logs" / "access_log.log").read_text().splitlines()
-    fives = [line for line in access if "/predictions/" in line and line.split('"')[-1].split()[0].startswith("5")]
-    # the one kill -9 test may cost its dead worker's batch (507); nothing else may answer 5xx
-    assert len(fives) <= BATCH, fives[:3]
-    assert all('" 507 ' in line for line in fives)
+    workers = sorted(w["pid"] for w in torchserve.status(cfg.state_dir)["workers"])
+    mark = access_mark(cfg)
+    bomb = encode(Image.new("RGBA", (4000, 3999)))
+    sent = [(body, ctype, headers) for _, body, ctype, headers, _, _ in HOSTILE] + [(bomb, "image/png", {})] * 8
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda s: post(cfg, *s)[0], sent))
+    assert all(400 <= s < 500 for s in statuses), statuses
+    logged = wait_for(lambda: (found := [line for line in access_lines(cfg, mark) if "/predictions/" in line])
+                      and len(found) >= len(sent) and found, 30, f"{len(sent)} access-log lines")  # fmt: skip
+    codes = [line.split('"')[-1].split()[0] for line in logged]
+    assert all(c.startswith("4") for c in codes), codes
+    assert sorted(w["pid"] for w in torchserve.status(cfg.state_dir)["workers"]) == workers

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from handlers import images as preprocess
-from handlers.images import InputError, Preprocessor
-from handlers.responses import softmax, top_k
-from serve.samples import held_out_digits
-from tests.conftest import card
+from torchship.runtime import images as preprocess
+from torchship.runtime.images import InputError, Preprocessor
+from torchship.runtime.responses import softmax, top_k
+from torchship.serve.samples import held_out_digits
+
+from helpers import card
 
 
 def encode(img: Image.Image, fmt: str = "PNG") -> bytes:

@@ -13,12 +13,13 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from handlers.onnx_model import load as load_onnx
-from handlers.responses import probabilities
-from serve import kserve
-from serve.process import ServerError, free_ports
-from serve.samples import held_out_digits, png
-from tests.conftest import ROOT, TORCHSHIP
+from torchship.runtime.onnx_model import load as load_onnx
+from torchship.runtime.responses import probabilities
+from torchship.serve import kserve
+from torchship.serve.process import ServerError, free_ports
+from torchship.serve.samples import held_out_digits, png
+
+from helpers import ROOT, TORCHSHIP
 
 pytestmark = pytest.mark.serve
 DIGITS, LABELS = held_out_digits()
@@ -129,7 +130,7 @@ BAD = [  # (name, body, extra headers, words in the 400's message)
     ("too few values", v2_json({"name": "input", "datatype": "FP32", "shape": [2, 1, 28, 28],
                                 "data": [0.0] * 784}), {}, "values"),
     ("NaN", v2_json({"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28],
-                     "data": [float("nan")] * 784}).replace(b"NaN", b"NaN"), {}, ""),
+                     "data": [float("nan")] * 784}), {}, "NaN"),
     ("not base64", v2_json({"name": "images", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}), {}, "base64"),
     ("two inputs", v2_json({"name": "images", "datatype": "BYTES", "shape": [1], "data": ["aGk="]},
                            {"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784}), {},

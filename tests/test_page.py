@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handlers.onnx_model import load as load_onnx
-from serve import torchserve
-from serve.archive import ModelConfig, build_archive
-from serve.page import serve, write_page
-from serve.samples import held_out_digits, on_paper, png
-from tests.conftest import ROOT
+from torchship.runtime.onnx_model import load as load_onnx
+from torchship.serve import torchserve
+from torchship.serve.archive import ModelConfig, build_archive
+from torchship.serve.page import serve, write_page
+from torchship.serve.samples import held_out_digits, on_paper, png
+
+from helpers import ROOT
 
 pytestmark = pytest.mark.serve
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -26,11 +27,11 @@ DIGITS, LABELS = held_out_digits()
 
 
 @pytest.fixture(scope="module")
-def relay_server(tmp_path_factory, convnet_export):
+def relay_server(tmp_path_factory, convnet_export, bare_python):
     """A TorchServe with token auth on, for the page's "ask the server" switch."""
     store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
     build_archive(convnet_export.directory, store, config=ModelConfig(minWorkers=1, maxWorkers=1))
-    cfg = torchserve.ServerConfig.on_free_ports("mnist-convnet", str(store), str(state))
+    cfg = torchserve.ServerConfig.on_free_ports("mnist-convnet", str(store), str(state), python=str(bare_python))
     try:
         yield torchserve.start(cfg, timeout=240)
     finally:
@@ -194,9 +195,10 @@ def test_asking_the_server_shows_both_answers_and_keeps_the_key_out_of_files(bro
 
 
 def test_the_autoencoders_page_shows_input_and_reconstruction(browser, tmp_path, data_dir):
-    from export.formats import export_checkpoint
-    from tests.conftest import quick
-    from train.fit import train
+    from torchship.export.formats import export_checkpoint
+    from torchship.train.fit import train
+
+    from helpers import quick
 
     train(quick("mnist-autoencoder", epochs=1), tmp_path / "run", data_dir, quiet=True)
     exp = export_checkpoint(tmp_path / "run" / "best.pt", tmp_path / "export", ("onnx",))
@@ -230,7 +232,7 @@ def test_torchserves_cors_is_opened_for_the_pages_origin_only(tmp_path):
 def test_the_page_command_writes_a_folder_that_needs_no_build(tmp_path, convnet_export):
     import subprocess
 
-    from tests.conftest import TORCHSHIP
+    from helpers import TORCHSHIP
 
     r = subprocess.run([*TORCHSHIP, "page", str(convnet_export.directory), "--out", str(tmp_path / "p")],
                        capture_output=True, text=True, cwd=ROOT)  # fmt: skip

@@ -1,25 +1,28 @@
 """pt2 and int8 archives behind a real TorchServe: the load test and the hostile corpus pass on both."""
 
 import pytest
+from test_hardening import post
 
-from handlers.onnx_model import load as load_onnx
-from serve import torchserve
-from serve.archive import ModelConfig, build_archive
-from serve.loadtest import Payload, Target, payloads, run_level
-from tests.hostile import HOSTILE
-from tests.test_hardening import post
+from torchship.runtime.onnx_model import load as load_onnx
+from torchship.serve import torchserve
+from torchship.serve.archive import ModelConfig, build_archive
+from torchship.serve.loadtest import Payload, Target, payloads, run_level
+
+from hostile import HOSTILE
 
 pytestmark = pytest.mark.serve
 MODELS = {"mnist-pt2": "pt2", "mnist-int8": "onnx-int8"}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, convnet_export):
+def served(tmp_path_factory, convnet_export, bare_python):
     store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
     for name, backend in MODELS.items():
         build_archive(convnet_export.directory, store, name=name, backend=backend, config=ModelConfig())
     names = list(MODELS)
-    cfg = torchserve.ServerConfig.on_free_ports(names[0], str(store), str(state), extra_models=tuple(names[1:]))
+    cfg = torchserve.ServerConfig.on_free_ports(
+        names[0], str(store), str(state), extra_models=tuple(names[1:]), python=str(bare_python)
+    )
     try:
         yield torchserve.start(cfg, timeout=240)
     finally:

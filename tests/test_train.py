@@ -5,11 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import quick
-from train import checkpoint
-from train.distributed import Ranks
-from train.fit import Loop, Meter, criterion, evaluate, train
-from train.presets import PRESETS, get_preset
+from torchship.train import checkpoint
+from torchship.train.distributed import Ranks
+from torchship.train.fit import Loop, Meter, criterion, evaluate, train
+from torchship.train.presets import PRESETS, get_preset
+
+from helpers import quick
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

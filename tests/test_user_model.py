@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from export.verify import verify
-from handlers.card import ModelCard
-from handlers.onnx_model import load as load_onnx
-from serve import torchserve
-from serve.archive import ModelConfig, build_archive
-from tests.conftest import ROOT, TORCHSHIP
+from torchship.export.verify import verify
+from torchship.runtime.card import ModelCard
+from torchship.runtime.onnx_model import load as load_onnx
+from torchship.serve import torchserve
+from torchship.serve.archive import ModelConfig, build_archive
+
+from helpers import ROOT, TORCHSHIP
 
 MODEL_FILE = textwrap.dedent('''
     import torch
@@ -221,7 +222,7 @@ def test_loadtest_sends_your_own_images_and_scores_labelled_ones(user_exports, s
 
 
 def test_sizing_follows_the_models_measured_cost(user_exports):
-    from serve.archive import Cost, measure, sized
+    from torchship.serve.archive import Cost, measure, sized
 
     work, _ = user_exports
     card = ModelCard.load(work / "mobilenet")

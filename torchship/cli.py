@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from export.cli import export_command, verify_command
-from serve.cli import archive_command, deploy_group, loadtest_command, page_command, serve_group
-from train.cli import train_command
+from torchship.export.cli import export_command, verify_command
+from torchship.serve.cli import archive_command, deploy_group, loadtest_command, page_command, serve_group
+from torchship.train.cli import train_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

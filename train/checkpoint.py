@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from handlers.card import CardError, ModelCard, from_legacy
-from train.presets import PRESETS
+from torchship.runtime.card import CardError, ModelCard, from_legacy
+from torchship.train.presets import PRESETS
 
 REQUIRED = ("epoch", "model_state_dict", "meta")
 
@@ -86,7 +86,7 @@ def card_of(ckpt: dict, path: Path | str = "checkpoint") -> ModelCard:
 
 def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     """Rebuild the eager model a checkpoint describes, in eval mode."""
-    from train.models import build_builtin
+    from torchship.train.models import build_builtin
 
     arch = card_of(ckpt).architecture
     try:

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from train.presets import DATASETS, DEFAULT_PRESET, PRESETS
+from torchship.train.presets import DATASETS, DEFAULT_PRESET, PRESETS
 
 
 def _hidden(_ctx, _param, value: str | None) -> list[int] | None:
@@ -116,7 +116,7 @@ def train_command(
     rdzv_timeout,
 ):
     """Train a preset and write resumable checkpoints, metrics.json and curves.png."""
-    from train.presets import get_preset
+    from torchship.train.presets import get_preset
 
     try:
         cfg = get_preset(
@@ -141,7 +141,7 @@ def train_command(
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
         import sys
 
-        from train.distributed import LaunchError, launch, without_launch_flags
+        from torchship.train.distributed import LaunchError, launch, without_launch_flags
 
         try:
             launch(without_launch_flags(sys.argv[1:]), nproc=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
@@ -149,10 +149,10 @@ def train_command(
         except LaunchError as e:
             raise click.ClickException(str(e)) from None
         return
-    from train.checkpoint import CheckpointError
-    from train.data import DataError
-    from train.device import DeviceError, pick_device
-    from train.fit import TrainError, train
+    from torchship.train.checkpoint import CheckpointError
+    from torchship.train.data import DataError
+    from torchship.train.device import DeviceError, pick_device
+    from torchship.train.fit import TrainError, train
 
     try:
         pick_device(device)  # before any data is read: a missing GPU is the user's first thing to know

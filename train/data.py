@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from train.mnist5k import EMBEDDED, FILES
-from train.presets import DATASETS
+from torchship.train.mnist5k import EMBEDDED, FILES
+from torchship.train.presets import DATASETS
 
 
 class DataError(Exception):

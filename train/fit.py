@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from handlers.card import BUILTIN_ARCHITECTURES, Architecture, ModelCard, Provenance
-from train import checkpoint, data, distributed
-from train.device import pick_device
-from train.distributed import Ranks
-from train.models import INPUT_SHAPE, OUTPUT_KIND, build_model
-from train.presets import Preset
+from torchship.runtime.card import BUILTIN_ARCHITECTURES, Architecture, ModelCard, Provenance
+from torchship.train import checkpoint, data, distributed
+from torchship.train.device import pick_device
+from torchship.train.distributed import Ranks
+from torchship.train.models import INPUT_SHAPE, OUTPUT_KIND, build_model
+from torchship.train.presets import Preset
 
 
 @dataclass
@@ -361,7 +361,7 @@ def finish(preset: Preset, out: Path, prep: Prepared, loop: Loop, model, history
         best["card"]["metrics"].update(test_loss=te.loss, test_accuracy=metrics["test_accuracy"])
         checkpoint.save_atomic(best, out / "best.pt")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        from train.plots import plot_curves
+        from torchship.train.plots import plot_curves
 
         plot_curves(history, out / "curves.png", title=preset.name, classify=loop.classify)
     if not loop.quiet:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from handlers.card import BUILTIN_ARCHITECTURES
+from torchship.runtime.card import BUILTIN_ARCHITECTURES
 
 INPUT_SHAPE = (1, 28, 28)
 OUTPUT_KIND = {"mlp": "logits", "convnet": "log-probabilities", "autoencoder": "image"}

@@ -10,10 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-try:  # the repository layout
-    from handlers.card import FORMAT_BY_BACKEND, FORMATS
-except ImportError:  # pragma: no cover - flat inside a TorchServe archive
-    from card import FORMAT_BY_BACKEND, FORMATS
+from .card import FORMAT_BY_BACKEND, FORMATS
 
 
 @dataclass(frozen=True)
@@ -34,10 +31,7 @@ def find(model_dir: str | os.PathLike) -> str:
 def onnx_runner(path: Path, threads: int) -> Callable:
     import onnxruntime as ort
 
-    try:
-        from handlers.onnx_model import session_options
-    except ImportError:  # pragma: no cover - flat inside a TorchServe archive
-        from onnx_model import session_options
+    from .onnx_model import session_options
 
     session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name

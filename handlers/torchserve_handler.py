@@ -9,24 +9,16 @@ import os
 import numpy as np
 from ts.torch_handler.base_handler import BaseHandler
 
-try:  # the repository layout
-    from handlers import runtime, v2
-    from handlers.card import ModelCard
-    from handlers.images import InputError, Preprocessor
-    from handlers.request import Batch, Part, decode_row
-    from handlers.responses import respond
-except ImportError:  # pragma: no cover - the flat layout of a TorchServe archive
-    import runtime
-    import v2
-    from card import ModelCard
-    from images import InputError, Preprocessor
-    from request import Batch, Part, decode_row
-    from responses import respond
+from . import runners, v2
+from .card import ModelCard
+from .images import InputError, Preprocessor
+from .request import Batch, Part, decode_row
+from .responses import respond
 
 logger = logging.getLogger(__name__)
 
 
-class ImageHandler(BaseHandler):
+class ModelHandler(BaseHandler):
     def initialize(self, context) -> None:
         model_dir = context.system_properties.get("model_dir")
         config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
@@ -35,7 +27,7 @@ class ImageHandler(BaseHandler):
         # the frontend reads and parses: a measurable share of a lone request on 2 cores (bench/NOTES.md).
         worker_level = str(config.get("worker_log_level", "WARNING")).upper()
         self.card = ModelCard.load(model_dir)
-        self.runner = runtime.load(model_dir, threads=threads)
+        self.runner = runners.load(model_dir, threads=threads)
         self.backend = self.runner.backend
         self.preprocessor = Preprocessor(self.card, int(config.get("max_pixels", 0)))
         self.context = context
