@@ -62,6 +62,7 @@ $(STAMP): pyproject.toml serve/web/package-lock.json | system-serve
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
 	npm ci --prefix serve/web --no-audit --no-fund --ignore-scripts --loglevel=error
+	$(BIN)/python -c "from torchship.serve.page import vendored; vendored()"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -111,7 +112,7 @@ test: $(STAMP) system-test
 
 # The unit tests: no servers, no compiles, no browser (under a minute).
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow and not serve"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

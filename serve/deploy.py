@@ -14,13 +14,22 @@ from pathlib import Path
 import yaml
 
 from torchship.runtime.card import CARD_FILE, FORMAT_BY_BACKEND, ModelCard
-from torchship.serve.archive import ModelConfig, build_archive
+from torchship.runtime.sizing import Cost, measure, queue_size, sized
+from torchship.serve.archive import build_archive, model_config
+from torchship.serve.settings import (
+    ANY_ADDRESS,
+    LOOPBACK,
+    OIP_GRPC_PORT,
+    OIP_HTTP_PORT,
+    TORCHSERVE_PORTS,
+    WORKER_LOG_LEVEL,
+    torchserve_properties,
+)
 from torchship.serve.shipping import SHIPPED_NAME, copy_runtime
 
-RUNTIMES = ("torchserve", "kserve")
 PROTOCOLS = ("v1", "v2")
 SCALE_METRICS = ("concurrency", "rps", "cpu", "memory")
-HTTP_PORT, GRPC_PORT = 8080, 8081
+MODEL_MOUNT = "/mnt/models"  # where KServe's storage initializer (or our image) puts the model
 
 
 class DeployError(Exception):
@@ -32,7 +41,7 @@ class Scaling:
     min_replicas: int = 1
     max_replicas: int = 3
     metric: str = "concurrency"
-    target: int = 8
+    target: int | None = None  # None: what one pod can batch at once (pod_capacity)
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,40 @@ class Resources:
         return {"requests": {"cpu": self.cpu, "memory": self.memory},
                 "limits": {"cpu": self.cpu, "memory": self.memory}}  # fmt: skip
 
+    @property
+    def cores(self) -> int:
+        """Whole cores of the CPU request ("2", "1500m"): what the pod's workers are sized for."""
+        cpu = self.cpu.strip()
+        value = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+        return max(1, int(value))
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What one pod can batch, and the figures it came from: the manifest's concurrency settings state them."""
+
+    workers: int
+    max_batch: int
+    batch1_ms: float
+    batch8_ms: float
+
+    @property
+    def concurrent(self) -> int:
+        """Requests in flight that keep every worker's batches full: the autoscaler's target per pod."""
+        return self.workers * self.max_batch
+
+    def note(self) -> str:
+        return (f"{self.workers} workers x batches of {self.max_batch} = {self.concurrent} requests in flight fill a "
+                f"pod; measured when the bundle was written: {self.batch1_ms:.2f} ms at batch 1, {self.batch8_ms:.2f} "
+                "ms at batch 8 (one thread), torchship.runtime.sizing")  # fmt: skip
+
+
+def pod_capacity(export_dir: Path, card: ModelCard, backend: str, resources: Resources) -> Capacity:
+    """The shared sizing rule applied to the pod's CPUs and this model's measured cost."""
+    workers = max(2, resources.cores // 2)
+    cost = measure(export_dir, backend, card)
+    return Capacity(workers, sized(cost, workers).max_batch, cost.batch1_ms, cost.batch8_ms)
+
 
 def dns_name(name: str) -> str:
     """An InferenceService name is a DNS-1035 label: lowercase letters, digits and '-', starting with a letter."""
@@ -52,122 +95,128 @@ def dns_name(name: str) -> str:
     return s[:63].rstrip("-")
 
 
-def inference_service(name: str, predictor: dict, scaling: Scaling) -> dict:
-    predictor = {"minReplicas": scaling.min_replicas, "maxReplicas": scaling.max_replicas,
-                 "scaleMetric": scaling.metric, "scaleTarget": scaling.target, **predictor}  # fmt: skip
-    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
-            "metadata": {"name": dns_name(name)}, "spec": {"predictor": predictor}}  # fmt: skip
+def inference_service(name: str, predictor: dict, scaling: Scaling, capacity: Capacity | None = None) -> dict:
+    """The manifest; with a capacity, the autoscaling target defaults to what one pod batches, and Knative's hard
+    per-pod limit is twice that (a batch running and the next one forming, in every worker)."""
+    target = scaling.target or (capacity.concurrent if capacity else 8)
+    spec = {"minReplicas": scaling.min_replicas, "maxReplicas": scaling.max_replicas, "scaleMetric": scaling.metric,
+            "scaleTarget": target}  # fmt: skip
+    metadata = {"name": dns_name(name)}
+    if capacity:
+        spec["containerConcurrency"] = 2 * capacity.concurrent
+        metadata["annotations"] = {"torchship.dev/capacity": capacity.note()}
+    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": metadata,
+            "spec": {"predictor": {**spec, **predictor}}}  # fmt: skip
 
 
-# KServe's storage initializer puts storageUri's content in /mnt/models; TorchServe reads this config there.
-TORCHSERVE_PROPERTIES = """\
-# KServe's TorchServe runtime starts TorchServe with this file from /mnt/models/config/.
-inference_address=http://0.0.0.0:{http}
-management_address=http://127.0.0.1:8081
-metrics_address=http://0.0.0.0:8082
-grpc_inference_port=7070
-grpc_management_port=7071
-enable_metrics_api=true
-metrics_mode=prometheus
-model_store=/mnt/models/model-store
-load_models={name}={name}.mar
-enable_model_api=false
-allowed_urls=file:///mnt/models/model-store/.*
-max_request_size=10485760
-job_queue_size=1024
-install_py_dep_per_model=false
-# Tokens would be generated inside the pod, out of clients' reach: authenticate at the cluster's ingress
-# (Istio / Knative) instead, as KServe's own TorchServe examples do.
-disable_token_authorization=true
-"""
-
-
-def torchserve_bundle(export_dir: Path, out: Path, card: ModelCard, *, storage_uri: str, protocol: str,
-                      resources: Resources, scaling: Scaling, backend: str = "onnx") -> list[Path]:  # fmt: skip
+def torchserve_bundle(export_dir: Path, out: Path, card: ModelCard, *, storage_uri: str | None = None,
+                      protocol: str = "v2", resources: Resources = Resources(), scaling: Scaling = Scaling(),
+                      backend: str = "onnx", image: str | None = None) -> list[Path]:  # fmt: skip
     """KServe's storage layout (config/config.properties, model-store/NAME.mar) and an InferenceService."""
-    mar = build_archive(export_dir, out / "model-store", name=card.name, backend=backend, config=ModelConfig())
+    capacity = pod_capacity(export_dir, card, backend, resources)
+    config = model_config(sized(Cost(capacity.batch1_ms, capacity.batch8_ms), capacity.workers),
+                          worker_log_level=WORKER_LOG_LEVEL)  # fmt: skip
+    mar = build_archive(export_dir, out / "model-store", name=card.name, backend=backend, config=config)
     (out / "config").mkdir(parents=True, exist_ok=True)
     props = out / "config" / "config.properties"
-    props.write_text(TORCHSERVE_PROPERTIES.format(http=HTTP_PORT, name=card.name))
-    model = {"modelFormat": {"name": "pytorch"}, "protocolVersion": protocol, "storageUri": storage_uri,
-             "resources": resources.spec()}  # fmt: skip
+    store = f"{MODEL_MOUNT}/model-store"
+    ports = TORCHSERVE_PORTS
+    props.write_text(
+        "# KServe's TorchServe runtime starts TorchServe with this file from /mnt/models/config/. Tokens would be\n"
+        "# generated inside the pod, out of clients' reach: the cluster's ingress (Istio / Knative) authenticates.\n"
+        + torchserve_properties(
+            inference=f"http://{ANY_ADDRESS}:{ports.inference}", management=f"http://{LOOPBACK}:{ports.management}",
+            metrics=f"http://{ANY_ADDRESS}:{ports.metrics}", grpc_host=LOOPBACK,
+            grpc_ports=(ports.grpc_inference, ports.grpc_management), model_store=store, models=[card.name],
+            queue=queue_size(), token_auth=False, extra={"enable_metrics_api": "true"},
+        )
+    )  # fmt: skip
+    model = {"modelFormat": {"name": "pytorch"}, "protocolVersion": protocol,
+             "storageUri": storage_uri or f"pvc://models/{card.name}", "resources": resources.spec()}  # fmt: skip
     manifest = out / "inferenceservice.yaml"
-    manifest.write_text(yaml.safe_dump(inference_service(card.name, {"model": model}, scaling), sort_keys=False))
+    manifest.write_text(yaml.safe_dump(inference_service(card.name, {"model": model}, scaling, capacity),
+                                       sort_keys=False))  # fmt: skip
     return [mar, props, manifest]
 
 
 def requirements() -> str:
     from importlib.metadata import version
 
-    pins = [f"{p}=={version(p)}" for p in ("kserve", "onnxruntime", "numpy", "pillow")]
-    return "# The KServe runtime without the training stack: no torch.\n" + "\n".join(pins) + "\n"
+    # kserve: only its protocol definitions (the gRPC messages) are used; numpy/Pillow/ONNX Runtime run the model.
+    pins = [f"{p}=={version(p)}" for p in ("kserve", "onnxruntime", "numpy", "pillow", "grpcio", "protobuf",
+                                           "httptools", "uvloop", "orjson", "prometheus_client")]  # fmt: skip
+    return "# The OIP server without the training stack: no torch.\n" + "\n".join(pins) + "\n"
 
 
 DOCKERFILE = """\
-# The torchship KServe runtime: the Open Inference Protocol over ONNX Runtime, no torch.
+# torchship's Open Inference Protocol server over ONNX Runtime: no torch.
 # Build: docker build -t {image} .    Run: docker run -p {http}:{http} -p {grpc}:{grpc} {image}
 FROM python:3.11-slim
 WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 COPY {package}/ {package}/
-COPY model/ /mnt/models/
+COPY model/ {mount}/
 USER 1000
 EXPOSE {http} {grpc}
 # 0.0.0.0 inside the container: the pod's port is reached only through the cluster's ingress, which
-# authenticates (Istio / Knative); the runtime itself has no authentication.
+# authenticates (Istio / Knative); the server itself has no authentication.
+# {note}
 CMD {cmd}
 """
 
 
-def container_command(card: ModelCard, model_dir: str = "/mnt/models", host: str = "0.0.0.0") -> list[str]:
-    return ["python", "-m", f"{SHIPPED_NAME}.kserve_model", "--model_dir", model_dir, "--model_name", card.name,
-            "--http_port", str(HTTP_PORT), "--grpc_port", str(GRPC_PORT), "--host", host]  # fmt: skip
+def container_command(card: ModelCard, capacity: Capacity, backend: str = "onnx", host: str = ANY_ADDRESS) -> list:
+    """The server as the pod runs it: its workers from the pod's CPUs; batch size and wait are measured again at start,
+    on the pod's own CPU, by the same rule."""
+    return ["python", "-m", f"{SHIPPED_NAME}.oip_server", "--model_dir", MODEL_MOUNT, "--model_name", card.name,
+            "--http_port", str(OIP_HTTP_PORT), "--grpc_port", str(OIP_GRPC_PORT), "--host", host, "--workers",
+            str(capacity.workers), "--backend", backend]  # fmt: skip
 
 
-def kserve_bundle(export_dir: Path, out: Path, card: ModelCard, *, image: str, resources: Resources,
-                  scaling: Scaling, backend: str = "onnx") -> list[Path]:  # fmt: skip
-    """A Dockerfile for the torch-free runtime, its files, and an InferenceService with that custom container."""
+def oip_bundle(export_dir: Path, out: Path, card: ModelCard, *, image: str | None = None,
+               resources: Resources = Resources(), scaling: Scaling = Scaling(), backend: str = "onnx",
+               storage_uri: str | None = None, protocol: str = "v2") -> list[Path]:  # fmt: skip
+    """A Dockerfile for the torch-free server, its files, and an InferenceService with that custom container."""
     import json
 
+    capacity = pod_capacity(export_dir, card, backend, resources)
+    image = image or f"torchship-{dns_name(card.name)}:latest"
     out.mkdir(parents=True, exist_ok=True)
     (out / "model").mkdir(exist_ok=True)
     package = copy_runtime(out)
     for f in (CARD_FILE, FORMAT_BY_BACKEND[backend].file):
         shutil.copy(export_dir / f, out / "model" / f)
     (out / "requirements.txt").write_text(requirements())
-    cmd = container_command(card) + ([] if backend == "onnx" else ["--backend", backend])
+    cmd = container_command(card, capacity, backend)
     dockerfile = out / "Dockerfile"
-    dockerfile.write_text(
-        DOCKERFILE.format(image=image, http=HTTP_PORT, grpc=GRPC_PORT, cmd=json.dumps(cmd), package=SHIPPED_NAME)
-    )
+    dockerfile.write_text(DOCKERFILE.format(image=image, http=OIP_HTTP_PORT, grpc=OIP_GRPC_PORT, package=SHIPPED_NAME,
+                                            mount=MODEL_MOUNT, note=capacity.note(), cmd=json.dumps(cmd)))  # fmt: skip
+    probe = {"httpGet": {"path": f"/v2/models/{card.name}/ready", "port": OIP_HTTP_PORT}}
     container = {
         "name": "kserve-container",
         "image": image,
-        "ports": [{"containerPort": HTTP_PORT, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": f"/v2/models/{card.name}/ready", "port": HTTP_PORT}},
+        "ports": [{"containerPort": OIP_HTTP_PORT, "protocol": "TCP"}],
+        "readinessProbe": probe,
         "resources": resources.spec(),
     }
     manifest = out / "inferenceservice.yaml"
-    manifest.write_text(yaml.safe_dump(inference_service(card.name, {"containers": [container]}, scaling),
+    manifest.write_text(yaml.safe_dump(inference_service(card.name, {"containers": [container]}, scaling, capacity),
                                        sort_keys=False))  # fmt: skip
     return [dockerfile, out / "requirements.txt", package, out / "model", manifest]
 
 
-def write_bundle(export_dir: Path | str, out: Path | str, *, runtime: str, storage_uri: str | None = None,
-                 image: str | None = None, protocol: str = "v2", resources: Resources = Resources(),
-                 scaling: Scaling = Scaling(), backend: str = "onnx") -> list[Path]:  # fmt: skip
+def write_bundle(export_dir: Path | str, out: Path | str, *, runtime: str, **options) -> list[Path]:
+    """The runtime's bundle, its InferenceService checked against the kserve SDK before anything is kept."""
+    from torchship.serve import runtimes
+
     export_dir, out = Path(export_dir), Path(out)
     card = ModelCard.load(export_dir)
+    scaling = options.get("scaling", Scaling())
     if scaling.min_replicas > scaling.max_replicas:
         raise DeployError(f"--min-replicas {scaling.min_replicas} is more than --max-replicas {scaling.max_replicas}")
     out.mkdir(parents=True, exist_ok=True)
-    if runtime == "torchserve":
-        files = torchserve_bundle(export_dir, out, card, storage_uri=storage_uri or f"pvc://models/{card.name}",
-                                  protocol=protocol, resources=resources, scaling=scaling, backend=backend)  # fmt: skip
-    else:
-        files = kserve_bundle(export_dir, out, card, image=image or f"torchship-{dns_name(card.name)}:latest",
-                              resources=resources, scaling=scaling, backend=backend)  # fmt: skip
+    files = runtimes.get(runtime).bundle(export_dir, out, card, **options)
     problems = validate(yaml.safe_load((out / "inferenceservice.yaml").read_text()))
     if problems:
         raise DeployError(f"the InferenceService does not validate: {problems[0]}")

@@ -23,8 +23,11 @@ from torchship.serve.process import LOOPBACK
 
 WEB = Path(__file__).with_name("web")
 STATIC = ("index.html", "page.css", "images.js", "page.js")
+# onnxruntime-web: npm fetches it (package.json pins the version), vendored() copies the three files the page loads
+# into web/vendor/, and the wheel carries that folder.
 ORT_DIST = WEB / "node_modules" / "onnxruntime-web" / "dist"
 ORT_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+VENDOR = WEB / "vendor"
 MAX_BODY = 10 * 1024 * 1024  # as the servers' own limit
 # Only this origin's files, and WebAssembly compiled from them: a page that works offline and leaks nothing.
 CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; img-src 'self' data: blob:; "
@@ -33,6 +36,20 @@ CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; img-src 'self'
 
 class PageError(Exception):
     """A page that cannot be written or served; one line for the user."""
+
+
+def vendored() -> Path:
+    """web/vendor/ with onnxruntime-web's files, copied there from npm's folder the first time; or how to get them."""
+    if all((VENDOR / f).is_file() for f in ORT_FILES):
+        return VENDOR
+    if not all((ORT_DIST / f).is_file() for f in ORT_FILES):
+        version = json.loads((WEB / "package.json").read_text())["dependencies"]["onnxruntime-web"]
+        raise PageError(f"onnxruntime-web is missing from {VENDOR} (the page runs the model with it): run "
+                        f"`npm install --prefix {WEB} onnxruntime-web@{version}` once")  # fmt: skip
+    VENDOR.mkdir(exist_ok=True)
+    for f in ORT_FILES:
+        shutil.copy(ORT_DIST / f, VENDOR / f)
+    return VENDOR
 
 
 def figures(card: ModelCard, export_dir: Path) -> dict[str, Path]:
@@ -58,14 +75,12 @@ def write_page(export_dir: Path | str, out: Path | str) -> Path:
     model = export_dir / FORMAT_BY_BACKEND["onnx"].file
     if not model.is_file():
         raise PageError(f"{model} not found: the page runs the ONNX export (`torchship export --formats ...,onnx`)")
-    missing = [f for f in ORT_FILES if not (ORT_DIST / f).is_file()]
-    if missing:
-        raise PageError(f"onnxruntime-web is not installed in {WEB}: run `npm ci --prefix {WEB}` (make install does)")
+    vendor = vendored()
     (out / "ort").mkdir(parents=True, exist_ok=True)
     for f in STATIC:
         shutil.copy(WEB / f, out / f)
     for f in ORT_FILES:
-        shutil.copy(ORT_DIST / f, out / "ort" / f)
+        shutil.copy(vendor / f, out / "ort" / f)
     shutil.copy(model, out / "model.onnx")
     (out / "card.json").write_text(card.to_json())
     if (export_dir / "equivalence.json").is_file():

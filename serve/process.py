@@ -5,13 +5,40 @@ from __future__ import annotations
 import json
 import socket
 import urllib.request
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
-LOOPBACK = "127.0.0.1"
+from torchship.serve.settings import LOOPBACK
 
 
 class ServerError(Exception):
     """A server did not start, or did not stop; the message carries the log lines that say why."""
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """What `torchship serve start` was asked for; each runtime takes what applies to it (see --help) and leaves the
+    rest, and None means the runtime's own default (serve/settings.py)."""
+
+    model: str
+    _: KW_ONLY
+    state_dir: str = "serve-state"
+    timeout: float = 180
+    export_dir: str | None = None  # OIP: the export it serves  [default: exports/MODEL]
+    model_store: str = "model_store"  # TorchServe: where MODEL.mar is
+    inference_port: int | None = None
+    grpc_port: int | None = None  # OIP's gRPC port, TorchServe's gRPC inference port
+    management_port: int | None = None  # TorchServe
+    metrics_port: int | None = None  # TorchServe
+    grpc_management_port: int | None = None  # TorchServe
+    token_auth: bool = True  # TorchServe
+    cors_origin: str | None = None  # TorchServe
+    backend: str = "onnx"  # OIP: which exported file it runs (TorchServe's archive carries its own)
+    host: str = LOOPBACK  # OIP
+    behind_auth: bool = False  # OIP
+    workers: int | None = None  # OIP (TorchServe's come from `torchship archive`)
+    max_batch: int | None = None  # OIP
+    max_delay_ms: float | None = None  # OIP
 
 
 def free_ports(n: int = 3) -> list[int]:

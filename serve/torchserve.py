@@ -14,20 +14,14 @@ from pathlib import Path
 
 import psutil
 
-from torchship.serve.process import LOOPBACK, ServerError, free_ports, http_json, log_marks, new_lines
+from torchship.runtime.sizing import queue_size
+from torchship.serve.process import ServerError, StartOptions, free_ports, http_json, log_marks, new_lines
+from torchship.serve.settings import LOOPBACK, MAX_REQUEST_BYTES, TORCHSERVE_PORTS, torchserve_properties
 
 PID_FILE = ".model_server.pid"
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
-
-
-MAX_REQUEST_SIZE = 10 * 1024 * 1024  # a phone photo is 3-6 MB
-MAX_QUEUE = 1024
-
-
-def queue_size(max_request_size: int = MAX_REQUEST_SIZE) -> int:
-    """Queue a few hundred clients (TorchServe's 100 turns the 101st away with a 503), but never more request
-    bodies than a quarter of this machine's memory could hold at the largest request size."""
-    return int(min(MAX_QUEUE, max(100, psutil.virtual_memory().total // 4 // max_request_size)))
+NAME = "torchserve"
+PORTS = TORCHSERVE_PORTS
 
 
 @dataclass
@@ -36,13 +30,13 @@ class ServerConfig:
     _: KW_ONLY
     model_store: str = "model_store"
     state_dir: str = "serve-state"
-    inference_port: int = 8080
-    management_port: int = 8081
-    metrics_port: int = 8082
-    grpc_inference_port: int = 7070  # TorchServe always starts its gRPC servers: a second instance needs other ports
-    grpc_management_port: int = 7071
+    inference_port: int = PORTS.inference
+    management_port: int = PORTS.management
+    metrics_port: int = PORTS.metrics
+    grpc_inference_port: int = PORTS.grpc_inference
+    grpc_management_port: int = PORTS.grpc_management
     token_auth: bool = True
-    max_request_size: int = MAX_REQUEST_SIZE  # bytes; larger bodies are refused by the frontend (413)
+    max_request_size: int = MAX_REQUEST_BYTES  # bytes; larger bodies are refused by the frontend (413)
     job_queue_size: int = 0  # requests waiting per model beyond which TorchServe answers 503; 0: queue_size()
     extra: dict | None = None  # more config.properties lines (tuning experiments, site settings)
     extra_models: tuple[str, ...] = ()  # more archives of the store to serve beside `model`
@@ -50,7 +44,7 @@ class ServerConfig:
     # The interpreter TorchServe and its workers run under: any with TorchServe and the runtime's dependencies;
     # torchship itself need not be installed there (the archive carries its runtime; tests prove it).
     python: str = sys.executable
-    runtime: str = "torchserve"
+    runtime: str = NAME
 
     @classmethod
     def on_free_ports(cls, model: str, model_store: str, state_dir: str, **kw) -> ServerConfig:
@@ -77,33 +71,13 @@ class ServerConfig:
 
 
 def config_properties(cfg: ServerConfig) -> str:
-    store = Path(cfg.model_store).resolve()
-    lines = {
-        "inference_address": cfg.inference_url,
-        "management_address": cfg.management_url,
-        "metrics_address": cfg.metrics_url,
-        "grpc_inference_address": LOOPBACK,
-        "grpc_inference_port": str(cfg.grpc_inference_port),
-        "grpc_management_address": LOOPBACK,
-        "grpc_management_port": str(cfg.grpc_management_port),
-        "model_store": str(store),
-        "load_models": ",".join(f"{m}={m}.mar" for m in cfg.models),
-        "enable_model_api": "false",  # no registering models over HTTP (ShellTorch, CVE-2023-43654)
-        "allowed_urls": f"file://{store}/.*",  # only our own model store, never http(s)
-        "max_request_size": str(cfg.max_request_size),
-        "job_queue_size": str(cfg.job_queue_size or queue_size(cfg.max_request_size)),
-        "max_response_size": str(cfg.max_request_size),
-        "disable_token_authorization": "false" if cfg.token_auth else "true",
-        "metrics_mode": "prometheus",
-        "install_py_dep_per_model": "false",
-        "disable_system_metrics": "true",
-        "async_logging": "true",
-    }
-    if cfg.cors_origin:  # TorchServe sends these on every answer; no origin at all is allowed otherwise
-        lines.update(cors_allowed_origin=cfg.cors_origin, cors_allowed_methods="POST, OPTIONS",
-                     cors_allowed_headers="Authorization, Content-Type, X-TopK")  # fmt: skip
-    lines.update(cfg.extra or {})
-    return "\n".join(f"{k}={v}" for k, v in lines.items()) + "\n"
+    store = str(Path(cfg.model_store).resolve())
+    return torchserve_properties(
+        inference=cfg.inference_url, management=cfg.management_url, metrics=cfg.metrics_url, grpc_host=LOOPBACK,
+        grpc_ports=(cfg.grpc_inference_port, cfg.grpc_management_port), model_store=store, models=list(cfg.models),
+        queue=cfg.job_queue_size or queue_size(cfg.max_request_size), token_auth=cfg.token_auth,
+        max_request_bytes=cfg.max_request_size, cors_origin=cfg.cors_origin, extra=cfg.extra,
+    )  # fmt: skip
 
 
 def torchserve_command(python: str) -> list[str]:
@@ -273,7 +247,7 @@ def status(state_dir: Path | str = "serve-state") -> dict:
     state = Path(state_dir)
     p = pid(state)
     if p is None:
-        return {"running": False, "state_dir": str(state)}
+        return {"running": False, "runtime": NAME, "state_dir": str(state)}
     try:
         cfg = load_instance(state)
     except ServerError as e:
@@ -284,7 +258,8 @@ def status(state_dir: Path | str = "serve-state") -> dict:
                    for w in m.get("workers", [])]  # fmt: skip
     except (urllib.error.URLError, OSError, ValueError) as e:
         workers = [{"error": str(e)}]
-    return {"running": True, "pid": p, "model": cfg.model, "inference": cfg.inference_url, "workers": workers}
+    return {"running": True, "runtime": NAME, "pid": p, "model": cfg.model, "inference": cfg.inference_url,
+            "metrics": cfg.metrics_url, "workers": workers}  # fmt: skip
 
 
 def curl_example(cfg: ServerConfig, sample: Path) -> str:
@@ -295,10 +270,33 @@ def curl_example(cfg: ServerConfig, sample: Path) -> str:
     return f"curl {auth}-T {sample} {cfg.inference_url}/predictions/{cfg.model}"
 
 
+def key(state_dir: Path | str, api: str = "inference") -> str:
+    """The instance's token for `Authorization: Bearer ...`."""
+    found = keys(state_dir).get(api, {}).get("key")
+    if not found:
+        raise ServerError(f"no {api} key in {Path(state_dir) / 'key_file.json'} (token auth off, or not running)")
+    return found
+
+
+# TorchServe's own Prometheus names: per request, in microseconds.
+METRIC_NAMES = {"requests": "ts_inference_requests_total", "queue": "ts_queue_latency_microseconds",
+                "inference": "ts_inference_latency_microseconds", "unit": 1e-6}  # fmt: skip
+
+
 def load_target(state_dir: Path | str):
     """What the load test sends to: this instance's inference port, token and metrics."""
-    from torchship.serve.loadtest import Target
+    from torchship.serve.client import Target
 
     cfg = load_instance(state_dir)
-    key = keys(state_dir).get("inference", {}).get("key")
-    return Target(LOOPBACK, cfg.inference_port, cfg.model, key, cfg.metrics_url)
+    token = keys(state_dir).get("inference", {}).get("key")
+    return Target(LOOPBACK, cfg.inference_port, cfg.model, token, cfg.metrics_url, metric_names=METRIC_NAMES)
+
+
+def start_with(o: StartOptions) -> ServerConfig:
+    p = PORTS
+    cfg = ServerConfig(o.model, model_store=o.model_store, state_dir=o.state_dir,
+                       inference_port=o.inference_port or p.inference, management_port=o.management_port or
+                       p.management, metrics_port=o.metrics_port or p.metrics, grpc_inference_port=o.grpc_port or
+                       p.grpc_inference, grpc_management_port=o.grpc_management_port or p.grpc_management,
+                       token_auth=o.token_auth, cors_origin=o.cors_origin)  # fmt: skip
+    return start(cfg, o.timeout)

@@ -1,8 +1,10 @@
-"""The KServe runtime: a `kserve.Model` speaking the Open Inference Protocol (v2) over ONNX Runtime.
+"""For those who want kserve's own ModelServer: our model as a `kserve.Model`, and the one small adapter that patches
+what kserve 0.21 gets wrong. Torch-free, the same card, recipe and answers as every other entry point.
 
-The same card, image recipe, runtime and answers as the TorchServe handler (handlers/), no second copy;
-torch-free. Run it with `python -m handlers.kserve_model --model_dir EXPORT_DIR --model_name NAME`
-(`torchship serve start --runtime kserve` does, and so does the deploy bundle's container).
+python -m torchship.runtime.kserve_adapter --model_dir EXPORT_DIR --model_name NAME [kserve's own flags]
+
+torchship's own server (oip_server.py) is the faster path: kserve's FastAPI layer costs ~0.5 ms a request and its
+server runs no batching (bench/NOTES.md). tests/test_oip.py fails if kserve changes under the patches below.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .images import Preprocessor
 logger = logging.getLogger(__name__)
 
 
-class ImageModel(kserve.Model):
+class KServeModel(kserve.Model):
     def __init__(self, name: str, model_dir: str, *, backend: str = "onnx", threads: int = 1, max_pixels: int = 0):
         super().__init__(name)
         self.model_dir, self.backend, self.threads, self.max_pixels = model_dir, backend, threads, max_pixels
@@ -92,8 +94,14 @@ def from_bytes(cls, req_bytes: bytes, json_length: int, model_name: str) -> Infe
                infer_inputs=inputs, request_outputs=requested)  # fmt: skip
 
 
-def bind(host: str) -> None:
-    """kserve 0.21 hard-codes 0.0.0.0 (REST) and [::] (gRPC): make both listen where we were told."""
+# What patch_kserve() replaces, by name: the test checks that each is still there and still needs replacing.
+PATCHED = ("kserve.model_server.RESTServer", "kserve.protocol.grpc.server.aio.server",
+           "kserve.protocol.infer_type.InferRequest.from_bytes")  # fmt: skip
+
+
+def patch_kserve(host: str) -> None:
+    """kserve 0.21 hard-codes 0.0.0.0 (REST) and [::] (gRPC): make both listen where we were told; and parse REST
+    bodies with binary tensors ourselves (from_bytes above)."""
     import kserve.model_server as ms
     from kserve.protocol.grpc import server as grpc_server
 
@@ -112,6 +120,7 @@ def bind(host: str) -> None:
 
     ms.RESTServer = BoundREST
     grpc_server.aio.server = server
+    InferRequest.from_bytes = classmethod(from_bytes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,10 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     args, _ = ap.parse_known_args(argv)
     if not ipaddress.ip_address(args.host).is_loopback:
         logger.warning("listening on %s: the Open Inference Protocol has no authentication of its own; put an "
-                       "authenticating proxy in front (README, 'Serve with KServe')", args.host)  # fmt: skip
-    bind(args.host)
-    InferRequest.from_bytes = classmethod(from_bytes)
-    model = ImageModel(args.model_name, args.model_dir, backend=args.backend, threads=args.threads,
+                       "authenticating proxy in front (README, the OIP runtime)", args.host)  # fmt: skip
+    patch_kserve(args.host)
+    model = KServeModel(args.model_name, args.model_dir, backend=args.backend, threads=args.threads,
                        max_pixels=args.max_pixels)  # fmt: skip
     model.load()
     kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1).start([model])

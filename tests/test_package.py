@@ -1,0 +1,77 @@
+"""What ships: one import name, and the wheel installed into a clean environment running the whole way through."""
+
+import json
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, bare_site_packages
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """`pip wheel .`, as a user builds it (no build isolation: the test must not depend on the network)."""
+    out = tmp_path_factory.mktemp("wheel")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                        "--wheel-dir", str(out), str(ROOT)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return next(out.glob("torchship-*.whl"))
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory, wheel) -> Path:
+    """A new venv holding the dependencies (linked, not reinstalled) and the wheel, installed as pip installs it."""
+    venv = tmp_path_factory.mktemp("clean") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    bare_site_packages(venv, Path(sysconfig.get_paths()["purelib"]))
+    python = venv / "bin" / "python"
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--quiet",
+                        str(wheel)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return venv
+
+
+def test_the_wheels_only_top_level_name_is_torchship(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["torchship"]
+    assert {n.split("/")[0] for n in names if not n.startswith("torchship-")} == {"torchship"}
+    runtime = {n for n in names if n.startswith("torchship/runtime/")}
+    assert {"torchship/runtime/card.py", "torchship/runtime/onnx_model.py"} <= runtime
+    assert "torchship/serve/web/vendor/ort-wasm-simd-threaded.wasm" in names  # the page's onnxruntime-web
+
+
+def test_bare_names_do_not_import_and_torchship_does(installed, tmp_path):
+    python = installed / "bin" / "python"
+    for bare in ("train", "export", "serve", "handlers"):
+        r = subprocess.run([python, "-c", f"import {bare}"], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode != 0 and f"No module named '{bare}'" in r.stderr
+    code = "import torchship.train, torchship.runtime.card as c; print(c.__file__)"
+    r = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith(str(installed)), r.stderr  # the wheel's copy, not the checkout
+
+
+def test_the_installed_command_trains_exports_archives_and_writes_the_page(installed, tmp_path, data_dir):
+    def torchship(*args):
+        r = subprocess.run([installed / "bin" / "torchship", *map(str, args)], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=600)  # fmt: skip
+        assert r.returncode == 0, (args, r.stderr[-3000:])
+        return r
+
+    assert "train" in torchship("--help").stdout
+    torchship("train", "--preset", "mnist-mlp50", "--epochs", "1", "--quiet", "--data-dir", data_dir, "--out", "run")
+    proof = torchship("export", "run/best.pt", "--out", "exp", "--data-dir", data_dir)
+    assert (
+        "all checks pass" in proof.stdout and json.loads((tmp_path / "exp" / "equivalence.json").read_text())["passed"]
+    )
+    torchship("archive", "exp", "--model-store", "store")
+    names = zipfile.ZipFile(tmp_path / "store" / "mnist-mlp50.mar").namelist()
+    assert "torchship_handler.py" in names and "torchship_runtime/torchserve_handler.py" in names
+    torchship("page", "exp", "--out", "page")
+    assert (tmp_path / "page" / "ort" / "ort-wasm-simd-threaded.wasm").stat().st_size > 1_000_000
