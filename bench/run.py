@@ -9,6 +9,8 @@ import argparse
 import json
 import os
 import platform
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,24 +76,6 @@ def level(section: dict, c: int) -> dict:
     return next(lv for lv in section["levels"] if lv["concurrency"] == c)
 
 
-def same_digits_accuracy(serving: dict) -> tuple[float, float, int]:
-    """Accuracy of each setup over the digits both answered (levels send different numbers of requests)."""
-
-    def answers(name):
-        merged: dict[int, int] = {}
-        for lv in serving[name]["levels"]:
-            for i, a in enumerate(lv.get("answers", [])):
-                if a >= 0:
-                    merged[i] = min(merged.get(i, 1), a)  # any wrong answer for a digit counts as wrong
-        return merged
-
-    ours, base = answers("ours"), answers("baseline")
-    both = sorted(set(ours) & set(base))
-    if not both:
-        return float("nan"), float("nan"), 0
-    return sum(ours[i] for i in both) / len(both), sum(base[i] for i in both) / len(both), len(both)
-
-
 def targets(r: dict) -> list[dict]:
     out = []
 
@@ -99,20 +83,31 @@ def targets(r: dict) -> list[dict]:
         out.append({"target": name, "value": value, "goal": goal, "met": bool(ok)})
 
     if "serving" in r:
-        b16, o16 = level(r["serving"]["baseline"], 16), level(r["serving"]["ours"], 16)
-        b1, o1 = level(r["serving"]["baseline"], 1), level(r["serving"]["ours"], 1)
+        s = r["serving"]
+        b16, o16 = level(s["baseline"], 16), level(s["ours"], 16)
+        b1, o1 = level(s["baseline"], 1), level(s["ours"], 1)
         ratio = o16["throughput"] / b16["throughput"]
         check("serving throughput c=16, ours/baseline", round(ratio, 2), ">= 10", ratio >= 10)
         check("serving p99 c=16, ours vs baseline (ms)", [round(o16["latency_ms"]["p99"], 2),
               round(b16["latency_ms"]["p99"], 2)], "ours <= baseline", o16["latency_ms"]["p99"] <=
               b16["latency_ms"]["p99"])  # fmt: skip
-        errors = sum(sum(lv["errors"].values()) for lv in r["serving"]["ours"]["levels"])
-        check("serving errors (ours, all levels)", errors, "0", errors == 0)
-        acc, bacc, n = same_digits_accuracy(r["serving"])
-        check(f"serving accuracy, same {n} digits, ours vs base", [round(acc, 4), round(bacc, 4)],
-              "ours >= baseline", acc >= bacc)  # fmt: skip
+        errors = sum(sum(lv["errors"].values()) for k in ("ours", "oip") if k in s for lv in s[k]["levels"])
+        check("serving errors (ours and oip, all levels)", errors, "0", errors == 0)
         p50 = o1["latency_ms"]["p50"] / b1["latency_ms"]["p50"]
         check("serving p50 c=1, ours/baseline", round(p50, 2), "<= 0.5", p50 <= 0.5)
+        if "oip" in s and "levels" in s["oip"]:
+            k16, k1 = level(s["oip"], 16), level(s["oip"], 1)
+            vs_ts = k16["throughput"] / o16["throughput"]
+            check("OIP c=16 throughput / our TorchServe", round(vs_ts, 2), ">= 1.5", vs_ts >= 1.5)
+            best = best_peer(s)
+            if best:
+                b = best_peer_levels(s)
+                vs16 = k16["throughput"] / b[16]["throughput"]
+                check(f"OIP c=16 throughput / best peer ({b['name16']})", round(vs16, 2), ">= 3", vs16 >= 3)
+                vs1 = k1["latency_ms"]["p50"] / b[1]["latency_ms"]["p50"]
+                check(f"OIP c=1 p50 / best peer ({b['name1']})", round(vs1, 2), "<= 0.3", vs1 <= 0.3)
+            agree = min(lv["accuracy"] for lv in s["oip"]["levels"])
+            check("OIP agreement with in-process ONNX Runtime", round(agree, 4), "1.0", agree == 1.0)
     if "workers" in r:
         two = r["workers"]["2 workers"]["disruption"]
         check("2 workers: no answer for at most (s)", round(two["longest_gap_s"], 2), "<= 2", two["longest_gap_s"] <= 2)
@@ -134,11 +129,94 @@ def targets(r: dict) -> list[dict]:
     return out
 
 
+PEER_KIND = "peer"
+
+
+def peers_of(s: dict) -> list[str]:
+    """The peers that ran and answered every request right: one that errs is no yardstick."""
+    return [k for k, v in s.items() if isinstance(v, dict) and v.get("kind") == PEER_KIND and "levels" in v
+            and all(not lv["errors"] and lv["accuracy"] == 1.0 for lv in v["levels"])]  # fmt: skip
+
+
+def best_peer(s: dict) -> str | None:
+    names = peers_of(s)
+    return max(names, key=lambda n: level(s[n], 16)["throughput"]) if names else None
+
+
+def best_peer_levels(s: dict) -> dict:
+    """The best peer at each level on its own terms: most requests/s at c=16, lowest p50 at c=1."""
+    names = peers_of(s)
+    n16 = max(names, key=lambda n: level(s[n], 16)["throughput"])
+    n1 = min(names, key=lambda n: level(s[n], 1)["latency_ms"]["p50"])
+    return {16: level(s[n16], 16), 1: level(s[n1], 1), "name16": n16, "name1": n1}
+
+
 def rounds_line(rounds: dict) -> str:
-    pair = rounds.get("pair", ["ours", "baseline"])
-    return (f"c=1 measured in {len(rounds['p50_ratios']) * 2} alternating rounds of {rounds['seconds_each']:g} s; "
-            f"per-round p50 ratio {pair[0]}/{pair[1]}: median {rounds['p50_ratio_median']:.2f}, range "
-            f"{min(rounds['p50_ratios']):.2f}-{max(rounds['p50_ratios']):.2f}")  # fmt: skip
+    per = rounds["p50_ms"]
+    n = len(next(iter(per.values())))
+    vs = rounds["p50_ratio_median_vs_first"]
+    return (f"c=1 measured in {n} alternating rounds of {rounds['seconds_each']:g} s per setup; median per-round p50 "
+            f"ratio to {rounds['first']}: " + ", ".join(f"{k} {v:.2f}" for k, v in vs.items()))  # fmt: skip
+
+
+SENDS = {"torchserve": "raw bytes", "v2": "v2 binary", "v2-json": "v2 JSON base64", "multipart": "multipart",
+         "raw": "raw bytes"}  # fmt: skip
+
+
+def what(name: str, s: dict) -> tuple[str, str, str]:
+    """A setup's server and version, its settings, and what the client sends it."""
+    if s.get("kind") == "torchserve":
+        handler = "stock MNIST handler" if s.get("handler") == "stock MNIST" else "our handler"
+        cfg = s.get("config")
+        settings = (f"{cfg['minWorkers']} workers, batch {cfg['batchSize']}, {cfg['maxBatchDelay']} ms"
+                    if isinstance(cfg, dict) else "defaults: no batching")  # fmt: skip
+        server = f"TorchServe {s.get('version', '')}, {handler}"
+        return server, f"{s.get('backend')}; {settings}", SENDS["torchserve"]
+    if s.get("kind") == "oip":
+        st = s.get("settings", {})
+        settings = (f"{st.get('workers')} workers, batch {st.get('max_batch')}, {st.get('max_delay_ms')} ms, "
+                    f"queue {st.get('max_queue')}")  # fmt: skip
+        return "torchship OIP server", settings, SENDS["v2"]
+    if s.get("kind") == "peer":
+        return f"{name} {s.get('version', '')}", s.get("settings", ""), SENDS.get(s.get("sends"), s.get("sends", ""))
+    return "do-nothing (asyncio + httptools)", "answers every request with a fixed label", "raw bytes"
+
+
+def serving_table(s: dict) -> list[str]:
+    names = [k for k, v in s.items() if isinstance(v, dict) and "kind" in v]
+    lines = ["Serving: one load test (asyncio keep-alive clients on 127.0.0.1), the same 1,000 held-out digits, every "
+             "server up at once; agreement = answers equal to in-process ONNX Runtime's",
+             f"{'setup':<10} {'c':>3} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>8} {'errors':>6} {'agree':>6}  server; "
+             "settings; sends"]  # fmt: skip
+    for name in names:
+        server, settings, sends = what(name, s[name])
+        if "error" in s[name]:
+            lines.append(f"{name:<10} could not run: {s[name]['error']}  ({server}; {settings})")
+            continue
+        for i, lv in enumerate(s[name]["levels"]):
+            idle = s[name].get("idle_cpu_percent")
+            note = f"  {server}; {settings}; {sends}" if i == 0 else (
+                f"  idle: {idle}% of a core" if i == 1 and idle is not None else "")  # fmt: skip
+            lat = lv["latency_ms"]
+            agree = "n/a" if s[name].get("kind") == "ceiling" else f"{lv['accuracy']:.4f}"
+            lines.append(
+                f"{name:<10} {lv['concurrency']:>3} {lv['throughput']:>8.1f} {lat['p50']:>7.2f} "
+                f"{lat['p99']:>8.2f} {sum(lv['errors'].values()):>6} {agree:>6}{note}"
+            )
+    if s.get("c1_rounds"):
+        lines.append(rounds_line(s["c1_rounds"]))
+    if "oip" in s and "levels" in s["oip"] and best_peer(s):
+        b, k1, k16 = best_peer_levels(s), level(s["oip"], 1), level(s["oip"], 16)
+        o16 = level(s["ours"], 16)
+        t16, p50 = k16["throughput"], k1["latency_ms"]["p50"]
+        lines.append(f"OIP server: c=16 {t16:.0f} req/s = {t16 / o16['throughput']:.2f}x our TorchServe, "
+                     f"{t16 / b[16]['throughput']:.2f}x the best peer ({b['name16']}); c=1 p50 {p50:.2f} ms = "
+                     f"{p50 / b[1]['latency_ms']['p50']:.2f}x the best peer's ({b['name1']})")  # fmt: skip
+    if "ceiling" in s and "levels" in s["ceiling"]:
+        c16 = level(s["ceiling"], 16)
+        lines.append(f"ceiling: a server that does nothing answers {c16['throughput']:.0f} req/s at c=16 with this "
+                     "client; every figure above is what a server reaches under it")  # fmt: skip
+    return lines
 
 
 def inference_table(inf: dict) -> list[str]:
@@ -160,27 +238,7 @@ def table(r: dict) -> str:
         if key in r:
             lines += ["", *inference_table(r[key])]
     if "serving" in r:
-        lines += [
-            "",
-            "Serving (same load test, 127.0.0.1: stock TorchServe, our TorchServe, our KServe runtime over v2)",
-            f"{'setup':<9} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'accuracy':>8}",
-        ]
-        for name in (k for k in ("baseline", "ours", "kserve") if k in r["serving"]):
-            for lv in r["serving"][name]["levels"]:
-                lines.append(
-                    f"{name:<9} {lv['concurrency']:>4} {lv['throughput']:>8.1f} {lv['latency_ms']['p50']:>7.2f} "
-                    f"{lv['latency_ms']['p99']:>7.2f} {sum(lv['errors'].values()):>6} {lv['accuracy']:>8.4f}"
-                )
-        if r["serving"].get("c1_rounds"):
-            lines.append(rounds_line(r["serving"]["c1_rounds"]))
-        if "kserve" in r["serving"]:
-            k1, o1 = level(r["serving"]["kserve"], 1), level(r["serving"]["ours"], 1)
-            k16, o16 = level(r["serving"]["kserve"], 16), level(r["serving"]["ours"], 16)
-            vs = r["serving"]["c1_rounds"]["p50_ratio_median_vs_first"]
-            lines.append(f"KServe runtime vs our TorchServe: c=1 p50 {k1['latency_ms']['p50']:.2f} vs "
-                         f"{o1['latency_ms']['p50']:.2f} ms (per-round median vs baseline {vs['kserve']:.2f} vs "
-                         f"{vs['ours']:.2f}); c=16 {k16['throughput']:.0f} vs {o16['throughput']:.0f} req/s, p99 "
-                         f"{k16['latency_ms']['p99']:.1f} vs {o16['latency_ms']['p99']:.1f} ms")  # fmt: skip
+        lines += ["", *serving_table(r["serving"])]
     if "formats" in r:
         f = r["formats"]
         lines += ["", "Serving the two fastest formats (our handler, same defaults, both up, same load test)",
@@ -238,6 +296,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--max-batch-delay", type=int)
     args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so every server this run started is stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.table:  # re-render (and re-judge) an earlier run
         r = json.loads(args.out.read_text())
         r["targets"] = targets(r)
@@ -256,7 +316,7 @@ def main() -> None:
             print("in-process inference, ResNet-18 ...", flush=True)
             r["resnet18"] = inference.run(resnet18_export(Path(tmp)), batch_sizes=(1, 16), rounds=3, min_seconds=1)
         if "serving" in parts:
-            print("serving: baseline and ours, c=1 in alternating rounds ...", flush=True)
+            print("serving: stock and our TorchServe, our OIP server, the peers, the ceiling ...", flush=True)
             d = ModelConfig()
             workers = args.workers or d.minWorkers
             ours = ModelConfig(minWorkers=workers, maxWorkers=workers, batchSize=args.batch_size or d.batchSize,
@@ -266,7 +326,7 @@ def main() -> None:
             inf = r.get("inference") or inference.run(export_dir, rounds=3)
             fastest = fastest_two(inf)
             print(f"serving the two fastest formats in-process at batch 1: {', '.join(fastest)} ...", flush=True)
-            setups = {b: (b, ModelConfig(), None) for b in fastest}
+            setups = {b: serving.Setup("torchserve", b, ModelConfig()) for b in fastest}
             r["formats"] = serving.compare(export_dir, Path(tmp), setups, args.duration, rounds=6, concurrency=(16,))
         if "workers" in parts:
             print("serving: 1 worker vs 2, c=1 in alternating rounds, then a worker killed under load ...", flush=True)

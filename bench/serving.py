@@ -1,38 +1,150 @@
-"""Serving: TorchServe as its stock MNIST example runs it vs `make serve`'s defaults, same load test.
+"""Serving: every server on the same model, the same digits and the same load test, all up at once.
 
-Both servers run at once and take turns: this machine's speed drifts by tens of percent over minutes,
-so c=1 is measured in alternating short rounds and each setup's rounds are pooled; the paired
-per-round ratios are kept to show how steady the comparison was.
+Setups are TorchServe (its stock MNIST example, or our handler), our Open Inference Protocol server, the peers people
+pick instead (bench/peer_setup.py) and a do-nothing ceiling (bench/ceiling.py). They take turns: this machine's
+speed drifts by tens of percent over minutes, so c=1 is measured in alternating short rounds and each setup's rounds
+are pooled; then each runs c=4 and c=16. Every answer is checked against in-process ONNX Runtime.
+
+Only the setup being measured runs: the others are paused (SIGSTOP) meanwhile, because some servers keep a core
+busy while idle (LitServe's workers poll their queues) and would take it from whichever server is being measured.
+Each setup's own idle CPU is measured and reported.
 """
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
+import time
 from collections import Counter
-from contextlib import ExitStack
-from dataclasses import asdict, replace
+from contextlib import ExitStack, suppress
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from torchship.serve import kserve, torchserve
+import psutil
+
+from bench import peer_setup
+from torchship.runtime.onnx_model import load as load_onnx
+from torchship.serve import oip, torchserve
 from torchship.serve.archive import ModelConfig, build_archive
-from torchship.serve.loadtest import Level, Target, kill_worker_under_load, payloads, percentiles, run_level
+from torchship.serve.client import Target
+from torchship.serve.loadtest import Level, Payload, kill_worker_under_load, payloads, percentiles, run_level
+from torchship.serve.process import free_ports
 
 BASELINE_HANDLER = Path(__file__).with_name("baseline_handler.py")
+WARMUP = 3000  # requests at c=4 before anything is measured: JITs, caches, lazy initialisation
 
 
-def start(name: str, export_dir: Path, work: Path, backend: str, config: ModelConfig | None, handler: Path | None):
-    store, state = work / f"store-{slug(name)}", work / f"state-{slug(name)}"
-    if backend == "kserve":  # the Open Inference Protocol runtime serves the export directly
-        kserve.start(kserve.KServeConfig.on_free_ports(str(export_dir), "mnist", str(state)), timeout=120)
-        return kserve.load_target(state)
-    build_archive(export_dir, store, name="mnist", backend=backend, config=config, handler=handler)
-    cfg = torchserve.start(torchserve.ServerConfig.on_free_ports("mnist", str(store), str(state)), timeout=240)
-    key = torchserve.keys(state).get("inference", {}).get("key")
-    return Target("127.0.0.1", cfg.inference_port, "mnist", key, cfg.metrics_url)
+@dataclass(frozen=True)
+class Setup:
+    kind: str  # torchserve | oip | peer | ceiling
+    backend: str = "onnx"
+    config: ModelConfig | None = None  # torchserve: None is TorchServe's defaults
+    handler: Path | None = None  # torchserve: a handler file of our own instead of torchship's
+    peer: str | None = None
+
+    def describe(self) -> dict:
+        if self.kind == "torchserve":
+            return {"kind": self.kind, "backend": self.backend,
+                    "handler": "stock MNIST" if self.handler else "torchship",
+                    "config": asdict(self.config) if self.config else "TorchServe defaults"}  # fmt: skip
+        if self.kind == "peer":
+            return {"kind": self.kind, "peer": self.peer, "settings": peer_setup.PEERS[self.peer].settings,
+                    "sends": peer_setup.PEERS[self.peer].protocol}  # fmt: skip
+        return {"kind": self.kind}
 
 
 def slug(name: str) -> str:
     return name.replace(" ", "-")
+
+
+class Processes:
+    """A started setup's processes, to pause while another is measured and to measure while idle."""
+
+    def __init__(self, root_pid: int):
+        self.root = root_pid
+
+    def all(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.root)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def pause(self) -> None:
+        for p in self.all():
+            with suppress(psutil.Error):
+                p.suspend()
+
+    def resume(self) -> None:
+        for p in self.all():
+            with suppress(psutil.Error):
+                p.resume()
+
+    def idle_cpu(self, seconds: float = 3) -> float:
+        """Percent of one core the setup uses while nobody asks it anything."""
+
+        def used(procs) -> float:
+            total = 0.0
+            for p in procs:
+                with suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            return total
+
+        procs = self.all()
+        before = used(procs)
+        time.sleep(seconds)
+        return round(100 * (used(procs) - before) / seconds, 1)
+
+
+def start(name: str, setup: Setup, export_dir: Path, work: Path, stack: ExitStack) -> tuple[Target, dict, int]:
+    """Start one setup, register its stop on `stack`, and say what was started (versions, settings) and its root
+    process."""
+    state = work / f"state-{slug(name)}"
+    if setup.kind == "torchserve":
+        store = work / f"store-{slug(name)}"
+        build_archive(export_dir, store, name="mnist", backend=setup.backend, config=setup.config,
+                      handler=setup.handler)  # fmt: skip
+        stack.callback(torchserve.stop, state)
+        cfg = torchserve.start(torchserve.ServerConfig.on_free_ports("mnist", str(store), str(state)), timeout=240)
+        from importlib.metadata import version
+
+        return torchserve.load_target(cfg.state_dir), {"version": version("torchserve")}, torchserve.pid(state)
+    if setup.kind == "oip":
+        stack.callback(oip.stop, state)
+        oip.start(oip.OIPConfig.on_free_ports(str(export_dir), "mnist", str(state), backend=setup.backend), timeout=120)
+        return oip.load_target(state), {"settings": oip.status(state).get("settings", {})}, oip.pid(state)
+    if setup.kind == "ceiling":
+        (port,) = free_ports(1)
+        proc = subprocess.Popen([sys.executable, "-m", "bench.ceiling", str(port)], start_new_session=True)
+        stack.callback(peer_setup.stop_process, proc)
+        _wait_port(port)
+        return Target("127.0.0.1", port, "mnist", protocol="raw"), {}, proc.pid
+    running = peer_setup.start(peer_setup.PEERS[setup.peer], export_dir / "model.onnx", work / "peers")
+    stack.callback(peer_setup.stop, running)
+    return running.target, {"version": running.version}, running.proc.pid
+
+
+def _wait_port(port: int, timeout: float = 30) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def agreed(export_dir: Path, n: int = 1000) -> list[Payload]:
+    """Held-out digits, each labelled with in-process ONNX Runtime's answer: a served answer must equal it."""
+    bodies = payloads(n=n)
+    labels = [r["label"] for r in load_onnx(export_dir / "model.onnx").predict([p.body for p in bodies])]
+    return [Payload(p.body, label) for p, label in zip(bodies, labels)]
 
 
 def pooled(levels: list[Level], samples: list[float]) -> Level:
@@ -52,70 +164,90 @@ def pooled(levels: list[Level], samples: list[float]) -> Level:
         pairs = [(lv.server[key], lv.server["requests"]) for lv in levels if key in lv.server]
         if pairs:
             server_ms[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+    judged = [lv for lv in levels if lv.accuracy == lv.accuracy]  # NaN when nothing came back to judge
+    accuracy = sum(lv.accuracy * lv.requests for lv in judged) / max(sum(lv.requests for lv in judged), 1)
     return Level("closed", levels[0].concurrency, None, n, dict(errors), seconds, n / max(seconds, 1e-9),
-                 percentiles(samples), sum(lv.accuracy * lv.requests for lv in levels) / max(n, 1),
-                 {"requests": n, **server_ms}, answers)  # fmt: skip
+                 percentiles(samples), accuracy, {"requests": n, **server_ms}, answers)  # fmt: skip
 
 
-def compare(export_dir: Path, work: Path, setups: dict, duration: float = 10, rounds: int = 8,
-            concurrency=(4, 16), after=None) -> dict:  # fmt: skip
-    """Every setup (name -> (backend, config, handler)) up at once: c=1 in alternating rounds, then each level.
+def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: float = 10, rounds: int = 8,
+            concurrency=(4, 16), after=None, log=print) -> dict:  # fmt: skip
+    """Every setup up at once: c=1 in alternating rounds, then each concurrency level in turn.
 
-    `after(name, target, state_dir)` runs on each setup while its server is still up (the worker-kill test)."""
-    names = tuple(setups)
-    bodies = payloads()
-    levels: dict[str, list[Level]] = {name: [] for name in names}
-    extra = {}
+    A setup that cannot start is a result that says why. `after(name, target, state_dir)` runs on each setup while
+    its server is still up (the worker-kill test)."""
+    bodies = agreed(export_dir)
+    levels: dict[str, list[Level]] = {}
+    info, failed, extra = {}, {}, {}
     with ExitStack() as stack:
-        targets = {}
-        for name, (backend, config, handler) in setups.items():
-            stack.callback(kserve.stop if backend == "kserve" else torchserve.stop, work / f"state-{slug(name)}")
-            targets[name] = start(name, export_dir, work, backend, config, handler)
-        for name in names:  # warm the workers and the JVM's JIT: first calls pay for lazy init and interpretation
-            run_level(targets[name], bodies, 4, 30, 3000)
+        targets, procs = {}, {}
+        for name, setup in setups.items():
+            log(f"  starting {name} ...")
+            try:
+                targets[name], info[name], root = start(name, setup, export_dir, work, stack)
+                procs[name] = Processes(root)
+                stack.callback(procs[name].resume)  # a paused server cannot stop
+                procs[name].pause()
+            except Exception as e:  # a peer's own failure is a row of the table, not the end of the bench
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                log(f"  {name} could not start: {failed[name]}")
+        names = [n for n in setups if n in targets]
+
+        def alone(name: str, measure):
+            """Run `measure` with only this setup's processes running."""
+            procs[name].resume()
+            try:
+                return measure()
+            finally:
+                procs[name].pause()
+
+        for name in names:
+            info[name]["idle_cpu_percent"] = alone(name, procs[name].idle_cpu)
+            alone(name, lambda n=name: run_level(targets[n], bodies, 4, 60, WARMUP))
         rounds_c1: dict[str, list[Level]] = {name: [] for name in names}
         samples: dict[str, list[float]] = {name: [] for name in names}
+        log(f"  c=1 in {rounds} alternating rounds of {duration / 2:g} s ...")
         for r in range(rounds):
             for name in names if r % 2 == 0 else names[::-1]:
-                rounds_c1[name].append(run_level(targets[name], bodies, 1, duration / 2, 30000, samples=samples[name]))
+                rounds_c1[name].append(alone(name, lambda n=name: run_level(
+                    targets[n], bodies, 1, duration / 2, 30000, samples=samples[n])))  # fmt: skip
         for name in names:
-            levels[name].append(pooled(rounds_c1[name], samples[name]))
+            levels[name] = [pooled(rounds_c1[name], samples[name])]
         for c in concurrency:
+            log(f"  c={c} ...")
             for name in names:
-                levels[name].append(run_level(targets[name], bodies, c, duration, 30000))
+                levels[name].append(alone(name, lambda n=name, c=c: run_level(targets[n], bodies, c, duration, 100000)))
         if after:
-            extra = {name: after(name, targets[name], work / f"state-{slug(name)}") for name in names}
-    first, second = names[0], names[1]
-    ratios = [o.latency_ms["p50"] / b.latency_ms["p50"] for o, b in zip(rounds_c1[second], rounds_c1[first])]
-    versus = {name: statistics.median(o.latency_ms["p50"] / b.latency_ms["p50"] for o, b in
-                                      zip(rounds_c1[name], rounds_c1[first])) for name in names[1:]}  # fmt: skip
-    return {
-        **{
-            name: {
-                "backend": setups[name][0],
-                "config": asdict(setups[name][1]) if setups[name][1] else "TorchServe defaults",
-                "levels": [asdict(lv) for lv in levels[name]],
-                **({"disruption": extra[name]} if name in extra else {}),
-            }
-            for name in names
-        },
-        "c1_rounds": {
-            "pair": [second, first],
+            for name in names:
+                extra[name] = alone(name, lambda n=name: after(n, targets[n], work / f"state-{slug(n)}"))
+    out = {name: {**setups[name].describe(), **info.get(name, {}), "error": failed[name]} for name in failed}
+    for name in names:
+        out[name] = {**setups[name].describe(), **info[name], "levels": [asdict(lv) for lv in levels[name]],
+                     **({"disruption": extra[name]} if name in extra else {})}  # fmt: skip
+    if len(names) >= 2:
+        first = names[0]
+        out["c1_rounds"] = {
             "seconds_each": duration / 2,
-            f"{first}_p50_ms": [lv.latency_ms["p50"] for lv in rounds_c1[first]],
-            f"{second}_p50_ms": [lv.latency_ms["p50"] for lv in rounds_c1[second]],
-            "p50_ratios": ratios,
-            "p50_ratio_median": statistics.median(ratios),
-            "p50_ratio_median_vs_first": versus,
             "p50_ms": {name: [lv.latency_ms["p50"] for lv in rounds_c1[name]] for name in names},
-        },
-    }
+            "p50_ratio_median_vs_first": {
+                name: statistics.median(
+                    o.latency_ms["p50"] / b.latency_ms["p50"] for o, b in zip(rounds_c1[name], rounds_c1[first])
+                )
+                for name in names[1:]
+            },  # fmt: skip
+            "first": first,
+        }
+    return out
 
 
-def run(export_dir: Path, work: Path, duration: float = 10, ours_config: ModelConfig | None = None) -> dict:
-    """TorchServe's stock MNIST setup against `make serve`'s defaults and the KServe runtime, all up at once."""
-    setups = {"baseline": ("torchscript", None, BASELINE_HANDLER), "ours": ("onnx", ours_config or ModelConfig(), None),
-              "kserve": ("kserve", None, None)}  # fmt: skip
+def run(export_dir: Path, work: Path, duration: float = 10, ours_config: ModelConfig | None = None,
+        peers: tuple[str, ...] = tuple(peer_setup.PEERS)) -> dict:  # fmt: skip
+    """Stock TorchServe, our TorchServe, our OIP server, every peer and the ceiling: all up at once."""
+    setups = {"baseline": Setup("torchserve", "torchscript", None, BASELINE_HANDLER),
+              "ours": Setup("torchserve", config=ours_config or ModelConfig()),
+              "oip": Setup("oip"),
+              **{p: Setup("peer", peer=p) for p in peers},
+              "ceiling": Setup("ceiling")}  # fmt: skip
     return compare(export_dir, work, setups, duration)
 
 
@@ -135,6 +267,6 @@ def kill_one(name: str, target: Target, state_dir: Path) -> dict:
 def workers(export_dir: Path, work: Path, duration: float = 10) -> dict:
     """What a second worker costs at c=1 and buys at c=16 and when a worker dies (issue: no single point of failure)."""
     d = ModelConfig()
-    setups = {f"{n} worker{'s' if n > 1 else ''}": ("onnx", replace(d, minWorkers=n, maxWorkers=n), None)
+    setups = {f"{n} worker{'s' if n > 1 else ''}": Setup("torchserve", config=replace(d, minWorkers=n, maxWorkers=n))
               for n in (1, 2)}  # fmt: skip
     return compare(export_dir, work, setups, duration, rounds=6, concurrency=(16,), after=kill_one)

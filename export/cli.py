@@ -36,15 +36,38 @@ def floats(_ctx, param, value: str | None):
 
 
 def shape(_ctx, _param, value: str | None):
+    """C,H,W for an image model; one example's shape for a tensor one (13, or 3,128): checked against the kind below."""
     if value is None:
         return None
     try:
         dims = tuple(int(v) for v in value.split(","))
     except ValueError:
         dims = ()
-    if len(dims) != 3 or min(dims) < 1:
-        raise click.BadParameter(f"C,H,W as three positive integers, e.g. 3,224,224; got {value!r}")
+    if not 1 <= len(dims) <= 4 or min(dims) < 1:
+        raise click.BadParameter(f"comma-separated positive integers: C,H,W for images (3,224,224), one example's "
+                                 f"shape for tensors (13); got {value!r}")  # fmt: skip
     return dims
+
+
+def names(_ctx, _param, value: str | None):
+    if value is None:
+        return None
+    found = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not found:
+        raise click.BadParameter(f"comma-separated names, e.g. y or price,volume; got {value!r}")
+    return found
+
+
+def value_range(_ctx, _param, value: str | None):
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"MIN,MAX, e.g. 0,1; got {value!r}") from None
+    if not low < high:
+        raise click.BadParameter(f"MIN must be below MAX; got {value!r}")
+    return low, high
 
 
 def format_list(_ctx, _param, value: str):
@@ -91,7 +114,41 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
     metavar="KEY=VALUE",
     help="With --model: a constructor argument (Python literal), e.g. num_classes=10. Repeatable.",
 )
-@click.option("--input-shape", callback=shape, default=None, metavar="C,H,W", help="With --model: e.g. 3,224,224.")
+@click.option(
+    "--input-shape",
+    callback=shape,
+    default=None,
+    metavar="SHAPE",
+    help="With --model: C,H,W for images (3,224,224); one example's shape for tensors (13, or 3,128).",
+)
+@click.option(
+    "--input-kind",
+    type=click.Choice(["image", "tensor"]),
+    default="image",
+    show_default=True,
+    help="With --model: image files in, or fixed-shape rows of numbers (tabular, signals).",
+)
+@click.option(
+    "--task",
+    type=click.Choice(["classify", "regress"]),
+    default=None,
+    help="With --model: what the outputs are  [default: classify; a tensor model with no --labels and "
+    "--output-names regresses]",
+)
+@click.option(
+    "--output-names",
+    callback=names,
+    default=None,
+    metavar="a,b",
+    help="With --model --task regress: one name per output value  [default: y, or y0, y1, ...]",
+)
+@click.option(
+    "--input-range",
+    callback=value_range,
+    default=None,
+    metavar="MIN,MAX",
+    help="With --model --input-kind tensor: the range training inputs span, where the proof draws rows",
+)
 @click.option(
     "--labels",
     default=None,
@@ -132,8 +189,9 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
     "--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Export directory  [default: exports/NAME]"
 )
 @tolerances
-def export_command(checkpoint, spec, weights, kwargs, input_shape, labels, mean, std, preprocess, output_kind, dataset,
-                   name, calibration, formats, out_dir, atol, rtol, data_dir):  # fmt: skip
+def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, task, output_names, input_range, labels,
+                   mean, std, preprocess, output_kind, dataset, name, calibration, formats, out_dir, atol, rtol,
+                   data_dir):  # fmt: skip
     """Export CHECKPOINT (or --model SPEC --weights FILE) to every format, then prove each matches the eager model."""
     from pathlib import Path
 
@@ -146,9 +204,13 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, labels, mean,
         raise click.UsageError("give either a torchship CHECKPOINT or --model SPEC --weights FILE")
     user_only = {"--weights": weights, "--model-kwarg": kwargs, "--input-shape": input_shape, "--labels": labels,
                  "--mean": mean, "--std": std, "--preprocess": preprocess, "--output-kind": output_kind,
-                 "--dataset": dataset}  # fmt: skip
+                 "--dataset": dataset, "--task": task, "--output-names": output_names,
+                 "--input-range": input_range}  # fmt: skip
     if spec is not None and (weights is None or input_shape is None):
-        raise click.UsageError("--model needs --weights FILE and --input-shape C,H,W")
+        raise click.UsageError("--model needs --weights FILE and --input-shape (C,H,W for images, e.g. 13 for rows)")
+    if spec is not None and input_kind == "image" and len(input_shape) != 3:
+        raise click.BadParameter(f"an image model's input is C,H,W, got {','.join(map(str, input_shape))} (rows of "
+                                 "numbers? add --input-kind tensor)", param_hint="--input-shape")  # fmt: skip
     if checkpoint is not None and any(user_only.values()):
         given = [k for k, v in user_only.items() if v]
         raise click.UsageError(f"{', '.join(given)} apply to --model; a checkpoint carries its own model card")
@@ -168,7 +230,7 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, labels, mean,
             model, card = user_model(
                 spec, weights, kwargs=parse_kwargs(kwargs), input_shape=input_shape, labels=labels,
                 mean=mean or (0.0,), std=std or (1.0,), preprocess=preprocess, name=name, output=output_kind,
-                dataset=dataset,
+                dataset=dataset, input_kind=input_kind, task=task, output_names=output_names, input_range=input_range,
             )  # fmt: skip
             source = Path(weights)
             card = stamp(card, source)

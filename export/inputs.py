@@ -1,4 +1,5 @@
-"""The images a proof runs and int8 calibrates on: a dataset's real ones where the card names it, else synthetic."""
+"""The inputs a proof runs and int8 calibrates on: a dataset's real images or rows where the card names one, else
+synthetic ones (smooth images and noise; rows drawn over the training range the card records)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ def normalise(card: ModelCard, pixels: np.ndarray) -> np.ndarray:
 
 
 def dataset_split(card: ModelCard, data_dir: Path | str, train: bool):
-    """The card's dataset split as a (images, labels) pair, or None when it is not on this disk."""
+    """The card's dataset split as a (images or rows, labels or targets) pair, or None when it is not on this disk."""
     from torchship.train import data
 
+    if card.dataset == "linreg-tutorial" and card.input_shape == (1,):
+        split = data.tutorial_line()[0 if train else 1]
+        return split.images.numpy(), split.labels.numpy()
     if card.dataset not in data.DATASETS or card.input_shape != (1, 28, 28):
         return None
     try:
@@ -60,8 +64,38 @@ def synthetic(card: ModelCard, n: int, seed: int = 0) -> tuple[np.ndarray, np.nd
     return noise, np.stack(smooth) if smooth else noise[:0]
 
 
+def ranged_rows(card: ModelCard, n: int, seed: int = 0) -> np.ndarray:
+    """Raw rows drawn uniformly over the training range per entry of the first axis; standard normal around the
+    card's mean and std where it records no range."""
+    rng = np.random.default_rng(seed)
+    shape, first = card.input_shape, card.input_shape[0]
+    if card.input_range:
+        low = np.asarray([r[0] for r in card.input_range], np.float64)
+        high = np.asarray([r[1] for r in card.input_range], np.float64)
+    else:
+        low = np.asarray(card.mean, np.float64) - 2 * np.asarray(card.std, np.float64)
+        high = np.asarray(card.mean, np.float64) + 2 * np.asarray(card.std, np.float64)
+    u = rng.uniform(0, 1, size=(n, *shape))
+    per_first = (1, first, *[1] * (len(shape) - 1))
+    return (low.reshape(per_first) + u * (high - low).reshape(per_first)).astype(np.float32)
+
+
+def tensor_proof_inputs(card: ModelCard, n: int, data_dir: Path | str) -> tuple[np.ndarray, dict]:
+    from torchship.runtime.tensors import standardize
+
+    held = dataset_split(card, data_dir, train=False)
+    real = held[0][:n] if held is not None else np.zeros((0, *card.input_shape), np.float32)
+    drawn = ranged_rows(card, n - len(real))
+    x = standardize(card, np.concatenate([real.astype(np.float32), drawn]))
+    return x, {"real": int(len(real)), "ranged": int(len(drawn)), "total": int(len(x)), "shape": list(x.shape[1:]),
+               "dataset": card.dataset if len(real) else None,
+               "range": [list(r) for r in card.input_range]}  # fmt: skip
+
+
 def proof_inputs(card: ModelCard, n: int, data_dir: Path | str = "data") -> tuple[np.ndarray, dict]:
-    """Normalised model inputs and what they are: real held-out images where available, else synthetic ones."""
+    """Normalised model inputs and what they are: real held-out images or rows where available, else synthetic."""
+    if not card.image:
+        return tensor_proof_inputs(card, n, data_dir)
     real = held_out(card, n * 4 // 5, data_dir)
     if real is not None:
         noise, _ = synthetic(card, 2 * (n - len(real)))
@@ -79,6 +113,13 @@ def calibration_images(card: ModelCard, data_dir: Path | str, directory: Path | 
     """Model inputs to calibrate int8 on, never held-out ones: your images, the dataset's training split, or
     synthetic ones; and a line saying which."""
     n = min(n, max(32, CALIBRATION_BYTES // (4 * int(np.prod(card.input_shape)))))
+    if not card.image:
+        from torchship.runtime.tensors import standardize
+
+        split = dataset_split(card, data_dir, train=True)
+        if split is not None:
+            return standardize(card, split[0][:n]), f"{min(n, len(split[0]))} {card.dataset} training rows"
+        return standardize(card, ranged_rows(card, n, seed=1)), f"{n} rows drawn over the training range"
     if directory is not None:
         prep = Preprocessor(card)
         found, arrays = sorted(p for p in Path(directory).rglob("*") if p.is_file()), []

@@ -181,7 +181,7 @@ def user_model(
     weights: Path | str,
     *,
     kwargs: Mapping | None = None,
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     labels: str | None = None,
     mean: Sequence[float] = (0.0,),
     std: Sequence[float] = (1.0,),
@@ -189,10 +189,15 @@ def user_model(
     name: str | None = None,
     output: str | None = None,
     dataset: str | None = None,
+    input_kind: str = "image",
+    task: str | None = None,
+    output_names: Sequence[str] | None = None,
+    input_range: tuple[float, float] | None = None,
 ) -> tuple[torch.nn.Module, ModelCard]:
     """Build the model, load its weights, run it once on a real batch, and write down what it is."""
     kwargs = dict(kwargs or {})
     model = load_weights(build(spec, kwargs), read_state_dict(weights), weights)
+    image = input_kind == "image"
     c = input_shape[0]
     try:
         with torch.no_grad():
@@ -203,21 +208,31 @@ def user_model(
                              f"{type(e).__name__}: {first}") from None  # fmt: skip
     if isinstance(out, (list, tuple)):
         raise ModelLoadError(f"the model returns a {type(out).__name__}; torchship exports models with one output")
-    reconstruct = tuple(out.shape) == (2, *input_shape)
+    reconstruct = image and tuple(out.shape) == (2, *input_shape)
     if not reconstruct and out.dim() != 2:
-        raise ModelLoadError(f"a classifier must return (batch, classes); this one returns {tuple(out.shape)}")
+        raise ModelLoadError(f"a model must return (batch, outputs); this one returns {tuple(out.shape)}")
+    task = "reconstruct" if reconstruct else task or ("regress" if not image and output_names and not labels
+                                                      else "classify")  # fmt: skip
+    if task == "regress":
+        width = out.shape[1]
+        output_names = tuple(output_names or (["y"] if width == 1 else [f"y{i}" for i in range(width)]))
+        if len(output_names) != width:
+            raise ModelLoadError(f"--output-names gives {len(output_names)} names but the model outputs {width} values")
     try:
         card = ModelCard(
             name=name or slug(spec.rpartition(":")[2].split(".")[-1]),
-            task="reconstruct" if reconstruct else "classify",
+            task=task,
+            input_kind=input_kind,
             input_shape=input_shape,
             mean=tuple(mean),
             std=tuple(std),
-            labels=() if reconstruct else read_labels(labels, out.shape[1]),
-            preprocess=preprocess or ("resize-crop" if c == 3 else "resize"),
-            output_kind="image" if reconstruct else (output or output_kind(out)),
+            labels=read_labels(labels, out.shape[1]) if task == "classify" else (),
+            output_names=tuple(output_names) if task == "regress" else (),
+            preprocess=preprocess or ("standardize" if not image else "resize-crop" if c == 3 else "resize"),
+            output_kind={"reconstruct": "image", "regress": "values"}.get(task) or output or output_kind(out),
             architecture=Architecture(spec, kwargs),
             dataset=dataset,
+            input_range=(tuple(input_range),) * c if input_range and not image else (),
         )
     except CardError as e:
         raise ModelLoadError(str(e)) from None
@@ -229,4 +244,4 @@ def user_model(
 def from_checkpoint(path: Path | str) -> tuple[torch.nn.Module, ModelCard, int]:
     """A torchship checkpoint's eager model, its card and its epoch."""
     ckpt = checkpoint.load(path)
-    return checkpoint.model_from_checkpoint(ckpt), checkpoint.card_of(ckpt, path), int(ckpt["epoch"])
+    return checkpoint.model_from_checkpoint(ckpt), ckpt.card, ckpt.epoch

@@ -143,6 +143,7 @@ def approximate(export_dir: Path, card: ModelCard, model: torch.nn.Module, forma
 
     from torchship.export.inputs import dataset_split, normalise
     from torchship.runtime import runners
+    from torchship.runtime.tensors import standardize
 
     out = []
     for name in formats:
@@ -151,7 +152,7 @@ def approximate(export_dir: Path, card: ModelCard, model: torch.nn.Module, forma
             continue
         held = dataset_split(card, data_dir, train=False)
         if held is not None:
-            x, labels = normalise(card, held[0]), held[1]
+            x, labels = (normalise(card, held[0]) if card.image else standardize(card, held[0])), held[1]
             inputs = f"{len(x)} held-out {card.dataset} images"
         else:
             x, labels = proof_x, None
@@ -272,11 +273,13 @@ def table(report: Report) -> str:
     head = f"{'backend':<12} {'batch':>5} {'max abs':>9} {'p99 abs':>9} {'max rel*':>9} {'min atol':>9} "
     head += f"{'top-1':>7} {'fails':>6}  result"
     i = report.inputs
-    what = f"{i['real']} held-out {i.get('dataset')} images + " if i["real"] else f"{i.get('smooth', 0)} smooth + "
-    lines = [
-        f"reference: {report.reference}; atol {report.atol:g}, rtol {report.rtol:g}",
-        f"inputs: {what}{i['noise']} uniform-noise images, {i['shape']}",
-    ]
+    if "ranged" in i:  # a tensor model's rows
+        drawn = f"{i['ranged']} rows drawn uniformly over {'the training range' if i.get('range') else 'mean +- 2 std'}"
+        inputs = (f"{i['real']} held-out {i.get('dataset')} rows + " if i["real"] else "") + f"{drawn}, {i['shape']}"
+    else:
+        what = f"{i['real']} held-out {i.get('dataset')} images + " if i["real"] else f"{i.get('smooth', 0)} smooth + "
+        inputs = f"{what}{i['noise']} uniform-noise images, {i['shape']}"
+    lines = [f"reference: {report.reference}; atol {report.atol:g}, rtol {report.rtol:g}", f"inputs: {inputs}"]
     if report.tolerance_note:
         lines.append(f"note: {report.tolerance_note}")
     lines += [head, "-" * len(head)]

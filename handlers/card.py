@@ -12,25 +12,30 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tensor inputs and regression (input_kind, output_names, units, input_range)
 CARD_FILE = "meta.json"  # beside the model files of an export, and inside every archive
 ONNX_METADATA_KEY = "torchship"  # ONNX metadata_props entry holding the card's JSON
 TORCHSCRIPT_EXTRA_FILE = "meta.json"  # TorchScript extra file holding the card's JSON
 
-TASKS = ("classify", "reconstruct")
-OUTPUT_KINDS = ("logits", "log-probabilities", "probabilities", "image")
+TASKS = ("classify", "reconstruct", "regress")
+INPUT_KINDS = ("image", "tensor")  # an image file, or a fixed-shape array of numbers per example (tensors.py)
+OUTPUT_KINDS = ("logits", "log-probabilities", "probabilities", "image", "values")
 OUTPUT_NAMES = {"logits": "logits", "log-probabilities": "log_probs", "probabilities": "probabilities",
-                "image": "reconstruction"}  # fmt: skip
-INPUT_NAME = "images"
+                "image": "reconstruction", "values": "values"}  # fmt: skip
+INPUT_NAMES = {"image": "images", "tensor": "input"}
 # How an image someone sends is brought to the model's input (handlers/images.py implements each).
-RECIPES = ("mnist-digit", "fashion", "resize", "resize-crop")
+IMAGE_RECIPES = ("mnist-digit", "fashion", "resize", "resize-crop")
+TENSOR_RECIPE = "standardize"  # (x - mean) / std per entry of the first axis; mean 0, std 1 leaves x as it is
+RECIPES = (*IMAGE_RECIPES, TENSOR_RECIPE)
+MAX_TENSOR_ELEMENTS = 1 << 20  # per example
 GREY_RECIPES = ("mnist-digit", "fashion")  # they find light ink on a dark ground: one channel only
 CROP_RATIO = 0.875  # torchvision's classification presets: resize to 256, centre-crop 224
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
 # The architectures a torchship checkpoint may name: a checkpoint is data, so it never picks code to import.
 BUILTIN_ARCHITECTURES = {"mlp": "torchship.train.models:MLP", "convnet": "torchship.train.models:ConvNet",
-                         "autoencoder": "torchship.train.models:AutoEncoder"}  # fmt: skip
+                         "autoencoder": "torchship.train.models:AutoEncoder",
+                         "linear": "torchship.train.models:LinearRegression"}  # fmt: skip
 # Cards and checkpoints written before torchship became one package name `train.models:ConvNet`: the one alias.
 LEGACY_ARCHITECTURES = {spec.removeprefix("torchship."): spec for spec in BUILTIN_ARCHITECTURES.values()}
 
@@ -92,19 +97,23 @@ class Provenance:
 class ModelCard:
     name: str
     task: str
-    input_shape: tuple[int, int, int]  # (C, H, W)
-    mean: tuple[float, ...]  # per channel, applied to pixels in [0, 1]
+    input_shape: tuple[int, ...]  # images: (C, H, W); tensors: one example's shape, e.g. (1,), (13,), (3, 128)
+    mean: tuple[float, ...]  # per entry of the first axis: per channel of pixels in [0, 1], or per feature
     std: tuple[float, ...]
     labels: tuple[str, ...]
     preprocess: str
     output_kind: str
     architecture: Architecture
     provenance: Provenance = Provenance()
-    input_name: str = INPUT_NAME
+    input_name: str = ""  # "" means the input kind's usual name
     output_name: str = ""  # "" means the output kind's usual name
     resize: int | None = None  # resize-crop: the shorter side before the centre crop
     dataset: str | None = None  # the torchship dataset whose held-out images the proof uses
     metrics: Mapping = field(default_factory=dict)  # what training measured (test accuracy, ...)
+    input_kind: str = "image"
+    output_names: tuple[str, ...] = ()  # regress: one name per output value ("y")
+    units: tuple[str, ...] = ()  # regress: one unit per output value, or none
+    input_range: tuple = ()  # tensors: (min, max) seen in training per entry of the first axis, for the proof
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -112,6 +121,15 @@ class ModelCard:
         object.__setattr__(self, "mean", tuple(float(m) for m in _floats("mean", self.mean, self.channels)))
         object.__setattr__(self, "std", tuple(float(s) for s in _floats("std", self.std, self.channels)))
         object.__setattr__(self, "labels", _sequence("labels", self.labels))
+        for name in ("output_names", "units"):
+            object.__setattr__(self, name, _sequence(name, getattr(self, name)))
+        object.__setattr__(
+            self,
+            "input_range",
+            tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in _sequence("input_range", self.input_range)),
+        )
+        if not self.input_name:
+            object.__setattr__(self, "input_name", INPUT_NAMES.get(self.input_kind, "input"))
         if not self.output_name:
             object.__setattr__(self, "output_name", OUTPUT_NAMES.get(self.output_kind, "output"))
         if self.preprocess == "resize-crop" and self.resize is None:
@@ -127,11 +145,21 @@ class ModelCard:
     def classes(self) -> int:
         return len(self.labels)
 
+    @property
+    def image(self) -> bool:
+        return self.input_kind == "image"
+
+    @property
+    def outputs(self) -> int:
+        """Numbers per example the model answers: classes, output values, or the reconstructed input."""
+        return self.classes if self.task == "classify" else len(self.output_names) or 1
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["architecture"]["kwargs"] = dict(self.architecture.kwargs)
-        for k in ("input_shape", "mean", "std", "labels"):
+        for k in ("input_shape", "mean", "std", "labels", "output_names", "units"):
             d[k] = list(d[k])
+        d["input_range"] = [list(r) for r in self.input_range]
         d["metrics"] = dict(self.metrics)
         return d
 
@@ -235,14 +263,40 @@ def validate(card: ModelCard) -> None:
                                                           f"{', '.join(OUTPUT_KINDS)}")  # fmt: skip
     need((card.task == "reconstruct") == (card.output_kind == "image"), "output_kind",
          f"a {card.task} model cannot output {card.output_kind!r}")  # fmt: skip
+    need((card.task == "regress") == (card.output_kind == "values"), "output_kind",
+         f"a {card.task} model cannot output {card.output_kind!r}")  # fmt: skip
+    need(card.input_kind in INPUT_KINDS, "input_kind", f"{card.input_kind!r} is not one of {', '.join(INPUT_KINDS)}")
     shape = card.input_shape
-    need(len(shape) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in shape), "input_shape",
-         f"expected three integers C,H,W, got {list(shape)}")  # fmt: skip
-    need(shape[0] in (1, 3), "input_shape", f"{shape[0]} channels: images have 1 (grey) or 3 (RGB)")
-    need(all(4 <= v <= 4096 for v in shape[1:]), "input_shape", f"height and width must be 4..4096, got {shape[1:]}")
+    need(all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape), "input_shape",
+         f"expected positive integers, got {list(shape)}")  # fmt: skip
+    if card.image:
+        need(len(shape) == 3, "input_shape", f"an image input is C,H,W: three integers, got {list(shape)}")
+        need(shape[0] in (1, 3), "input_shape", f"{shape[0]} channels: images have 1 (grey) or 3 (RGB)")
+        need(all(4 <= v <= 4096 for v in shape[1:]), "input_shape", f"height and width must be 4..4096, got "
+                                                                    f"{shape[1:]}")  # fmt: skip
+        need(card.preprocess in IMAGE_RECIPES, "preprocess", f"{card.preprocess!r} is not one of "
+                                                             f"{', '.join(IMAGE_RECIPES)}")  # fmt: skip
+    else:
+        need(
+            1 <= len(shape) <= 4 and math.prod(shape) <= MAX_TENSOR_ELEMENTS,
+            "input_shape",
+            f"a tensor input is 1 to 4 dimensions of at most {MAX_TENSOR_ELEMENTS} numbers, got {list(shape)}",
+        )
+        need(card.preprocess == TENSOR_RECIPE, "preprocess", f"tensor inputs are prepared by {TENSOR_RECIPE!r} "
+                                                             f"(mean and std), not {card.preprocess!r}")  # fmt: skip
+        need(card.task != "reconstruct", "task", "reconstruction is for image models")
+        need(
+            not card.input_range or len(card.input_range) == shape[0],
+            "input_range",
+            f"one (min, max) per entry of the first axis ({shape[0]}), got {len(card.input_range)}",
+        )
+        need(all(isinstance(r, tuple) and len(r) == 2 and all(_is_number(v) and math.isfinite(v) for v in r)
+                 and r[0] < r[1] for r in card.input_range), "input_range",
+             "each entry must be [min, max] with min < max")  # fmt: skip
     for name in ("mean", "std"):
         values = getattr(card, name)
-        need(len(values) == shape[0], name, f"{len(values)} values for {shape[0]} channel(s)")
+        what = "channel(s)" if card.image else "entries of the first axis"
+        need(len(values) == shape[0], name, f"{len(values)} values for {shape[0]} {what}")
         need(all(math.isfinite(v) for v in values), name, f"must be finite, got {list(values)}")
     need(all(s > 0 for s in card.std), "std", f"must be positive, got {list(card.std)}")
     need(all(isinstance(x, str) and x.strip() and len(x) <= 200 for x in card.labels), "labels",
@@ -251,18 +305,23 @@ def validate(card: ModelCard) -> None:
         need(len(card.labels) >= 1, "labels", "a classifier needs at least one label")
         dup = sorted({x for x in card.labels if card.labels.count(x) > 1})
         need(not dup, "labels", f"duplicate labels: {dup[:3]}")
-    need(card.preprocess in RECIPES, "preprocess", f"{card.preprocess!r} is not one of {', '.join(RECIPES)}")
-    need(
-        card.preprocess not in GREY_RECIPES or shape[0] == 1,
-        "preprocess",
-        f"{card.preprocess!r} makes 1-channel images; the input has {shape[0]} channels (use resize or resize-crop)",
-    )
+    if card.task == "regress":
+        need(not card.labels, "labels", "a regressor has output names, not labels")
+        need(len(card.output_names) >= 1 and all(isinstance(n, str) and n.strip() and len(n) <= 64
+                                                 for n in card.output_names), "output_names",
+             "a regressor needs one name (at most 64 characters) per output value")  # fmt: skip
+        need(not card.units or len(card.units) == len(card.output_names), "units",
+             f"{len(card.units)} units for {len(card.output_names)} output values")  # fmt: skip
+        need(all(isinstance(u, str) and len(u) <= 32 for u in card.units), "units", "each unit is a short string")
+    else:
+        need(not card.output_names and not card.units, "output_names", "names and units are for regressors")
+    need(card.preprocess not in GREY_RECIPES or shape[0] == 1, "preprocess",
+         f"{card.preprocess!r} makes 1-channel images; the input has {shape[0]} channels (use resize or "
+         "resize-crop)")  # fmt: skip
     if card.resize is not None:
-        need(
-            isinstance(card.resize, int) and max(shape[1:]) <= card.resize <= 8192,
-            "resize",
-            f"the shorter side before the crop must be an integer from {max(shape[1:])} to 8192, got {card.resize!r}",
-        )
+        need(card.image and isinstance(card.resize, int) and max(shape[1:]) <= card.resize <= 8192, "resize",
+             f"the shorter side before the crop must be an integer from {max(shape[1:] or (0,))} to 8192, got "
+             f"{card.resize!r}")  # fmt: skip
     for name in ("input_name", "output_name"):
         value = getattr(card, name)
         need(isinstance(value, str) and bool(TENSOR_NAME.match(value)), name, f"{value!r} is not a tensor name")
@@ -301,7 +360,7 @@ def from_legacy(m: Mapping) -> ModelCard:
         output_kind=m["output_kind"],
         architecture=Architecture(BUILTIN_ARCHITECTURES[arch], dict(m.get("arch_kwargs") or {})),
         provenance=provenance,
-        input_name=m.get("input_name", INPUT_NAME),
+        input_name=m.get("input_name", INPUT_NAMES["image"]),
         output_name=m.get("output_name", ""),
         dataset=m.get("dataset"),
         metrics=dict(m.get("metrics") or {}),

@@ -43,6 +43,8 @@ class InputError(Exception):
 
 def default_max_pixels(card: ModelCard) -> int:
     """Enough for a phone photo of the subject; a model with a larger input gets room for four of its inputs."""
+    if not card.image:
+        return MAX_PIXELS
     return max(MAX_PIXELS, 4 * card.input_shape[1] * card.input_shape[2])
 
 

@@ -11,7 +11,11 @@ import time
 from . import metrics, v2
 from .batching import Overloaded
 from .http11 import Request, Response
+from .images import InputError
+from .request import instances
+from .responses import respond
 from .serving import Served
+from .tensors import rows_from_instances, standardize
 
 try:  # orjson writes every answer's JSON 3-10x faster than json (bench/NOTES.md)
     import orjson
@@ -26,6 +30,7 @@ except ImportError:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+V1_ROUTE = re.compile(r"^/v1/models/([^/:]+)(:predict)?$")  # KServe v1 / TF Serving: {"instances": [...]}
 DECODE_INLINE_BYTES = 64 * 1024  # larger bodies (photos) are decoded off the event loop, so they hold no one up
 RETRY_AFTER_S = b"1"
 JSON = ((b"content-type", b"application/json"),)
@@ -57,8 +62,17 @@ class RestApp:
             if method != "POST":
                 return reply(error(405, f"{path[:200]} takes POST"))
             return self.infer(request, reply, m.group(1))
+        v1 = V1_ROUTE.match(path)
+        if v1 and v1.group(2):
+            if method != "POST":
+                return reply(error(405, f"{path[:200]} takes POST"))
+            return self.predict_v1(request, reply, v1.group(1))
         if method not in ("GET", "HEAD"):
             return reply(error(405 if m or path.startswith("/v2") else 404, f"no {method} route {path[:200]}"))
+        if v1:
+            if v1.group(1) != self.served.name:
+                return reply(error(404, f"no model named {v1.group(1)[:64]!r}: this server has {self.served.name!r}"))
+            return reply(Response(200, dumps({"name": self.served.name, "ready": self.served.ready})))
         if path == "/v2/health/live":
             return reply(LIVE)
         ready = self.served.ready
@@ -122,6 +136,34 @@ class RestApp:
             predict(done.result())
 
         decoded.add_done_callback(decoded_then)
+
+    def predict_v1(self, request: Request, reply, model: str) -> None:
+        """Rows of a tensor model as KServe v1 and TF Serving send them; answered {"predictions": [...]}."""
+        served, start = self.served, time.perf_counter()
+        served.metrics.started()
+
+        def answer(response: Response) -> None:
+            served.metrics.answered("rest-v1", response.status, time.perf_counter() - start)
+            reply(response)
+
+        if model != served.name:
+            return answer(error(404, f"no model named {model[:64]!r}: this server has {served.name!r}"))
+        if served.card.image:
+            return answer(error(400, f"{served.name} takes images: POST them to /v2/models/{served.name}/infer"))
+        try:
+            rows = standardize(served.card, rows_from_instances(served.card, instances(request.body)))
+            pending = served.batcher.enqueue(rows)
+        except InputError as e:
+            return answer(error(e.status, e.message))
+        except Overloaded as e:
+            return answer(error(503, str(e), headers=((b"retry-after", RETRY_AFTER_S),)))
+
+        def encoded(done) -> Response:
+            if done.cancelled() or done.exception() is not None:
+                return error(500, "inference failed")
+            return Response(200, dumps({"predictions": respond(served.card, done.result())}))
+
+        pending.add_done_callback(lambda done: answer(encoded(done)))
 
     def encode(self, done: asyncio.Future, header: dict, want: list) -> Response:
         if done.cancelled() or done.exception() is not None:

@@ -5,8 +5,9 @@ answering.
 python -m torchship.runtime.oip_server --model_dir EXPORT_DIR --model_name NAME [--workers N] ...
 (`torchship serve start --runtime oip` runs it; so does the deploy bundle's container, as torchship_runtime.)
 
-The supervisor binds the REST port once and hands the socket to every worker (a connection waiting there is taken by
-whichever worker is free, so one that dies strands none); each worker binds the gRPC port with SO_REUSEPORT. A worker
+Every worker listens on both ports with SO_REUSEPORT, so the kernel spreads connections over the workers (one socket
+shared by all let whichever woke first take every waiting connection: 16 clients on one worker, none on the other;
+bench/NOTES.md, lever 39). The supervisor holds both ports meanwhile, so no other server can take them. A worker
 listens only after its warm-up pass at the largest batch succeeded: until one is warm, the ports refuse connections,
 so readiness is true only for a model that has answered.
 """
@@ -59,7 +60,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--status_file", default=None, help="where the supervisor keeps its workers' pids, as JSON")
     ap.add_argument("--log_level", default="INFO")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--http_fd", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--ready_fd", type=int, default=-1, help=argparse.SUPPRESS)
     return ap
 
@@ -102,7 +102,7 @@ def worker(args: argparse.Namespace) -> int:
         logger.error("warm-up: a batch of %d failed (%s: %s); this worker will not serve (--max_batch lower?)",
                      args.max_batch, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")  # fmt: skip
         return 3
-    http = socket.socket(fileno=args.http_fd)
+    http = listening_socket(args.host, args.http_port)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -137,6 +137,34 @@ def worker(args: argparse.Namespace) -> int:
 # The supervisor: the ports, the workers, and a replacement for each that dies.
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def hold_port(host: str, port: int, what: str) -> socket.socket:
+    """Refuse a port something else holds (SO_REUSEPORT would otherwise quietly join another server's), then keep it
+    bound, not listening, for our workers alone: they share it through SO_REUSEPORT."""
+    probe = socket.socket(_family(host), socket.SOCK_STREAM)
+    try:
+        probe.bind((host, port))
+    except OSError as e:
+        raise SystemExit(f"cannot use {host}:{port} for {what}: {e.strerror}") from None
+    finally:
+        probe.close()
+    guard = socket.socket(_family(host), socket.SOCK_STREAM)
+    guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    guard.bind((host, port))
+    return guard
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A worker's own REST socket in the port's SO_REUSEPORT group; it listens once the server starts on it."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
 @dataclass
 class Worker:
     proc: subprocess.Popen
@@ -149,45 +177,16 @@ class Worker:
 class Supervisor:
     def __init__(self, args: argparse.Namespace):
         self.args, self.workers, self.stopping, self.restarts, self.failures = args, [], False, 0, 0
-        self.http = self.bind_http()
-        self.grpc_guard = self.hold_grpc_port()
+        self.guards = [hold_port(args.host, args.http_port, "REST"), hold_port(args.host, args.grpc_port, "gRPC")]
         self.metrics_dir = tempfile.mkdtemp(prefix="torchship-metrics-")
         self.selector = selectors.DefaultSelector()
-
-    def bind_http(self) -> socket.socket:
-        """Bound, not listening: the first warm worker listens, so until then connections are refused."""
-        family = socket.AF_INET6 if ":" in self.args.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.args.host, self.args.http_port))
-        except OSError as e:
-            raise SystemExit(f"cannot use {self.args.host}:{self.args.http_port} for REST: {e.strerror}") from None
-        sock.set_inheritable(True)
-        return sock
-
-    def hold_grpc_port(self) -> socket.socket:
-        """Refuse a gRPC port something else holds (workers share theirs through SO_REUSEPORT, which would otherwise
-        quietly join another server's), then keep holding it for our workers alone."""
-        family = socket.AF_INET6 if ":" in self.args.host else socket.AF_INET
-        probe = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            probe.bind((self.args.host, self.args.grpc_port))
-        except OSError as e:
-            raise SystemExit(f"cannot use {self.args.host}:{self.args.grpc_port} for gRPC: {e.strerror}") from None
-        finally:
-            probe.close()
-        guard = socket.socket(family, socket.SOCK_STREAM)
-        guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        guard.bind((self.args.host, self.args.grpc_port))
-        return guard
 
     def spawn(self) -> Worker:
         read, write = os.pipe()
         argv = [sys.executable, "-m", f"{__package__}.oip_server", *worker_argv(self.args), "--worker",
-                "--http_fd", str(self.http.fileno()), "--ready_fd", str(write)]  # fmt: skip
+                "--ready_fd", str(write)]  # fmt: skip
         env = {**os.environ, metrics.MULTIPROCESS_ENV: self.metrics_dir}
-        proc = subprocess.Popen(argv, pass_fds=(self.http.fileno(), write), env=env, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, pass_fds=(write,), env=env, stdin=subprocess.DEVNULL)
         os.close(write)
         os.set_blocking(read, False)
         w = Worker(proc, read)

@@ -3,10 +3,12 @@
 from torchship.runtime.onnx_model import load
 model = load("exports/mnist-convnet/model.onnx")
 model.predict("digit.png")  # -> {"label": "7", "probability": 0.99, "topk": [...]}
+load("exports/linreg/model.onnx").predict(np.array([[0.5]]))  # -> [2.0]: a tensor model takes rows of numbers
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ import onnxruntime as ort
 from .card import ONNX_METADATA_KEY, CardError, ModelCard
 from .images import InputError, Preprocessor
 from .responses import DEFAULT_TOPK, respond
+from .tensors import rows_from_array, rows_from_instances, standardize
 
 OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -51,9 +54,13 @@ class OnnxModel:
 
     def predict(self, images, topk: int = DEFAULT_TOPK):
         """One image (path, bytes, PIL image, array) gives one result; a list gives a list, in one forward pass.
+        A tensor model takes rows instead: one example (a number, or an array of the card's shape) gives one result;
+        an array (N, *shape) or a list of rows gives a list.
 
-        Raises images.InputError (with .status and .message) for input that is not a usable image.
+        Raises images.InputError (with .status and .message) for input that is not a usable image or row.
         """
+        if not self.card.image:
+            return self.predict_rows(images, topk)
         single = not isinstance(images, (list, tuple)) and not (isinstance(images, np.ndarray) and images.ndim == 4)
         items = [images] if single else list(images)
         if not items:
@@ -63,6 +70,19 @@ class OnnxModel:
         out = self.run(np.stack([self.prepare(i) for i in items]))
         results = respond(self.card, out, [topk] * len(items))
         return results[0] if single else results
+
+    def predict_rows(self, rows, topk: int = DEFAULT_TOPK):
+        shape = self.card.input_shape
+        one = np.ndim(rows) == len(shape) or (np.ndim(rows) == 0 and math.prod(shape) == 1)
+        if isinstance(rows, (list, tuple)) and not rows:
+            return []
+        raw = np.asarray(rows, dtype=np.float32) if not isinstance(rows, (list, tuple)) else None
+        if raw is None:
+            x = rows_from_instances(self.card, [r.tolist() if isinstance(r, np.ndarray) else r for r in rows], "rows")
+        else:
+            x = rows_from_array(self.card, raw.reshape(1, *shape) if one else raw, "rows")
+        results = respond(self.card, self.run(standardize(self.card, x)), [topk] * len(x))
+        return results[0] if one and raw is not None else results
 
 
 def session_options(threads: int = 1, optimization: str = "all", spinning: bool = False) -> ort.SessionOptions:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +103,18 @@ def image_bytes(row: dict) -> bytes:
     raise InputError(400, f"unsupported request payload of type {type(value).__name__}: {HOW_TO_SEND}")
 
 
+def instances(body) -> list:
+    """The rows of a KServe v1 / TF Serving request, {"instances": [...]}, parsed by TorchServe or not."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = json.loads(body)
+        except (ValueError, RecursionError):
+            raise InputError(400, 'send JSON {"instances": [[...], ...]}, one row of numbers per example') from None
+    if not isinstance(body, dict) or "instances" not in body:
+        raise InputError(400, 'send JSON {"instances": [[...], ...]}, one row of numbers per example')
+    return body["instances"]
+
+
 FORM_ENCODED = "application/x-www-form-urlencoded"
 
 
@@ -133,3 +146,4 @@ class Part:
     stop: int
     topk: int = DEFAULT_TOPK
     v2: dict | None = None  # the request's v2 JSON header, when it came in through the Open Inference Protocol
+    v1: bool = False  # rows sent as {"instances": [...]}: answered as {"predictions": [...]}

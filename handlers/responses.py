@@ -1,4 +1,4 @@
-"""What a model's raw output means to a client: probabilities, top-k labels, a reconstruction PNG.
+"""What a model's raw output means to a client: probabilities, top-k labels, a reconstruction PNG, values.
 
 One implementation for every runtime (TorchServe, KServe, the ONNX embedding); numpy and Pillow only.
 """
@@ -58,8 +58,18 @@ def png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def respond(card: ModelCard, outputs: np.ndarray, topk: list[int] | None = None) -> list[dict]:
+def values(card: ModelCard, outputs: np.ndarray) -> list:
+    """A regressor's answer per row: its one value, or {name: value} when it has several."""
+    rows = np.asarray(outputs, np.float64).reshape(len(outputs), -1).tolist()
+    if len(card.output_names) == 1:
+        return [row[0] for row in rows]
+    return [dict(zip(card.output_names, row)) for row in rows]
+
+
+def respond(card: ModelCard, outputs: np.ndarray, topk: list[int] | None = None) -> list:
     """One JSON-ready answer per row of a batch's raw output."""
+    if card.task == "regress":
+        return values(card, outputs)
     if card.task == "reconstruct":
         return [{"image_png_base64": base64.b64encode(png(to_pixels(card, o))).decode("ascii")} for o in outputs]
     probs = probabilities(card, outputs)

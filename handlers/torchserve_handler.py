@@ -12,8 +12,9 @@ from ts.torch_handler.base_handler import BaseHandler
 from . import runners, v2
 from .card import ModelCard
 from .images import InputError, Preprocessor
-from .request import Batch, Part, decode_row
+from .request import Batch, Part, decode_row, instances
 from .responses import respond
+from .tensors import rows_from_instances, standardize
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class ModelHandler(BaseHandler):
         threads = int(config.get("threads", os.environ.get("TORCHSHIP_THREADS", 1)))
         # TorchServe's worker logs every batch's arrival and its PredictionTime gauge at INFO, through a pipe
         # the frontend reads and parses: a measurable share of a lone request on 2 cores (bench/NOTES.md).
-        worker_level = str(config.get("worker_log_level", "WARNING")).upper()
+        worker_level = str(config.get("worker_log_level") or logging.getLevelName(logging.getLogger().level)).upper()
         self.card = ModelCard.load(model_dir)
         self.runner = runners.load(model_dir, threads=threads)
         self.backend = self.runner.backend
@@ -49,12 +50,14 @@ class ModelHandler(BaseHandler):
         return value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else value
 
     def request(self, i: int, row) -> tuple[np.ndarray, dict]:
-        """One request's images, normalised, and how to answer it; raises InputError or ProtocolError."""
+        """One request's images or rows, normalised, and how to answer it; raises InputError or ProtocolError."""
         row = row if isinstance(row, dict) else {"body": row}
         body, length = row.get("body", row.get("data")), self.header(i, v2.HEADER_LENGTH)
         if length is not None or (isinstance(body, dict) and "inputs" in body):  # the Open Inference Protocol
             header, tensors = v2.parse_http(body, int(length) if length and length.isdigit() else None)
             return v2.model_inputs(self.card, self.preprocessor, tensors), {"v2": header}
+        if not self.card.image:  # KServe v1 / TF Serving JSON: {"instances": [[...], ...]}
+            return standardize(self.card, rows_from_instances(self.card, instances(body))), {"v1": True}
         req = decode_row(row, self.card.classes, self.header(i, "x-topk"), self.header(i, "content-type"))
         return self.preprocessor.from_bytes(req.image)[None], {"topk": req.topk}
 
@@ -69,7 +72,7 @@ class ModelHandler(BaseHandler):
             except InputError as e:
                 batch.errors[i] = e
             except v2.ProtocolError as e:
-                batch.errors[i] = InputError(400, str(e))
+                batch.errors[i] = InputError(e.status, str(e))
             except MemoryError:
                 batch.errors[i] = InputError(413, "image too large to process")
             except Exception as e:  # an image Pillow opened but could not convert: still this row's fault
@@ -92,6 +95,8 @@ class ModelHandler(BaseHandler):
             out = data.outputs[part.start : part.stop]
             if part.v2 is not None:
                 body = v2.response_json(self.model_name, part.v2, v2.model_outputs(self.card, out))
+            elif part.v1:
+                body = {"predictions": respond(self.card, out, [part.topk] * len(out))}
             else:
                 body = respond(self.card, out, [part.topk])[0]
             responses[part.index] = json.dumps(body)

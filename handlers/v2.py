@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from .card import ModelCard
 from .images import InputError, Preprocessor
 from .limits import MAX_BATCH_ITEMS
 from .responses import probabilities
+from .tensors import rows_from_array, standardize
 
 try:  # orjson parses and writes the JSON of every request 3-10x faster than json (bench/NOTES.md, OIP)
     import orjson
@@ -57,13 +59,13 @@ class Wanted:
 
 
 def input_types(card: ModelCard) -> list[dict]:
-    return [
-        {"name": IMAGES, "datatype": "BYTES", "shape": [-1]},
-        {"name": ARRAY, "datatype": "FP32", "shape": [-1, *card.input_shape]},
-    ]
+    array = {"name": ARRAY, "datatype": "FP32", "shape": [-1, *card.input_shape]}
+    return [{"name": IMAGES, "datatype": "BYTES", "shape": [-1]}, array] if card.image else [array]
 
 
 def output_types(card: ModelCard) -> list[dict]:
+    if card.task == "regress":
+        return [{"name": card.output_name, "datatype": "FP32", "shape": [-1, card.outputs]}]
     if card.task == "reconstruct":
         return [{"name": RECONSTRUCTION, "datatype": "FP32", "shape": [-1, *card.input_shape]}]
     return [
@@ -92,12 +94,14 @@ def element_bytes(value, i: int) -> bytes:
 def model_inputs(card: ModelCard, preprocessor: Preprocessor, tensors: list[Tensor]) -> np.ndarray:
     """The one input tensor of a request to the model's normalised (N, C, H, W) batch, or a ProtocolError."""
     names = [t.name for t in tensors]
+    if not card.image:
+        return _tensor_inputs(card, tensors)
     if len(tensors) != 1 or names[0] not in (IMAGES, ARRAY):
         shape = ", ".join(map(str, card.input_shape))
         raise ProtocolError(f"send one input, named '{IMAGES}' (BYTES [N], image files) or '{ARRAY}' "
                             f"(FP32 [N, {shape}], normalised); got {names}")  # fmt: skip
     t = tensors[0]
-    n = int(np.prod(t.shape)) if t.shape else 0
+    n = math.prod(t.shape) if t.shape else 0
     if not 1 <= (t.shape[0] if t.shape else 0) <= MAX_BATCH_ITEMS:
         raise ProtocolError(f"input '{t.name}': batch size {t.shape[0] if t.shape else 0} out of 1..{MAX_BATCH_ITEMS}")
     if t.name == IMAGES:
@@ -107,7 +111,7 @@ def model_inputs(card: ModelCard, preprocessor: Preprocessor, tensors: list[Tens
             )
         if len(t.shape) != 1 and not (len(t.shape) == 2 and t.shape[1] == 1):
             raise ProtocolError(f"input '{IMAGES}' must have shape [N] (or [N, 1]), got {list(t.shape)}")
-        values = list(np.asarray(t.data, dtype=object).reshape(-1))
+        values = t.data.tolist() if t.data.ndim == 1 else list(np.asarray(t.data, dtype=object).reshape(-1))
         if len(values) != n:
             raise ProtocolError(f"input '{IMAGES}' holds {len(values)} elements for shape {list(t.shape)}")
         arrays = []
@@ -121,7 +125,7 @@ def model_inputs(card: ModelCard, preprocessor: Preprocessor, tensors: list[Tens
             except Exception as e:  # an image Pillow opened but could not convert: still the client's
                 raise ProtocolError(f"input '{IMAGES}' element {i}: could not process the image: {str(e)[:200]}",
                                     422) from None  # fmt: skip
-        return np.stack(arrays)
+        return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
     if t.datatype != "FP32":
         raise ProtocolError(f"input '{ARRAY}' must be FP32, not {t.datatype}")
     want = (t.shape[0], *card.input_shape) if t.shape else ()
@@ -140,7 +144,30 @@ def model_inputs(card: ModelCard, preprocessor: Preprocessor, tensors: list[Tens
     return np.ascontiguousarray(x)
 
 
+def _tensor_inputs(card: ModelCard, tensors: list[Tensor]) -> np.ndarray:
+    """A tensor model's one input: FP32 [N, *shape] of raw numbers, standardized as the card says."""
+    shape = ", ".join(map(str, card.input_shape))
+    if len(tensors) != 1 or tensors[0].name != ARRAY:
+        raise ProtocolError(f"send one input, named '{ARRAY}' (FP32 [N, {shape}]); got {[t.name for t in tensors]}")
+    t = tensors[0]
+    if t.datatype != "FP32":
+        raise ProtocolError(f"input '{ARRAY}' must be FP32, not {t.datatype}")
+    if len(t.shape) != len(card.input_shape) + 1 or tuple(t.shape[1:]) != tuple(card.input_shape):
+        raise ProtocolError(f"input '{ARRAY}' must have shape [N, {shape}], got {list(t.shape)}")
+    n = math.prod(t.shape)
+    if np.asarray(t.data).size != n:
+        raise ProtocolError(f"input '{ARRAY}' holds {np.asarray(t.data).size} values for shape {list(t.shape)}")
+    try:
+        rows = rows_from_array(card, np.asarray(t.data, np.float32).reshape(t.shape), f"input '{ARRAY}'")
+    except InputError as e:
+        raise ProtocolError(e.message, e.status) from None
+    return standardize(card, rows)
+
+
 def model_outputs(card: ModelCard, raw: np.ndarray) -> list[Tensor]:
+    if card.task == "regress":
+        out = np.asarray(raw, np.float32).reshape(len(raw), card.outputs)
+        return [Tensor(card.output_name, "FP32", out.shape, out)]
     if card.task == "reconstruct":
         out = np.asarray(raw, np.float32).reshape(len(raw), *card.input_shape)
         return [Tensor(RECONSTRUCTION, "FP32", out.shape, out)]

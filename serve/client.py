@@ -34,6 +34,7 @@ class Target:
     protocol: str = "torchserve"
     path: str | None = None  # the route, where the protocol does not fix it (raw, multipart)
     metric_names: dict = field(default_factory=dict)  # requests / queue / inference counters, and their unit in s
+    bytes_shape: tuple[int, ...] = (1,)  # a v2 BYTES input's shape for one image ([1, 1] where batching needs a dim)
 
     def __post_init__(self):
         host = "127.0.0.1" if self.host == "localhost" else self.host
@@ -51,20 +52,48 @@ class Target:
             path = f"/v2/models/{self.model}/infer"
             label = [{"name": "label", "parameters": {"binary_data": False}}]
             if self.protocol == "v2":
-                header = json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "parameters":
-                                                 {"binary_data_size": len(body) + 4}}], "outputs": label}).encode()
+                header = json.dumps(
+                    {
+                        "inputs": [
+                            {
+                                "name": "images",
+                                "shape": list(self.bytes_shape),
+                                "datatype": "BYTES",
+                                "parameters": {"binary_data_size": len(body) + 4},
+                            }
+                        ],
+                        "outputs": label,
+                    }
+                ).encode()
                 extra = f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
                 body = header + struct.pack("<I", len(body)) + body
             else:
-                body = json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
-                                               "data": [base64.b64encode(body).decode()]}], "outputs": label}).encode()
+                body = json.dumps(
+                    {
+                        "inputs": [
+                            {
+                                "name": "images",
+                                "shape": list(self.bytes_shape),
+                                "datatype": "BYTES",
+                                "data": [base64.b64encode(body).decode()],
+                            }
+                        ],
+                        "outputs": label,
+                    }
+                ).encode()
                 extra = "Content-Type: application/json\r\n"
         elif self.protocol == "raw":
             path, extra = self.path or "/predict", f"Content-Type: {content_type}\r\n"
         else:
             path, extra = self.path or "/predict", f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-            body = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="digit.png"\r\n'
-                    f"Content-Type: {content_type}\r\n\r\n").encode() + body + f"\r\n--{BOUNDARY}--\r\n".encode()
+            body = (
+                (
+                    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="digit.png"\r\n'
+                    f"Content-Type: {content_type}\r\n\r\n"
+                ).encode()
+                + body
+                + f"\r\n--{BOUNDARY}--\r\n".encode()
+            )
         return (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{auth}{extra}"
                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
 

@@ -74,7 +74,8 @@ def command(cfg: OIPConfig) -> list[str]:
     flags = {"model_dir": cfg.export_dir, "model_name": cfg.model, "http_port": cfg.http_port,
              "grpc_port": cfg.grpc_port, "host": cfg.host, "backend": cfg.backend, "workers": cfg.workers,
              "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms, "threads": cfg.threads,
-             "max_queue": cfg.max_queue, "max_pixels": cfg.max_pixels, "status_file": str(Path(cfg.state_dir) / STATUS)}  # fmt: skip
+             "max_queue": cfg.max_queue, "max_pixels": cfg.max_pixels,
+             "status_file": str(Path(cfg.state_dir) / STATUS)}  # fmt: skip
     return [sys.executable, "-m", MODULE, *(f"--{k}={v}" for k, v in flags.items())]
 
 
@@ -107,8 +108,10 @@ def start(cfg: OIPConfig, timeout: float = 120, *, behind_auth: bool = False) ->
     export = Path(cfg.export_dir).resolve()
     cfg = OIPConfig(**{**asdict(cfg), "state_dir": str(state), "export_dir": str(export)})
     if not loopback(cfg.host) and not behind_auth:
-        raise ServerError(f"refusing to listen on {cfg.host}: the Open Inference Protocol has no authentication; put "
-                          "an authenticating proxy in front and pass --behind-auth (README: the OIP runtime)")  # fmt: skip
+        raise ServerError(
+            f"refusing to listen on {cfg.host}: the Open Inference Protocol has no authentication; "
+            "put an authenticating proxy in front and pass --behind-auth (README: the OIP runtime)"
+        )
     if pid(state) is not None:
         raise ServerError(f"an OIP server started from {state} is already running: `torchship serve stop` first")
     for f in (CARD_FILE, FORMAT_BY_BACKEND[cfg.backend].file):

@@ -18,8 +18,11 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
+
 from torchship.runtime.card import CARD_FILE, FORMAT_BY_BACKEND, CardError, ModelCard
-from torchship.serve.process import LOOPBACK
+from torchship.runtime.limits import MAX_REQUEST_BYTES
+from torchship.serve.settings import LOOPBACK
 
 WEB = Path(__file__).with_name("web")
 STATIC = ("index.html", "page.css", "images.js", "page.js")
@@ -28,7 +31,7 @@ STATIC = ("index.html", "page.css", "images.js", "page.js")
 ORT_DIST = WEB / "node_modules" / "onnxruntime-web" / "dist"
 ORT_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 VENDOR = WEB / "vendor"
-MAX_BODY = 10 * 1024 * 1024  # as the servers' own limit
+MAX_BODY = MAX_REQUEST_BYTES  # the servers' own limit
 # Only this origin's files, and WebAssembly compiled from them: a page that works offline and leaks nothing.
 CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; img-src 'self' data: blob:; "
        "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'")  # fmt: skip
@@ -93,7 +96,8 @@ def write_page(export_dir: Path | str, out: Path | str) -> Path:
 
 
 class PageHandler(SimpleHTTPRequestHandler):
-    """The page's files, and POST /relay/predictions to the TorchServe instance of `state_dir`, on loopback."""
+    """The page's files, and POST /relay/predictions to the server of `state_dir` (TorchServe or the OIP server),
+    on loopback."""
 
     state_dir: Path | None = None
     quiet = True
@@ -126,22 +130,56 @@ class PageHandler(SimpleHTTPRequestHandler):
         body = self.rfile.read(length)
         if self.state_dir is None:
             return self.error(404, "this page was started without --server-state: there is no server to ask")
-        from torchship.serve import torchserve
+        from torchship.serve import runtimes
+        from torchship.serve.process import ServerError
 
         try:
-            target = torchserve.load_target(self.state_dir)
-        except torchserve.ServerError as e:
+            target = runtimes.recorded(self.state_dir).target(self.state_dir)
+        except ServerError as e:
             return self.error(404, f"{e}: start one with `make serve`")
+        if target.protocol == "v2" and "json" in (self.headers.get("Content-Type") or ""):  # a tensor model's rows
+            url = f"http://{LOOPBACK}:{target.port}/v1/models/{target.model}:predict"
+            return self.forward(urllib.request.Request(url, data=body, method="POST",
+                                                       headers={"Content-Type": "application/json"}))  # fmt: skip
+        if target.protocol == "v2":
+            return self.relay_v2(target, body)
         url = f"http://{LOOPBACK}:{target.port}/predictions/{target.model}"
         headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type", "x-topk")}
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        self.forward(urllib.request.Request(url, data=body, headers=headers, method="POST"))
+
+    def forward(self, request: urllib.request.Request, translate=None) -> None:
         try:
             with urllib.request.urlopen(request, timeout=60) as r:
-                return self.reply(r.status, r.read(), r.headers.get("Content-Type", "application/json"))
+                reply = r.read()
+                if translate:
+                    return self.reply(200, json.dumps(translate(json.loads(reply))).encode())
+                return self.reply(r.status, reply, r.headers.get("Content-Type", "application/json"))
         except urllib.error.HTTPError as e:  # the server's own 4xx, passed on as it is
             return self.reply(e.code, e.read(), e.headers.get("Content-Type", "application/json"))
         except OSError as e:
-            return self.error(502, f"the server at {url} did not answer ({e})")
+            return self.error(502, f"the server at {request.full_url} did not answer ({e})")
+
+    def relay_v2(self, target, body: bytes) -> None:
+        """The Open Inference Protocol server: the image as one v2 BYTES element; its probabilities back as the
+        page's {label, probability, topk}, ranked by the card's labels."""
+        from torchship.runtime.responses import DEFAULT_TOPK, top_k
+
+        labels = json.loads((Path(self.directory) / "card.json").read_text())["labels"]
+        raw = target.request(body, "application/octet-stream").split(b"\r\n\r\n", 1)[1]
+        header_length = len(raw) - len(body) - 4
+        wanted = json.loads(raw[:header_length])
+        wanted["outputs"] = [{"name": "probabilities", "parameters": {"binary_data": False}}]
+        head = json.dumps(wanted).encode()
+        k = int(self.headers.get("X-TopK") or DEFAULT_TOPK)
+
+        def page_answer(reply: dict) -> dict:
+            probs = next(o["data"] for o in reply["outputs"] if o["name"] == "probabilities")
+            return top_k(np.asarray(probs, np.float32), labels, k)
+
+        url = f"http://{LOOPBACK}:{target.port}/v2/models/{target.model}/infer"
+        request = urllib.request.Request(url, data=head + raw[header_length:], method="POST", headers={
+            "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))})  # fmt: skip
+        self.forward(request, page_answer)
 
 
 def serve(directory: Path | str, port: int = 0, state_dir: Path | str | None = None) -> ThreadingHTTPServer:

@@ -103,20 +103,36 @@ def test_kill_9_during_training_leaves_a_loadable_last_checkpoint(tmp_path, data
         deadline = time.monotonic() + 120
         start = epochs[-1] if epochs else 0
         while time.monotonic() < deadline:
-            if (out / "last.pt").exists() and checkpoint.load(out / "last.pt")["epoch"] > start + 1:
+            if (out / "last.pt").exists() and checkpoint.load(out / "last.pt").epoch > start + 1:
                 break
             time.sleep(0.05)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         ckpt = checkpoint.load(out / "last.pt", preset="mnist-mlp")
-        assert ckpt["epoch"] > start
-        epochs.append(ckpt["epoch"])
+        assert ckpt.epoch > start
+        epochs.append(ckpt.epoch)
     assert epochs == sorted(epochs)
 
 
+def version1(ckpt: dict) -> None:
+    """Rewrite a checkpoint as torchship wrote them before the typed record (stop 15): the card beside a `meta` dict
+    that repeated the training facts, loss lists beside the history, and the card naming `train.models:...`."""
+    for k in ("format", "version", "world_size", "preset", "training"):
+        ckpt.pop(k)
+    ckpt["loss"] = [h["loss"] for h in ckpt["history"]]
+    ckpt["val_loss"] = [h["val_loss"] for h in ckpt["history"]]
+    ckpt["meta"] = {"preset": "mnist-mlp50", "hparams": {}, "seed": 1, "device": "cpu", "world_size": 1,
+                    "torch_version": "2.13.0"}  # fmt: skip
+    ckpt["card"]["architecture"]["spec"] = "train.models:MLP"
+    ckpt["card"]["schema_version"] = 1
+    for k in ("input_kind", "output_names", "units", "input_range"):
+        ckpt["card"].pop(k)
+
+
 def legacy(ckpt: dict) -> None:
-    """Rewrite a checkpoint as torchship wrote them before the model card (meta holds the model facts)."""
+    """Further back: no card at all, the model's facts in `meta` (stop 7)."""
+    version1(ckpt)
     card = ckpt.pop("card")
     ckpt["meta"].update(arch="mlp", arch_kwargs=card["architecture"]["kwargs"], input_shape=card["input_shape"],
                         mean=card["mean"][0], std=card["std"][0], labels=card["labels"], task=card["task"],
@@ -125,8 +141,8 @@ def legacy(ckpt: dict) -> None:
 
 
 TAMPERED = {
-    "path in preset": (lambda c: c["meta"].update(preset="../../../tmp/x"), "does not know"),
-    "unknown preset": (lambda c: c["meta"].update(preset="no-such-preset"), "does not know"),
+    "newer format": (lambda c: c.update(version=99), "newer torchship"),
+    "history not epochs": (lambda c: c.update(history="x"), "history"),
     "code as architecture": (lambda c: c["card"]["architecture"].update(spec="os:system"), "not a torchship arch"),
     "missing card field": (lambda c: c["card"].pop("labels"), "'labels'"),
     "path as name": (lambda c: c["card"].update(name="../../x"), "safe name"),
@@ -150,13 +166,21 @@ def test_untrusted_checkpoint_metadata_is_a_one_line_error_that_writes_nothing(n
     assert "Traceback" not in r.stderr and list(work.iterdir()) == [] and not (tmp_path.parent / "tmp" / "x").exists()
 
 
-def test_a_legacy_checkpoint_still_exports(tmp_path, good):
+@pytest.mark.parametrize("old", [version1, legacy], ids=["stop-15 dict with card", "stop-7 dict, meta only"])
+def test_old_checkpoints_load_export_and_resume(tmp_path, good, data_dir, old):
     from torchship.export.formats import export_checkpoint
 
     ckpt = torch.load(good, weights_only=True)
-    legacy(ckpt)
-    path = tmp_path / "old.pt"
-    torch.save(ckpt, path)
-    exp = export_checkpoint(path, tmp_path / "export", formats=("onnx",))
-    assert exp.card.name == "mnist-mlp50" and exp.card.architecture.spec == "torchship.train.models:MLP"
-    assert (tmp_path / "export" / "model.onnx").is_file()
+    old(ckpt)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(ckpt, run / "last.pt")
+    torch.save(ckpt, run / "best.pt")  # one epoch: the last is the best
+    loaded = checkpoint.load(run / "last.pt", preset="mnist-mlp50")
+    assert loaded.epoch == 1 and loaded.card.architecture.spec == "torchship.train.models:MLP"
+    assert [h.val_loss for h in loaded.history] == ckpt["val_loss"]
+    exp = export_checkpoint(run / "last.pt", tmp_path / "export", formats=("onnx",))
+    assert exp.card.name == "mnist-mlp50" and (tmp_path / "export" / "model.onnx").is_file()
+    metrics = train(quick("mnist-mlp50", epochs=2), run, data_dir, resume=True, quiet=True)
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]  # continued from the old file's epoch 1
+    assert checkpoint.load(run / "last.pt").epoch == 2

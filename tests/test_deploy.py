@@ -3,6 +3,7 @@ own command run here (Docker cannot run on this machine), with torch made unimpo
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -53,9 +54,11 @@ def test_torchserve_bundle_has_kserves_layout_and_a_valid_inference_service(conv
     assert model["storageUri"] == "s3://models/digits" and model["resources"]["limits"] == {"cpu": "2", "memory": "2Gi"}
 
 
-def test_kserve_bundle_has_a_torch_free_dockerfile_and_a_custom_container(convnet_export, tmp_path):
+def test_oip_bundle_has_a_torch_free_dockerfile_and_a_custom_container_sized_for_what_a_pod_batches(
+    convnet_export, tmp_path
+):
     out = tmp_path / "bundle"
-    r = deploy(convnet_export.directory, out, "--runtime", "kserve", "--image", "registry.example/digits:1")
+    r = deploy(convnet_export.directory, out, "--runtime", "kserve", "--image", "registry.example/digits:1", "--cpu", 4)
     assert r.returncode == 0, r.stderr
     docker = (out / "Dockerfile").read_text()
     requirements = (out / "requirements.txt").read_text()
@@ -67,6 +70,13 @@ def test_kserve_bundle_has_a_torch_free_dockerfile_and_a_custom_container(convne
     (container,) = doc["spec"]["predictor"]["containers"]
     assert container["image"] == "registry.example/digits:1"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/mnist-convnet/ready"
+    cmd = json.loads(docker.split("CMD ", 1)[1])
+    workers = int(cmd[cmd.index("--workers") + 1])
+    assert workers == 2  # 4 CPUs, a worker per two
+    predictor, note = doc["spec"]["predictor"], doc["metadata"]["annotations"]["torchship.dev/capacity"]
+    batch = int(re.search(r"batches of (\d+)", note).group(1))
+    assert predictor["scaleMetric"] == "concurrency" and predictor["scaleTarget"] == workers * batch
+    assert predictor["containerConcurrency"] == 2 * workers * batch and "ms at batch 1" in note
 
 
 MISTAKES = {

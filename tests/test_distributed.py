@@ -17,14 +17,14 @@ from torchship.serve.process import free_ports
 from torchship.train import checkpoint
 from torchship.train.distributed import Ranks, without_launch_flags
 
-from helpers import ROOT, TORCHSHIP
+from helpers import TORCHSHIP
 
 MLP = ["train", "--preset", "mnist-mlp", "--quiet"]  # SGD, no augmentation, no dropout: equal results are expected
 
 
 def train(out, data_dir, *args, timeout=240):
     cmd = [*TORCHSHIP, *MLP, "--out", str(out), "--data-dir", str(data_dir), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=Path(out).parent, timeout=timeout)
 
 
 def errors(r) -> list[str]:
@@ -49,10 +49,10 @@ def test_two_processes_give_the_single_process_weights_and_metrics(tmp_path, dat
     r1 = train(one, data_dir, "--epochs", 2)
     r2 = train(two, data_dir, "--epochs", 2, "--nproc-per-node", 2)
     assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-2000:]
-    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (one, two))
-    assert a["meta"]["world_size"] == 1 and b["meta"]["world_size"] == 2
-    for k, v in a["model_state_dict"].items():  # 3,333 samples in batches of 128: the last, short one splits 3/2
-        assert torch.allclose(v, b["model_state_dict"][k], atol=1e-4, rtol=0), k
+    a, b = (checkpoint.load(d / "last.pt") for d in (one, two))
+    assert a.world_size == 1 and b.world_size == 2
+    for k, v in a.model.items():  # 3,333 samples in batches of 128: the last, short one splits 3/2
+        assert torch.allclose(v, b.model[k], atol=1e-4, rtol=0), k
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert m2["processes"] == 2 and m1["test_samples"] == m2["test_samples"] == 1000
     assert m1["test_accuracy"] == pytest.approx(m2["test_accuracy"], abs=1e-3)
@@ -67,7 +67,7 @@ def test_two_machines_on_loopback_train_to_completion_and_write_one_set_of_files
     (port,) = free_ports(1)
     runs = [subprocess.Popen([*TORCHSHIP, *MLP, "--epochs", "2", "--out", str(tmp_path / f"node{r}"), "--data-dir",
                               str(data_dir), "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint",
-                              f"127.0.0.1:{port}", "--rdzv-timeout", "60"], cwd=ROOT, stdout=subprocess.PIPE,
+                              f"127.0.0.1:{port}", "--rdzv-timeout", "60"], cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
     outs = [p.communicate(timeout=240) for p in runs]
     assert [p.returncode for p in runs] == [0, 0], [o[1][-1500:] for o in outs]
@@ -91,10 +91,10 @@ def worker(rank: int, out) -> psutil.Process | None:
 def test_kill_9_of_a_rank_ends_the_run_and_resume_finishes_it(tmp_path, data_dir):
     out = tmp_path / "run"
     cmd = [*TORCHSHIP, *MLP, "--epochs", "400", "--out", str(out), "--data-dir", str(data_dir), "--nproc-per-node", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if (out / "last.pt").exists() and checkpoint.load(out / "last.pt")["epoch"] >= 3:
+        if (out / "last.pt").exists() and checkpoint.load(out / "last.pt").epoch >= 3:
             break
         time.sleep(0.1)
     victim = worker(1, out)
@@ -105,13 +105,13 @@ def test_kill_9_of_a_rank_ends_the_run_and_resume_finishes_it(tmp_path, data_dir
     last = [line for line in stderr.splitlines() if line.startswith("Error:")][-1]
     assert f"rank 1 (pid {victim.pid}) was killed by SIGKILL" in last and "--resume" in last
     assert "Traceback" not in stderr
-    epoch = checkpoint.load(out / "last.pt", preset="mnist-mlp")["epoch"]  # the atomic writes held
+    epoch = checkpoint.load(out / "last.pt", preset="mnist-mlp").epoch  # the atomic writes held
     assert 3 <= epoch < 400
     r = train(out, data_dir, "--epochs", epoch + 3, "--resume", "--nproc-per-node", 2)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert checkpoint.load(out / "last.pt")["epoch"] == epoch + 3
+    assert checkpoint.load(out / "last.pt").epoch == epoch + 3
     r = train(out, data_dir, "--epochs", epoch + 4, "--resume")  # and with another number of processes
-    assert r.returncode == 0 and checkpoint.load(out / "last.pt")["epoch"] == epoch + 4
+    assert r.returncode == 0 and checkpoint.load(out / "last.pt").epoch == epoch + 4
 
 
 def test_a_rendezvous_nobody_answers_ends_the_command_by_itself(tmp_path, data_dir):
@@ -146,6 +146,6 @@ def test_torchrun_called_directly_runs_the_same_code(tmp_path, data_dir):
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2", "-m",
            "torchship.cli", *MLP, "--epochs", "1", "--out", str(out),
            "--data-dir", str(data_dir)]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "metrics.json").read_text())["processes"] == 2

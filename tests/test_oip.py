@@ -176,7 +176,8 @@ def test_readiness_waits_for_the_warm_up_at_the_largest_batch(server, tmp_path, 
         oip.start(oip.OIPConfig.on_free_ports(str(export), "fixed", str(tmp_path / "a"), max_batch=8, threads=1,
                                               max_delay_ms=0), timeout=60)  # fmt: skip
     assert oip.pid(tmp_path / "a") is None
-    ones = oip.OIPConfig.on_free_ports(str(export), "fixed", str(tmp_path / "b"), max_batch=1, threads=1, max_delay_ms=0)
+    ones = oip.OIPConfig.on_free_ports(str(export), "fixed", str(tmp_path / "b"), max_batch=1, threads=1,
+                                       max_delay_ms=0)  # fmt: skip
     ones = oip.start(ones, timeout=60)
     try:
         log = (tmp_path / "b" / "logs" / oip.LOG).read_text()
@@ -435,8 +436,8 @@ def test_the_kserve_adapter_answers_and_its_patches_are_still_needed(convnet_exp
     adapter patches still exists, from_bytes keeps its signature, stock kserve still mangles binary BYTES (else the
     patch can go), and the adapter answers a tritonclient-style binary request with the embedding's label."""
     (tmp_path / "digit.png").write_bytes(DIGIT)
-    r = subprocess.run([sys.executable, "-c", ADAPTER_CHECK, str(convnet_export.directory), str(tmp_path / "digit.png")],
-                       capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    args = [str(convnet_export.directory), str(tmp_path / "digit.png")]
+    r = subprocess.run([sys.executable, "-c", ADAPTER_CHECK, *args], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert all(out["found"].values()), out["found"]

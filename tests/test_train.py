@@ -12,8 +12,10 @@ from torchship.train.presets import PRESETS, get_preset
 
 from helpers import quick
 
+IMAGE_PRESETS = [name for name, p in PRESETS.items() if p.input_kind == "image"]
 
-@pytest.mark.parametrize("name", list(PRESETS))
+
+@pytest.mark.parametrize("name", IMAGE_PRESETS)
 def test_every_preset_trains_and_its_loss_falls(name, tmp_path, data_dir):
     preset = quick(name, dataset="mnist-5k")  # fashion-mlp too: the embedded digits stand in offline
     metrics = train(preset, tmp_path, data_dir, quiet=True)
@@ -22,9 +24,9 @@ def test_every_preset_trains_and_its_loss_falls(name, tmp_path, data_dir):
     assert all(math.isfinite(e["loss"]) for e in h)
     for f in ("last.pt", "best.pt", "metrics.json", "curves.png"):
         assert (tmp_path / f).stat().st_size > 0
-    ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
-    card = checkpoint.card_of(ckpt)
-    assert ckpt["meta"]["preset"] == card.name == name and card.input_shape == (1, 28, 28)
+    ckpt = checkpoint.load(tmp_path / "best.pt")
+    card = ckpt.card
+    assert ckpt.preset == card.name == name and card.input_shape == (1, 28, 28)
     assert card.metrics["test_loss"] == pytest.approx(metrics["test_loss"])
     assert card.labels == tuple(preset.labels) and card.dataset == "mnist-5k" and card.provenance.created_at
     if preset.task == "classify":
@@ -34,7 +36,7 @@ def test_every_preset_trains_and_its_loss_falls(name, tmp_path, data_dir):
 
 def test_fashion_preset_normalises_with_statistics_of_its_training_split(tmp_path, data_dir):
     train(quick("fashion-mlp", dataset="mnist-5k", epochs=1), tmp_path, data_dir, quiet=True)
-    card = checkpoint.card_of(torch.load(tmp_path / "best.pt", weights_only=True))
+    card = checkpoint.load(tmp_path / "best.pt").card
     assert 0.1 < card.mean[0] < 0.15 and 0.28 < card.std[0] < 0.33  # MNIST's own statistics
 
 
@@ -44,12 +46,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, data_di
     train(quick("mnist-convnet", epochs=4), straight, data_dir, quiet=True)
     train(quick("mnist-convnet", epochs=2), split, data_dir, quiet=True)
     resumed = train(quick("mnist-convnet", epochs=4), split, data_dir, resume=True, quiet=True)
-    a = torch.load(straight / "last.pt", weights_only=True)
-    b = torch.load(split / "last.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 4
-    for k, v in a["model_state_dict"].items():
-        assert torch.equal(v, b["model_state_dict"][k]), k
-    assert a["val_loss"] == b["val_loss"]
+    a, b = checkpoint.load(straight / "last.pt"), checkpoint.load(split / "last.pt")
+    assert a.epoch == b.epoch == 4
+    for k, v in a.model.items():
+        assert torch.equal(v, b.model[k]), k
+    assert [h.val_loss for h in a.history] == [h.val_loss for h in b.history]
     assert json.loads((straight / "metrics.json").read_text())["test_loss"] == resumed["test_loss"]
 
 
@@ -96,3 +97,19 @@ def test_atomic_save_leaves_no_temp_files(tmp_path):
     checkpoint.save_atomic({"x": torch.zeros(3)}, tmp_path / "a.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
     assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].sum() == 0
+
+
+def test_the_tutorials_linear_regression_fits_the_least_squares_line(tmp_path):
+    """Its own data, 1,000 full-batch SGD epochs: the fitted a and b equal the least-squares solution to 1e-3."""
+    metrics = train(get_preset("linreg"), tmp_path, quiet=True)
+    fit = metrics["fit"]
+    assert fit["max_difference"] < 1e-3
+    assert fit["fitted"]["a"] == pytest.approx(1.0235, abs=1e-3)
+    assert fit["fitted"]["b"] == pytest.approx(1.969, abs=1e-3)
+    assert metrics["test_loss"] < 0.01  # the 20 validation points: noise of 0.1 gives an MSE near 0.01
+    ckpt = checkpoint.load(tmp_path / "best.pt")
+    card = ckpt.card
+    assert (card.input_kind, card.input_shape, card.task, card.output_names) == ("tensor", (1,), "regress", ("y",))
+    assert card.input_range[0][0] >= 0 and card.input_range[0][1] <= 1 and ckpt.epoch == 1000
+    for f in ("curves.png", "fit.png", "metrics.json"):
+        assert (tmp_path / f).stat().st_size > 0

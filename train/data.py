@@ -21,8 +21,8 @@ class DataError(Exception):
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8, (N, 28, 28)
-    labels: torch.Tensor  # int64, (N,)
+    images: torch.Tensor  # uint8 (N, 28, 28) for the digit datasets; float32 (N, features) for tensor ones
+    labels: torch.Tensor  # int64 (N,) classes; float32 (N, outputs) targets
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -45,6 +45,29 @@ def prepare_embedded(root: Path) -> Path:
             raise DataError(f"embedded file {name}.gz does not match SHA256SUMS: the checkout is damaged")
         tmp.replace(target)
     return root / "mnist-5k"
+
+
+# The tutorial's own data: numpy seed 42, 100 points x ~ U(0, 1), y = a + b x + 0.1 N(0, 1), shuffled, 80 / 20.
+TUTORIAL_LINE = {"seed": 42, "points": 100, "a": 1.0, "b": 2.0, "noise": 0.1, "train": 80}
+
+
+def tutorial_line() -> tuple[Split, Split]:
+    """(train, validation) exactly as "Understanding PyTorch with an example" draws them (np.random.seed(42); rand,
+    randn, shuffle: one RandomState gives the same stream)."""
+    import numpy as np
+
+    c = TUTORIAL_LINE
+    rng = np.random.RandomState(c["seed"])
+    x = rng.rand(c["points"], 1)
+    y = c["a"] + c["b"] * x + c["noise"] * rng.randn(c["points"], 1)
+    idx = np.arange(c["points"])
+    rng.shuffle(idx)
+    train, val = idx[: c["train"]], idx[c["train"] :]
+
+    def split(i) -> Split:
+        return Split(torch.from_numpy(x[i]).float(), torch.from_numpy(y[i]).float())
+
+    return split(train), split(val)
 
 
 def load(name: str, data_dir: Path | str = "data", download: bool = True) -> tuple[Split, Split]:

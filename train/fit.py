@@ -8,7 +8,7 @@ import platform
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from torchship.runtime.card import BUILTIN_ARCHITECTURES, Architecture, ModelCar
 from torchship.train import checkpoint, data, distributed
 from torchship.train.device import pick_device
 from torchship.train.distributed import Ranks
-from torchship.train.models import INPUT_SHAPE, OUTPUT_KIND, build_model
+from torchship.train.models import OUTPUT_KIND, build_model
 from torchship.train.presets import Preset
 
 
@@ -56,9 +56,15 @@ class Prepared:
     std: float
     history: list[dict] = field(default_factory=list)
 
+    @property
+    def image(self) -> bool:
+        return self.train[0].dim() == 4
+
 
 def criterion(preset: Preset):
     """The loss summed over samples (each sample's own mean over its elements), so ranks' shares add up exactly."""
+    if preset.task == "regress":
+        return lambda out, x, y: F.mse_loss(out, y, reduction="sum") / max(y[0].numel() if len(y) else 1, 1)
     if preset.task == "reconstruct":
         return lambda out, x, y: F.mse_loss(out, x, reduction="sum") / max(x[0].numel() if len(x) else 1, 1)
     if preset.arch == "convnet":  # the model ends in log_softmax
@@ -83,9 +89,17 @@ class Loop:
     ranks: Ranks
     amp: bool = False
     quiet: bool = False
+    epoch_bars: bool = True  # a progress bar per epoch; runs of many short epochs get one bar over them instead
 
 
 def prepare(preset: Preset, data_dir: Path | str, device: torch.device, download: bool = True) -> Prepared:
+    if preset.dataset == "linreg-tutorial":  # the tutorial fits raw x and scores on its own 20 validation points
+        train, val = data.tutorial_line()
+
+        def rows(split: data.Split) -> tuple[torch.Tensor, torch.Tensor]:
+            return split.images.to(device), split.labels.to(device)
+
+        return Prepared(rows(train), rows(val), rows(val), 0.0, 1.0)
     train_all, test = data.load(preset.dataset, data_dir, download)
     train, val = data.split_validation(train_all, preset.val_fraction, preset.seed)
     mean, std = (preset.mean, preset.std) if preset.mean is not None else data.mean_std(train.images)
@@ -131,7 +145,8 @@ def train_epoch(loop: Loop, xy, epoch: int) -> Meter:
     ranks = loop.ranks
     gen = torch.Generator().manual_seed(loop.seed * 100_003 + epoch)
     order = torch.randperm(len(x), generator=gen).to(x.device)
-    bar = tqdm(total=len(x), desc=f"epoch {epoch}", unit="img", disable=loop.quiet or not ranks.main, leave=False,
+    bar = tqdm(total=len(x), desc=f"epoch {epoch}", unit="img", disable=loop.quiet or not ranks.main or
+               not loop.epoch_bars, leave=False,
                dynamic_ncols=True, mininterval=0.5)  # fmt: skip
     # sums stay on the device: a .item() per batch would make a GPU wait for every step
     sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss, correct, samples of this rank
@@ -209,10 +224,16 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def build_card(preset: Preset, prep: Prepared, metrics: dict) -> ModelCard:
     """What export, serving and apps need to know about the model, and nothing about how it was trained."""
+    tensor = preset.input_kind == "tensor"
+    x = prep.train[0]
+    spread = x.reshape(len(x), x.shape[1], -1).transpose(0, 1).reshape(x.shape[1], -1) if tensor else None
     return ModelCard(
         name=preset.name,
         task=preset.task,
-        input_shape=INPUT_SHAPE,
+        input_kind=preset.input_kind,
+        input_shape=tuple(preset.input_shape),
+        output_names=tuple(preset.output_names),
+        input_range=tuple((float(r.min()), float(r.max())) for r in spread) if tensor else (),
         mean=prep.mean,
         std=prep.std,
         labels=tuple(preset.labels),
@@ -225,10 +246,10 @@ def build_card(preset: Preset, prep: Prepared, metrics: dict) -> ModelCard:
     )
 
 
-def build_meta(preset: Preset, device: torch.device, ranks: Ranks) -> dict:
-    """How the model was trained: what `--resume` checks and a reader of the checkpoint wants to know."""
-    return {"preset": preset.name, "hparams": preset.to_dict(), "seed": preset.seed, "device": str(device),
-            "world_size": ranks.world_size, "torch_version": str(torch.__version__)}  # fmt: skip
+def training_facts(preset: Preset, device: torch.device) -> dict:
+    """How the model was trained, for a reader of the checkpoint (the model's own facts are on its card)."""
+    return {"hparams": preset.to_dict(), "seed": preset.seed, "device": str(device),
+            "torch_version": str(torch.__version__)}  # fmt: skip
 
 
 def now() -> str:
@@ -286,12 +307,12 @@ def run(preset: Preset, out: Path, data_dir, dev: torch.device, ranks: Ranks, *,
     start, history, best = 1, [], float("inf")
     if resume:  # into the plain model, before it is wrapped: any number of processes may continue any run
         ckpt = ranks.from_main(lambda: checkpoint.load(out / "last.pt", preset=preset.name, map_location="cpu"))
-        model.load_state_dict(ckpt["model_state_dict"])
-        opt.load_state_dict(ckpt["optimizer_state_dict"])
-        sched.load_state_dict(ckpt["scheduler_state_dict"])
-        set_rng_state(ckpt["rng_state"], dev)
-        start, history = ckpt["epoch"] + 1, ckpt["history"]
-        best = min((h["val_loss"] for h in history), default=float("inf"))
+        model.load_state_dict(ckpt.model)
+        opt.load_state_dict(ckpt.optimizer)
+        sched.load_state_dict(ckpt.scheduler)
+        set_rng_state(ckpt.rng, dev)
+        start, history = ckpt.epoch + 1, list(ckpt.history)
+        best = min((h.val_loss for h in history), default=float("inf"))
     if ranks.rank:
         torch.manual_seed(preset.seed + ranks.rank)  # dropout differs between ranks, as between the samples
     loop = Loop(
@@ -299,40 +320,37 @@ def run(preset: Preset, out: Path, data_dir, dev: torch.device, ranks: Ranks, *,
         batch_size=preset.batch_size, seed=preset.seed, background=-prep.mean / prep.std if preset.augment else None,
         classify=preset.task == "classify", classes=len(preset.labels),
         per_batch_schedule=preset.scheduler == "onecycle", ranks=ranks, amp=amp, quiet=quiet,
+        epoch_bars=preset.checkpoint_every == 1,
     )  # fmt: skip
     if not quiet:
         procs = f" x {ranks.world_size} processes" if ranks.distributed else ""
         print(f"training {preset.name} on {preset.dataset} ({len(prep.train[0])} train / {len(prep.val[0])} val "
               f"/ {len(prep.test[0])} test) on {dev}{procs}, epochs {start}..{preset.epochs}")  # fmt: skip
-    for epoch in range(start, preset.epochs + 1):
+    epochs = range(start, preset.epochs + 1)
+    for epoch in epochs if loop.epoch_bars else tqdm(epochs, desc="epochs", disable=quiet, leave=False):
         t0 = time.perf_counter()
         tr = train_epoch(loop, prep.train, epoch)
         seconds = time.perf_counter() - t0
         va, _ = evaluate(loop, prep.val)
-        history.append({"epoch": epoch, "loss": tr.loss, "accuracy": tr.accuracy, "val_loss": va.loss,
-                        "val_accuracy": va.accuracy, "seconds": seconds, "images_per_second": tr.samples / seconds,
-                        "lr": opt.param_groups[0]["lr"], "processes": ranks.world_size})  # fmt: skip
-        if not quiet:
+        history.append(checkpoint.EpochRecord(
+            epoch, tr.loss, va.loss, seconds, tr.samples / seconds, opt.param_groups[0]["lr"], ranks.world_size,
+            tr.accuracy if loop.classify else None, va.accuracy if loop.classify else None))  # fmt: skip
+        kept = epoch % preset.checkpoint_every == 0 or epoch == preset.epochs  # every epoch, for the digit presets
+        if not quiet and kept:
             acc = f" acc {tr.accuracy:.4f} val_acc {va.accuracy:.4f}" if loop.classify else ""
             print(f"epoch {epoch}: loss {tr.loss:.4f} val_loss {va.loss:.4f}{acc} "
-                  f"({seconds:.2f}s, {tr.samples / seconds:.0f} img/s)")  # fmt: skip
-        if ranks.main:
-            state = {
-                "epoch": epoch,
-                "model_state_dict": model.state_dict(),  # the unwrapped model: export loads it as ever
-                "optimizer_state_dict": opt.state_dict(),
-                "scheduler_state_dict": sched.state_dict(),
-                "loss": [h["loss"] for h in history],
-                "val_loss": [h["val_loss"] for h in history],
-                "history": history,
-                "rng_state": rng_state(dev),
-                "card": build_card(preset, prep, {"val_loss": va.loss, "val_accuracy": va.accuracy}).to_dict(),
-                "meta": build_meta(preset, dev, ranks),
-            }
-            if va.loss < best:
+                  f"({seconds:.2f}s, {tr.samples / seconds:.0f} {'img' if prep.image else 'rows'}/s)")  # fmt: skip
+        if ranks.main and kept:
+            metrics = {"val_loss": va.loss, **({"val_accuracy": va.accuracy} if loop.classify else {})}
+            state = checkpoint.Checkpoint(
+                card=build_card(preset, prep, metrics), epoch=epoch, model=model.state_dict(),  # unwrapped
+                optimizer=opt.state_dict(), scheduler=sched.state_dict(), history=tuple(history), rng=rng_state(dev),
+                world_size=ranks.world_size, preset=preset.name, training=training_facts(preset, dev),
+            ).to_dict()  # fmt: skip
+            if va.loss < best or preset.keep == "last":
                 checkpoint.save_atomic(state, out / "best.pt")
             checkpoint.save_atomic(state, out / "last.pt")
-        best = min(best, va.loss)
+        best = min(best, va.loss) if kept else best
         ranks.barrier()
     return finish(preset, out, prep, loop, model, history)
 
@@ -341,7 +359,7 @@ def finish(preset: Preset, out: Path, prep: Prepared, loop: Loop, model, history
     """Score the best checkpoint on the held-out test set; rank 0 writes metrics.json and curves.png."""
     ranks, dev = loop.ranks, prep.test[0].device
     best = ranks.from_main(lambda: checkpoint.load(out / "best.pt", preset=preset.name, map_location="cpu"))
-    model.load_state_dict(best["model_state_dict"])  # the wrapped model shares these parameters
+    model.load_state_dict(best.model)  # the wrapped model shares these parameters
     te, per_class = evaluate(loop, prep.test)
     metrics = {
         "preset": preset.name,
@@ -349,23 +367,50 @@ def finish(preset: Preset, out: Path, prep: Prepared, loop: Loop, model, history
         "device": str(dev),
         "processes": ranks.world_size,
         "host": platform.node(),
-        "best_epoch": best["epoch"],
+        "best_epoch": best.epoch,
         "test_loss": te.loss,
         "test_accuracy": te.accuracy if loop.classify else None,
         "per_class_accuracy": dict(zip(preset.labels, per_class)) if per_class else None,
         "test_samples": te.samples,
-        "history": history,
+        "history": [asdict(h) for h in history],
     }
+    if preset.arch == "linear":
+        metrics["fit"] = line_fit(model, prep.train)
     ranks.barrier()  # every rank has read best.pt before rank 0 rewrites it
     if ranks.main:
-        best["card"]["metrics"].update(test_loss=te.loss, test_accuracy=metrics["test_accuracy"])
-        checkpoint.save_atomic(best, out / "best.pt")
+        scores = {"test_loss": te.loss, **({"test_accuracy": te.accuracy} if loop.classify else {})}
+        card = replace(best.card, metrics={**best.card.metrics, **scores})
+        checkpoint.save_atomic(replace(best, card=card).to_dict(), out / "best.pt")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        from torchship.train.plots import plot_curves
+        from torchship.train.plots import plot_curves, plot_line
 
-        plot_curves(history, out / "curves.png", title=preset.name, classify=loop.classify)
+        plot_curves(metrics["history"], out / "curves.png", title=preset.name, classify=loop.classify)
+        if "fit" in metrics and prep.train[0].shape[1] == 1:
+            plot_line(prep.train, prep.val, metrics["fit"], out / "fit.png", title=preset.name)
     if not loop.quiet:
         acc = f", test accuracy {te.accuracy:.4f}" if loop.classify else ""
-        print(f"best epoch {best['epoch']}: test loss {te.loss:.4f}{acc} -> {out}")
+        print(f"best epoch {best.epoch}: test loss {te.loss:.4f}{acc} -> {out}")
+        if "fit" in metrics:
+            f = metrics["fit"]
+            print(f"fitted a = {f['fitted']['a']}, b = {f['fitted']['b']}; least squares on the same training points "
+                  f"a = {f['least_squares']['a']}, b = {f['least_squares']['b']} (largest difference "
+                  f"{f['max_difference']:.2e}); validation MSE {te.loss:.6f}")  # fmt: skip
     ranks.barrier()
     return metrics
+
+
+def line_fit(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """The fitted y = a + b x against the least-squares solution of the same training points (float64)."""
+    linear = model.linear
+    x, y = (t.double().cpu() for t in train)
+    design = torch.cat([torch.ones(len(x), 1, dtype=torch.float64), x], 1)
+    solution = torch.linalg.lstsq(design, y).solution  # rows: intercept, then one per input
+    fitted = torch.cat([linear.bias.detach().double().cpu()[None], linear.weight.detach().double().cpu().T])
+
+    def shaped(m: torch.Tensor) -> dict:
+        a, b = m[0], m[1:]
+        one = a.numel() == 1 and b.numel() == 1
+        return {"a": round(a.item(), 6) if one else a.tolist(), "b": round(b.item(), 6) if one else b.tolist()}
+
+    return {"fitted": shaped(fitted), "least_squares": shaped(solution),
+            "max_difference": float((fitted - solution).abs().max())}  # fmt: skip

@@ -1,4 +1,4 @@
-"""The tutorials' models; all take (N, 1, 28, 28) so export and serving treat them alike."""
+"""The tutorials' models: the digit models take (N, 1, 28, 28); the linear regression (N, inputs)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from torch import nn
 
 from torchship.runtime.card import BUILTIN_ARCHITECTURES
 
-INPUT_SHAPE = (1, 28, 28)
-OUTPUT_KIND = {"mlp": "logits", "convnet": "log-probabilities", "autoencoder": "image"}
+OUTPUT_KIND = {"mlp": "logits", "convnet": "log-probabilities", "autoencoder": "image", "linear": "values"}
 
 
 class MLP(nn.Module):
@@ -59,6 +58,17 @@ class AutoEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x)).view(-1, 1, 28, 28)
+
+
+class LinearRegression(nn.Module):
+    """y = a + b x: one nn.Linear, as the tutorial fits it (its weight is b, its bias a)."""
+
+    def __init__(self, inputs: int = 1, outputs: int = 1):
+        super().__init__()
+        self.linear = nn.Linear(inputs, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-DATASETS = ("mnist-5k", "mnist", "fashion-mnist")  # mnist-5k is embedded; the others download or read --data-dir
+# mnist-5k is embedded and linreg-tutorial generated; the others download or read --data-dir
+DATASETS = ("mnist-5k", "mnist", "fashion-mnist", "linreg-tutorial")
 DIGITS = [str(d) for d in range(10)]
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -23,11 +24,16 @@ class Preset:
     val_fraction: float = 0.1
     mean: float | None = 0.0  # None: computed from the training split
     std: float | None = 1.0
-    task: str = "classify"  # classify | reconstruct
-    preprocess: str = "mnist-digit"  # how served images are brought to the training form
+    task: str = "classify"  # classify | reconstruct | regress
+    preprocess: str = "mnist-digit"  # how served inputs are brought to the training form
     labels: list[str] = field(default_factory=lambda: list(DIGITS))
     augment: bool = False  # random affine jitter of training batches
     seed: int = 1
+    input_kind: str = "image"
+    input_shape: tuple[int, ...] = (1, 28, 28)
+    output_names: list[str] = field(default_factory=list)  # regress: one name per output value
+    checkpoint_every: int = 1  # epochs between checkpoints and progress lines (and always the last)
+    keep: str = "best"  # best.pt holds the epoch of lowest validation loss, or "last": the run's final model
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +70,28 @@ PRESETS: dict[str, Preset] = {
             mean=0.1302,
             std=0.3069,
             augment=True,  # 3,600 training digits: without jitter test accuracy stalls near 0.95
+        ),
+        # "PyTorch from first principles" (D. Godoy, "Understanding PyTorch with an example"): y = a + b x + noise,
+        # fitted by nn.Linear(1, 1) with full-batch SGD; its data is generated (train/data.py, tutorial_line).
+        Preset(
+            "linreg",
+            "linear",
+            {"inputs": 1, "outputs": 1},
+            dataset="linreg-tutorial",
+            batch_size=80,
+            optimizer="sgd",
+            lr=0.1,
+            epochs=1000,
+            val_fraction=0.2,
+            task="regress",
+            preprocess="standardize",
+            labels=[],
+            seed=42,
+            input_kind="tensor",
+            input_shape=(1,),
+            output_names=["y"],
+            checkpoint_every=100,
+            keep="last",  # the tutorial reports the line after its 1,000 epochs, as least squares would find it
         ),
         Preset(
             "mnist-autoencoder",

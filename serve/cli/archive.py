@@ -72,7 +72,8 @@ def archive_command(export_dir, backend, model_store, name, workers, batch_size,
 
     if workers is not None and workers > max_workers():
         raise click.BadParameter(f"{workers} workers on {os.cpu_count()} cores would queue behind each other and "
-                                 f"starve the server; at most {max_workers()} here", param_hint="--workers")  # fmt: skip
+                                 f"starve the server; at most {max_workers()} here",
+                                 param_hint="--workers")  # fmt: skip
     if name is not None and not safe_name(name):
         raise click.BadParameter(f"{name!r} is not a safe name (letters, digits, '_', '-', '.')", param_hint="--name")
     if not (Path(export_dir) / CARD_FILE).is_file():

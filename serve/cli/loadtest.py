@@ -25,18 +25,47 @@ def concurrency_list(_ctx, _param, value: str) -> tuple[int, ...]:
 
 @click.command("loadtest")
 @STATE
-@click.option("--concurrency", callback=concurrency_list, default="1,4,16", show_default=True,
-              help="Comma-separated sweep of client counts.")
-@click.option("--rate", type=click.FloatRange(min=0.1, max=100_000), default=None,
-              help="Open loop: requests per second on a fixed schedule (latency from the intended send time).")
-@click.option("--duration", type=click.FloatRange(min=0.1, max=3600), default=10, show_default=True,
-              help="Seconds per level (upper bound).")
-@click.option("--requests", "max_requests", type=click.IntRange(1, 10_000_000), default=20000, show_default=True,
-              help="Requests per level (upper bound).")
-@click.option("--style", type=click.Choice(["mnist", "paper"]), default="mnist", show_default=True,
-              help="Send digits as MNIST stores them, or as dark ink photographed on white paper.")
-@click.option("--images", type=click.Path(file_okay=False), default=None,
-              help="Send your own images instead of digits; with DIR/<label>/ folders the answers are scored.")
+@click.option(
+    "--concurrency",
+    callback=concurrency_list,
+    default="1,4,16",
+    show_default=True,
+    help="Comma-separated sweep of client counts.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.1, max=100_000),
+    default=None,
+    help="Open loop: requests per second on a fixed schedule (latency from the intended send time).",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0.1, max=3600),
+    default=10,
+    show_default=True,
+    help="Seconds per level (upper bound).",
+)
+@click.option(
+    "--requests",
+    "max_requests",
+    type=click.IntRange(1, 10_000_000),
+    default=20000,
+    show_default=True,
+    help="Requests per level (upper bound).",
+)
+@click.option(
+    "--style",
+    type=click.Choice(["mnist", "paper"]),
+    default="mnist",
+    show_default=True,
+    help="Send digits as MNIST stores them, or as dark ink photographed on white paper.",
+)
+@click.option(
+    "--images",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Send your own images instead of digits; with DIR/<label>/ folders the answers are scored.",
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/loadtest", show_default=True)
 def loadtest_command(state_dir, concurrency, rate, duration, max_requests, style, images, out_dir):
     """Measure the running server (from STATE_DIR) on 127.0.0.1: throughput, latency, accuracy."""

@@ -25,41 +25,99 @@ def serve_group():
 
 
 @serve_group.command("start")
-@click.option("--runtime", type=click.Choice(runtimes.CHOICES), default=runtimes.DEFAULT, show_default=True,
-              help="torchserve, or oip: our Open Inference Protocol server, REST and gRPC (kserve: its old name).")
-@click.option("--model", default=DEFAULT_PRESET, show_default=True,
-              help=f"{TS}: MODEL_STORE/MODEL.mar; {OIP}: the model's name in the v2 URLs.")
-@click.option("--model-store", type=click.Path(file_okay=False), default="model_store", show_default=True,
-              help=f"{TS} only.")
-@click.option("--export-dir", type=click.Path(file_okay=False), default=None,
-              help=f"{OIP} only: the export to serve  [default: exports/MODEL]")
+@click.option(
+    "--runtime",
+    type=click.Choice(runtimes.CHOICES),
+    default=runtimes.DEFAULT,
+    show_default=True,
+    help="torchserve, or oip: our Open Inference Protocol server, REST and gRPC (kserve: its old name).",
+)
+@click.option(
+    "--model",
+    default=DEFAULT_PRESET,
+    show_default=True,
+    help=f"{TS}: MODEL_STORE/MODEL.mar; {OIP}: the model's name in the v2 URLs.",
+)
+@click.option(
+    "--model-store", type=click.Path(file_okay=False), default="model_store", show_default=True, help=f"{TS} only."
+)
+@click.option(
+    "--export-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help=f"{OIP} only: the export to serve  [default: exports/MODEL]",
+)
 @STATE
-@click.option("--inference-port", type=PORT, default=None,
-              help=f"HTTP inference  [default: {TORCHSERVE_PORTS.inference}; {OIP}: {OIP_PORTS[0]}]")
-@click.option("--grpc-port", type=PORT, default=None,
-              help=f"gRPC inference  [default: {TS} {TORCHSERVE_PORTS.grpc_inference}, {OIP} {OIP_PORTS[1]}]")
-@click.option("--management-port", type=PORT, default=None,
-              help=f"{TS} only  [default: {TORCHSERVE_PORTS.management}]")
+@click.option(
+    "--inference-port",
+    type=PORT,
+    default=None,
+    help=f"HTTP inference  [default: {TORCHSERVE_PORTS.inference}; {OIP}: {OIP_PORTS[0]}]",
+)
+@click.option(
+    "--grpc-port",
+    type=PORT,
+    default=None,
+    help=f"gRPC inference  [default: {TS} {TORCHSERVE_PORTS.grpc_inference}, {OIP} {OIP_PORTS[1]}]",
+)
+@click.option("--management-port", type=PORT, default=None, help=f"{TS} only  [default: {TORCHSERVE_PORTS.management}]")
 @click.option("--metrics-port", type=PORT, default=None, help=f"{TS} only  [default: {TORCHSERVE_PORTS.metrics}]")
-@click.option("--grpc-management-port", type=PORT, default=None,
-              help=f"{TS} only: it binds gRPC management too  [default: {TORCHSERVE_PORTS.grpc_management}]")
-@click.option("--grpc-ports", type=(PORT, PORT), default=None, hidden=True,
-              help="The gRPC inference and management ports together (earlier releases' spelling).")
+@click.option(
+    "--grpc-management-port",
+    type=PORT,
+    default=None,
+    help=f"{TS} only: it binds gRPC management too  [default: {TORCHSERVE_PORTS.grpc_management}]",
+)
+@click.option(
+    "--grpc-ports",
+    type=(PORT, PORT),
+    default=None,
+    hidden=True,
+    help="The gRPC inference and management ports together (earlier releases' spelling).",
+)
 @click.option("--no-token-auth", is_flag=True, help=f"{TS}: turn token authorisation off (local experiments).")
-@click.option("--cors-origin", default=None, metavar="ORIGIN",
-              help=f"{TS}: the one browser origin (e.g. http://127.0.0.1:8765) allowed to call inference.")
-@click.option("--backend", type=click.Choice(ORT_BACKENDS), default="onnx", show_default=True,
-              help=f"{OIP} only: which ONNX export to run.")
-@click.option("--host", default=LOOPBACK, show_default=True,
-              help=f"{OIP} only: address to listen on; anything but loopback needs --behind-auth.")
-@click.option("--behind-auth", is_flag=True,
-              help=f"{OIP} only: an authenticating proxy is in front (the protocol has no authentication).")
-@click.option("--workers", type=click.IntRange(1, 64), default=None,
-              help=f"{OIP} only: worker processes  [default: two, or one per two cores if more]")
-@click.option("--max-batch", type=click.IntRange(1, 256), default=None,
-              help=f"{OIP} only: rows in one forward pass  [default: measured, as `archive` sizes TorchServe's]")
-@click.option("--max-batch-delay", type=click.FloatRange(0, 1000), default=None,
-              help=f"{OIP} only: ms a batch waits for requests already on their way  [default: measured]")
+@click.option(
+    "--cors-origin",
+    default=None,
+    metavar="ORIGIN",
+    help=f"{TS}: the one browser origin (e.g. http://127.0.0.1:8765) allowed to call inference.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(ORT_BACKENDS),
+    default="onnx",
+    show_default=True,
+    help=f"{OIP} only: which ONNX export to run.",
+)
+@click.option(
+    "--host",
+    default=LOOPBACK,
+    show_default=True,
+    help=f"{OIP} only: address to listen on; anything but loopback needs --behind-auth.",
+)
+@click.option(
+    "--behind-auth",
+    is_flag=True,
+    help=f"{OIP} only: an authenticating proxy is in front (the protocol has no authentication).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help=f"{OIP} only: worker processes  [default: two, or one per two cores if more]",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1, 256),
+    default=None,
+    help=f"{OIP} only: rows in one forward pass  [default: measured, as `archive` sizes TorchServe's]",
+)
+@click.option(
+    "--max-batch-delay",
+    type=click.FloatRange(0, 1000),
+    default=None,
+    help=f"{OIP} only: ms a batch waits for requests already on their way  [default: measured]",
+)
 @click.option("--timeout", type=float, default=180, show_default=True, help="Seconds to wait until ready.")
 def start_command(runtime, model, model_store, export_dir, state_dir, inference_port, grpc_port, management_port,
                   metrics_port, grpc_management_port, grpc_ports, no_token_auth, cors_origin, backend, host,

@@ -21,15 +21,18 @@ function show(id, on) {
 
 function describe(card) {
   $("title").textContent = card.name;
-  const kind = card.task === "classify" ? `classifies ${card.labels.length} labels` : "reconstructs its input";
+  const tensor = card.input_kind === "tensor";
+  const kind = card.task === "classify" ? `classifies ${card.labels.length} labels`
+    : card.task === "regress" ? `predicts ${card.output_names.join(", ")}` : "reconstructs its input";
   const acc = card.metrics && card.metrics.test_accuracy != null ? `; test accuracy ${card.metrics.test_accuracy.toFixed(4)}` : "";
-  $("summary").textContent = `${kind} from ${card.input_shape.join("x")} images${acc}`;
+  const from = tensor ? `rows of ${card.input_shape.join(" x ")} number(s)` : `${card.input_shape.join("x")} images`;
+  $("summary").textContent = `${kind} from ${from}${acc}`;
   $("recipe").textContent = card.preprocess;
   const p = card.provenance || {};
   const rows = [
-    ["input", `${card.input_name}: ${card.input_shape.join(" x ")} (C x H x W), float32`],
-    ["output", `${card.output_name}: ${card.output_kind}`],
-    ["labels", card.labels.join(", ") || "(none)"],
+    ["input", `${card.input_name}: ${card.input_shape.join(" x ")} ${tensor ? "per example" : "(C x H x W)"}, float32`],
+    ["output", `${card.output_name}: ${card.output_kind}${card.task === "regress" ? ` (${card.output_names.join(", ")})` : ""}`],
+    [card.task === "regress" ? "units" : "labels", (card.task === "regress" ? card.units : card.labels).join(", ") || "(none)"],
     ["preprocessing", `${card.preprocess}${card.resize ? ` (shorter side ${card.resize}, centre crop)` : ""}; mean ${card.mean.join(", ")}, std ${card.std.join(", ")}`],
     ["architecture", `${card.architecture.spec}(${JSON.stringify(card.architecture.kwargs)})`],
     ["dataset", card.dataset || "(none)"],
@@ -52,7 +55,9 @@ function proof(report) {
   if (!report) return;
   show("proof-section", true);
   const i = report.inputs;
-  $("proof-summary").textContent = `${report.passed ? "All checks pass" : "Some checks FAIL"}: every format against a float64 copy of the eager model on ${i.total} images (${i.real ? `${i.real} held-out` : `${i.smooth} smooth`} + ${i.noise} noise), atol ${report.atol}, rtol ${report.rtol}.${report.tolerance_note ? " " + report.tolerance_note : ""}`;
+  const what = i.ranged != null ? `${i.total} rows (${i.real} held-out + ${i.ranged} drawn over the training range)`
+    : `${i.total} images (${i.real ? `${i.real} held-out` : `${i.smooth} smooth`} + ${i.noise} noise)`;
+  $("proof-summary").textContent = `${report.passed ? "All checks pass" : "Some checks FAIL"}: every format against a float64 copy of the eager model on ${what}, atol ${report.atol}, rtol ${report.rtol}.${report.tolerance_note ? " " + report.tolerance_note : ""}`;
   const head = ["backend", "batch", "max abs", "p99 abs", "top-1", "fails", "result"];
   const t = el("table");
   t.appendChild(el("tr")).append(...head.map((h) => el("th", h)));
@@ -88,6 +93,10 @@ function softmax(scores) {
 
 function respond(card, output) {
   if (card.task === "reconstruct") return { reconstruction: output };
+  if (card.task === "regress") {
+    const v = Array.from(output);
+    return { values: v, value: card.output_names.length === 1 ? v[0] : Object.fromEntries(card.output_names.map((n, i) => [n, v[i]])) };
+  }
   const probs = card.output_kind === "probabilities" ? Array.from(output) : softmax(Array.from(output));
   const order = probs.map((p, i) => i).sort((a, b) => probs[b] - probs[a] || a - b).slice(0, Math.min(TOPK, probs.length));
   const round = (p) => Math.round(p * 1e6) / 1e6;
@@ -97,6 +106,7 @@ function respond(card, output) {
 
 function bars(answer) {
   if (answer.error) return [el("p", answer.error, "error")];
+  if (answer.value !== undefined || answer.predictions) return [valueOf(answer)];
   if (answer.image_png_base64 || answer.reconstruction) return [reconstruction(answer)];
   return answer.topk.map((t, i) => {
     const row = el("div", null, i === 0 ? "bar top" : "bar");
@@ -131,6 +141,15 @@ function reconstruction(answer) {
   output.title = "reconstruction";
   pair.append(input, output);
   return pair;
+}
+
+function valueOf(answer) {
+  const v = answer.predictions ? answer.predictions[0] : answer.value;
+  const names = state.card.output_names, units = state.card.units || [];
+  const show = (name, x, i) => `${name} = ${Number(x).toFixed(4)}${units[i] ? " " + units[i] : ""}`;
+  if (typeof v === "number") return el("p", show(names[0], v, 0), "value");
+  if (v && v.label !== undefined) return el("p", `${v.label} (${Number(v.probability).toFixed(4)})`, "value");
+  return el("p", names.map((n, i) => show(n, v[n], i)).join(", "), "value");
 }
 
 function render(where, answer) {
@@ -182,7 +201,7 @@ async function ask(bytes, type) {
   let answer;
   try {
     const r = await fetch("relay/predictions", { method: "POST", body: bytes,
-      headers: { "Content-Type": type || "application/octet-stream", "X-TopK": String(Math.min(TOPK, state.card.labels.length)),
+      headers: { "Content-Type": type || "application/octet-stream", "X-TopK": String(Math.max(1, Math.min(TOPK, state.card.labels.length))),
                  ...(key ? { Authorization: `Bearer ${key}` } : {}) } });
     const body = await r.json().catch(() => ({}));
     answer = r.ok ? body : { error: `${r.status}: ${body.error || body.message || "the server refused"}` };
@@ -259,8 +278,100 @@ function dropZone() {
     if (e.dataTransfer.files.length) openFile(e.dataTransfer.files[0]);
   });
   $("file").addEventListener("change", (e) => { if (e.target.files.length) openFile(e.target.files[0]); });
-  $("use-server").addEventListener("change", (e) => {
-    if (!e.target.checked) $("remote").querySelector(".result").textContent = "Off.";
+}
+
+// ---- tensor models: rows of numbers instead of images
+
+function standardize(card, rows) {
+  const per = card.input_shape.slice(1).reduce((a, b) => a * b, 1), n = card.input_shape[0] * per;
+  const x = new Float32Array(rows.length * n);
+  rows.forEach((row, r) => row.flat(Infinity).forEach((v, i) => {
+    const f = Math.floor(i / per);
+    x[r * n + i] = Math.fround(Math.fround(Math.fround(v) - Math.fround(card.mean[f])) / Math.fround(card.std[f]));
+  }));
+  return x;
+}
+
+async function runRows(rows) {
+  const card = state.card, x = standardize(card, rows);
+  const out = await state.session.run({ [card.input_name]: new ort.Tensor("float32", x, [rows.length, ...card.input_shape]) });
+  const data = out[card.output_name].data, k = data.length / rows.length;
+  return rows.map((_, r) => data.slice(r * k, (r + 1) * k));
+}
+
+async function answerRows(rows, source) {
+  let answer;
+  try {
+    answer = respond(state.card, (await runRows(rows))[0]);
+  } catch (e) {
+    answer = { error: `could not run the model: ${e.message}` };
+  }
+  state.last = { source, input: rows, answer, remote: null };
+  render("local", answer);
+  if ($("use-server").checked) await ask(JSON.stringify({ instances: rows }), "application/json");
+  state.last.done = true;
+}
+
+function range(card) {
+  if (card.input_range && card.input_range.length) return card.input_range[0];
+  return [card.mean[0] - 2 * card.std[0], card.mean[0] + 2 * card.std[0]];
+}
+
+async function plotLine(x) {
+  const card = state.card, [lo, hi] = range(card), cv = $("line"), ctx = cv.getContext("2d");
+  const xs = Array.from({ length: 61 }, (_, i) => lo + (hi - lo) * i / 60);
+  const ys = (await runRows(xs.map((v) => [v]))).map((o) => o[0]);
+  const yLo = Math.min(...ys), yHi = Math.max(...ys), pad = 30;
+  const px = (v) => pad + (cv.width - 2 * pad) * (v - lo) / (hi - lo);
+  const py = (v) => cv.height - pad - (cv.height - 2 * pad) * (v - yLo) / ((yHi - yLo) || 1);
+  ctx.clearRect(0, 0, cv.width, cv.height);
+  ctx.strokeStyle = "#d8dee6";
+  ctx.strokeRect(pad, pad, cv.width - 2 * pad, cv.height - 2 * pad);
+  ctx.fillStyle = "#5b6876";
+  ctx.font = "12px system-ui";
+  ctx.fillText(`${card.output_names[0]} over the training range of x`, pad, pad - 10);
+  ctx.fillText(lo.toFixed(2), pad, cv.height - 10);
+  ctx.fillText(hi.toFixed(2), cv.width - pad - 24, cv.height - 10);
+  ctx.strokeStyle = "#2f6fde";
+  ctx.lineWidth = 2;
+  ctx.beginPath();
+  xs.forEach((v, i) => (i ? ctx.lineTo(px(v), py(ys[i])) : ctx.moveTo(px(v), py(ys[i]))));
+  ctx.stroke();
+  const y = (await runRows([[x]]))[0][0];
+  ctx.fillStyle = "#b3261e";
+  ctx.beginPath();
+  ctx.arc(px(Math.min(Math.max(x, lo), hi)), py(y), 5, 0, 2 * Math.PI);
+  ctx.fill();
+}
+
+function tensorInputs() {
+  const card = state.card;
+  show("image-try", false);
+  show("tensor-try", true);
+  const one = card.task === "regress" && card.input_shape.length === 1 && card.input_shape[0] === 1;
+  if (one) {
+    show("one-number", true);
+    const [lo, hi] = range(card), slider = $("x"), box = $("x-box");
+    slider.min = lo; slider.max = hi; slider.step = (hi - lo) / 200;
+    slider.value = box.value = ((lo + hi) / 2).toFixed(3);
+    const go = async (v, source) => { await plotLine(v); await answerRows([[v]], source); };
+    slider.addEventListener("change", () => { box.value = slider.value; go(Number(slider.value), "slider"); });
+    box.addEventListener("change", () => { slider.value = box.value; go(Number(box.value), "box"); });
+    return go(Number(slider.value), "slider");
+  }
+  show("rows", true);
+  const example = JSON.stringify([card.mean.map(() => 0)].map((r) => (card.input_shape.length === 1 ? r : r.map(() => new Array(card.input_shape[1]).fill(0)))));
+  $("rows-json").value = example;
+  $("run-rows").addEventListener("click", async () => {
+    let rows;
+    try {
+      rows = JSON.parse($("rows-json").value);
+      if (!Array.isArray(rows[0]) && card.input_shape.length === 1 && rows.length === card.input_shape[0]) rows = [rows];
+    } catch (e) {
+      render("local", { error: `not JSON: ${e.message}` });
+      return;
+    }
+    await answerRows(rows, "json");
   });
 }
 
@@ -275,9 +386,17 @@ async function main() {
   ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
   ort.env.wasm.numThreads = 1; // threads would need cross-origin isolation; one is plenty for one image
   state.session = await ort.InferenceSession.create("model.onnx", { executionProviders: ["wasm"] });
-  $("local").querySelector(".result").textContent = "Ready: draw or drop an image.";
-  pad();
-  dropZone();
+  $("use-server").addEventListener("change", (e) => {
+    if (!e.target.checked) $("remote").querySelector(".result").textContent = "Off.";
+  });
+  if (state.card.input_kind === "tensor") {
+    $("remote").querySelector("h3 small").textContent = "(the relay's server)";
+    await tensorInputs();
+  } else {
+    $("local").querySelector(".result").textContent = "Ready: draw or drop an image.";
+    pad();
+    dropZone();
+  }
   state.ready = true;
 }
 

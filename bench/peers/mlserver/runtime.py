@@ -1,0 +1,33 @@
+"""The digit model as a Seldon MLServer custom runtime (https://mlserver.readthedocs.io/en/latest/user-guide/custom.html,
+https://mlserver.readthedocs.io/en/latest/user-guide/adaptive-batching.html): an MLModel over the Open Inference
+Protocol, with adaptive batching (max_batch_size / max_batch_time in model-settings.json) and parallel workers
+(settings.json), both written by the bench next to this file.
+
+MLServer's REST has no binary tensor extension: images arrive base64 in v2 JSON. The model, its preprocessing and
+its answers are torchship's (torchship_runtime beside this file), ONNX Runtime with one intra-op thread.
+"""
+
+import base64
+
+import numpy as np
+from mlserver import MLModel
+from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
+from torchship_runtime.onnx_model import load
+from torchship_runtime.responses import probabilities
+
+
+class Digits(MLModel):
+    async def load(self) -> bool:
+        self.model = load(self.settings.parameters.uri, threads=1)
+        return True
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        images = payload.inputs[0].data.root if hasattr(payload.inputs[0].data, "root") else payload.inputs[0].data
+        blobs = [base64.b64decode(b) if isinstance(b, str) else bytes(b) for b in images]
+        x = np.stack([self.model.prepare(b) for b in blobs])
+        probs = probabilities(self.model.card, self.model.run(x))
+        labels = [self.model.card.labels[i] for i in probs.argmax(1)]
+        return InferenceResponse(model_name=self.name, outputs=[
+            ResponseOutput(name="label", datatype="BYTES", shape=[len(labels)], data=labels),
+            ResponseOutput(name="probabilities", datatype="FP32", shape=list(probs.shape), data=probs.ravel().tolist()),
+        ])  # fmt: skip
