@@ -261,3 +261,48 @@ def test_the_browser_resamples_exactly_as_pillow(browser, page, filter_name):
             pixels.ravel().tolist(), w, h, c, ow, oh, filter_name,
         )  # fmt: skip
         assert np.array_equal(np.asarray(got, np.uint8).reshape(expected.shape), expected), (h, w, oh, ow, c)
+
+
+@pytest.fixture(scope="module")
+def line_page(tmp_path_factory):
+    """The tutorial's linear regression: its page, and an OIP server for the page to relay to."""
+    from torchship.export.formats import export_checkpoint
+    from torchship.serve import oip
+    from torchship.train.fit import train
+    from torchship.train.presets import get_preset
+
+    work = tmp_path_factory.mktemp("line")
+    train(get_preset("linreg"), work / "run", quiet=True)
+    exp = export_checkpoint(work / "run" / "best.pt", work / "export", ("onnx",))
+    cfg = oip.start(oip.OIPConfig.on_free_ports(str(exp.directory), "linreg", str(work / "state"), workers=1))
+    write_page(exp.directory, work / "page")
+    httpd = serve(work / "page", 0, cfg.state_dir)
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/", exp
+    finally:
+        httpd.shutdown()
+        oip.stop(cfg.state_dir)
+
+
+def test_a_one_number_regression_gets_a_slider_the_line_and_the_servers_answer(browser, line_page):
+    from selenium.webdriver.common.by import By
+
+    url, exp = line_page
+    open_page(browser, url)
+    assert browser.find_element(By.ID, "tensor-try").is_displayed()
+    assert not browser.find_element(By.ID, "image-try").is_displayed()
+    model = load_onnx(exp.onnx)
+    first = wait(browser, "torchship.last && torchship.last.done && torchship.last")  # the slider's starting x
+    assert abs(first["answer"]["value"] - model.predict(first["input"][0][0])) < 1e-5
+    browser.find_element(By.ID, "use-server").click()
+    browser.execute_script("window.__before = torchship.last; const s = document.getElementById('x-box');"
+                           "s.value = '0.5'; s.dispatchEvent(new Event('change'));")  # fmt: skip
+    answer = fresh_answer(browser, "window.__before")
+    assert answer["input"] == [[0.5]] and abs(answer["answer"]["value"] - model.predict(0.5)) < 1e-5
+    assert abs(answer["remote"]["predictions"][0] - model.predict(0.5)) < 1e-5  # the OIP server, through the relay
+    assert abs(answer["answer"]["value"] - 2.0) < 0.05  # 1 + 2 x 0.5, as fitted
+    line = browser.execute_script("const c = document.getElementById('line');"
+                                  "return c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
+                                  ".filter((v, i) => i % 4 === 3 && v > 0).length")  # fmt: skip
+    assert line > 500  # the fitted line and its axes were drawn
+    assert browser.execute_script("return torchship.errors") == []

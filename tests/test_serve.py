@@ -150,7 +150,8 @@ def test_security_settings_of_the_running_server(served):
 def test_load_test_counts_and_checks_answers(served):
     cfg, _ = served
     key = torchserve.keys(cfg.state_dir)["inference"]["key"]
-    target = Target("127.0.0.1", cfg.inference_port, cfg.model, key, cfg.metrics_url)
+    target = torchserve.load_target(cfg.state_dir)
+    assert (target.port, target.key, target.metrics_url) == (cfg.inference_port, key, cfg.metrics_url)
     levels = sweep(target, (1, 4), duration=2, max_requests=60, warmup=5)
     for lv in levels:  # this archive waits 150 ms per batch: the 2 s bound stops the sweep before 60 requests
         assert 5 <= lv.requests <= 60 and not lv.errors
@@ -218,4 +219,4 @@ def test_torchserves_v2_infer_route_speaks_the_protocol_through_our_handler(serv
     inp.set_data_from_numpy(np.array(blobs, dtype=object))
     with pytest.raises(InferenceServerException) as e:
         c.infer(cfg.model, [inp], headers=auth)
-    assert "400" in str(e.value.status()) and "element 1" in str(e.value)
+    assert "415" in str(e.value.status()) and "element 1" in str(e.value)  # the image's own status: not an image

@@ -222,15 +222,18 @@ def test_loadtest_sends_your_own_images_and_scores_labelled_ones(user_exports, s
 
 
 def test_sizing_follows_the_models_measured_cost(user_exports):
-    from torchship.serve.archive import Cost, measure, sized
+    from torchship.runtime.sizing import Cost, measure, sized
+    from torchship.serve.archive import model_config
 
     work, _ = user_exports
     card = ModelCard.load(work / "mobilenet")
     cost = measure(work / "mobilenet", "onnx", card, seconds=0.2)
     assert cost.batch8_ms > cost.batch1_ms > 0
     tiny, slow = sized(Cost(0.1, 0.4)), sized(Cost(40.0, 320.0))
-    assert tiny.batchSize == 8 and tiny.maxBatchDelay == 1 and tiny.threads == 1
-    assert slow.batchSize == 1 and slow.maxBatchDelay == 4 and slow.responseTimeout >= 30
+    assert tiny.max_batch == 8 and tiny.max_delay_ms == 1 and tiny.threads == 1
+    assert slow.max_batch == 1 and slow.max_delay_ms == 4 and slow.timeout_s >= 30
+    yaml = model_config(slow).yaml()  # TorchServe's spelling of the same rule
+    assert "batchSize: 1" in yaml and "maxBatchDelay: 4" in yaml
 
 
 @pytest.mark.parametrize("args,message", [

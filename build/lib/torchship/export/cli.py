@@ -1,0 +1,257 @@
+"""`torchship export` and `torchship verify`: thin click layers over export.formats and export.verify."""
+
+from __future__ import annotations
+
+import click
+
+from torchship.export.tolerance import ATOL, RTOL
+from torchship.runtime.card import DEFAULT_FORMATS, FORMAT_BY_NAME, RECIPES
+
+TOLERANCES = [
+    click.option("--atol", type=click.FloatRange(min=0), default=ATOL, show_default=True, help="Absolute tolerance."),
+    click.option("--rtol", type=click.FloatRange(min=0), default=RTOL, show_default=True, help="Relative tolerance."),
+    click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        default="data",
+        show_default=True,
+        help="Where datasets live; the proof uses the card's held-out images when they are there.",
+    ),
+]
+
+
+def tolerances(f):
+    for option in reversed(TOLERANCES):
+        f = option(f)
+    return f
+
+
+def floats(_ctx, param, value: str | None):
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"one number or one per channel, comma-separated; got {value!r}") from None
+
+
+def shape(_ctx, _param, value: str | None):
+    """C,H,W for an image model; one example's shape for a tensor one (13, or 3,128): checked against the kind below."""
+    if value is None:
+        return None
+    try:
+        dims = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        dims = ()
+    if not 1 <= len(dims) <= 4 or min(dims) < 1:
+        raise click.BadParameter(f"comma-separated positive integers: C,H,W for images (3,224,224), one example's "
+                                 f"shape for tensors (13); got {value!r}")  # fmt: skip
+    return dims
+
+
+def names(_ctx, _param, value: str | None):
+    if value is None:
+        return None
+    found = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not found:
+        raise click.BadParameter(f"comma-separated names, e.g. y or price,volume; got {value!r}")
+    return found
+
+
+def value_range(_ctx, _param, value: str | None):
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"MIN,MAX, e.g. 0,1; got {value!r}") from None
+    if not low < high:
+        raise click.BadParameter(f"MIN must be below MAX; got {value!r}")
+    return low, high
+
+
+def format_list(_ctx, _param, value: str):
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in FORMAT_BY_NAME]
+    if unknown or not names:
+        raise click.BadParameter(f"choose from {', '.join(FORMAT_BY_NAME)}; got {value!r}")
+    return tuple(dict.fromkeys(names))
+
+
+def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
+    from torchship.export.verify import VerificationError, failure_message, table, verify, write_report
+
+    click.echo("proving the export computes the eager model's function ...", err=True)
+    try:
+        report = verify(export_dir, atol, rtol, source, data_dir)
+    except VerificationError as e:
+        raise click.ClickException(str(e)) from None
+    path = write_report(report, export_dir)
+    click.echo(table(report))
+    click.echo(f"wrote {path}")
+    if not report.passed:
+        raise click.ClickException(failure_message(report))
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False), required=False)
+@click.option(
+    "--model",
+    "spec",
+    default=None,
+    help="Your own model instead of a checkpoint: package.module:callable or path/to/file.py:Callable.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --model: a state dict file (torch.save(model.state_dict(), FILE)).",
+)
+@click.option(
+    "--model-kwarg",
+    "kwargs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="With --model: a constructor argument (Python literal), e.g. num_classes=10. Repeatable.",
+)
+@click.option(
+    "--input-shape",
+    callback=shape,
+    default=None,
+    metavar="SHAPE",
+    help="With --model: C,H,W for images (3,224,224); one example's shape for tensors (13, or 3,128).",
+)
+@click.option(
+    "--input-kind",
+    type=click.Choice(["image", "tensor"]),
+    default="image",
+    show_default=True,
+    help="With --model: image files in, or fixed-shape rows of numbers (tabular, signals).",
+)
+@click.option(
+    "--task",
+    type=click.Choice(["classify", "regress"]),
+    default=None,
+    help="With --model: what the outputs are  [default: classify; a tensor model with no --labels and "
+    "--output-names regresses]",
+)
+@click.option(
+    "--output-names",
+    callback=names,
+    default=None,
+    metavar="a,b",
+    help="With --model --task regress: one name per output value  [default: y, or y0, y1, ...]",
+)
+@click.option(
+    "--input-range",
+    callback=value_range,
+    default=None,
+    metavar="MIN,MAX",
+    help="With --model --input-kind tensor: the range training inputs span, where the proof draws rows",
+)
+@click.option(
+    "--labels",
+    default=None,
+    metavar="FILE|a,b,c",
+    help="With --model: class names, one per line in FILE or comma-separated  [default: 0..N-1]",
+)
+@click.option("--mean", callback=floats, default=None, help="With --model: per-channel mean of pixels in [0, 1].")
+@click.option("--std", callback=floats, default=None, help="With --model: per-channel std  [default: 1]")
+@click.option(
+    "--preprocess",
+    type=click.Choice(RECIPES),
+    default=None,
+    help="With --model: how served images are prepared  [default: resize-crop for RGB, resize for grey]",
+)
+@click.option(
+    "--output-kind",
+    type=click.Choice(["logits", "log-probabilities", "probabilities"]),
+    default=None,
+    help="With --model: what the last layer emits  [default: judged from a forward pass]",
+)
+@click.option("--dataset", default=None, help="With --model: a torchship dataset (mnist-5k, ...) for the proof.")
+@click.option("--name", default=None, help="Model name (a slug)  [default: the preset, or the callable's name]")
+@click.option(
+    "--calibration",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Images to calibrate int8 on, never held-out ones  [default: the card's dataset's training split, "
+    "else synthetic images]",
+)
+@click.option(
+    "--formats",
+    callback=format_list,
+    default=",".join(DEFAULT_FORMATS),
+    show_default=True,
+    help=f"Comma-separated: {', '.join(FORMAT_BY_NAME)}.",
+)
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Export directory  [default: exports/NAME]"
+)
+@tolerances
+def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, task, output_names, input_range, labels,
+                   mean, std, preprocess, output_kind, dataset, name, calibration, formats, out_dir, atol, rtol,
+                   data_dir):  # fmt: skip
+    """Export CHECKPOINT (or --model SPEC --weights FILE) to every format, then prove each matches the eager model."""
+    from pathlib import Path
+
+    from torchship.export.formats import ExportError, Options, export_checkpoint, export_model, stamp
+    from torchship.export.user_model import ModelLoadError
+    from torchship.runtime.card import CardError, safe_name
+    from torchship.train.checkpoint import CheckpointError
+
+    if (checkpoint is None) == (spec is None):
+        raise click.UsageError("give either a torchship CHECKPOINT or --model SPEC --weights FILE")
+    user_only = {"--weights": weights, "--model-kwarg": kwargs, "--input-shape": input_shape, "--labels": labels,
+                 "--mean": mean, "--std": std, "--preprocess": preprocess, "--output-kind": output_kind,
+                 "--dataset": dataset, "--task": task, "--output-names": output_names,
+                 "--input-range": input_range}  # fmt: skip
+    if spec is not None and (weights is None or input_shape is None):
+        raise click.UsageError("--model needs --weights FILE and --input-shape (C,H,W for images, e.g. 13 for rows)")
+    if spec is not None and input_kind == "image" and len(input_shape) != 3:
+        raise click.BadParameter(f"an image model's input is C,H,W, got {','.join(map(str, input_shape))} (rows of "
+                                 "numbers? add --input-kind tensor)", param_hint="--input-shape")  # fmt: skip
+    if checkpoint is not None and any(user_only.values()):
+        given = [k for k, v in user_only.items() if v]
+        raise click.UsageError(f"{', '.join(given)} apply to --model; a checkpoint carries its own model card")
+    if name is not None and not safe_name(name):
+        raise click.BadParameter(f"{name!r} is not a safe name (letters, digits, '_', '-', '.')", param_hint="--name")
+    progress = lambda m: click.echo(m + " ...", err=True)  # noqa: E731
+    options = Options(data_dir=data_dir, calibration=calibration)
+    try:
+        if checkpoint is not None:
+            progress(f"loading {checkpoint}")
+            exported = export_checkpoint(checkpoint, out_dir, formats, name=name, progress=progress, options=options)
+            source = Path(checkpoint)
+        else:
+            from torchship.export.user_model import parse_kwargs, user_model
+
+            progress(f"building {spec} and loading {weights}")
+            model, card = user_model(
+                spec, weights, kwargs=parse_kwargs(kwargs), input_shape=input_shape, labels=labels,
+                mean=mean or (0.0,), std=std or (1.0,), preprocess=preprocess, name=name, output=output_kind,
+                dataset=dataset, input_kind=input_kind, task=task, output_names=output_names, input_range=input_range,
+            )  # fmt: skip
+            source = Path(weights)
+            card = stamp(card, source)
+            out = Path(out_dir or f"exports/{card.name}")
+            exported = export_model(model, card, out, formats, progress=progress, options=options)
+    except (CheckpointError, ModelLoadError, ExportError, CardError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    card = exported.card
+    click.echo(f"exported {card.name} to {', '.join(str(p) for p in exported.files.values())}")
+    run_proof(exported.directory, atol, rtol, data_dir, source)
+
+
+@click.command("verify")
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The checkpoint or weights file the export was made from  [default: the path in meta.json]",
+)
+@tolerances
+def verify_command(export_dir, checkpoint, atol, rtol, data_dir):
+    """Re-run the equivalence proof (eager vs every exported format) on an export directory."""
+    run_proof(export_dir, atol, rtol, data_dir, checkpoint)

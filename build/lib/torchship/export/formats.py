@@ -1,0 +1,273 @@
+"""Writes the deployable files of a model, one function per format; each carries the model card."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from torchship.runtime.card import (
+    CARD_FILE,
+    DEFAULT_FORMATS,
+    FORMAT_BY_NAME,
+    ONNX_METADATA_KEY,
+    TORCHSCRIPT_EXTRA_FILE,
+    ModelCard,
+)
+
+OPSET = 20
+MAX_BATCH = 1024  # the dynamic batch dimension's upper bound in every format
+
+
+class ExportError(Exception):
+    """A format that could not be written; the message says which and why, in one line."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What some formats need beyond the model and its card."""
+
+    data_dir: Path | str = "data"  # int8 calibrates on the card's dataset's training split when it is here
+    calibration: Path | str | None = None  # or on the images in this directory
+
+
+@dataclass(frozen=True)
+class Exported:
+    directory: Path
+    card: ModelCard
+    files: dict[str, Path]  # format name -> file
+
+    @property
+    def onnx(self) -> Path:
+        return self.files["onnx"]
+
+    @property
+    def torchscript(self) -> Path:
+        return self.files["ts"]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stamp(card: ModelCard, source: Path | None, epoch: int | None = None) -> ModelCard:
+    """The card as exported: where the weights came from, what made the files and when."""
+    import onnx
+    import onnxruntime
+
+    return card.with_provenance(
+        source=str(source.resolve()) if source else None,
+        source_sha256=sha256(source) if source else None,
+        epoch=epoch,
+        torch=str(torch.__version__),
+        onnx=onnx.__version__,
+        onnxruntime=onnxruntime.__version__,
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def example_input(card: ModelCard, n: int = 2) -> torch.Tensor:
+    """Batch sizes 0 and 1 would be specialised by torch.export: trace with 2."""
+    return torch.randn(n, *card.input_shape, generator=torch.Generator().manual_seed(0))
+
+
+def export_torchscript(model: torch.nn.Module, card: ModelCard, path: Path, options: Options) -> None:
+    """Scripted, falling back to tracing with the tracer's own check; the card rides along as an extra file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice: we ship it for TorchServe
+        try:
+            module = torch.jit.script(model)
+        except Exception:
+            module = torch.jit.trace(model, example_input(card), check_trace=True)
+        module.save(str(path), _extra_files={TORCHSCRIPT_EXTRA_FILE: card.to_json(indent=None)})
+
+
+def export_onnx(model: torch.nn.Module, card: ModelCard, path: Path, options: Options) -> None:
+    """The dynamo exporter with a dynamic batch dimension; checked in full before it is written."""
+    import onnx
+
+    batch = batch_dim()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example_input(card),),
+            dynamo=True,
+            input_names=[card.input_name],
+            output_names=[card.output_name],
+            opset_version=OPSET,
+            dynamic_shapes=({0: batch},),
+            optimize=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, card.to_json(indent=None)
+    proto.producer_name = "torchship"
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+def batch_dim() -> torch.export.Dim:
+    return torch.export.Dim("batch", min=1, max=MAX_BATCH)
+
+
+def export_pt2(model: torch.nn.Module, card: ModelCard, path: Path, options: Options) -> None:
+    """torch.export with a dynamic batch, compiled and packaged by AOTInductor; loading it needs no compiler.
+
+    The package is machine code for this CPU's instruction set (its metadata says which): build it on the
+    kind of machine that will run it."""
+    import logging
+    import shutil
+    import tempfile
+
+    import torch._inductor
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        raise ExportError("pt2 needs a C++ compiler (g++) at export time, and none is on PATH")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime": not news on a CPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (example_input(card),), dynamic_shapes=({0: batch_dim()},))
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # the package's folder is named after its file
+            built = Path(tmp) / path.name
+            torch._inductor.aoti_compile_and_package(
+                program,
+                package_path=str(built),
+                inductor_configs={"aot_inductor.metadata": {ONNX_METADATA_KEY: card.to_json(indent=None)}},
+            )
+            built.replace(path)
+
+
+def int8_calibration(card: ModelCard, options: Options):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    from torchship.export.inputs import calibration_images
+
+    images, source = calibration_images(card, options.data_dir, options.calibration)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(np.array_split(images, max(1, len(images) // 64)))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {card.input_name: np.ascontiguousarray(batch)}
+
+    return Reader(), source
+
+
+def export_int8(model: torch.nn.Module, card: ModelCard, path: Path, options: Options) -> None:
+    """ONNX Runtime static quantization of the float ONNX model: QDQ, per-channel int8 weights, uint8
+    activations with reduce_range (right on CPUs without VNNI, harmless on those with it), calibrated on
+    training images only. The classifier head stays float32: it is tiny, and where two classes are close it
+    decides between them (bench/NOTES.md, int8)."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if card.task != "classify":
+        raise ExportError(f"int8 is for classifiers (it is judged by top-1 agreement); {card.name} is a {card.task} "
+                          "model")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        float_model = path.with_name(FORMAT_BY_NAME["onnx"].file)
+        if not float_model.is_file():
+            float_model = tmp / "float.onnx"
+            export_onnx(model, card, float_model, options)
+        prepared = tmp / "prepared.onnx"
+        quant_pre_process(str(float_model), str(prepared))
+        graph = onnx.load(str(prepared)).graph
+        head = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")][-1:]
+        reader, source = int8_calibration(card, options)
+        quantize_static(str(prepared), str(tmp / "int8.onnx"), reader, quant_format=QuantFormat.QDQ,
+                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=head)  # fmt: skip
+        proto = onnx.load(str(tmp / "int8.onnx"))
+    del proto.metadata_props[:]
+    for key, value in ((ONNX_METADATA_KEY, card.to_json(indent=None)), ("torchship_calibration", source)):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "torchship"
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+WRITERS: dict[str, Callable[[torch.nn.Module, ModelCard, Path, Options], None]] = {
+    "ts": export_torchscript,
+    "onnx": export_onnx,
+    "pt2": export_pt2,
+    "int8": export_int8,
+}
+
+
+def export_model(
+    model: torch.nn.Module,
+    card: ModelCard,
+    out_dir: Path | str,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+    *,
+    progress: Callable[[str], None] | None = None,
+    options: Options = Options(),
+) -> Exported:
+    """Every requested format of an eval-mode model into out_dir, plus the card as meta.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval()  # dropout and batch norm statistics are baked into every format
+    files = {}
+    for name in sorted(set(formats), key=list(FORMAT_BY_NAME).index):  # int8 quantizes the ONNX file
+        path = out / FORMAT_BY_NAME[name].file
+        if progress:
+            progress(f"writing {path.name}")
+        try:
+            WRITERS[name](model, card, path, options)
+        except ExportError:
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ExportError(f"{name} export failed ({type(e).__name__}: {first})") from e
+        files[name] = path
+    (out / CARD_FILE).write_text(card.to_json())
+    return Exported(out, card, files)
+
+
+def export_checkpoint(
+    ckpt_path: Path | str,
+    out_dir: Path | str | None = None,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+    *,
+    name: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    options: Options = Options(),
+) -> Exported:
+    """A torchship checkpoint to out_dir (default exports/NAME): its card, stamped with where it came from."""
+    from dataclasses import replace
+
+    from torchship.export.user_model import from_checkpoint
+
+    model, card, epoch = from_checkpoint(ckpt_path)
+    card = stamp(replace(card, name=name) if name else card, Path(ckpt_path), epoch)
+    return export_model(model, card, Path(out_dir or f"exports/{card.name}"), formats, progress=progress,
+                        options=options)  # fmt: skip
+
+
+def read_card(export_dir: Path | str) -> ModelCard:
+    return ModelCard.load(Path(export_dir) / CARD_FILE)
+
+
+def present(export_dir: Path | str) -> list[str]:
+    """The formats an export directory holds, in FORMATS order."""
+    return [name for name, f in FORMAT_BY_NAME.items() if (Path(export_dir) / f.file).is_file()]

@@ -1,0 +1,127 @@
+"""Dynamic batching for the Open Inference Protocol server: concurrent requests' rows, one forward pass.
+
+One batcher per worker process, shared by REST and gRPC. Requests that arrive while a pass runs are gathered into
+the next one (up to `max_batch` rows); a lone request is run at once and never waits for company. The pass runs on
+one thread of its own, so the event loop goes on reading and decoding requests meanwhile (bench/NOTES.md, OIP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class Overloaded(Exception):
+    """The worker's queue is full: the client should retry later (HTTP 503 + Retry-After, gRPC UNAVAILABLE)."""
+
+
+@dataclass
+class Job:
+    rows: np.ndarray  # this request's normalised inputs, (n, ...)
+    future: asyncio.Future
+    queued: float  # perf_counter() when it joined the queue
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What one forward pass was, for the metrics: its size, how long it ran, how long each request had waited."""
+
+    rows: int
+    seconds: float
+    waits: tuple[float, ...]
+
+
+class Batcher:
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], *, max_batch: int, max_delay: float,
+                 max_queue: int, on_pass: Callable[[Pass], None] | None = None):  # fmt: skip
+        self.run, self.max_batch, self.max_delay, self.max_queue = run, max_batch, max_delay, max_queue
+        self.on_pass = on_pass or (lambda p: None)
+        self.jobs: deque[Job] = deque()
+        self.decoding = 0  # requests accepted and still being read or decoded: company worth a short wait
+        self._wake = asyncio.Event()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward-pass")
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def queued(self) -> int:
+        return len(self.jobs)
+
+    def enqueue(self, rows: np.ndarray) -> asyncio.Future:
+        """A future of this request's rows of the output, set once the pass that holds them has run."""
+        if len(self.jobs) >= self.max_queue:
+            raise Overloaded(f"{len(self.jobs)} requests are queued in this worker (its limit): retry shortly")
+        future = asyncio.get_running_loop().create_future()
+        self.jobs.append(Job(rows, future, time.perf_counter()))
+        self._wake.set()
+        return future
+
+    async def submit(self, rows: np.ndarray) -> np.ndarray:
+        return await self.enqueue(rows)
+
+    def _rows_queued(self) -> int:
+        return sum(len(j.rows) for j in self.jobs)
+
+    async def _gather(self) -> None:
+        """Wait up to max_delay for requests that are already being read or decoded, while the batch is not full."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_delay
+        while self.decoding and self._rows_queued() < self.max_batch and (left := deadline - loop.time()) > 0:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[Job]:
+        taken, rows = [], 0
+        while self.jobs and (not taken or rows + len(self.jobs[0].rows) <= self.max_batch):
+            job = self.jobs.popleft()
+            if job.future.cancelled():  # its client went away while it waited
+                continue
+            taken.append(job)
+            rows += len(job.rows)
+        return taken
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.jobs:
+                self._wake.clear()
+                await self._wake.wait()
+            await asyncio.sleep(0)  # let requests that have already arrived join this pass
+            if self.max_delay > 0 and self.decoding:
+                await self._gather()
+            jobs = self._take()
+            if not jobs:
+                continue
+            x = jobs[0].rows if len(jobs) == 1 else np.concatenate([j.rows for j in jobs])
+            start = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(self._thread, self.run, x)
+            except Exception as e:  # the model failed on valid input: every request of the pass gets the error
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            end = time.perf_counter()
+            self.on_pass(Pass(len(x), end - start, tuple(start - j.queued for j in jobs)))
+            at = 0
+            for j in jobs:
+                n = len(j.rows)
+                if not j.future.done():
+                    j.future.set_result(out[at : at + n])
+                at += n

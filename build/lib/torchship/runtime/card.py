@@ -1,0 +1,367 @@
+"""The model card: the one typed contract between training, export, serving and apps; stdlib only.
+
+It ships inside every archive and beside every ONNX model, so it imports nothing of ours and no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+SCHEMA_VERSION = 2  # 2: tensor inputs and regression (input_kind, output_names, units, input_range)
+CARD_FILE = "meta.json"  # beside the model files of an export, and inside every archive
+ONNX_METADATA_KEY = "torchship"  # ONNX metadata_props entry holding the card's JSON
+TORCHSCRIPT_EXTRA_FILE = "meta.json"  # TorchScript extra file holding the card's JSON
+
+TASKS = ("classify", "reconstruct", "regress")
+INPUT_KINDS = ("image", "tensor")  # an image file, or a fixed-shape array of numbers per example (tensors.py)
+OUTPUT_KINDS = ("logits", "log-probabilities", "probabilities", "image", "values")
+OUTPUT_NAMES = {"logits": "logits", "log-probabilities": "log_probs", "probabilities": "probabilities",
+                "image": "reconstruction", "values": "values"}  # fmt: skip
+INPUT_NAMES = {"image": "images", "tensor": "input"}
+# How an image someone sends is brought to the model's input (handlers/images.py implements each).
+IMAGE_RECIPES = ("mnist-digit", "fashion", "resize", "resize-crop")
+TENSOR_RECIPE = "standardize"  # (x - mean) / std per entry of the first axis; mean 0, std 1 leaves x as it is
+RECIPES = (*IMAGE_RECIPES, TENSOR_RECIPE)
+MAX_TENSOR_ELEMENTS = 1 << 20  # per example
+GREY_RECIPES = ("mnist-digit", "fashion")  # they find light ink on a dark ground: one channel only
+CROP_RATIO = 0.875  # torchvision's classification presets: resize to 256, centre-crop 224
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
+# The architectures a torchship checkpoint may name: a checkpoint is data, so it never picks code to import.
+BUILTIN_ARCHITECTURES = {"mlp": "torchship.train.models:MLP", "convnet": "torchship.train.models:ConvNet",
+                         "autoencoder": "torchship.train.models:AutoEncoder",
+                         "linear": "torchship.train.models:LinearRegression"}  # fmt: skip
+# Cards and checkpoints written before torchship became one package name `train.models:ConvNet`: the one alias.
+LEGACY_ARCHITECTURES = {spec.removeprefix("torchship."): spec for spec in BUILTIN_ARCHITECTURES.values()}
+
+
+@dataclass(frozen=True)
+class Format:
+    """One exported form of the model: its --formats name, its serving backend and its file."""
+
+    name: str
+    backend: str
+    file: str
+    exact: bool = True  # False: an approximation (int8), judged by accuracy rather than element-wise error
+
+
+FORMATS = (
+    Format("ts", "torchscript", "model.ts.pt"),
+    Format("onnx", "onnx", "model.onnx"),
+    Format("pt2", "pt2", "model.pt2"),
+    Format("int8", "onnx-int8", "model.int8.onnx", exact=False),
+)
+FORMAT_BY_NAME = {f.name: f for f in FORMATS}
+DEFAULT_FORMATS = ("ts", "onnx")  # what `torchship export` writes unless told: seconds to build (README)
+FORMAT_BY_BACKEND = {f.backend: f for f in FORMATS}
+
+
+class CardError(ValueError):
+    """A card that does not validate; the message names the field and what is wrong with it."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"model card field '{field_name}': {message}")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to rebuild the eager model: `package.module:callable` or `path/file.py:Callable`, and its arguments."""
+
+    spec: str
+    kwargs: Mapping = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "spec", LEGACY_ARCHITECTURES.get(self.spec, self.spec))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the exported weights came from and what made them."""
+
+    source: str | None = None  # the checkpoint or state-dict file
+    source_sha256: str | None = None
+    epoch: int | None = None
+    torch: str | None = None
+    onnx: str | None = None
+    onnxruntime: str | None = None
+    created_at: str | None = None  # ISO 8601, UTC
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    task: str
+    input_shape: tuple[int, ...]  # images: (C, H, W); tensors: one example's shape, e.g. (1,), (13,), (3, 128)
+    mean: tuple[float, ...]  # per entry of the first axis: per channel of pixels in [0, 1], or per feature
+    std: tuple[float, ...]
+    labels: tuple[str, ...]
+    preprocess: str
+    output_kind: str
+    architecture: Architecture
+    provenance: Provenance = Provenance()
+    input_name: str = ""  # "" means the input kind's usual name
+    output_name: str = ""  # "" means the output kind's usual name
+    resize: int | None = None  # resize-crop: the shorter side before the centre crop
+    dataset: str | None = None  # the torchship dataset whose held-out images the proof uses
+    metrics: Mapping = field(default_factory=dict)  # what training measured (test accuracy, ...)
+    input_kind: str = "image"
+    output_names: tuple[str, ...] = ()  # regress: one name per output value ("y")
+    units: tuple[str, ...] = ()  # regress: one unit per output value, or none
+    input_range: tuple = ()  # tensors: (min, max) seen in training per entry of the first axis, for the proof
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_shape", _sequence("input_shape", self.input_shape))
+        object.__setattr__(self, "mean", tuple(float(m) for m in _floats("mean", self.mean, self.channels)))
+        object.__setattr__(self, "std", tuple(float(s) for s in _floats("std", self.std, self.channels)))
+        object.__setattr__(self, "labels", _sequence("labels", self.labels))
+        for name in ("output_names", "units"):
+            object.__setattr__(self, name, _sequence(name, getattr(self, name)))
+        object.__setattr__(
+            self,
+            "input_range",
+            tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in _sequence("input_range", self.input_range)),
+        )
+        if not self.input_name:
+            object.__setattr__(self, "input_name", INPUT_NAMES.get(self.input_kind, "input"))
+        if not self.output_name:
+            object.__setattr__(self, "output_name", OUTPUT_NAMES.get(self.output_kind, "output"))
+        if self.preprocess == "resize-crop" and self.resize is None:
+            object.__setattr__(self, "resize", round(max(self.input_shape[1:]) / CROP_RATIO))
+        validate(self)
+
+    @property
+    def channels(self) -> int:
+        shape = self.input_shape
+        return shape[0] if isinstance(shape, tuple) and shape and isinstance(shape[0], int) else 1
+
+    @property
+    def classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image(self) -> bool:
+        return self.input_kind == "image"
+
+    @property
+    def outputs(self) -> int:
+        """Numbers per example the model answers: classes, output values, or the reconstructed input."""
+        return self.classes if self.task == "classify" else len(self.output_names) or 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["architecture"]["kwargs"] = dict(self.architecture.kwargs)
+        for k in ("input_shape", "mean", "std", "labels", "output_names", "units"):
+            d[k] = list(d[k])
+        d["input_range"] = [list(r) for r in self.input_range]
+        d["metrics"] = dict(self.metrics)
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ModelCard:
+        if not isinstance(d, Mapping):
+            raise CardError("(card)", f"expected a JSON object, got {type(d).__name__}")
+        if "schema_version" not in d and "preset" in d:
+            return from_legacy(d)
+        version = d.get("schema_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise CardError("schema_version", f"expected an integer, got {version!r}")
+        if version > SCHEMA_VERSION:
+            raise CardError("schema_version", f"{version} is newer than this torchship reads ({SCHEMA_VERSION}): "
+                                              "upgrade torchship")  # fmt: skip
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CardError(unknown[0], f"unknown field (known: {', '.join(sorted(known))})")
+        missing = [f.name for f in fields(cls) if f.name not in d and f.default is f.default_factory is MISSING]
+        if missing:
+            raise CardError(missing[0], "missing")
+        kw = dict(d)
+        kw["architecture"] = _sub(Architecture, "architecture", d["architecture"])
+        kw["provenance"] = _sub(Provenance, "provenance", d.get("provenance") or {})
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelCard:
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise CardError("(card)", f"not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelCard:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CARD_FILE
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise CardError("(card)", f"cannot read {path}: {e.strerror or e}") from None
+        return cls.from_json(text)
+
+    def with_provenance(self, **changes) -> ModelCard:
+        return replace(self, provenance=replace(self.provenance, **changes))
+
+
+def _sequence(name: str, value) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise CardError(name, f"expected a list, got {value!r}"[:200])
+    return tuple(value)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _floats(name: str, value, channels: int) -> tuple:
+    if _is_number(value):
+        return (value,) * channels
+    if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
+        raise CardError(name, f"expected a list: one number, or one per channel; got {value!r}"[:200])
+    if len(value) == 1:
+        return tuple(value) * channels
+    return tuple(value)
+
+
+def _sub(cls, name: str, value):
+    if not isinstance(value, Mapping):
+        raise CardError(name, f"expected an object, got {value!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise CardError(f"{name}.{unknown[0]}", f"unknown field (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**value)
+    except TypeError as e:
+        raise CardError(name, str(e)) from None
+
+
+def safe_name(name) -> bool:
+    """Names become file names, archive names and URL paths: a short slug, no separators, no '..'."""
+    return isinstance(name, str) and bool(NAME_PATTERN.match(name)) and ".." not in name
+
+
+def validate(card: ModelCard) -> None:
+    def need(ok: bool, name: str, message: str) -> None:
+        if not ok:
+            raise CardError(name, message)
+
+    need(safe_name(card.name), "name", f"{card.name!r} is not a safe name (letters, digits, '_', '-', '.', "
+                                       "at most 64, starting with a letter or digit)")  # fmt: skip
+    need(card.task in TASKS, "task", f"{card.task!r} is not one of {', '.join(TASKS)}")
+    need(card.output_kind in OUTPUT_KINDS, "output_kind", f"{card.output_kind!r} is not one of "
+                                                          f"{', '.join(OUTPUT_KINDS)}")  # fmt: skip
+    need((card.task == "reconstruct") == (card.output_kind == "image"), "output_kind",
+         f"a {card.task} model cannot output {card.output_kind!r}")  # fmt: skip
+    need((card.task == "regress") == (card.output_kind == "values"), "output_kind",
+         f"a {card.task} model cannot output {card.output_kind!r}")  # fmt: skip
+    need(card.input_kind in INPUT_KINDS, "input_kind", f"{card.input_kind!r} is not one of {', '.join(INPUT_KINDS)}")
+    shape = card.input_shape
+    need(all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape), "input_shape",
+         f"expected positive integers, got {list(shape)}")  # fmt: skip
+    if card.image:
+        need(len(shape) == 3, "input_shape", f"an image input is C,H,W: three integers, got {list(shape)}")
+        need(shape[0] in (1, 3), "input_shape", f"{shape[0]} channels: images have 1 (grey) or 3 (RGB)")
+        need(all(4 <= v <= 4096 for v in shape[1:]), "input_shape", f"height and width must be 4..4096, got "
+                                                                    f"{shape[1:]}")  # fmt: skip
+        need(card.preprocess in IMAGE_RECIPES, "preprocess", f"{card.preprocess!r} is not one of "
+                                                             f"{', '.join(IMAGE_RECIPES)}")  # fmt: skip
+    else:
+        need(
+            1 <= len(shape) <= 4 and math.prod(shape) <= MAX_TENSOR_ELEMENTS,
+            "input_shape",
+            f"a tensor input is 1 to 4 dimensions of at most {MAX_TENSOR_ELEMENTS} numbers, got {list(shape)}",
+        )
+        need(card.preprocess == TENSOR_RECIPE, "preprocess", f"tensor inputs are prepared by {TENSOR_RECIPE!r} "
+                                                             f"(mean and std), not {card.preprocess!r}")  # fmt: skip
+        need(card.task != "reconstruct", "task", "reconstruction is for image models")
+        need(
+            not card.input_range or len(card.input_range) == shape[0],
+            "input_range",
+            f"one (min, max) per entry of the first axis ({shape[0]}), got {len(card.input_range)}",
+        )
+        need(all(isinstance(r, tuple) and len(r) == 2 and all(_is_number(v) and math.isfinite(v) for v in r)
+                 and r[0] < r[1] for r in card.input_range), "input_range",
+             "each entry must be [min, max] with min < max")  # fmt: skip
+    for name in ("mean", "std"):
+        values = getattr(card, name)
+        what = "channel(s)" if card.image else "entries of the first axis"
+        need(len(values) == shape[0], name, f"{len(values)} values for {shape[0]} {what}")
+        need(all(math.isfinite(v) for v in values), name, f"must be finite, got {list(values)}")
+    need(all(s > 0 for s in card.std), "std", f"must be positive, got {list(card.std)}")
+    need(all(isinstance(x, str) and x.strip() and len(x) <= 200 for x in card.labels), "labels",
+         "each label must be a non-empty string of at most 200 characters")  # fmt: skip
+    if card.task == "classify":
+        need(len(card.labels) >= 1, "labels", "a classifier needs at least one label")
+        dup = sorted({x for x in card.labels if card.labels.count(x) > 1})
+        need(not dup, "labels", f"duplicate labels: {dup[:3]}")
+    if card.task == "regress":
+        need(not card.labels, "labels", "a regressor has output names, not labels")
+        need(len(card.output_names) >= 1 and all(isinstance(n, str) and n.strip() and len(n) <= 64
+                                                 for n in card.output_names), "output_names",
+             "a regressor needs one name (at most 64 characters) per output value")  # fmt: skip
+        need(not card.units or len(card.units) == len(card.output_names), "units",
+             f"{len(card.units)} units for {len(card.output_names)} output values")  # fmt: skip
+        need(all(isinstance(u, str) and len(u) <= 32 for u in card.units), "units", "each unit is a short string")
+    else:
+        need(not card.output_names and not card.units, "output_names", "names and units are for regressors")
+    need(card.preprocess not in GREY_RECIPES or shape[0] == 1, "preprocess",
+         f"{card.preprocess!r} makes 1-channel images; the input has {shape[0]} channels (use resize or "
+         "resize-crop)")  # fmt: skip
+    if card.resize is not None:
+        need(card.image and isinstance(card.resize, int) and max(shape[1:]) <= card.resize <= 8192, "resize",
+             f"the shorter side before the crop must be an integer from {max(shape[1:] or (0,))} to 8192, got "
+             f"{card.resize!r}")  # fmt: skip
+    for name in ("input_name", "output_name"):
+        value = getattr(card, name)
+        need(isinstance(value, str) and bool(TENSOR_NAME.match(value)), name, f"{value!r} is not a tensor name")
+    need(card.dataset is None or isinstance(card.dataset, str), "dataset", f"expected a name, got {card.dataset!r}")
+    spec = card.architecture.spec
+    need(isinstance(spec, str) and ":" in spec, "architecture.spec", f"expected 'module:callable', got {spec!r}")
+    need(isinstance(card.architecture.kwargs, Mapping), "architecture.kwargs", "expected an object")
+    need(isinstance(card.metrics, Mapping), "metrics", "expected an object")
+
+
+def from_legacy(m: Mapping) -> ModelCard:
+    """A checkpoint's or export's `meta` dict from before the card: same facts, checked the same way."""
+    arch = m.get("arch")
+    if arch not in BUILTIN_ARCHITECTURES:
+        raise CardError("arch", f"{arch!r} is not a torchship architecture ({', '.join(BUILTIN_ARCHITECTURES)})")
+    for key in ("preset", "input_shape", "mean", "std", "labels", "output_kind", "preprocess", "task"):
+        if key not in m:
+            raise CardError(key, "missing from the checkpoint's meta")
+    versions = m.get("versions") or {}
+    provenance = Provenance(
+        source=m.get("checkpoint"),
+        source_sha256=m.get("checkpoint_sha256"),
+        epoch=m.get("checkpoint_epoch"),
+        torch=versions.get("torch", m.get("torch_version")),
+        onnx=versions.get("onnx"),
+        onnxruntime=versions.get("onnxruntime"),
+    )
+    return ModelCard(
+        name=m["preset"],
+        task=m["task"],
+        input_shape=m["input_shape"],
+        mean=m["mean"],
+        std=m["std"],
+        labels=m["labels"],
+        preprocess=m["preprocess"],
+        output_kind=m["output_kind"],
+        architecture=Architecture(BUILTIN_ARCHITECTURES[arch], dict(m.get("arch_kwargs") or {})),
+        provenance=provenance,
+        input_name=m.get("input_name", INPUT_NAMES["image"]),
+        output_name=m.get("output_name", ""),
+        dataset=m.get("dataset"),
+        metrics=dict(m.get("metrics") or {}),
+    )

@@ -1,0 +1,165 @@
+"""The Open Inference Protocol over gRPC: the protocol's standard service, `inference.GRPCInferenceService`, on
+grpcio's asyncio server, sharing the worker's batcher with REST. tritonclient.grpc and KServe's client talk to it."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import v2
+from .batching import Overloaded
+from .limits import MAX_REQUEST_BYTES
+from .serving import Served
+
+logger = logging.getLogger(__name__)
+SERVICE = "inference.GRPCInferenceService"
+KSERVE_PROTO_MODULE = "kserve.protocol.grpc.grpc_predict_v2_pb2"
+
+
+def protocol_messages():
+    """kserve's generated messages for the standard service, loaded from their one file: importing the kserve package
+    itself takes ~6 s here (pandas, FastAPI) and brings nothing this server uses. Registered under kserve's own module
+    name, so a later `import kserve` reuses it instead of defining package `inference` twice."""
+    if KSERVE_PROTO_MODULE in sys.modules:
+        return sys.modules[KSERVE_PROTO_MODULE]
+    found = importlib.util.find_spec("kserve")
+    path = Path(found.origin).parent / "protocol" / "grpc" / "grpc_predict_v2_pb2.py" if found else None
+    if path is None or not path.is_file():
+        raise RuntimeError("the Open Inference Protocol's gRPC messages come from kserve's definitions: "
+                           "pip install 'kserve>=0.21,<0.22'")  # fmt: skip
+    spec = importlib.util.spec_from_file_location(KSERVE_PROTO_MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[KSERVE_PROTO_MODULE] = module
+    return module
+
+
+def tensors_of(request, pb) -> list[v2.Tensor]:
+    """A ModelInferRequest's inputs: raw contents (tritonclient's default) or typed contents."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise v2.ProtocolError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    out = []
+    for k, inp in enumerate(request.inputs):
+        name, shape = inp.name[:64], tuple(int(d) for d in inp.shape)
+        if any(d < 0 for d in shape):
+            raise v2.ProtocolError(f"input '{name}': shape must be non-negative integers")
+        if raw:
+            out.append(v2.tensor_from_binary(name, inp.datatype, shape, raw[k]))
+        elif inp.datatype == "BYTES":
+            out.append(v2.Tensor(name, "BYTES", shape, np.array(list(inp.contents.bytes_contents), dtype=object)))
+        elif inp.datatype == "FP32":
+            out.append(v2.Tensor(name, "FP32", shape, np.asarray(inp.contents.fp32_contents, np.float32)))
+        else:
+            raise v2.ProtocolError(f"input '{name}': datatype {inp.datatype[:16]} is not one this model takes")
+    return out
+
+
+def infer_response(served: Served, request, outputs: list[v2.Tensor], pb):
+    """Outputs as raw contents, the form every client reads (typed contents reach tritonclient as empty arrays)."""
+    asked = [o.name for o in request.outputs]
+    unknown = [n for n in asked if n not in {t.name for t in outputs}]
+    if unknown:
+        raise v2.ProtocolError(f"unknown output {unknown[0][:64]!r}: this model has {[t.name for t in outputs]}")
+    chosen = [t for t in outputs if not asked or t.name in asked]
+    response = pb.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
+    for t in chosen:
+        response.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+        blob = v2.bytes_blob(t.data.reshape(-1)) if t.datatype == "BYTES" else np.ascontiguousarray(t.data).tobytes()
+        response.raw_output_contents.append(blob)
+    return response
+
+
+def handler(served: Served, version: str):
+    """The service's methods over this worker's model, as one grpcio generic handler."""
+    import grpc
+
+    pb = protocol_messages()
+    codes = {413: grpc.StatusCode.RESOURCE_EXHAUSTED, 404: grpc.StatusCode.NOT_FOUND}
+
+    async def model_named(name: str, context) -> None:
+        if name != served.name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no model named {name[:64]!r}: this server has "
+                                                           f"{served.name!r}")  # fmt: skip
+
+    async def server_live(request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(request, context):
+        return pb.ServerReadyResponse(ready=served.ready)
+
+    async def server_metadata(request, context):
+        return pb.ServerMetadataResponse(name="torchship", version=version, extensions=["binary_tensor_data"])
+
+    async def model_ready(request, context):
+        await model_named(request.name, context)
+        return pb.ModelReadyResponse(ready=served.ready)
+
+    async def model_metadata(request, context):
+        await model_named(request.name, context)
+        meta = served.metadata()
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                                        inputs=[tensor(**t) for t in meta["inputs"]],
+                                        outputs=[tensor(**t) for t in meta["outputs"]])  # fmt: skip
+
+    async def model_infer(request, context):
+        start, status, decoding = time.perf_counter(), 500, True
+        served.metrics.started()
+        served.batcher.decoding += 1
+        try:
+            if request.model_name != served.name:
+                status = 404
+                raise v2.ProtocolError(f"no model named {request.model_name[:64]!r}: this server has "
+                                       f"{served.name!r}", 404)  # fmt: skip
+            rows = served.decode(tensors_of(request, pb))
+            served.batcher.decoding -= 1
+            decoding = False
+            response = infer_response(served, request, await served.predict(rows), pb)
+            status = 200
+            return response
+        except v2.ProtocolError as e:
+            status = e.status
+            await context.abort(codes.get(e.status, grpc.StatusCode.INVALID_ARGUMENT), str(e))
+        except Overloaded as e:
+            status = 503
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except Exception as e:
+            if isinstance(e, grpc.aio.AbortError):
+                raise
+            logger.exception("inference failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {type(e).__name__}")
+        finally:
+            if decoding:
+                served.batcher.decoding -= 1
+            served.metrics.answered("grpc", status, time.perf_counter() - start)
+
+    methods = {"ServerLive": (server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+               "ServerReady": (server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
+               "ServerMetadata": (server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+               "ModelReady": (model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+               "ModelMetadata": (model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+               "ModelInfer": (model_infer, pb.ModelInferRequest, pb.ModelInferResponse)}  # fmt: skip
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        name: grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req.FromString,
+                                                  response_serializer=resp.SerializeToString)
+        for name, (fn, req, resp) in methods.items()})  # fmt: skip
+
+
+def server(served: Served, host: str, port: int, version: str = "", max_message: int = MAX_REQUEST_BYTES):
+    """An asyncio gRPC server on HOST:PORT; every worker binds the same port (SO_REUSEPORT, grpcio's default)."""
+    import grpc
+
+    options = [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message),
+               ("grpc.so_reuseport", 1)]  # fmt: skip
+    srv = grpc.aio.server(options=options)
+    srv.add_generic_rpc_handlers((handler(served, version),))
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if srv.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen for gRPC on {address}")
+    return srv

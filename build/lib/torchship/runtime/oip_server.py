@@ -1,0 +1,304 @@
+"""The Open Inference Protocol server: N worker processes answering REST and gRPC on the same two ports, each
+batching its requests into forward passes; a supervisor replaces any worker that dies while the others keep
+answering.
+
+python -m torchship.runtime.oip_server --model_dir EXPORT_DIR --model_name NAME [--workers N] ...
+(`torchship serve start --runtime oip` runs it; so does the deploy bundle's container, as torchship_runtime.)
+
+Every worker listens on both ports with SO_REUSEPORT, so the kernel spreads connections over the workers (one socket
+shared by all let whichever woke first take every waiting connection: 16 clients on one worker, none on the other;
+bench/NOTES.md, lever 39). The supervisor holds both ports meanwhile, so no other server can take them. A worker
+listens only after its warm-up pass at the largest batch succeeded: until one is warm, the ports refuse connections,
+so readiness is true only for a model that has answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import metrics, sizing
+from .card import ModelCard
+from .limits import MAX_REQUEST_BYTES
+
+logger = logging.getLogger("torchship.oip")
+HTTP_PORT, GRPC_PORT = 8080, 8081  # KServe's ports for a custom predictor container: REST, then gRPC
+GIVE_UP_AFTER = 3  # a worker that dies this many times in a row before it is ready will not come up: stop
+STOP_GRACE_S = 10
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="oip_server", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model_dir", required=True, help="an export directory: meta.json and the model file")
+    ap.add_argument("--model_name", required=True, help="the model's name in /v2/models/NAME")
+    ap.add_argument("--host", default="127.0.0.1", help="address REST and gRPC listen on")
+    ap.add_argument("--http_port", type=int, default=HTTP_PORT)
+    ap.add_argument("--grpc_port", type=int, default=GRPC_PORT)
+    ap.add_argument("--backend", default="onnx", help="which exported file to run: onnx, onnx-int8, torchscript, pt2")
+    ap.add_argument("--workers", type=int, default=0, help="worker processes  [default: sizing.default_workers()]")
+    ap.add_argument("--max_batch", type=int, default=0, help="rows in one forward pass  [default: measured]")
+    ap.add_argument("--max_delay_ms", type=float, default=-1, help="wait for company on its way  [default: measured]")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads per worker  [default: measured]")
+    ap.add_argument("--max_queue", type=int, default=0, help="queued requests per worker before 503 "
+                                                             "[default: sizing.queue_size()]")  # fmt: skip
+    ap.add_argument("--max_pixels", type=int, default=0, help="largest decoded image  [default: the card's]")
+    ap.add_argument("--max_body", type=int, default=MAX_REQUEST_BYTES, help="bytes in one request (REST and gRPC)")
+    ap.add_argument("--status_file", default=None, help="where the supervisor keeps its workers' pids, as JSON")
+    ap.add_argument("--log_level", default="INFO")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ready_fd", type=int, default=-1, help=argparse.SUPPRESS)
+    return ap
+
+
+def complete(args: argparse.Namespace) -> argparse.Namespace:
+    """Every choice the flags leave open, decided once by the shared sizing rule from a measured pass."""
+    if args.workers <= 0:
+        args.workers = sizing.default_workers()
+    if args.max_queue <= 0:
+        args.max_queue = sizing.queue_size(args.max_body)
+    if args.max_batch <= 0 or args.max_delay_ms < 0 or args.threads <= 0:
+        try:
+            cost = sizing.measure(args.model_dir, args.backend, ModelCard.load(args.model_dir))
+        except Exception as e:  # a model that fails here fails in every worker: say so once, plainly
+            raise SystemExit(f"measuring {args.model_dir} at batches of 1 and 8 failed ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); give --max_batch, --max_delay_ms "
+                             "and --threads to skip the measurement") from None  # fmt: skip
+        sized = sizing.sized(cost, args.workers)
+        logger.info("measured %s: %.2f ms at batch 1, %.2f ms at batch 8 (one thread)", args.model_name,
+                    cost.batch1_ms, cost.batch8_ms)  # fmt: skip
+        args.max_batch = args.max_batch if args.max_batch > 0 else sized.max_batch
+        args.max_delay_ms = args.max_delay_ms if args.max_delay_ms >= 0 else sized.max_delay_ms
+        args.threads = args.threads if args.threads > 0 else sized.threads
+    return args
+
+
+# The worker: one model, one batcher, REST and gRPC on one event loop.
+
+
+def worker(args: argparse.Namespace) -> int:
+    from . import http11, oip_grpc, serving
+    from .oip_rest import RestApp, error
+
+    served = serving.load(args.model_dir, args.model_name, backend=args.backend, threads=args.threads,
+                          max_pixels=args.max_pixels, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+                          max_queue=args.max_queue)  # fmt: skip
+    try:
+        warm = serving.warm_up(served)
+    except Exception as e:  # a model that cannot run a full batch must never look ready
+        logger.error("warm-up: a batch of %d failed (%s: %s); this worker will not serve (--max_batch lower?)",
+                     args.max_batch, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")  # fmt: skip
+        return 3
+    http = listening_socket(args.host, args.http_port)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        served.batcher.start()
+        rest = RestApp(served)
+        grpc_server = oip_grpc.server(served, args.host, args.grpc_port, rest.version, args.max_body)
+        await grpc_server.start()
+        server = await http11.serve(rest, error, http, args.max_body)
+        served.ready = True
+        os.write(args.ready_fd, (json.dumps({"pid": os.getpid(), "warmup": warm}) + "\n").encode())
+        await stop.wait()
+        served.ready = False  # probes see it first; then no new connections, and what is queued is answered
+        server.close()
+        deadline = loop.time() + STOP_GRACE_S / 2
+        while (served.batcher.queued or served.metrics.active) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await grpc_server.stop(grace=1)
+        await served.batcher.stop()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # pragma: no cover - asyncio's own loop works too, slower
+        asyncio.run(main())
+    return 0
+
+
+# The supervisor: the ports, the workers, and a replacement for each that dies.
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def hold_port(host: str, port: int, what: str) -> socket.socket:
+    """Refuse a port something else holds (SO_REUSEPORT would otherwise quietly join another server's), then keep it
+    bound, not listening, for our workers alone: they share it through SO_REUSEPORT."""
+    probe = socket.socket(_family(host), socket.SOCK_STREAM)
+    try:
+        probe.bind((host, port))
+    except OSError as e:
+        raise SystemExit(f"cannot use {host}:{port} for {what}: {e.strerror}") from None
+    finally:
+        probe.close()
+    guard = socket.socket(_family(host), socket.SOCK_STREAM)
+    guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    guard.bind((host, port))
+    return guard
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A worker's own REST socket in the port's SO_REUSEPORT group; it listens once the server starts on it."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen
+    ready_pipe: int
+    started: float = field(default_factory=time.time)
+    ready: bool = False
+    warmup: dict = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.workers, self.stopping, self.restarts, self.failures = args, [], False, 0, 0
+        self.guards = [hold_port(args.host, args.http_port, "REST"), hold_port(args.host, args.grpc_port, "gRPC")]
+        self.metrics_dir = tempfile.mkdtemp(prefix="torchship-metrics-")
+        self.selector = selectors.DefaultSelector()
+
+    def spawn(self) -> Worker:
+        read, write = os.pipe()
+        argv = [sys.executable, "-m", f"{__package__}.oip_server", *worker_argv(self.args), "--worker",
+                "--ready_fd", str(write)]  # fmt: skip
+        env = {**os.environ, metrics.MULTIPROCESS_ENV: self.metrics_dir}
+        proc = subprocess.Popen(argv, pass_fds=(write,), env=env, stdin=subprocess.DEVNULL)
+        os.close(write)
+        os.set_blocking(read, False)
+        w = Worker(proc, read)
+        self.selector.register(read, selectors.EVENT_READ, w)
+        self.workers.append(w)
+        return w
+
+    def reap(self, w: Worker) -> None:
+        self.selector.unregister(w.ready_pipe)
+        os.close(w.ready_pipe)
+        self.workers.remove(w)
+        metrics.forget(w.proc.pid, self.metrics_dir)
+
+    def write_status(self) -> None:
+        if not self.args.status_file:
+            return
+        state = {"pid": os.getpid(), "http_port": self.args.http_port, "grpc_port": self.args.grpc_port,
+                 "restarts": self.restarts, "settings": {k: getattr(self.args, k) for k in SETTINGS},
+                 "workers": [{"pid": w.proc.pid, "ready": w.ready, "started": w.started, "warmup": w.warmup}
+                             for w in self.workers]}  # fmt: skip
+        tmp = Path(f"{self.args.status_file}.tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.args.status_file)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.stop)
+        logger.info("serving %s from %s: %d workers, batches of up to %d rows (wait %g ms for company on its way), "
+                    "%d thread(s) each, %d requests queued per worker at most", self.args.model_name,
+                    self.args.model_dir, self.args.workers, self.args.max_batch, self.args.max_delay_ms,
+                    self.args.threads, self.args.max_queue)  # fmt: skip
+        for _ in range(self.args.workers):
+            self.spawn()
+        self.write_status()
+        announced = False
+        while not self.stopping:
+            for key, _ in self.selector.select(timeout=0.2):
+                w = key.data
+                try:
+                    line = os.read(key.fd, 4096)
+                except BlockingIOError:
+                    continue
+                if line and not w.ready:
+                    w.ready, w.warmup, self.failures = True, json.loads(line.splitlines()[0]).get("warmup", {}), 0
+                    self.write_status()
+            if not announced and self.workers and all(w.ready for w in self.workers):
+                announced = True
+                logger.info("ready: %d workers answer REST on %s:%d and gRPC on %s:%d (warm-up: batch %s in %s ms)",
+                            len(self.workers), self.args.host, self.args.http_port, self.args.host,
+                            self.args.grpc_port, self.workers[0].warmup.get("batch"),
+                            self.workers[0].warmup.get("ms"))  # fmt: skip
+            for w in [w for w in self.workers if w.proc.poll() is not None]:
+                if self.stopping:
+                    break
+                code = w.proc.returncode
+                self.reap(w)
+                self.failures += not w.ready
+                if self.failures >= GIVE_UP_AFTER or not announced and not w.ready:
+                    logger.error("worker %d exited with %s before it was ready: giving up", w.proc.pid, code)
+                    self.stop()
+                    return 3
+                self.restarts += 1
+                logger.warning("worker %d exited with %s: starting another", w.proc.pid, code)
+                self.spawn()
+                self.write_status()
+        return 0
+
+    def stop(self, *_) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        for w in self.workers:
+            if w.proc.poll() is None:
+                w.proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for w in self.workers:
+            try:
+                w.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        if self.args.status_file:
+            Path(self.args.status_file).unlink(missing_ok=True)
+
+
+SETTINGS = ("workers", "max_batch", "max_delay_ms", "threads", "max_queue", "backend", "max_body")
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    keep = ("model_dir", "model_name", "host", "http_port", "grpc_port", "backend", "workers", "max_batch",
+            "max_delay_ms", "threads", "max_queue", "max_pixels", "max_body", "log_level")  # fmt: skip
+    return [f"--{k}={getattr(args, k)}" for k in keep]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: "
+                        "%(message)s", stream=sys.stdout)  # fmt: skip
+    if args.worker:
+        return worker(args)
+    try:
+        if not ipaddress.ip_address(args.host).is_loopback:
+            logger.warning("listening on %s: the Open Inference Protocol has no authentication of its own; put an "
+                           "authenticating proxy in front (README, 'Serve over the Open Inference Protocol')",
+                           args.host)  # fmt: skip
+    except ValueError:
+        pass
+    supervisor = Supervisor(args)  # the ports first: a taken one fails before a second is spent measuring
+    complete(args)
+    return supervisor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Embed an exported model in any app with onnxruntime alone: no torch import, anywhere.
+
+from torchship.runtime.onnx_model import load
+model = load("exports/mnist-convnet/model.onnx")
+model.predict("digit.png")  # -> {"label": "7", "probability": 0.99, "topk": [...]}
+load("exports/linreg/model.onnx").predict(np.array([[0.5]]))  # -> [2.0]: a tensor model takes rows of numbers
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .card import ONNX_METADATA_KEY, CardError, ModelCard
+from .images import InputError, Preprocessor
+from .responses import DEFAULT_TOPK, respond
+from .tensors import rows_from_array, rows_from_instances, standardize
+
+OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass
+class OnnxModel:
+    session: ort.InferenceSession
+    card: ModelCard
+    preprocessor: Preprocessor = field(repr=False, default=None)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.preprocessor is None:
+            self.preprocessor = Preprocessor(self.card)
+        self.input_name = self.session.get_inputs()[0].name
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.card.labels
+
+    def prepare(self, item) -> np.ndarray:
+        """Any supported input to one normalised (C, H, W) array, exactly as the servers do."""
+        return self.preprocessor.from_item(item)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Raw model output for a normalised (N, C, H, W) float32 batch."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def predict(self, images, topk: int = DEFAULT_TOPK):
+        """One image (path, bytes, PIL image, array) gives one result; a list gives a list, in one forward pass.
+        A tensor model takes rows instead: one example (a number, or an array of the card's shape) gives one result;
+        an array (N, *shape) or a list of rows gives a list.
+
+        Raises images.InputError (with .status and .message) for input that is not a usable image or row.
+        """
+        if not self.card.image:
+            return self.predict_rows(images, topk)
+        single = not isinstance(images, (list, tuple)) and not (isinstance(images, np.ndarray) and images.ndim == 4)
+        items = [images] if single else list(images)
+        if not items:
+            return []
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+            raise ValueError(f"topk must be a positive integer, got {topk!r}")
+        out = self.run(np.stack([self.prepare(i) for i in items]))
+        results = respond(self.card, out, [topk] * len(items))
+        return results[0] if single else results
+
+    def predict_rows(self, rows, topk: int = DEFAULT_TOPK):
+        shape = self.card.input_shape
+        one = np.ndim(rows) == len(shape) or (np.ndim(rows) == 0 and math.prod(shape) == 1)
+        if isinstance(rows, (list, tuple)) and not rows:
+            return []
+        raw = np.asarray(rows, dtype=np.float32) if not isinstance(rows, (list, tuple)) else None
+        if raw is None:
+            x = rows_from_instances(self.card, [r.tolist() if isinstance(r, np.ndarray) else r for r in rows], "rows")
+        else:
+            x = rows_from_array(self.card, raw.reshape(1, *shape) if one else raw, "rows")
+        results = respond(self.card, self.run(standardize(self.card, x)), [topk] * len(x))
+        return results[0] if one and raw is not None else results
+
+
+def session_options(threads: int = 1, optimization: str = "all", spinning: bool = False) -> ort.SessionOptions:
+    """Small models want one thread per worker (no fork/join cost, no fight over cores) and full graph fusion."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = OPTIMIZATION[optimization]
+    if not spinning:  # idle threads would otherwise busy-wait and steal cores from other workers
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def card_of(session: ort.InferenceSession, path: Path) -> ModelCard:
+    props = session.get_modelmeta().custom_metadata_map
+    if ONNX_METADATA_KEY not in props:
+        raise CardError("(card)", f"{path} carries no torchship model card: export it with `torchship export`")
+    return ModelCard.from_json(props[ONNX_METADATA_KEY])
+
+
+def load(
+    path: str | os.PathLike,
+    threads: int = 1,
+    optimization: str = "all",
+    providers: list[str] | None = None,
+    spinning: bool = False,
+    max_pixels: int = 0,
+) -> OnnxModel:
+    """Load model.onnx; the card (normalisation, labels, preprocessing) comes from the model's own metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    session = ort.InferenceSession(
+        str(path), session_options(threads, optimization, spinning), providers=providers or ["CPUExecutionProvider"]
+    )
+    card = card_of(session, path)
+    return OnnxModel(session, card, Preprocessor(card, max_pixels))
+
+
+__all__ = ["InputError", "OnnxModel", "load", "session_options"]

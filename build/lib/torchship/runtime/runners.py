@@ -1,0 +1,73 @@
+"""Runs an exported model file on a normalised batch, whatever its format; torch only for the formats that need it."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .card import FORMAT_BY_BACKEND, FORMATS
+
+
+@dataclass(frozen=True)
+class Runner:
+    backend: str
+    path: Path
+    run: Callable[[np.ndarray], np.ndarray]  # (N, C, H, W) float32 -> raw output, float32
+
+
+def find(model_dir: str | os.PathLike) -> str:
+    """The backend of the one model file an archive's directory holds."""
+    for f in FORMATS:
+        if (Path(model_dir) / f.file).is_file():
+            return f.backend
+    raise FileNotFoundError(f"no model file in {model_dir} (expected one of {', '.join(f.file for f in FORMATS)})")
+
+
+def onnx_runner(path: Path, threads: int) -> Callable:
+    import onnxruntime as ort
+
+    from .onnx_model import session_options
+
+    session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def torch_runner(module) -> Callable:
+    import torch
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        if isinstance(out, (list, tuple)):  # AOTInductor packages return a list of outputs
+            out = out[0]
+        return out.float().numpy()
+
+    return run
+
+
+def load(model_dir: str | os.PathLike, backend: str | None = None, threads: int = 1) -> Runner:
+    backend = backend or find(model_dir)
+    if backend not in FORMAT_BY_BACKEND:
+        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(FORMAT_BY_BACKEND)}")
+    path = Path(model_dir) / FORMAT_BY_BACKEND[backend].file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: export it first (`torchship export --formats ...`)")
+    if backend in ("onnx", "onnx-int8"):
+        return Runner(backend, path, onnx_runner(path, threads))
+    import torch
+
+    torch.set_num_threads(threads)  # one per worker: workers must not fight over the cores
+    if backend == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+            module = torch.jit.load(str(path), map_location="cpu").eval()
+        return Runner(backend, path, torch_runner(module))
+    import torch._inductor
+
+    return Runner(backend, path, torch_runner(torch._inductor.aoti_load_package(str(path))))

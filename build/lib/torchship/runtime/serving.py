@@ -1,0 +1,63 @@
+"""What REST and gRPC share inside one worker of the Open Inference Protocol server: the model, its batcher and its
+metrics. One request, whatever its protocol: decode (v2 tensors to normalised rows), batch and predict (the
+batcher), encode (rows to v2 output tensors)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import runners, v2
+from .batching import Batcher
+from .card import ModelCard
+from .images import Preprocessor
+from .metrics import Metrics
+
+PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch",
+             "pt2": "pytorch_aotinductor"}  # fmt: skip
+
+
+@dataclass
+class Served:
+    name: str
+    card: ModelCard
+    preprocessor: Preprocessor
+    batcher: Batcher
+    metrics: Metrics
+    backend: str
+    version: str = "1"
+    ready: bool = False
+    warmup: dict = field(default_factory=dict)
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "versions": [self.version], "platform": PLATFORMS.get(self.backend, self.backend),
+                "inputs": v2.input_types(self.card), "outputs": v2.output_types(self.card)}  # fmt: skip
+
+    def decode(self, tensors: list[v2.Tensor]) -> np.ndarray:
+        return v2.model_inputs(self.card, self.preprocessor, tensors)
+
+    async def predict(self, rows: np.ndarray) -> list[v2.Tensor]:
+        return v2.model_outputs(self.card, await self.batcher.submit(rows))
+
+
+def load(model_dir: str, name: str, *, backend: str, threads: int, max_pixels: int, max_batch: int,
+         max_delay_ms: float, max_queue: int) -> Served:  # fmt: skip
+    """The model ready to serve, not yet warm; its batcher starts with the worker's event loop."""
+    card = ModelCard.load(model_dir)
+    runner = runners.load(model_dir, backend, threads=threads)
+    metrics = Metrics(name)
+    batcher = Batcher(runner.run, max_batch=max_batch, max_delay=max_delay_ms / 1000, max_queue=max_queue,
+                      on_pass=metrics.ran)  # fmt: skip
+    return Served(name, card, Preprocessor(card, max_pixels), batcher, metrics, runner.backend)
+
+
+def warm_up(served: Served) -> dict:
+    """One forward pass at the largest batch the batcher will make: a model that cannot run it is never ready."""
+    x = np.zeros((served.batcher.max_batch, *served.card.input_shape), np.float32)
+    start = time.perf_counter()
+    out = served.batcher.run(x)
+    v2.model_outputs(served.card, out)  # and its answer must make sense to the encoder
+    served.warmup = {"batch": len(x), "ms": round((time.perf_counter() - start) * 1000, 2)}
+    return served.warmup

@@ -1,0 +1,99 @@
+"""How many workers, how big a batch, how long a wait: one rule from the model's measured cost, for both runtimes.
+
+TorchServe's model-config.yaml (`torchship archive`), the Open Inference Protocol server and the Kubernetes bundle
+all call sized(measure(...)); every choice also has a flag. Why these numbers: bench/NOTES.md (levers 17, 28, 35).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .card import ModelCard
+from .limits import MAX_REQUEST_BYTES
+
+BATCH_BUDGET_MS = 50  # a full batch should take about this long, so a queued request waits at most ~2 of them
+MAX_BATCH = 8  # beyond this a 2-core machine gains nothing (bench/NOTES.md, lever 5)
+MAX_QUEUE = 1024
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """Two workers at least, so a worker's crash or restart never leaves the model without one (bench/NOTES.md)."""
+    return max(2, cores() // 2)
+
+
+def max_workers() -> int:
+    """More single-threaded workers than twice the cores only queue behind each other and starve the server."""
+    return max(2, 2 * cores())
+
+
+def memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def queue_size(max_request_bytes: int = MAX_REQUEST_BYTES) -> int:
+    """Queue a few hundred clients (TorchServe's 100 turns the 101st away with a 503), but never more request bodies
+    than a quarter of this machine's memory could hold at the largest request size."""
+    return int(min(MAX_QUEUE, max(100, memory_bytes() // 4 // max_request_bytes)))
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one forward pass of the exported model costs on this machine, measured with one thread."""
+
+    batch1_ms: float
+    batch8_ms: float
+
+    @property
+    def per_image_batched_ms(self) -> float:
+        return self.batch8_ms / 8
+
+
+@dataclass(frozen=True)
+class Sizing:
+    workers: int
+    max_batch: int  # images (or rows) in one forward pass
+    max_delay_ms: int  # the longest a batch waits for company that is on its way
+    threads: int  # intra-op threads per worker
+    timeout_s: int  # a request that waits longer has failed
+
+
+def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float = 0.5) -> Cost:
+    """Median forward time at batch 1 and 8 with one thread: what a single-threaded worker will see."""
+    from . import runners
+
+    run = runners.load(model_dir, backend, threads=1).run
+    out = {}
+    for n in (1, 8):
+        x = np.zeros((n, *card.input_shape), np.float32)
+        run(x)
+        times, start = [], time.perf_counter()
+        while len(times) < 3 or (time.perf_counter() - start < seconds and len(times) < 200):
+            t = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - t)
+        out[n] = float(np.median(times)) * 1000
+    return Cost(out[1], out[8])
+
+
+def sized(cost: Cost, workers: int | None = None) -> Sizing:
+    """Batching, delay, timeout and threads from the model's measured cost instead of the digit model's."""
+    workers = workers or default_workers()
+    batch = int(np.clip(BATCH_BUDGET_MS // max(cost.per_image_batched_ms, 1e-3), 1, MAX_BATCH))
+    delay = int(np.clip(round(cost.batch1_ms / 10), 1, 20))  # waiting for company costs at most a tenth of a pass
+    # Threads help a model whose single pass is long; the tiny digit models only pay fork/join for them.
+    threads = max(1, cores() // workers) if cost.batch1_ms > 10 else 1
+    timeout = max(30, math.ceil(cost.batch1_ms * batch * 20 / 1000))
+    return Sizing(workers=workers, max_batch=batch, max_delay_ms=delay, threads=threads, timeout_s=timeout)

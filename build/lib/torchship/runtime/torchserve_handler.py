@@ -1,0 +1,113 @@
+"""TorchServe handler for torchship exports: any format the archive carries, batch-aware, per-request errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+from ts.torch_handler.base_handler import BaseHandler
+
+from . import runners, v2
+from .card import ModelCard
+from .images import InputError, Preprocessor
+from .request import Batch, Part, decode_row, instances
+from .responses import respond
+from .tensors import rows_from_instances, standardize
+
+logger = logging.getLogger(__name__)
+
+
+class ModelHandler(BaseHandler):
+    def initialize(self, context) -> None:
+        model_dir = context.system_properties.get("model_dir")
+        config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        threads = int(config.get("threads", os.environ.get("TORCHSHIP_THREADS", 1)))
+        # TorchServe's worker logs every batch's arrival and its PredictionTime gauge at INFO, through a pipe
+        # the frontend reads and parses: a measurable share of a lone request on 2 cores (bench/NOTES.md).
+        worker_level = str(config.get("worker_log_level") or logging.getLevelName(logging.getLogger().level)).upper()
+        self.card = ModelCard.load(model_dir)
+        self.runner = runners.load(model_dir, threads=threads)
+        self.backend = self.runner.backend
+        self.preprocessor = Preprocessor(self.card, int(config.get("max_pixels", 0)))
+        self.context = context
+        self.model_name = (context.manifest or {}).get("model", {}).get("modelName", self.card.name)
+        self.initialized = True
+        logger.info(
+            "torchship %s loaded with %s backend, %d thread(s), max %d pixels; worker log level %s",
+            self.card.name, self.backend, threads, self.preprocessor.max_pixels, worker_level,
+        )  # fmt: skip
+        logging.getLogger().setLevel(worker_level)
+
+    def header(self, idx: int, name: str) -> str | None:
+        """A request header, whatever its case (TorchServe 0.12 drops a POST's query string: X-TopK carries topk)."""
+        try:
+            found = self.context.get_all_request_header(idx) or {}
+        except (AttributeError, IndexError, TypeError, KeyError):
+            return None
+        value = next((v for k, v in found.items() if isinstance(k, str) and k.lower() == name), None)
+        return value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else value
+
+    def request(self, i: int, row) -> tuple[np.ndarray, dict]:
+        """One request's images or rows, normalised, and how to answer it; raises InputError or ProtocolError."""
+        row = row if isinstance(row, dict) else {"body": row}
+        body, length = row.get("body", row.get("data")), self.header(i, v2.HEADER_LENGTH)
+        if length is not None or (isinstance(body, dict) and "inputs" in body):  # the Open Inference Protocol
+            header, tensors = v2.parse_http(body, int(length) if length and length.isdigit() else None)
+            return v2.model_inputs(self.card, self.preprocessor, tensors), {"v2": header}
+        if not self.card.image:  # KServe v1 / TF Serving JSON: {"instances": [[...], ...]}
+            return standardize(self.card, rows_from_instances(self.card, instances(body))), {"v1": True}
+        req = decode_row(row, self.card.classes, self.header(i, "x-topk"), self.header(i, "content-type"))
+        return self.preprocessor.from_bytes(req.image)[None], {"topk": req.topk}
+
+    def preprocess(self, data: list[dict]) -> Batch:
+        batch, arrays, n = Batch(len(data)), [], 0
+        for i, row in enumerate(data):
+            try:
+                x, how = self.request(i, row)
+                arrays.append(x)
+                batch.parts.append(Part(i, n, n + len(x), **how))
+                n += len(x)
+            except InputError as e:
+                batch.errors[i] = e
+            except v2.ProtocolError as e:
+                batch.errors[i] = InputError(e.status, str(e))
+            except MemoryError:
+                batch.errors[i] = InputError(413, "image too large to process")
+            except Exception as e:  # an image Pillow opened but could not convert: still this row's fault
+                batch.errors[i] = InputError(422, f"could not process the image: {str(e)[:200]}")
+        if arrays:
+            batch.inputs = np.concatenate(arrays)
+        return batch
+
+    def inference(self, data: Batch, *args, **kwargs) -> Batch:
+        """One forward pass for every good image TorchServe batched together."""
+        if data.inputs is not None:
+            data.outputs = self.runner.run(data.inputs)
+        return data
+
+    def postprocess(self, data: Batch) -> list[str]:
+        responses = [""] * data.size
+        for i, e in data.errors.items():
+            responses[i] = json.dumps({"error": e.message, "status": e.status})
+        for part in data.parts:
+            out = data.outputs[part.start : part.stop]
+            if part.v2 is not None:
+                body = v2.response_json(self.model_name, part.v2, v2.model_outputs(self.card, out))
+            elif part.v1:
+                body = {"predictions": respond(self.card, out, [part.topk] * len(out))}
+            else:
+                body = respond(self.card, out, [part.topk])[0]
+            responses[part.index] = json.dumps(body)
+        return responses
+
+    def handle(self, data: list[dict], context) -> list[str]:
+        self.context = context
+        batch = self.inference(self.preprocess(data))
+        responses = self.postprocess(batch)
+        for i in range(batch.size):
+            context.set_response_content_type(i, "application/json")
+        for i, e in batch.errors.items():
+            context.set_response_status(e.status, e.message, i)
+        return responses

@@ -1,0 +1,329 @@
+"""The Open Inference Protocol (KServe v2) as torchship models speak it: which tensors go in and come out, and the
+wire format over HTTP (JSON, or JSON followed by binary tensors).
+
+Neutral numpy tensors, so the OIP server (REST and gRPC), the kserve.Model adapter and the TorchServe handler share
+one implementation; numpy and Pillow only. Inputs: `images`, BYTES [N], each element an encoded image file; or
+`input`, FP32 [N, C, H, W], already normalised. Outputs: `probabilities` FP32 [N, classes] and `label` BYTES [N] for
+classifiers, `reconstruction` FP32 [N, C, H, W] for the autoencoder.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .card import ModelCard
+from .images import InputError, Preprocessor
+from .limits import MAX_BATCH_ITEMS
+from .responses import probabilities
+from .tensors import rows_from_array, standardize
+
+try:  # orjson parses and writes the JSON of every request 3-10x faster than json (bench/NOTES.md, OIP)
+    import orjson
+except ImportError:  # pragma: no cover - the standard library does the same, slower
+    orjson = None
+
+IMAGES, ARRAY = "images", "input"
+PROBABILITIES, LABEL, RECONSTRUCTION = "probabilities", "label", "reconstruction"
+HEADER_LENGTH = "inference-header-content-length"  # the binary tensor extension's header
+
+
+class ProtocolError(ValueError):
+    """A request the protocol or the model cannot take: always the client's (4xx), with what and where."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray  # BYTES: an object array of bytes
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """An output a request asks for, and whether it wants it as binary data after the JSON."""
+
+    name: str
+    binary: bool
+
+
+def input_types(card: ModelCard) -> list[dict]:
+    array = {"name": ARRAY, "datatype": "FP32", "shape": [-1, *card.input_shape]}
+    return [{"name": IMAGES, "datatype": "BYTES", "shape": [-1]}, array] if card.image else [array]
+
+
+def output_types(card: ModelCard) -> list[dict]:
+    if card.task == "regress":
+        return [{"name": card.output_name, "datatype": "FP32", "shape": [-1, card.outputs]}]
+    if card.task == "reconstruct":
+        return [{"name": RECONSTRUCTION, "datatype": "FP32", "shape": [-1, *card.input_shape]}]
+    return [
+        {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, card.classes]},
+        {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
+    ]
+
+
+def element_bytes(value, i: int) -> bytes:
+    """A BYTES element: raw bytes (the binary extension, gRPC), or a base64 string (JSON)."""
+    if isinstance(value, (bytes, bytearray, np.bytes_)):
+        return bytes(value)
+    if isinstance(value, str):
+        text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError(
+                f"input '{IMAGES}' element {i}: a JSON string must be the image file in base64"
+            ) from None
+    raise ProtocolError(
+        f"input '{IMAGES}' element {i}: expected the bytes of an image file, got {type(value).__name__}"
+    )
+
+
+def model_inputs(card: ModelCard, preprocessor: Preprocessor, tensors: list[Tensor]) -> np.ndarray:
+    """The one input tensor of a request to the model's normalised (N, C, H, W) batch, or a ProtocolError."""
+    names = [t.name for t in tensors]
+    if not card.image:
+        return _tensor_inputs(card, tensors)
+    if len(tensors) != 1 or names[0] not in (IMAGES, ARRAY):
+        shape = ", ".join(map(str, card.input_shape))
+        raise ProtocolError(f"send one input, named '{IMAGES}' (BYTES [N], image files) or '{ARRAY}' "
+                            f"(FP32 [N, {shape}], normalised); got {names}")  # fmt: skip
+    t = tensors[0]
+    n = math.prod(t.shape) if t.shape else 0
+    if not 1 <= (t.shape[0] if t.shape else 0) <= MAX_BATCH_ITEMS:
+        raise ProtocolError(f"input '{t.name}': batch size {t.shape[0] if t.shape else 0} out of 1..{MAX_BATCH_ITEMS}")
+    if t.name == IMAGES:
+        if t.datatype != "BYTES":
+            raise ProtocolError(
+                f"input '{IMAGES}' must be BYTES (one encoded image file per element), not {t.datatype}"
+            )
+        if len(t.shape) != 1 and not (len(t.shape) == 2 and t.shape[1] == 1):
+            raise ProtocolError(f"input '{IMAGES}' must have shape [N] (or [N, 1]), got {list(t.shape)}")
+        values = t.data.tolist() if t.data.ndim == 1 else list(np.asarray(t.data, dtype=object).reshape(-1))
+        if len(values) != n:
+            raise ProtocolError(f"input '{IMAGES}' holds {len(values)} elements for shape {list(t.shape)}")
+        arrays = []
+        for i, value in enumerate(values):
+            try:
+                arrays.append(preprocessor.from_bytes(element_bytes(value, i)))
+            except InputError as e:  # the image's own status: 413 too large, 415 not an image, 422 blank
+                raise ProtocolError(f"input '{IMAGES}' element {i}: {e.message}", e.status) from None
+            except MemoryError:
+                raise ProtocolError(f"input '{IMAGES}' element {i}: image too large to process", 413) from None
+            except Exception as e:  # an image Pillow opened but could not convert: still the client's
+                raise ProtocolError(f"input '{IMAGES}' element {i}: could not process the image: {str(e)[:200]}",
+                                    422) from None  # fmt: skip
+        return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+    if t.datatype != "FP32":
+        raise ProtocolError(f"input '{ARRAY}' must be FP32, not {t.datatype}")
+    want = (t.shape[0], *card.input_shape) if t.shape else ()
+    if tuple(t.shape) != want:
+        raise ProtocolError(f"input '{ARRAY}' must have shape [N, {', '.join(map(str, card.input_shape))}], "
+                            f"got {list(t.shape)}")  # fmt: skip
+    try:
+        x = np.asarray(t.data, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"input '{ARRAY}': data is not a list of FP32 numbers") from None
+    if x.size != n:
+        raise ProtocolError(f"input '{ARRAY}' holds {x.size} values for shape {list(t.shape)}")
+    x = x.reshape(want)
+    if not np.isfinite(x).all():
+        raise ProtocolError(f"input '{ARRAY}' holds NaN or infinite values")
+    return np.ascontiguousarray(x)
+
+
+def _tensor_inputs(card: ModelCard, tensors: list[Tensor]) -> np.ndarray:
+    """A tensor model's one input: FP32 [N, *shape] of raw numbers, standardized as the card says."""
+    shape = ", ".join(map(str, card.input_shape))
+    if len(tensors) != 1 or tensors[0].name != ARRAY:
+        raise ProtocolError(f"send one input, named '{ARRAY}' (FP32 [N, {shape}]); got {[t.name for t in tensors]}")
+    t = tensors[0]
+    if t.datatype != "FP32":
+        raise ProtocolError(f"input '{ARRAY}' must be FP32, not {t.datatype}")
+    if len(t.shape) != len(card.input_shape) + 1 or tuple(t.shape[1:]) != tuple(card.input_shape):
+        raise ProtocolError(f"input '{ARRAY}' must have shape [N, {shape}], got {list(t.shape)}")
+    n = math.prod(t.shape)
+    if np.asarray(t.data).size != n:
+        raise ProtocolError(f"input '{ARRAY}' holds {np.asarray(t.data).size} values for shape {list(t.shape)}")
+    try:
+        rows = rows_from_array(card, np.asarray(t.data, np.float32).reshape(t.shape), f"input '{ARRAY}'")
+    except InputError as e:
+        raise ProtocolError(e.message, e.status) from None
+    return standardize(card, rows)
+
+
+def model_outputs(card: ModelCard, raw: np.ndarray) -> list[Tensor]:
+    if card.task == "regress":
+        out = np.asarray(raw, np.float32).reshape(len(raw), card.outputs)
+        return [Tensor(card.output_name, "FP32", out.shape, out)]
+    if card.task == "reconstruct":
+        out = np.asarray(raw, np.float32).reshape(len(raw), *card.input_shape)
+        return [Tensor(RECONSTRUCTION, "FP32", out.shape, out)]
+    probs = probabilities(card, raw)
+    labels = np.array([card.labels[i].encode() for i in probs.argmax(1)], dtype=object)
+    return [Tensor(PROBABILITIES, "FP32", probs.shape, probs), Tensor(LABEL, "BYTES", labels.shape, labels)]
+
+
+# The wire format over HTTP, for servers that parse requests themselves (ours, and TorchServe's raw body).
+
+DATATYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32, "UINT8": np.uint8}
+
+
+def bytes_elements(blob: bytes) -> list[bytes]:
+    """The binary extension's BYTES layout (gRPC's raw contents too): each element a 4-byte little-endian length,
+    then the bytes."""
+    out, pos, n = [], 0, len(blob)
+    while pos < n:
+        if pos + 4 > n:
+            raise ProtocolError("BYTES tensor data is truncated")
+        (size,) = struct.unpack_from("<I", blob, pos)
+        if pos + 4 + size > n:
+            raise ProtocolError("BYTES tensor data is truncated: an element's length runs past its data")
+        out.append(blob[pos + 4 : pos + 4 + size])
+        pos += 4 + size
+    return out
+
+
+def bytes_blob(elements) -> bytes:
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def tensor_from_binary(name: str, datatype: str, shape: tuple[int, ...], chunk: bytes) -> Tensor:
+    if datatype == "BYTES":
+        return Tensor(name, datatype, shape, np.array(bytes_elements(chunk) or [], dtype=object))
+    if datatype not in DATATYPES:
+        raise ProtocolError(f"input '{name}': datatype {datatype} is not one this model takes")
+    size = np.dtype(DATATYPES[datatype]).itemsize
+    if len(chunk) % size:
+        raise ProtocolError(f"input '{name}': {len(chunk)} bytes of data are not a whole number of {datatype} values")
+    return Tensor(name, datatype, shape, np.frombuffer(chunk, DATATYPES[datatype]))
+
+
+def loads(raw: bytes):
+    """JSON of a request: a ProtocolError for anything that is not (nesting thousands deep, NaN, Infinity)."""
+    try:
+        return orjson.loads(raw) if orjson else json.loads(raw)
+    except (ValueError, RecursionError, TypeError) as e:
+        hint = "; NaN and Infinity are not JSON numbers" if b"NaN" in raw or b"Infinity" in raw else ""
+        raise ProtocolError(f"the request is not valid JSON ({str(e).splitlines()[0][:120]}){hint}") from None
+
+
+def parse_http(body, header_length: int | None = None) -> tuple[dict, list[Tensor]]:
+    """A v2 infer request body (JSON, or JSON + binary tensors) to its header and input tensors."""
+    if isinstance(body, dict):
+        header, binary = body, b""
+    else:
+        raw = bytes(body or b"")
+        cut = len(raw) if header_length is None else header_length
+        if not 0 < cut <= len(raw):
+            raise ProtocolError(f"{HEADER_LENGTH} {header_length} does not fit a {len(raw)}-byte body")
+        header, binary = loads(raw[:cut]), memoryview(raw)[cut:]
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        raise ProtocolError("a v2 request is a JSON object with an 'inputs' list")
+    tensors, pos = [], 0
+    for k, spec in enumerate(header["inputs"]):
+        if not isinstance(spec, dict) or not {"name", "datatype", "shape"} <= set(spec):
+            raise ProtocolError(f"input {k} needs 'name', 'datatype' and 'shape'")
+        name, datatype, shape = str(spec["name"])[:64], str(spec["datatype"])[:16], spec["shape"]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d <= 1 << 31 for d in shape):
+            raise ProtocolError(f"input '{name}': shape must be a list of non-negative integers")
+        params = spec.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0:
+                raise ProtocolError(f"input '{name}': binary_data_size must be a non-negative integer")
+            chunk, pos = bytes(binary[pos : pos + size]), pos + size
+            if len(chunk) != size:
+                raise ProtocolError(f"input '{name}': binary_data_size {size} runs past the end of the body")
+            tensors.append(tensor_from_binary(name, datatype, tuple(shape), chunk))
+            continue
+        values = spec.get("data")
+        if values is None:
+            raise ProtocolError(f"input '{name}' has neither 'data' nor binary_data_size")
+        if datatype == "BYTES":
+            data = np.array(list(_flat(values, name)), dtype=object)
+        elif datatype in DATATYPES:
+            try:
+                data = np.asarray(values, dtype=DATATYPES[datatype]).reshape(-1)
+            except (TypeError, ValueError, OverflowError):
+                raise ProtocolError(f"input '{name}': data is not a list of {datatype} numbers") from None
+        else:
+            raise ProtocolError(f"input '{name}': datatype {datatype} is not one this model takes")
+        tensors.append(Tensor(name, datatype, tuple(shape), data))
+    if pos != len(binary):
+        raise ProtocolError(f"{len(binary) - pos} bytes of binary data follow the tensors they belong to")
+    return header, tensors
+
+
+def _flat(values, name: str, depth: int = 0):
+    """A BYTES tensor's JSON data, nested or flat, element by element."""
+    if not isinstance(values, list):
+        yield values
+        return
+    if depth > 8:
+        raise ProtocolError(f"input '{name}': data is nested deeper than any tensor this model takes")
+    for v in values:
+        yield from _flat(v, name, depth + 1)
+
+
+def wanted(header: dict, card: ModelCard) -> list[Wanted]:
+    """The outputs a request asks for (all, when it names none), each as JSON or as binary data."""
+    params = header.get("parameters") if isinstance(header.get("parameters"), dict) else {}
+    default_binary = params.get("binary_data_output") is True
+    names = [t["name"] for t in output_types(card)]
+    asked = header.get("outputs")
+    if asked is None:
+        return [Wanted(n, default_binary) for n in names]
+    if not isinstance(asked, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in asked):
+        raise ProtocolError("'outputs' must be a list of objects with a 'name'")
+    out = []
+    for o in asked:
+        if o["name"] not in names:
+            raise ProtocolError(f"unknown output {o['name'][:64]!r}: this model has {names}")
+        p = o.get("parameters") if isinstance(o.get("parameters"), dict) else {}
+        out.append(Wanted(o["name"], p.get("binary_data", default_binary) is True))
+    return out
+
+
+def _json_data(t: Tensor) -> list:
+    flat = t.data.reshape(-1)
+    return [x.decode() for x in flat] if t.datatype == "BYTES" else flat.tolist()
+
+
+def response_json(model: str, request: dict, outputs: list[Tensor]) -> dict:
+    """A v2 infer response in plain JSON (BYTES as UTF-8 strings): what a TorchServe handler can return."""
+    out = [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "data": _json_data(t)} for t in outputs]
+    return {"model_name": model, "id": str(request.get("id", "")), "outputs": out}
+
+
+def response_http(model: str, request: dict, outputs: list[Tensor], want: list[Wanted]) -> tuple[bytes, int | None]:
+    """A v2 infer response body, and the JSON header's length when binary tensors follow it (else None)."""
+    by_name = {t.name: t for t in outputs}
+    specs, blobs = [], []
+    for w in want:
+        t = by_name[w.name]
+        spec = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+        if w.binary:
+            blob = bytes_blob(t.data.reshape(-1)) if t.datatype == "BYTES" else np.ascontiguousarray(t.data).tobytes()
+            spec["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            spec["data"] = _json_data(t)
+        specs.append(spec)
+    header = {"model_name": model, "outputs": specs}
+    if "id" in request:
+        header["id"] = str(request["id"])[:256]
+    text = orjson.dumps(header) if orjson else json.dumps(header).encode()
+    return (text + b"".join(blobs), len(text)) if blobs else (text, None)

@@ -1,0 +1,1 @@
+"""Serve stage: TorchServe archives, the server's lifecycle and the load test."""

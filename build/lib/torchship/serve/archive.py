@@ -1,0 +1,105 @@
+"""Packs an export directory into model_store/<name>.mar with torch-model-archiver."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import KW_ONLY, asdict, dataclass, field
+from pathlib import Path
+
+from torchship.runtime.card import CARD_FILE, FORMAT_BY_BACKEND, CardError, ModelCard
+from torchship.runtime.sizing import MAX_BATCH, Sizing, default_workers
+from torchship.serve.settings import WORKER_LOG_LEVEL
+from torchship.serve.shipping import stage_torchserve_handler
+
+BACKENDS = tuple(FORMAT_BY_BACKEND)
+
+
+class ArchiveError(Exception):
+    """The archive could not be written; one line for the user."""
+
+
+@dataclass
+class ModelConfig:
+    """model-config.yaml: TorchServe's per-model settings (they beat config.properties)."""
+
+    _: KW_ONLY
+    minWorkers: int = field(default_factory=default_workers)  # noqa: N815 - TorchServe's own key names
+    maxWorkers: int = field(default_factory=default_workers)  # noqa: N815
+    batchSize: int = MAX_BATCH  # noqa: N815
+    maxBatchDelay: int = 1  # noqa: N815 - ms; 0 would mean TorchServe's default of 100
+    responseTimeout: int = 30  # noqa: N815 - seconds
+    startupTimeout: int = 120  # noqa: N815
+    threads: int = 1  # handler: intra-op threads per worker
+    worker_log_level: str = WORKER_LOG_LEVEL  # handler: INFO brings back two log lines per request
+    max_pixels: int = 0  # handler: largest decoded image; 0 is handlers.images.default_max_pixels(card)
+
+    HANDLER_KEYS = ("threads", "worker_log_level", "max_pixels")
+
+    def yaml(self) -> str:
+        d = asdict(self)
+        handler = [f"  {k}: {d.pop(k)}" for k in self.HANDLER_KEYS]
+        return "\n".join([f"{k}: {v}" for k, v in d.items()] + ["handler:", *handler]) + "\n"
+
+
+def model_config(sizing: Sizing, **handler) -> ModelConfig:
+    """TorchServe's spelling of the shared sizing rule (torchship.runtime.sizing)."""
+    return ModelConfig(minWorkers=sizing.workers, maxWorkers=sizing.workers, batchSize=sizing.max_batch,
+                       maxBatchDelay=sizing.max_delay_ms, responseTimeout=sizing.timeout_s, threads=sizing.threads,
+                       **handler)  # fmt: skip
+
+
+def build_archive(
+    export_dir: Path | str,
+    model_store: Path | str = "model_store",
+    *,
+    name: str | None = None,
+    backend: str = "onnx",
+    config: ModelConfig | None = None,
+    handler: Path | None = None,
+) -> Path:
+    """Write <model_store>/<name>.mar holding the model, the runtime package with its handler, the card and the config.
+
+    config=None leaves model-config.yaml out: TorchServe's defaults (no batching, a worker per core); `handler`, a
+    handler file of your own instead of ours (the bench's stock baseline).
+    """
+    export_dir, store = Path(export_dir), Path(model_store)
+    card_path = export_dir / CARD_FILE
+    if not card_path.is_file():
+        raise ArchiveError(f"{card_path} not found: run `torchship export` first")
+    try:
+        card = ModelCard.load(card_path)
+    except CardError as e:
+        raise ArchiveError(f"{card_path}: {e}") from None
+    if backend not in FORMAT_BY_BACKEND:
+        raise ArchiveError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    fmt = FORMAT_BY_BACKEND[backend]
+    model = export_dir / fmt.file
+    if not model.is_file():
+        raise ArchiveError(f"{model} not found: run `torchship export --formats ...,{fmt.name}` first")
+    name = name or card.name
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "model-config.yaml"
+        cfg.write_text(config.yaml() if config else "")
+        staged = Path(tmp) / "extra"
+        staged.mkdir()
+        shutil.copy(card_path, staged / CARD_FILE)
+        handler = Path(handler) if handler else stage_torchserve_handler(staged)
+        extra = [str(staged)]  # torch-model-archiver copies a folder's contents into the archive's root
+        cmd = [
+            sys.executable, "-m", "model_archiver.model_packaging",  # torch-model-archiver, wherever its script is
+            "--model-name", name,
+            "--version", str(card.provenance.epoch or 1),
+            "--serialized-file", str(model),
+            "--handler", str(handler),
+            "--extra-files", ",".join(extra),
+            "--export-path", str(store),
+            "--force",
+        ] + (["--config-file", str(cfg)] if config else [])  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ArchiveError(f"torch-model-archiver failed: {result.stderr.strip() or result.stdout.strip()}")
+    return store / f"{name}.mar"

@@ -1,0 +1,174 @@
+"""`torchship serve start|stop|status|key`: one interface for every runtime (serve/runtimes.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from torchship.serve import runtimes
+from torchship.serve.settings import LOOPBACK, OIP_PORTS, TORCHSERVE_PORTS
+from torchship.train.presets import DEFAULT_PRESET
+
+ORT_BACKENDS = ("onnx", "onnx-int8")  # what a torch-free server can run
+
+STATE = click.option("--state-dir", type=click.Path(file_okay=False), default="serve-state", show_default=True,
+                     help="This instance's config, logs, keys and pid file.")  # fmt: skip
+TS, OIP = "TorchServe", "OIP"
+PORT = click.IntRange(1, 65535)
+
+
+@click.group("serve")
+def serve_group():
+    """Run a model on 127.0.0.1: TorchServe with our handler (default), or our Open Inference Protocol server."""
+
+
+@serve_group.command("start")
+@click.option(
+    "--runtime",
+    type=click.Choice(runtimes.CHOICES),
+    default=runtimes.DEFAULT,
+    show_default=True,
+    help="torchserve, or oip: our Open Inference Protocol server, REST and gRPC (kserve: its old name).",
+)
+@click.option(
+    "--model",
+    default=DEFAULT_PRESET,
+    show_default=True,
+    help=f"{TS}: MODEL_STORE/MODEL.mar; {OIP}: the model's name in the v2 URLs.",
+)
+@click.option(
+    "--model-store", type=click.Path(file_okay=False), default="model_store", show_default=True, help=f"{TS} only."
+)
+@click.option(
+    "--export-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help=f"{OIP} only: the export to serve  [default: exports/MODEL]",
+)
+@STATE
+@click.option(
+    "--inference-port",
+    type=PORT,
+    default=None,
+    help=f"HTTP inference  [default: {TORCHSERVE_PORTS.inference}; {OIP}: {OIP_PORTS[0]}]",
+)
+@click.option(
+    "--grpc-port",
+    type=PORT,
+    default=None,
+    help=f"gRPC inference  [default: {TS} {TORCHSERVE_PORTS.grpc_inference}, {OIP} {OIP_PORTS[1]}]",
+)
+@click.option("--management-port", type=PORT, default=None, help=f"{TS} only  [default: {TORCHSERVE_PORTS.management}]")
+@click.option("--metrics-port", type=PORT, default=None, help=f"{TS} only  [default: {TORCHSERVE_PORTS.metrics}]")
+@click.option(
+    "--grpc-management-port",
+    type=PORT,
+    default=None,
+    help=f"{TS} only: it binds gRPC management too  [default: {TORCHSERVE_PORTS.grpc_management}]",
+)
+@click.option(
+    "--grpc-ports",
+    type=(PORT, PORT),
+    default=None,
+    hidden=True,
+    help="The gRPC inference and management ports together (earlier releases' spelling).",
+)
+@click.option("--no-token-auth", is_flag=True, help=f"{TS}: turn token authorisation off (local experiments).")
+@click.option(
+    "--cors-origin",
+    default=None,
+    metavar="ORIGIN",
+    help=f"{TS}: the one browser origin (e.g. http://127.0.0.1:8765) allowed to call inference.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(ORT_BACKENDS),
+    default="onnx",
+    show_default=True,
+    help=f"{OIP} only: which ONNX export to run.",
+)
+@click.option(
+    "--host",
+    default=LOOPBACK,
+    show_default=True,
+    help=f"{OIP} only: address to listen on; anything but loopback needs --behind-auth.",
+)
+@click.option(
+    "--behind-auth",
+    is_flag=True,
+    help=f"{OIP} only: an authenticating proxy is in front (the protocol has no authentication).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help=f"{OIP} only: worker processes  [default: two, or one per two cores if more]",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1, 256),
+    default=None,
+    help=f"{OIP} only: rows in one forward pass  [default: measured, as `archive` sizes TorchServe's]",
+)
+@click.option(
+    "--max-batch-delay",
+    type=click.FloatRange(0, 1000),
+    default=None,
+    help=f"{OIP} only: ms a batch waits for requests already on their way  [default: measured]",
+)
+@click.option("--timeout", type=float, default=180, show_default=True, help="Seconds to wait until ready.")
+def start_command(runtime, model, model_store, export_dir, state_dir, inference_port, grpc_port, management_port,
+                  metrics_port, grpc_management_port, grpc_ports, no_token_auth, cors_origin, backend, host,
+                  behind_auth, workers, max_batch, max_batch_delay, timeout):  # fmt: skip
+    """Start a server and wait until MODEL is ready; print a working request to try."""
+    from torchship.serve.process import ServerError, StartOptions
+    from torchship.serve.samples import write_sample
+
+    if grpc_ports:
+        grpc_port, grpc_management_port = grpc_port or grpc_ports[0], grpc_management_port or grpc_ports[1]
+    chosen = runtimes.get(runtime)
+    options = StartOptions(model, state_dir=state_dir, timeout=timeout, export_dir=export_dir, model_store=model_store,
+                           inference_port=inference_port, grpc_port=grpc_port, management_port=management_port,
+                           metrics_port=metrics_port, grpc_management_port=grpc_management_port,
+                           token_auth=not no_token_auth, cors_origin=cors_origin, backend=backend, host=host,
+                           behind_auth=behind_auth, workers=workers, max_batch=max_batch,
+                           max_delay_ms=max_batch_delay)  # fmt: skip
+    try:
+        cfg = chosen.start(options)
+    except ServerError as e:
+        raise click.ClickException(str(e)) from None
+    status = chosen.status(cfg.state_dir)
+    sample, label = write_sample(Path(cfg.state_dir) / "sample-digit.png")
+    where = ", ".join(f"{k} {status[k]}" for k in ("grpc", "metrics") if k in status)
+    click.echo(f"{chosen.name} is serving {model} at {cfg.inference_url} ({where}); logs in {cfg.state_dir}/logs")
+    click.echo(f"try it (a photographed-style {label}):\n  {chosen.curl(cfg, sample)}")
+
+
+@serve_group.command("stop")
+@STATE
+def stop_command(state_dir):
+    """Stop the server started from STATE_DIR, and only it (with its workers)."""
+    runtime = runtimes.recorded(state_dir)
+    click.echo("stopped" if runtime.stop(state_dir) else f"no {runtime.name} instance running from {state_dir}")
+
+
+@serve_group.command("status")
+@STATE
+def status_command(state_dir):
+    """Whether the instance runs, and its workers' state."""
+    click.echo(json.dumps(runtimes.recorded(state_dir).status(state_dir), indent=2))
+
+
+@serve_group.command("key")
+@STATE
+@click.option("--api", type=click.Choice(["inference", "management"]), default="inference", show_default=True)
+def key_command(state_dir, api):
+    """Print the instance's token (for `Authorization: Bearer ...`)."""
+    from torchship.serve.process import ServerError
+
+    try:
+        click.echo(runtimes.recorded(state_dir).key(state_dir, api))
+    except ServerError as e:
+        raise click.ClickException(str(e)) from None

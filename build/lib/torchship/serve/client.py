@@ -1,0 +1,195 @@
+"""The load test's client: what it sends to each kind of server, how it reads the answers, how it reads the server's
+own metrics. Loopback only.
+
+One asyncio connection per simulated client, on uvloop when it is installed. Exists for speed: a thread per client
+(the earlier client, on raw sockets) capped this 2-core machine near 6,500 requests/s against a server that does
+nothing, because the client's threads fought over the GIL and took a core from the server being measured; this one
+reaches 40,000 there (bench/NOTES.md, lever 37). Every server, ours and the peers, is measured with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import json
+import re
+import struct
+import urllib.request
+from dataclasses import dataclass, field
+
+# How each protocol carries one image, and where it goes: TorchServe's raw body, the Open Inference Protocol with
+# the binary tensor extension, or as base64 in v2 JSON, a raw body to any path, a multipart form file.
+PROTOCOLS = ("torchserve", "v2", "v2-json", "raw", "multipart")
+BOUNDARY = "torchshipload"
+
+
+@dataclass
+class Target:
+    host: str
+    port: int
+    model: str
+    key: str | None = None
+    metrics_url: str | None = None
+    protocol: str = "torchserve"
+    path: str | None = None  # the route, where the protocol does not fix it (raw, multipart)
+    metric_names: dict = field(default_factory=dict)  # requests / queue / inference counters, and their unit in s
+    bytes_shape: tuple[int, ...] = (1,)  # a v2 BYTES input's shape for one image ([1, 1] where batching needs a dim)
+
+    def __post_init__(self):
+        host = "127.0.0.1" if self.host == "localhost" else self.host
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"load tests only target this machine (127.0.0.0/8 or ::1), not {self.host}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+
+    def request(self, body: bytes, content_type: str) -> bytes:
+        """The whole HTTP request for one image."""
+        auth = f"Authorization: Bearer {self.key}\r\n" if self.key else ""
+        if self.protocol == "torchserve":
+            path, extra = f"/predictions/{self.model}", f"Content-Type: {content_type}\r\n"
+        elif self.protocol in ("v2", "v2-json"):
+            path = f"/v2/models/{self.model}/infer"
+            label = [{"name": "label", "parameters": {"binary_data": False}}]
+            if self.protocol == "v2":
+                header = json.dumps(
+                    {
+                        "inputs": [
+                            {
+                                "name": "images",
+                                "shape": list(self.bytes_shape),
+                                "datatype": "BYTES",
+                                "parameters": {"binary_data_size": len(body) + 4},
+                            }
+                        ],
+                        "outputs": label,
+                    }
+                ).encode()
+                extra = f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+                body = header + struct.pack("<I", len(body)) + body
+            else:
+                body = json.dumps(
+                    {
+                        "inputs": [
+                            {
+                                "name": "images",
+                                "shape": list(self.bytes_shape),
+                                "datatype": "BYTES",
+                                "data": [base64.b64encode(body).decode()],
+                            }
+                        ],
+                        "outputs": label,
+                    }
+                ).encode()
+                extra = "Content-Type: application/json\r\n"
+        elif self.protocol == "raw":
+            path, extra = self.path or "/predict", f"Content-Type: {content_type}\r\n"
+        else:
+            path, extra = self.path or "/predict", f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+            body = (
+                (
+                    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="digit.png"\r\n'
+                    f"Content-Type: {content_type}\r\n\r\n"
+                ).encode()
+                + body
+                + f"\r\n--{BOUNDARY}--\r\n".encode()
+            )
+        return (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{auth}{extra}"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; reconnects once after an error (status 0 when that fails too)."""
+
+    def __init__(self, target: Target, timeout: float = 30):
+        self.target, self.timeout = target, timeout
+        self.reader = self.writer = None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def _read(self) -> tuple[int, bytes, bool]:
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:] if line)}
+        keep = fields.get(b"connection", b"").lower() != b"close"
+        if b"content-length" in fields:
+            return status, await self.reader.readexactly(int(fields[b"content-length"])), keep
+        if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
+            parts = []
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readuntil(b"\r\n")
+            await self.reader.readuntil(b"\r\n")  # the empty trailer
+            return status, b"".join(parts), keep
+        return status, await self.reader.read(), False  # the body runs to the close
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        for attempt in (0, 1):
+            try:
+                if self.writer is None:
+                    self.reader, self.writer = await asyncio.open_connection(self.target.host, self.target.port,
+                                                                             limit=1 << 20)  # fmt: skip
+                self.writer.write(request)
+                status, reply, keep = await asyncio.wait_for(self._read(), self.timeout)
+                if not keep:
+                    await self.close()
+                return status, reply
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    TimeoutError):  # fmt: skip
+                await self.close()
+                if attempt:
+                    return 0, b""
+        return 0, b""
+
+
+def answer(reply: bytes) -> str | None:
+    """The predicted label of a reply: ours and the peers' {"label": ...}; TorchServe's stock MNIST handler sends a
+    bare int; the Open Inference Protocol sends an output named label."""
+    try:
+        body = json.loads(reply)
+    except ValueError:
+        return None
+    if isinstance(body, dict) and isinstance(body.get("outputs"), list):
+        label = next((o.get("data") for o in body["outputs"] if isinstance(o, dict) and o.get("name") == "label"), None)
+        return str(label[0]) if isinstance(label, list) and label else None
+    if isinstance(body, dict):
+        return str(body.get("label"))
+    if isinstance(body, list) and body and isinstance(body[0], dict):  # a batching framework's one-item list
+        return str(body[0].get("label"))
+    return str(body) if isinstance(body, (int, str)) else None
+
+
+def server_metrics(url: str | None) -> dict[str, float]:
+    """The server's Prometheus counters (summed over label sets), or {} when its metrics are unreachable."""
+    if not url:
+        return {}
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=3) as r:
+            text = r.read().decode()
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+    return out
+
+
+def server_delta(target: Target, before: dict, after: dict) -> dict:
+    """Mean queue and inference time per request as the server itself measured them."""
+    names = target.metric_names
+    if not names:
+        return {}
+    n = after.get(names["requests"], 0) - before.get(names["requests"], 0)
+    if n <= 0:
+        return {}
+    per = {}
+    for key, out in (("queue", "queue_ms"), ("inference", "inference_ms")):
+        if names[key] in after:
+            per[out] = (after[names[key]] - before.get(names[key], 0)) * names["unit"] * 1000 / n
+    return {"requests": n, **per}

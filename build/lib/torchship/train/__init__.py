@@ -1,0 +1,1 @@
+"""Training stage: presets, data, loop and checkpoints."""
