@@ -1,1 +1,0 @@
-"""Serve stage: TorchServe archives, the server's lifecycle and the load test."""

@@ -1,1 +1,0 @@
-"""Training stage: presets, data, loop and checkpoints."""
