@@ -173,7 +173,10 @@ class Disruption:
     killed_pid: int
     requests: int
     failed: dict[str, int]  # status -> count, over the whole run
-    failed_sent_after_kill: int  # requests that failed although sent after the kill (ideally none)
+    failed_sent_after_kill: int  # requests that failed although sent after the kill (see failed_after_seen)
+    failed_after_seen: int  # failed although sent after the clients saw the first failure (ideally none): by then
+    # the dead process's sockets are closed; before, new connections the kernel already queued on a dying worker's
+    # own SO_REUSEPORT socket are reset with it (TorchServe's one frontend socket has no such window)
     in_flight_at_kill: int  # requests sent before and answered after the kill
     failed_in_flight: int  # of those, the ones that failed: what the dead worker held
     recovery_s: float  # from the kill to the first success of a request sent after it
@@ -209,11 +212,13 @@ def kill_worker_under_load(
     after = [end for start, end, status in events if status == 200 and start >= t_kill]
     ok_ends = [t_kill] + [end for _, end, status in events if status == 200 and end >= t_kill] + [events[-1][1]]
     failed = Counter(str(status) for _, _, status in events if status != 200)
+    seen = min((end for _, end, status in events if status != 200), default=float("inf"))
     return level, Disruption(
         killed_pid=worker_pid,
         requests=len(events),
         failed=dict(failed),
         failed_sent_after_kill=sum(1 for start, _, status in events if status != 200 and start >= t_kill),
+        failed_after_seen=sum(1 for start, _, status in events if status != 200 and start >= seen),
         in_flight_at_kill=sum(1 for start, end, _ in events if start < t_kill <= end),
         failed_in_flight=sum(1 for start, end, status in events if status != 200 and start < t_kill <= end),
         recovery_s=(min(after) - t_kill) if after else float("inf"),

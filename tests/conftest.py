@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from helpers import bare_site_packages, quick
 
@@ -23,14 +27,28 @@ def bare_python(tmp_path_factory) -> Path:
     return python
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """Under `pytest -n` (make test) each worker has its own session: the first to ask trains or compiles, under a lock
+    in the run's shared temp folder, and the others reuse the folder it left complete."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    out = shared / name
+    with FileLock(f"{out}.lock"):
+        if not (out / ".complete").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            build(out)
+            (out / ".complete").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """One unpacked copy of the embedded digits for the whole session."""
     from torchship.train.data import prepare_embedded
 
-    root = tmp_path_factory.mktemp("data")
-    prepare_embedded(root)
-    return root
+    return built_once(tmp_path_factory, "data", prepare_embedded)
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +57,8 @@ def convnet_run(tmp_path_factory, data_dir) -> Path:
     margins like a real model's, which int8 needs to agree with the float model)."""
     from torchship.train.fit import train
 
-    run = tmp_path_factory.mktemp("run-convnet")
-    train(quick("mnist-convnet", epochs=3), run, data_dir, quiet=True)
-    return run
+    return built_once(tmp_path_factory, "run-convnet",
+                      lambda run: train(quick("mnist-convnet", epochs=3), run, data_dir, quiet=True))  # fmt: skip
 
 
 ALL_FORMATS = ("ts", "onnx", "pt2", "int8")
@@ -50,7 +67,21 @@ ALL_FORMATS = ("ts", "onnx", "pt2", "int8")
 @pytest.fixture(scope="session")
 def convnet_export(tmp_path_factory, convnet_run, data_dir):
     """Its export in every format, the pt2 compiled once per session; shared read-only (copy it to damage it)."""
-    from torchship.export.formats import Options, export_checkpoint
+    from torchship.export.formats import FORMAT_BY_NAME, Exported, Options, export_checkpoint, present, read_card
 
-    out = tmp_path_factory.mktemp("export-convnet")
-    return export_checkpoint(convnet_run / "best.pt", out, ALL_FORMATS, options=Options(data_dir=data_dir))
+    out = built_once(tmp_path_factory, "export-convnet",
+                     lambda out: export_checkpoint(convnet_run / "best.pt", out, ALL_FORMATS,
+                                                   options=Options(data_dir=data_dir)))  # fmt: skip
+    return Exported(out, read_card(out), {name: out / FORMAT_BY_NAME[name].file for name in present(out)})
+
+
+# fixtures that train (shared, or a module's own), compile a pt2, or build a venv
+SLOW_FIXTURES = {"convnet_run", "convnet_export", "bare_python", "exports", "user_exports", "good"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the shared trained model (or a fresh venv) is slow whatever its module: `make test-fast`
+    leaves it out."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -58,6 +58,20 @@ def no_torch(directory: Path) -> Path:
     return directory
 
 
+def cli_error(monkeypatch, cwd: Path, *args) -> tuple[int, list[str], str]:
+    """The command run by click's own runner in this process (a process each costs ~4-7 s of imports here; the
+    installed command runs as a process in test_package): its exit code, its `Error:` lines and all its stderr.
+    Anything but click's own exit, which is what prints no traceback, fails the test here."""
+    from click.testing import CliRunner
+
+    from torchship.cli import main
+
+    monkeypatch.chdir(cwd)
+    r = CliRunner().invoke(main, [str(a) for a in args], prog_name="torchship")
+    assert isinstance(r.exception, SystemExit), (r.exception, r.stderr[-2000:])
+    return r.exit_code, [line for line in r.stderr.splitlines() if line.startswith("Error:")], r.stderr
+
+
 def wait_for(condition, timeout: float, what: str, every: float = 0.1):
     """Poll until condition() is truthy and return its value; fail naming what never happened."""
     import time

@@ -10,7 +10,7 @@ from torchship.train import checkpoint
 from torchship.train.checkpoint import CheckpointError
 from torchship.train.fit import train
 
-from helpers import ROOT, TORCHSHIP, quick
+from helpers import TORCHSHIP, cli_error, quick
 
 
 class Evil:
@@ -56,31 +56,16 @@ def test_each_bad_checkpoint_is_a_clear_error(tmp_path, good):
             checkpoint.load(path, preset="mnist-convnet")
 
 
-def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, good, data_dir):
+def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, good, data_dir, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     (run / "last.pt").write_bytes(good.read_bytes()[:1000])
-    r = subprocess.run(
-        [
-            *TORCHSHIP,
-            "train",
-            "--preset",
-            "mnist-mlp50",
-            "--resume",
-            "--quiet",
-            "--out",
-            str(run),
-            "--data-dir",
-            str(data_dir),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert r.returncode == 1
-    assert r.stderr.strip().count("\n") == 0 and "truncated or corrupt" in r.stderr, r.stderr
+    code, errors, stderr = cli_error(monkeypatch, tmp_path, "train", "--preset", "mnist-mlp50", "--resume", "--quiet",
+                                     "--out", run, "--data-dir", data_dir)  # fmt: skip
+    assert code == 1 and stderr.strip().count("\n") == 0 and "truncated or corrupt" in errors[0], stderr
 
 
+@pytest.mark.slow  # trains
 def test_kill_9_during_training_leaves_a_loadable_last_checkpoint(tmp_path, data_dir):
     """SIGKILL at several moments of a run that writes a checkpoint every few hundred milliseconds."""
     out = tmp_path / "run"
@@ -152,7 +137,7 @@ TAMPERED = {
 
 
 @pytest.mark.parametrize("name", list(TAMPERED))
-def test_untrusted_checkpoint_metadata_is_a_one_line_error_that_writes_nothing(name, tmp_path, good):
+def test_untrusted_checkpoint_metadata_is_a_one_line_error_that_writes_nothing(name, tmp_path, good, monkeypatch):
     tamper, message = TAMPERED[name]
     ckpt = torch.load(good, weights_only=True)
     tamper(ckpt)
@@ -160,10 +145,9 @@ def test_untrusted_checkpoint_metadata_is_a_one_line_error_that_writes_nothing(n
     torch.save(ckpt, path)
     work = tmp_path / "work"
     work.mkdir()
-    r = subprocess.run([*TORCHSHIP, "export", str(path)], capture_output=True, text=True, cwd=work)
-    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
-    assert r.returncode == 1 and len(errors) == 1 and message in errors[0], r.stderr
-    assert "Traceback" not in r.stderr and list(work.iterdir()) == [] and not (tmp_path.parent / "tmp" / "x").exists()
+    code, errors, stderr = cli_error(monkeypatch, work, "export", path)
+    assert code == 1 and len(errors) == 1 and message in errors[0], stderr
+    assert list(work.iterdir()) == [] and not (tmp_path.parent / "tmp" / "x").exists()
 
 
 @pytest.mark.parametrize("old", [version1, legacy], ids=["stop-15 dict with card", "stop-7 dict, meta only"])

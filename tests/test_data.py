@@ -1,7 +1,6 @@
 import gzip
 import hashlib
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch
 from torchship.train import data
 from torchship.train.mnist5k import EMBEDDED, FILES
 
-from helpers import ROOT, TORCHSHIP
+from helpers import cli_error
 
 
 def test_embedded_files_match_their_checksums():
@@ -58,29 +57,11 @@ def test_fashion_mnist_reads_idx_files_from_data_dir(tmp_path, data_dir):
     assert len(train) == 4000 and len(test) == 1000
 
 
-def test_missing_dataset_is_one_line_error_not_a_traceback(tmp_path):
-    r = subprocess.run(
-        [
-            *TORCHSHIP,
-            "train",
-            "--dataset",
-            "mnist",
-            "--data-dir",
-            str(tmp_path),
-            "--no-download",
-            "--quiet",
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert "mnist not found" in lines[0] and str(tmp_path / "MNIST" / "raw") in lines[0]
-    assert "Traceback" not in r.stderr
+def test_missing_dataset_is_one_line_error_not_a_traceback(tmp_path, monkeypatch):
+    code, errors, stderr = cli_error(monkeypatch, tmp_path, "train", "--dataset", "mnist", "--data-dir", tmp_path,
+                                     "--no-download", "--quiet", "--out", tmp_path / "run")  # fmt: skip
+    assert code != 0 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "mnist not found" in errors[0] and str(tmp_path / "MNIST" / "raw") in errors[0]
 
 
 def test_batches_cover_every_sample_once_including_a_short_last_batch():

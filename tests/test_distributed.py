@@ -44,10 +44,16 @@ def test_launch_flags_are_for_the_launcher_only():
     assert without_launch_flags(argv) == ["train", "--epochs", "3", "--quiet"]
 
 
+@pytest.mark.slow  # trains
 def test_two_processes_give_the_single_process_weights_and_metrics(tmp_path, data_dir):
+    """The two processes through torchrun called directly, as users may (the README's command): the same code runs
+    (`--nproc-per-node` goes through torchrun's own launcher too, in the tests below)."""
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = train(one, data_dir, "--epochs", 2)
-    r2 = train(two, data_dir, "--epochs", 2, "--nproc-per-node", 2)
+    env = {**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2", "-m",
+                "torchship.cli", *MLP, "--epochs", "2", "--out", str(two), "--data-dir", str(data_dir)]  # fmt: skip
+    r2 = subprocess.run(torchrun, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
     assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-2000:]
     a, b = (checkpoint.load(d / "last.pt") for d in (one, two))
     assert a.world_size == 1 and b.world_size == 2
@@ -63,6 +69,7 @@ def test_two_processes_give_the_single_process_weights_and_metrics(tmp_path, dat
     assert checkpoint.model_from_checkpoint(b)(torch.zeros(2, 1, 28, 28)).shape == (2, 10)  # exports as ever
 
 
+@pytest.mark.slow  # trains
 def test_two_machines_on_loopback_train_to_completion_and_write_one_set_of_files(tmp_path, data_dir):
     (port,) = free_ports(1)
     runs = [subprocess.Popen([*TORCHSHIP, *MLP, "--epochs", "2", "--out", str(tmp_path / f"node{r}"), "--data-dir",
@@ -88,6 +95,7 @@ def worker(rank: int, out) -> psutil.Process | None:
     return None
 
 
+@pytest.mark.slow  # trains
 def test_kill_9_of_a_rank_ends_the_run_and_resume_finishes_it(tmp_path, data_dir):
     out = tmp_path / "run"
     cmd = [*TORCHSHIP, *MLP, "--epochs", "400", "--out", str(out), "--data-dir", str(data_dir), "--nproc-per-node", "2"]
@@ -114,6 +122,7 @@ def test_kill_9_of_a_rank_ends_the_run_and_resume_finishes_it(tmp_path, data_dir
     assert r.returncode == 0 and checkpoint.load(out / "last.pt").epoch == epoch + 4
 
 
+@pytest.mark.slow  # starts torchrun
 def test_a_rendezvous_nobody_answers_ends_the_command_by_itself(tmp_path, data_dir):
     (port,) = free_ports(1)
     r = train(
@@ -133,19 +142,8 @@ def test_a_rendezvous_nobody_answers_ends_the_command_by_itself(tmp_path, data_d
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # starts torchrun
 def test_a_global_batch_that_does_not_divide_is_a_one_line_error(tmp_path, data_dir):
     r = train(tmp_path / "run", data_dir, "--batch-size", 33, "--nproc-per-node", 2)
     assert r.returncode == 2 and len(errors(r)) == 1 and "does not divide into 2" in errors(r)[0]
     assert not (tmp_path / "run").exists()
-
-
-def test_torchrun_called_directly_runs_the_same_code(tmp_path, data_dir):
-    """Users may call torchrun themselves; the command is the one the README shows."""
-    out = tmp_path / "run"
-    env = {**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR"}
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2", "-m",
-           "torchship.cli", *MLP, "--epochs", "1", "--out", str(out),
-           "--data-dir", str(data_dir)]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads((out / "metrics.json").read_text())["processes"] == 2

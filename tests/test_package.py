@@ -1,6 +1,7 @@
 """What ships: one import name, and the wheel installed into a clean environment running the whole way through."""
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,10 +17,17 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """`pip wheel .`, as a user builds it (no build isolation: the test must not depend on the network)."""
-    out = tmp_path_factory.mktemp("wheel")
+    """`pip wheel .` of a copy of what git tracks (and the vendored page files, which a clone gets from `make
+    install`), as a user builds it; no build isolation: the test must not depend on the network."""
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
+    vendored = [str(p.relative_to(ROOT)) for p in (ROOT / "serve" / "web" / "vendor").glob("*")]
+    for name in tracked + vendored:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                        "--wheel-dir", str(out), str(ROOT)], capture_output=True, text=True)  # fmt: skip
+                        "--wheel-dir", str(out), str(source)], capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return next(out.glob("torchship-*.whl"))
 

@@ -15,6 +15,7 @@ from helpers import quick
 IMAGE_PRESETS = [name for name, p in PRESETS.items() if p.input_kind == "image"]
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("name", IMAGE_PRESETS)
 def test_every_preset_trains_and_its_loss_falls(name, tmp_path, data_dir):
     preset = quick(name, dataset="mnist-5k")  # fashion-mlp too: the embedded digits stand in offline
@@ -34,26 +35,29 @@ def test_every_preset_trains_and_its_loss_falls(name, tmp_path, data_dir):
         assert set(metrics["per_class_accuracy"]) == set(preset.labels)
 
 
+@pytest.mark.slow  # trains
 def test_fashion_preset_normalises_with_statistics_of_its_training_split(tmp_path, data_dir):
     train(quick("fashion-mlp", dataset="mnist-5k", epochs=1), tmp_path, data_dir, quiet=True)
     card = checkpoint.load(tmp_path / "best.pt").card
     assert 0.1 < card.mean[0] < 0.15 and 0.28 < card.std[0] < 0.33  # MNIST's own statistics
 
 
+@pytest.mark.slow  # trains
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, data_dir):
     """The convnet has dropout and batch jitter: both RNG streams must be restored exactly."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(quick("mnist-convnet", epochs=4), straight, data_dir, quiet=True)
-    train(quick("mnist-convnet", epochs=2), split, data_dir, quiet=True)
-    resumed = train(quick("mnist-convnet", epochs=4), split, data_dir, resume=True, quiet=True)
+    train(quick("mnist-convnet", epochs=2), straight, data_dir, quiet=True)
+    train(quick("mnist-convnet", epochs=1), split, data_dir, quiet=True)
+    resumed = train(quick("mnist-convnet", epochs=2), split, data_dir, resume=True, quiet=True)
     a, b = checkpoint.load(straight / "last.pt"), checkpoint.load(split / "last.pt")
-    assert a.epoch == b.epoch == 4
+    assert a.epoch == b.epoch == 2
     for k, v in a.model.items():
         assert torch.equal(v, b.model[k]), k
     assert [h.val_loss for h in a.history] == [h.val_loss for h in b.history]
     assert json.loads((straight / "metrics.json").read_text())["test_loss"] == resumed["test_loss"]
 
 
+@pytest.mark.slow  # trains
 def test_same_seed_same_metrics(tmp_path, data_dir):
     a = train(quick("mnist-mlp50"), tmp_path / "a", data_dir, quiet=True)
     b = train(quick("mnist-mlp50"), tmp_path / "b", data_dir, quiet=True)
@@ -99,6 +103,7 @@ def test_atomic_save_leaves_no_temp_files(tmp_path):
     assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].sum() == 0
 
 
+@pytest.mark.slow  # trains
 def test_the_tutorials_linear_regression_fits_the_least_squares_line(tmp_path):
     """Its own data, 1,000 full-batch SGD epochs: the fitted a and b equal the least-squares solution to 1e-3."""
     metrics = train(get_preset("linreg"), tmp_path, quiet=True)
