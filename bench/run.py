@@ -185,7 +185,8 @@ def what(name: str, s: dict) -> tuple[str, str, str]:
 def serving_table(s: dict) -> list[str]:
     names = [k for k, v in s.items() if isinstance(v, dict) and "kind" in v]
     lines = ["Serving: one load test (asyncio keep-alive clients on 127.0.0.1), the same 1,000 held-out digits, every "
-             "server up at once; agreement = answers equal to in-process ONNX Runtime's",
+             "server started and measured one at a time (the rest paused); agreement = answers equal to in-process "
+             "ONNX Runtime's",
              f"{'setup':<10} {'c':>3} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>8} {'errors':>6} {'agree':>6}  server; "
              "settings; sends"]  # fmt: skip
     for name in names:

@@ -1,4 +1,4 @@
-"""Serving: every server on the same model, the same digits and the same load test, all up at once.
+"""Serving: every server on the same model, the same digits and the same load test, measured one at a time.
 
 Setups are TorchServe (its stock MNIST example, or our handler), our Open Inference Protocol server, the peers people
 pick instead (bench/peer_setup.py) and a do-nothing ceiling (bench/ceiling.py). They take turns: this machine's
@@ -172,7 +172,8 @@ def pooled(levels: list[Level], samples: list[float]) -> Level:
 
 def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: float = 10, rounds: int = 8,
             concurrency=(4, 16), after=None, log=print) -> dict:  # fmt: skip
-    """Every setup up at once: c=1 in alternating rounds, then each concurrency level in turn.
+    """Every setup started, then measured one at a time (the rest paused): c=1 in alternating rounds, then each
+    concurrency level in turn.
 
     A setup that cannot start is a result that says why. `after(name, target, state_dir)` runs on each setup while
     its server is still up (the worker-kill test)."""
@@ -242,7 +243,7 @@ def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: fl
 
 def run(export_dir: Path, work: Path, duration: float = 10, ours_config: ModelConfig | None = None,
         peers: tuple[str, ...] = tuple(peer_setup.PEERS)) -> dict:  # fmt: skip
-    """Stock TorchServe, our TorchServe, our OIP server, every peer and the ceiling: all up at once."""
+    """Stock TorchServe, our TorchServe, our OIP server, every peer and the ceiling, on one machine in one run."""
     setups = {"baseline": Setup("torchserve", "torchscript", None, BASELINE_HANDLER),
               "ours": Setup("torchserve", config=ours_config or ModelConfig()),
               "oip": Setup("oip"),
