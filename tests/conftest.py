@@ -61,22 +61,47 @@ def convnet_run(tmp_path_factory, data_dir) -> Path:
                       lambda run: train(quick("mnist-convnet", epochs=3), run, data_dir, quiet=True))  # fmt: skip
 
 
-ALL_FORMATS = ("ts", "onnx", "pt2", "int8")
+@pytest.fixture(scope="session")
+def convnet_export(tmp_path_factory, convnet_run, data_dir):
+    """Its export in every format but the pt2 (which takes a minute of g++): shared read-only (copy it to damage it)."""
+    from torchship.export.formats import Options, export_checkpoint
+
+    out = built_once(tmp_path_factory, "export-convnet",
+                     lambda out: export_checkpoint(convnet_run / "best.pt", out, ("ts", "onnx", "int8"),
+                                                   options=Options(data_dir=data_dir)))  # fmt: skip
+    return exported(out)
 
 
 @pytest.fixture(scope="session")
-def convnet_export(tmp_path_factory, convnet_run, data_dir):
-    """Its export in every format, the pt2 compiled once per session; shared read-only (copy it to damage it)."""
-    from torchship.export.formats import FORMAT_BY_NAME, Exported, Options, export_checkpoint, present, read_card
+def convnet_all_formats(tmp_path_factory, convnet_run, convnet_export):
+    """The same export plus the pt2, compiled once per run under its own lock, so that the tests which need no pt2
+    never wait for the compiler."""
+    from torchship.export.formats import export_model
+    from torchship.export.user_model import from_checkpoint
 
-    out = built_once(tmp_path_factory, "export-convnet",
-                     lambda out: export_checkpoint(convnet_run / "best.pt", out, ALL_FORMATS,
-                                                   options=Options(data_dir=data_dir)))  # fmt: skip
+    def build(out: Path) -> None:
+        shutil.copytree(convnet_export.directory, out, dirs_exist_ok=True)
+        export_model(from_checkpoint(convnet_run / "best.pt")[0], convnet_export.card, out, ("pt2",))  # the same card
+
+    return exported(built_once(tmp_path_factory, "export-convnet-all", build))
+
+
+def exported(out: Path):
+    from torchship.export.formats import FORMAT_BY_NAME, Exported, present, read_card
+
     return Exported(out, read_card(out), {name: out / FORMAT_BY_NAME[name].file for name in present(out)})
 
 
 # fixtures that train (shared, or a module's own), compile a pt2, or build a venv
-SLOW_FIXTURES = {"convnet_run", "convnet_export", "bare_python", "exports", "user_exports", "good"}
+SLOW_FIXTURES = {
+    "convnet_run",
+    "convnet_export",
+    "convnet_all_formats",
+    "bare_python",
+    "exports",
+    "user_exports",
+    "good",
+}
 
 
 def pytest_collection_modifyitems(items):

@@ -21,22 +21,22 @@ from torchship.runtime.card import ModelCard
 from helpers import ROOT, TORCHSHIP
 
 
-def test_every_format_carries_the_same_card(convnet_export):
+def test_every_format_carries_the_same_card(convnet_all_formats):
     import torch._inductor
 
-    card = convnet_export.card
-    assert set(convnet_export.files) == {"ts", "onnx", "pt2", "int8"}
-    pt2 = torch._inductor.aoti_load_package(str(convnet_export.files["pt2"]))
+    card = convnet_all_formats.card
+    assert set(convnet_all_formats.files) == {"ts", "onnx", "pt2", "int8"}
+    pt2 = torch._inductor.aoti_load_package(str(convnet_all_formats.files["pt2"]))
     assert ModelCard.from_json(pt2.get_metadata()["torchship"]) == card
-    props = {p.key: p.value for p in onnx.load(str(convnet_export.files["int8"])).metadata_props}
+    props = {p.key: p.value for p in onnx.load(str(convnet_all_formats.files["int8"])).metadata_props}
     assert ModelCard.from_json(props["torchship"]) == card
     assert "training images" in props["torchship_calibration"]
-    ops = {n.op_type for n in onnx.load(str(convnet_export.files["int8"])).graph.node}
+    ops = {n.op_type for n in onnx.load(str(convnet_all_formats.files["int8"])).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
 
 
-def test_the_proof_covers_pt2_exactly_and_int8_by_its_answers(convnet_export, data_dir):
-    report = verify(convnet_export.directory, data_dir=data_dir)
+def test_the_proof_covers_pt2_exactly_and_int8_by_its_answers(convnet_all_formats, data_dir):
+    report = verify(convnet_all_formats.directory, data_dir=data_dir)
     assert report.passed
     backends = {c.backend for c in report.checks}
     assert backends == {"eager-fp32", "torchscript", "onnx", "pt2"}
@@ -74,10 +74,10 @@ def corrupt_pt2(path, weight: torch.Tensor) -> None:
             z.writestr(name, data)
 
 
-def test_a_single_corrupted_weight_in_the_pt2_fails_verification(convnet_export, data_dir, tmp_path):
+def test_a_single_corrupted_weight_in_the_pt2_fails_verification(convnet_all_formats, data_dir, tmp_path):
     copy = tmp_path / "export"
-    shutil.copytree(convnet_export.directory, copy)
-    weights = torch.load(convnet_export.card.provenance.source, weights_only=True)["model_state_dict"]
+    shutil.copytree(convnet_all_formats.directory, copy)
+    weights = torch.load(convnet_all_formats.card.provenance.source, weights_only=True)["model_state_dict"]
     corrupt_pt2(copy / "model.pt2", weights["fc1.weight"])
     r = subprocess.run([*TORCHSHIP, "verify", str(copy), "--data-dir", str(data_dir)], capture_output=True,
                        text=True, cwd=ROOT)  # fmt: skip
@@ -101,11 +101,11 @@ def test_a_damaged_int8_model_fails_its_section_of_the_proof(convnet_export, dat
     assert not report.approximations[0].passed
 
 
-def test_loading_the_pt2_needs_no_compiler(convnet_export, tmp_path):
+def test_loading_the_pt2_needs_no_compiler(convnet_all_formats, tmp_path):
     code = f"""
 import shutil, torch, torch._inductor
 assert shutil.which("g++") is None and shutil.which("c++") is None and shutil.which("cc") is None
-m = torch._inductor.aoti_load_package({str(convnet_export.files["pt2"])!r})
+m = torch._inductor.aoti_load_package({str(convnet_all_formats.files["pt2"])!r})
 for n in (1, 5, 300):
     assert m(torch.zeros(n, 1, 28, 28)).shape == (n, 10)
 print("ok")

@@ -349,7 +349,7 @@ def test_kill_9_of_a_worker_under_load_costs_at_most_its_own_requests(server, co
     # each client loses at most the one request the dead worker held (in flight, or a connection its own listening
     # socket had queued while it died), and none if it held nothing at that instant: the other worker's share of the
     # 64 in flight is answered
-    assert sum(d.failed.values()) < d.in_flight_at_kill == 64
+    assert sum(d.failed.values()) < d.in_flight_at_kill <= 64
     after = wait_for(lambda: (s := oip.status(server.state_dir)) and len(s["workers"]) == len(before["workers"])
                      and all(w["ready"] for w in s["workers"]) and s, 60, "the worker's replacement")  # fmt: skip
     assert victim not in [w["pid"] for w in after["workers"]] and after["restarts"] == before["restarts"] + 1

@@ -46,7 +46,7 @@ LABELS = ["red", "green", "blue", "grey"]
 COLOURS = np.array([[0.9, 0.15, 0.1], [0.1, 0.8, 0.2], [0.15, 0.2, 0.9], [0.5, 0.5, 0.5]], np.float32)
 
 
-def colour_images(n: int, seed: int, side: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def colour_images(n: int, seed: int, side: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Pixels in [0, 1] whose dominant colour is the class, under smooth shading: a task PetNet can learn."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 4, n)
@@ -109,7 +109,7 @@ def user_exports(tmp_path_factory):
     torch.save(settle(mobile, (3, 224, 224)).state_dict(), work / "mobilenet.pt")
     runs = {
         "petnet": run_cli("export", "--model", f"{work / 'petnet.py'}:PetNet", "--weights", work / "petnet.pt",
-                          "--input-shape", "3,64,64", "--labels", work / "labels.txt", "--preprocess", "resize",
+                          "--input-shape", "3,32,32", "--labels", work / "labels.txt", "--preprocess", "resize",
                           "--mean", "0.5", "--std", "0.25", "--formats", "ts,onnx,int8", "--calibration",
                           calibration, "--out", work / "petnet"),
         "mobilenet": run_cli("export", "--model", "torchvision.models:mobilenet_v3_small", "--model-kwarg",
@@ -141,7 +141,7 @@ def test_export_writes_the_card_and_the_proof_passes(user_exports, name):
     assert report["passed"] and {c["backend"] for c in report["checks"]} == exact
     assert report["inputs"]["real"] == 0 and report["inputs"]["smooth"] > 0  # no dataset: synthetic images
     if name == "petnet":
-        assert card.labels == tuple(LABELS) and card.input_shape == (3, 64, 64) and card.preprocess == "resize"
+        assert card.labels == tuple(LABELS) and card.input_shape == (3, 32, 32) and card.preprocess == "resize"
         assert card.architecture.spec.endswith("petnet.py:PetNet") and card.output_kind == "logits"
         (int8,) = report["approximations"]  # the formats of issue 13 work for your own model too
         assert int8["agreement"] >= 0.99 and int8["accuracy"] is None and "128 images from" in int8["calibration"]
@@ -241,18 +241,18 @@ def test_sizing_follows_the_models_measured_cost(user_exports):
      "pickles Python objects"),
     (["--model", "torchvision.models:resnet18", "--weights", "{petnet}", "--input-shape", "3,32,32"],
      "keys"),
-    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,64,64", "--labels", "a,b"],
+    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32,32", "--labels", "a,b"],
      "2 labels but the model outputs 4"),
-    (["--model", "no.such.module:Net", "--weights", "{petnet}", "--input-shape", "3,64,64"], "cannot import"),
-    (["--model", "{file}:Nope", "--weights", "{petnet}", "--input-shape", "3,64,64"], "no attribute"),
-    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,64"], "C,H,W"),
-    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,64,64", "--mean", "1,2"],
+    (["--model", "no.such.module:Net", "--weights", "{petnet}", "--input-shape", "3,32,32"], "cannot import"),
+    (["--model", "{file}:Nope", "--weights", "{petnet}", "--input-shape", "3,32,32"], "no attribute"),
+    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32"], "C,H,W"),
+    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32,32", "--mean", "1,2"],
      "'mean'"),
-    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "1,64,64"], "does not run"),
-    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,64,64", "--name", "../x"],
+    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "1,32,32"], "does not run"),
+    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32,32", "--name", "../x"],
      "safe name"),
-    (["--model", "{file}:PetNet", "--input-shape", "3,64,64"], "--weights"),
-    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,64,64", "--formats", "ts,gif"],
+    (["--model", "{file}:PetNet", "--input-shape", "3,32,32"], "--weights"),
+    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32,32", "--formats", "ts,gif"],
      "choose from"),
 ])  # fmt: skip
 def test_what_cannot_be_exported_is_one_clear_line(user_exports, tmp_path, monkeypatch, args, message):
