@@ -84,3 +84,16 @@ def wait_for(condition, timeout: float, what: str, every: float = 0.1):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout:g} s")
         time.sleep(every)
+
+
+def corrupt_onnx(path: Path) -> None:
+    """Add 0.5 to one weight of the largest initializer: the smallest damage the proof must catch."""
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(path))
+    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    w = onnx.numpy_helper.to_array(init).copy()
+    w.flat[0] += 0.5
+    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(path))

@@ -16,7 +16,7 @@ from torchship.serve.shipping import copy_runtime
 from torchship.train.fit import train
 from torchship.train.presets import PRESETS
 
-from helpers import ROOT, TORCHSHIP, no_torch, quick
+from helpers import ROOT, TORCHSHIP, corrupt_onnx, no_torch, quick
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +78,6 @@ def test_exported_model_is_in_eval_mode(exports):
     x = torch.randn(8, 1, 28, 28)
     assert torch.equal(ts(x), ts(x))
     assert not ts.training
-
-
-def corrupt_onnx(path):
-    model = onnx.load(str(path))
-    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
-    w = onnx.numpy_helper.to_array(init).copy()
-    w.flat[0] += 0.5  # one weight
-    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
-    onnx.save(model, str(path))
 
 
 def corrupt_torchscript(path):

@@ -20,7 +20,7 @@ from torchship.serve.archive import ModelConfig, build_archive
 from torchship.train.fit import train
 from torchship.train.presets import get_preset
 
-from helpers import TORCHSHIP
+from helpers import TORCHSHIP, corrupt_onnx
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 MODEL_FILE = textwrap.dedent('''
@@ -113,16 +113,9 @@ def test_the_cards_say_what_goes_in_and_comes_out(exports):
 
 @pytest.mark.parametrize("name", list(SETS))
 def test_a_single_corrupted_weight_is_caught(exports, name, tmp_path):
-    import onnx
-
     copy = tmp_path / name
     shutil.copytree(exports[name]["dir"], copy)
-    model = onnx.load(str(copy / "model.onnx"))
-    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
-    w = onnx.numpy_helper.to_array(init).copy()
-    w.flat[0] += 0.5
-    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
-    onnx.save(model, str(copy / "model.onnx"))
+    corrupt_onnx(copy / "model.onnx")
     assert not verify(copy).passed
 
 

@@ -8,7 +8,6 @@ import subprocess
 import textwrap
 
 import numpy as np
-import onnx
 import psutil
 import pytest
 import torch
@@ -20,7 +19,7 @@ from torchship.runtime.onnx_model import load as load_onnx
 from torchship.serve import torchserve
 from torchship.serve.archive import ModelConfig, build_archive
 
-from helpers import ROOT, TORCHSHIP, cli_error
+from helpers import ROOT, TORCHSHIP, cli_error, corrupt_onnx
 
 MODEL_FILE = textwrap.dedent('''
     import torch
@@ -156,12 +155,7 @@ def test_a_single_corrupted_weight_is_caught(user_exports, name, tmp_path):
     work, _ = user_exports
     copy = tmp_path / name
     shutil.copytree(work / name, copy)
-    model = onnx.load(str(copy / "model.onnx"))
-    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
-    w = onnx.numpy_helper.to_array(init).copy()
-    w.flat[0] += 0.5
-    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
-    onnx.save(model, str(copy / "model.onnx"))
+    corrupt_onnx(copy / "model.onnx")
     report = verify(copy)
     assert not report.passed and {c.backend for c in report.failures()} == {"onnx"}
 
