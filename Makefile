@@ -12,9 +12,9 @@ SERVE_FLAGS ?=
 
 # What the machine itself must have, as command:package (Debian and Ubuntu names; `ubuntu:` entries replace them
 # there). Serving needs Java 17 (TorchServe) and npm (the page's onnxruntime-web); the tests also drive Chromium
-# through chromedriver and compile AOTInductor packages with g++.
+# through chromedriver, compile AOTInductor packages with g++ and run the curl line `serve start` prints.
 SERVE_SYSTEM := python-venv:python3-venv java:openjdk-17-jre-headless npm:npm
-TEST_SYSTEM := $(SERVE_SYSTEM) g++:g++ chromium:chromium chromedriver:chromium-driver
+TEST_SYSTEM := $(SERVE_SYSTEM) g++:g++ chromium:chromium chromedriver:chromium-driver curl:curl
 UBUNTU_NAMES := chromium:chromium-browser chromedriver:chromium-chromedriver
 
 .PHONY: all install system-serve system-test train export verify serve stop status loadtest page bench gpu-check \

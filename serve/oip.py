@@ -13,6 +13,7 @@ import time
 import urllib.error
 from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -20,6 +21,9 @@ from torchship.runtime import metrics as names
 from torchship.runtime.card import CARD_FILE, FORMAT_BY_BACKEND
 from torchship.serve.process import ServerError, StartOptions, free_ports, http_json, log_marks, new_lines
 from torchship.serve.settings import LOOPBACK, OIP_GRPC_PORT, OIP_HTTP_PORT
+
+if TYPE_CHECKING:
+    from torchship.serve.samples import Sample
 
 MODULE = "torchship.runtime.oip_server"
 LOG = "oip.log"
@@ -210,7 +214,10 @@ METRIC_NAMES = {"requests": names.REQUESTS, "queue": f"{names.QUEUE_SECONDS}_sum
                 "inference": f"{names.INFERENCE_SECONDS}_sum", "unit": 1.0}  # fmt: skip
 
 
-def curl_example(cfg: OIPConfig, sample: Path) -> str:
+def curl_example(cfg: OIPConfig, sample: Sample) -> str:
+    if sample.json:  # KServe v1 rows
+        return (f"curl -H 'Content-Type: application/json' -d @{sample.path} "
+                f"{cfg.inference_url}/v1/models/{cfg.model}:predict")  # fmt: skip
     body = '{"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["\'"$(base64 -w0 ' + str(
-        sample) + ')"\'"]}]}'  # fmt: skip
+        sample.path) + ')"\'"]}]}'  # fmt: skip
     return f"curl -H 'Content-Type: application/json' -d '{body}' {cfg.inference_url}/v2/models/{cfg.model}/infer"

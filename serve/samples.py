@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from torchship.runtime.card import ModelCard
 from torchship.train.mnist5k import EMBEDDED
 
 
@@ -33,8 +36,27 @@ def on_paper(pixels: np.ndarray, size: int = 160, offset: tuple[int, int] = (30,
     return 255 - page
 
 
-def write_sample(path: Path | str, index: int = 0) -> tuple[Path, int]:
-    images, labels = held_out_digits()
-    path = Path(path)
-    path.write_bytes(png(on_paper(images[index])))
-    return path, int(labels[index])
+@dataclass(frozen=True)
+class Sample:
+    """A request body on disk for the "try it" curl line that `serve start` prints: what the model takes."""
+
+    path: Path
+    what: str
+    json: bool  # {"instances": ...} for a tensor model; else an image file
+
+
+def write_sample(folder: Path | str, card: ModelCard | None = None, index: int = 0) -> Sample:
+    """A photographed-style held-out digit for an image model; for a tensor model one row at the middle of the range
+    its card records (zeros where it records none)."""
+    folder = Path(folder)
+    if card is None or card.image:
+        images, labels = held_out_digits()
+        path = folder / "sample-digit.png"
+        path.write_bytes(png(on_paper(images[index])))
+        return Sample(path, f"a photographed-style {int(labels[index])}", json=False)
+    shape = card.input_shape
+    middle = np.array([(lo + hi) / 2 for lo, hi in card.input_range] or [0.0] * shape[0], np.float64)
+    row = np.broadcast_to(middle.reshape(-1, *[1] * (len(shape) - 1)), shape).round(4).tolist()
+    path = folder / "sample-row.json"
+    path.write_text(json.dumps({"instances": [row]}))
+    return Sample(path, f"one row, {json.dumps(row)[:60]}", json=True)

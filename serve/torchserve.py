@@ -11,12 +11,16 @@ import urllib.error
 import urllib.request
 from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from torchship.runtime.sizing import queue_size
 from torchship.serve.process import ServerError, StartOptions, free_ports, http_json, log_marks, new_lines
 from torchship.serve.settings import LOOPBACK, MAX_REQUEST_BYTES, TORCHSERVE_PORTS, torchserve_properties
+
+if TYPE_CHECKING:
+    from torchship.serve.samples import Sample
 
 PID_FILE = ".model_server.pid"
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
@@ -262,12 +266,13 @@ def status(state_dir: Path | str = "serve-state") -> dict:
             "metrics": cfg.metrics_url, "workers": workers}  # fmt: skip
 
 
-def curl_example(cfg: ServerConfig, sample: Path) -> str:
+def curl_example(cfg: ServerConfig, sample: Sample) -> str:
     auth = ""
     if cfg.token_auth:
         key_cmd = f"python3 -c \"import json;print(json.load(open('{Path(cfg.state_dir) / 'key_file.json'}'))['inference']['key'])\""  # noqa: E501
         auth = f'-H "Authorization: Bearer $({key_cmd})" '
-    return f"curl {auth}-T {sample} {cfg.inference_url}/predictions/{cfg.model}"
+    body = f"-H 'Content-Type: application/json' -d @{sample.path}" if sample.json else f"-T {sample.path}"
+    return f"curl {auth}{body} {cfg.inference_url}/predictions/{cfg.model}"
 
 
 def key(state_dir: Path | str, api: str = "inference") -> str:

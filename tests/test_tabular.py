@@ -206,6 +206,28 @@ def test_the_tutorials_line_answers_half_with_two(servers, linreg, runtime):
     assert status == 200 and abs(reply["predictions"][0] - 2.0) < linreg["mse"] ** 0.5
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_the_printed_curl_line_is_a_request_the_model_takes(servers, linreg, runtime, tmp_path):
+    """What `serve start` prints to try a tensor model: one row from the middle of its card's range, as v1 JSON, run
+    through curl as a user would paste it; the answer is the embedding's."""
+    from dataclasses import replace
+
+    from torchship.serve import runtimes
+    from torchship.serve.cli.server import served_card
+    from torchship.serve.samples import write_sample
+
+    cfg = replace(servers["torchserve"], model="linreg") if runtime == "torchserve" else servers["oip"]["linreg"]
+    card = served_card(cfg)
+    assert card is not None and card.name == "linreg" and not card.image
+    sample = write_sample(tmp_path, card)
+    r = subprocess.run(["bash", "-c", f"{runtimes.get(runtime).curl(cfg, sample)} -sS"], capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    (row,) = json.loads(sample.path.read_text())["instances"]
+    assert r.returncode == 0 and 0 < row[0] < 1 and sample.json, r.stderr  # the tutorial's x lie in [0, 1)
+    line = load_onnx(linreg["dir"] / "model.onnx")
+    assert json.loads(r.stdout)["predictions"][0] == pytest.approx(line.predict(row[0]), abs=1e-5)
+
+
 BAD_ROWS = [  # (name, body, status, words)
     ("too few features", {"instances": [[5.1, 3.5, 1.4]]}, 400, "expected shape [4]"),
     ("too many features", {"instances": [[5.1, 3.5, 1.4, 0.2, 9.9]]}, 400, "expected shape [4]"),
