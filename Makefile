@@ -110,7 +110,8 @@ gpu-check:
 # Three workers of one thread each, a test file each at a time: much of the suite waits on server, JVM, interpreter and
 # rendezvous starts, so a third worker fills the cores the other two leave idle (measured on clean clones of the
 # 2-core machine, whose speed drifts by a third from hour to hour: 3 workers 7.5-11.1 min, 2 workers 8.2-10.9 min,
-# 1 worker 12-13 min; workers of two threads spin against each other and gain nothing). tests/conftest.py trains and compiles the shared model once for all of them.
+# 1 worker 12-13 min; workers of two threads spin against each other and gain nothing). tests/conftest.py trains
+# and compiles the shared model once for all of them.
 TEST_WORKERS ?= 3
 
 test: $(STAMP) system-test

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from torchship.runtime import metrics as names
-from torchship.runtime.card import CARD_FILE, FORMAT_BY_BACKEND
+from torchship.runtime.card import CARD_FILE, FORMAT_BY_BACKEND, ModelCard
 from torchship.serve.process import ServerError, StartOptions, free_ports, http_json, log_marks, new_lines
 from torchship.serve.settings import LOOPBACK, OIP_GRPC_PORT, OIP_HTTP_PORT
 
@@ -212,6 +212,11 @@ def load_target(state_dir: Path | str):
 
 METRIC_NAMES = {"requests": names.REQUESTS, "queue": f"{names.QUEUE_SECONDS}_sum",
                 "inference": f"{names.INFERENCE_SECONDS}_sum", "unit": 1.0}  # fmt: skip
+
+
+def card(cfg: OIPConfig) -> ModelCard:
+    """The served model's card: the export's own."""
+    return ModelCard.load(Path(cfg.export_dir))
 
 
 def curl_example(cfg: OIPConfig, sample: Sample) -> str:

@@ -1,6 +1,6 @@
 """The runtimes `torchship serve` starts, behind one interface, registered here and nowhere else.
 
-Each is a module with the same functions (start_with, stop, status, key, load_target, curl_example) and a deploy
+Each is a module with the same functions (start_with, stop, status, key, load_target, card, curl_example) and a deploy
 bundle writer; the CLI, the load test, the page's relay and the bench look a runtime up here by name, or by what an
 instance's state directory recorded, instead of branching on it.
 """
@@ -24,7 +24,8 @@ class Runtime:
     status: Callable[[Path | str], dict]
     key: Callable[[Path | str, str], str]  # a token for `Authorization: Bearer`, or ServerError
     target: Callable[[Path | str], object]  # what `torchship loadtest` sends to (client.Target)
-    curl: Callable  # (config, sample image) -> a working curl line
+    card: Callable  # (config) -> the served model's card
+    curl: Callable  # (config, sample request body) -> a working curl line
     bundle: Callable[..., list[Path]]  # a Kubernetes deploy bundle (deploy.write_bundle)
 
 
@@ -33,9 +34,9 @@ RUNTIMES: dict[str, Runtime] = {
     for r in (
         Runtime("torchserve", "TorchServe 0.12 with our handler (archived upstream in 2025; kept for its users)",
                 torchserve.start_with, torchserve.stop, torchserve.status, torchserve.key, torchserve.load_target,
-                torchserve.curl_example, deploy.torchserve_bundle),
+                torchserve.card, torchserve.curl_example, deploy.torchserve_bundle),
         Runtime("oip", "our Open Inference Protocol server (KServe v2 over REST and gRPC): the production path",
-                oip.start_with, oip.stop, oip.status, oip.key, oip.load_target, oip.curl_example,
+                oip.start_with, oip.stop, oip.status, oip.key, oip.load_target, oip.card, oip.curl_example,
                 deploy.oip_bundle),
     )
 }  # fmt: skip

@@ -9,12 +9,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
 
+from torchship.runtime.card import CARD_FILE, ModelCard
 from torchship.runtime.sizing import queue_size
 from torchship.serve.process import ServerError, StartOptions, free_ports, http_json, log_marks, new_lines
 from torchship.serve.settings import LOOPBACK, MAX_REQUEST_BYTES, TORCHSERVE_PORTS, torchserve_properties
@@ -264,6 +266,12 @@ def status(state_dir: Path | str = "serve-state") -> dict:
         workers = [{"error": str(e)}]
     return {"running": True, "runtime": NAME, "pid": p, "model": cfg.model, "inference": cfg.inference_url,
             "metrics": cfg.metrics_url, "workers": workers}  # fmt: skip
+
+
+def card(cfg: ServerConfig) -> ModelCard:
+    """The served model's card, as its archive carries it."""
+    with zipfile.ZipFile(Path(cfg.model_store) / f"{cfg.model}.mar") as z:
+        return ModelCard.from_json(z.read(CARD_FILE).decode())
 
 
 def curl_example(cfg: ServerConfig, sample: Sample) -> str:

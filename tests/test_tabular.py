@@ -213,11 +213,10 @@ def test_the_printed_curl_line_is_a_request_the_model_takes(servers, linreg, run
     from dataclasses import replace
 
     from torchship.serve import runtimes
-    from torchship.serve.cli.server import served_card
     from torchship.serve.samples import write_sample
 
     cfg = replace(servers["torchserve"], model="linreg") if runtime == "torchserve" else servers["oip"]["linreg"]
-    card = served_card(cfg)
+    card = runtimes.get(runtime).card(cfg)
     assert card is not None and card.name == "linreg" and not card.image
     sample = write_sample(tmp_path, card)
     r = subprocess.run(["bash", "-c", f"{runtimes.get(runtime).curl(cfg, sample)} -sS"], capture_output=True,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
@@ -123,6 +122,8 @@ def start_command(runtime, model, model_store, export_dir, state_dir, inference_
                   metrics_port, grpc_management_port, grpc_ports, no_token_auth, cors_origin, backend, host,
                   behind_auth, workers, max_batch, max_batch_delay, timeout):  # fmt: skip
     """Start a server and wait until MODEL is ready; print a working request to try."""
+    import zipfile
+
     from torchship.serve.process import ServerError, StartOptions
     from torchship.serve.samples import write_sample
 
@@ -140,26 +141,14 @@ def start_command(runtime, model, model_store, export_dir, state_dir, inference_
     except ServerError as e:
         raise click.ClickException(str(e)) from None
     status = chosen.status(cfg.state_dir)
-    sample = write_sample(cfg.state_dir, served_card(cfg))
+    try:  # the printed request is one this model takes; a digit if its card cannot be read
+        card = chosen.card(cfg)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        card = None
+    sample = write_sample(cfg.state_dir, card)
     where = ", ".join(f"{k} {status[k]}" for k in ("grpc", "metrics") if k in status)
     click.echo(f"{chosen.name} is serving {model} at {cfg.inference_url} ({where}); logs in {cfg.state_dir}/logs")
     click.echo(f"try it ({sample.what}):\n  {chosen.curl(cfg, sample)}")
-
-
-def served_card(cfg):
-    """The card of the model a server just started (the export's for the OIP server, the archive's for TorchServe),
-    so the printed request is one it takes; None if it cannot be read."""
-    import zipfile
-
-    from torchship.runtime.card import CARD_FILE, CardError, ModelCard
-
-    try:
-        if getattr(cfg, "export_dir", None):
-            return ModelCard.load(Path(cfg.export_dir))
-        with zipfile.ZipFile(Path(cfg.model_store) / f"{cfg.model}.mar") as z:
-            return ModelCard.from_json(z.read(CARD_FILE).decode())
-    except (OSError, KeyError, ValueError, CardError, zipfile.BadZipFile):
-        return None
 
 
 @serve_group.command("stop")
