@@ -1,11 +1,15 @@
 """A lean HTTP/1.1 server for the Open Inference Protocol: httptools (llhttp, the parser uvicorn runs on) on an asyncio
-protocol, one write per response, no task per request.
+protocol, one write per response, no task per request, and nginx's limits on what one client may cost.
 
 Exists for speed: on this 2-core machine uvicorn's ASGI cycle (a task, message dicts and two writes per request)
 costs ~0.1 ms a request, and kserve's FastAPI layer ~0.5 ms, against ~0.15 ms for our whole model (bench/NOTES.md,
-levers 37-39). What an ASGI server would have done for us is here too: keep-alive and HTTP/1.0, pipelined requests
-answered in order, `Expect: 100-continue`, chunked bodies, a body limit enforced before the body is read, idle and
-slow-header timeouts, and a 400 for anything the parser refuses.
+levers 37-39). What an ASGI server and nginx would have done for us is here too (`Limits`): keep-alive and HTTP/1.0;
+pipelined requests answered in order, by a loop, at any depth, even when a later one is malformed; `Expect:
+100-continue` for HTTP/1.1 only, in turn; chunked bodies with their trailers discarded; a bounded request line and
+header block (414, 431), counted as it arrives so no cost grows faster than its size; a body limit enforced before
+the body is read (413); slow headers and stalled bodies answered 408; reading paused while unsent answers pass a
+bound (flow control, as uvicorn's `FlowControl`); a cap on connections per worker; and a 400 for anything the parser
+refuses.
 """
 
 from __future__ import annotations
@@ -14,16 +18,32 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 
 import httptools
 
+from .limits import MAX_REQUEST_BYTES
+
 logger = logging.getLogger(__name__)
-IDLE_TIMEOUT_S = 75  # a keep-alive connection with nothing to do is closed after this (nginx's default)
-HEADER_TIMEOUT_S = 30  # a request must arrive whole within this once it has begun
-MAX_HEADERS = 100
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+LINGER_S = 2.0  # after a refusal, what the client still sends is read and dropped this long, so it sees the answer
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may cost a worker: nginx's defaults where nginx has one (shared/anchors.md), stated once."""
+
+    max_body: int = MAX_REQUEST_BYTES  # bytes of one request body (client_max_body_size): 413 beyond
+    head_bytes: int = 16 * 1024  # request line + header lines together: 414 (the line alone) or 431 beyond
+    header_lines: int = 100  # header lines of one request, repeats counted: 431 beyond
+    header_timeout_s: float = 60  # from a request's first byte to its last header (client_header_timeout): 408
+    body_timeout_s: float = 60  # between two reads of a body, not over the whole body (client_body_timeout): 408
+    idle_timeout_s: float = 75  # a keep-alive connection with nothing to do (keepalive_timeout): closed
+    send_timeout_s: float = 60  # answers waiting for a client that reads none of them (send_timeout): dropped
+    unsent_bytes: int = 1 << 20  # answers waiting for the client beyond which no more requests are read
+    pipelined: int = 32  # requests read and waiting behind the one being answered beyond which reading stops
+    connections: int = 1024  # open connections per worker process: beyond, 503 and close
 
 
 @dataclass
@@ -44,150 +64,342 @@ class Response:
     close: bool = False  # close the connection after this answer (a refused body may still be on its way)
 
 
-# The app: called once per request with the request and a function that answers it, now or later (once only).
-App = Callable[[Request, Callable[[Response], None]], None]
+# The app: called once per request with the request and a function that answers it, now or later (once only). It may
+# return a function that drops the request, called if the client goes away before it is answered.
+App = Callable[[Request, Callable[[Response], None]], Callable[[], None] | None]
+Error = Callable[[int, str], Response]
+
+IDLE, HEAD, BODY, SEND = "idle", "head", "body", "send"  # which of the client's deadlines runs
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, app: App, error: Callable[[int, str], Response], max_body: int):
-        self.app, self.error, self.max_body = app, error, max_body
+    def __init__(self, app: App, error: Error, limits: Limits, open_connections: list[int]):
+        self.app, self.error, self.limits, self.open = app, error, limits, open_connections
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.pending: deque[Request] = deque()  # pipelined requests waiting for the one being answered
-        self.busy = False
-        self.refused: Response | None = None  # an answer decided before the body was read (too large)
+        self.loop = asyncio.get_running_loop()
+        self.queue: deque[Request | Response] = deque()  # read and waiting, in arrival order; a Response is a refusal
+        self.busy = False  # the app holds a request
+        self.abandon: Callable[[], None] | None = None  # the app's way to drop the request it holds
+        self.refused = False  # a refusal is queued: nothing more is parsed
+        self.lingering = False
+        self.writing_paused = False
+        self.reading = True
+        self.stash: memoryview | None = None  # read but not yet parsed while the queue is full
+        self.pumping = False
+        self.continue_due = False  # a 100 Continue owed once the requests before this one are answered
+        self.counted = False
+        # the message being parsed
+        self.in_message = self.in_head = False
+        self.begun = 0  # messages begun so far: tells a piece in which a new one began
+        self.gap = 0  # bytes fed since the message began (head) or since its last body bytes (chunk framing, trailers)
+        self.remaining = 0  # body bytes still due for a Content-Length body
+        self.piece_body = 0
+        self._url: list[bytes] = []
+        self._body: list[bytes] = []
+        self._headers: dict[bytes, bytes] = {}
+        self.url_bytes = self.head_bytes = self.lines = self.size = 0
+        # one timer for the client's deadlines, moved lazily: a later deadline needs no new timer
+        self.kind, self.deadline = IDLE, 0.0
         self.timer: asyncio.TimerHandle | None = None
-        self._url, self._body, self._size, self._headers = [], [], 0, {}
+        self.timer_at = float("inf")
 
     # asyncio's side
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self._arm(IDLE_TIMEOUT_S)
+        if self.open[0] >= self.limits.connections:
+            transport.write(self._head(self.error(503, f"this worker holds {self.limits.connections} connections, "
+                                                       "its limit: retry shortly"), close=True,
+                                       extra=((b"retry-after", b"1"),)))  # fmt: skip
+            transport.close()
+            return
+        self.open[0] += 1
+        self.counted = True
+        transport.set_write_buffer_limits(high=self.limits.unsent_bytes)
+        self._deadline(IDLE, self.limits.header_timeout_s)  # a new connection owes its first request promptly
 
     def connection_lost(self, exc) -> None:
         self.transport = None
+        if self.counted:
+            self.open[0] -= 1
         if self.timer:
             self.timer.cancel()
+        self.queue.clear()
+        self.stash = None
+        if self.busy and self.abandon is not None:
+            abandon, self.abandon = self.abandon, None
+            abandon()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self._deadline(SEND, self.limits.send_timeout_s)
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._deadline(IDLE, self.limits.idle_timeout_s)  # the client reads again: its send clock stops
+        self._pump()
 
     def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(self.error(400, "protocol upgrades are not served here"))
-        except httptools.HttpParserError as e:
-            if self.refused is None:
-                self._fail(self.error(400, f"malformed HTTP request: {str(e)[:100]}"))
+        if self.lingering or self.refused:
+            return
+        if self.kind == BODY:
+            self.deadline = self.loop.time() + self.limits.body_timeout_s  # a read: the body's clock starts again
+        self._parse(memoryview(data))
+        self._pump()
 
-    # the parser's side
+    def eof_received(self) -> bool:
+        return False  # the client went away (as uvicorn and nginx's proxy read it): close, dropping what it asked
+
+    # parsing, in pieces no larger than the head limit wherever a head or chunk framing may be under way, so that an
+    # oversized one is seen within one piece of its limit (httptools joins a split header value by repeated
+    # concatenation: quadratic in its size if nothing stops it)
+
+    def _parse(self, view: memoryview) -> None:
+        pos, n, limits = 0, len(view), self.limits
+        while pos < n and not self.refused:
+            if len(self.queue) >= limits.pipelined or self.writing_paused:
+                self.stash = view[pos:]  # read no more until the answers before these go out
+                return
+            if self.in_message and not self.in_head and self.remaining:
+                k = min(n - pos, self.remaining)  # a Content-Length body: up to its last byte, never past
+            else:
+                k = min(n - pos, limits.head_bytes + 1 - self.gap)
+            began, url_before, self.piece_body = self.begun, self.url_bytes, 0
+            try:
+                self.parser.feed_data(view[pos : pos + k])
+            except httptools.HttpParserUpgrade:
+                self._refuse(400, "protocol upgrades are not served here")
+                return
+            except httptools.HttpParserError as e:
+                if not self.refused:
+                    self._refuse(400, f"malformed HTTP request: {str(e)[:100]}")
+                return
+            pos += k
+            if self.begun != began or self.piece_body:
+                self.gap = 0  # a message began inside the piece (its head so far is under one piece), or body came
+            elif self.in_message:
+                self.gap += k  # the whole piece was this message's head, or framing between its chunks
+                if self.gap > limits.head_bytes:
+                    if self.in_head:
+                        self._refuse_head(line=self.url_bytes > url_before and not self.lines)
+                    else:
+                        self._refuse(400, f"chunk framing or trailers over {limits.head_bytes} bytes")
 
     def on_message_begin(self) -> None:
-        self._url, self._body, self._size, self._headers, self.refused = [], [], 0, {}, None
-        self._arm(HEADER_TIMEOUT_S)
+        self.in_message = self.in_head = True
+        self.begun += 1
+        self.gap = self.remaining = self.size = self.url_bytes = self.head_bytes = self.lines = 0
+        self._url, self._body, self._headers = [], [], {}
+        self._deadline(HEAD, self.limits.header_timeout_s)
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
+        self.url_bytes += len(url)
+        if self.url_bytes > self.limits.head_bytes:
+            self._refuse_head(line=True)
+            raise httptools.HttpParserError("request line over the limit")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self._headers) >= MAX_HEADERS:
-            raise httptools.HttpParserError("too many headers")
+        if not self.in_head:
+            return  # a trailer field (RFC 9112 §7.1.2): never merged into the headers acted on
+        self.lines += 1
+        self.head_bytes += len(name) + len(value) + 4
+        if self.lines > self.limits.header_lines or self.url_bytes + self.head_bytes > self.limits.head_bytes:
+            self._refuse_head(line=False)
+            raise httptools.HttpParserError("header block over the limit")
         self._headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
-        length = self._headers.get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_body:
-            self.refused = self.error(413, f"request body of {length[:20].decode(errors='replace')} bytes is over the "
-                                           f"{self.max_body}-byte limit")  # fmt: skip
-            self._fail(self.refused)
-            return
-        if self._headers.get(b"expect", b"").lower() == b"100-continue" and self.transport:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.in_head = False
+        self.gap = 0
+        headers, version = self._headers, self.parser.get_http_version()
+        if version == "1.0" and b"transfer-encoding" in headers:
+            self._refuse(400, "Transfer-Encoding is not HTTP/1.0: send Content-Length (RFC 9112 §6.1)")
+            raise httptools.HttpParserError("Transfer-Encoding in HTTP/1.0")
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or len(length) > 18 or int(length) > self.limits.max_body:
+            self._refuse(413, f"request body of {length[:20].decode(errors='replace')} bytes is over the "
+                              f"{self.limits.max_body}-byte limit")  # fmt: skip
+            raise httptools.HttpParserError("body over the limit")
+        self.remaining = int(length)
+        self._deadline(BODY, self.limits.body_timeout_s)
+        if version != "1.0" and headers.get(b"expect", b"").lower() == b"100-continue":  # RFC 9110 §10.1.1
+            self.continue_due = True
 
     def on_body(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._size > self.max_body:  # chunked uploads have no length to check first
-            self.refused = self.error(413, f"request body is over the {self.max_body}-byte limit")
-            self._fail(self.refused)
+        self.size += len(chunk)
+        self.piece_body += len(chunk)
+        if self.remaining:
+            self.remaining -= len(chunk)
+        if self.size > self.limits.max_body:  # chunked uploads have no length to check first
+            self._refuse(413, f"request body is over the {self.limits.max_body}-byte limit")
             raise httptools.HttpParserError("body over the limit")
         self._body.append(chunk)
 
     def on_message_complete(self) -> None:
-        if self.refused is not None:
+        self.in_message = self.continue_due = False
+        self.gap = self.remaining = 0
+        if self.refused:
             return
         url = httptools.parse_url(b"".join(self._url))
-        request = Request(
+        self.queue.append(Request(
             method=self.parser.get_method().decode(),
             path=url.path.decode(errors="replace"),
             query=(url.query or b"").decode(errors="replace"),
             headers=self._headers,
             body=self._body[0] if len(self._body) == 1 else b"".join(self._body),
             keep_alive=self.parser.should_keep_alive(),
-        )
-        if self.busy:  # answers go out in the order requests came: hold this one, and read no more meanwhile
-            self.pending.append(request)
-            self.transport.pause_reading()
-        else:
-            self._dispatch(request)
+        ))  # fmt: skip
 
-    # answering
+    # answering: one loop, so that any depth of pipelining costs no stack
+
+    def _pump(self) -> None:
+        if self.pumping:
+            return  # a synchronous answer inside the loop below: the loop goes on from there
+        self.pumping = True
+        try:
+            while self.transport is not None and not self.transport.is_closing() and not self.lingering:
+                if self.queue and not self.busy and not self.writing_paused:
+                    item = self.queue.popleft()
+                    if isinstance(item, Response):
+                        self._write(item, close=True, head_only=False)
+                        self._linger()
+                        return
+                    self._dispatch(item)
+                elif self.stash is not None and not self.refused and len(self.queue) < self.limits.pipelined \
+                        and not self.writing_paused:  # fmt: skip
+                    view, self.stash = self.stash, None
+                    self._parse(view)
+                else:
+                    break
+            if self.transport is None or self.transport.is_closing() or self.lingering:
+                return
+            if self.continue_due and not self.busy and not self.queue:
+                self.continue_due = False
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._reading(self.stash is None and not self.refused)
+            if self.writing_paused:
+                return
+            if self.in_message:
+                self._deadline(HEAD if self.in_head else BODY, self.limits.header_timeout_s if self.in_head
+                               else self.limits.body_timeout_s, keep=True)  # fmt: skip
+            elif not self.busy and not self.queue:
+                self._deadline(IDLE, self.limits.idle_timeout_s)
+        finally:
+            self.pumping = False
 
     def _dispatch(self, request: Request) -> None:
         self.busy = True
-        if self.timer:
-            self.timer.cancel()
         answered = []
 
         def reply(response: Response) -> None:
-            if not answered:
-                answered.append(True)
-                self._send(request, response)
+            if answered:
+                return
+            answered.append(True)
+            self.busy, self.abandon = False, None
+            if self.transport is None or self.transport.is_closing():
+                return
+            self._write(response, close=response.close or not request.keep_alive, head_only=request.method == "HEAD")
+            if response.close or not request.keep_alive:
+                self.transport.close()
+                return
+            self._pump()
 
         try:
-            self.app(request, reply)
+            abandon = self.app(request, reply)
         except Exception:
             logger.exception("request handling failed")
-            reply(self.error(500, "the server failed on this request"))
+            return reply(self.error(500, "the server failed on this request"))
+        if not answered:
+            self.abandon = abandon
 
-    def _send(self, request: Request, response: Response) -> None:
-        if self.transport is None or self.transport.is_closing():
+    def _head(self, response: Response, *, close: bool, extra: tuple = ()) -> bytes:
+        return b"".join([b"HTTP/1.1 %d %s\r\n" % (response.status, REASONS.get(response.status, b"")),
+                         *(b"%s: %s\r\n" % h for h in (*response.headers, *extra)),
+                         b"content-length: %d\r\n" % len(response.body),
+                         b"connection: close\r\n\r\n" if close else b"\r\n"])  # fmt: skip
+
+    def _write(self, response: Response, *, close: bool, head_only: bool) -> None:
+        self.transport.write(self._head(response, close=close) + (b"" if head_only else response.body))
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer in turn, after what was read before it, then close: nothing after it is parsed or read."""
+        if self.refused:
             return
-        close = response.close or not request.keep_alive
-        head = [b"HTTP/1.1 %d %s\r\n" % (response.status, REASONS.get(response.status, b"")),
-                *(b"%s: %s\r\n" % h for h in response.headers),
-                b"content-length: %d\r\n" % len(response.body),
-                b"connection: close\r\n\r\n" if close else b"\r\n"]  # fmt: skip
-        body = b"" if request.method == "HEAD" else response.body
-        self.transport.write(b"".join(head) + body)
-        self.busy = False
-        if close:
-            self.transport.close()
-            return
-        if self.pending:
-            self._dispatch(self.pending.popleft())
-            if not self.pending:
-                self.transport.resume_reading()
+        self.refused = True
+        self.stash = None
+        self.continue_due = False
+        self.queue.append(replace(self.error(status, message), close=True))
+        if self.transport is not None:
+            self._reading(False)
+
+    def _refuse_head(self, *, line: bool) -> None:
+        if line:  # the request line itself is still arriving
+            self._refuse(414, f"request line over {self.limits.head_bytes} bytes")
         else:
-            self._arm(IDLE_TIMEOUT_S)
+            self._refuse(431, f"request header fields over {self.limits.head_bytes} bytes or "
+                              f"{self.limits.header_lines} lines")  # fmt: skip
 
-    def _fail(self, response: Response) -> None:
-        """Answer at once and close: the rest of what this client sends is not read."""
-        if self.transport is None or self.transport.is_closing():
-            return
-        self.pending.clear()
-        self._send(Request("", "", "", keep_alive=False), response)
-
-    def _arm(self, seconds: float) -> None:
+    def _linger(self) -> None:
+        """The refusal is written: send FIN, drop what still arrives for a moment, then close (nginx's lingering
+        close), so a client still uploading reads the answer instead of a reset."""
+        self.lingering = True
+        self.queue.clear()
         if self.timer:
             self.timer.cancel()
-        if self.transport is not None:
-            self.timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._reading(True)
+        self.timer = self.loop.call_later(LINGER_S, self._close)
 
-    def _expire(self) -> None:
-        if self.transport is not None and not self.busy:
+    def _close(self) -> None:
+        if self.transport is not None:
             self.transport.close()
 
+    def _reading(self, on: bool) -> None:
+        if on != self.reading and self.transport is not None and not self.transport.is_closing():
+            self.reading = on
+            (self.transport.resume_reading if on else self.transport.pause_reading)()
 
-async def serve(app: App, error: Callable[[int, str], Response], sock, max_body: int) -> asyncio.AbstractServer:
+    # the client's deadlines
+
+    def _deadline(self, kind: str, seconds: float, keep: bool = False) -> None:
+        """Start KIND's clock (keep: the one already running for KIND goes on)."""
+        if keep and self.kind == kind:
+            return
+        self.kind, self.deadline = kind, self.loop.time() + seconds
+        if self.deadline < self.timer_at:
+            if self.timer:
+                self.timer.cancel()
+            self.timer_at = self.deadline
+            self.timer = self.loop.call_at(self.deadline, self._expire)
+
+    def _expire(self) -> None:
+        self.timer, self.timer_at = None, float("inf")
+        if self.transport is None or self.lingering:
+            return
+        now = self.loop.time()
+        if self.deadline > now or self.kind not in (SEND, IDLE) and self.stash is not None or \
+                self.kind == IDLE and (self.busy or self.queue):  # fmt: skip
+            # not due yet, or we are the ones holding things up: look again later
+            self.timer_at = max(self.deadline, now + 1)
+            self.timer = self.loop.call_at(self.timer_at, self._expire)
+            return
+        if self.kind == SEND:
+            logger.info("a client took none of its answers for %gs: connection dropped", self.limits.send_timeout_s)
+            self.transport.abort()
+        elif self.kind == IDLE:
+            self.transport.close()
+        elif self.kind in (HEAD, BODY) and self.in_message:
+            what = "header" if self.kind == HEAD else "body"
+            limit = self.limits.header_timeout_s if self.kind == HEAD else self.limits.body_timeout_s
+            self._refuse(408, f"the request's {what} did not arrive within {limit:g}s")
+            self._pump()
+
+
+async def serve(app: App, error: Error, sock, limits: Limits = Limits()) -> asyncio.AbstractServer:
     """Start answering on a bound socket (listening starts here); stop with server.close()."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: Connection(app, error, max_body), sock=sock, backlog=2048)
+    open_connections = [0]  # this worker's, shared by its connections
+    return await loop.create_server(lambda: Connection(app, error, limits, open_connections), sock=sock, backlog=2048)

@@ -3,8 +3,10 @@ grpcio's asyncio server, sharing the worker's batcher with REST. tritonclient.gr
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -13,8 +15,8 @@ import numpy as np
 
 from . import v2
 from .batching import Overloaded
-from .limits import MAX_REQUEST_BYTES
-from .serving import Served
+from .http11 import Limits
+from .serving import ABANDONED, DECODE_INLINE_BYTES, Served
 
 logger = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
@@ -39,24 +41,30 @@ def protocol_messages():
     return module
 
 
-def tensors_of(request, pb) -> list[v2.Tensor]:
-    """A ModelInferRequest's inputs: raw contents (tritonclient's default) or typed contents."""
-    raw = list(request.raw_input_contents)
+def tensors_of(request, limit=None) -> list[v2.Tensor]:
+    """A ModelInferRequest's inputs: raw contents (tritonclient's default) or typed contents; `limit`
+    (v2.element_limit) bounds each tensor's elements before any is read."""
+    raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise v2.ProtocolError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
     out = []
     for k, inp in enumerate(request.inputs):
-        name, shape = inp.name[:64], tuple(int(d) for d in inp.shape)
-        if any(d < 0 for d in shape):
-            raise v2.ProtocolError(f"input '{name}': shape must be non-negative integers")
+        name, shape, datatype = inp.name[:64], tuple(int(d) for d in inp.shape[:17]), inp.datatype[:16]
+        if len(shape) > 16 or any(d < 0 for d in shape):
+            raise v2.ProtocolError(f"input '{name}': shape must be at most 16 non-negative integers")
+        most = limit(datatype) if limit else None
+        if most is not None and math.prod(shape) > most:
+            raise v2.too_many(name, shape, math.prod(shape), most)
         if raw:
-            out.append(v2.tensor_from_binary(name, inp.datatype, shape, raw[k]))
-        elif inp.datatype == "BYTES":
-            out.append(v2.Tensor(name, "BYTES", shape, np.array(list(inp.contents.bytes_contents), dtype=object)))
-        elif inp.datatype == "FP32":
-            out.append(v2.Tensor(name, "FP32", shape, np.asarray(inp.contents.fp32_contents, np.float32)))
-        else:
-            raise v2.ProtocolError(f"input '{name}': datatype {inp.datatype[:16]} is not one this model takes")
+            out.append(v2.tensor_from_binary(name, datatype, shape, raw[k], most))
+            continue
+        contents = inp.contents.bytes_contents if datatype == "BYTES" else inp.contents.fp32_contents
+        if datatype not in ("BYTES", "FP32"):
+            raise v2.ProtocolError(f"input '{name}': datatype {datatype} is not one this model takes")
+        if most is not None and len(contents) > most:
+            raise v2.too_many(name, shape, len(contents), most)
+        data = np.array(list(contents), dtype=object) if datatype == "BYTES" else np.asarray(contents, np.float32)
+        out.append(v2.Tensor(name, datatype, shape, data))
     return out
 
 
@@ -82,10 +90,11 @@ def handler(served: Served, version: str):
     pb = protocol_messages()
     codes = {413: grpc.StatusCode.RESOURCE_EXHAUSTED, 404: grpc.StatusCode.NOT_FOUND}
 
-    async def model_named(name: str, context) -> None:
-        if name != served.name:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no model named {name[:64]!r}: this server has "
-                                                           f"{served.name!r}")  # fmt: skip
+    async def model_named(name: str, version: str, context) -> None:
+        if not served.serves(name, version):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {name[:64]!r} version {version[:32]!r}: this "
+                                f"server has {served.name!r} version {served.version}" if name == served.name else
+                                f"no model named {name[:64]!r}: this server has {served.name!r}")  # fmt: skip
 
     async def server_live(request, context):
         return pb.ServerLiveResponse(live=True)
@@ -97,11 +106,11 @@ def handler(served: Served, version: str):
         return pb.ServerMetadataResponse(name="torchship", version=version, extensions=["binary_tensor_data"])
 
     async def model_ready(request, context):
-        await model_named(request.name, context)
+        await model_named(request.name, request.version, context)
         return pb.ModelReadyResponse(ready=served.ready)
 
     async def model_metadata(request, context):
-        await model_named(request.name, context)
+        await model_named(request.name, request.version, context)
         meta = served.metadata()
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
@@ -113,11 +122,16 @@ def handler(served: Served, version: str):
         served.metrics.started()
         served.batcher.decoding += 1
         try:
-            if request.model_name != served.name:
+            if not served.serves(request.model_name, request.model_version):
                 status = 404
-                raise v2.ProtocolError(f"no model named {request.model_name[:64]!r}: this server has "
-                                       f"{served.name!r}", 404)  # fmt: skip
-            rows = served.decode(tensors_of(request, pb))
+                raise v2.ProtocolError(f"no model {request.model_name[:64]!r} version {request.model_version[:32]!r}"
+                                       f": this server has {served.name!r} version {served.version}", 404)  # fmt: skip
+            if sum(len(r) for r in request.raw_input_contents) <= DECODE_INLINE_BYTES:
+                rows = decode(request)
+            elif served.batcher.decoding > served.batcher.max_queue:
+                raise Overloaded(f"{served.batcher.decoding} requests are being decoded in this worker (its limit)")
+            else:
+                rows = await asyncio.get_running_loop().run_in_executor(served.decoder, decode, request)
             served.batcher.decoding -= 1
             decoding = False
             response = infer_response(served, request, await served.predict(rows), pb)
@@ -129,6 +143,9 @@ def handler(served: Served, version: str):
         except Overloaded as e:
             status = 503
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except asyncio.CancelledError:  # the client cancelled or went away: its rows left the queue with the task
+            status = ABANDONED
+            raise
         except Exception as e:
             if isinstance(e, grpc.aio.AbortError):
                 raise
@@ -138,6 +155,9 @@ def handler(served: Served, version: str):
             if decoding:
                 served.batcher.decoding -= 1
             served.metrics.answered("grpc", status, time.perf_counter() - start)
+
+    def decode(request):
+        return served.decode(tensors_of(request, served.limit))
 
     methods = {"ServerLive": (server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
                "ServerReady": (server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
@@ -151,13 +171,17 @@ def handler(served: Served, version: str):
         for name, (fn, req, resp) in methods.items()})  # fmt: skip
 
 
-def server(served: Served, host: str, port: int, version: str = "", max_message: int = MAX_REQUEST_BYTES):
-    """An asyncio gRPC server on HOST:PORT; every worker binds the same port (SO_REUSEPORT, grpcio's default)."""
+def server(served: Served, host: str, port: int, version: str = "", limits: Limits = Limits()):
+    """An asyncio gRPC server on HOST:PORT; every worker binds the same port (SO_REUSEPORT, grpcio's default), with
+    the REST core's limits where HTTP/2 has the same knob. Calls in progress are capped per worker like REST
+    connections (past the cap: RESOURCE_EXHAUSTED); a per-connection stream cap would refuse tritonclient's streams
+    instead of queueing them, since every client in a process shares one connection."""
     import grpc
 
-    options = [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message),
-               ("grpc.so_reuseport", 1)]  # fmt: skip
-    srv = grpc.aio.server(options=options)
+    options = [("grpc.max_receive_message_length", limits.max_body), ("grpc.max_send_message_length", limits.max_body),
+               ("grpc.so_reuseport", 1), ("grpc.max_metadata_size", limits.head_bytes),
+               ("grpc.max_connection_idle_ms", int(limits.idle_timeout_s * 1000))]  # fmt: skip
+    srv = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.connections)
     srv.add_generic_rpc_handlers((handler(served, version),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if srv.add_insecure_port(address) == 0:

@@ -14,7 +14,7 @@ from .http11 import Request, Response
 from .images import InputError
 from .request import instances
 from .responses import respond
-from .serving import Served
+from .serving import ABANDONED, DECODE_INLINE_BYTES, Served
 from .tensors import rows_from_instances, standardize
 
 try:  # orjson writes every answer's JSON 3-10x faster than json (bench/NOTES.md)
@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover
 logger = logging.getLogger(__name__)
 MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
 V1_ROUTE = re.compile(r"^/v1/models/([^/:]+)(:predict)?$")  # KServe v1 / TF Serving: {"instances": [...]}
-DECODE_INLINE_BYTES = 64 * 1024  # larger bodies (photos) are decoded off the event loop, so they hold no one up
+HEADER_LENGTH = v2.HEADER_LENGTH.encode()
 RETRY_AFTER_S = b"1"
 JSON = ((b"content-type", b"application/json"),)
 LIVE = Response(200, b'{"live":true}')
@@ -55,13 +55,13 @@ class RestApp:
         self.served, self.version = served, server_version()
         self.loop = asyncio.get_running_loop()
 
-    def __call__(self, request: Request, reply) -> None:
+    def __call__(self, request: Request, reply):
         path, method = request.path, request.method
         m = MODEL_ROUTE.match(path)
         if m and m.group(3) == "/infer":
             if method != "POST":
                 return reply(error(405, f"{path[:200]} takes POST"))
-            return self.infer(request, reply, m.group(1))
+            return self.infer(request, reply, m.group(1), m.group(2))
         v1 = V1_ROUTE.match(path)
         if v1 and v1.group(2):
             if method != "POST":
@@ -71,7 +71,7 @@ class RestApp:
             return reply(error(405 if m or path.startswith("/v2") else 404, f"no {method} route {path[:200]}"))
         if v1:
             if v1.group(1) != self.served.name:
-                return reply(error(404, f"no model named {v1.group(1)[:64]!r}: this server has {self.served.name!r}"))
+                return reply(self.unknown(v1.group(1), None))
             return reply(Response(200, dumps({"name": self.served.name, "ready": self.served.ready})))
         if path == "/v2/health/live":
             return reply(LIVE)
@@ -84,70 +84,103 @@ class RestApp:
         if path == "/metrics":
             return reply(Response(200, metrics.exposition(), ((b"content-type", metrics.CONTENT_TYPE.encode()),)))
         if m:
-            if m.group(1) != self.served.name:
-                return reply(error(404, f"no model named {m.group(1)[:64]!r}: this server has {self.served.name!r}"))
+            if not self.served.serves(m.group(1), m.group(2)):
+                return reply(self.unknown(m.group(1), m.group(2)))
             if m.group(3) == "/ready":
                 return reply(Response(200 if ready else 503, dumps({"name": self.served.name, "ready": ready})))
             return reply(Response(200, dumps(self.served.metadata())))
         return reply(error(404, f"no route {path[:200]}: the Open Inference Protocol's are under /v2"))
 
-    def infer(self, request: Request, reply, model: str) -> None:
+    def unknown(self, model: str, version: str | None) -> Response:
+        served = self.served
+        if model != served.name:
+            return error(404, f"no model named {model[:64]!r}: this server has {served.name!r}")
+        return error(404, f"{served.name} has no version {version[:32]!r}: it serves version {served.version}")
+
+    def infer(self, request: Request, reply, model: str, version: str | None):
+        """Decode (off the event loop when large), queue, encode; the returned function drops the request if its
+        client goes away first: its rows leave the queue before the pass, and it is counted as abandoned."""
         served, start = self.served, time.perf_counter()
         served.metrics.started()
+        outcome: list[int] = []  # the one status this request ends with
+        queued: list[asyncio.Future] = []
 
         def answer(response: Response) -> None:
-            served.metrics.answered("rest", response.status, time.perf_counter() - start)
-            reply(response)
+            if not outcome:
+                outcome.append(response.status)
+                served.metrics.answered("rest", response.status, time.perf_counter() - start)
+                reply(response)
 
-        try:
-            if model != served.name:
-                return answer(error(404, f"no model named {model[:64]!r}: this server has {served.name!r}"))
-            cut = request.headers.get(v2.HEADER_LENGTH.encode())
-            if cut is not None and not cut.isdigit():
-                raise v2.ProtocolError(f"{v2.HEADER_LENGTH} must be a number of bytes")
-            header, tensors = v2.parse_http(request.body, int(cut) if cut is not None else None)
-            want = v2.wanted(header, served.card)
-        except v2.ProtocolError as e:
-            return answer(error(e.status, str(e)))
+        def abandon() -> None:
+            for future in queued:
+                future.cancel()
+            answer(Response(ABANDONED, b""))
 
-        def predict(rows) -> None:
+        def predict(prepared) -> None:
+            header, want, rows = prepared
             try:
                 pending = served.batcher.enqueue(rows)
             except Overloaded as e:
                 return answer(error(503, str(e), headers=((b"retry-after", RETRY_AFTER_S),)))
+            queued.append(pending)
             pending.add_done_callback(lambda done: answer(self.encode(done, header, want)))
 
+        if not served.serves(model, version):
+            answer(self.unknown(model, version))
+            return None
         if len(request.body) <= DECODE_INLINE_BYTES:
             try:
-                rows = served.decode(tensors)
+                predict(self.prepare(request))
             except v2.ProtocolError as e:
-                return answer(error(e.status, str(e)))
-            return predict(rows)
+                answer(error(e.status, str(e)))
+            except Exception:
+                logger.exception("decoding failed")
+                answer(error(500, "the server failed to decode this request"))
+            return abandon
+        if served.batcher.decoding >= served.batcher.max_queue:
+            answer(error(503, f"{served.batcher.decoding} requests are being decoded in this worker (its limit): "
+                              "retry shortly", headers=((b"retry-after", RETRY_AFTER_S),)))  # fmt: skip
+            return None
         served.batcher.decoding += 1
-        decoded = self.loop.run_in_executor(None, served.decode, tensors)
 
-        def decoded_then(done) -> None:
+        def decoded(done) -> None:
             served.batcher.decoding -= 1
-            if isinstance(done.exception(), v2.ProtocolError):
-                return answer(error(done.exception().status, str(done.exception())))
-            if done.exception() is not None:
-                logger.error("decoding failed", exc_info=done.exception())
+            if outcome:  # abandoned while it was decoded
+                return
+            e = done.exception()
+            if isinstance(e, v2.ProtocolError):
+                return answer(error(e.status, str(e)))
+            if e is not None:
+                logger.error("decoding failed", exc_info=e)
                 return answer(error(500, "the server failed to decode this request"))
             predict(done.result())
 
-        decoded.add_done_callback(decoded_then)
+        self.loop.run_in_executor(served.decoder, self.prepare, request).add_done_callback(decoded)
+        return abandon
 
-    def predict_v1(self, request: Request, reply, model: str) -> None:
+    def prepare(self, request: Request) -> tuple[dict, list, object]:
+        """The request's v2 header, the outputs it wants and its rows: every lie a ProtocolError (a 4xx)."""
+        served = self.served
+        cut = request.headers.get(HEADER_LENGTH)
+        if cut is not None and not (cut.isdigit() and len(cut) <= 12):
+            raise v2.ProtocolError(f"{v2.HEADER_LENGTH} must be a number of bytes within the body's length")
+        header, tensors = v2.parse_http(request.body, int(cut) if cut is not None else None, served.limit)
+        return header, v2.wanted(header, served.card), served.decode(tensors)
+
+    def predict_v1(self, request: Request, reply, model: str):
         """Rows of a tensor model as KServe v1 and TF Serving send them; answered {"predictions": [...]}."""
         served, start = self.served, time.perf_counter()
         served.metrics.started()
+        outcome: list[int] = []
 
         def answer(response: Response) -> None:
-            served.metrics.answered("rest-v1", response.status, time.perf_counter() - start)
-            reply(response)
+            if not outcome:
+                outcome.append(response.status)
+                served.metrics.answered("rest-v1", response.status, time.perf_counter() - start)
+                reply(response)
 
         if model != served.name:
-            return answer(error(404, f"no model named {model[:64]!r}: this server has {served.name!r}"))
+            return answer(self.unknown(model, None))
         if served.card.image:
             return answer(error(400, f"{served.name} takes images: POST them to /v2/models/{served.name}/infer"))
         try:
@@ -159,20 +192,27 @@ class RestApp:
             return answer(error(503, str(e), headers=((b"retry-after", RETRY_AFTER_S),)))
 
         def encoded(done) -> Response:
-            if done.cancelled() or done.exception() is not None:
+            if done.cancelled():
+                return Response(ABANDONED, b"")
+            if done.exception() is not None:
                 return error(500, "inference failed")
             return Response(200, dumps({"predictions": respond(served.card, done.result())}))
 
+        def abandon() -> None:
+            pending.cancel()
+
         pending.add_done_callback(lambda done: answer(encoded(done)))
+        return abandon
 
     def encode(self, done: asyncio.Future, header: dict, want: list) -> Response:
-        if done.cancelled() or done.exception() is not None:
-            if not done.cancelled():
-                logger.error("inference failed", exc_info=done.exception())
+        if done.cancelled():
+            return Response(ABANDONED, b"")
+        if done.exception() is not None:
+            logger.error("inference failed", exc_info=done.exception())
             return error(500, "inference failed")
         outputs = v2.model_outputs(self.served.card, done.result())
         body, json_length = v2.response_http(self.served.name, header, outputs, want)
         if json_length is None:
             return Response(200, body)
         return Response(200, body, ((b"content-type", b"application/octet-stream"),
-                                    (v2.HEADER_LENGTH.encode(), str(json_length).encode())))  # fmt: skip
+                                    (HEADER_LENGTH, str(json_length).encode())))  # fmt: skip

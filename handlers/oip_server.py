@@ -28,12 +28,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import metrics, sizing
 from .card import ModelCard
-from .limits import MAX_REQUEST_BYTES
+from .http11 import Limits
 
 logger = logging.getLogger("torchship.oip")
 HTTP_PORT, GRPC_PORT = 8080, 8081  # KServe's ports for a custom predictor container: REST, then gRPC
@@ -56,7 +56,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max_queue", type=int, default=0, help="queued requests per worker before 503 "
                                                              "[default: sizing.queue_size()]")  # fmt: skip
     ap.add_argument("--max_pixels", type=int, default=0, help="largest decoded image  [default: the card's]")
-    ap.add_argument("--max_body", type=int, default=MAX_REQUEST_BYTES, help="bytes in one request (REST and gRPC)")
+    for f in fields(Limits):  # what one client may cost a worker, REST and gRPC (http11.Limits says why each)
+        ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"[default: {f.default}]")
     ap.add_argument("--status_file", default=None, help="where the supervisor keeps its workers' pids, as JSON")
     ap.add_argument("--log_level", default="INFO")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -111,9 +112,9 @@ def worker(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         served.batcher.start()
         rest = RestApp(served)
-        grpc_server = oip_grpc.server(served, args.host, args.grpc_port, rest.version, args.max_body)
+        grpc_server = oip_grpc.server(served, args.host, args.grpc_port, rest.version, limits(args))
         await grpc_server.start()
-        server = await http11.serve(rest, error, http, args.max_body)
+        server = await http11.serve(rest, error, http, limits(args))
         served.ready = True
         os.write(args.ready_fd, (json.dumps({"pid": os.getpid(), "warmup": warm}) + "\n").encode())
         await stop.wait()
@@ -134,6 +135,10 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def limits(args: argparse.Namespace) -> Limits:
+    return Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+
+
 # The supervisor: the ports, the workers, and a replacement for each that dies.
 
 
@@ -141,26 +146,34 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def tcp_socket(host: str, *, share: bool) -> socket.socket:
+    """SO_REUSEADDR on every socket we bind: the connections our last run closed sit in TIME_WAIT on its ports for a
+    minute, and a restart must not wait for them. SHARE: join the port's SO_REUSEPORT group of our workers."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if share:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
 def hold_port(host: str, port: int, what: str) -> socket.socket:
     """Refuse a port something else holds (SO_REUSEPORT would otherwise quietly join another server's), then keep it
     bound, not listening, for our workers alone: they share it through SO_REUSEPORT."""
-    probe = socket.socket(_family(host), socket.SOCK_STREAM)
+    probe = tcp_socket(host, share=False)
     try:
         probe.bind((host, port))
     except OSError as e:
         raise SystemExit(f"cannot use {host}:{port} for {what}: {e.strerror}") from None
     finally:
         probe.close()
-    guard = socket.socket(_family(host), socket.SOCK_STREAM)
-    guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    guard = tcp_socket(host, share=True)
     guard.bind((host, port))
     return guard
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """A worker's own REST socket in the port's SO_REUSEPORT group; it listens once the server starts on it."""
-    sock = socket.socket(_family(host), socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock = tcp_socket(host, share=True)
     sock.bind((host, port))
     return sock
 
@@ -273,12 +286,13 @@ class Supervisor:
             Path(self.args.status_file).unlink(missing_ok=True)
 
 
-SETTINGS = ("workers", "max_batch", "max_delay_ms", "threads", "max_queue", "backend", "max_body")
+LIMITS = tuple(f.name for f in fields(Limits))
+SETTINGS = ("workers", "max_batch", "max_delay_ms", "threads", "max_queue", "backend", *LIMITS)
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
     keep = ("model_dir", "model_name", "host", "http_port", "grpc_port", "backend", "workers", "max_batch",
-            "max_delay_ms", "threads", "max_queue", "max_pixels", "max_body", "log_level")  # fmt: skip
+            "max_delay_ms", "threads", "max_queue", "max_pixels", "log_level", *LIMITS)  # fmt: skip
     return [f"--{k}={getattr(args, k)}" for k in keep]
 
 

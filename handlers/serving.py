@@ -5,6 +5,8 @@ batcher), encode (rows to v2 output tensors)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +17,9 @@ from .card import ModelCard
 from .images import Preprocessor
 from .metrics import Metrics
 
+DECODE_THREADS = 2  # large requests are parsed and decoded here, off the event loop; a bounded pool, a bounded queue
+DECODE_INLINE_BYTES = 64 * 1024  # larger requests (photos, long JSON) are parsed and decoded in that pool
+ABANDONED = 499  # nginx's "client closed request": counted in the metrics, never sent (no one is there to read it)
 PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch",
              "pt2": "pytorch_aotinductor"}  # fmt: skip
 
@@ -30,6 +35,16 @@ class Served:
     version: str = "1"
     ready: bool = False
     warmup: dict = field(default_factory=dict)
+    limit: Callable[[str], int] = None  # the most elements a request's tensor of a datatype may hold (v2)
+    decoder: ThreadPoolExecutor = None
+
+    def __post_init__(self):
+        self.limit = self.limit or v2.element_limit(self.card)
+        self.decoder = self.decoder or ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+
+    def serves(self, model: str, version: str | None) -> bool:
+        """Whether /v2/models/MODEL[/versions/VERSION] is this model (no version: its default)."""
+        return model == self.name and version in (None, "", self.version)
 
     def metadata(self) -> dict:
         return {"name": self.name, "versions": [self.version], "platform": PLATFORMS.get(self.backend, self.backend),

@@ -14,6 +14,7 @@ import binascii
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,11 +182,24 @@ def model_outputs(card: ModelCard, raw: np.ndarray) -> list[Tensor]:
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32, "UINT8": np.uint8}
 
 
-def bytes_elements(blob: bytes) -> list[bytes]:
+def element_limit(card: ModelCard) -> Callable[[str], int]:
+    """The most elements one request's tensor of a datatype may hold for this model: checked from the shape a client
+    claims before any element is read, and again while reading."""
+    per_request = MAX_BATCH_ITEMS * math.prod(card.input_shape)
+    return lambda datatype: MAX_BATCH_ITEMS if datatype == "BYTES" else per_request
+
+
+def too_many(name: str, shape, count: int, most: int) -> ProtocolError:
+    return ProtocolError(f"input '{name}': shape {list(shape)[:8]} holds {count} elements; at most {most} per "
+                         "request", 413)  # fmt: skip
+
+
+def bytes_elements(blob: bytes, most: int | None = None) -> list[bytes]:
     """The binary extension's BYTES layout (gRPC's raw contents too): each element a 4-byte little-endian length,
-    then the bytes."""
+    then the bytes. Reading stops one element past `most`: enough to say there are too many."""
     out, pos, n = [], 0, len(blob)
-    while pos < n:
+    stop = len(blob) if most is None else most + 1
+    while pos < n and len(out) < stop:
         if pos + 4 > n:
             raise ProtocolError("BYTES tensor data is truncated")
         (size,) = struct.unpack_from("<I", blob, pos)
@@ -200,9 +214,13 @@ def bytes_blob(elements) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def tensor_from_binary(name: str, datatype: str, shape: tuple[int, ...], chunk: bytes) -> Tensor:
+def tensor_from_binary(name: str, datatype: str, shape: tuple[int, ...], chunk: bytes, most: int | None = None
+                       ) -> Tensor:  # fmt: skip
     if datatype == "BYTES":
-        return Tensor(name, datatype, shape, np.array(bytes_elements(chunk) or [], dtype=object))
+        elements = bytes_elements(chunk, most)
+        if most is not None and len(elements) > most:
+            raise ProtocolError(f"input '{name}' holds more than {most} elements for shape {list(shape)[:8]}", 413)
+        return Tensor(name, datatype, shape, np.array(elements or [], dtype=object))
     if datatype not in DATATYPES:
         raise ProtocolError(f"input '{name}': datatype {datatype} is not one this model takes")
     size = np.dtype(DATATYPES[datatype]).itemsize
@@ -220,8 +238,10 @@ def loads(raw: bytes):
         raise ProtocolError(f"the request is not valid JSON ({str(e).splitlines()[0][:120]}){hint}") from None
 
 
-def parse_http(body, header_length: int | None = None) -> tuple[dict, list[Tensor]]:
-    """A v2 infer request body (JSON, or JSON + binary tensors) to its header and input tensors."""
+def parse_http(body, header_length: int | None = None, limit: Callable[[str], int] | None = None
+               ) -> tuple[dict, list[Tensor]]:  # fmt: skip
+    """A v2 infer request body (JSON, or JSON + binary tensors) to its header and input tensors; `limit` (from
+    element_limit) bounds every tensor's elements before any is read."""
     if isinstance(body, dict):
         header, binary = body, b""
     else:
@@ -237,8 +257,12 @@ def parse_http(body, header_length: int | None = None) -> tuple[dict, list[Tenso
         if not isinstance(spec, dict) or not {"name", "datatype", "shape"} <= set(spec):
             raise ProtocolError(f"input {k} needs 'name', 'datatype' and 'shape'")
         name, datatype, shape = str(spec["name"])[:64], str(spec["datatype"])[:16], spec["shape"]
-        if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d <= 1 << 31 for d in shape):
-            raise ProtocolError(f"input '{name}': shape must be a list of non-negative integers")
+        if not isinstance(shape, list) or len(shape) > 16 or not all(isinstance(d, int) and 0 <= d <= 1 << 31
+                                                                     for d in shape):  # fmt: skip
+            raise ProtocolError(f"input '{name}': shape must be a list of at most 16 non-negative integers")
+        most = limit(datatype) if limit else None
+        if most is not None and math.prod(shape) > most:
+            raise too_many(name, shape, math.prod(shape), most)
         params = spec.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
@@ -247,14 +271,17 @@ def parse_http(body, header_length: int | None = None) -> tuple[dict, list[Tenso
             chunk, pos = bytes(binary[pos : pos + size]), pos + size
             if len(chunk) != size:
                 raise ProtocolError(f"input '{name}': binary_data_size {size} runs past the end of the body")
-            tensors.append(tensor_from_binary(name, datatype, tuple(shape), chunk))
+            tensors.append(tensor_from_binary(name, datatype, tuple(shape), chunk, most))
             continue
         values = spec.get("data")
         if values is None:
             raise ProtocolError(f"input '{name}' has neither 'data' nor binary_data_size")
         if datatype == "BYTES":
-            data = np.array(list(_flat(values, name)), dtype=object)
+            data = np.array(list(_flat(values, name, most)), dtype=object)
         elif datatype in DATATYPES:
+            claimed = _first_path_size(values)
+            if most is not None and claimed > most:
+                raise too_many(name, shape, claimed, most)
             try:
                 data = np.asarray(values, dtype=DATATYPES[datatype]).reshape(-1)
             except (TypeError, ValueError, OverflowError):
@@ -267,15 +294,33 @@ def parse_http(body, header_length: int | None = None) -> tuple[dict, list[Tenso
     return header, tensors
 
 
-def _flat(values, name: str, depth: int = 0):
-    """A BYTES tensor's JSON data, nested or flat, element by element."""
-    if not isinstance(values, list):
-        yield values
-        return
-    if depth > 8:
-        raise ProtocolError(f"input '{name}': data is nested deeper than any tensor this model takes")
-    for v in values:
-        yield from _flat(v, name, depth + 1)
+def _flat(values, name: str, most: int | None = None):
+    """A BYTES tensor's JSON data, nested or flat, element by element; one past `most` is an error."""
+    count, stack = 0, [iter([values])]
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, list):
+                if len(stack) > 8:
+                    raise ProtocolError(f"input '{name}': data is nested deeper than any tensor this model takes")
+                stack.append(iter(v))
+                break
+            count += 1
+            if most is not None and count > most:
+                raise ProtocolError(f"input '{name}' holds more than {most} elements; at most {most} per request",
+                                    413)  # fmt: skip
+            yield v
+        else:
+            stack.pop()
+
+
+def _first_path_size(values) -> int:
+    """The elements a nested JSON list holds if it is rectangular: the product of its lengths along the first path
+    (a ragged list fails numpy's conversion instead)."""
+    size = 1
+    while isinstance(values, list):
+        size *= len(values)
+        values = values[0] if values else None
+    return size
 
 
 def wanted(header: dict, card: ModelCard) -> list[Wanted]:

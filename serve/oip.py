@@ -47,6 +47,7 @@ class OIPConfig:
     threads: int = 0
     max_queue: int = 0
     max_pixels: int = 0
+    server_flags: tuple[str, ...] = ()  # more of the server's own flags (`python -m MODULE --help`: limits, timeouts)
     runtime: str = NAME
 
     @classmethod
@@ -80,7 +81,7 @@ def command(cfg: OIPConfig) -> list[str]:
              "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms, "threads": cfg.threads,
              "max_queue": cfg.max_queue, "max_pixels": cfg.max_pixels,
              "status_file": str(Path(cfg.state_dir) / STATUS)}  # fmt: skip
-    return [sys.executable, "-m", MODULE, *(f"--{k}={v}" for k, v in flags.items())]
+    return [sys.executable, "-m", MODULE, *(f"--{k}={v}" for k, v in flags.items()), *cfg.server_flags]
 
 
 def pid(state_dir: Path | str) -> int | None:
@@ -174,6 +175,7 @@ def load_instance(state_dir: Path | str) -> OIPConfig:
         raise ServerError(f"no instance recorded in {state_dir}")
     d = json.loads(f.read_text())
     d["runtime"] = NAME  # instances recorded as "kserve" before the runtime had its own name
+    d["server_flags"] = tuple(d.get("server_flags", ()))
     return OIPConfig(**d)
 
 
