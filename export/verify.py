@@ -120,6 +120,13 @@ def image_count(flops: int, backends: int, batch_sizes: int = len(BATCH_SIZES)) 
     return int(np.clip(FLOP_BUDGET / max(flops * passes, 1), MIN_IMAGES, MAX_IMAGES))
 
 
+def proof_set(card: ModelCard, model: torch.nn.Module, formats: list[str], data_dir: Path | str = "data",
+              batch_sizes: tuple[int, ...] = BATCH_SIZES) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """The inputs the proof of an export with these formats runs on, and what they are."""
+    exact = 1 + sum(FORMAT_BY_NAME[f].exact for f in formats)  # eager float32 and every exact format
+    return proof_inputs(card, image_count(flops_per_image(model, card.input_shape), exact, len(batch_sizes)), data_dir)
+
+
 def backends(export_dir: Path, model: torch.nn.Module, formats: list[str], threads: int = 0) -> dict:
     """Every exact format present, as a function of a numpy batch; eager float32 first."""
     from torchship.runtime import runners
@@ -232,8 +239,7 @@ def verify(
     export_dir, requested_atol = Path(export_dir), atol
     card, model, formats = load_for_proof(export_dir, source)
     fns = backends(export_dir, model, formats)
-    n = image_count(flops_per_image(model, card.input_shape), len(fns), len(batch_sizes))
-    x, inputs = proof_inputs(card, n, data_dir)
+    x, inputs = proof_set(card, model, formats, data_dir, batch_sizes)
     batch_sizes = tuple(sorted({min(b, len(x)) for b in batch_sizes}))
     reference_model = copy.deepcopy(model).double()
     with torch.inference_mode():

@@ -72,9 +72,23 @@ Error = Callable[[int, str], Response]
 IDLE, HEAD, BODY, SEND = "idle", "head", "body", "send"  # which of the client's deadlines runs
 
 
+class Tally:
+    """A worker's connections: how many are open, and how many it has stopped reading (flow control); `watch` hears
+    every change (the metrics' gauges)."""
+
+    def __init__(self, watch: Callable[[int, int], None] | None = None):
+        self.open = self.paused = 0
+        self.watch = watch or (lambda open_, paused: None)
+
+    def add(self, open_: int = 0, paused: int = 0) -> None:
+        self.open += open_
+        self.paused += paused
+        self.watch(self.open, self.paused)
+
+
 class Connection(asyncio.Protocol):
-    def __init__(self, app: App, error: Error, limits: Limits, open_connections: list[int]):
-        self.app, self.error, self.limits, self.open = app, error, limits, open_connections
+    def __init__(self, app: App, error: Error, limits: Limits, tally: Tally):
+        self.app, self.error, self.limits, self.tally = app, error, limits, tally
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
@@ -85,6 +99,7 @@ class Connection(asyncio.Protocol):
         self.lingering = False
         self.writing_paused = False
         self.reading = True
+        self.flow_paused = False
         self.stash: memoryview | None = None  # read but not yet parsed while the queue is full
         self.pumping = False
         self.continue_due = False  # a 100 Continue owed once the requests before this one are answered
@@ -108,13 +123,12 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        if self.open[0] >= self.limits.connections:
-            transport.write(self._head(self.error(503, f"this worker holds {self.limits.connections} connections, "
-                                                       "its limit: retry shortly"), close=True,
-                                       extra=((b"retry-after", b"1"),)))  # fmt: skip
+        if self.tally.open >= self.limits.connections:
+            busy = self.error(503, f"this worker holds {self.limits.connections} connections, its limit: retry shortly")
+            transport.write(self._head(busy, close=True, extra=((b"retry-after", b"1"),)) + busy.body)
             transport.close()
             return
-        self.open[0] += 1
+        self.tally.add(open_=1)
         self.counted = True
         transport.set_write_buffer_limits(high=self.limits.unsent_bytes)
         self._deadline(IDLE, self.limits.header_timeout_s)  # a new connection owes its first request promptly
@@ -122,7 +136,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.transport = None
         if self.counted:
-            self.open[0] -= 1
+            self._paused(False)
+            self.tally.add(open_=-1)
         if self.timer:
             self.timer.cancel()
         self.queue.clear()
@@ -330,6 +345,7 @@ class Connection(asyncio.Protocol):
         self.refused = True
         self.stash = None
         self.continue_due = False
+        self._paused(False)
         self.queue.append(replace(self.error(status, message), close=True))
         if self.transport is not None:
             self._reading(False)
@@ -361,6 +377,13 @@ class Connection(asyncio.Protocol):
         if on != self.reading and self.transport is not None and not self.transport.is_closing():
             self.reading = on
             (self.transport.resume_reading if on else self.transport.pause_reading)()
+        self._paused(not self.reading and not self.refused)  # a refusal stops reading for good: no pause
+
+    def _paused(self, paused: bool) -> None:
+        """Whether flow control has stopped reading this connection, as the tally counts it."""
+        if paused != self.flow_paused:
+            self.flow_paused = paused
+            self.tally.add(paused=1 if paused else -1)
 
     # the client's deadlines
 
@@ -398,8 +421,9 @@ class Connection(asyncio.Protocol):
             self._pump()
 
 
-async def serve(app: App, error: Error, sock, limits: Limits = Limits()) -> asyncio.AbstractServer:
+async def serve(app: App, error: Error, sock, limits: Limits = Limits(), tally: Tally | None = None
+                ) -> asyncio.AbstractServer:  # fmt: skip
     """Start answering on a bound socket (listening starts here); stop with server.close()."""
     loop = asyncio.get_running_loop()
-    open_connections = [0]  # this worker's, shared by its connections
-    return await loop.create_server(lambda: Connection(app, error, limits, open_connections), sock=sock, backlog=2048)
+    tally = tally or Tally()  # this worker's, shared by its connections
+    return await loop.create_server(lambda: Connection(app, error, limits, tally), sock=sock, backlog=2048)

@@ -14,6 +14,7 @@ QUEUE_SECONDS = "torchship_queue_seconds"
 INFERENCE_SECONDS = "torchship_inference_seconds"
 BATCH_SIZE = "torchship_batch_size"
 IN_FLIGHT = "torchship_requests_in_flight"
+CONNECTIONS = "torchship_http_connections"
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -38,6 +39,9 @@ class Metrics:
         self._in_flight = Gauge(IN_FLIGHT, "Requests being read, queued or run", ["model"],
                                 multiprocess_mode="livesum")  # fmt: skip
         self.in_flight = self._in_flight.labels(model)
+        connections = Gauge(CONNECTIONS, "REST connections: open, and paused (not read while the client leaves its "
+                            "answers unread)", ["state"], multiprocess_mode="livesum")  # fmt: skip
+        self._open, self._paused = connections.labels("open"), connections.labels("paused")
         self.active = 0  # this worker's own requests in flight (the gauge adds up every worker's)
         self.queue, self.inference, self.batch = (m.labels(model) for m in (self._queue, self._inference, self._batch))
         self._children: dict = {}
@@ -56,6 +60,11 @@ class Metrics:
         count, latency = self._children[key]
         count.inc()
         latency.observe(seconds)
+
+    def connections(self, open_: int, paused: int) -> None:
+        """http11.Tally's watch: this worker's connections changed."""
+        self._open.set(open_)
+        self._paused.set(paused)
 
     def ran(self, batch) -> None:
         """One forward pass (batching.Pass)."""

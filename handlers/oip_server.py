@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -91,8 +92,7 @@ def complete(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from . import http11, oip_grpc, serving
-    from .oip_rest import RestApp, error
+    from . import serving
 
     served = serving.load(args.model_dir, args.model_name, backend=args.backend, threads=args.threads,
                           max_pixels=args.max_pixels, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
@@ -103,6 +103,15 @@ def worker(args: argparse.Namespace) -> int:
         logger.error("warm-up: a batch of %d failed (%s: %s); this worker will not serve (--max_batch lower?)",
                      args.max_batch, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")  # fmt: skip
         return 3
+    return serve_model(served, args, lambda: os.write(args.ready_fd, (json.dumps({"pid": os.getpid(), "warmup": warm})
+                                                                      + "\n").encode()))  # fmt: skip
+
+
+def serve_model(served, args: argparse.Namespace, announce: Callable[[], object]) -> int:
+    """REST and gRPC over a loaded, warm model until SIGTERM; `announce` once both listen."""
+    from . import http11, oip_grpc
+    from .oip_rest import RestApp, error
+
     http = listening_socket(args.host, args.http_port)
 
     async def main() -> None:
@@ -114,9 +123,9 @@ def worker(args: argparse.Namespace) -> int:
         rest = RestApp(served)
         grpc_server = oip_grpc.server(served, args.host, args.grpc_port, rest.version, limits(args))
         await grpc_server.start()
-        server = await http11.serve(rest, error, http, limits(args))
+        server = await http11.serve(rest, error, http, limits(args), http11.Tally(served.metrics.connections))
         served.ready = True
-        os.write(args.ready_fd, (json.dumps({"pid": os.getpid(), "warmup": warm}) + "\n").encode())
+        announce()
         await stop.wait()
         served.ready = False  # probes see it first; then no new connections, and what is queued is answered
         server.close()

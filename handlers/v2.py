@@ -219,7 +219,8 @@ def tensor_from_binary(name: str, datatype: str, shape: tuple[int, ...], chunk: 
     if datatype == "BYTES":
         elements = bytes_elements(chunk, most)
         if most is not None and len(elements) > most:
-            raise ProtocolError(f"input '{name}' holds more than {most} elements for shape {list(shape)[:8]}", 413)
+            raise ProtocolError(f"input '{name}' holds more than {most} elements for shape {list(shape)[:8]}; at most "
+                                f"{most} per request", 413)  # fmt: skip
         return Tensor(name, datatype, shape, np.array(elements or [], dtype=object))
     if datatype not in DATATYPES:
         raise ProtocolError(f"input '{name}': datatype {datatype} is not one this model takes")

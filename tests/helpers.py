@@ -86,14 +86,70 @@ def wait_for(condition, timeout: float, what: str, every: float = 0.1):
         time.sleep(every)
 
 
-def corrupt_onnx(path: Path) -> None:
-    """Add 0.5 to one weight of the largest initializer: the smallest damage the proof must catch."""
+def proof_x(export_dir: Path, data_dir: Path | str = "data"):
+    """The inputs `torchship verify EXPORT_DIR` runs its proof on."""
+    from torchship.export.verify import load_for_proof, proof_set
+
+    card, model, formats = load_for_proof(Path(export_dir), None)
+    return proof_set(card, model, formats, data_dir)[0]
+
+
+def changes(out, base) -> bool:
+    """Far past what the proof tolerates (100x its default atol, scaled by the outputs' RMS below 1 as the proof
+    scales it, and 100x its rtol): a change the proof must catch."""
+    import numpy as np
+
+    from torchship.export.tolerance import ATOL, RTOL, compare
+
+    rms = min(1.0, float(np.sqrt(np.mean(np.square(base, dtype=np.float64)))))
+    return compare(out, base, atol=ATOL * 100 * rms, rtol=RTOL * 100)["failures"] > 0
+
+
+def spread(n: int, k: int = 64) -> list[int]:
+    """K indices spread over 0..n-1: candidates for the one weight to damage."""
+    import numpy as np
+
+    return list(dict.fromkeys(np.linspace(0, n - 1, min(n, k)).astype(int).tolist()))
+
+
+def corrupt_onnx(path: Path, x) -> int:
+    """Add 0.5 to one weight of the largest initializer: the smallest damage the proof must catch. The weight is the
+    first candidate shown to change the model's output on the proof's inputs X (a weight of a unit that never fires
+    on them would rightly pass the proof); returns its index."""
     import numpy as np
     import onnx
+    import onnxruntime as ort
+
+    def run(m) -> np.ndarray:
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x})[0]
 
     model = onnx.load(str(path))
     init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
-    w = onnx.numpy_helper.to_array(init).copy()
-    w.flat[0] += 0.5
-    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
-    onnx.save(model, str(path))
+    original = onnx.numpy_helper.to_array(init).copy()
+    base = run(model)
+    for i in spread(original.size):
+        w = original.copy()
+        w.flat[i] += 0.5
+        init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+        if changes(run(model), base):
+            onnx.save(model, str(path))
+            return i
+    raise AssertionError(f"no weight of {init.name} tried changes {path}'s output on the proof's inputs")
+
+
+def scrape(port: int, name: str, **labels) -> float:
+    """One Prometheus series from the OIP server's /metrics on PORT, summed over the label sets that match."""
+    import http.client
+    import re
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    body = conn.getresponse().read().decode()
+    conn.close()
+    total = 0.0
+    for m in re.finditer(rf"^{name}(\{{[^}}]*\}})?\s+([0-9.eE+-]+)$", body, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        if all(have.get(k) == str(v) for k, v in labels.items()):
+            total += float(m.group(2))
+    return total

@@ -16,7 +16,7 @@ from torchship.serve.shipping import copy_runtime
 from torchship.train.fit import train
 from torchship.train.presets import PRESETS
 
-from helpers import ROOT, TORCHSHIP, corrupt_onnx, no_torch, quick
+from helpers import ROOT, TORCHSHIP, changes, corrupt_onnx, no_torch, proof_x, quick, spread
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +80,20 @@ def test_exported_model_is_in_eval_mode(exports):
     assert not ts.training
 
 
-def corrupt_torchscript(path):
+def corrupt_torchscript(path, x) -> int:
+    """corrupt_onnx's damage in the TorchScript file: the first weight shown to change its output on X."""
     files = {"meta.json": ""}
     ts = torch.jit.load(str(path), _extra_files=files)
+    weight = max(ts.parameters(), key=lambda p: p.numel()).view(-1)
     with torch.no_grad():
-        max(ts.parameters(), key=lambda p: p.numel()).view(-1)[0] += 0.5
-    ts.save(str(path), _extra_files=files)
+        base = ts(torch.from_numpy(x)).numpy()
+        for i in spread(weight.numel()):
+            weight[i] += 0.5
+            if changes(ts(torch.from_numpy(x)).numpy(), base):
+                ts.save(str(path), _extra_files=files)
+                return i
+            weight[i] -= 0.5
+    raise AssertionError(f"no weight tried changes {path}'s output on the proof's inputs")
 
 
 @pytest.mark.parametrize("backend,corrupt", [("onnx", corrupt_onnx), ("torchscript", corrupt_torchscript)])
@@ -95,7 +103,7 @@ def test_a_single_corrupted_weight_fails_verification(backend, corrupt, exports,
     exp = exports["mnist-convnet"]
     copy = tmp_path / "export"
     shutil.copytree(exp.directory, copy)
-    corrupt(copy / ("model.onnx" if backend == "onnx" else "model.ts.pt"))
+    corrupt(copy / ("model.onnx" if backend == "onnx" else "model.ts.pt"), proof_x(copy, data_dir))
     r = subprocess.run(
         [*TORCHSHIP, "verify", str(copy), "--data-dir", str(data_dir)], capture_output=True, text=True, cwd=ROOT
     )

@@ -18,7 +18,7 @@ from torchship.export.inputs import calibration_images, dataset_split
 from torchship.export.verify import verify
 from torchship.runtime.card import ModelCard
 
-from helpers import ROOT, TORCHSHIP
+from helpers import ROOT, TORCHSHIP, changes, proof_x, spread
 
 
 def test_every_format_carries_the_same_card(convnet_all_formats):
@@ -58,27 +58,44 @@ def test_int8_calibrates_on_training_images_never_held_out_ones(convnet_export, 
     assert not any(hashlib.sha1(np.round(x * 255).astype(np.uint8).tobytes()).digest() in held_out for x in pixels)
 
 
-def corrupt_pt2(path, weight: torch.Tensor) -> None:
+def telling_weight(model: torch.nn.Module, name: str, x: np.ndarray) -> int:
+    """The first of a spread of NAME's elements whose +0.5 changes the eager model's output on the proof's inputs X:
+    the damage the proof must catch (a weight of a unit that never fires on X would rightly pass)."""
+    weight = dict(model.named_parameters())[name].view(-1)
+    with torch.no_grad():
+        base = model(torch.from_numpy(x)).numpy()
+        for i in spread(weight.numel()):
+            weight[i] += 0.5
+            changed = changes(model(torch.from_numpy(x)).numpy(), base)
+            weight[i] -= 0.5
+            if changed:
+                return i
+    raise AssertionError(f"no element of {name} tried changes the output on the proof's inputs")
+
+
+def corrupt_pt2(path, weight: torch.Tensor, index: int) -> None:
     """Change one weight inside the compiled package: AOTInductor keeps them as raw float32 in the .so."""
     with zipfile.ZipFile(path) as z:
         members = {i.filename: z.read(i.filename) for i in z.infolist()}
     so = next(n for n in members if n.endswith(".so"))
-    original = weight.float().numpy().tobytes()
-    at = members[so].find(original[:256])
+    original = weight.float().numpy()
+    at = members[so].find(original.tobytes()[:256])
     assert at > 0, "weight bytes not found in the package"
-    changed = weight.float().numpy().copy()
-    changed.flat[0] += 0.5
-    members[so] = members[so][:at] + changed.tobytes()[:256] + members[so][at + 256 :]
+    value = np.float32(original.flat[index] + 0.5).tobytes()
+    members[so] = members[so][: at + 4 * index] + value + members[so][at + 4 * index + 4 :]
     with zipfile.ZipFile(path, "w") as z:
         for name, data in members.items():
             z.writestr(name, data)
 
 
 def test_a_single_corrupted_weight_in_the_pt2_fails_verification(convnet_all_formats, data_dir, tmp_path):
+    from torchship.export.user_model import rebuild
+
     copy = tmp_path / "export"
     shutil.copytree(convnet_all_formats.directory, copy)
     weights = torch.load(convnet_all_formats.card.provenance.source, weights_only=True)["model_state_dict"]
-    corrupt_pt2(copy / "model.pt2", weights["fc1.weight"])
+    index = telling_weight(rebuild(convnet_all_formats.card).eval(), "fc1.weight", proof_x(copy, data_dir))
+    corrupt_pt2(copy / "model.pt2", weights["fc1.weight"], index)
     r = subprocess.run([*TORCHSHIP, "verify", str(copy), "--data-dir", str(data_dir)], capture_output=True,
                        text=True, cwd=ROOT)  # fmt: skip
     assert r.returncode == 1 and "pt2 at batch size" in r.stderr, r.stderr[-2000:]

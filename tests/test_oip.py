@@ -4,7 +4,6 @@ sockets for what no client would send, and by the load test: batching, workers, 
 import base64
 import http.client
 import json
-import re
 import socket
 import struct
 import subprocess
@@ -25,7 +24,7 @@ from torchship.serve.loadtest import Payload, kill_worker_under_load, payloads, 
 from torchship.serve.process import ServerError, free_ports
 from torchship.serve.samples import held_out_digits, png
 
-from helpers import TORCHSHIP, wait_for
+from helpers import TORCHSHIP, scrape, wait_for
 from hostile import HOSTILE
 
 pytestmark = pytest.mark.serve
@@ -63,14 +62,7 @@ def text(values) -> list[str]:
 
 
 def metric(cfg, name: str, **labels) -> float:
-    """One Prometheus series from /metrics, summed over the label sets that match."""
-    body = http_get(cfg, "/metrics")[1].decode()
-    total = 0.0
-    for m in re.finditer(rf"^{name}(\{{[^}}]*\}})?\s+([0-9.eE+-]+)$", body, re.M):
-        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-        if all(have.get(k) == str(v) for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
+    return scrape(cfg.http_port, name, **labels)
 
 
 def http_get(cfg, path: str):

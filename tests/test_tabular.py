@@ -20,7 +20,7 @@ from torchship.serve.archive import ModelConfig, build_archive
 from torchship.train.fit import train
 from torchship.train.presets import get_preset
 
-from helpers import TORCHSHIP, corrupt_onnx
+from helpers import TORCHSHIP, corrupt_onnx, proof_x
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 MODEL_FILE = textwrap.dedent('''
@@ -115,7 +115,7 @@ def test_the_cards_say_what_goes_in_and_comes_out(exports):
 def test_a_single_corrupted_weight_is_caught(exports, name, tmp_path):
     copy = tmp_path / name
     shutil.copytree(exports[name]["dir"], copy)
-    corrupt_onnx(copy / "model.onnx")
+    corrupt_onnx(copy / "model.onnx", proof_x(copy))
     assert not verify(copy).passed
 
 

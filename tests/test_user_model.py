@@ -19,7 +19,7 @@ from torchship.runtime.onnx_model import load as load_onnx
 from torchship.serve import torchserve
 from torchship.serve.archive import ModelConfig, build_archive
 
-from helpers import ROOT, TORCHSHIP, cli_error, corrupt_onnx
+from helpers import ROOT, TORCHSHIP, cli_error, corrupt_onnx, proof_x
 
 MODEL_FILE = textwrap.dedent('''
     import torch
@@ -155,7 +155,7 @@ def test_a_single_corrupted_weight_is_caught(user_exports, name, tmp_path):
     work, _ = user_exports
     copy = tmp_path / name
     shutil.copytree(work / name, copy)
-    corrupt_onnx(copy / "model.onnx")
+    corrupt_onnx(copy / "model.onnx", proof_x(copy))
     report = verify(copy)
     assert not report.passed and {c.backend for c in report.failures()} == {"onnx"}
 
