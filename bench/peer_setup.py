@@ -38,6 +38,7 @@ class Peer:
     name: str
     package: str  # whose version the table shows
     protocol: str  # what the load test sends it (serve/client.py): the richest form it takes natively
+    answers: str  # what its answer holds (v2 peers are asked for every output)
     path: str | None
     settings: str
     files: tuple[str, ...]  # from bench/peers/NAME/, copied into its work directory
@@ -64,23 +65,23 @@ def _python_libdir() -> str:
 
 
 PEERS: dict[str, Peer] = {p.name: p for p in (
-    Peer("litserve", "litserve", "multipart", "/predict",
+    Peer("litserve", "litserve", "multipart", "label + top-3 probabilities, JSON", "/predict",
          f"LitAPI batch {MAX_BATCH}, batch_timeout {MAX_DELAY_MS} ms, workers_per_device {WORKERS}, 1 API server",
          ("server.py",), lambda py, ports, model: [str(py), "server.py", "--model", str(model), "--port",
                                                   str(ports["http"]), "--workers", str(WORKERS), "--max_batch",
                                                   str(MAX_BATCH), "--max_delay_ms", str(MAX_DELAY_MS)],
          "/health"),
-    Peer("bentoml", "bentoml", "multipart", "/classify",
+    Peer("bentoml", "bentoml", "multipart", "label + top-3 probabilities, JSON", "/classify",
          f"workers {WORKERS}, batchable max_batch_size {MAX_BATCH} (adaptive: no wait knob)", ("service.py",),
          lambda py, ports, model: [str(py), "-m", "bentoml", "serve", "service:Digits", "--host", "127.0.0.1",
                                    "--port", str(ports["http"])],
          "/readyz", env={"TORCHSHIP_PEER_WORKERS": str(WORKERS), "TORCHSHIP_PEER_MAX_BATCH": str(MAX_BATCH),
                          "BENTOML_DO_NOT_TRACK": "true"}),
-    Peer("mlserver", "mlserver", "v2-json", None,
+    Peer("mlserver", "mlserver", "v2-json", "label + 10 probabilities, JSON", None,
          f"parallel_workers {WORKERS}, max_batch_size {MAX_BATCH}, max_batch_time {MAX_DELAY_MS} ms",
          ("runtime.py",), lambda py, ports, model: [str(py), "-m", "mlserver.cli.main", "start", "."],
          "/v2/models/mnist/ready", configure=_mlserver_configure),
-    Peer("pytriton", "nvidia-pytriton", "v2", None,
+    Peer("pytriton", "nvidia-pytriton", "v2", "label + 10 probabilities, binary", None,
          f"{WORKERS} instances, max_batch_size {MAX_BATCH}, max_queue_delay {MAX_DELAY_MS * 1000} us (Triton 2.51)",
          ("server.py",), lambda py, ports, model: [str(py), "server.py", "--model", str(model), "--port",
                                                   str(ports["http"]), "--grpc_port", str(ports["grpc"]),

@@ -42,6 +42,8 @@ class Setup:
     config: ModelConfig | None = None  # torchserve: None is TorchServe's defaults
     handler: Path | None = None  # torchserve: a handler file of our own instead of torchship's
     peer: str | None = None
+    protocol: str = "v2"  # oip: what the load test sends (serve/client.py: v2 binary, or v2 JSON with base64)
+    outputs: str = "all"  # oip: which outputs it asks for (serve/client.py OUTPUTS)
 
     def describe(self) -> dict:
         if self.kind == "torchserve":
@@ -51,6 +53,8 @@ class Setup:
         if self.kind == "peer":
             return {"kind": self.kind, "peer": self.peer, "settings": peer_setup.PEERS[self.peer].settings,
                     "sends": peer_setup.PEERS[self.peer].protocol}  # fmt: skip
+        if self.kind == "oip":
+            return {"kind": self.kind, "sends": self.protocol, "outputs": self.outputs}
         return {"kind": self.kind}
 
 
@@ -114,7 +118,8 @@ def start(name: str, setup: Setup, export_dir: Path, work: Path, stack: ExitStac
     if setup.kind == "oip":
         stack.callback(oip.stop, state)
         oip.start(oip.OIPConfig.on_free_ports(str(export_dir), "mnist", str(state), backend=setup.backend), timeout=120)
-        return oip.load_target(state), {"settings": oip.status(state).get("settings", {})}, oip.pid(state)
+        target = replace(oip.load_target(state), protocol=setup.protocol, outputs=setup.outputs)
+        return target, {"settings": oip.status(state).get("settings", {})}, oip.pid(state)
     if setup.kind == "ceiling":
         (port,) = free_ports(1)
         proc = subprocess.Popen([sys.executable, "-m", "bench.ceiling", str(port)], start_new_session=True)
@@ -145,6 +150,30 @@ def agreed(export_dir: Path, n: int = 1000) -> list[Payload]:
     bodies = payloads(n=n)
     labels = [r["label"] for r in load_onnx(export_dir / "model.onnx").predict([p.body for p in bodies])]
     return [Payload(p.body, label) for p, label in zip(bodies, labels)]
+
+
+def costed(procs: Processes, measure) -> Level:
+    """A level, with the cores the server's processes and this client used meanwhile: on 2 cores shared by both, the
+    CPU a request costs is what bounds requests/s, and a client that takes more leaves the server less."""
+    import resource
+
+    def server() -> float:
+        total = 0.0
+        for p in procs.all():
+            with suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def client() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    s0, c0, t0 = server(), client(), time.perf_counter()
+    lv = measure()
+    seconds = time.perf_counter() - t0
+    lv.server.update(server_cores=round((server() - s0) / seconds, 2), client_cores=round((client() - c0) / seconds, 2))
+    return lv
 
 
 def pooled(levels: list[Level], samples: list[float]) -> Level:
@@ -217,7 +246,8 @@ def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: fl
         for c in concurrency:
             log(f"  c={c} ...")
             for name in names:
-                levels[name].append(alone(name, lambda n=name, c=c: run_level(targets[n], bodies, c, duration, 100000)))
+                levels[name].append(alone(name, lambda n=name, c=c: costed(procs[n], lambda: run_level(
+                    targets[n], bodies, c, duration, 100000))))  # fmt: skip
         if after:
             for name in names:
                 extra[name] = alone(name, lambda n=name: after(n, targets[n], work / f"state-{slug(n)}"))
@@ -241,12 +271,18 @@ def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: fl
     return out
 
 
+# The OIP server as its clients call it: tritonclient's default (binary in, every output binary), curl's JSON (base64
+# in, every output JSON), and the lightest answer (the label alone): the first is the one the targets judge.
+OIP_SETUPS = {"oip": Setup("oip"), "oip-json": Setup("oip", protocol="v2-json"),
+              "oip-label": Setup("oip", outputs="label")}  # fmt: skip
+
+
 def run(export_dir: Path, work: Path, duration: float = 10, ours_config: ModelConfig | None = None,
         peers: tuple[str, ...] = tuple(peer_setup.PEERS)) -> dict:  # fmt: skip
     """Stock TorchServe, our TorchServe, our OIP server, every peer and the ceiling, on one machine in one run."""
     setups = {"baseline": Setup("torchserve", "torchscript", None, BASELINE_HANDLER),
               "ours": Setup("torchserve", config=ours_config or ModelConfig()),
-              "oip": Setup("oip"),
+              **OIP_SETUPS,
               **{p: Setup("peer", peer=p) for p in peers},
               "ceiling": Setup("ceiling")}  # fmt: skip
     return compare(export_dir, work, setups, duration)

@@ -213,7 +213,8 @@ def load_target(state_dir: Path | str):
 
 
 METRIC_NAMES = {"requests": names.REQUESTS, "queue": f"{names.QUEUE_SECONDS}_sum",
-                "inference": f"{names.INFERENCE_SECONDS}_sum", "unit": 1.0}  # fmt: skip
+                "inference": f"{names.INFERENCE_SECONDS}_sum", "unit": 1.0, "rows": f"{names.BATCH_SIZE}_sum",
+                "passes": f"{names.BATCH_SIZE}_count"}  # fmt: skip
 
 
 def card(cfg: OIPConfig) -> ModelCard:
