@@ -19,7 +19,7 @@ import onnxruntime
 import torch
 
 from bench import inference, peer_setup, serving, training
-from torchship.runtime.card import FORMAT_BY_NAME
+from torchship.handlers.card import FORMAT_BY_NAME
 from torchship.serve.archive import ModelConfig
 from torchship.train.presets import DEFAULT_PRESET
 

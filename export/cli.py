@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from torchship.export.tolerance import ATOL, RTOL
-from torchship.runtime.card import DEFAULT_FORMATS, FORMAT_BY_NAME, RECIPES
+from torchship.handlers.card import DEFAULT_FORMATS, FORMAT_BY_NAME, RECIPES
 
 TOLERANCES = [
     click.option("--atol", type=click.FloatRange(min=0), default=ATOL, show_default=True, help="Absolute tolerance."),
@@ -197,7 +197,7 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, t
 
     from torchship.export.formats import ExportError, Options, export_checkpoint, export_model, stamp
     from torchship.export.user_model import ModelLoadError
-    from torchship.runtime.card import CardError, safe_name
+    from torchship.handlers.card import CardError, safe_name
     from torchship.train.checkpoint import CheckpointError
 
     if (checkpoint is None) == (spec is None):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torchship.runtime.card import (
+from torchship.handlers.card import (
     CARD_FILE,
     DEFAULT_FORMATS,
     FORMAT_BY_NAME,

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torchship.runtime.card import ModelCard
-from torchship.runtime.images import InputError, Preprocessor
+from torchship.handlers.card import ModelCard
+from torchship.handlers.images import InputError, Preprocessor
 
 CALIBRATION_IMAGES = 1024  # enough for MinMax ranges to settle (bench/NOTES.md, int8)
 CALIBRATION_BYTES = 1 << 26  # at most 64 MB of calibration inputs: 111 images at 3x224x224
@@ -81,7 +81,7 @@ def ranged_rows(card: ModelCard, n: int, seed: int = 0) -> np.ndarray:
 
 
 def tensor_proof_inputs(card: ModelCard, n: int, data_dir: Path | str) -> tuple[np.ndarray, dict]:
-    from torchship.runtime.tensors import standardize
+    from torchship.handlers.tensors import standardize
 
     held = dataset_split(card, data_dir, train=False)
     real = held[0][:n] if held is not None else np.zeros((0, *card.input_shape), np.float32)
@@ -114,7 +114,7 @@ def calibration_images(card: ModelCard, data_dir: Path | str, directory: Path | 
     synthetic ones; and a line saying which."""
     n = min(n, max(32, CALIBRATION_BYTES // (4 * int(np.prod(card.input_shape)))))
     if not card.image:
-        from torchship.runtime.tensors import standardize
+        from torchship.handlers.tensors import standardize
 
         split = dataset_split(card, data_dir, train=True)
         if split is not None:

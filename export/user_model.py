@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from torchship.runtime.card import BUILTIN_ARCHITECTURES, GREY_RECIPES, Architecture, CardError, ModelCard
+from torchship.handlers.card import BUILTIN_ARCHITECTURES, GREY_RECIPES, Architecture, CardError, ModelCard
 from torchship.train import checkpoint
 
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")  # where common checkpoint layouts keep the weights

@@ -14,7 +14,7 @@ import torch
 from torchship.export.formats import present, read_card, sha256
 from torchship.export.inputs import proof_inputs
 from torchship.export.tolerance import ATOL, FORMAT_LOOSENING, RTOL, compare, tolerance
-from torchship.runtime.card import FORMAT_BY_NAME, CardError, ModelCard
+from torchship.handlers.card import FORMAT_BY_NAME, CardError, ModelCard
 
 BATCH_SIZES = (1, 2, 7, 64)  # the last is capped at the number of proof images
 FLOP_BUDGET = 1e11  # about 20 s of this 2-core machine for the whole proof: big models get fewer images
@@ -129,7 +129,7 @@ def proof_set(card: ModelCard, model: torch.nn.Module, formats: list[str], data_
 
 def backends(export_dir: Path, model: torch.nn.Module, formats: list[str], threads: int = 0) -> dict:
     """Every exact format present, as a function of a numpy batch; eager float32 first."""
-    from torchship.runtime import runners
+    from torchship.handlers import runners
 
     fns = {"eager-fp32": runners.torch_runner(model)}
     for name in formats:
@@ -149,8 +149,8 @@ def approximate(export_dir: Path, card: ModelCard, model: torch.nn.Module, forma
     import onnxruntime as ort
 
     from torchship.export.inputs import dataset_split, normalise
-    from torchship.runtime import runners
-    from torchship.runtime.tensors import standardize
+    from torchship.handlers import runners
+    from torchship.handlers.tensors import standardize
 
     out = []
     for name in formats:

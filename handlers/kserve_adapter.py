@@ -1,7 +1,7 @@
 """For those who want kserve's own ModelServer: our model as a `kserve.Model`, and the one small adapter that patches
 what kserve 0.21 gets wrong. Torch-free, the same card, recipe and answers as every other entry point.
 
-python -m torchship.runtime.kserve_adapter --model_dir EXPORT_DIR --model_name NAME [kserve's own flags]
+python -m torchship.handlers.kserve_adapter --model_dir EXPORT_DIR --model_name NAME [kserve's own flags]
 
 torchship's own server (oip_server.py) is the faster path: kserve's FastAPI layer costs ~0.5 ms a request and its
 server runs no batching (bench/NOTES.md). tests/test_oip.py fails if kserve changes under the patches below.

@@ -2,8 +2,8 @@
 batching its requests into forward passes; a supervisor replaces any worker that dies while the others keep
 answering.
 
-python -m torchship.runtime.oip_server --model_dir EXPORT_DIR --model_name NAME [--workers N] ...
-(`torchship serve start --runtime oip` runs it; so does the deploy bundle's container, as torchship_runtime.)
+python -m torchship.handlers.oip_server --model_dir EXPORT_DIR --model_name NAME [--workers N] ...
+(`torchship serve start --runtime oip` runs it; so does the deploy bundle's container, as torchship_handlers.)
 
 Every worker listens on both ports with SO_REUSEPORT, so the kernel spreads connections over the workers (one socket
 shared by all let whichever woke first take every waiting connection: 16 clients on one worker, none on the other;

@@ -1,6 +1,6 @@
 """Embed an exported model in any app with onnxruntime alone: no torch import, anywhere.
 
-from torchship.runtime.onnx_model import load
+from torchship.handlers.onnx_model import load
 model = load("exports/mnist-convnet/model.onnx")
 model.predict("digit.png")  # -> {"label": "7", "probability": 0.99, "topk": [...]}
 load("exports/linreg/model.onnx").predict(np.array([[0.5]]))  # -> [2.0]: a tensor model takes rows of numbers

@@ -9,8 +9,8 @@ import tempfile
 from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
-from torchship.runtime.card import CARD_FILE, FORMAT_BY_BACKEND, CardError, ModelCard
-from torchship.runtime.sizing import MAX_BATCH, Sizing, default_workers
+from torchship.handlers.card import CARD_FILE, FORMAT_BY_BACKEND, CardError, ModelCard
+from torchship.handlers.sizing import MAX_BATCH, Sizing, default_workers
 from torchship.serve.settings import WORKER_LOG_LEVEL
 from torchship.serve.shipping import stage_torchserve_handler
 
@@ -45,7 +45,7 @@ class ModelConfig:
 
 
 def model_config(sizing: Sizing, **handler) -> ModelConfig:
-    """TorchServe's spelling of the shared sizing rule (torchship.runtime.sizing)."""
+    """TorchServe's spelling of the shared sizing rule (torchship.handlers.sizing)."""
     return ModelConfig(minWorkers=sizing.workers, maxWorkers=sizing.workers, batchSize=sizing.max_batch,
                        maxBatchDelay=sizing.max_delay_ms, responseTimeout=sizing.timeout_s, threads=sizing.threads,
                        **handler)  # fmt: skip

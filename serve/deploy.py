@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from torchship.runtime.card import CARD_FILE, FORMAT_BY_BACKEND, ModelCard
-from torchship.runtime.sizing import Cost, measure, queue_size, sized
+from torchship.handlers.card import CARD_FILE, FORMAT_BY_BACKEND, ModelCard
+from torchship.handlers.sizing import Cost, measure, queue_size, sized
 from torchship.serve.archive import build_archive, model_config
 from torchship.serve.settings import (
     ANY_ADDRESS,
@@ -78,7 +78,7 @@ class Capacity:
     def note(self) -> str:
         return (f"{self.workers} workers x batches of {self.max_batch} = {self.concurrent} requests in flight fill a "
                 f"pod; measured when the bundle was written: {self.batch1_ms:.2f} ms at batch 1, {self.batch8_ms:.2f} "
-                "ms at batch 8 (one thread), torchship.runtime.sizing")  # fmt: skip
+                "ms at batch 8 (one thread), torchship.handlers.sizing")  # fmt: skip
 
 
 def pod_capacity(export_dir: Path, card: ModelCard, backend: str, resources: Resources) -> Capacity:
@@ -206,17 +206,16 @@ def oip_bundle(export_dir: Path, out: Path, card: ModelCard, *, image: str | Non
     return [dockerfile, out / "requirements.txt", package, out / "model", manifest]
 
 
-def write_bundle(export_dir: Path | str, out: Path | str, *, runtime: str, **options) -> list[Path]:
-    """The runtime's bundle, its InferenceService checked against the kserve SDK before anything is kept."""
-    from torchship.serve import runtimes
-
+def write_bundle(export_dir: Path | str, out: Path | str, *, bundle, **options) -> list[Path]:
+    """A runtime's bundle (`bundle`: its writer, runtimes.Runtime.bundle), its InferenceService checked against the
+    kserve SDK before anything is kept."""
     export_dir, out = Path(export_dir), Path(out)
     card = ModelCard.load(export_dir)
     scaling = options.get("scaling", Scaling())
     if scaling.min_replicas > scaling.max_replicas:
         raise DeployError(f"--min-replicas {scaling.min_replicas} is more than --max-replicas {scaling.max_replicas}")
     out.mkdir(parents=True, exist_ok=True)
-    files = runtimes.get(runtime).bundle(export_dir, out, card, **options)
+    files = bundle(export_dir, out, card, **options)
     problems = validate(yaml.safe_load((out / "inferenceservice.yaml").read_text()))
     if problems:
         raise DeployError(f"the InferenceService does not validate: {problems[0]}")

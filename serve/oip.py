@@ -1,4 +1,4 @@
-"""The Open Inference Protocol server's lifecycle (torchship.runtime.oip_server): start, wait ready, status, stop,
+"""The Open Inference Protocol server's lifecycle (torchship.handlers.oip_server): start, wait ready, status, stop,
 with the same shape as TorchServe's; one state directory per instance, so `stop` stops exactly this one."""
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from torchship.runtime import metrics as names
-from torchship.runtime.card import CARD_FILE, FORMAT_BY_BACKEND, ModelCard
+from torchship.handlers import metrics as names
+from torchship.handlers.card import CARD_FILE, FORMAT_BY_BACKEND, ModelCard
 from torchship.serve.process import ServerError, StartOptions, free_ports, http_json, log_marks, new_lines
 from torchship.serve.settings import LOOPBACK, OIP_GRPC_PORT, OIP_HTTP_PORT
 
 if TYPE_CHECKING:
     from torchship.serve.samples import Sample
 
-MODULE = "torchship.runtime.oip_server"
+MODULE = "torchship.handlers.oip_server"
+LEGACY_MODULES = ("torchship.runtime.oip_server",)  # instances started before the runtime took its folder's name
 LOG = "oip.log"
 STATUS = "oip-status.json"  # the supervisor's own account of its workers
 NAME = "oip"
@@ -41,7 +42,7 @@ class OIPConfig:
     grpc_port: int = OIP_GRPC_PORT
     host: str = LOOPBACK
     backend: str = "onnx"
-    workers: int = 0  # 0: torchship.runtime.sizing decides, as for every number below left at its default
+    workers: int = 0  # 0: torchship.handlers.sizing decides, as for every number below left at its default
     max_batch: int = 0
     max_delay_ms: float = -1
     threads: int = 0
@@ -90,7 +91,9 @@ def pid(state_dir: Path | str) -> int | None:
     try:
         p = int(f.read_text().split()[0])
         proc = psutil.Process(p)
-        return p if MODULE in " ".join(proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE else None
+        command = " ".join(proc.cmdline())
+        ours = any(m in command for m in (MODULE, *LEGACY_MODULES))
+        return p if ours and proc.status() != psutil.STATUS_ZOMBIE else None
     except (OSError, ValueError, IndexError, psutil.Error):
         return None
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from torchship.runtime.card import ModelCard
+from torchship.handlers.card import ModelCard
 from torchship.train.mnist5k import EMBEDDED
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torchship.runtime.limits import MAX_REQUEST_BYTES
-from torchship.runtime.oip_server import GRPC_PORT as OIP_GRPC_PORT
-from torchship.runtime.oip_server import HTTP_PORT as OIP_HTTP_PORT
+from torchship.handlers.limits import MAX_REQUEST_BYTES
+from torchship.handlers.oip_server import GRPC_PORT as OIP_GRPC_PORT
+from torchship.handlers.oip_server import HTTP_PORT as OIP_HTTP_PORT
 
 LOOPBACK = "127.0.0.1"
 ANY_ADDRESS = "0.0.0.0"  # inside a pod: reached only through the cluster's authenticating ingress

@@ -9,10 +9,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torchship.runtime
+import torchship.handlers
 
-RUNTIME_DIR = Path(torchship.runtime.__file__).resolve().parent
-SHIPPED_NAME = "torchship_runtime"
+RUNTIME_DIR = Path(torchship.handlers.__file__).resolve().parent
+SHIPPED_NAME = "torchship_handlers"
 TORCHSERVE_ENTRY = "torchship_handler.py"  # what --handler names inside an archive
 TORCHSERVE_ENTRY_CODE = f'''"""TorchServe's --handler: the torchship runtime package beside this file serves it."""
 
@@ -25,7 +25,7 @@ class Handler(ModelHandler):
 
 
 def copy_runtime(dest: Path | str) -> Path:
-    """DEST/torchship_runtime: every module the runtime package holds now."""
+    """DEST/torchship_handlers: every module the runtime package holds now."""
     target = Path(dest) / SHIPPED_NAME
     shutil.copytree(RUNTIME_DIR, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
     return target

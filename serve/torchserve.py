@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from torchship.runtime.card import CARD_FILE, ModelCard
-from torchship.runtime.sizing import queue_size
+from torchship.handlers.card import CARD_FILE, ModelCard
+from torchship.handlers.sizing import queue_size
 from torchship.serve.process import ServerError, StartOptions, free_ports, http_json, log_marks, new_lines
 from torchship.serve.settings import LOOPBACK, MAX_REQUEST_BYTES, TORCHSERVE_PORTS, torchserve_properties
 

@@ -2,14 +2,14 @@
 prints `pass N` (its rows) and waits until a line arrives on stdin; after that every pass runs at once. It lets a test
 hold a request in the queue behind a pass for as long as it needs, instead of racing a fast model.
 
-python tests/gated_worker.py OIP_SERVER_FLAGS...   (the flags of torchship.runtime.oip_server; give --max_batch,
+python tests/gated_worker.py OIP_SERVER_FLAGS...   (the flags of torchship.handlers.oip_server; give --max_batch,
 --max_delay_ms and --threads, so nothing is measured)
 """
 
 import sys
 import threading
 
-from torchship.runtime import oip_server, serving
+from torchship.handlers import oip_server, serving
 
 
 def main(argv: list[str]) -> int:

@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from torchship.runtime.card import Architecture, ModelCard
+from torchship.handlers.card import Architecture, ModelCard
 from torchship.train.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from torchship.runtime.card import CardError, ModelCard
+from torchship.handlers.card import CardError, ModelCard
 
 from helpers import card
 
@@ -27,7 +27,8 @@ def test_round_trip_through_json_is_exact():
 
 
 def test_card_module_imports_nothing_but_the_standard_library():
-    code = "import sys, torchship.runtime.card; print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
+    code = ("import sys, torchship.handlers.card; "
+            "print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]"
 

@@ -11,7 +11,7 @@ import torch
 from torchship.export.formats import export_checkpoint, sha256
 from torchship.export.tolerance import compare
 from torchship.export.verify import failure_message, verify
-from torchship.runtime.card import ModelCard
+from torchship.handlers.card import ModelCard
 from torchship.serve.shipping import copy_runtime
 from torchship.train.fit import train
 from torchship.train.presets import PRESETS
@@ -152,7 +152,7 @@ try:
     import torch
 except ImportError:
     torch = None
-from torchship_runtime.onnx_model import load
+from torchship_handlers.onnx_model import load
 model = load({str(exp.onnx)!r})
 raw = {str(data_dir / "mnist-5k" / "MNIST" / "raw")!r}
 images = np.fromfile(raw + "/t10k-images-idx3-ubyte", np.uint8, offset=16).reshape(-1, 28, 28)

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from torchship.export.formats import export_checkpoint
-from torchship.runtime.images import InputError
-from torchship.runtime.request import decode_row
+from torchship.handlers.images import InputError
+from torchship.handlers.request import decode_row
 from torchship.serve.archive import ModelConfig, build_archive
 from torchship.serve.samples import held_out_digits, png
 from torchship.train.fit import train
@@ -94,7 +94,7 @@ def mixed_batch():
 def test_mixed_batch_good_requests_succeed_bad_get_their_own_4xx(archives, backend):
     rows, expected = mixed_batch()
     res = handle(archives, ("mnist-convnet", backend), rows)
-    assert res["backend"] == backend and res["runtime"] == "torchship_runtime.torchserve_handler"
+    assert res["backend"] == backend and res["runtime"] == "torchship_handlers.torchserve_handler"
     assert res["status"] == expected
     good = [json.loads(res["out"][i]) for i in (0, 2, 4)]
     assert all(g["label"] in [str(d) for d in range(10)] for g in good)
@@ -114,6 +114,22 @@ def test_onnx_and_torchscript_archives_answer_alike(archives):
     for x, y in zip(a["out"], b["out"]):
         x, y = json.loads(x), json.loads(y)
         assert x["label"] == y["label"] and abs(x["probability"] - y["probability"]) < 1e-4
+
+
+def test_an_archive_written_before_the_rename_still_loads(archives, tmp_path):
+    """Archives made before the runtime shipped as torchship_handlers carry it as torchship_runtime/, with an entry
+    module that imports that name: self-contained, they load and answer as they did."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(archives["mnist-convnet", "onnx"], old)
+    (old / "torchship_handlers").rename(old / "torchship_runtime")
+    entry = old / "torchship_handler.py"
+    entry.write_text(entry.read_text().replace("torchship_handlers", "torchship_runtime"))
+    rows = [{"body": png(DIGITS[i])} for i in range(4)]
+    then, now = handle({**archives, "old": old}, "old", rows), handle(archives, ("mnist-convnet", "onnx"), rows)
+    assert then["runtime"] == "torchship_runtime.torchserve_handler" and then["status"] == [200] * 4
+    assert then["out"] == now["out"]
 
 
 def test_topk_from_header_form_field_and_json(archives):
@@ -164,7 +180,7 @@ def test_photographed_style_digits_are_classified_as_well_as_mnist_ones(archives
     """The point of the MNIST-style preprocessing: dark ink on white paper, anywhere, any size, still reads."""
     from test_images import paper
 
-    from torchship.runtime.onnx_model import load
+    from torchship.handlers.onnx_model import load
 
     model = load(archives["mnist-convnet", "onnx"] / "model.onnx")
     idx = range(0, 1000, 4)

@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as tgrpc
 from tritonclient.utils import InferenceServerException
 
-from torchship.runtime.http11 import Limits
+from torchship.handlers.http11 import Limits
 from torchship.serve import oip
 from torchship.serve.process import free_ports
 from torchship.serve.samples import held_out_digits, png

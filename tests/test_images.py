@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from torchship.runtime import images as preprocess
-from torchship.runtime.images import InputError, Preprocessor
-from torchship.runtime.responses import softmax, top_k
+from torchship.handlers import images as preprocess
+from torchship.handlers.images import InputError, Preprocessor
+from torchship.handlers.responses import softmax, top_k
 from torchship.serve.samples import held_out_digits
 
 from helpers import card

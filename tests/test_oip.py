@@ -17,8 +17,8 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from torchship.runtime.onnx_model import load as load_onnx
-from torchship.runtime.responses import probabilities
+from torchship.handlers.onnx_model import load as load_onnx
+from torchship.handlers.responses import probabilities
 from torchship.serve import oip
 from torchship.serve.loadtest import Payload, kill_worker_under_load, payloads, run_level
 from torchship.serve.process import ServerError, free_ports
@@ -397,7 +397,7 @@ def test_taken_ports_fail_clearly(server, tmp_path):
 
 ADAPTER_CHECK = r"""
 import asyncio, importlib, inspect, json, sys
-from torchship.runtime import kserve_adapter as a
+from torchship.handlers import kserve_adapter as a
 found = {}
 for path in a.PATCHED:
     module, _, attr = path.rpartition(".")

@@ -50,8 +50,8 @@ def test_the_wheels_only_top_level_name_is_torchship(wheel):
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["torchship"]
     assert {n.split("/")[0] for n in names if not n.startswith("torchship-")} == {"torchship"}
-    runtime = {n for n in names if n.startswith("torchship/runtime/")}
-    assert {"torchship/runtime/card.py", "torchship/runtime/onnx_model.py"} <= runtime
+    runtime = {n for n in names if n.startswith("torchship/handlers/")}
+    assert {"torchship/handlers/card.py", "torchship/handlers/onnx_model.py"} <= runtime
     assert "torchship/serve/web/vendor/ort-wasm-simd-threaded.wasm" in names  # the page's onnxruntime-web
 
 
@@ -60,7 +60,7 @@ def test_bare_names_do_not_import_and_torchship_does(installed, tmp_path):
     for bare in ("train", "export", "serve", "handlers"):
         r = subprocess.run([python, "-c", f"import {bare}"], capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode != 0 and f"No module named '{bare}'" in r.stderr
-    code = "import torchship.train, torchship.runtime.card as c; print(c.__file__)"
+    code = "import torchship.train, torchship.handlers.card as c; print(c.__file__)"
     r = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith(str(installed)), r.stderr  # the wheel's copy, not the checkout
 
@@ -80,6 +80,6 @@ def test_the_installed_command_trains_exports_archives_and_writes_the_page(insta
     )
     torchship("archive", "exp", "--model-store", "store")
     names = zipfile.ZipFile(tmp_path / "store" / "mnist-mlp50.mar").namelist()
-    assert "torchship_handler.py" in names and "torchship_runtime/torchserve_handler.py" in names
+    assert "torchship_handler.py" in names and "torchship_handlers/torchserve_handler.py" in names
     torchship("page", "exp", "--out", "page")
     assert (tmp_path / "page" / "ort" / "ort-wasm-simd-threaded.wasm").stat().st_size > 1_000_000

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from torchship.export.verify import verify
-from torchship.runtime.onnx_model import load as load_onnx
+from torchship.handlers.onnx_model import load as load_onnx
 from torchship.serve import oip, torchserve
 from torchship.serve.archive import ModelConfig, build_archive
 from torchship.train.fit import train

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from torchship.export.verify import verify
-from torchship.runtime.card import ModelCard
-from torchship.runtime.onnx_model import load as load_onnx
+from torchship.handlers.card import ModelCard
+from torchship.handlers.onnx_model import load as load_onnx
 from torchship.serve import torchserve
 from torchship.serve.archive import ModelConfig, build_archive
 
@@ -216,7 +216,7 @@ def test_loadtest_sends_your_own_images_and_scores_labelled_ones(user_exports, s
 
 
 def test_sizing_follows_the_models_measured_cost(user_exports):
-    from torchship.runtime.sizing import Cost, measure, sized
+    from torchship.handlers.sizing import Cost, measure, sized
     from torchship.serve.archive import model_config
 
     work, _ = user_exports

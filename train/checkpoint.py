@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from torchship.runtime.card import CardError, ModelCard, from_legacy
+from torchship.handlers.card import CardError, ModelCard, from_legacy
 
 
 class CheckpointError(Exception):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from torchship.runtime.card import BUILTIN_ARCHITECTURES, Architecture, ModelCard, Provenance
+from torchship.handlers.card import BUILTIN_ARCHITECTURES, Architecture, ModelCard, Provenance
 from torchship.train import checkpoint, data, distributed
 from torchship.train.device import pick_device
 from torchship.train.distributed import Ranks

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchship.runtime.card import BUILTIN_ARCHITECTURES
+from torchship.handlers.card import BUILTIN_ARCHITECTURES
 
 OUTPUT_KIND = {"mlp": "logits", "convnet": "log-probabilities", "autoencoder": "image", "linear": "values"}
 

@@ -66,8 +66,8 @@ def archive_command(export_dir, backend, model_store, name, workers, batch_size,
     """Package EXPORT_DIR into MODEL_STORE/NAME.mar with our handler, sized from the model's measured cost."""
     from dataclasses import replace
 
-    from torchship.runtime.card import CARD_FILE, CardError, ModelCard, safe_name
-    from torchship.runtime.sizing import max_workers, measure, sized
+    from torchship.handlers.card import CARD_FILE, CardError, ModelCard, safe_name
+    from torchship.handlers.sizing import max_workers, measure, sized
     from torchship.serve.archive import ArchiveError, build_archive, model_config
 
     if workers is not None and workers > max_workers():

@@ -54,15 +54,15 @@ def deploy_group():
 def deploy_kserve_command(export_dir, out_dir, runtime, storage_uri, image, protocol, backend, cpu, memory,
                           min_replicas, max_replicas, scale_metric, scale_target):  # fmt: skip
     """Write a KServe InferenceService bundle for EXPORT_DIR to OUT (Docker cannot run here: build it where it can)."""
-    from torchship.runtime.card import CARD_FILE, CardError
+    from torchship.handlers.card import CARD_FILE, CardError
     from torchship.serve.archive import ArchiveError
     from torchship.serve.deploy import DeployError, Resources, Scaling, write_bundle
 
     if not (Path(export_dir) / CARD_FILE).is_file():
         raise click.ClickException(f"{Path(export_dir) / CARD_FILE} not found: run `torchship export` first")
     try:
-        files = write_bundle(export_dir, out_dir, runtime=runtime, storage_uri=storage_uri, image=image,
-                             protocol=protocol, resources=Resources(cpu, memory), backend=backend,
+        files = write_bundle(export_dir, out_dir, bundle=runtimes.get(runtime).bundle, storage_uri=storage_uri,
+                             image=image, protocol=protocol, resources=Resources(cpu, memory), backend=backend,
                              scaling=Scaling(min_replicas, max_replicas, scale_metric, scale_target))  # fmt: skip
     except (DeployError, ArchiveError, CardError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None

@@ -2,7 +2,7 @@
 https://docs.bentoml.com/en/latest/get-started/adaptive-batching.html): a batchable API with adaptive batching.
 
 Requests are multipart forms with one image file; BentoML gathers them into batches of up to 8, each worker on its
-own. The model, its preprocessing and its answers are torchship's (torchship_runtime beside this file), ONNX
+own. The model, its preprocessing and its answers are torchship's (torchship_handlers beside this file), ONNX
 Runtime with one intra-op thread. Settings come from the environment the bench sets (TORCHSHIP_PEER_*).
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
-from torchship_runtime.onnx_model import load
-from torchship_runtime.responses import respond
+from torchship_handlers.onnx_model import load
+from torchship_handlers.responses import respond
 
 WORKERS = int(os.environ.get("TORCHSHIP_PEER_WORKERS", "2"))
 MAX_BATCH = int(os.environ.get("TORCHSHIP_PEER_MAX_BATCH", "8"))

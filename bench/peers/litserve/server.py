@@ -2,15 +2,15 @@
 https://lightning.ai/docs/litserve/features/batching): decode / batch / predict / unbatch / encode.
 
 Requests are multipart forms (LitServe parses JSON or forms), one image each; the model, its preprocessing and its
-answers are torchship's own (torchship_runtime beside this file), ONNX Runtime with one intra-op thread.
+answers are torchship's own (torchship_handlers beside this file), ONNX Runtime with one intra-op thread.
 """
 
 import argparse
 
 import litserve as ls
 import numpy as np
-from torchship_runtime.onnx_model import load
-from torchship_runtime.responses import respond
+from torchship_handlers.onnx_model import load
+from torchship_handlers.responses import respond
 
 
 class DigitAPI(ls.LitAPI):

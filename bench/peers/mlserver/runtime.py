@@ -4,7 +4,7 @@ Protocol, with adaptive batching (max_batch_size / max_batch_time in model-setti
 (settings.json), both written by the bench next to this file.
 
 MLServer's REST has no binary tensor extension: images arrive base64 in v2 JSON. The model, its preprocessing and
-its answers are torchship's (torchship_runtime beside this file), ONNX Runtime with one intra-op thread.
+its answers are torchship's (torchship_handlers beside this file), ONNX Runtime with one intra-op thread.
 """
 
 import base64
@@ -12,8 +12,8 @@ import base64
 import numpy as np
 from mlserver import MLModel
 from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
-from torchship_runtime.onnx_model import load
-from torchship_runtime.responses import probabilities
+from torchship_handlers.onnx_model import load
+from torchship_handlers.responses import probabilities
 
 
 class Digits(MLModel):

@@ -2,7 +2,7 @@
 binding_models/, .../binding_configuration/): a bound inference function, two instances, Triton's dynamic batching.
 
 Requests are Open Inference Protocol calls with the binary tensor extension (raw image bytes, as Triton takes them).
-The model, its preprocessing and its answers are torchship's (torchship_runtime beside this file), ONNX Runtime with
+The model, its preprocessing and its answers are torchship's (torchship_handlers beside this file), ONNX Runtime with
 one intra-op thread per instance.
 """
 
@@ -12,8 +12,8 @@ import numpy as np
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
-from torchship_runtime.onnx_model import load
-from torchship_runtime.responses import probabilities
+from torchship_handlers.onnx_model import load
+from torchship_handlers.responses import probabilities
 
 
 def instance(model_path: str):
