@@ -171,6 +171,9 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
 )
 @click.option("--dataset", default=None, help="With --model: a torchship dataset (mnist-5k, ...) for the proof.")
 @click.option("--name", default=None, help="Model name (a slug)  [default: the preset, or the callable's name]")
+@click.option("--version", "version", default=None, metavar="N",
+              help="The export's version (a positive integer): /v2/models/NAME/versions/N  [default: one past the "
+                   "export it replaces in --out, else 1]")  # fmt: skip
 @click.option(
     "--calibration",
     type=click.Path(file_okay=False, exists=True),
@@ -190,14 +193,14 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
 )
 @tolerances
 def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, task, output_names, input_range, labels,
-                   mean, std, preprocess, output_kind, dataset, name, calibration, formats, out_dir, atol, rtol,
-                   data_dir):  # fmt: skip
+                   mean, std, preprocess, output_kind, dataset, name, version, calibration, formats, out_dir, atol,
+                   rtol, data_dir):  # fmt: skip
     """Export CHECKPOINT (or --model SPEC --weights FILE) to every format, then prove each matches the eager model."""
     from pathlib import Path
 
-    from torchship.export.formats import ExportError, Options, export_checkpoint, export_model, stamp
+    from torchship.export.formats import ExportError, Options, export_checkpoint, export_model, next_version, stamp
     from torchship.export.user_model import ModelLoadError
-    from torchship.handlers.card import CardError, safe_name
+    from torchship.handlers.card import VERSION_PATTERN, CardError, safe_name
     from torchship.train.checkpoint import CheckpointError
 
     if (checkpoint is None) == (spec is None):
@@ -216,12 +219,15 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, t
         raise click.UsageError(f"{', '.join(given)} apply to --model; a checkpoint carries its own model card")
     if name is not None and not safe_name(name):
         raise click.BadParameter(f"{name!r} is not a safe name (letters, digits, '_', '-', '.')", param_hint="--name")
+    if version is not None and not VERSION_PATTERN.match(version):
+        raise click.BadParameter(f"{version!r} is not a version: a positive integer", param_hint="--version")
     progress = lambda m: click.echo(m + " ...", err=True)  # noqa: E731
     options = Options(data_dir=data_dir, calibration=calibration)
     try:
         if checkpoint is not None:
             progress(f"loading {checkpoint}")
-            exported = export_checkpoint(checkpoint, out_dir, formats, name=name, progress=progress, options=options)
+            exported = export_checkpoint(checkpoint, out_dir, formats, name=name, version=version, progress=progress,
+                                         options=options)  # fmt: skip
             source = Path(checkpoint)
         else:
             from torchship.export.user_model import parse_kwargs, user_model
@@ -233,13 +239,13 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, t
                 dataset=dataset, input_kind=input_kind, task=task, output_names=output_names, input_range=input_range,
             )  # fmt: skip
             source = Path(weights)
-            card = stamp(card, source)
             out = Path(out_dir or f"exports/{card.name}")
+            card = stamp(card, source, version=version or next_version(out, card.name))
             exported = export_model(model, card, out, formats, progress=progress, options=options)
     except (CheckpointError, ModelLoadError, ExportError, CardError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     card = exported.card
-    click.echo(f"exported {card.name} to {', '.join(str(p) for p in exported.files.values())}")
+    click.echo(f"exported {card.name} version {card.version} to {', '.join(str(p) for p in exported.files.values())}")
     run_proof(exported.directory, atol, rtol, data_dir, source)
 
 

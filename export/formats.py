@@ -18,6 +18,7 @@ from torchship.handlers.card import (
     FORMAT_BY_NAME,
     ONNX_METADATA_KEY,
     TORCHSCRIPT_EXTRA_FILE,
+    CardError,
     ModelCard,
 )
 
@@ -60,11 +61,29 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def stamp(card: ModelCard, source: Path | None, epoch: int | None = None) -> ModelCard:
-    """The card as exported: where the weights came from, what made the files and when."""
+def next_version(out_dir: Path | str, name: str) -> str:
+    """An export's version when none is given: one past the newest of the same model it replaces or stands beside
+    (a repository's NAME/1, NAME/2, ...), else 1."""
+    out = Path(out_dir)
+    versions = []
+    for folder in (out, *out.parent.glob("*")):
+        try:
+            card = read_card(folder)
+        except CardError:
+            continue
+        if card.name == name:
+            versions.append(int(card.version))
+    return str(max(versions) + 1) if versions else "1"
+
+
+def stamp(card: ModelCard, source: Path | None, epoch: int | None = None, version: str | None = None) -> ModelCard:
+    """The card as exported: which version, where the weights came from, what made the files and when."""
+    from dataclasses import replace
+
     import onnx
     import onnxruntime
 
+    card = replace(card, version=version) if version else card
     return card.with_provenance(
         source=str(source.resolve()) if source else None,
         source_sha256=sha256(source) if source else None,
@@ -250,18 +269,21 @@ def export_checkpoint(
     formats: Sequence[str] = DEFAULT_FORMATS,
     *,
     name: str | None = None,
+    version: str | None = None,
     progress: Callable[[str], None] | None = None,
     options: Options = Options(),
 ) -> Exported:
-    """A torchship checkpoint to out_dir (default exports/NAME): its card, stamped with where it came from."""
+    """A torchship checkpoint to out_dir (default exports/NAME): its card, stamped with its version (default:
+    next_version) and where it came from."""
     from dataclasses import replace
 
     from torchship.export.user_model import from_checkpoint
 
     model, card, epoch = from_checkpoint(ckpt_path)
-    card = stamp(replace(card, name=name) if name else card, Path(ckpt_path), epoch)
-    return export_model(model, card, Path(out_dir or f"exports/{card.name}"), formats, progress=progress,
-                        options=options)  # fmt: skip
+    card = replace(card, name=name) if name else card
+    out = Path(out_dir or f"exports/{card.name}")
+    card = stamp(card, Path(ckpt_path), epoch, version or next_version(out, card.name))
+    return export_model(model, card, out, formats, progress=progress, options=options)
 
 
 def read_card(export_dir: Path | str) -> ModelCard:

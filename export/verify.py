@@ -333,6 +333,11 @@ def failure_message(report: Report) -> str:
 
 
 def write_report(report: Report, export_dir: Path | str) -> Path:
-    path = Path(export_dir) / "equivalence.json"
-    path.write_text(json.dumps(report.to_dict(), indent=2))
+    """equivalence.json, with the sha256 of every model file it proved: a server loads a version as proven only
+    while its file still has that digest (handlers/repository.py)."""
+    from torchship.handlers.repository import PROOF_FILE
+
+    path = Path(export_dir) / PROOF_FILE
+    files = {FORMAT_BY_NAME[f].file: sha256(Path(export_dir) / FORMAT_BY_NAME[f].file) for f in present(export_dir)}
+    path.write_text(json.dumps({**report.to_dict(), "files": files}, indent=2))
     return path

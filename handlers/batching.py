@@ -51,6 +51,10 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="batcher")
 
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()

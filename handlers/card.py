@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-SCHEMA_VERSION = 2  # 2: tensor inputs and regression (input_kind, output_names, units, input_range)
+SCHEMA_VERSION = 3  # 2: tensor inputs and regression (input_kind, output_names, units, input_range); 3: version
 CARD_FILE = "meta.json"  # beside the model files of an export, and inside every archive
 ONNX_METADATA_KEY = "torchship"  # ONNX metadata_props entry holding the card's JSON
 TORCHSCRIPT_EXTRA_FILE = "meta.json"  # TorchScript extra file holding the card's JSON
@@ -31,6 +31,7 @@ MAX_TENSOR_ELEMENTS = 1 << 20  # per example
 GREY_RECIPES = ("mnist-digit", "fashion")  # they find light ink on a dark ground: one channel only
 CROP_RATIO = 0.875  # torchvision's classification presets: resize to 256, centre-crop 224
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,17}$")  # Triton's: a positive integer, as text (URLs, gRPC, tritonclient)
 TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
 # The architectures a torchship checkpoint may name: a checkpoint is data, so it never picks code to import.
 BUILTIN_ARCHITECTURES = {"mlp": "torchship.train.models:MLP", "convnet": "torchship.train.models:ConvNet",
@@ -114,6 +115,7 @@ class ModelCard:
     output_names: tuple[str, ...] = ()  # regress: one name per output value ("y")
     units: tuple[str, ...] = ()  # regress: one unit per output value, or none
     input_range: tuple = ()  # tensors: (min, max) seen in training per entry of the first axis, for the proof
+    version: str = "1"  # which export of this model: /v2/models/NAME/versions/VERSION (cards before schema 3: "1")
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -326,6 +328,8 @@ def validate(card: ModelCard) -> None:
         value = getattr(card, name)
         need(isinstance(value, str) and bool(TENSOR_NAME.match(value)), name, f"{value!r} is not a tensor name")
     need(card.dataset is None or isinstance(card.dataset, str), "dataset", f"expected a name, got {card.dataset!r}")
+    need(isinstance(card.version, str) and bool(VERSION_PATTERN.match(card.version)), "version",
+         f"{card.version!r} is not a version: a positive integer, as text")  # fmt: skip
     spec = card.architecture.spec
     need(isinstance(spec, str) and ":" in spec, "architecture.spec", f"expected 'module:callable', got {spec!r}")
     need(isinstance(card.architecture.kwargs, Mapping), "architecture.kwargs", "expected an object")

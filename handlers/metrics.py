@@ -1,9 +1,10 @@
-"""Prometheus metrics of the Open Inference Protocol server: one set of names for REST and gRPC alike, summed over
-the worker processes (prometheus_client's multiprocess mode: PROMETHEUS_MULTIPROC_DIR, set by the supervisor before
-any worker starts, holds each worker's values in files that /metrics adds up)."""
+"""Prometheus metrics of the Open Inference Protocol server: one set of names for REST and gRPC alike, labelled by
+model and version, summed over the worker processes (prometheus_client's multiprocess mode: PROMETHEUS_MULTIPROC_DIR,
+set by the supervisor before any worker starts, holds each worker's values in files that /metrics adds up)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -15,35 +16,71 @@ INFERENCE_SECONDS = "torchship_inference_seconds"
 BATCH_SIZE = "torchship_batch_size"
 IN_FLIGHT = "torchship_requests_in_flight"
 CONNECTIONS = "torchship_http_connections"
+SHADOW = "torchship_shadow_requests_total"  # requests mirrored to a candidate version and compared
+SHADOW_AGREED = "torchship_shadow_agreements_total"  # of those, the ones whose top-1 (or rounded value) agreed
+SHADOW_MAX_DIFF = "torchship_shadow_max_abs_difference"  # the largest element-wise difference seen
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MODEL = ("model", "version")
+
+
+@functools.cache
+def families() -> dict:
+    """The metric families, registered once per process whatever the number of models it serves."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return {
+        "requests": Counter(
+            REQUESTS.removesuffix("_total"),
+            "Inference requests answered, by model, version, protocol "
+            "(rest, grpc) and status (HTTP code; 499: the client went away first)",
+            [*MODEL, "protocol", "status"],
+        ),  # fmt: skip
+        "seconds": Histogram(
+            REQUEST_SECONDS, "From a request's arrival to its answer", [*MODEL, "protocol"], buckets=LATENCY_BUCKETS
+        ),  # fmt: skip
+        "queue": Histogram(
+            QUEUE_SECONDS, "From joining the batch queue to its forward pass starting", MODEL, buckets=LATENCY_BUCKETS
+        ),  # fmt: skip
+        "inference": Histogram(INFERENCE_SECONDS, "One forward pass of a whole batch", MODEL, buckets=LATENCY_BUCKETS),
+        "batch": Histogram(BATCH_SIZE, "Rows (images) in each forward pass", MODEL, buckets=BATCH_BUCKETS),
+        "in_flight": Gauge(IN_FLIGHT, "Requests being read, queued or run", MODEL, multiprocess_mode="livesum"),
+        "connections": Gauge(
+            CONNECTIONS,
+            "REST connections: open, and paused (not read while the client leaves its answers unread)",
+            ["state"],
+            multiprocess_mode="livesum",
+        ),  # fmt: skip
+        "shadow": Counter(
+            SHADOW.removesuffix("_total"),
+            "Requests mirrored to a candidate version, by model, the version that answered and the candidate",
+            ["model", "default", "candidate"],
+        ),  # fmt: skip
+        "agreed": Counter(
+            SHADOW_AGREED.removesuffix("_total"),
+            "Mirrored requests whose every row the candidate "
+            "answered alike (the same top-1 label; values within the proof's tolerance)",
+            ["model", "default", "candidate"],
+        ),  # fmt: skip
+        "max_diff": Gauge(
+            SHADOW_MAX_DIFF,
+            "The largest element-wise difference between a candidate's and the default's output",
+            ["model", "default", "candidate"],
+            multiprocess_mode="max",
+        ),  # fmt: skip
+    }
 
 
 class Metrics:
-    def __init__(self, model: str):
-        from prometheus_client import Counter, Gauge, Histogram
+    """One served model version's series."""
 
-        def histogram(name, text, buckets, labels=("model",)):
-            return Histogram(name, text, labels, buckets=buckets)
-
-        self.model = model
-        self._requests = Counter(REQUESTS.removesuffix("_total"), "Inference requests answered, by model, protocol "
-                                 "(rest, grpc) and status (HTTP code)", ["model", "protocol", "status"])  # fmt: skip
-        self._seconds = histogram(REQUEST_SECONDS, "From a request's arrival to its answer", LATENCY_BUCKETS,
-                                  ("model", "protocol"))  # fmt: skip
-        self._queue = histogram(QUEUE_SECONDS, "From joining the batch queue to its forward pass starting",
-                                LATENCY_BUCKETS)  # fmt: skip
-        self._inference = histogram(INFERENCE_SECONDS, "One forward pass of a whole batch", LATENCY_BUCKETS)
-        self._batch = histogram(BATCH_SIZE, "Rows (images) in each forward pass", BATCH_BUCKETS)
-        self._in_flight = Gauge(IN_FLIGHT, "Requests being read, queued or run", ["model"],
-                                multiprocess_mode="livesum")  # fmt: skip
-        self.in_flight = self._in_flight.labels(model)
-        connections = Gauge(CONNECTIONS, "REST connections: open, and paused (not read while the client leaves its "
-                            "answers unread)", ["state"], multiprocess_mode="livesum")  # fmt: skip
-        self._open, self._paused = connections.labels("open"), connections.labels("paused")
+    def __init__(self, model: str, version: str = "1"):
+        f = families()
+        self.model, self.version = model, version
+        self.in_flight = f["in_flight"].labels(model, version)
         self.active = 0  # this worker's own requests in flight (the gauge adds up every worker's)
-        self.queue, self.inference, self.batch = (m.labels(model) for m in (self._queue, self._inference, self._batch))
+        self.queue, self.inference, self.batch = (f[k].labels(model, version) for k in ("queue", "inference", "batch"))
         self._children: dict = {}
 
     def started(self) -> None:
@@ -55,16 +92,12 @@ class Metrics:
         self.in_flight.dec()
         key = (protocol, status)
         if key not in self._children:  # label lookups cost more than the observations: keep the children
-            self._children[key] = (self._requests.labels(self.model, protocol, str(status)),
-                                   self._seconds.labels(self.model, protocol))  # fmt: skip
+            f = families()
+            self._children[key] = (f["requests"].labels(self.model, self.version, protocol, str(status)),
+                                   f["seconds"].labels(self.model, self.version, protocol))  # fmt: skip
         count, latency = self._children[key]
         count.inc()
         latency.observe(seconds)
-
-    def connections(self, open_: int, paused: int) -> None:
-        """http11.Tally's watch: this worker's connections changed."""
-        self._open.set(open_)
-        self._paused.set(paused)
 
     def ran(self, batch) -> None:
         """One forward pass (batching.Pass)."""
@@ -72,6 +105,28 @@ class Metrics:
         self.inference.observe(batch.seconds)
         for wait in batch.waits:
             self.queue.observe(wait)
+
+
+def connections(open_: int, paused: int) -> None:
+    """http11.Tally's watch: this worker's connections changed."""
+    gauge = families()["connections"]
+    gauge.labels("open").set(open_)
+    gauge.labels("paused").set(paused)
+
+
+def shadowed(model: str, default: str, candidate: str, agreed: bool, max_diff: float) -> None:
+    """One mirrored request compared: the shadow's evidence, per model pair."""
+    f = families()
+    f["shadow"].labels(model, default, candidate).inc()
+    if agreed:
+        f["agreed"].labels(model, default, candidate).inc()
+    key = (model, default, candidate)
+    if max_diff > _largest.get(key, -1.0):  # this worker's largest; /metrics shows the largest of all workers'
+        _largest[key] = max_diff
+        f["max_diff"].labels(*key).set(max_diff)
+
+
+_largest: dict[tuple[str, str, str], float] = {}
 
 
 def exposition() -> bytes:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import v2
+from . import triton, v2
 from .batching import Overloaded
 from .http11 import Limits
+from .repository import RepositoryError
 from .serving import ABANDONED, DECODE_INLINE_BYTES, Served
 
 logger = logging.getLogger(__name__)
@@ -83,58 +84,98 @@ def infer_response(served: Served, request, outputs: list[v2.Tensor], pb):
     return response
 
 
-def handler(served: Served, version: str):
-    """The service's methods over this worker's model, as one grpcio generic handler."""
+def handler(app):
+    """The service's methods over this worker's repository, as one grpcio generic handler (APP: the worker's RestApp,
+    whose repository, settings and admin REST and gRPC share)."""
     import grpc
 
-    pb = protocol_messages()
-    codes = {413: grpc.StatusCode.RESOURCE_EXHAUSTED, 404: grpc.StatusCode.NOT_FOUND}
+    from .oip_rest import mirror
 
-    async def model_named(name: str, version: str, context) -> None:
-        if not served.serves(name, version):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {name[:64]!r} version {version[:32]!r}: this "
-                                f"server has {served.name!r} version {served.version}" if name == served.name else
-                                f"no model named {name[:64]!r}: this server has {served.name!r}")  # fmt: skip
+    pb, tr = protocol_messages(), triton.messages()
+    repo, version = app.repo, app.version
+    codes = {413: grpc.StatusCode.RESOURCE_EXHAUSTED, 404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.ABORTED,
+             401: grpc.StatusCode.UNAUTHENTICATED, 503: grpc.StatusCode.UNAVAILABLE}  # fmt: skip
+
+    async def find(name: str, version: str, context) -> Served:
+        try:
+            return repo.get(name, version)[0]
+        except RepositoryError as e:
+            await context.abort(codes.get(e.status, grpc.StatusCode.INVALID_ARGUMENT), str(e))
 
     async def server_live(request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def server_ready(request, context):
-        return pb.ServerReadyResponse(ready=served.ready)
+        return pb.ServerReadyResponse(ready=repo.ready)
 
     async def server_metadata(request, context):
-        return pb.ServerMetadataResponse(name="torchship", version=version, extensions=["binary_tensor_data"])
+        return pb.ServerMetadataResponse(name="torchship", version=version,
+                                         extensions=["binary_tensor_data", "model_repository",
+                                                     "model_configuration"])  # fmt: skip
 
     async def model_ready(request, context):
-        await model_named(request.name, request.version, context)
-        return pb.ModelReadyResponse(ready=served.ready)
+        await find(request.name, request.version, context)
+        return pb.ModelReadyResponse(ready=repo.ready)
 
     async def model_metadata(request, context):
-        await model_named(request.name, request.version, context)
-        meta = served.metadata()
+        served = await find(request.name, request.version, context)
+        meta = served.metadata(sorted(repo.model(served.name).versions, key=int))
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
                                         inputs=[tensor(**t) for t in meta["inputs"]],
                                         outputs=[tensor(**t) for t in meta["outputs"]])  # fmt: skip
 
+    async def model_config(request, context):
+        return triton.config_message(app.config(await find(request.name, request.version, context)))
+
+    async def authorized(context) -> None:
+        if not app.admin.allows(dict(context.invocation_metadata()).get("authorization")):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the repository calls need the admin token: "
+                                "authorization: Bearer TOKEN metadata")  # fmt: skip
+
+    async def admin(op: str, model: str, parameters: dict, context):
+        await authorized(context)
+        r = await app.admin.call(op, model, parameters)
+        if not r.get("ok"):
+            await context.abort(codes.get(r.get("status"), grpc.StatusCode.INVALID_ARGUMENT), r["error"])
+
+    async def repository_index(request, context):
+        await authorized(context)
+        response = tr["RepositoryIndexResponse"]()
+        for row in repo.index():
+            response.models.add(**row)
+        return response
+
+    async def repository_load(request, context):
+        await admin("load", request.model_name, triton.parameters(request), context)
+        return tr["RepositoryModelLoadResponse"]()
+
+    async def repository_unload(request, context):
+        await admin("unload", request.model_name, triton.parameters(request), context)
+        return tr["RepositoryModelUnloadResponse"]()
+
     async def model_infer(request, context):
-        start, status, decoding = time.perf_counter(), 500, True
-        served.metrics.started()
-        served.batcher.decoding += 1
+        start, status, decoding, served = time.perf_counter(), 500, False, None
         try:
-            if not served.serves(request.model_name, request.model_version):
-                status = 404
-                raise v2.ProtocolError(f"no model {request.model_name[:64]!r} version {request.model_version[:32]!r}"
-                                       f": this server has {served.name!r} version {served.version}", 404)  # fmt: skip
+            try:
+                served, shadow = repo.get(request.model_name, request.model_version)
+            except RepositoryError as e:
+                raise v2.ProtocolError(str(e), e.status) from None
+            served.metrics.started()
+            served.batcher.decoding += 1
+            decoding = True
             if sum(len(r) for r in request.raw_input_contents) <= DECODE_INLINE_BYTES:
-                rows = decode(request)
+                rows = decode(served, request)
             elif served.batcher.decoding > served.batcher.max_queue:
                 raise Overloaded(f"{served.batcher.decoding} requests are being decoded in this worker (its limit)")
             else:
-                rows = await asyncio.get_running_loop().run_in_executor(served.decoder, decode, request)
+                rows = await asyncio.get_running_loop().run_in_executor(served.decoder, decode, served, request)
             served.batcher.decoding -= 1
             decoding = False
-            response = infer_response(served, request, await served.predict(rows), pb)
+            pending = served.batcher.enqueue(rows)
+            if shadow is not None:
+                mirror(served, shadow, rows, pending)
+            response = infer_response(served, request, v2.model_outputs(served.card, await pending), pb)
             status = 200
             return response
         except v2.ProtocolError as e:
@@ -152,11 +193,12 @@ def handler(served: Served, version: str):
             logger.exception("inference failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {type(e).__name__}")
         finally:
-            if decoding:
-                served.batcher.decoding -= 1
-            served.metrics.answered("grpc", status, time.perf_counter() - start)
+            if served is not None:
+                if decoding:
+                    served.batcher.decoding -= 1
+                served.metrics.answered("grpc", status, time.perf_counter() - start)
 
-    def decode(request):
+    def decode(served: Served, request):
         return served.decode(tensors_of(request, served.limit))
 
     methods = {"ServerLive": (server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
@@ -164,14 +206,20 @@ def handler(served: Served, version: str):
                "ServerMetadata": (server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
                "ModelReady": (model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
                "ModelMetadata": (model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-               "ModelInfer": (model_infer, pb.ModelInferRequest, pb.ModelInferResponse)}  # fmt: skip
+               "ModelInfer": (model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+               "ModelConfig": (model_config, tr["ModelConfigRequest"], tr["ModelConfigResponse"]),
+               "RepositoryIndex": (repository_index, tr["RepositoryIndexRequest"], tr["RepositoryIndexResponse"]),
+               "RepositoryModelLoad": (repository_load, tr["RepositoryModelLoadRequest"],
+                                       tr["RepositoryModelLoadResponse"]),
+               "RepositoryModelUnload": (repository_unload, tr["RepositoryModelUnloadRequest"],
+                                         tr["RepositoryModelUnloadResponse"])}  # fmt: skip
     return grpc.method_handlers_generic_handler(SERVICE, {
         name: grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req.FromString,
                                                   response_serializer=resp.SerializeToString)
         for name, (fn, req, resp) in methods.items()})  # fmt: skip
 
 
-def server(served: Served, host: str, port: int, version: str = "", limits: Limits = Limits()):
+def server(app, host: str, port: int, limits: Limits = Limits()):
     """An asyncio gRPC server on HOST:PORT; every worker binds the same port (SO_REUSEPORT, grpcio's default), with
     the REST core's limits where HTTP/2 has the same knob. Calls in progress are capped per worker like REST
     connections (past the cap: RESOURCE_EXHAUSTED); a per-connection stream cap would refuse tritonclient's streams
@@ -182,7 +230,7 @@ def server(served: Served, host: str, port: int, version: str = "", limits: Limi
                ("grpc.so_reuseport", 1), ("grpc.max_metadata_size", limits.head_bytes),
                ("grpc.max_connection_idle_ms", int(limits.idle_timeout_s * 1000))]  # fmt: skip
     srv = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.connections)
-    srv.add_generic_rpc_handlers((handler(served, version),))
+    srv.add_generic_rpc_handlers((handler(app),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if srv.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen for gRPC on {address}")

@@ -8,13 +8,15 @@ import logging
 import re
 import time
 
-from . import metrics, v2
+from . import metrics, triton, v2
 from .batching import Overloaded
+from .control import Admin
 from .http11 import Request, Response
 from .images import InputError
+from .repository import Repository, RepositoryError, agreement
 from .request import instances
 from .responses import respond
-from .serving import ABANDONED, DECODE_INLINE_BYTES, Served
+from .serving import ABANDONED, DECODE_INLINE_BYTES, Served, Settings
 from .tensors import rows_from_instances, standardize
 
 try:  # orjson writes every answer's JSON 3-10x faster than json (bench/NOTES.md)
@@ -29,12 +31,14 @@ except ImportError:  # pragma: no cover
 
 
 logger = logging.getLogger(__name__)
-MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config)?$")
+REPOSITORY_ROUTE = re.compile(r"^/v2/repository/(?:index|models/([^/]+)/(load|unload|route))$")
 V1_ROUTE = re.compile(r"^/v1/models/([^/:]+)(:predict)?$")  # KServe v1 / TF Serving: {"instances": [...]}
 HEADER_LENGTH = v2.HEADER_LENGTH.encode()
 RETRY_AFTER_S = b"1"
 JSON = ((b"content-type", b"application/json"),)
 LIVE = Response(200, b'{"live":true}')
+UNAUTHORIZED = ((b"www-authenticate", b'Bearer realm="repository"'),)
 
 
 def error(status: int, message: str, *, close: bool = False, headers: tuple = ()) -> Response:
@@ -51,8 +55,8 @@ def server_version() -> str:
 
 
 class RestApp:
-    def __init__(self, served: Served):
-        self.served, self.version = served, server_version()
+    def __init__(self, repo: Repository, settings: Settings, admin: Admin):
+        self.repo, self.settings, self.admin, self.version = repo, settings, admin, server_version()
         self.loop = asyncio.get_running_loop()
 
     def __call__(self, request: Request, reply):
@@ -67,40 +71,77 @@ class RestApp:
             if method != "POST":
                 return reply(error(405, f"{path[:200]} takes POST"))
             return self.predict_v1(request, reply, v1.group(1))
+        repository = REPOSITORY_ROUTE.match(path)
+        if repository:
+            if method != "POST":
+                return reply(error(405, f"{path[:200]} takes POST"))
+            return self.repository(request, reply, repository.group(1), repository.group(2))
         if method not in ("GET", "HEAD"):
             return reply(error(405 if m or path.startswith("/v2") else 404, f"no {method} route {path[:200]}"))
-        if v1:
-            if v1.group(1) != self.served.name:
-                return reply(self.unknown(v1.group(1), None))
-            return reply(Response(200, dumps({"name": self.served.name, "ready": self.served.ready})))
         if path == "/v2/health/live":
             return reply(LIVE)
-        ready = self.served.ready
+        ready = self.repo.ready
         if path == "/v2/health/ready":
             return reply(Response(200 if ready else 503, dumps({"ready": ready})))
         if path == "/v2":
             return reply(Response(200, dumps({"name": "torchship", "version": self.version,
-                                              "extensions": ["binary_tensor_data"]})))  # fmt: skip
+                                              "extensions": ["binary_tensor_data", "model_repository",
+                                                             "model_configuration"]})))  # fmt: skip
         if path == "/metrics":
             return reply(Response(200, metrics.exposition(), ((b"content-type", metrics.CONTENT_TYPE.encode()),)))
-        if m:
-            if not self.served.serves(m.group(1), m.group(2)):
-                return reply(self.unknown(m.group(1), m.group(2)))
-            if m.group(3) == "/ready":
-                return reply(Response(200 if ready else 503, dumps({"name": self.served.name, "ready": ready})))
-            return reply(Response(200, dumps(self.served.metadata())))
+        try:
+            if v1:
+                served, _ = self.repo.get(v1.group(1))
+                return reply(Response(200, dumps({"name": served.name, "ready": ready})))
+            if m:
+                served, _ = self.repo.get(m.group(1), m.group(2))
+                if m.group(3) == "/ready":
+                    return reply(Response(200 if ready else 503, dumps({"name": served.name, "ready": ready})))
+                if m.group(3) == "/config":
+                    return reply(Response(200, dumps(self.config(served))))
+                versions = sorted(self.repo.model(served.name).versions, key=int)
+                return reply(Response(200, dumps(served.metadata(versions))))
+        except RepositoryError as e:
+            return reply(error(e.status, str(e)))
         return reply(error(404, f"no route {path[:200]}: the Open Inference Protocol's are under /v2"))
 
-    def unknown(self, model: str, version: str | None) -> Response:
-        served = self.served
-        if model != served.name:
-            return error(404, f"no model named {model[:64]!r}: this server has {served.name!r}")
-        return error(404, f"{served.name} has no version {version[:32]!r}: it serves version {served.version}")
+    def config(self, served: Served) -> dict:
+        return triton.config(served.card, served.name, served.metadata()["platform"],
+                             max_delay_ms=self.settings.max_delay_ms, max_batch=self.settings.max_batch)  # fmt: skip
+
+    def repository(self, request: Request, reply, model: str | None, op: str | None):
+        """The repository extension (index, load, unload) and our route call, behind the admin token."""
+        if not self.admin.allows(request.headers.get(b"authorization")):
+            return reply(error(401, "the repository calls need the admin token: Authorization: Bearer TOKEN "
+                                    "(`torchship serve key --api admin`)", headers=UNAUTHORIZED))  # fmt: skip
+        try:
+            body = v2.loads(request.body) if request.body.strip() else {}
+        except v2.ProtocolError as e:
+            return reply(error(400, str(e)))
+        if not isinstance(body, dict):
+            return reply(error(400, "a repository call's body is a JSON object"))
+        if op is None:  # the index: this worker's view of what the supervisor last committed
+            return reply(Response(200, dumps(self.repo.index())))
+        params = body.get("parameters", {}) if op != "route" else body
+        if not isinstance(params, dict):
+            return reply(error(400, "'parameters' must be a JSON object"))
+
+        def done(future) -> None:
+            failed = future.cancelled() or future.exception() is not None
+            r = {"ok": False, "status": 503, "error": "the supervisor did not answer"} if failed else future.result()
+            reply(Response(200, dumps(r["result"])) if r.get("ok") else error(r.get("status", 500), r["error"]))
+
+        self.loop.create_task(self.admin.call(op, model, params)).add_done_callback(done)
+        return None
 
     def infer(self, request: Request, reply, model: str, version: str | None):
         """Decode (off the event loop when large), queue, encode; the returned function drops the request if its
         client goes away first: its rows leave the queue before the pass, and it is counted as abandoned."""
-        served, start = self.served, time.perf_counter()
+        try:
+            served, shadow = self.repo.get(model, version)
+        except RepositoryError as e:
+            return reply(error(e.status, str(e)))
+        start = time.perf_counter()
         served.metrics.started()
         outcome: list[int] = []  # the one status this request ends with
         queued: list[asyncio.Future] = []
@@ -123,28 +164,28 @@ class RestApp:
             except Overloaded as e:
                 return answer(error(503, str(e), headers=((b"retry-after", RETRY_AFTER_S),)))
             queued.append(pending)
-            pending.add_done_callback(lambda done: answer(self.encode(done, header, want)))
+            pending.add_done_callback(lambda done: answer(self.encode(served, done, header, want)))
+            if shadow is not None:
+                mirror(served, shadow, rows, pending)
 
-        if not served.serves(model, version):
-            answer(self.unknown(model, version))
-            return None
         if len(request.body) <= DECODE_INLINE_BYTES:
             try:
-                predict(self.prepare(request))
+                predict(self.prepare(served, request))
             except v2.ProtocolError as e:
                 answer(error(e.status, str(e)))
             except Exception:
                 logger.exception("decoding failed")
                 answer(error(500, "the server failed to decode this request"))
             return abandon
-        if served.batcher.decoding >= served.batcher.max_queue:
-            answer(error(503, f"{served.batcher.decoding} requests are being decoded in this worker (its limit): "
-                              "retry shortly", headers=((b"retry-after", RETRY_AFTER_S),)))  # fmt: skip
+        batcher = served.batcher
+        if batcher.decoding >= batcher.max_queue:
+            answer(error(503, f"{batcher.decoding} requests are being decoded in this worker (its limit): retry "
+                              "shortly", headers=((b"retry-after", RETRY_AFTER_S),)))  # fmt: skip
             return None
-        served.batcher.decoding += 1
+        batcher.decoding += 1
 
         def decoded(done) -> None:
-            served.batcher.decoding -= 1
+            batcher.decoding -= 1
             if outcome:  # abandoned while it was decoded
                 return
             e = done.exception()
@@ -155,12 +196,12 @@ class RestApp:
                 return answer(error(500, "the server failed to decode this request"))
             predict(done.result())
 
-        self.loop.run_in_executor(served.decoder, self.prepare, request).add_done_callback(decoded)
+        self.loop.run_in_executor(served.decoder, self.prepare, served, request).add_done_callback(decoded)
         return abandon
 
-    def prepare(self, request: Request) -> tuple[dict, list, object]:
+    @staticmethod
+    def prepare(served: Served, request: Request) -> tuple[dict, list, object]:
         """The request's v2 header, the outputs it wants and its rows: every lie a ProtocolError (a 4xx)."""
-        served = self.served
         cut = request.headers.get(HEADER_LENGTH)
         if cut is not None and not (cut.isdigit() and len(cut) <= 12):
             raise v2.ProtocolError(f"{v2.HEADER_LENGTH} must be a number of bytes within the body's length")
@@ -169,7 +210,11 @@ class RestApp:
 
     def predict_v1(self, request: Request, reply, model: str):
         """Rows of a tensor model as KServe v1 and TF Serving send them; answered {"predictions": [...]}."""
-        served, start = self.served, time.perf_counter()
+        try:
+            served, _ = self.repo.get(model)
+        except RepositoryError as e:
+            return reply(error(e.status, str(e)))
+        start = time.perf_counter()
         served.metrics.started()
         outcome: list[int] = []
 
@@ -179,8 +224,6 @@ class RestApp:
                 served.metrics.answered("rest-v1", response.status, time.perf_counter() - start)
                 reply(response)
 
-        if model != served.name:
-            return answer(self.unknown(model, None))
         if served.card.image:
             return answer(error(400, f"{served.name} takes images: POST them to /v2/models/{served.name}/infer"))
         try:
@@ -204,15 +247,34 @@ class RestApp:
         pending.add_done_callback(lambda done: answer(encoded(done)))
         return abandon
 
-    def encode(self, done: asyncio.Future, header: dict, want: list) -> Response:
+    @staticmethod
+    def encode(served: Served, done: asyncio.Future, header: dict, want: list) -> Response:
         if done.cancelled():
             return Response(ABANDONED, b"")
         if done.exception() is not None:
             logger.error("inference failed", exc_info=done.exception())
             return error(500, "inference failed")
-        outputs = v2.model_outputs(self.served.card, done.result())
-        body, json_length = v2.response_http(self.served.name, header, outputs, want)
+        outputs = v2.model_outputs(served.card, done.result())
+        body, json_length = v2.response_http(served.name, header, outputs, want, served.version)
         if json_length is None:
             return Response(200, body)
         return Response(200, body, ((b"content-type", b"application/octet-stream"),
                                     (HEADER_LENGTH, str(json_length).encode())))  # fmt: skip
+
+
+def mirror(served: Served, shadow: Served, rows, answered: asyncio.Future) -> None:
+    """The request's rows again, to the shadow version: its output is compared with the default's, never sent. A
+    shadow whose queue is full skips the request rather than delay anyone."""
+    try:
+        candidate = shadow.batcher.enqueue(rows)
+    except Overloaded:
+        return
+
+    def compare(_) -> None:
+        if answered.cancelled() or candidate.cancelled() or answered.exception() or candidate.exception():
+            return
+        agreed, largest = agreement(served.card, answered.result(), candidate.result())
+        metrics.shadowed(served.name, served.version, shadow.version, agreed, largest)
+
+    gathered = asyncio.gather(answered, candidate, return_exceptions=True)
+    gathered.add_done_callback(compare)

@@ -1,8 +1,8 @@
 """The Open Inference Protocol server: N worker processes answering REST and gRPC on the same two ports, each
 batching its requests into forward passes; a supervisor replaces any worker that dies while the others keep
-answering.
+answering, and changes the model repository in all of them at once (handlers/control.py).
 
-python -m torchship.handlers.oip_server --model_dir EXPORT_DIR --model_name NAME [--workers N] ...
+python -m torchship.handlers.oip_server --model_dir EXPORT_OR_FOLDER [--model_dir ...] [--workers N] ...
 (`torchship serve start --runtime oip` runs it; so does the deploy bundle's container, as torchship_handlers.)
 
 Every worker listens on both ports with SO_REUSEPORT, so the kernel spreads connections over the workers (one socket
@@ -44,8 +44,17 @@ STOP_GRACE_S = 10
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="oip_server", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model_dir", required=True, help="an export directory: meta.json and the model file")
-    ap.add_argument("--model_name", required=True, help="the model's name in /v2/models/NAME")
+    ap.add_argument("--model_dir", required=True, action="append", help="an export (meta.json and the model file), "
+                    "or a folder of exports (up to two levels down: NAME/VERSION/); again for more; the repository "
+                    "calls load what is found here")  # fmt: skip
+    ap.add_argument("--model_name", default=None, help="serve the one model of --model_dir under this name  "
+                                                       "[default: its card's name]")  # fmt: skip
+    ap.add_argument(
+        "--admin_token_file",
+        default=None,
+        help="the token the repository calls need: read from here, or "
+        "written here when the file does not exist  [default: a new one beside the server's state]",
+    )
     ap.add_argument("--host", default="127.0.0.1", help="address REST and gRPC listen on")
     ap.add_argument("--http_port", type=int, default=HTTP_PORT)
     ap.add_argument("--grpc_port", type=int, default=GRPC_PORT)
@@ -63,53 +72,104 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--log_level", default="INFO")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ready_fd", type=int, default=-1, help=argparse.SUPPRESS)
+    ap.add_argument("--control", default=None, help=argparse.SUPPRESS)  # the supervisor's control socket
+    ap.add_argument("--repository_state", default=None, help=argparse.SUPPRESS)  # the state it saved
     return ap
 
 
-def complete(args: argparse.Namespace) -> argparse.Namespace:
+def complete(args: argparse.Namespace, state) -> argparse.Namespace:
     """Every choice the flags leave open, decided once by the shared sizing rule from a measured pass."""
     if args.workers <= 0:
         args.workers = sizing.default_workers()
     if args.max_queue <= 0:
         args.max_queue = sizing.queue_size(args.max_body)
     if args.max_batch <= 0 or args.max_delay_ms < 0 or args.threads <= 0:
+        first = next(iter(state.models.values()))  # one setting for every model: the first one's measured cost
+        export = first.versions[first.route.default].directory
         try:
-            cost = sizing.measure(args.model_dir, args.backend, ModelCard.load(args.model_dir))
+            cost = sizing.measure(export, args.backend, ModelCard.load(export))
         except Exception as e:  # a model that fails here fails in every worker: say so once, plainly
-            raise SystemExit(f"measuring {args.model_dir} at batches of 1 and 8 failed ({type(e).__name__}: "
+            raise SystemExit(f"measuring {export} at batches of 1 and 8 failed ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); give --max_batch, --max_delay_ms "
                              "and --threads to skip the measurement") from None  # fmt: skip
         sized = sizing.sized(cost, args.workers)
-        logger.info("measured %s: %.2f ms at batch 1, %.2f ms at batch 8 (one thread)", args.model_name,
-                    cost.batch1_ms, cost.batch8_ms)  # fmt: skip
+        logger.info("measured %s: %.2f ms at batch 1, %.2f ms at batch 8 (one thread)", export, cost.batch1_ms,
+                    cost.batch8_ms)  # fmt: skip
         args.max_batch = args.max_batch if args.max_batch > 0 else sized.max_batch
         args.max_delay_ms = args.max_delay_ms if args.max_delay_ms >= 0 else sized.max_delay_ms
         args.threads = args.threads if args.threads > 0 else sized.threads
     return args
 
 
-# The worker: one model, one batcher, REST and gRPC on one event loop.
+# The worker: the repository's models, a batcher each, REST and gRPC on one event loop.
+
+
+def settings(args: argparse.Namespace):
+    from .serving import Settings
+
+    return Settings(args.backend, args.threads, args.max_pixels, args.max_batch, args.max_delay_ms, args.max_queue)
+
+
+def loader(args: argparse.Namespace) -> Callable:
+    """(name, export directory) -> the version loaded and warm at the largest batch, or the error that stops it."""
+    from . import serving
+
+    chosen = settings(args)
+
+    def load(name: str, directory: str):
+        served = serving.load(directory, chosen, name=name)
+        try:
+            serving.warm_up(served)
+        except Exception as e:  # a model that cannot run a full batch must never take traffic
+            raise RuntimeError(
+                f"warm-up: a batch of {chosen.max_batch} failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''}); --max_batch lower?"
+            ) from None
+        return served
+
+    return load
+
+
+def served_names(args: argparse.Namespace) -> dict[str, str]:
+    """--model_name: the one model of the first --model_dir served under that name (served name -> card name)."""
+    from .repository import RepositoryError, exports_below
+
+    if not args.model_name:
+        return {}
+    names = {e.name for e in exports_below(args.model_dir[0], args.backend)}
+    if len(names) != 1:
+        raise RepositoryError(f"--model_name names one model; {args.model_dir[0]} holds {len(names)}")
+    return {args.model_name: names.pop()}
+
+
+def worker_repository(state, load: Callable):
+    """Every version STATE names, loaded and warm, routed as it says."""
+    from .repository import Model, Repository
+
+    repo = Repository(state)
+    repo.models = {name: Model(name, {v: load(name, spec.directory) for v, spec in m.versions.items()}, m.route)
+                   for name, m in state.models.items()}  # fmt: skip
+    return repo
 
 
 def worker(args: argparse.Namespace) -> int:
-    from . import serving
+    from .repository import State
 
-    served = serving.load(args.model_dir, args.model_name, backend=args.backend, threads=args.threads,
-                          max_pixels=args.max_pixels, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
-                          max_queue=args.max_queue)  # fmt: skip
+    load = loader(args)
     try:
-        warm = serving.warm_up(served)
-    except Exception as e:  # a model that cannot run a full batch must never look ready
-        logger.error("warm-up: a batch of %d failed (%s: %s); this worker will not serve (--max_batch lower?)",
-                     args.max_batch, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")  # fmt: skip
+        repo = worker_repository(State.load(args.repository_state), load)
+    except Exception as e:
+        logger.error("%s; this worker will not serve", str(e).splitlines()[0][:400] if str(e) else type(e).__name__)
         return 3
-    return serve_model(served, args, lambda: os.write(args.ready_fd, (json.dumps({"pid": os.getpid(), "warmup": warm})
-                                                                      + "\n").encode()))  # fmt: skip
+    ready = json.dumps({"pid": os.getpid(), "warmup": next(s.warmup for s in repo.served())}) + "\n"
+    return serve_model(repo, args, load, lambda: os.write(args.ready_fd, ready.encode()))
 
 
-def serve_model(served, args: argparse.Namespace, announce: Callable[[], object]) -> int:
-    """REST and gRPC over a loaded, warm model until SIGTERM; `announce` once both listen."""
-    from . import http11, oip_grpc
+def serve_model(repo, args: argparse.Namespace, load: Callable, announce: Callable[[], object]) -> int:
+    """REST and gRPC over a loaded, warm repository until SIGTERM, following the supervisor's changes to it;
+    `announce` once both listen."""
+    from . import control, http11, oip_grpc
+    from . import metrics as metric
     from .oip_rest import RestApp, error
 
     http = listening_socket(args.host, args.http_port)
@@ -119,21 +179,26 @@ def serve_model(served, args: argparse.Namespace, announce: Callable[[], object]
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        served.batcher.start()
-        rest = RestApp(served)
-        grpc_server = oip_grpc.server(served, args.host, args.grpc_port, rest.version, limits(args))
+        for s in repo.served():
+            s.batcher.start()
+        app = RestApp(repo, settings(args), control.Admin(control.read_token(args.admin_token_file), args.control))
+        grpc_server = oip_grpc.server(app, args.host, args.grpc_port, limits(args))
         await grpc_server.start()
-        server = await http11.serve(rest, error, http, limits(args), http11.Tally(served.metrics.connections))
-        served.ready = True
+        server = await http11.serve(app, error, http, limits(args), http11.Tally(metric.connections))
+        if args.control:
+            following = loop.create_task(control.follow(args.control, repo, load))
+            following.add_done_callback(lambda t: t.cancelled() or t.exception() and stop.set())
+        repo.ready = True
         announce()
         await stop.wait()
-        served.ready = False  # probes see it first; then no new connections, and what is queued is answered
+        repo.ready = False  # probes see it first; then no new connections, and what is queued is answered
         server.close()
         deadline = loop.time() + STOP_GRACE_S / 2
-        while (served.batcher.queued or served.metrics.active) and loop.time() < deadline:
+        while any(s.batcher.queued or s.metrics.active for s in repo.served()) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await grpc_server.stop(grace=1)
-        await served.batcher.stop()
+        for s in repo.served():
+            await s.batcher.stop()
 
     try:
         import uvloop
@@ -202,6 +267,31 @@ class Supervisor:
         self.guards = [hold_port(args.host, args.http_port, "REST"), hold_port(args.host, args.grpc_port, "gRPC")]
         self.metrics_dir = tempfile.mkdtemp(prefix="torchship-metrics-")
         self.selector = selectors.DefaultSelector()
+        self.control = None
+
+    def open_repository(self):
+        """The repository as the flags give it, saved for the workers, and the control socket they follow."""
+        from . import control
+        from .repository import RepositoryError
+
+        args = self.args
+        try:
+            aliases = served_names(args)
+            state = control.initial_state(args.model_dir, args.backend, aliases)
+        except RepositoryError as e:
+            raise SystemExit(str(e)) from None
+        for name, m in state.models.items():
+            for v, spec in m.versions.items():
+                if not spec.proven:
+                    logger.warning("%s version %s is served as asked, but unproven: %s", name, v, spec.reason)
+        args.repository_state = str(Path(self.metrics_dir) / "repository.json")
+        state.save(args.repository_state)
+        args.control = str(Path(self.metrics_dir) / "control.sock")
+        args.admin_token_file = args.admin_token_file or str(Path(self.metrics_dir) / "admin-token")
+        control.write_token(args.admin_token_file)
+        self.control = control.Supervisor(args.control, args.repository_state, sources=args.model_dir,
+                                          backend=args.backend, aliases=aliases)  # fmt: skip
+        return state
 
     def spawn(self) -> Worker:
         read, write = os.pipe()
@@ -221,12 +311,16 @@ class Supervisor:
         os.close(w.ready_pipe)
         self.workers.remove(w)
         metrics.forget(w.proc.pid, self.metrics_dir)
+        if self.control:
+            self.control.forget(w.proc.pid)
 
     def write_status(self) -> None:
         if not self.args.status_file:
             return
         state = {"pid": os.getpid(), "http_port": self.args.http_port, "grpc_port": self.args.grpc_port,
                  "restarts": self.restarts, "settings": {k: getattr(self.args, k) for k in SETTINGS},
+                 "admin_token_file": self.args.admin_token_file,
+                 "models": self.control.index_all() if self.control else [],
                  "workers": [{"pid": w.proc.pid, "ready": w.ready, "started": w.started, "warmup": w.warmup}
                              for w in self.workers]}  # fmt: skip
         tmp = Path(f"{self.args.status_file}.tmp")
@@ -236,10 +330,12 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
+        models = ", ".join(f"{r['name']} {r['version']}" for r in self.control.index_all())
         logger.info("serving %s from %s: %d workers, batches of up to %d rows (wait %g ms for company on its way), "
-                    "%d thread(s) each, %d requests queued per worker at most", self.args.model_name,
-                    self.args.model_dir, self.args.workers, self.args.max_batch, self.args.max_delay_ms,
-                    self.args.threads, self.args.max_queue)  # fmt: skip
+                    "%d thread(s) each, %d requests queued per worker at most; the repository calls' admin token is in "
+                    "%s", models, ", ".join(self.args.model_dir), self.args.workers, self.args.max_batch,
+                    self.args.max_delay_ms, self.args.threads, self.args.max_queue,
+                    self.args.admin_token_file)  # fmt: skip
         for _ in range(self.args.workers):
             self.spawn()
         self.write_status()
@@ -290,6 +386,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 w.proc.kill()
                 w.proc.wait()
+        if self.control:
+            self.control.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         if self.args.status_file:
             Path(self.args.status_file).unlink(missing_ok=True)
@@ -300,9 +398,10 @@ SETTINGS = ("workers", "max_batch", "max_delay_ms", "threads", "max_queue", "bac
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
-    keep = ("model_dir", "model_name", "host", "http_port", "grpc_port", "backend", "workers", "max_batch",
-            "max_delay_ms", "threads", "max_queue", "max_pixels", "log_level", *LIMITS)  # fmt: skip
-    return [f"--{k}={getattr(args, k)}" for k in keep]
+    keep = ("host", "http_port", "grpc_port", "backend", "workers", "max_batch", "max_delay_ms", "threads",
+            "max_queue", "max_pixels", "log_level", "control", "repository_state", "admin_token_file",
+            *LIMITS)  # fmt: skip
+    return [*(f"--model_dir={d}" for d in args.model_dir), *(f"--{k}={getattr(args, k)}" for k in keep)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         pass
     supervisor = Supervisor(args)  # the ports first: a taken one fails before a second is spent measuring
-    complete(args)
+    complete(args, supervisor.open_repository())
     return supervisor.run()
 
 

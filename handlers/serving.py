@@ -1,9 +1,10 @@
-"""What REST and gRPC share inside one worker of the Open Inference Protocol server: the model, its batcher and its
-metrics. One request, whatever its protocol: decode (v2 tensors to normalised rows), batch and predict (the
-batcher), encode (rows to v2 output tensors)."""
+"""What REST and gRPC share inside one worker of the Open Inference Protocol server for one model version: the model,
+its batcher and its metrics. One request, whatever its protocol: decode (v2 tensors to normalised rows), batch and
+predict (the batcher), encode (rows to v2 output tensors)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,27 @@ DECODE_INLINE_BYTES = 64 * 1024  # larger requests (photos, long JSON) are parse
 ABANDONED = 499  # nginx's "client closed request": counted in the metrics, never sent (no one is there to read it)
 PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch",
              "pt2": "pytorch_aotinductor"}  # fmt: skip
+_decoder: ThreadPoolExecutor | None = None
+
+
+def decoder() -> ThreadPoolExecutor:
+    """The worker's one decode pool, shared by every model it serves."""
+    global _decoder
+    if _decoder is None:
+        _decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+    return _decoder
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How every version a worker serves runs: chosen once by the supervisor (sizing) or by its flags."""
+
+    backend: str = "onnx"
+    threads: int = 1
+    max_pixels: int = 0
+    max_batch: int = 8
+    max_delay_ms: float = 1.0
+    max_queue: int = 64
 
 
 @dataclass
@@ -33,22 +55,22 @@ class Served:
     metrics: Metrics
     backend: str
     version: str = "1"
+    directory: str = ""
     ready: bool = False
     warmup: dict = field(default_factory=dict)
     limit: Callable[[str], int] = None  # the most elements a request's tensor of a datatype may hold (v2)
-    decoder: ThreadPoolExecutor = None
 
     def __post_init__(self):
         self.limit = self.limit or v2.element_limit(self.card)
-        self.decoder = self.decoder or ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
 
-    def serves(self, model: str, version: str | None) -> bool:
-        """Whether /v2/models/MODEL[/versions/VERSION] is this model (no version: its default)."""
-        return model == self.name and version in (None, "", self.version)
+    @property
+    def decoder(self) -> ThreadPoolExecutor:
+        return decoder()
 
-    def metadata(self) -> dict:
-        return {"name": self.name, "versions": [self.version], "platform": PLATFORMS.get(self.backend, self.backend),
-                "inputs": v2.input_types(self.card), "outputs": v2.output_types(self.card)}  # fmt: skip
+    def metadata(self, versions: list[str] | None = None) -> dict:
+        return {"name": self.name, "versions": versions or [self.version],
+                "platform": PLATFORMS.get(self.backend, self.backend), "inputs": v2.input_types(self.card),
+                "outputs": v2.output_types(self.card)}  # fmt: skip
 
     def decode(self, tensors: list[v2.Tensor]) -> np.ndarray:
         return v2.model_inputs(self.card, self.preprocessor, tensors)
@@ -56,16 +78,25 @@ class Served:
     async def predict(self, rows: np.ndarray) -> list[v2.Tensor]:
         return v2.model_outputs(self.card, await self.batcher.submit(rows))
 
+    async def retire(self, grace_s: float = 30) -> None:
+        """Answer what this version holds, then free it: it takes no new requests once no route leads here."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while (self.batcher.queued or self.metrics.active) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await self.batcher.stop()
 
-def load(model_dir: str, name: str, *, backend: str, threads: int, max_pixels: int, max_batch: int,
-         max_delay_ms: float, max_queue: int) -> Served:  # fmt: skip
-    """The model ready to serve, not yet warm; its batcher starts with the worker's event loop."""
+
+def load(model_dir: str, settings: Settings, *, name: str | None = None) -> Served:
+    """One export ready to serve, not yet warm; its batcher starts with the worker's event loop (or at start())."""
     card = ModelCard.load(model_dir)
-    runner = runners.load(model_dir, backend, threads=threads)
-    metrics = Metrics(name)
-    batcher = Batcher(runner.run, max_batch=max_batch, max_delay=max_delay_ms / 1000, max_queue=max_queue,
-                      on_pass=metrics.ran)  # fmt: skip
-    return Served(name, card, Preprocessor(card, max_pixels), batcher, metrics, runner.backend)
+    name = name or card.name
+    runner = runners.load(model_dir, settings.backend, threads=settings.threads)
+    metrics = Metrics(name, card.version)
+    batcher = Batcher(runner.run, max_batch=settings.max_batch, max_delay=settings.max_delay_ms / 1000,
+                      max_queue=settings.max_queue, on_pass=metrics.ran)  # fmt: skip
+    return Served(name, card, Preprocessor(card, settings.max_pixels), batcher, metrics, runner.backend, card.version,
+                  str(model_dir))  # fmt: skip
 
 
 def warm_up(served: Served) -> dict:

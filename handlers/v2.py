@@ -354,7 +354,8 @@ def response_json(model: str, request: dict, outputs: list[Tensor]) -> dict:
     return {"model_name": model, "id": str(request.get("id", "")), "outputs": out}
 
 
-def response_http(model: str, request: dict, outputs: list[Tensor], want: list[Wanted]) -> tuple[bytes, int | None]:
+def response_http(model: str, request: dict, outputs: list[Tensor], want: list[Wanted], version: str | None = None
+                  ) -> tuple[bytes, int | None]:  # fmt: skip
     """A v2 infer response body, and the JSON header's length when binary tensors follow it (else None)."""
     by_name = {t.name: t for t in outputs}
     specs, blobs = [], []
@@ -369,6 +370,8 @@ def response_http(model: str, request: dict, outputs: list[Tensor], want: list[W
             spec["data"] = _json_data(t)
         specs.append(spec)
     header = {"model_name": model, "outputs": specs}
+    if version:
+        header["model_version"] = version
     if "id" in request:
         header["id"] = str(request["id"])[:256]
     text = orjson.dumps(header) if orjson else json.dumps(header).encode()

@@ -174,6 +174,29 @@ def server_metrics(url: str | None) -> dict[str, float]:
     return out
 
 
+def metric_series(url: str | None) -> dict[tuple[str, dict], float]:
+    """Every Prometheus series at URL/metrics, by (name, labels); {} when unreachable."""
+    if not url:
+        return {}
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=3) as r:
+            text = r.read().decode()
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for m in re.finditer(r"^([a-zA-Z_:]+)(?:\{([^}]*)\})?\s+([0-9.eE+-]+|NaN|[+-]Inf)$", text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        out[m.group(1), _Labels(labels)] = float(m.group(3))
+    return out
+
+
+class _Labels(dict):
+    """A dict of labels that can key another dict."""
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items())))
+
+
 def server_delta(target: Target, before: dict, after: dict) -> dict:
     """Mean queue and inference time per request as the server itself measured them."""
     names = target.metric_names

@@ -29,6 +29,7 @@ MODULE = "torchship.handlers.oip_server"
 LEGACY_MODULES = ("torchship.runtime.oip_server",)  # instances started before the runtime took its folder's name
 LOG = "oip.log"
 STATUS = "oip-status.json"  # the supervisor's own account of its workers
+ADMIN_TOKEN = "admin-token"  # the repository calls' token, beside the instance's state (mode 0600)
 NAME = "oip"
 
 
@@ -49,6 +50,7 @@ class OIPConfig:
     max_queue: int = 0
     max_pixels: int = 0
     server_flags: tuple[str, ...] = ()  # more of the server's own flags (`python -m MODULE --help`: limits, timeouts)
+    extra_exports: tuple[str, ...] = ()  # more exports, or folders of exports, served beside export_dir
     runtime: str = NAME
 
     @classmethod
@@ -77,12 +79,15 @@ def loopback(host: str) -> bool:
 
 
 def command(cfg: OIPConfig) -> list[str]:
-    flags = {"model_dir": cfg.export_dir, "model_name": cfg.model, "http_port": cfg.http_port,
-             "grpc_port": cfg.grpc_port, "host": cfg.host, "backend": cfg.backend, "workers": cfg.workers,
-             "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms, "threads": cfg.threads,
-             "max_queue": cfg.max_queue, "max_pixels": cfg.max_pixels,
-             "status_file": str(Path(cfg.state_dir) / STATUS)}  # fmt: skip
-    return [sys.executable, "-m", MODULE, *(f"--{k}={v}" for k, v in flags.items()), *cfg.server_flags]
+    flags = {"http_port": cfg.http_port, "grpc_port": cfg.grpc_port, "host": cfg.host, "backend": cfg.backend,
+             "workers": cfg.workers, "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms,
+             "threads": cfg.threads, "max_queue": cfg.max_queue, "max_pixels": cfg.max_pixels,
+             "status_file": str(Path(cfg.state_dir) / STATUS),
+             "admin_token_file": str(Path(cfg.state_dir) / ADMIN_TOKEN)}  # fmt: skip
+    if not cfg.extra_exports and (Path(cfg.export_dir) / CARD_FILE).is_file():
+        flags["model_name"] = cfg.model  # one export, served under the name asked for
+    exports = (f"--model_dir={d}" for d in (cfg.export_dir, *cfg.extra_exports))
+    return [sys.executable, "-m", MODULE, *exports, *(f"--{k}={v}" for k, v in flags.items()), *cfg.server_flags]
 
 
 def pid(state_dir: Path | str) -> int | None:
@@ -100,7 +105,7 @@ def pid(state_dir: Path | str) -> int | None:
 
 def ready(cfg: OIPConfig) -> bool:
     try:
-        return http_json(f"{cfg.inference_url}/v2/models/{cfg.model}/ready", timeout=2).get("ready") is True
+        return http_json(f"{cfg.inference_url}/v2/health/ready", timeout=2).get("ready") is True
     except (urllib.error.URLError, OSError, ValueError, AttributeError):
         return False
 
@@ -122,9 +127,14 @@ def start(cfg: OIPConfig, timeout: float = 120, *, behind_auth: bool = False) ->
         )
     if pid(state) is not None:
         raise ServerError(f"an OIP server started from {state} is already running: `torchship serve stop` first")
-    for f in (CARD_FILE, FORMAT_BY_BACKEND[cfg.backend].file):
-        if not (export / f).is_file():
-            raise ServerError(f"{export / f} not found: run `torchship export` first")
+    if cfg.extra_exports or not (export / CARD_FILE).is_file():  # folders of exports: the server says what it found
+        cfg = OIPConfig(**{**asdict(cfg), "extra_exports": tuple(str(Path(d).resolve()) for d in cfg.extra_exports)})
+        if not export.is_dir():
+            raise ServerError(f"{export} not found: run `torchship export` first")
+    else:
+        for f in (CARD_FILE, FORMAT_BY_BACKEND[cfg.backend].file):
+            if not (export / f).is_file():
+                raise ServerError(f"{export / f} not found: run `torchship export` first")
     (state / "logs").mkdir(parents=True, exist_ok=True)
     marks = log_marks(state, (LOG,))
     with open(state / "logs" / LOG, "ab") as log:
@@ -147,7 +157,7 @@ def start(cfg: OIPConfig, timeout: float = 120, *, behind_auth: bool = False) ->
 
 
 def start_with(o: StartOptions) -> OIPConfig:
-    cfg = OIPConfig(o.export_dir or f"exports/{o.model}", o.model, state_dir=o.state_dir,
+    cfg = OIPConfig(o.export_dir or f"exports/{o.model}", o.model, state_dir=o.state_dir, extra_exports=o.more_exports,
                     http_port=o.inference_port or OIP_HTTP_PORT, grpc_port=o.grpc_port or OIP_GRPC_PORT, host=o.host,
                     backend=o.backend, workers=o.workers or 0, max_batch=o.max_batch or 0,
                     max_delay_ms=-1 if o.max_delay_ms is None else o.max_delay_ms)  # fmt: skip
@@ -179,6 +189,7 @@ def load_instance(state_dir: Path | str) -> OIPConfig:
     d = json.loads(f.read_text())
     d["runtime"] = NAME  # instances recorded as "kserve" before the runtime had its own name
     d["server_flags"] = tuple(d.get("server_flags", ()))
+    d["extra_exports"] = tuple(d.get("extra_exports", ()))
     return OIPConfig(**d)
 
 
@@ -198,12 +209,58 @@ def status(state_dir: Path | str = "serve-state") -> dict:
     supervisor = workers(state)
     return {"running": True, "runtime": NAME, "pid": p, "model": cfg.model, "ready": ready(cfg),
             "inference": cfg.inference_url, "grpc": cfg.grpc_address, "metrics": f"{cfg.inference_url}/metrics",
+            "models": supervisor.get("models", []), "shadow": shadows(cfg),
             "workers": [{"pid": w["pid"], "ready": w["ready"]} for w in supervisor.get("workers", [])],
             "restarts": supervisor.get("restarts", 0), "settings": supervisor.get("settings", {})}  # fmt: skip
 
 
+def shadows(cfg: OIPConfig) -> list[dict]:
+    """Each shadow pair's evidence from /metrics: requests compared, how many agreed, the largest difference."""
+    from torchship.serve.client import metric_series
+
+    series = metric_series(f"{cfg.inference_url}")
+    pairs: dict[tuple, dict] = {}
+    for (name, labels), value in series.items():
+        if name in (names.SHADOW, names.SHADOW_AGREED, names.SHADOW_MAX_DIFF):
+            key = (labels.get("model"), labels.get("default"), labels.get("candidate"))
+            pairs.setdefault(key, {"model": key[0], "default": key[1], "candidate": key[2]})[name] = value
+    return [{**p, "compared": int(p.get(names.SHADOW, 0)), "agreed": int(p.get(names.SHADOW_AGREED, 0)),
+             "max_abs_difference": p.get(names.SHADOW_MAX_DIFF, 0.0)} for p in pairs.values()]  # fmt: skip
+
+
 def key(state_dir: Path | str, api: str = "inference") -> str:
-    raise ServerError("the OIP server has no tokens: it listens on loopback, or behind your authenticating proxy")
+    """The admin token of the repository calls; inference has none (loopback, or behind your authenticating
+    proxy)."""
+    if api not in ("admin", "management"):
+        raise ServerError("the OIP server's inference has no token: it listens on loopback, or behind your "
+                          "authenticating proxy; the repository calls take `--api admin`")  # fmt: skip
+    f = Path(state_dir) / ADMIN_TOKEN
+    if not f.is_file():
+        raise ServerError(f"no admin token in {f}: is an OIP server running from {state_dir}?")
+    return f.read_text().strip()
+
+
+def repository_call(state_dir: Path | str, op: str, model: str | None = None, body: dict | None = None):
+    """A repository call (index, load, unload) or our route, with the instance's admin token: its JSON answer, or a
+    ServerError with the server's message."""
+    import urllib.request
+
+    cfg = load_instance(state_dir)
+    path = "/v2/repository/index" if op == "index" else f"/v2/repository/models/{model}/{op}"
+    req = urllib.request.Request(f"{cfg.inference_url}{path}", data=json.dumps(body or {}).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {key(state_dir, 'admin')}",
+                                          "Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("error", str(e))
+        except ValueError:
+            message = str(e)
+        raise ServerError(message) from None
+    except OSError as e:
+        raise ServerError(f"no OIP server answers at {cfg.inference_url}: {e}") from None
 
 
 def load_target(state_dir: Path | str):

@@ -25,6 +25,7 @@ class StartOptions:
     state_dir: str = "serve-state"
     timeout: float = 180
     export_dir: str | None = None  # OIP: the export it serves  [default: exports/MODEL]
+    more_exports: tuple[str, ...] = ()  # OIP: more exports or folders of exports beside it
     model_store: str = "model_store"  # TorchServe: where MODEL.mar is
     inference_port: int | None = None
     grpc_port: int | None = None  # OIP's gRPC port, TorchServe's gRPC inference port

@@ -9,26 +9,27 @@ python tests/gated_worker.py OIP_SERVER_FLAGS...   (the flags of torchship.handl
 import sys
 import threading
 
-from torchship.handlers import oip_server, serving
+from torchship.handlers import control, oip_server
 
 
 def main(argv: list[str]) -> int:
     args = oip_server.parser().parse_args(argv)
     args.max_queue = args.max_queue or 64
-    served = serving.load(args.model_dir, args.model_name, backend=args.backend, threads=args.threads,
-                          max_pixels=args.max_pixels, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
-                          max_queue=args.max_queue)  # fmt: skip
-    serving.warm_up(served)
-    gate, run = threading.Event(), served.batcher.run
+    load = oip_server.loader(args)
+    state = control.initial_state(args.model_dir, args.backend, oip_server.served_names(args))
+    repo = oip_server.worker_repository(state, load)
+    gate = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.readline(), gate.set()), daemon=True).start()
+    for served in repo.served():
+        run = served.batcher.run
 
-    def gated(x):
-        print(f"pass {len(x)}", flush=True)
-        gate.wait()
-        return run(x)
+        def gated(x, run=run):
+            print(f"pass {len(x)}", flush=True)
+            gate.wait()
+            return run(x)
 
-    served.batcher.run = gated
-    return oip_server.serve_model(served, args, lambda: print("ready", flush=True))
+        served.batcher.run = gated
+    return oip_server.serve_model(repo, args, load, lambda: print("ready", flush=True))
 
 
 if __name__ == "__main__":

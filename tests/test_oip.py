@@ -378,7 +378,9 @@ def test_the_cli_lifecycle_status_and_load_test(convnet_export, tmp_path):
         levels = json.loads((tmp_path / "lt" / "loadtest.json").read_text())["levels"]
         assert [lv["requests"] for lv in levels] == [100, 100] and all(not lv["errors"] for lv in levels)
         assert all(lv["accuracy"] > 0.9 and lv["server"]["requests"] >= 100 for lv in levels)
-        assert "no tokens" in cli("serve", "key", "--state-dir", state).stderr
+        assert "no token" in cli("serve", "key", "--state-dir", state).stderr
+        admin = cli("serve", "key", "--state-dir", state, "--api", "admin").stdout.strip()
+        assert len(admin) >= 32 and admin == (state / "admin-token").read_text().strip() and admin in r.stdout
     finally:
         stopped = cli("serve", "stop", "--state-dir", state)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout

@@ -43,8 +43,9 @@ def serve_group():
 @click.option(
     "--export-dir",
     type=click.Path(file_okay=False),
-    default=None,
-    help=f"{OIP} only: the export to serve  [default: exports/MODEL]",
+    multiple=True,
+    help=f"{OIP} only: an export to serve, or a folder of exports (NAME/VERSION/); again for more  "
+    "[default: exports/MODEL]",
 )
 @STATE
 @click.option(
@@ -130,7 +131,9 @@ def start_command(runtime, model, model_store, export_dir, state_dir, inference_
     if grpc_ports:
         grpc_port, grpc_management_port = grpc_port or grpc_ports[0], grpc_management_port or grpc_ports[1]
     chosen = runtimes.get(runtime)
+    export_dir, more_exports = (export_dir[0], tuple(export_dir[1:])) if export_dir else (None, ())
     options = StartOptions(model, state_dir=state_dir, timeout=timeout, export_dir=export_dir, model_store=model_store,
+                           more_exports=more_exports,
                            inference_port=inference_port, grpc_port=grpc_port, management_port=management_port,
                            metrics_port=metrics_port, grpc_management_port=grpc_management_port,
                            token_auth=not no_token_auth, cors_origin=cors_origin, backend=backend, host=host,
@@ -149,6 +152,11 @@ def start_command(runtime, model, model_store, export_dir, state_dir, inference_
     where = ", ".join(f"{k} {status[k]}" for k in ("grpc", "metrics") if k in status)
     click.echo(f"{chosen.name} is serving {model} at {cfg.inference_url} ({where}); logs in {cfg.state_dir}/logs")
     click.echo(f"try it ({sample.what}):\n  {chosen.curl(cfg, sample)}")
+    if status.get("models"):  # the OIP server: its repository, and the token its calls need
+        click.echo("models: " + ", ".join(f"{r['name']} {r['version']}" + (f" ({r['reason']})" if r["reason"] else "")
+                                          for r in status["models"]))  # fmt: skip
+        click.echo(f"admin token for the repository calls (load, unload, route; `torchship serve key --api admin`): "
+                   f"{chosen.key(cfg.state_dir, 'admin')}")  # fmt: skip
 
 
 @serve_group.command("stop")
@@ -168,7 +176,8 @@ def status_command(state_dir):
 
 @serve_group.command("key")
 @STATE
-@click.option("--api", type=click.Choice(["inference", "management"]), default="inference", show_default=True)
+@click.option("--api", type=click.Choice(["inference", "management", "admin"]), default="inference", show_default=True,
+              help="inference or management: TorchServe's keys; admin: the OIP server's repository calls")  # fmt: skip
 def key_command(state_dir, api):
     """Print the instance's token (for `Authorization: Bearer ...`)."""
     from torchship.serve.process import ServerError
@@ -177,3 +186,54 @@ def key_command(state_dir, api):
         click.echo(runtimes.recorded(state_dir).key(state_dir, api))
     except ServerError as e:
         raise click.ClickException(str(e)) from None
+
+
+def repository(op: str, state_dir: str, model: str | None, body: dict) -> None:
+    from torchship.serve import oip
+    from torchship.serve.process import ServerError
+
+    try:
+        rows = oip.repository_call(state_dir, op, model, body)
+    except ServerError as e:
+        raise click.ClickException(str(e)) from None
+    for r in rows:
+        click.echo(f"{r['name']} {r['version']}: {r['state']}" + (f" ({r['reason']})" if r["reason"] else ""))
+
+
+@serve_group.command("load")
+@click.option("--model", required=True, help="The model's name: every version of it in the server's exports loads.")
+@click.option("--default", "default", default=None, metavar="VERSION", help="The version to answer clients  "
+              "[default: the newest proven one]")  # fmt: skip
+@STATE
+def load_command(model, default, state_dir):
+    """OIP: load MODEL's versions from disk, each warmed in every worker before it takes traffic; the default moves
+    in one step, and no request fails."""
+    repository("load", state_dir, model, {"parameters": {"default": default} if default else {}})
+
+
+@serve_group.command("unload")
+@click.option("--model", required=True)
+@click.option("--version", default=None, help="One version (not the default)  [default: the whole model]")
+@STATE
+def unload_command(model, version, state_dir):
+    """OIP: unload a version (it answers what it holds first) or the whole model."""
+    repository("unload", state_dir, model, {"parameters": {"version": version} if version else {}})
+
+
+@serve_group.command("route")
+@click.option("--model", required=True)
+@click.option("--default", "default", default=None, metavar="VERSION", help="The version that answers clients.")
+@click.option("--canary", default=None, metavar="VERSION", help="A version that answers a share of the requests "
+              "(`none` to stop).")  # fmt: skip
+@click.option("--canary-percent", type=click.FloatRange(0, 100), default=None, help="The canary's share, in %.")
+@click.option("--shadow", default=None, metavar="VERSION", help="A version that also runs every request and is "
+              "compared with the answer (`none` to stop); `serve status` shows how often they agree")  # fmt: skip
+@STATE
+def route_command(model, default, canary, canary_percent, shadow, state_dir):
+    """OIP: where MODEL's requests go: its default, a canary's share, a shadow."""
+    body = {k: v for k, v in {"default": default, "canary": canary, "canary_percent": canary_percent,
+                              "shadow": shadow}.items() if v is not None}  # fmt: skip
+    for role in ("shadow", "canary"):
+        if body.get(role) == "none":
+            body[role] = None
+    repository("route", state_dir, model, body)

@@ -1,0 +1,375 @@
+"""The OIP server's control plane: the supervisor changes the repository (load, unload, route) in every worker at once.
+
+JSON lines over one Unix socket the supervisor listens on. Each worker keeps a connection open to it (`hello`), over
+which the supervisor sends commands and the worker answers each; an admin call that reaches a worker over REST or
+gRPC is handed to the supervisor on a connection of its own (`admin`). A load is two-phase: every worker loads and
+warms the new version at the largest batch (`stage`); only when all have, the new state is saved and every worker
+switches to it in one assignment (`commit`); if any fails, all drop what they staged (`abort`) and nothing changed.
+A worker that starts later (a replacement) loads the saved state and is sent any newer one when it says hello.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from .repository import ModelState, RepositoryError, Route, State, Version, exports_below, proof
+
+logger = logging.getLogger("torchship.oip")
+STAGE_TIMEOUT_S = 300  # loading and warming one version in a worker
+REPLY_TIMEOUT_S = 60
+
+
+def send(sock: socket.socket, message: dict) -> None:
+    sock.sendall(json.dumps(message).encode() + b"\n")
+
+
+def receive(reader) -> dict:
+    line = reader.readline()
+    if not line:
+        raise ConnectionError("the other side closed the control connection")
+    return json.loads(line)
+
+
+class Supervisor:
+    """The supervisor's side: the saved state, its workers' command connections, and the admin calls."""
+
+    def __init__(self, path: str, state_file: str, *, sources: list[str], backend: str, aliases: dict[str, str]):
+        self.path, self.state_file, self.sources, self.backend = path, state_file, sources, backend
+        self.aliases = aliases  # a model served under another name than its card's (--model_name): served -> card
+        self.state = State.load(state_file)
+        self.workers: dict[int, tuple[socket.socket, object]] = {}
+        self.lock = threading.Lock()  # one admin call at a time; the worker table is shared with hello
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(64)
+        threading.Thread(target=self._accept, name="control", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        reader = sock.makefile("rb")
+        try:
+            first = receive(reader)
+        except (ConnectionError, ValueError, OSError):
+            sock.close()
+            return
+        if "hello" in first:
+            self._hello(sock, reader, first["hello"])
+            return
+        try:
+            with self.lock:
+                reply = {"ok": True, "result": self.admin(first.get("admin") or {})}
+        except RepositoryError as e:
+            reply = {"ok": False, "status": e.status, "error": str(e)}
+        except Exception as e:  # a bug here must not take the supervisor down with it
+            logger.exception("admin call failed")
+            reply = {"ok": False, "status": 500, "error": f"{type(e).__name__}: {e}"}
+        try:
+            send(sock, reply)
+        finally:
+            sock.close()
+
+    def _hello(self, sock: socket.socket, reader, hello: dict) -> None:
+        with self.lock:
+            self.workers[int(hello["pid"])] = (sock, reader)
+            if hello.get("generation", 0) != self.state.generation:  # it loaded a state older than the saved one
+                try:
+                    self._command(int(hello["pid"]), {"op": "commit", "state": json.loads(self.state.to_json())})
+                except (OSError, ConnectionError, ValueError) as e:
+                    logger.warning("worker %s missed the repository's state: %s", hello["pid"], e)
+
+    def forget(self, pid: int) -> None:
+        with self.lock:
+            entry = self.workers.pop(pid, None)
+        if entry:
+            entry[0].close()
+
+    def _command(self, pid: int, message: dict, timeout: float = REPLY_TIMEOUT_S) -> dict:
+        sock, reader = self.workers[pid]
+        sock.settimeout(timeout)
+        send(sock, message)
+        return receive(reader)
+
+    def _everywhere(self, message: dict, timeout: float) -> dict[int, dict]:
+        """MESSAGE to every worker at once, then each one's answer (a worker that died answers with an error)."""
+        pids, replies = list(self.workers), {}
+        for pid in pids:
+            try:
+                self.workers[pid][0].settimeout(timeout)
+                send(self.workers[pid][0], message)
+            except OSError as e:
+                replies[pid] = {"ok": False, "error": f"unreachable ({e})"}
+        for pid in pids:
+            if pid not in replies:
+                try:
+                    replies[pid] = receive(self.workers[pid][1])
+                except (OSError, ConnectionError, ValueError) as e:
+                    replies[pid] = {"ok": False, "error": f"no answer ({e})"}
+        return replies
+
+    def _commit(self, state: State) -> None:
+        state.save(self.state_file)  # the truth first: a worker that starts now loads it
+        self.state = state
+        failed = {pid: r for pid, r in self._everywhere({"op": "commit", "state": json.loads(state.to_json())},
+                                                        REPLY_TIMEOUT_S).items() if not r.get("ok")}  # fmt: skip
+        for pid, r in failed.items():
+            logger.error("worker %d did not apply repository generation %d: %s", pid, state.generation, r["error"])
+
+    # the admin calls (REST and gRPC forward them here)
+
+    def admin(self, call: dict) -> list[dict] | dict:
+        op, name = call.get("op"), str(call.get("model", ""))[:64]
+        params = call.get("parameters") or {}
+        if op == "load":
+            return self.load(name, params)
+        if op == "unload":
+            return self.unload(name, params)
+        if op == "route":
+            return self.route(name, params)
+        raise RepositoryError(f"no repository call {op!r}")
+
+    def load(self, name: str, params: dict) -> list[dict]:
+        """Every version of NAME on disk: new ones loaded and warmed everywhere before any takes traffic; the default
+        moves to the newest proven one (or the one `default` names); versions gone from disk are unloaded."""
+        card_name = self.aliases.get(name, name)
+        found = {e.version: e for src in self.sources for e in exports_below(src, self.backend) if e.name == card_name}
+        if not found:
+            raise RepositoryError(f"no export of a model named {name!r} in {', '.join(self.sources)}", 404)
+        old = self.state.models.get(name)
+        loaded = old.versions if old else {}
+        specs = {v: loaded[v] if v in loaded and loaded[v].directory == str(e.directory) else
+                 proof(e.directory, self.backend) for v, e in found.items()}  # fmt: skip
+        new = [v for v in specs if v not in loaded or loaded[v].directory != specs[v].directory]
+        for v in new:
+            replies = self._everywhere({"op": "stage", "model": name, "version": v, "dir": specs[v].directory},
+                                       STAGE_TIMEOUT_S)  # fmt: skip
+            failed = {pid: r for pid, r in replies.items() if not r.get("ok")}
+            if failed:
+                self._everywhere({"op": "abort"}, REPLY_TIMEOUT_S)
+                pid, r = next(iter(failed.items()))
+                raise RepositoryError(f"{name} version {v} never took traffic: it failed in worker {pid} "
+                                      f"({r.get('error')})")  # fmt: skip
+        proven = sorted((v for v, s in specs.items() if s.proven), key=int)
+        default = str(params.get("default") or "") or (proven[-1] if proven else None)
+        if default is None or default not in specs or not specs[default].proven:
+            self._everywhere({"op": "abort"}, REPLY_TIMEOUT_S)
+            reasons = "; ".join(f"version {v}: {s.reason}" for v, s in specs.items() if not s.proven)
+            raise RepositoryError(f"{name}: no proven version to answer clients ({reasons})" if default is None else
+                                  f"{name} version {default} cannot be the default: "
+                                  f"{specs[default].reason if default in specs else 'not on disk'}")  # fmt: skip
+        route = old.route if old else Route(default)
+        route = Route(default, *(route.canary, route.canary_percent) if route.canary in specs else (None, 0.0),
+                      route.shadow if route.shadow in specs else None)  # fmt: skip
+        self._commit(self.state.with_model(name, ModelState(specs, route)))
+        return self.index(name)
+
+    def unload(self, name: str, params: dict) -> list[dict]:
+        old = self.state.models.get(name)
+        if old is None:
+            raise RepositoryError(f"no model named {name!r} is loaded", 404)
+        version = str(params.get("version") or "")
+        if not version:
+            self._commit(self.state.with_model(name, None))
+            return []
+        if version not in old.versions:
+            raise RepositoryError(f"{name} has no version {version!r} loaded", 404)
+        if version == old.route.default:
+            raise RepositoryError(f"{name} version {version} is the default: make another the default first "
+                                  "(load with a default, or route)", 409)  # fmt: skip
+        r = old.route
+        route = Route(r.default, *(r.canary, r.canary_percent) if r.canary != version else (None, 0.0),
+                      r.shadow if r.shadow != version else None)  # fmt: skip
+        versions = {v: s for v, s in old.versions.items() if v != version}
+        self._commit(self.state.with_model(name, ModelState(versions, route)))
+        return self.index(name)
+
+    def route(self, name: str, params: dict) -> list[dict]:
+        """Set NAME's default, canary (a version and its percent of requests) and shadow; only proven versions may
+        answer clients, any loaded version may shadow."""
+        old = self.state.models.get(name)
+        if old is None:
+            raise RepositoryError(f"no model named {name!r} is loaded", 404)
+        r = old.route
+        default = str(params.get("default", r.default))
+        canary = params.get("canary", r.canary) or None
+        shadow = params.get("shadow", r.shadow) or None
+        try:
+            percent = float(params.get("canary_percent", r.canary_percent if canary == r.canary else 0))
+        except (TypeError, ValueError):
+            raise RepositoryError("canary_percent must be a number from 0 to 100") from None
+        for role, v in (("default", default), ("canary", canary), ("shadow", shadow)):
+            if v is not None and str(v) not in old.versions:
+                raise RepositoryError(f"{name} has no version {str(v)[:32]!r} loaded to be its {role}", 404)
+        for role, v in (("default", default), ("canary", canary)):
+            if v is not None and not old.versions[str(v)].proven:
+                raise RepositoryError(f"{name} version {v} cannot be the {role}: {old.versions[str(v)].reason}")
+        if not 0 <= percent <= 100:
+            raise RepositoryError("canary_percent must be a number from 0 to 100")
+        route = Route(default, str(canary) if canary else None, percent if canary else 0.0,
+                      str(shadow) if shadow else None)  # fmt: skip
+        self._commit(self.state.with_model(name, ModelState(old.versions, route)))
+        return self.index(name)
+
+    def index(self, name: str) -> list[dict]:
+        return [row for row in self.index_all() if row["name"] == name]
+
+    def index_all(self) -> list[dict]:
+        from .repository import Repository
+
+        return Repository().index(self.state)
+
+    def close(self) -> None:
+        self.listener.close()
+        Path(self.path).unlink(missing_ok=True)
+
+
+def initial_state(sources: list[str], backend: str, aliases: dict[str, str] | None = None) -> State:
+    """What the server starts with: every export found, each model's default its newest proven version (its newest
+    if none is proven: an export named at start is served as asked, and the index says it is unproven). ALIASES:
+    served name -> card name, for a model served under a name of its own."""
+    found = [e for src in sources for e in exports_below(src, backend)]
+    if not found:
+        raise RepositoryError(f"no export with a {backend} model file in {', '.join(sources)}", 404)
+    served_as = {card: served for served, card in (aliases or {}).items()}
+    models: dict[str, dict[str, Version]] = {}
+    for e in found:
+        models.setdefault(served_as.get(e.name, e.name), {})[e.version] = proof(e.directory, backend)
+    state = {}
+    for name, versions in models.items():
+        proven = sorted((v for v, s in versions.items() if s.proven), key=int)
+        state[name] = ModelState(versions, Route(proven[-1] if proven else max(versions, key=int)))
+    return State(1, state)
+
+
+# The worker's side
+
+
+async def forward(path: str, call: dict) -> dict:
+    """An admin call (load, unload, route) handed to the supervisor; its answer {"ok", "result" | "status", "error"}."""
+    import asyncio
+
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        writer.write(json.dumps({"admin": call}).encode() + b"\n")
+        line = await reader.readline()
+    finally:
+        writer.close()
+    return json.loads(line) if line else {"ok": False, "status": 503, "error": "the supervisor did not answer"}
+
+
+async def follow(path: str, repo, load: Callable) -> None:
+    """Say hello to the supervisor, then do what it says until it hangs up. LOAD(name, directory) -> a warm Served,
+    run on a thread of its own so that serving goes on meanwhile."""
+    import asyncio
+    import os
+
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(json.dumps({"hello": {"pid": os.getpid(), "generation": repo.generation}}).encode() + b"\n")
+    staged: dict[tuple[str, str], object] = {}
+    while line := await reader.readline():
+        command = json.loads(line)
+        op = command.get("op")
+        try:
+            if op == "stage":
+                key = (command["model"], command["version"])
+                staged[key] = await loop.run_in_executor(None, load, command["model"], command["dir"])
+                reply = {"ok": True, "warmup": staged[key].warmup}
+            elif op == "commit":
+                await apply(repo, State.from_json(json.dumps(command["state"])), staged, load)
+                staged.clear()
+                reply = {"ok": True}
+            elif op == "abort":
+                staged.clear()
+                reply = {"ok": True}
+            else:
+                reply = {"ok": False, "error": f"unknown command {op!r}"}
+        except Exception as e:  # a version that cannot load or warm up: the supervisor hears why
+            logger.error("%s failed: %s: %s", op, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+            reply = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+        writer.write(json.dumps(reply).encode() + b"\n")
+        await writer.drain()
+
+
+async def apply(repo, state: State, staged: dict, load: Callable) -> None:
+    """Switch this worker to STATE in one assignment: versions it holds are kept, staged ones start, any other is
+    loaded first; versions no longer in STATE answer what they hold, then are freed."""
+    import asyncio
+
+    from .repository import Model
+
+    loop = asyncio.get_running_loop()
+    held = {(s.name, s.version): s for s in repo.served()}
+    models = {}
+    for name, m in state.models.items():
+        versions = {}
+        for v, spec in m.versions.items():
+            s = held.get((name, v))
+            if s is None or s.directory != spec.directory:
+                s = staged.pop((name, v), None) or await loop.run_in_executor(None, load, name, spec.directory)
+            versions[v] = s
+        models[name] = Model(name, versions, m.route)
+    kept = {id(s) for m in models.values() for s in m.versions.values()}
+    for m in models.values():
+        for s in m.versions.values():
+            if not s.batcher.started:
+                s.batcher.start()
+    retired = [s for s in held.values() if id(s) not in kept]
+    repo.models, repo.generation, repo.state = models, state.generation, state
+    for s in retired:
+        loop.create_task(s.retire())
+
+
+class Admin:
+    """What a worker needs for the repository calls: the token they require, and the way to the supervisor."""
+
+    def __init__(self, token: str, path: str | None):
+        self.token, self.path = token, path
+
+    def allows(self, authorization) -> bool:
+        """`Authorization: Bearer TOKEN` (REST header or gRPC metadata), compared in constant time."""
+        import hmac
+
+        if isinstance(authorization, bytes):
+            authorization = authorization.decode("latin-1")
+        scheme, _, given = (authorization or "").partition(" ")
+        return bool(self.token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), self.token)
+
+    async def call(self, op: str, model: str, parameters: dict) -> dict:
+        if not self.path:
+            return {"ok": False, "status": 501, "error": "this server was started without a supervisor"}
+        return await forward(self.path, {"op": op, "model": model, "parameters": parameters})
+
+
+def read_token(path: str | None) -> str:
+    """The admin token the supervisor wrote (it never travels on a command line)."""
+    try:
+        return Path(path).read_text().strip() if path else ""
+    except OSError:
+        return ""
+
+
+def write_token(path: str) -> str:
+    """A new admin token in PATH, readable by its owner alone; an existing one is kept (a restart keeps it)."""
+    import os
+    import secrets
+
+    existing = read_token(path)
+    if existing:
+        return existing
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
