@@ -26,6 +26,7 @@ class Job:
     rows: np.ndarray  # this request's normalised inputs, (n, ...)
     future: asyncio.Future
     queued: float  # perf_counter() when it joined the queue
+    trace: object = None  # tracing.Trace: told when its pass ran
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,12 @@ class Batcher:
     def queued(self) -> int:
         return len(self.jobs)
 
-    def enqueue(self, rows: np.ndarray) -> asyncio.Future:
+    def enqueue(self, rows: np.ndarray, trace=None) -> asyncio.Future:
         """A future of this request's rows of the output, set once the pass that holds them has run."""
         if len(self.jobs) >= self.max_queue:
             raise Overloaded(f"{len(self.jobs)} requests are queued in this worker (its limit): retry shortly")
         future = asyncio.get_running_loop().create_future()
-        self.jobs.append(Job(rows, future, time.perf_counter()))
+        self.jobs.append(Job(rows, future, time.perf_counter(), trace))
         self._wake.set()
         return future
 
@@ -113,6 +114,8 @@ class Batcher:
             if not jobs:
                 continue
             x = jobs[0].rows if len(jobs) == 1 else np.concatenate([j.rows for j in jobs])
+            traced = any(j.trace is not None for j in jobs)
+            wall = time.time_ns() if traced else 0
             start = time.perf_counter()
             try:
                 out = await loop.run_in_executor(self._thread, self.run, x)
@@ -123,6 +126,10 @@ class Batcher:
                 continue
             end = time.perf_counter()
             self.on_pass(Pass(len(x), end - start, tuple(start - j.queued for j in jobs)))
+            if traced:
+                for j in jobs:
+                    if j.trace is not None:
+                        j.trace.forward(wall, wall + int((end - start) * 1e9), len(x))
             at = 0
             for j in jobs:
                 n = len(j.rows)

@@ -328,7 +328,12 @@ async def apply(repo, state: State, staged: dict, load: Callable) -> None:
     retired = [s for s in held.values() if id(s) not in kept]
     repo.models, repo.generation, repo.state = models, state.generation, state
     for s in retired:
-        loop.create_task(s.retire())
+        task = loop.create_task(s.retire())
+        RETIRING.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(RETIRING.discard)
+
+
+RETIRING: set = set()
 
 
 class Admin:

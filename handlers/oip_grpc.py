@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import triton, v2
+from . import tracing, triton, v2
 from .batching import Overloaded
 from .http11 import Limits
 from .repository import RepositoryError
@@ -156,6 +156,8 @@ def handler(app):
 
     async def model_infer(request, context):
         start, status, decoding, served = time.perf_counter(), 500, False, None
+        trace = tracing.start(dict(context.invocation_metadata()).get("traceparent"), "grpc") if tracing.ENABLED \
+            else None  # fmt: skip
         try:
             try:
                 served, shadow = repo.get(request.model_name, request.model_version)
@@ -172,7 +174,10 @@ def handler(app):
                 rows = await asyncio.get_running_loop().run_in_executor(served.decoder, decode, served, request)
             served.batcher.decoding -= 1
             decoding = False
-            pending = served.batcher.enqueue(rows)
+            if trace is not None:
+                trace.mark_decoded()
+                trace.request_id = request.id[:128]
+            pending = served.batcher.enqueue(rows, trace)
             if shadow is not None:
                 mirror(served, shadow, rows, pending)
             response = infer_response(served, request, v2.model_outputs(served.card, await pending), pb)
@@ -197,6 +202,8 @@ def handler(app):
                 if decoding:
                     served.batcher.decoding -= 1
                 served.metrics.answered("grpc", status, time.perf_counter() - start)
+                if trace is not None:
+                    trace.finish(served.name, served.version, status)
 
     def decode(served: Served, request):
         return served.decode(tensors_of(request, served.limit))

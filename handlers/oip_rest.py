@@ -8,7 +8,7 @@ import logging
 import re
 import time
 
-from . import metrics, triton, v2
+from . import metrics, tracing, triton, v2
 from .batching import Overloaded
 from .control import Admin
 from .http11 import Request, Response
@@ -58,6 +58,7 @@ class RestApp:
     def __init__(self, repo: Repository, settings: Settings, admin: Admin):
         self.repo, self.settings, self.admin, self.version = repo, settings, admin, server_version()
         self.loop = asyncio.get_running_loop()
+        self.calls: set[asyncio.Task] = set()  # repository calls in progress (the loop keeps only weak references)
 
     def __call__(self, request: Request, reply):
         path, method = request.path, request.method
@@ -131,7 +132,10 @@ class RestApp:
             r = {"ok": False, "status": 503, "error": "the supervisor did not answer"} if failed else future.result()
             reply(Response(200, dumps(r["result"])) if r.get("ok") else error(r.get("status", 500), r["error"]))
 
-        self.loop.create_task(self.admin.call(op, model, params)).add_done_callback(done)
+        task = self.loop.create_task(self.admin.call(op, model, params))
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+        task.add_done_callback(done)
         return None
 
     def infer(self, request: Request, reply, model: str, version: str | None):
@@ -145,12 +149,15 @@ class RestApp:
         served.metrics.started()
         outcome: list[int] = []  # the one status this request ends with
         queued: list[asyncio.Future] = []
+        trace = tracing.start(request.headers.get(b"traceparent"), "rest") if tracing.ENABLED else None
 
         def answer(response: Response) -> None:
             if not outcome:
                 outcome.append(response.status)
                 served.metrics.answered("rest", response.status, time.perf_counter() - start)
                 reply(response)
+                if trace is not None:
+                    trace.finish(served.name, served.version, response.status)
 
         def abandon() -> None:
             for future in queued:
@@ -159,8 +166,11 @@ class RestApp:
 
         def predict(prepared) -> None:
             header, want, rows = prepared
+            if trace is not None:
+                trace.mark_decoded()
+                trace.request_id = str(header.get("id") or request.headers.get(b"x-request-id", b"").decode()[:128])
             try:
-                pending = served.batcher.enqueue(rows)
+                pending = served.batcher.enqueue(rows, trace)
             except Overloaded as e:
                 return answer(error(503, str(e), headers=((b"retry-after", RETRY_AFTER_S),)))
             queued.append(pending)

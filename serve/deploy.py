@@ -42,6 +42,9 @@ class Scaling:
     max_replicas: int = 3
     metric: str = "concurrency"
     target: int | None = None  # None: what one pod can batch at once (pod_capacity)
+    # KServe's pod-level rollout: this share of traffic goes to the revision this manifest makes, the rest stays on
+    # the last ready one (in-process canary and shadow routes are the OIP server's own: `torchship serve route`)
+    canary_percent: int | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ def inference_service(name: str, predictor: dict, scaling: Scaling, capacity: Ca
     target = scaling.target or (capacity.concurrent if capacity else 8)
     spec = {"minReplicas": scaling.min_replicas, "maxReplicas": scaling.max_replicas, "scaleMetric": scaling.metric,
             "scaleTarget": target}  # fmt: skip
+    if scaling.canary_percent is not None:
+        spec["canaryTrafficPercent"] = scaling.canary_percent
     metadata = {"name": dns_name(name)}
     if capacity:
         spec["containerConcurrency"] = 2 * capacity.concurrent

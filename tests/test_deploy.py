@@ -22,7 +22,7 @@ from helpers import ROOT, TORCHSHIP, no_torch
 def validated(*docs) -> list[list[str]]:
     """serve.deploy.validate on each manifest, in a process of its own: kserve's gRPC protos and tritonclient's
     (which test_kserve.py imports) both define the package `inference`, and one process cannot load both."""
-    code = ("import json, sys; from serve.deploy import validate; "
+    code = ("import json, sys; from torchship.serve.deploy import validate; "
             "print(json.dumps([validate(d) for d in json.load(sys.stdin)]))")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], input=json.dumps(docs), capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -77,6 +77,17 @@ def test_oip_bundle_has_a_torch_free_dockerfile_and_a_custom_container_sized_for
     batch = int(re.search(r"batches of (\d+)", note).group(1))
     assert predictor["scaleMetric"] == "concurrency" and predictor["scaleTarget"] == workers * batch
     assert predictor["containerConcurrency"] == 2 * workers * batch and "ms at batch 1" in note
+
+
+def test_a_canary_rollout_is_kserves_canary_traffic_percent_and_validates(convnet_export, tmp_path):
+    out = tmp_path / "bundle"
+    r = deploy(convnet_export.directory, out, "--runtime", "oip", "--canary-traffic-percent", 10)
+    assert r.returncode == 0, r.stderr
+    doc = yaml.safe_load((out / "inferenceservice.yaml").read_text())
+    assert doc["spec"]["predictor"]["canaryTrafficPercent"] == 10 and validated(doc) == [[]]
+    doc["spec"]["predictor"]["canaryTrafficPercent"] = "ten"
+    assert any("expected int" in p for p in validated(doc)[0])
+    assert deploy(convnet_export.directory, tmp_path / "b", "--canary-traffic-percent", 101).returncode == 2
 
 
 MISTAKES = {

@@ -51,8 +51,14 @@ def deploy_group():
     default=None,
     help="Per replica  [default: the requests one pod batches at once: workers x measured batch size]",
 )
+@click.option(
+    "--canary-traffic-percent",
+    type=click.IntRange(0, 100),
+    default=None,
+    help="KServe's rollout: the share of traffic this revision gets while the last one keeps the rest",
+)
 def deploy_kserve_command(export_dir, out_dir, runtime, storage_uri, image, protocol, backend, cpu, memory,
-                          min_replicas, max_replicas, scale_metric, scale_target):  # fmt: skip
+                          min_replicas, max_replicas, scale_metric, scale_target, canary_traffic_percent):  # fmt: skip
     """Write a KServe InferenceService bundle for EXPORT_DIR to OUT (Docker cannot run here: build it where it can)."""
     from torchship.handlers.card import CARD_FILE, CardError
     from torchship.serve.archive import ArchiveError
@@ -63,7 +69,8 @@ def deploy_kserve_command(export_dir, out_dir, runtime, storage_uri, image, prot
     try:
         files = write_bundle(export_dir, out_dir, bundle=runtimes.get(runtime).bundle, storage_uri=storage_uri,
                              image=image, protocol=protocol, resources=Resources(cpu, memory), backend=backend,
-                             scaling=Scaling(min_replicas, max_replicas, scale_metric, scale_target))  # fmt: skip
+                             scaling=Scaling(min_replicas, max_replicas, scale_metric, scale_target,
+                                             canary_traffic_percent))  # fmt: skip
     except (DeployError, ArchiveError, CardError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     for f in files:
