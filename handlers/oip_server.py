@@ -168,7 +168,7 @@ def worker(args: argparse.Namespace) -> int:
 def serve_model(repo, args: argparse.Namespace, load: Callable, announce: Callable[[], object]) -> int:
     """REST and gRPC over a loaded, warm repository until SIGTERM, following the supervisor's changes to it;
     `announce` once both listen."""
-    from . import control, http11, oip_grpc
+    from . import control, http11, oip_grpc, tracing
     from . import metrics as metric
     from .oip_rest import RestApp, error
 
@@ -199,6 +199,7 @@ def serve_model(repo, args: argparse.Namespace, load: Callable, announce: Callab
         await grpc_server.stop(grace=1)
         for s in repo.served():
             await s.batcher.stop()
+        tracing.shutdown()  # what is still buffered goes to the collector
 
     try:
         import uvloop

@@ -237,3 +237,21 @@ def route_command(model, default, canary, canary_percent, shadow, state_dir):
         if body.get(role) == "none":
             body[role] = None
     repository("route", state_dir, model, body)
+
+
+@serve_group.command("traces")
+@click.option("--port", type=PORT, default=4318, show_default=True, help="OTLP/HTTP's usual port.")
+def traces_command(port):
+    """Receive the OIP server's traces on 127.0.0.1:PORT and print each span as it arrives (Ctrl-C to stop): start
+    the server with OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:PORT."""
+    from torchship.serve.traces import OtlpSink, line
+
+    try:
+        sink = OtlpSink(port, keep=False, on_span=lambda span: click.echo(line(span)))
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on 127.0.0.1:{port}: {e.strerror}") from None
+    click.echo(f"receiving traces at {sink.endpoint}/v1/traces: OTEL_EXPORTER_OTLP_ENDPOINT={sink.endpoint}")
+    try:
+        sink.thread.join()
+    except KeyboardInterrupt:
+        sink.close()

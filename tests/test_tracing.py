@@ -1,0 +1,93 @@
+"""Traces: a client's W3C traceparent continues into a server span with one child per stage (decode, queue, forward
+with its batch's size, encode), read from the SDK's in-memory exporter and, end to end over REST and gRPC, from an
+OTLP/HTTP receiver the test runs."""
+
+import asyncio
+import os
+import secrets
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+
+from torchship.handlers import serving, tracing
+from torchship.serve import oip
+from torchship.serve.samples import held_out_digits, png
+from torchship.serve.traces import OtlpSink
+
+from helpers import wait_for
+
+DIGIT = png(held_out_digits()[0][0])
+STAGES = ["decode", "queue", "forward", "encode"]
+
+
+def traceparent() -> tuple[str, str, str]:
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return f"00-{trace_id}-{span_id}-01", trace_id, span_id
+
+
+def test_a_requests_stages_become_child_spans_of_the_clients_trace(convnet_export):
+    """The batcher and the real model in this process; the spans as the SDK's in-memory exporter holds them."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    tracing.configure(SimpleSpanProcessor(exporter))
+    try:
+        served = serving.load(str(convnet_export.directory), serving.Settings(max_batch=8, max_delay_ms=0))
+        header, trace_id, span_id = traceparent()
+        x = np.stack([served.preprocessor.from_bytes(DIGIT)] * 3)
+
+        async def one_request():
+            served.batcher.start()
+            trace = tracing.start(header, "rest")
+            trace.mark_decoded()
+            out = await served.batcher.enqueue(x, trace)
+            trace.finish(served.name, served.version, 200)
+            await served.batcher.stop()
+            return out
+
+        assert asyncio.run(one_request()).shape == (3, 10)
+    finally:
+        tracing.ENABLED = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    root = spans[f"infer {served.name}"]
+    assert format(root.context.trace_id, "032x") == trace_id and format(root.parent.span_id, "016x") == span_id
+    assert all(spans[n].parent.span_id == root.context.span_id for n in STAGES)
+    assert spans["forward"].attributes["torchship.batch_size"] == 3
+    order = [spans[n] for n in STAGES]
+    assert all(a.end_time <= b.start_time + 1 for a, b in zip(order, order[1:]))  # one after the other, in time
+    assert root.start_time <= order[0].start_time and order[-1].end_time <= root.end_time
+
+
+@pytest.mark.serve
+def test_rest_and_grpc_requests_export_their_traces_over_otlp(convnet_export, tmp_path, monkeypatch):
+    sink = OtlpSink()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export every 0.1 s instead of 5
+    cfg = oip.start(oip.OIPConfig.on_free_ports(str(convnet_export.directory), "mnist", str(tmp_path), workers=1,
+                                                max_batch=8, max_delay_ms=1, threads=1), timeout=120)  # fmt: skip
+    try:
+        sent = {}
+        for kind, module, port in (("rest", thttp, cfg.http_port), ("grpc", tgrpc, cfg.grpc_port)):
+            header, trace_id, span_id = traceparent()
+            inp = module.InferInput("images", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([DIGIT], dtype=object))
+            client = module.InferenceServerClient(f"127.0.0.1:{port}")
+            client.infer("mnist", [inp], request_id=f"req-{kind}", headers={"traceparent": header})
+            sent[kind] = (trace_id, span_id)
+        for kind, (trace_id, span_id) in sent.items():
+            spans = wait_for(lambda t=trace_id: len(sink.trace(t)) == 5 and sink.trace(t), 60, f"the {kind} trace")
+            by_name = {s.name: s for s in spans}
+            root = by_name["infer mnist"]
+            assert root.parent_span_id.hex() == span_id and root.kind == root.SPAN_KIND_SERVER
+            attributes = {a.key: a.value for a in root.attributes}
+            assert attributes["torchship.protocol"].string_value == kind
+            assert attributes["torchship.request_id"].string_value == f"req-{kind}"
+            assert all(by_name[n].parent_span_id == root.span_id for n in STAGES)
+            forward = {a.key: a.value for a in by_name["forward"].attributes}
+            assert forward["torchship.batch_size"].int_value == 1
+    finally:
+        oip.stop(tmp_path)
+        sink.close()
