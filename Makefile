@@ -15,9 +15,11 @@ SERVE_FLAGS ?=
 # through chromedriver, compile AOTInductor packages with g++ and run the curl line `serve start` prints.
 SERVE_SYSTEM := python-venv:python3-venv java:openjdk-17-jre-headless npm:npm
 TEST_SYSTEM := $(SERVE_SYSTEM) g++:g++ chromium:chromium chromedriver:chromium-driver curl:curl
+# make bench also runs Triton's perf_analyzer (bench/triton_tools.py), which links Debian's libb64.
+BENCH_SYSTEM := $(SERVE_SYSTEM) libb64:libb64-0d
 UBUNTU_NAMES := chromium:chromium-browser chromedriver:chromium-chromedriver
 
-.PHONY: all install system-serve system-test train export verify serve stop status loadtest page bench gpu-check \
+.PHONY: all install system-serve system-test system-bench train export verify serve stop status loadtest page bench gpu-check \
 	test test-fast lint clean
 
 all: train export serve
@@ -35,6 +37,7 @@ for pair in $(1); do \
     java) v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1); \
           [ -n "$$v" ] && [ "$$v" -ge 17 ] && continue ;; \
     chromium) { command -v chromium || command -v chromium-browser; } >/dev/null 2>&1 && continue ;; \
+    libb64) ldconfig -p 2>/dev/null | grep -q libb64.so.0d && continue ;; \
     *) command -v $$cmd >/dev/null 2>&1 && continue ;; \
   esac; \
   missing="$$missing $$pkg"; \
@@ -55,6 +58,9 @@ system-serve:
 
 system-test:
 	@$(call SYSTEM_CHECK,$(TEST_SYSTEM))
+
+system-bench:
+	@$(call SYSTEM_CHECK,$(BENCH_SYSTEM))
 
 # --no-compile: byte-compiling torch's 5 GB of CUDA wheels costs a minute and buys nothing here.
 # npm: onnxruntime-web, which `torchship page` vendors into every page (package-lock.json pins it).
@@ -100,7 +106,7 @@ loadtest: $(STAMP)
 page: $(STAMP)
 	$(BIN)/torchship page $(EXPORT) --serve --server-state serve-state
 
-bench: $(STAMP) system-serve
+bench: $(STAMP) system-bench
 	$(BIN)/python -m bench.run
 
 # On a machine with a CUDA PyTorch and no network: `make gpu-check PYTHON=python3` runs from the checkout, no install.

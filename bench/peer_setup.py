@@ -91,16 +91,16 @@ PEERS: dict[str, Peer] = {p.name: p for p in (
 )}  # fmt: skip
 
 
-def venv(peer: Peer, python: str = "python3", log=print) -> Path:
+def venv(name: str, python: str = "python3", log=print) -> Path:
     """bench/peers/NAME/.venv with the pinned requirements; made again only when they change."""
-    folder = PEERS_DIR / peer.name
+    folder = PEERS_DIR / name
     requirements = folder / "requirements.txt"
     env_dir, stamp = folder / ".venv", folder / ".venv" / ".requirements-sha256"
     digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
     py = env_dir / "bin" / "python"
     if py.exists() and stamp.is_file() and stamp.read_text() == digest:
         return py
-    log(f"setting up {peer.name} in {env_dir} (first use: a few minutes of downloads) ...")
+    log(f"setting up {name} in {env_dir} (first use: a few minutes of downloads) ...")
     shutil.rmtree(env_dir, ignore_errors=True)
     steps = [
         [python, "-m", "venv", str(env_dir)],
@@ -110,7 +110,7 @@ def venv(peer: Peer, python: str = "python3", log=print) -> Path:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             tail = [line for line in (r.stderr or r.stdout).splitlines() if not line.startswith("WARNING")][-3:]
-            raise PeerFailed(f"installing {peer.name} failed: {' | '.join(tail)[:400]}")
+            raise PeerFailed(f"installing {name} failed: {' | '.join(tail)[:400]}")
     stamp.write_text(digest)
     return py
 
@@ -128,6 +128,7 @@ class Running:
     target: Target
     version: str
     log: Path
+    ports: dict = field(default_factory=dict)
 
 
 def _ready(url: str) -> bool:
@@ -139,7 +140,7 @@ def _ready(url: str) -> bool:
 
 
 def start(peer: Peer, model: Path, work: Path, timeout: float = 180, log=print) -> Running:
-    py = venv(peer, log=log)
+    py = venv(peer.name, log=log)
     model, folder = Path(model).resolve(), work / peer.name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -164,7 +165,7 @@ def start(peer: Peer, model: Path, work: Path, timeout: float = 180, log=print) 
         if proc.poll() is None and _ready(url):
             target = Target("127.0.0.1", ports["http"], "mnist", protocol=peer.protocol, path=peer.path,
                             bytes_shape=peer.bytes_shape)  # fmt: skip
-            return Running(peer, proc, target, version(py, peer.package), logfile)
+            return Running(peer, proc, target, version(py, peer.package), logfile, ports)
         last = " | ".join(logfile.read_text(errors="replace").splitlines()[-3:])[:400]
         stop_process(proc)
     raise PeerFailed(f"{peer.name} did not become ready: {last}")
@@ -195,6 +196,6 @@ def stop(running: Running) -> None:
 if __name__ == "__main__":  # set every peer's environment up ahead of a bench run
     for p in PEERS.values():
         try:
-            print(p.name, venv(p), file=sys.stderr)
+            print(p.name, venv(p.name), file=sys.stderr)
         except PeerFailed as e:
             print(e, file=sys.stderr)

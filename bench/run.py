@@ -18,13 +18,13 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from bench import inference, peer_setup, serving, training
+from bench import inference, lifecycle, peer_setup, serving, training, triton_tools
 from torchship.handlers.card import FORMAT_BY_NAME
 from torchship.serve.archive import ModelConfig
 from torchship.train.presets import DEFAULT_PRESET
 
 RESULTS = Path(__file__).with_name("results.json")
-PARTS = ("inference", "resnet18", "serving", "formats", "workers", "training", "ddp")
+PARTS = ("inference", "resnet18", "serving", "triton", "lifecycle", "formats", "workers", "training", "ddp")
 
 
 def machine() -> dict:
@@ -111,6 +111,10 @@ def targets(r: dict) -> list[dict]:
                 check(f"OIP ({sends}) c=1 p50 / best peer ({b['name1']})", round(vs1, 2), "<= 0.3", vs1 <= 0.3)
             agree = min(lv["accuracy"] for lv in s[name]["levels"])
             check(f"OIP ({sends}) agreement with in-process ONNX Runtime", round(agree, 4), "1.0", agree == 1.0)
+    if "lifecycle" in r:
+        sw = r["lifecycle"]["swap"]
+        check("swap under 64 clients: p99 during / steady", round(sw["ratio"], 2), "<= 2", sw["ratio"] <= 2)
+        check("swap under 64 clients: failed requests", sum(sw["errors"].values()), "0", not sw["errors"])
     if "workers" in r:
         two = r["workers"]["2 workers"]["disruption"]
         check("2 workers: no answer for at most (s)", round(two["longest_gap_s"], 2), "<= 2", two["longest_gap_s"] <= 2)
@@ -253,6 +257,10 @@ def table(r: dict) -> str:
             lines += ["", *inference_table(r[key])]
     if "serving" in r:
         lines += ["", *serving_table(r["serving"])]
+    if "triton" in r:
+        lines += ["", *triton_tools.table(r["triton"])]
+    if "lifecycle" in r:
+        lines += ["", *lifecycle.table(r["lifecycle"])]
     if "formats" in r:
         f = r["formats"]
         lines += ["", "Serving the two fastest formats (our handler, same defaults, both up, same load test)",
@@ -319,7 +327,7 @@ def main() -> None:
         return
     run_dir, export_dir, data_dir = Path(f"runs/{DEFAULT_PRESET}"), Path(f"exports/{DEFAULT_PRESET}"), Path("data")
     parts = args.only or list(PARTS)
-    if {"inference", "serving", "formats", "workers"} & set(parts):
+    if {"inference", "serving", "triton", "lifecycle", "formats", "workers"} & set(parts):
         ensure_export(run_dir, export_dir, data_dir)
     r: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with tempfile.TemporaryDirectory(prefix="torchship-bench-") as tmp:
@@ -336,6 +344,12 @@ def main() -> None:
             ours = ModelConfig(minWorkers=workers, maxWorkers=workers, batchSize=args.batch_size or d.batchSize,
                                maxBatchDelay=args.max_batch_delay or d.maxBatchDelay)  # fmt: skip
             r["serving"] = serving.run(export_dir, Path(tmp), args.duration, ours)
+        if "triton" in parts:
+            print("Triton's perf_analyzer against our OIP server and PyTriton ...", flush=True)
+            r["triton"] = triton_tools.run(export_dir, Path(tmp) / "triton", min(args.duration, 5))
+        if "lifecycle" in parts:
+            print("a version swapped in under 64 clients; tracing off and on ...", flush=True)
+            r["lifecycle"] = lifecycle.run(export_dir, Path(tmp) / "lifecycle", data_dir, args.duration)
         if "formats" in parts:
             inf = r.get("inference") or inference.run(export_dir, rounds=3)
             fastest = fastest_two(inf)

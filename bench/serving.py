@@ -12,6 +12,7 @@ Each setup's own idle CPU is measured and reported.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,7 @@ class Setup:
     peer: str | None = None
     protocol: str = "v2"  # oip: what the load test sends (serve/client.py: v2 binary, or v2 JSON with base64)
     outputs: str = "all"  # oip: which outputs it asks for (serve/client.py OUTPUTS)
+    env: tuple[tuple[str, str], ...] = ()  # oip: environment variables the server starts with (OTEL_*)
 
     def describe(self) -> dict:
         if self.kind == "torchserve":
@@ -54,7 +56,7 @@ class Setup:
             return {"kind": self.kind, "peer": self.peer, "settings": peer_setup.PEERS[self.peer].settings,
                     "sends": peer_setup.PEERS[self.peer].protocol}  # fmt: skip
         if self.kind == "oip":
-            return {"kind": self.kind, "sends": self.protocol, "outputs": self.outputs}
+            return {"kind": self.kind, "sends": self.protocol, "outputs": self.outputs, "env": dict(self.env)}
         return {"kind": self.kind}
 
 
@@ -117,7 +119,14 @@ def start(name: str, setup: Setup, export_dir: Path, work: Path, stack: ExitStac
         return torchserve.load_target(cfg.state_dir), {"version": version("torchserve")}, torchserve.pid(state)
     if setup.kind == "oip":
         stack.callback(oip.stop, state)
-        oip.start(oip.OIPConfig.on_free_ports(str(export_dir), "mnist", str(state), backend=setup.backend), timeout=120)
+        saved = {k: os.environ.get(k) for k, _ in setup.env}
+        os.environ.update(dict(setup.env))  # the supervisor and its workers inherit them
+        try:
+            oip.start(oip.OIPConfig.on_free_ports(str(export_dir), "mnist", str(state), backend=setup.backend),
+                      timeout=120)  # fmt: skip
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.update({k: v})
         target = replace(oip.load_target(state), protocol=setup.protocol, outputs=setup.outputs)
         return target, {"settings": oip.status(state).get("settings", {})}, oip.pid(state)
     if setup.kind == "ceiling":

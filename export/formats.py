@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from torchship.handlers.card import (
     CardError,
     ModelCard,
 )
+from torchship.handlers.repository import digest
 
 OPSET = 20
 MAX_BATCH = 1024  # the dynamic batch dimension's upper bound in every format
@@ -54,11 +54,8 @@ class Exported:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """A file's digest, as the runtime checks a proof's (handlers/repository.py)."""
+    return digest(path)
 
 
 def next_version(out_dir: Path | str, name: str) -> str:

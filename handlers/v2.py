@@ -60,8 +60,10 @@ class Wanted:
 
 
 def input_types(card: ModelCard) -> list[dict]:
+    """Shapes as Triton states them, the batch first: an image is one BYTES element per row ([N, 1]; [N] is taken
+    too), which is how perf_analyzer and Triton's model configuration count it."""
     array = {"name": ARRAY, "datatype": "FP32", "shape": [-1, *card.input_shape]}
-    return [{"name": IMAGES, "datatype": "BYTES", "shape": [-1]}, array] if card.image else [array]
+    return [{"name": IMAGES, "datatype": "BYTES", "shape": [-1, 1]}, array] if card.image else [array]
 
 
 def output_types(card: ModelCard) -> list[dict]:

@@ -159,18 +159,9 @@ def answer(reply: bytes) -> str | None:
 
 def server_metrics(url: str | None) -> dict[str, float]:
     """The server's Prometheus counters (summed over label sets), or {} when its metrics are unreachable."""
-    if not url:
-        return {}
-    try:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=3) as r:
-            text = r.read().decode()
-    except (OSError, ValueError):
-        return {}
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+    for (name, _), value in metric_series(url).items():
+        out[name] = out.get(name, 0.0) + value
     return out
 
 

@@ -47,7 +47,8 @@ class Sample:
 
 def write_sample(folder: Path | str, card: ModelCard | None = None, index: int = 0) -> Sample:
     """A photographed-style held-out digit for an image model; for a tensor model one row at the middle of the range
-    its card records (zeros where it records none)."""
+    its card records, or at its mean in raw units where it records none (the mean the card standardizes with: a row
+    like the data's, never zeros far outside it)."""
     folder = Path(folder)
     if card is None or card.image:
         images, labels = held_out_digits()
@@ -55,7 +56,7 @@ def write_sample(folder: Path | str, card: ModelCard | None = None, index: int =
         path.write_bytes(png(on_paper(images[index])))
         return Sample(path, f"a photographed-style {int(labels[index])}", json=False)
     shape = card.input_shape
-    middle = np.array([(lo + hi) / 2 for lo, hi in card.input_range] or [0.0] * shape[0], np.float64)
+    middle = np.array([(lo + hi) / 2 for lo, hi in card.input_range] or card.mean, np.float64)
     row = np.broadcast_to(middle.reshape(-1, *[1] * (len(shape) - 1)), shape).round(4).tolist()
     path = folder / "sample-row.json"
     path.write_text(json.dumps({"instances": [row]}))

@@ -97,7 +97,7 @@ def test_health_readiness_and_metadata(server, kind):
             "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.inputs],
             "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.outputs],
         }
-    assert meta["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": [-1]},
+    assert meta["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": [-1, 1]},
                               {"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]  # fmt: skip
     assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
                                {"name": "label", "datatype": "BYTES", "shape": [-1]}]  # fmt: skip

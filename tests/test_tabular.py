@@ -95,7 +95,44 @@ def linreg(tmp_path_factory):
     run = tmp_path_factory.mktemp("linreg")
     metrics = train(get_preset("linreg"), run / "run", quiet=True)
     export_checkpoint(run / "run" / "best.pt", run / "export", ("ts", "onnx"))
-    return {"dir": run / "export", "mse": metrics["test_loss"]}
+    return {"dir": run / "export", "mse": metrics["test_loss"], "run": run / "run", "metrics": metrics}
+
+
+TUTORIAL_LOADING = """
+checkpoint = torch.load(path)
+model.load_state_dict(checkpoint['model_state_dict'])
+optimizer.load_state_dict(checkpoint['optimizer_state_dict'])
+saved_epoch = checkpoint['epoch']
+losses = checkpoint['loss']
+val_losses = checkpoint['val_loss']
+model.train()
+"""
+
+
+def test_the_tutorials_loading_lines_run_on_our_last_checkpoint(linreg):
+    """"Saving (and Loading) Models: taking a break", line for line, on the last.pt our linreg run wrote."""
+    from torchship.train.models import LinearRegression
+
+    model = LinearRegression()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = {"torch": torch, "model": model, "optimizer": optimizer, "path": str(linreg["run"] / "last.pt")}
+    exec(TUTORIAL_LOADING, scope)
+    history = json.loads((linreg["run"] / "metrics.json").read_text())["history"]
+    assert scope["saved_epoch"] == history[-1]["epoch"] and len(scope["losses"]) == len(history)
+    assert scope["losses"] == [h["loss"] for h in history] and scope["val_losses"] == [h["val_loss"] for h in history]
+    assert scope["losses"][-1] < scope["losses"][0]  # the line was fitted: the losses fell
+
+
+def test_a_tensor_models_try_it_row_is_at_its_mean_without_a_recorded_range(tmp_path):
+    """Without a recorded range the printed row is the card's mean in raw units, not zeros far outside the data."""
+    from torchship.serve.samples import write_sample
+
+    from helpers import card
+
+    wine = card(name="wine", input_kind="tensor", input_shape=(3,), mean=(13.0, 2.3, 747.0), std=(0.8, 1.1, 315.0),
+                preprocess="standardize", labels=("a", "b", "c"), output_kind="logits")  # fmt: skip
+    sample = write_sample(tmp_path, wine)
+    assert json.loads(sample.path.read_text()) == {"instances": [[13.0, 2.3, 747.0]]}
 
 
 def test_the_cards_say_what_goes_in_and_comes_out(exports):

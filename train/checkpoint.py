@@ -85,9 +85,12 @@ class Checkpoint:
     training: Mapping = field(default_factory=dict)  # the preset's hyperparameters and the device: for a reader
 
     def to_dict(self) -> dict:
+        """Also the keys the tutorial's own loading code reads ("Saving (and Loading) Models"): `loss` and `val_loss`,
+        the per-epoch losses, beside `epoch` and the two state dicts."""
         return {"format": FORMAT, "version": VERSION, "card": self.card.to_dict(), "epoch": self.epoch,
                 "model_state_dict": self.model, "optimizer_state_dict": self.optimizer,
                 "scheduler_state_dict": self.scheduler, "history": [asdict(h) for h in self.history],
+                "loss": [h.loss for h in self.history], "val_loss": [h.val_loss for h in self.history],
                 "rng_state": self.rng, "world_size": self.world_size, "preset": self.preset,
                 "training": dict(self.training)}  # fmt: skip
 

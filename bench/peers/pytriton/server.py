@@ -11,7 +11,7 @@ import argparse
 import numpy as np
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig
+from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 from torchship_handlers.onnx_model import load
 from torchship_handlers.responses import probabilities
 
@@ -41,7 +41,9 @@ if __name__ == "__main__":
     args = ap.parse_args()
     config = TritonConfig(http_address="127.0.0.1", http_port=args.port, grpc_address="127.0.0.1",
                           grpc_port=args.grpc_port, metrics_port=args.metrics_port, log_verbose=0)  # fmt: skip
-    with Triton(config=config) as triton:
+    # PyTriton 0.7 guards Triton's statistics and repository APIs with a token of its own; perf_analyzer reads the
+    # statistics, and this server listens on loopback for the bench alone: no guarded endpoints
+    with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
         triton.bind(
             model_name="mnist",
             infer_func=[instance(args.model) for _ in range(args.workers)],

@@ -1,0 +1,119 @@
+"""The model lifecycle under load: the p99 latency while a new version is loaded, made the default and the old one
+unloaded, against the same load with nothing changing; and what tracing costs, off and on.
+
+A version is the same export copied with its card's version raised (its proof still holds: the model file is the
+same bytes), so the swap measures the server's own cost (loading, warming at the largest batch in every worker,
+switching, draining) and not a different model's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import serving
+from torchship.serve import oip
+from torchship.serve.loadtest import run_level
+from torchship.serve.traces import OtlpSink
+
+CLIENTS = 64
+
+
+def versions(export_dir: Path, root: Path, data_dir: Path) -> tuple[Path, Path]:
+    """REPOSITORY/mnist/1 (the export, proven) and, staged beside it, the same as version 2."""
+    from torchship.export.verify import verify, write_report
+
+    one, two = root / "repository" / "model" / "1", root / "staged" / "2"
+    shutil.copytree(export_dir, one, ignore=shutil.ignore_patterns("model.pt2", "model.int8.onnx", "model.ts.pt"))
+    report = verify(one, data_dir=data_dir)
+    write_report(report, one)
+    shutil.copytree(one, two)
+    card = json.loads((two / "meta.json").read_text())
+    (two / "meta.json").write_text(json.dumps({**card, "version": "2"}))
+    return one, two
+
+
+def p99(latencies: list[float]) -> float:
+    return float(np.percentile(np.asarray(latencies) * 1000, 99)) if latencies else float("nan")
+
+
+def swap(export_dir: Path, work: Path, data_dir: Path, seconds: float = 10, log=print) -> dict:
+    """Steady load, then the same load across a swap: p99 of the requests in flight during the swap against p99 of
+    the steady run, and every request's status."""
+    from torchship.handlers.card import ModelCard
+
+    one, two = versions(export_dir, work, data_dir)
+    state, name = work / "state-swap", ModelCard.load(export_dir).name  # a folder of exports: served by card names
+    bodies = serving.agreed(export_dir)
+    oip.start(oip.OIPConfig.on_free_ports(str(one.parent.parent), name, str(state)), timeout=120)
+    try:
+        target = oip.load_target(state)
+        run_level(target, bodies, 4, 30, 3000)  # warm, as every serving setup is
+        log(f"  steady, {CLIENTS} clients ...")
+        steady = run_level(target, bodies, CLIENTS, seconds, 10**6)
+        timeline: list[tuple[float, float, int]] = []
+        result: dict = {}
+        loader = threading.Thread(target=lambda: result.update(level=run_level(
+            target, bodies, CLIENTS, seconds, 10**6, timeline=timeline)))  # fmt: skip
+        log("  the same load across a swap to version 2 and the unloading of version 1 ...")
+        loader.start()
+        time.sleep(seconds / 3)  # the swap happens in the middle of the run, not at its edges
+        began = time.perf_counter()
+        shutil.copytree(two, one.parent / "2")
+        oip.repository_call(state, "load", name)
+        loaded = time.perf_counter()
+        oip.repository_call(state, "unload", name, {"parameters": {"version": "1"}})
+        ended = time.perf_counter()
+        loader.join()
+    finally:
+        oip.stop(state)
+    during = [end - start for start, end, _ in timeline if start <= ended and end >= began]
+    level = result["level"]
+    return {"clients": CLIENTS, "seconds": seconds, "steady_p99_ms": steady.latency_ms["p99"],
+            "steady_p50_ms": steady.latency_ms["p50"], "steady_errors": steady.errors,
+            "swap_p99_ms": p99(during), "swap_requests": len(during), "swap_ms": round((ended - began) * 1000, 1),
+            "load_ms": round((loaded - began) * 1000, 1), "errors": level.errors, "requests": level.requests,
+            "ratio": p99(during) / steady.latency_ms["p99"]}  # fmt: skip
+
+
+def tracing_cost(export_dir: Path, work: Path, duration: float = 10, log=print) -> dict:
+    """The OIP server with tracing off (no OTEL_* variable) and on (exporting every span to a local collector),
+    measured like every serving setup."""
+    sink = OtlpSink(keep=False)
+    try:
+        setups = {"traces off": serving.Setup("oip"),
+                  "traces on": serving.Setup("oip", env=(("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint),))}  # fmt: skip
+        return serving.compare(export_dir, work, setups, duration, rounds=6, log=log)
+    finally:
+        sink.close()
+
+
+def run(export_dir: Path, work: Path, data_dir: Path, duration: float = 10, log=print) -> dict:
+    return {
+        "swap": swap(export_dir, work / "swap", data_dir, duration, log),
+        "tracing": tracing_cost(export_dir, work / "tracing", duration, log),
+    }
+
+
+def table(section: dict) -> list[str]:
+    s = section["swap"]
+    lines = [f"Swap under {s['clients']} clients: version 2 loaded and warmed in every worker, made the default, "
+             f"version 1 unloaded, in {s['swap_ms']:.0f} ms (the load {s['load_ms']:.0f} ms)",
+             f"  p99 of the {s['swap_requests']} requests in flight meanwhile {s['swap_p99_ms']:.1f} ms against "
+             f"{s['steady_p99_ms']:.1f} ms steady ({s['ratio']:.2f}x); failed: {sum(s['errors'].values())} of "
+             f"{s['requests']}"]  # fmt: skip
+    t = section["tracing"]
+    lines.append("Tracing: " + "; ".join(
+        f"{name}: c=1 p50 {serving_level(t[name], 1)['latency_ms']['p50']:.2f} ms, c=16 "
+        f"{serving_level(t[name], 16)['throughput']:.0f} req/s" for name in ("traces off", "traces on")
+        if "levels" in t.get(name, {})))  # fmt: skip
+    return lines
+
+
+def serving_level(setup: dict, c: int) -> dict:
+    return next(lv for lv in setup["levels"] if lv["concurrency"] == c)
