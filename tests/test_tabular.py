@@ -110,7 +110,7 @@ model.train()
 
 
 def test_the_tutorials_loading_lines_run_on_our_last_checkpoint(linreg):
-    """"Saving (and Loading) Models: taking a break", line for line, on the last.pt our linreg run wrote."""
+    """The tutorial's "Saving (and Loading) Models: taking a break", line for line, on our linreg run's last.pt."""
     from torchship.train.models import LinearRegression
 
     model = LinearRegression()
