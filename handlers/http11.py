@@ -54,6 +54,7 @@ class Request:
     headers: dict[bytes, bytes] = field(default_factory=dict)  # names lower-cased; a repeated name keeps its last
     body: bytes = b""
     keep_alive: bool = True
+    client: str = ""  # the peer's address, for the access log
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class Connection(asyncio.Protocol):
         self.pumping = False
         self.continue_due = False  # a 100 Continue owed once the requests before this one are answered
         self.counted = False
+        self.peer = ""
         # the message being parsed
         self.in_message = self.in_head = False
         self.begun = 0  # messages begun so far: tells a piece in which a new one began
@@ -123,6 +125,8 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         if self.tally.open >= self.limits.connections:
             busy = self.error(503, f"this worker holds {self.limits.connections} connections, its limit: retry shortly")
             transport.write(self._head(busy, close=True, extra=((b"retry-after", b"1"),)) + busy.body)
@@ -265,6 +269,7 @@ class Connection(asyncio.Protocol):
             headers=self._headers,
             body=self._body[0] if len(self._body) == 1 else b"".join(self._body),
             keep_alive=self.parser.should_keep_alive(),
+            client=self.peer,
         ))  # fmt: skip
 
     # answering: one loop, so that any depth of pipelining costs no stack

@@ -17,7 +17,7 @@ from . import tracing, triton, v2
 from .batching import Overloaded
 from .http11 import Limits
 from .repository import RepositoryError
-from .serving import ABANDONED, DECODE_INLINE_BYTES, Served
+from .serving import ABANDONED, ACCESS, DECODE_INLINE_BYTES, Served, access
 
 logger = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
@@ -201,9 +201,12 @@ def handler(app):
             if served is not None:
                 if decoding:
                     served.batcher.decoding -= 1
-                served.metrics.answered("grpc", status, time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                served.metrics.answered("grpc", status, seconds)
                 if trace is not None:
                     trace.finish(served.name, served.version, status)
+                if ACCESS.isEnabledFor(logging.INFO):
+                    access("grpc", context.peer(), served.name, served.version, status, seconds, request.id[:128])
 
     def decode(served: Served, request):
         return served.decode(tensors_of(request, served.limit))

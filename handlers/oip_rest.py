@@ -16,7 +16,7 @@ from .images import InputError
 from .repository import Repository, RepositoryError, agreement
 from .request import instances
 from .responses import respond
-from .serving import ABANDONED, DECODE_INLINE_BYTES, Served, Settings
+from .serving import ABANDONED, ACCESS, DECODE_INLINE_BYTES, Served, Settings, access
 from .tensors import rows_from_instances, standardize
 
 try:  # orjson writes every answer's JSON 3-10x faster than json (bench/NOTES.md)
@@ -150,14 +150,19 @@ class RestApp:
         outcome: list[int] = []  # the one status this request ends with
         queued: list[asyncio.Future] = []
         trace = tracing.start(request.headers.get(b"traceparent"), "rest") if tracing.ENABLED else None
+        request_id: list[str] = []  # the v2 request's id, or its x-request-id header, once decoded
 
         def answer(response: Response) -> None:
             if not outcome:
                 outcome.append(response.status)
-                served.metrics.answered("rest", response.status, time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                served.metrics.answered("rest", response.status, seconds)
                 reply(response)
                 if trace is not None:
                     trace.finish(served.name, served.version, response.status)
+                if ACCESS.isEnabledFor(logging.INFO):
+                    access("rest", request.client, served.name, served.version, response.status, seconds,
+                           request_id[0] if request_id else "")  # fmt: skip
 
         def abandon() -> None:
             for future in queued:
@@ -166,9 +171,10 @@ class RestApp:
 
         def predict(prepared) -> None:
             header, want, rows = prepared
+            request_id.append(str(header.get("id") or request.headers.get(b"x-request-id", b"").decode()[:128]))
             if trace is not None:
                 trace.mark_decoded()
-                trace.request_id = str(header.get("id") or request.headers.get(b"x-request-id", b"").decode()[:128])
+                trace.request_id = request_id[0]
             try:
                 pending = served.batcher.enqueue(rows, trace)
             except Overloaded as e:

@@ -5,6 +5,7 @@ predict (the batcher), encode (rows to v2 output tensors)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,14 @@ ABANDONED = 499  # nginx's "client closed request": counted in the metrics, neve
 PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch",
              "pt2": "pytorch_aotinductor"}  # fmt: skip
 _decoder: ThreadPoolExecutor | None = None
+ACCESS = logging.getLogger("torchship.access")  # one line per inference request, when the server's --access_log asks
+
+
+def access(protocol: str, client: str, model: str, version: str, status: int, seconds: float, request_id: str) -> None:
+    """The access log's line: who asked which model version, what it got, how long it took, the request's id (the
+    one its trace carries)."""
+    ACCESS.info("%s %s %s/%s %d %.2fms id=%s", protocol, client or "-", model, version, status, seconds * 1000,
+                request_id or "-")  # fmt: skip
 
 
 def decoder() -> ThreadPoolExecutor:

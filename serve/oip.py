@@ -160,7 +160,8 @@ def start_with(o: StartOptions) -> OIPConfig:
     cfg = OIPConfig(o.export_dir or f"exports/{o.model}", o.model, state_dir=o.state_dir, extra_exports=o.more_exports,
                     http_port=o.inference_port or OIP_HTTP_PORT, grpc_port=o.grpc_port or OIP_GRPC_PORT, host=o.host,
                     backend=o.backend, workers=o.workers or 0, max_batch=o.max_batch or 0,
-                    max_delay_ms=-1 if o.max_delay_ms is None else o.max_delay_ms)  # fmt: skip
+                    max_delay_ms=-1 if o.max_delay_ms is None else o.max_delay_ms,
+                    server_flags=("--access_log",) if o.access_log else ())  # fmt: skip
     return start(cfg, o.timeout, behind_auth=o.behind_auth)
 
 

@@ -40,6 +40,7 @@ class StartOptions:
     workers: int | None = None  # OIP (TorchServe's come from `torchship archive`)
     max_batch: int | None = None  # OIP
     max_delay_ms: float | None = None  # OIP
+    access_log: bool = False  # OIP: a line per inference request
 
 
 def free_ports(n: int = 3) -> list[int]:

@@ -4,6 +4,7 @@ OTLP/HTTP receiver the test runs."""
 
 import asyncio
 import os
+import re
 import secrets
 
 import numpy as np
@@ -20,6 +21,10 @@ from helpers import wait_for
 
 DIGIT = png(held_out_digits()[0][0])
 STAGES = ["decode", "queue", "forward", "encode"]
+
+
+def access_log(state) -> str:
+    return (state / "logs" / oip.LOG).read_text()
 
 
 def traceparent() -> tuple[str, str, str]:
@@ -67,7 +72,8 @@ def test_rest_and_grpc_requests_export_their_traces_over_otlp(convnet_export, tm
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint)
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export every 0.1 s instead of 5
     cfg = oip.start(oip.OIPConfig.on_free_ports(str(convnet_export.directory), "mnist", str(tmp_path), workers=1,
-                                                max_batch=8, max_delay_ms=1, threads=1), timeout=120)  # fmt: skip
+                                                max_batch=8, max_delay_ms=1, threads=1,
+                                                server_flags=("--access_log",)), timeout=120)  # fmt: skip
     try:
         sent = {}
         for kind, module, port in (("rest", thttp, cfg.http_port), ("grpc", tgrpc, cfg.grpc_port)):
@@ -88,6 +94,8 @@ def test_rest_and_grpc_requests_export_their_traces_over_otlp(convnet_export, tm
             assert all(by_name[n].parent_span_id == root.span_id for n in STAGES)
             forward = {a.key: a.value for a in by_name["forward"].attributes}
             assert forward["torchship.batch_size"].int_value == 1
+            line = rf" {kind} \S+ mnist/1 200 \S+ms id=req-{kind}$"  # the same request id in the access log
+            wait_for(lambda p=line: re.search(p, access_log(tmp_path), re.M), 30, f"the {kind} request's log line")
     finally:
         oip.stop(tmp_path)
         sink.close()

@@ -118,10 +118,12 @@ def serve_group():
     default=None,
     help=f"{OIP} only: ms a batch waits for requests already on their way  [default: measured]",
 )
+@click.option("--access-log", is_flag=True, help=f"{OIP} only: a line per inference request in its log, with the "
+              "request's id (TorchServe keeps its own access log)")  # fmt: skip
 @click.option("--timeout", type=float, default=180, show_default=True, help="Seconds to wait until ready.")
 def start_command(runtime, model, model_store, export_dir, state_dir, inference_port, grpc_port, management_port,
                   metrics_port, grpc_management_port, grpc_ports, no_token_auth, cors_origin, backend, host,
-                  behind_auth, workers, max_batch, max_batch_delay, timeout):  # fmt: skip
+                  behind_auth, workers, max_batch, max_batch_delay, access_log, timeout):  # fmt: skip
     """Start a server and wait until MODEL is ready; print a working request to try."""
     import zipfile
 
@@ -138,7 +140,7 @@ def start_command(runtime, model, model_store, export_dir, state_dir, inference_
                            metrics_port=metrics_port, grpc_management_port=grpc_management_port,
                            token_auth=not no_token_auth, cors_origin=cors_origin, backend=backend, host=host,
                            behind_auth=behind_auth, workers=workers, max_batch=max_batch,
-                           max_delay_ms=max_batch_delay)  # fmt: skip
+                           max_delay_ms=max_batch_delay, access_log=access_log)  # fmt: skip
     try:
         cfg = chosen.start(options)
     except ServerError as e:
