@@ -123,10 +123,19 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
 )
 @click.option(
     "--input-kind",
-    type=click.Choice(["image", "tensor"]),
+    type=click.Choice(["image", "tensor", "named"]),
     default="image",
     show_default=True,
-    help="With --model: image files in, or fixed-shape rows of numbers (tabular, signals).",
+    help="With --model: image files in, fixed-shape rows of numbers (tabular, signals), or several named tensors "
+    "(token ids and a mask, ...; needs --signature).",
+)
+@click.option(
+    "--signature",
+    "signature_source",
+    default=None,
+    metavar="FILE.json|file.py:NAME",
+    help="With --model: every input and output by name, datatype and shape, the range of each named dimension and "
+    "of each input's values, and what pads a shorter row (README: Any model). Implies --input-kind named.",
 )
 @click.option(
     "--task",
@@ -192,9 +201,9 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
     "--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Export directory  [default: exports/NAME]"
 )
 @tolerances
-def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, task, output_names, input_range, labels,
-                   mean, std, preprocess, output_kind, dataset, name, version, calibration, formats, out_dir, atol,
-                   rtol, data_dir):  # fmt: skip
+def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, signature_source, task, output_names,
+                   input_range, labels, mean, std, preprocess, output_kind, dataset, name, version, calibration,
+                   formats, out_dir, atol, rtol, data_dir):  # fmt: skip
     """Export CHECKPOINT (or --model SPEC --weights FILE) to every format, then prove each matches the eager model."""
     from pathlib import Path
 
@@ -208,8 +217,16 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, t
     user_only = {"--weights": weights, "--model-kwarg": kwargs, "--input-shape": input_shape, "--labels": labels,
                  "--mean": mean, "--std": std, "--preprocess": preprocess, "--output-kind": output_kind,
                  "--dataset": dataset, "--task": task, "--output-names": output_names,
-                 "--input-range": input_range}  # fmt: skip
-    if spec is not None and (weights is None or input_shape is None):
+                 "--input-range": input_range, "--signature": signature_source}  # fmt: skip
+    if signature_source is not None or input_kind == "named":
+        named_only = {k: v for k, v in user_only.items() if k not in ("--weights", "--model-kwarg", "--signature")}
+        if spec is None or weights is None or signature_source is None:
+            raise click.UsageError("named inputs need --model SPEC --weights FILE --signature FILE")
+        if any(named_only.values()):
+            given = [k for k, v in named_only.items() if v]
+            raise click.UsageError(f"{', '.join(given)} describe one input; a signature describes every input")
+        input_kind = "named"
+    elif spec is not None and (weights is None or input_shape is None):
         raise click.UsageError("--model needs --weights FILE and --input-shape (C,H,W for images, e.g. 13 for rows)")
     if spec is not None and input_kind == "image" and len(input_shape) != 3:
         raise click.BadParameter(f"an image model's input is C,H,W, got {','.join(map(str, input_shape))} (rows of "
@@ -233,11 +250,18 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, t
             from torchship.export.user_model import parse_kwargs, user_model
 
             progress(f"building {spec} and loading {weights}")
-            model, card = user_model(
-                spec, weights, kwargs=parse_kwargs(kwargs), input_shape=input_shape, labels=labels,
-                mean=mean or (0.0,), std=std or (1.0,), preprocess=preprocess, name=name, output=output_kind,
-                dataset=dataset, input_kind=input_kind, task=task, output_names=output_names, input_range=input_range,
-            )  # fmt: skip
+            if input_kind == "named":
+                from torchship.export.user_model import named_model, read_signature
+
+                model, card = named_model(spec, weights, kwargs=parse_kwargs(kwargs),
+                                          sig=read_signature(signature_source), name=name)  # fmt: skip
+            else:
+                model, card = user_model(
+                    spec, weights, kwargs=parse_kwargs(kwargs), input_shape=input_shape, labels=labels,
+                    mean=mean or (0.0,), std=std or (1.0,), preprocess=preprocess, name=name, output=output_kind,
+                    dataset=dataset, input_kind=input_kind, task=task, output_names=output_names,
+                    input_range=input_range,
+                )  # fmt: skip
             source = Path(weights)
             out = Path(out_dir or f"exports/{card.name}")
             card = stamp(card, source, version=version or next_version(out, card.name))

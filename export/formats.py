@@ -97,14 +97,40 @@ def example_input(card: ModelCard, n: int = 2) -> torch.Tensor:
     return torch.randn(n, *card.input_shape, generator=torch.Generator().manual_seed(0))
 
 
+def example_args(card: ModelCard) -> tuple[torch.Tensor, ...]:
+    """What every format traces or exports with: the one batch, or every named input (export/named.py)."""
+    if card.named:
+        from torchship.export.named import example_args as named_args
+
+        return named_args(card)
+    return (example_input(card),)
+
+
+def dynamic_shapes(card: ModelCard) -> tuple[dict, ...]:
+    """The batch is dynamic in every format; named inputs' named dimensions too, over their declared ranges."""
+    if card.named:
+        from torchship.export.named import dynamic_shapes as named_shapes
+
+        return named_shapes(card, batch_dim())
+    return ({0: batch_dim()},)
+
+
+def io_names(card: ModelCard) -> tuple[list[str], list[str]]:
+    if card.named:
+        return [t.name for t in card.signature.inputs], [t.name for t in card.signature.outputs]
+    return [card.input_name], [card.output_name]
+
+
 def export_torchscript(model: torch.nn.Module, card: ModelCard, path: Path, options: Options) -> None:
     """Scripted, falling back to tracing with the tracer's own check; the card rides along as an extra file."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notice: we ship it for TorchServe
         try:
+            if card.named:  # a wrapper taking *inputs: scripting cannot type it, tracing records it
+                raise TypeError
             module = torch.jit.script(model)
         except Exception:
-            module = torch.jit.trace(model, example_input(card), check_trace=True)
+            module = torch.jit.trace(model, example_args(card), check_trace=True)
         module.save(str(path), _extra_files={TORCHSCRIPT_EXTRA_FILE: card.to_json(indent=None)})
 
 
@@ -112,17 +138,17 @@ def export_onnx(model: torch.nn.Module, card: ModelCard, path: Path, options: Op
     """The dynamo exporter with a dynamic batch dimension; checked in full before it is written."""
     import onnx
 
-    batch = batch_dim()
+    inputs, outputs = io_names(card)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
-            (example_input(card),),
+            example_args(card),
             dynamo=True,
-            input_names=[card.input_name],
-            output_names=[card.output_name],
+            input_names=inputs,
+            output_names=outputs,
             opset_version=OPSET,
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=dynamic_shapes(card),
             optimize=True,
             verbose=False,
         )
@@ -154,7 +180,7 @@ def export_pt2(model: torch.nn.Module, card: ModelCard, path: Path, options: Opt
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime": not news on a CPU
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(model, (example_input(card),), dynamic_shapes=({0: batch_dim()},))
+        program = torch.export.export(model, example_args(card), dynamic_shapes=dynamic_shapes(card))
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # the package's folder is named after its file
             built = Path(tmp) / path.name
             torch._inductor.aoti_compile_and_package(
@@ -194,6 +220,9 @@ def export_int8(model: torch.nn.Module, card: ModelCard, path: Path, options: Op
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if card.named:
+        raise ExportError("int8 calibrates one input on images or rows; a model with named inputs has no such set: "
+                          "export ts, onnx or pt2")  # fmt: skip
     if card.task != "classify":
         raise ExportError(f"int8 is for classifiers (it is judged by top-1 agreement); {card.name} is a {card.task} "
                           "model")  # fmt: skip

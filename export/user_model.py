@@ -13,7 +13,16 @@ from pathlib import Path
 
 import torch
 
-from torchship.handlers.card import BUILTIN_ARCHITECTURES, GREY_RECIPES, Architecture, CardError, ModelCard
+from torchship.handlers.card import (
+    BUILTIN_ARCHITECTURES,
+    GREY_RECIPES,
+    NO_RECIPE,
+    Architecture,
+    CardError,
+    ModelCard,
+    Signature,
+    validate_signature,
+)
 from torchship.train import checkpoint
 
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")  # where common checkpoint layouts keep the weights
@@ -30,17 +39,7 @@ def import_callable(spec: str):
     if not sep or not where or not attr:
         raise ModelLoadError(f"--model {spec!r}: expected package.module:callable or path/to/file.py:Callable")
     if where.endswith(".py") or "/" in where or "\\" in where:
-        path = Path(where)
-        if not path.is_file():
-            raise ModelLoadError(f"--model {spec!r}: no such file {path}")
-        name = "torchship_user_model_" + re.sub(r"\W", "_", str(path.resolve()))
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # dataclasses and pickling look their module up by name
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:
-            raise ModelLoadError(f"--model {spec!r}: importing {path} failed ({type(e).__name__}: {e})") from None
+        module = module_of_file(Path(where), f"--model {spec!r}")
     else:
         try:
             module = importlib.import_module(where)
@@ -54,6 +53,22 @@ def import_callable(spec: str):
     if not callable(obj):
         raise ModelLoadError(f"--model {spec!r}: {attr} is not callable")
     return obj
+
+
+def module_of_file(path: Path, what: str):
+    """A user's .py file, imported under a name of its own."""
+    if not path.is_file():
+        raise ModelLoadError(f"{what}: no such file {path}")
+    name = "torchship_user_model_" + re.sub(r"\W", "_", str(path.resolve()))
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses and pickling look their module up by name
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise ModelLoadError(f"{what}: importing {path} failed ({type(e).__name__}: {e})") from None
+    return module
 
 
 def parse_kwargs(pairs: Sequence[str]) -> dict:
@@ -142,8 +157,102 @@ def rebuild(card: ModelCard, source: Path | str | None = None) -> torch.nn.Modul
     if card.architecture.spec in BUILTIN_ARCHITECTURES.values():
         ckpt = checkpoint.load(source)
         return checkpoint.model_from_checkpoint(ckpt)
-    model = build(card.architecture.spec, card.architecture.kwargs)
-    return load_weights(model, read_state_dict(source), source)
+    model = load_weights(build(card.architecture.spec, card.architecture.kwargs), read_state_dict(source), source)
+    return Signed(model, card.signature).eval() if card.named else model
+
+
+TORCH_DATATYPES = {torch.float32: "FP32", torch.float16: "FP16", torch.float64: "FP64", torch.int64: "INT64",
+                   torch.int32: "INT32", torch.bool: "BOOL"}  # fmt: skip
+
+
+class Signed(torch.nn.Module):
+    """A model called with its named inputs as keywords, answering a tuple in its outputs' declared order (from a
+    tensor, a tuple, or a dict-like output such as Hugging Face's): the one form every format traces."""
+
+    def __init__(self, model: torch.nn.Module, sig: Signature):
+        super().__init__()
+        self.model = model
+        self.input_names = [t.name for t in sig.inputs]
+        self.output_names = [t.name for t in sig.outputs]
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.input_names, args)))
+        if isinstance(out, Mapping):
+            return tuple(out[name] for name in self.output_names)
+        if isinstance(out, (list, tuple)):
+            return tuple(out)
+        return (out,)
+
+
+def read_signature(value: str) -> Signature:
+    """A JSON file, or `file.py:NAME` naming a dict (or a function returning one) in the user's own code."""
+    import json
+
+    where, sep, attr = value.rpartition(":")
+    try:
+        if sep and where.endswith(".py"):
+            found = _attribute(where, attr)
+            obj = found() if callable(found) else found
+        else:
+            obj = json.loads(Path(value).read_text())
+    except OSError as e:
+        raise ModelLoadError(f"--signature {value}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ModelLoadError(f"--signature {value}: not JSON ({e})") from None
+    if not isinstance(obj, Mapping):
+        raise ModelLoadError(f"--signature {value}: expected an object with 'inputs', 'outputs' and 'dims'")
+    try:
+        unknown = sorted(set(obj) - {"inputs", "outputs", "dims"})
+        if unknown:
+            raise CardError(f"signature.{unknown[0]}", "unknown field (known: dims, inputs, outputs)")
+        sig = Signature(inputs=obj.get("inputs", ()), outputs=obj.get("outputs", ()), dims=obj.get("dims") or {})
+        validate_signature(sig)
+    except CardError as e:
+        raise ModelLoadError(f"--signature {value}: {e}") from None
+    return sig
+
+
+def _attribute(path: str, attr: str):
+    """An attribute of a user's file, callable or not."""
+    module = module_of_file(Path(path), f"--signature {path}:{attr}")
+    if not hasattr(module, attr):
+        raise ModelLoadError(f"--signature {path}:{attr}: {path} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def named_model(spec: str, weights: Path | str, *, kwargs: Mapping | None = None, sig: Signature,
+                name: str | None = None) -> tuple[torch.nn.Module, ModelCard]:  # fmt: skip
+    """A model that takes several named tensors: built, its weights loaded, run once on inputs drawn from its
+    signature, every output checked against what the signature declares."""
+    from torchship.export.named import draw, example_dims
+
+    kwargs = dict(kwargs or {})
+    model = Signed(load_weights(build(spec, kwargs), read_state_dict(weights), weights), sig).eval()
+    feeds = draw(sig, 2, example_dims(sig))
+    try:
+        with torch.no_grad():
+            out = model(*(torch.from_numpy(feeds[t.name]) for t in sig.inputs))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelLoadError(f"the model does not run on its signature's inputs ({', '.join(model.input_names)}): "
+                             f"{type(e).__name__}: {first}") from None  # fmt: skip
+    if len(out) != len(sig.outputs) or not all(isinstance(y, torch.Tensor) for y in out):
+        raise ModelLoadError(f"the model answers {len(out)} value(s); the signature declares {len(sig.outputs)} "
+                             f"tensors ({', '.join(model.output_names)})")  # fmt: skip
+    dims = example_dims(sig)
+    for t, y in zip(sig.outputs, out):
+        want = [2, *(d if isinstance(d, int) else dims[d] for d in t.shape[1:])]
+        got = TORCH_DATATYPES.get(y.dtype, str(y.dtype))
+        if got != t.datatype or list(y.shape) != want:
+            raise ModelLoadError(f"output '{t.name}': the model answers {got} {list(y.shape)} where the signature "
+                                 f"declares {t.datatype} {list(t.shape)} (= {want} here)")  # fmt: skip
+    try:
+        card = ModelCard(name=name or slug(spec.rpartition(":")[2].split(".")[-1]), task="tensors", input_shape=(),
+                         mean=(), std=(), labels=(), preprocess=NO_RECIPE, output_kind="tensors",
+                         architecture=Architecture(spec, kwargs), input_kind="named", signature=sig)  # fmt: skip
+    except CardError as e:
+        raise ModelLoadError(str(e)) from None
+    return model, card
 
 
 def output_kind(out: torch.Tensor) -> str:

@@ -46,6 +46,8 @@ class Check:
     min_rtol: float  # smallest rtol that would pass at this atol
     top1_agreement: float | None
     worst: dict = field(default_factory=dict)
+    output: str | None = None  # named outputs: which one
+    dims: dict | None = None  # named inputs: the length of each named dimension
 
 
 MIN_AGREEMENT = 0.99  # an approximate format's top-1 must match eager float32's this often
@@ -128,14 +130,17 @@ def proof_set(card: ModelCard, model: torch.nn.Module, formats: list[str], data_
 
 
 def backends(export_dir: Path, model: torch.nn.Module, formats: list[str], threads: int = 0) -> dict:
-    """Every exact format present, as a function of a numpy batch; eager float32 first."""
+    """Every exact format present, as a function of a numpy batch (named inputs: of a dict); eager float32 first."""
     from torchship.handlers import runners
 
-    fns = {"eager-fp32": runners.torch_runner(model)}
+    card = read_card(export_dir)
+    eager = runners.named_torch_runner(model, card.signature) if card.named else runners.torch_runner(model)
+    fns = {"eager-fp32": eager}
     for name in formats:
         fmt = FORMAT_BY_NAME[name]
         if fmt.exact:
-            fns[fmt.backend] = runners.load(export_dir, fmt.backend, threads=threads or torch.get_num_threads()).run
+            threads = threads or torch.get_num_threads()
+            fns[fmt.backend] = runners.load(export_dir, fmt.backend, threads=threads, card=card).run
     return fns
 
 
@@ -228,6 +233,13 @@ def load_for_proof(export_dir: Path, source: Path | str | None) -> tuple[ModelCa
     return card, model, formats
 
 
+def read_card_or_none(export_dir: Path) -> ModelCard | None:
+    try:
+        return read_card(export_dir)
+    except CardError:
+        return None
+
+
 def verify(
     export_dir: Path | str,
     atol: float = ATOL,
@@ -237,6 +249,10 @@ def verify(
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
 ) -> Report:
     export_dir, requested_atol = Path(export_dir), atol
+    if getattr(read_card_or_none(export_dir), "named", False):
+        from torchship.export.named import verify_named
+
+        return verify_named(export_dir, atol, rtol, source, batch_sizes)
     card, model, formats = load_for_proof(export_dir, source)
     fns = backends(export_dir, model, formats)
     x, inputs = proof_set(card, model, formats, data_dir, batch_sizes)
@@ -279,6 +295,8 @@ def table(report: Report) -> str:
     head = f"{'backend':<12} {'batch':>5} {'max abs':>9} {'p99 abs':>9} {'max rel*':>9} {'min atol':>9} "
     head += f"{'top-1':>7} {'fails':>6}  result"
     i = report.inputs
+    if i.get("named"):
+        return named_table(report)
     if "ranged" in i:  # a tensor model's rows
         drawn = f"{i['ranged']} rows drawn uniformly over {'the training range' if i.get('range') else 'mean +- 2 std'}"
         inputs = (f"{i['real']} held-out {i.get('dataset')} rows + " if i["real"] else "") + f"{drawn}, {i['shape']}"
@@ -316,7 +334,41 @@ def table(report: Report) -> str:
     return "\n".join(lines)
 
 
+def named_table(report: Report) -> str:
+    """One line per backend, output and length, the worst of its batch sizes; failures in full."""
+    i = report.inputs
+    drawn = ", ".join(f"{x['name']} {x['datatype']} in {x['range'] or 'its default spread'}" for x in i["inputs"])
+    lengths = "; ".join(", ".join(f"{d} {v}" for d, v in case.items()) or "fixed shapes" for case in i["cases"])
+    lines = [f"reference: {report.reference}; atol {report.atol:g}, rtol {report.rtol:g}",
+             f"inputs: {i['rows']} examples at each of: {lengths}; values drawn from {drawn}"]  # fmt: skip
+    if i["padded"]:
+        lines.append(f"padding: one batch of rows of different {', '.join(i['padded'])}, each answer against the row "
+                     "alone")  # fmt: skip
+    if report.tolerance_note:
+        lines.append(f"note: {report.tolerance_note}")
+    head = f"{'backend':<12} {'output':<16} {'lengths':<24} {'batches':>8} {'max abs':>9} {'min atol':>9} "
+    head += f"{'fails':>6}  result"
+    lines += [head, "-" * len(head)]
+    groups: dict = {}
+    for c in report.checks:
+        dims = ", ".join(f"{d} {v}" for d, v in (c.dims or {}).items())
+        dims = "padded rows" if "padded" in dims else dims or "-"
+        groups.setdefault((c.backend, c.output, dims), []).append(c)
+    for (backend, output, dims), cs in groups.items():
+        sizes = ",".join(str(s) for s in sorted({c.batch_size for c in cs}))
+        ok = all(c.passed for c in cs)
+        lines.append(f"{backend:<12} {output[:16]:<16} {dims[:24]:<24} {sizes:>8} {max(c.max_abs for c in cs):>9.2e} "
+                     f"{max(c.min_atol for c in cs):>9.2e} {sum(c.failures for c in cs):>6}  "
+                     f"{'PASS' if ok else 'FAIL'}")  # fmt: skip
+    lines.append("all checks pass" if report.passed else f"{len(report.failures())} check(s) FAILED")
+    return "\n".join(lines)
+
+
 def failure_message(report: Report) -> str:
+    if report.inputs.get("named"):
+        from torchship.export.named import failure
+
+        return failure(report)
     if not report.failures():
         a = next(a for a in report.approximations if not a.passed)
         change = f", accuracy {a.accuracy_change_points:+.2f} points" if a.accuracy_change_points is not None else ""

@@ -38,11 +38,27 @@ class Pass:
     waits: tuple[float, ...]
 
 
+@dataclass(frozen=True)
+class Stacking:
+    """How requests' rows become one pass and come back out: arrays concatenate; named inputs (signature.py) pad,
+    and only requests with equal keys share a pass."""
+
+    merge: Callable[[list], object]
+    split: Callable[[object, int, object], object]  # (the pass's output, the request's first row, its rows)
+    key: Callable[[object], object]
+
+
+ARRAYS = Stacking(merge=np.concatenate, split=lambda out, start, rows: out[start : start + len(rows)],
+                  key=lambda rows: None)  # fmt: skip
+
+
 class Batcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], *, max_batch: int, max_delay: float,
-                 max_queue: int, on_pass: Callable[[Pass], None] | None = None):  # fmt: skip
+                 max_queue: int, on_pass: Callable[[Pass], None] | None = None,
+                 stacking: Stacking = ARRAYS):  # fmt: skip
         self.run, self.max_batch, self.max_delay, self.max_queue = run, max_batch, max_delay, max_queue
         self.on_pass = on_pass or (lambda p: None)
+        self.stacking = stacking
         self.jobs: deque[Job] = deque()
         self.decoding = 0  # requests accepted and still being read or decoded: company worth a short wait
         self._wake = asyncio.Event()
@@ -93,12 +109,32 @@ class Batcher:
 
     def _take(self) -> list[Job]:
         taken, rows = [], 0
+        if self.stacking is not ARRAYS:
+            return self._take_matching()
         while self.jobs and (not taken or rows + len(self.jobs[0].rows) <= self.max_batch):
             job = self.jobs.popleft()
             if job.future.cancelled():  # its client went away while it waited
                 continue
             taken.append(job)
             rows += len(job.rows)
+        return taken
+
+    def _take_matching(self) -> list[Job]:
+        """The oldest request and those after it that may share its pass; the others keep their places."""
+        taken, kept, rows, first = [], deque(), 0, None
+        while self.jobs:
+            job = self.jobs.popleft()
+            if job.future.cancelled():
+                continue
+            k = self.stacking.key(job.rows)
+            if not taken:
+                first = k
+            if taken and (k != first or rows + len(job.rows) > self.max_batch):
+                kept.append(job)
+                continue
+            taken.append(job)
+            rows += len(job.rows)
+        self.jobs = kept
         return taken
 
     async def _serve(self) -> None:
@@ -113,7 +149,11 @@ class Batcher:
             jobs = self._take()
             if not jobs:
                 continue
-            x = jobs[0].rows if len(jobs) == 1 else np.concatenate([j.rows for j in jobs])
+            x = (
+                jobs[0].rows
+                if len(jobs) == 1 and self.stacking is ARRAYS
+                else self.stacking.merge([j.rows for j in jobs])
+            )
             traced = any(j.trace is not None for j in jobs)
             wall = time.time_ns() if traced else 0
             start = time.perf_counter()
@@ -125,14 +165,15 @@ class Batcher:
                         j.future.set_exception(e)
                 continue
             end = time.perf_counter()
-            self.on_pass(Pass(len(x), end - start, tuple(start - j.queued for j in jobs)))
+            size = sum(len(j.rows) for j in jobs)
+            self.on_pass(Pass(size, end - start, tuple(start - j.queued for j in jobs)))
             if traced:
                 for j in jobs:
                     if j.trace is not None:
-                        j.trace.forward(wall, wall + int((end - start) * 1e9), len(x))
+                        j.trace.forward(wall, wall + int((end - start) * 1e9), size)
             at = 0
             for j in jobs:
                 n = len(j.rows)
                 if not j.future.done():
-                    j.future.set_result(out[at : at + n])
+                    j.future.set_result(self.stacking.split(out, at, j.rows))
                 at += n

@@ -12,22 +12,29 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-SCHEMA_VERSION = 3  # 2: tensor inputs and regression (input_kind, output_names, units, input_range); 3: version
+SCHEMA_VERSION = 4  # 2: tensor inputs and regression (input_kind, output_names, units, input_range); 3: version;
+# 4: named inputs and outputs (signature)
 CARD_FILE = "meta.json"  # beside the model files of an export, and inside every archive
 ONNX_METADATA_KEY = "torchship"  # ONNX metadata_props entry holding the card's JSON
 TORCHSCRIPT_EXTRA_FILE = "meta.json"  # TorchScript extra file holding the card's JSON
 
-TASKS = ("classify", "reconstruct", "regress")
-INPUT_KINDS = ("image", "tensor")  # an image file, or a fixed-shape array of numbers per example (tensors.py)
-OUTPUT_KINDS = ("logits", "log-probabilities", "probabilities", "image", "values")
+TASKS = ("classify", "reconstruct", "regress", "tensors")  # tensors: every output answered by name, as computed
+# An image file; a fixed-shape array of numbers per example (tensors.py); or several named tensors (signature.py).
+INPUT_KINDS = ("image", "tensor", "named")
+OUTPUT_KINDS = ("logits", "log-probabilities", "probabilities", "image", "values", "tensors")
 OUTPUT_NAMES = {"logits": "logits", "log-probabilities": "log_probs", "probabilities": "probabilities",
                 "image": "reconstruction", "values": "values"}  # fmt: skip
 INPUT_NAMES = {"image": "images", "tensor": "input"}
 # How an image someone sends is brought to the model's input (handlers/images.py implements each).
 IMAGE_RECIPES = ("mnist-digit", "fashion", "resize", "resize-crop")
+NO_RECIPE = "none"  # named inputs: the model takes what the client sends, checked against the signature
 TENSOR_RECIPE = "standardize"  # (x - mean) / std per entry of the first axis; mean 0, std 1 leaves x as it is
 RECIPES = (*IMAGE_RECIPES, TENSOR_RECIPE)
 MAX_TENSOR_ELEMENTS = 1 << 20  # per example
+BATCH_DIM = "batch"  # a signature's first dimension, always: requests of any batch size are stacked along it
+# The datatypes a signature may name (v2's names); BF16 stays out: numpy, and so every runtime, has no bfloat16.
+SIGNATURE_DATATYPES = ("FP32", "FP16", "FP64", "INT64", "INT32", "BOOL")
+MAX_DIM = 1 << 20  # a named dimension's largest allowed upper bound
 GREY_RECIPES = ("mnist-digit", "fashion")  # they find light ink on a dark ground: one channel only
 CROP_RATIO = 0.875  # torchvision's classification presets: resize to 256, centre-crop 224
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -82,6 +89,55 @@ class Architecture:
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output: its v2 datatype, its shape (the batch first, a name for each dynamic dimension),
+    the values an input may hold (token ids within the vocabulary, masks 0..1) and what pads a shorter row."""
+
+    name: str
+    datatype: str
+    shape: tuple  # ("batch", "sequence") or ("batch", 13): integers and dimension names
+    range: tuple = ()  # inputs: (min, max) of every value, inclusive; the proof draws from it, servers enforce it
+    pad: float | int | None = None  # inputs: the value that lengthens a row to a batch's longest (a mask's 0)
+    mask: bool = False  # an attention mask: 1 where a row has a token, 0 after; a row of 0s has no defined answer
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", _sequence(f"{self.name}.shape", self.shape))
+        object.__setattr__(self, "range", _sequence(f"{self.name}.range", self.range))
+
+    @property
+    def dynamic(self) -> tuple[str, ...]:
+        """The named dimensions after the batch."""
+        return tuple(d for d in self.shape[1:] if isinstance(d, str))
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Every input and output of a model that takes several named tensors, and the allowed range of each named
+    dimension (batch's is the servers' own limit)."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: Mapping = field(default_factory=dict)  # "sequence" -> (min, max), inclusive
+
+    def __post_init__(self):
+        for side in ("inputs", "outputs"):
+            specs = _sequence(side, getattr(self, side))
+            object.__setattr__(self, side, tuple(s if isinstance(s, TensorSpec) else _sub(TensorSpec, side, s)
+                                                 for s in specs))  # fmt: skip
+        if not isinstance(self.dims, Mapping):
+            raise CardError("signature.dims", f"expected an object of name: [min, max], got {self.dims!r}"[:200])
+        object.__setattr__(self, "dims", {k: tuple(_sequence(f"dims.{k}", v)) for k, v in self.dims.items()})
+
+    def to_dict(self) -> dict:
+        spec = lambda t: {"name": t.name, "datatype": t.datatype, "shape": list(t.shape),  # noqa: E731
+                          **({"range": list(t.range)} if t.range else {}),
+                          **({"pad": t.pad} if t.pad is not None else {}),
+                          **({"mask": True} if t.mask else {})}  # fmt: skip
+        return {"inputs": [spec(t) for t in self.inputs], "outputs": [spec(t) for t in self.outputs],
+                "dims": {k: list(v) for k, v in self.dims.items()}}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Provenance:
     """Where the exported weights came from and what made them."""
 
@@ -116,6 +172,7 @@ class ModelCard:
     units: tuple[str, ...] = ()  # regress: one unit per output value, or none
     input_range: tuple = ()  # tensors: (min, max) seen in training per entry of the first axis, for the proof
     version: str = "1"  # which export of this model: /v2/models/NAME/versions/VERSION (cards before schema 3: "1")
+    signature: Signature | None = None  # input_kind "named": every input and output (the fields above stay empty)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -130,6 +187,8 @@ class ModelCard:
             "input_range",
             tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in _sequence("input_range", self.input_range)),
         )
+        if isinstance(self.signature, Mapping):
+            object.__setattr__(self, "signature", _sub(Signature, "signature", self.signature))
         if not self.input_name:
             object.__setattr__(self, "input_name", INPUT_NAMES.get(self.input_kind, "input"))
         if not self.output_name:
@@ -152,6 +211,10 @@ class ModelCard:
         return self.input_kind == "image"
 
     @property
+    def named(self) -> bool:
+        return self.input_kind == "named"
+
+    @property
     def outputs(self) -> int:
         """Numbers per example the model answers: classes, output values, or the reconstructed input."""
         return self.classes if self.task == "classify" else len(self.output_names) or 1
@@ -163,6 +226,7 @@ class ModelCard:
             d[k] = list(d[k])
         d["input_range"] = [list(r) for r in self.input_range]
         d["metrics"] = dict(self.metrics)
+        d["signature"] = self.signature.to_dict() if self.signature else None
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -268,6 +332,90 @@ def validate(card: ModelCard) -> None:
     need((card.task == "regress") == (card.output_kind == "values"), "output_kind",
          f"a {card.task} model cannot output {card.output_kind!r}")  # fmt: skip
     need(card.input_kind in INPUT_KINDS, "input_kind", f"{card.input_kind!r} is not one of {', '.join(INPUT_KINDS)}")
+    need(card.named == (card.signature is not None), "signature", "a named-input card has a signature; others none")
+    need(
+        card.named == (card.task == "tensors") == (card.output_kind == "tensors"),
+        "task",
+        "named inputs go with task and output_kind 'tensors' (every output answered by name), and only they",
+    )
+    if card.named:
+        need(
+            not card.input_shape and not card.mean and not card.std and not card.labels,
+            "input_shape",
+            "a named-input card keeps its shapes in the signature: input_shape, mean, std and labels stay empty",
+        )
+        need(card.preprocess == NO_RECIPE, "preprocess", f"named inputs are taken as sent: preprocess {NO_RECIPE!r}")
+        validate_signature(card.signature)
+    else:
+        _validate_single(card, need)
+    need(card.dataset is None or isinstance(card.dataset, str), "dataset", f"expected a name, got {card.dataset!r}")
+    need(isinstance(card.version, str) and bool(VERSION_PATTERN.match(card.version)), "version",
+         f"{card.version!r} is not a version: a positive integer, as text")  # fmt: skip
+    spec = card.architecture.spec
+    need(isinstance(spec, str) and ":" in spec, "architecture.spec", f"expected 'module:callable', got {spec!r}")
+    need(isinstance(card.architecture.kwargs, Mapping), "architecture.kwargs", "expected an object")
+    need(isinstance(card.metrics, Mapping), "metrics", "expected an object")
+
+
+def validate_signature(sig: Signature) -> None:
+    """Names unique and usable on the wire, shapes batch-first, every named dimension given a range, ranges sane."""
+
+    def need(ok: bool, name: str, message: str) -> None:
+        if not ok:
+            raise CardError(f"signature.{name}", message)
+
+    for name, (low, high) in ((k, v if len(v) == 2 else (0, -1)) for k, v in sig.dims.items()):
+        need(isinstance(name, str) and bool(TENSOR_NAME.match(name)) and name != BATCH_DIM, f"dims.{name}",
+             f"{name!r} is not a dimension name (and '{BATCH_DIM}' is the servers' own)")  # fmt: skip
+        need(
+            all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) and 1 <= low <= high <= MAX_DIM,
+            f"dims.{name}",
+            f"expected [min, max] with 1 <= min <= max <= {MAX_DIM}, got {list(sig.dims[name])}",
+        )
+    for side, specs in (("inputs", sig.inputs), ("outputs", sig.outputs)):
+        need(1 <= len(specs) <= 64, side, f"expected 1 to 64 tensors, got {len(specs)}")
+        names = [t.name for t in specs]
+        need(len(set(names)) == len(names), side, f"names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+        for t in specs:
+            where = f"{side}.{t.name}"
+            need(isinstance(t.name, str) and bool(TENSOR_NAME.match(t.name)), where, f"{t.name!r} is not a tensor name")
+            need(t.datatype in SIGNATURE_DATATYPES, where, f"datatype {t.datatype!r} is not one of "
+                                                           f"{', '.join(SIGNATURE_DATATYPES)}")  # fmt: skip
+            need(1 <= len(t.shape) <= 8 and t.shape[0] == BATCH_DIM, where,
+                 f"a shape is '{BATCH_DIM}' then up to 7 dimensions, got {list(t.shape)}")  # fmt: skip
+            for d in t.shape[1:]:
+                need(
+                    (isinstance(d, int) and not isinstance(d, bool) and d >= 1) or d in sig.dims,
+                    where,
+                    f"dimension {d!r}: a positive integer or a name given a range in dims ({', '.join(sig.dims)})",
+                )
+            need(not t.range or (len(t.range) == 2 and all(_is_number(v) and math.isfinite(v) for v in t.range)
+                                 and t.range[0] <= t.range[1]), where,
+                 f"range must be [min, max] with min <= max, got {list(t.range)}")  # fmt: skip
+            need(side == "inputs" or (not t.range and t.pad is None), where, "range and pad are for inputs")
+            need(t.pad is None or (_is_number(t.pad) and bool(t.dynamic)), where,
+                 "pad is a number, for an input with a named dimension after the batch")  # fmt: skip
+            need(not t.mask or (side == "inputs" and t.datatype in ("INT64", "INT32", "BOOL") and t.pad == 0
+                                and bool(t.dynamic)), where,
+                 "a mask is an integer or boolean input with a named dimension, padded with 0")  # fmt: skip
+            need(t.pad is None or not t.range or t.range[0] <= t.pad <= t.range[1], where,
+                 f"pad {t.pad} lies outside the input's range {list(t.range)}")  # fmt: skip
+    used = {d for t in sig.inputs for d in t.dynamic}
+    need(
+        all(d in used for t in sig.outputs for d in t.dynamic),
+        "outputs",
+        "an output's named dimension must be one some input has (its length comes from the request)",
+    )
+    padded = {d for t in sig.inputs if t.pad is not None for d in t.dynamic}
+    need(
+        not padded or all(t.pad is not None for t in sig.inputs if set(t.dynamic) & padded),
+        "inputs",
+        "where one input is padded along a dimension, every input with that dimension needs a pad value",
+    )
+
+
+def _validate_single(card: ModelCard, need) -> None:
+    """An image card's or a one-tensor card's fields."""
     shape = card.input_shape
     need(all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape), "input_shape",
          f"expected positive integers, got {list(shape)}")  # fmt: skip
@@ -327,13 +475,6 @@ def validate(card: ModelCard) -> None:
     for name in ("input_name", "output_name"):
         value = getattr(card, name)
         need(isinstance(value, str) and bool(TENSOR_NAME.match(value)), name, f"{value!r} is not a tensor name")
-    need(card.dataset is None or isinstance(card.dataset, str), "dataset", f"expected a name, got {card.dataset!r}")
-    need(isinstance(card.version, str) and bool(VERSION_PATTERN.match(card.version)), "version",
-         f"{card.version!r} is not a version: a positive integer, as text")  # fmt: skip
-    spec = card.architecture.spec
-    need(isinstance(spec, str) and ":" in spec, "architecture.spec", f"expected 'module:callable', got {spec!r}")
-    need(isinstance(card.architecture.kwargs, Mapping), "architecture.kwargs", "expected an object")
-    need(isinstance(card.metrics, Mapping), "metrics", "expected an object")
 
 
 def from_legacy(m: Mapping) -> ModelCard:

@@ -35,7 +35,7 @@ class KServeModel(kserve.Model):
     def load(self) -> bool:
         """Ready only once the card validates and the model file runs."""
         self.card = ModelCard.load(self.model_dir)
-        self.runner = runners.load(self.model_dir, self.backend, threads=self.threads)
+        self.runner = runners.load(self.model_dir, self.backend, threads=self.threads, card=self.card)
         self.preprocessor = Preprocessor(self.card, self.max_pixels)
         self.ready = True
         return self.ready
@@ -63,7 +63,7 @@ class KServeModel(kserve.Model):
             raise InvalidInput(str(e)) from None
         outputs = []
         binary = payload.from_grpc or payload.use_binary_outputs  # gRPC: raw contents, or tritonclient reads []
-        for t in v2.model_outputs(self.card, self.runner.run(x)):
+        for t in v2.model_outputs(self.card, self.runner.run(x.arrays if self.card.named else x)):
             out = InferOutput(name=t.name, shape=list(t.shape), datatype=t.datatype)
             out.set_data_from_numpy(t.data, binary_data=binary)
             outputs.append(out)

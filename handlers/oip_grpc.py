@@ -42,6 +42,10 @@ def protocol_messages():
     return module
 
 
+TYPED_CONTENTS = {"BYTES": "bytes_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
+                  "INT64": "int64_contents", "INT32": "int_contents", "BOOL": "bool_contents"}  # fmt: skip
+
+
 def tensors_of(request, limit=None) -> list[v2.Tensor]:
     """A ModelInferRequest's inputs: raw contents (tritonclient's default) or typed contents; `limit`
     (v2.element_limit) bounds each tensor's elements before any is read."""
@@ -59,12 +63,17 @@ def tensors_of(request, limit=None) -> list[v2.Tensor]:
         if raw:
             out.append(v2.tensor_from_binary(name, datatype, shape, raw[k], most))
             continue
-        contents = inp.contents.bytes_contents if datatype == "BYTES" else inp.contents.fp32_contents
-        if datatype not in ("BYTES", "FP32"):
-            raise v2.ProtocolError(f"input '{name}': datatype {datatype} is not one this model takes")
+        if datatype not in TYPED_CONTENTS:
+            raise v2.ProtocolError(f"input '{name}': datatype {datatype} is not one this model takes as typed "
+                                   "contents (send raw_input_contents)")  # fmt: skip
+        contents = getattr(inp.contents, TYPED_CONTENTS[datatype])
         if most is not None and len(contents) > most:
             raise v2.too_many(name, shape, len(contents), most)
-        data = np.array(list(contents), dtype=object) if datatype == "BYTES" else np.asarray(contents, np.float32)
+        data = (
+            np.array(list(contents), dtype=object)
+            if datatype == "BYTES"
+            else np.asarray(contents, v2.DATATYPES[datatype])
+        )
         out.append(v2.Tensor(name, datatype, shape, data))
     return out
 

@@ -4,6 +4,7 @@ from torchship.handlers.onnx_model import load
 model = load("exports/mnist-convnet/model.onnx")
 model.predict("digit.png")  # -> {"label": "7", "probability": 0.99, "topk": [...]}
 load("exports/linreg/model.onnx").predict(np.array([[0.5]]))  # -> [2.0]: a tensor model takes rows of numbers
+load("exports/bert/model.onnx").predict({"input_ids": ids, "attention_mask": mask})  # -> {"logits": array}
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import signature
 from .card import ONNX_METADATA_KEY, CardError, ModelCard
 from .images import InputError, Preprocessor
 from .responses import DEFAULT_TOPK, respond
@@ -59,6 +61,8 @@ class OnnxModel:
 
         Raises images.InputError (with .status and .message) for input that is not a usable image or row.
         """
+        if self.card.named:
+            return self.predict_named(images)
         if not self.card.image:
             return self.predict_rows(images, topk)
         single = not isinstance(images, (list, tuple)) and not (isinstance(images, np.ndarray) and images.ndim == 4)
@@ -70,6 +74,27 @@ class OnnxModel:
         out = self.run(np.stack([self.prepare(i) for i in items]))
         results = respond(self.card, out, [topk] * len(items))
         return results[0] if single else results
+
+    def predict_named(self, inputs: dict) -> dict[str, np.ndarray]:
+        """Named inputs, each a batch (N, ...) checked against the card's signature, to every output by name."""
+        if not isinstance(inputs, dict):
+            raise InputError(
+                400, f"this model takes named inputs: a dict of {[t.name for t in self.card.signature.inputs]}"
+            )
+        given = {}
+        for name, value in inputs.items():
+            x = np.asarray(value)
+            datatype = signature.DATATYPE_OF.get(x.dtype, str(x.dtype))
+            spec = next((t for t in self.card.signature.inputs if t.name == name), None)
+            if spec is not None and x.dtype.kind == np.dtype(signature.NUMPY[spec.datatype]).kind:
+                datatype = spec.datatype  # an int32 array for an INT64 input is the same numbers
+            given[name] = (datatype, x.shape, x.reshape(-1))
+        try:
+            rows = signature.check(self.card.signature, given)
+        except signature.SignatureError as e:
+            raise InputError(e.status, e.message) from None
+        names = [o.name for o in self.session.get_outputs()]
+        return signature.outputs(self.card.signature, dict(zip(names, self.session.run(None, rows.arrays))))
 
     def predict_rows(self, rows, topk: int = DEFAULT_TOPK):
         shape = self.card.input_shape

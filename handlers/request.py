@@ -147,3 +147,4 @@ class Part:
     topk: int = DEFAULT_TOPK
     v2: dict | None = None  # the request's v2 JSON header, when it came in through the Open Inference Protocol
     v1: bool = False  # rows sent as {"instances": [...]}: answered as {"predictions": [...]}
+    named: bool = False  # one example's named inputs, {"inputs": {...}}: answered as {"outputs": {...}}

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .card import FORMAT_BY_BACKEND, FORMATS
+from .card import FORMAT_BY_BACKEND, FORMATS, ModelCard, Signature
 
 
 @dataclass(frozen=True)
 class Runner:
     backend: str
     path: Path
-    run: Callable[[np.ndarray], np.ndarray]  # (N, C, H, W) float32 -> raw output, float32
+    run: Callable  # (N, C, H, W) float32 -> raw output, float32; named inputs: {name: array} -> {name: array}
 
 
 def find(model_dir: str | os.PathLike) -> str:
@@ -28,14 +28,30 @@ def find(model_dir: str | os.PathLike) -> str:
     raise FileNotFoundError(f"no model file in {model_dir} (expected one of {', '.join(f.file for f in FORMATS)})")
 
 
-def onnx_runner(path: Path, threads: int) -> Callable:
+def onnx_runner(path: Path, threads: int, sig: Signature | None = None) -> Callable:
     import onnxruntime as ort
 
     from .onnx_model import session_options
 
     session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    if sig is not None:
+        names = [o.name for o in session.get_outputs()]
+        return lambda feeds: dict(zip(names, session.run(None, {t.name: feeds[t.name] for t in sig.inputs})))
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def named_torch_runner(module, sig: Signature) -> Callable:
+    """Inputs in the signature's order; outputs (a tuple, or AOTInductor's list) named in theirs."""
+    import torch
+
+    def run(feeds: dict) -> dict:
+        with torch.inference_mode():
+            out = module(*(torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in sig.inputs))
+        out = out if isinstance(out, (list, tuple)) else (out,)
+        return {t.name: y.numpy() for t, y in zip(sig.outputs, out)}
+
+    return run
 
 
 def torch_runner(module) -> Callable:
@@ -51,15 +67,19 @@ def torch_runner(module) -> Callable:
     return run
 
 
-def load(model_dir: str | os.PathLike, backend: str | None = None, threads: int = 1) -> Runner:
+def load(model_dir: str | os.PathLike, backend: str | None = None, threads: int = 1, card: ModelCard | None = None
+         ) -> Runner:  # fmt: skip
+    """The card says whether the model takes one batch or named inputs; without it, one batch."""
     backend = backend or find(model_dir)
+    sig = card.signature if card is not None else None
+    wrap = (lambda m: named_torch_runner(m, sig)) if sig is not None else torch_runner
     if backend not in FORMAT_BY_BACKEND:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(FORMAT_BY_BACKEND)}")
     path = Path(model_dir) / FORMAT_BY_BACKEND[backend].file
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: export it first (`torchship export --formats ...`)")
     if backend in ("onnx", "onnx-int8"):
-        return Runner(backend, path, onnx_runner(path, threads))
+        return Runner(backend, path, onnx_runner(path, threads, sig))
     import torch
 
     torch.set_num_threads(threads)  # one per worker: workers must not fight over the cores
@@ -67,7 +87,7 @@ def load(model_dir: str | os.PathLike, backend: str | None = None, threads: int 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript's deprecation notice
             module = torch.jit.load(str(path), map_location="cpu").eval()
-        return Runner(backend, path, torch_runner(module))
+        return Runner(backend, path, wrap(module))
     import torch._inductor
 
-    return Runner(backend, path, torch_runner(torch._inductor.aoti_load_package(str(path))))
+    return Runner(backend, path, wrap(torch._inductor.aoti_load_package(str(path))))

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import runners, v2
-from .batching import Batcher
+from . import runners, signature, v2
+from .batching import Batcher, Stacking
 from .card import ModelCard
 from .images import Preprocessor
 from .metrics import Metrics
@@ -100,19 +100,31 @@ def load(model_dir: str, settings: Settings, *, name: str | None = None) -> Serv
     """One export ready to serve, not yet warm; its batcher starts with the worker's event loop (or at start())."""
     card = ModelCard.load(model_dir)
     name = name or card.name
-    runner = runners.load(model_dir, settings.backend, threads=settings.threads)
+    runner = runners.load(model_dir, settings.backend, threads=settings.threads, card=card)
     metrics = Metrics(name, card.version)
     batcher = Batcher(runner.run, max_batch=settings.max_batch, max_delay=settings.max_delay_ms / 1000,
-                      max_queue=settings.max_queue, on_pass=metrics.ran)  # fmt: skip
+                      max_queue=settings.max_queue, on_pass=metrics.ran, **stacking(card))  # fmt: skip
     return Served(name, card, Preprocessor(card, settings.max_pixels), batcher, metrics, runner.backend, card.version,
                   str(model_dir))  # fmt: skip
 
 
+def stacking(card: ModelCard) -> dict:
+    """Named inputs pad and group (signature.py); one batch concatenates (the batcher's default)."""
+    if not card.named:
+        return {}
+    sig = card.signature
+    return {"stacking": Stacking(merge=lambda jobs: signature.merge(sig, jobs),
+                                 split=lambda out, start, rows: signature.split(sig, out, start, rows),
+                                 key=lambda rows: signature.key(sig, rows))}  # fmt: skip
+
+
 def warm_up(served: Served) -> dict:
-    """One forward pass at the largest batch the batcher will make: a model that cannot run it is never ready."""
-    x = np.zeros((served.batcher.max_batch, *served.card.input_shape), np.float32)
+    """One forward pass at the largest batch the batcher will make, every named dimension at its longest: a model
+    that cannot run it is never ready."""
+    n, card = served.batcher.max_batch, served.card
+    x = signature.zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
     start = time.perf_counter()
     out = served.batcher.run(x)
     v2.model_outputs(served.card, out)  # and its answer must make sense to the encoder
-    served.warmup = {"batch": len(x), "ms": round((time.perf_counter() - start) * 1000, 2)}
+    served.warmup = {"batch": n, "ms": round((time.perf_counter() - start) * 1000, 2)}
     return served.warmup

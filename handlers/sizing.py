@@ -73,11 +73,12 @@ class Sizing:
 def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float = 0.5) -> Cost:
     """Median forward time at batch 1 and 8 with one thread: what a single-threaded worker will see."""
     from . import runners
+    from .signature import zeros
 
-    run = runners.load(model_dir, backend, threads=1).run
+    run = runners.load(model_dir, backend, threads=1, card=card).run
     out = {}
-    for n in (1, 8):
-        x = np.zeros((n, *card.input_shape), np.float32)
+    for n in (1, 8):  # named inputs at their longest: what the largest request costs
+        x = zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
         run(x)
         times, start = [], time.perf_counter()
         while len(times) < 3 or (time.perf_counter() - start < seconds and len(times) < 200):

@@ -9,7 +9,7 @@ import os
 import numpy as np
 from ts.torch_handler.base_handler import BaseHandler
 
-from . import runners, v2
+from . import runners, signature, v2
 from .card import ModelCard
 from .images import InputError, Preprocessor
 from .request import Batch, Part, decode_row, instances
@@ -28,7 +28,7 @@ class ModelHandler(BaseHandler):
         # the frontend reads and parses: a measurable share of a lone request on 2 cores (bench/NOTES.md).
         worker_level = str(config.get("worker_log_level") or logging.getLevelName(logging.getLogger().level)).upper()
         self.card = ModelCard.load(model_dir)
-        self.runner = runners.load(model_dir, threads=threads)
+        self.runner = runners.load(model_dir, threads=threads, card=self.card)
         self.backend = self.runner.backend
         self.preprocessor = Preprocessor(self.card, int(config.get("max_pixels", 0)))
         self.context = context
@@ -53,13 +53,38 @@ class ModelHandler(BaseHandler):
         """One request's images or rows, normalised, and how to answer it; raises InputError or ProtocolError."""
         row = row if isinstance(row, dict) else {"body": row}
         body, length = row.get("body", row.get("data")), self.header(i, v2.HEADER_LENGTH)
+        if self.card.named and length is None and isinstance(body, (bytes, bytearray)):
+            try:
+                body = json.loads(body)
+            except (ValueError, RecursionError):
+                raise InputError(400, f"the body is not JSON: {self.NAMED_HOW}") from None
+        if self.card.named and isinstance(body, dict) and isinstance(body.get("inputs"), dict):
+            return self.named_row(body["inputs"]), {"named": True}
         if length is not None or (isinstance(body, dict) and "inputs" in body):  # the Open Inference Protocol
             header, tensors = v2.parse_http(body, int(length) if length and length.isdigit() else None)
             return v2.model_inputs(self.card, self.preprocessor, tensors), {"v2": header}
+        if self.card.named:
+            raise InputError(400, self.NAMED_HOW)
         if not self.card.image:  # KServe v1 / TF Serving JSON: {"instances": [[...], ...]}
             return standardize(self.card, rows_from_instances(self.card, instances(body))), {"v1": True}
         req = decode_row(row, self.card.classes, self.header(i, "x-topk"), self.header(i, "content-type"))
         return self.preprocessor.from_bytes(req.image)[None], {"topk": req.topk}
+
+    NAMED_HOW = 'send {"inputs": {"NAME": [...], ...}} (one example) or a v2 request {"inputs": [{...}, ...]}'
+
+    def named_row(self, inputs: dict) -> signature.Rows:
+        """TorchServe's JSON for a named-input model: {"inputs": {"input_ids": [...], ...}}, one example a request."""
+        types = {t.name: t.datatype for t in self.card.signature.inputs}
+        given = {}
+        for name, value in inputs.items():
+            x = np.asarray(value) if isinstance(value, (list, int, float, bool)) else None
+            if x is None or x.dtype == object:
+                raise InputError(400, f"input '{str(name)[:64]}': expected a (nested) list of numbers")
+            given[str(name)[:64]] = (types.get(name, "?"), (1, *x.shape), x.reshape(-1))
+        try:
+            return signature.check(self.card.signature, given)
+        except signature.SignatureError as e:
+            raise InputError(e.status, e.message) from None
 
     def preprocess(self, data: list[dict]) -> Batch:
         batch, arrays, n = Batch(len(data)), [], 0
@@ -78,22 +103,40 @@ class ModelHandler(BaseHandler):
             except Exception as e:  # an image Pillow opened but could not convert: still this row's fault
                 batch.errors[i] = InputError(422, f"could not process the image: {str(e)[:200]}")
         if arrays:
-            batch.inputs = np.concatenate(arrays)
+            batch.inputs = arrays if self.card.named else np.concatenate(arrays)
         return batch
 
     def inference(self, data: Batch, *args, **kwargs) -> Batch:
         """One forward pass for every good image TorchServe batched together."""
-        if data.inputs is not None:
+        if data.inputs is not None and self.card.named:
+            data.outputs = self.named_passes(data.inputs)
+        elif data.inputs is not None:
             data.outputs = self.runner.run(data.inputs)
         return data
+
+    def named_passes(self, requests: list[signature.Rows]) -> list[dict]:
+        """A pass per group of requests that may share one (padded along padded dimensions), answers in order."""
+        sig, answers, groups = self.card.signature, [None] * len(requests), {}
+        for k, rows in enumerate(requests):
+            groups.setdefault(signature.key(sig, rows), []).append(k)
+        for members in groups.values():
+            out = self.runner.run(signature.merge(sig, [requests[k] for k in members]))
+            start = 0
+            for k in members:
+                answers[k] = signature.split(sig, out, start, requests[k])
+                start += len(requests[k])
+        return answers
 
     def postprocess(self, data: Batch) -> list[str]:
         responses = [""] * data.size
         for i, e in data.errors.items():
             responses[i] = json.dumps({"error": e.message, "status": e.status})
-        for part in data.parts:
-            out = data.outputs[part.start : part.stop]
-            if part.v2 is not None:
+        for k, part in enumerate(data.parts):
+            out = data.outputs[k] if self.card.named else data.outputs[part.start : part.stop]
+            if part.named:
+                answer = signature.outputs(self.card.signature, out)
+                body = {"outputs": {name: y[0].tolist() for name, y in answer.items()}}
+            elif part.v2 is not None:
                 body = v2.response_json(self.model_name, part.v2, v2.model_outputs(self.card, out))
             elif part.v1:
                 body = {"predictions": respond(self.card, out, [part.topk] * len(out))}

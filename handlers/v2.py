@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import signature
 from .card import ModelCard
 from .images import InputError, Preprocessor
 from .limits import MAX_BATCH_ITEMS
@@ -62,11 +63,15 @@ class Wanted:
 def input_types(card: ModelCard) -> list[dict]:
     """Shapes as Triton states them, the batch first: an image is one BYTES element per row ([N, 1]; [N] is taken
     too), which is how perf_analyzer and Triton's model configuration count it."""
+    if card.named:
+        return signature.types(card.signature.inputs)
     array = {"name": ARRAY, "datatype": "FP32", "shape": [-1, *card.input_shape]}
     return [{"name": IMAGES, "datatype": "BYTES", "shape": [-1, 1]}, array] if card.image else [array]
 
 
 def output_types(card: ModelCard) -> list[dict]:
+    if card.named:
+        return signature.types(card.signature.outputs)
     if card.task == "regress":
         return [{"name": card.output_name, "datatype": "FP32", "shape": [-1, card.outputs]}]
     if card.task == "reconstruct":
@@ -97,6 +102,8 @@ def element_bytes(value, i: int) -> bytes:
 def model_inputs(card: ModelCard, preprocessor: Preprocessor, tensors: list[Tensor]) -> np.ndarray:
     """The one input tensor of a request to the model's normalised (N, C, H, W) batch, or a ProtocolError."""
     names = [t.name for t in tensors]
+    if card.named:
+        return _named_inputs(card, tensors)
     if not card.image:
         return _tensor_inputs(card, tensors)
     if len(tensors) != 1 or names[0] not in (IMAGES, ARRAY):
@@ -167,7 +174,23 @@ def _tensor_inputs(card: ModelCard, tensors: list[Tensor]) -> np.ndarray:
     return standardize(card, rows)
 
 
-def model_outputs(card: ModelCard, raw: np.ndarray) -> list[Tensor]:
+def _named_inputs(card: ModelCard, tensors: list[Tensor]) -> signature.Rows:
+    """Every input the signature names, checked: names, datatypes, shapes, dimension ranges and values."""
+    given = {}
+    for t in tensors:
+        if t.name in given:
+            raise ProtocolError(f"input '{t.name}' is sent twice")
+        given[t.name] = (t.datatype, tuple(t.shape), t.data)
+    try:
+        return signature.check(card.signature, given)
+    except signature.SignatureError as e:
+        raise ProtocolError(e.message, e.status) from None
+
+
+def model_outputs(card: ModelCard, raw) -> list[Tensor]:
+    if card.named:
+        out = signature.outputs(card.signature, raw)
+        return [Tensor(t.name, t.datatype, out[t.name].shape, out[t.name]) for t in card.signature.outputs]
     if card.task == "regress":
         out = np.asarray(raw, np.float32).reshape(len(raw), card.outputs)
         return [Tensor(card.output_name, "FP32", out.shape, out)]
@@ -181,13 +204,15 @@ def model_outputs(card: ModelCard, raw: np.ndarray) -> list[Tensor]:
 
 # The wire format over HTTP, for servers that parse requests themselves (ours, and TorchServe's raw body).
 
-DATATYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32, "UINT8": np.uint8}
+DATATYPES = {**signature.NUMPY, "UINT8": np.uint8}
 
 
 def element_limit(card: ModelCard) -> Callable[[str], int]:
     """The most elements one request's tensor of a datatype may hold for this model: checked from the shape a client
     claims before any element is read, and again while reading."""
-    per_request = MAX_BATCH_ITEMS * math.prod(card.input_shape)
+    per_request = (
+        signature.element_limit(card.signature) if card.named else MAX_BATCH_ITEMS * math.prod(card.input_shape)
+    )
     return lambda datatype: MAX_BATCH_ITEMS if datatype == "BYTES" else per_request
 
 

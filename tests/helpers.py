@@ -94,6 +94,16 @@ def proof_x(export_dir: Path, data_dir: Path | str = "data"):
     return proof_set(card, model, formats, data_dir)[0]
 
 
+def named_proof_feeds(export_dir: Path) -> dict:
+    """Named inputs: the proof's case at every dimension's longest, exactly as `torchship verify` draws it."""
+    from torchship.export.named import ROWS, draw, lengths
+    from torchship.handlers.card import ModelCard
+
+    sig = ModelCard.load(export_dir).signature
+    cases = lengths(sig)
+    return draw(sig, ROWS, cases[-1], seed=len(cases) - 1)
+
+
 def changes(out, base) -> bool:
     """Far past what the proof tolerates (100x its default atol, scaled by the outputs' RMS below 1 as the proof
     scales it, and 100x its rtol): a change the proof must catch."""
@@ -122,7 +132,8 @@ def corrupt_onnx(path: Path, x) -> int:
 
     def run(m) -> np.ndarray:
         session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        return session.run(None, {session.get_inputs()[0].name: x})[0]
+        feeds = x if isinstance(x, dict) else {session.get_inputs()[0].name: x}  # named inputs: every one
+        return np.concatenate([y.reshape(-1).astype(np.float64) for y in session.run(None, feeds)])
 
     model = onnx.load(str(path))
     init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))

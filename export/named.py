@@ -1,0 +1,194 @@
+"""The proof for models that take several named tensors: every output, at several lengths of every named dimension
+and today's batch sizes, on inputs drawn from the declared ranges; and, where the signature pads, that a padded
+batch answers what each row alone does (the servers' batching relies on it)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from torchship.export.tolerance import compare, tolerance
+from torchship.export.verify import BATCH_SIZES, Check, Report, backends, load_for_proof
+from torchship.handlers import runners, signature
+from torchship.handlers.card import ModelCard, Signature, TensorSpec
+
+ROWS = 16  # examples per length: batch sizes 1, 2, 7 and 16
+PADDED_ROWS = 6
+MIDDLE = 7  # the proof's length between each dimension's shortest and longest (the issue's "sequence 1, 7, 128")
+EXAMPLE_LENGTH = 8  # what export traces with: torch.export specialises lengths 0 and 1
+INT_SPREAD = 100  # integer inputs without a declared range are drawn from 0..INT_SPREAD
+
+
+def lengths(sig: Signature) -> list[dict[str, int]]:
+    """The proof's cases: the k-th holds every named dimension at its k-th length (shortest, MIDDLE, longest)."""
+    values = {d: sorted({low, min(max(low, MIDDLE), high), high}) for d, (low, high) in sig.dims.items()}
+    cases = max((len(v) for v in values.values()), default=1)
+    return [{d: v[min(k, len(v) - 1)] for d, v in values.items()} for k in range(cases)]
+
+
+def example_dims(sig: Signature) -> dict[str, int]:
+    return {d: min(max(low, EXAMPLE_LENGTH), high) for d, (low, high) in sig.dims.items()}
+
+
+def draw(sig: Signature, n: int, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """n examples of every input at these lengths, each value drawn from the input's declared range."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in sig.inputs:
+        shape = (n, *(d if isinstance(d, int) else dims[d] for d in t.shape[1:]))
+        dtype = signature.NUMPY[t.datatype]
+        if t.mask:  # 1s then 0s, at least one 1, along the last axis (a padded tokenizer's mask)
+            kept = rng.integers(1, shape[-1] + 1, (*shape[:-1], 1))
+            x = np.arange(shape[-1]) < kept
+        elif t.datatype == "BOOL":
+            x = rng.integers(0, 2, shape).astype(bool)
+        elif np.dtype(dtype).kind in "iu":
+            low, high = (int(t.range[0]), int(t.range[1])) if t.range else (0, INT_SPREAD)
+            x = rng.integers(low, high + 1, shape)
+        elif t.range:
+            x = rng.uniform(t.range[0], t.range[1], shape)
+        else:
+            x = rng.standard_normal(shape)
+        feeds[t.name] = np.ascontiguousarray(x.astype(dtype))
+    return feeds
+
+
+def example_args(card: ModelCard) -> tuple[torch.Tensor, ...]:
+    """Two examples at EXAMPLE_LENGTH, in the signature's input order: what every format traces or exports with."""
+    feeds = draw(card.signature, 2, example_dims(card.signature))
+    return tuple(torch.from_numpy(feeds[t.name]) for t in card.signature.inputs)
+
+
+def dynamic_shapes(card: ModelCard, batch: torch.export.Dim) -> tuple[dict, ...]:
+    """torch.export's Dim for the batch and each named dimension, shared by every input that has it; one entry, for
+    the wrapper's *inputs (user_model.Signed)."""
+    sig = card.signature
+    named = {d: torch.export.Dim(d, min=low, max=high) for d, (low, high) in sig.dims.items() if low < high}
+    return (tuple({axis: batch if axis == 0 else named[d] for axis, d in enumerate(t.shape)
+                   if axis == 0 or (isinstance(d, str) and d in named)} for t in sig.inputs),)  # fmt: skip
+
+
+def _reference(model: torch.nn.Module, sig: Signature):
+    """Float64 eager: floating inputs widened, integer and boolean ones as they are."""
+    double = copy.deepcopy(model).double()
+
+    def run(feeds: dict) -> dict:
+        args = [torch.from_numpy(feeds[t.name]) for t in sig.inputs]
+        args = [a.double() if a.is_floating_point() else a for a in args]
+        with torch.inference_mode():
+            out = double(*args)
+        out = out if isinstance(out, (list, tuple)) else (out,)
+        return {t.name: y.numpy() for t, y in zip(sig.outputs, out)}
+
+    return run
+
+
+def _batched(fn, feeds: dict, n: int, size: int) -> dict:
+    parts = [fn({k: np.ascontiguousarray(v[i : i + size]) for k, v in feeds.items()}) for i in range(0, n, size)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _padded(fn, sig: Signature, requests: list[signature.Rows]) -> dict:
+    """Every request's answer out of one padded pass, put back together row by row."""
+    out = fn(signature.merge(sig, requests))
+    answers, start = [], 0
+    for rows in requests:
+        answers.append(signature.split(sig, out, start, rows))
+        start += len(rows)
+    return answers
+
+
+def _check(backend: str, bs: int, spec: TensorSpec, dims: dict, got: np.ndarray, ref: np.ndarray, *, atol: float,
+           rtol: float) -> Check:  # fmt: skip
+    """Polygraphy's rule on one output; its shape and its declared datatype (float64 eager aside) must match too."""
+    shape_ok = got.shape == ref.shape
+    dtype_ok = got.dtype == np.dtype(signature.NUMPY[spec.datatype])
+    stats = compare(got.astype(np.float64), ref.astype(np.float64), atol, rtol) if shape_ok else _mismatch(ref)
+    return Check(backend, bs, atol, rtol, shape_ok and dtype_ok and stats["failures"] == 0, shape_ok, dtype_ok,
+                 top1_agreement=None, output=spec.name, dims=dict(dims), **stats)  # fmt: skip
+
+
+def _mismatch(ref: np.ndarray) -> dict:
+    return {"nan": 0, "failures": int(ref.size), "elements": int(ref.size), "max_abs": float("inf"),
+            "mean_abs": float("inf"), "p99_abs": float("inf"), "max_rel": None, "p99_rel": None,
+            "min_atol": float("inf"), "min_rtol": float("inf"),
+            "worst": {"index": [0] * ref.ndim, "got": float("nan"), "expected": float(ref.flat[0])}}  # fmt: skip
+
+
+def verify_named(export_dir: Path, atol: float, rtol: float, source, batch_sizes=BATCH_SIZES) -> Report:
+    card, model, formats = load_for_proof(Path(export_dir), source)
+    sig = card.signature
+    fns = backends(Path(export_dir), model, formats)
+    fns["eager-fp32"] = runners.named_torch_runner(model, sig)
+    reference = _reference(model, sig)
+    sizes = tuple(sorted({min(b, ROWS) for b in batch_sizes}))
+    cases = lengths(sig)
+    runs, refs = {}, []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, dims in enumerate(cases):
+            feeds = draw(sig, ROWS, dims, seed=k)
+            refs.append(reference(feeds))
+            for backend, fn in fns.items():
+                for bs in sizes:
+                    runs[backend, k, bs] = _batched(fn, feeds, ROWS, bs)
+        padded = sorted(signature.padded_dims(sig))
+        if padded:
+            requests, pad_refs = _pad_requests(sig, reference)
+            for backend, fn in fns.items():
+                runs[backend, "padded"] = _padded(fn, sig, requests)
+    floats = [t.name for t in sig.outputs if t.datatype.startswith("FP")]
+    flat = lambda outs: np.concatenate([o[n].reshape(-1).astype(np.float64) for o in outs for n in floats]  # noqa: E731
+                                       or [np.zeros(0)])  # fmt: skip
+    eager = [flat([runs["eager-fp32", k, bs] for k in range(len(cases))]) for bs in sizes]
+    atol, note = tolerance(atol, rtol, flat(refs), eager)
+    checks = []
+    for backend in fns:
+        for k, dims in enumerate(cases):
+            for bs in sizes:
+                for t in sig.outputs:
+                    checks.append(_check(backend, bs, t, dims, runs[backend, k, bs][t.name], refs[k][t.name],
+                                         atol=atol, rtol=rtol))  # fmt: skip
+        if padded:
+            for t in sig.outputs:
+                for r, (answer, ref) in enumerate(zip(runs[backend, "padded"], pad_refs)):
+                    got = answer[t.name]
+                    checks.append(_check(backend, PADDED_ROWS, t, {d: f"padded, row {r}" for d in padded}, got,
+                                         ref[t.name], atol=atol, rtol=rtol))  # fmt: skip
+    inputs = {"named": True, "rows": ROWS, "cases": cases, "padded": padded,
+              "inputs": [{"name": t.name, "datatype": t.datatype, "range": list(t.range) or None}
+                         for t in sig.inputs]}  # fmt: skip
+    return Report(str(export_dir), atol, rtol, f"eager PyTorch, float64 copy of the weights ({card.name})", inputs,
+                  checks, note, None)  # fmt: skip
+
+
+def _pad_requests(sig: Signature, reference) -> tuple[list[signature.Rows], list[dict]]:
+    """PADDED_ROWS one-example requests whose padded dimensions run from shortest to longest, and each one's answer
+    alone."""
+    padded = signature.padded_dims(sig)
+    requests, refs = [], []
+    for r in range(PADDED_ROWS):
+        dims = {d: (low + (high - low) * r // max(PADDED_ROWS - 1, 1) if d in padded else example_dims(sig)[d])
+                for d, (low, high) in sig.dims.items()}  # fmt: skip
+        feeds = draw(sig, 1, dims, seed=100 + r)
+        requests.append(signature.Rows(feeds, 1, dims))
+        refs.append(reference(feeds))
+    return requests, refs
+
+
+def failure(report: Report) -> str | None:
+    """What failed, naming the output, the lengths and the element; None when nothing did."""
+    if not report.failures():
+        return None
+    c = max(report.failures(), key=lambda c: c.max_abs)
+    w = c.worst
+    what = "shape or dtype differs; " if not (c.shape_ok and c.dtype_ok) else ""
+    lengths = ", ".join(f"{d} {v}" for d, v in (c.dims or {}).items())
+    return (f"{c.backend} output '{c.output}' at batch size {c.batch_size}{', ' + lengths if lengths else ''} does "
+            f"not match eager PyTorch: {what}{c.failures} of {c.elements} elements off (atol {c.atol:g}, rtol "
+            f"{c.rtol:g}); worst at row {w['index'][0]}, element {w['index'][1:]}: got {w['got']:.6g}, expected "
+            f"{w['expected']:.6g}")  # fmt: skip

@@ -1,0 +1,348 @@
+"""Models that take several named tensors, as users bring them: a Hugging Face BERT (ids and mask, dynamic batch and
+sequence, built from a small BertConfig with random weights: no download) and a two-input tabular model with
+several outputs. Each goes through `torchship export --model --signature`, its proof, a corrupted weight, the OIP
+server (tritonclient over HTTP and gRPC), TorchServe's JSON and the embedding."""
+
+import asyncio
+import http.client
+import json
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.utils import InferenceServerException
+
+from torchship.export.user_model import rebuild
+from torchship.handlers import signature
+from torchship.handlers.batching import Batcher
+from torchship.handlers.card import Architecture, CardError, ModelCard, Signature, validate_signature
+from torchship.handlers.onnx_model import InputError
+from torchship.handlers.onnx_model import load as load_onnx
+from torchship.handlers.serving import stacking
+from torchship.serve import oip, torchserve
+from torchship.serve.archive import ModelConfig, build_archive
+
+from helpers import TORCHSHIP, corrupt_onnx, named_proof_feeds
+
+pytestmark = pytest.mark.serve
+VOCAB, LABELS = 1000, 3
+MODELS = '''
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+
+def bert():
+    config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=3)
+    return BertForSequenceClassification(config)
+
+
+BERT = {
+    "inputs": [
+        {"name": "input_ids", "datatype": "INT64", "shape": ["batch", "sequence"], "range": [0, 999], "pad": 0},
+        {"name": "attention_mask", "datatype": "INT64", "shape": ["batch", "sequence"], "range": [0, 1], "pad": 0,
+         "mask": True},
+    ],
+    "outputs": [{"name": "logits", "datatype": "FP32", "shape": ["batch", 3]}],
+    "dims": {"sequence": [1, 128]},
+}
+
+
+class Shop(torch.nn.Module):
+    """Dense features and two categorical ids in; a score, three logits and a count out."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.hidden = torch.nn.Linear(13 + 8, 16)
+        self.score = torch.nn.Linear(16, 1)
+        self.kind = torch.nn.Linear(16, 3)
+
+    def forward(self, dense, ids):
+        h = torch.relu(self.hidden(torch.cat([dense, self.embed(ids).flatten(1)], 1)))
+        return {"score": torch.sigmoid(self.score(h)), "kind_logits": self.kind(h), "high_ids": (ids > 4).sum(1)}
+
+
+SHOP = {
+    "inputs": [{"name": "dense", "datatype": "FP32", "shape": ["batch", 13], "range": [-3, 3]},
+               {"name": "ids", "datatype": "INT64", "shape": ["batch", 2], "range": [0, 9]}],
+    "outputs": [{"name": "score", "datatype": "FP32", "shape": ["batch", 1]},
+                {"name": "kind_logits", "datatype": "FP32", "shape": ["batch", 3]},
+                {"name": "high_ids", "datatype": "INT64", "shape": ["batch"]}],
+}
+'''
+
+
+def export(tmp, name: str, factory: str, sig: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"named_models_{name}", tmp / "models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = getattr(module, factory)().eval()
+    torch.save(model.state_dict(), tmp / f"{name}.pt")
+    out = tmp / name
+    run = subprocess.run([*TORCHSHIP, "export", "--model", f"{tmp / 'models.py'}:{factory}", "--weights",
+                          str(tmp / f"{name}.pt"), "--signature", f"{tmp / 'models.py'}:{sig}", "--name", name,
+                          "--out", str(out)], capture_output=True, text=True, cwd=tmp)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
+    return out, run.stdout
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("named")
+    (tmp / "models.py").write_text(MODELS)
+    out = {}
+    for name, factory, sig in (("bert", "bert", "BERT"), ("shop", "Shop", "SHOP")):
+        directory, stdout = export(tmp, name, factory, sig)
+        card = ModelCard.load(directory)
+        out[name] = {"dir": directory, "card": card, "eager": rebuild(card), "stdout": stdout}
+    return out
+
+
+def eager(model, card: ModelCard, feeds: dict) -> dict:
+    with torch.inference_mode():
+        ys = model(*(torch.from_numpy(np.asarray(feeds[t.name])) for t in card.signature.inputs))
+    return {t.name: y.numpy() for t, y in zip(card.signature.outputs, ys)}
+
+
+def sentence(length: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(0, VOCAB, (1, length)), "attention_mask": np.ones((1, length), np.int64)}
+
+
+def test_the_card_states_every_input_and_output_and_loads_back(models):
+    card = models["bert"]["card"]
+    assert card.named and [t.name for t in card.signature.inputs] == ["input_ids", "attention_mask"]
+    assert card.signature.dims == {"sequence": (1, 128)} and card.signature.inputs[1].mask
+    assert ModelCard.from_json(card.to_json()) == card
+    with pytest.raises(CardError, match="dimension 'words'"):
+        validate_signature(Signature(inputs=[{"name": "x", "datatype": "INT64", "shape": ["batch", "words"]}],
+                                     outputs=[{"name": "y", "datatype": "FP32", "shape": ["batch", 1]}]))  # fmt: skip
+
+
+def test_the_proof_covers_three_sequence_lengths_and_padding_on_every_format(models):
+    report = json.loads((models["bert"]["dir"] / "equivalence.json").read_text())
+    assert report["passed"] and [c["sequence"] for c in report["inputs"]["cases"]] == [1, 7, 128]
+    seen = {(c["backend"], str(c["dims"]["sequence"]).split(",")[0]) for c in report["checks"]}
+    for backend in ("torchscript", "onnx"):
+        assert {(backend, "1"), (backend, "7"), (backend, "128"), (backend, "padded")} <= seen
+    assert "all checks pass" in models["bert"]["stdout"]
+
+
+@pytest.mark.parametrize("name", ["bert", "shop"])
+def test_one_corrupted_weight_fails_the_proof_naming_the_output(models, name, tmp_path):
+    copy = tmp_path / name
+    shutil.copytree(models[name]["dir"], copy)
+    corrupt_onnx(copy / "model.onnx", named_proof_feeds(copy))  # shown there to change the output first
+    run = subprocess.run([*TORCHSHIP, "verify", str(copy)], capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "onnx output '" in run.stderr and "does not match eager PyTorch" in run.stderr, run.stderr
+
+
+def test_the_embedding_answers_every_output_by_name(models):
+    shop = models["shop"]
+    model = load_onnx(shop["dir"] / "model.onnx")
+    rng = np.random.default_rng(1)
+    feeds = {"dense": rng.uniform(-3, 3, (5, 13)).astype(np.float32), "ids": rng.integers(0, 10, (5, 2))}
+    got, want = model.predict(feeds), eager(shop["eager"], shop["card"], feeds)
+    assert set(got) == {"score", "kind_logits", "high_ids"} and got["high_ids"].dtype == np.int64
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match=r"input 'ids' element \[0, 1\]: 10 is outside 0..9"):
+        model.predict({"dense": feeds["dense"][:1], "ids": np.array([[3, 10]])})
+    bert = load_onnx(models["bert"]["dir"] / "model.onnx")
+    with pytest.raises(InputError, match="every position is masked out"):
+        bert.predict({"input_ids": np.array([[5, 6]]), "attention_mask": np.array([[0, 0]])})
+
+
+def test_a_batch_of_different_lengths_answers_what_each_request_alone_does():
+    """The batcher pads three queued requests of lengths 2, 9 and 30 into one pass and cuts each answer back out."""
+    from torchship.handlers import runners
+
+    sig = Signature(**{"inputs": [
+        {"name": "x", "datatype": "FP32", "shape": ["batch", "t"], "pad": 0.0},
+        {"name": "m", "datatype": "INT64", "shape": ["batch", "t"], "range": [0, 1], "pad": 0, "mask": True}],
+        "outputs": [{"name": "mean", "datatype": "FP32", "shape": ["batch"]},
+                    {"name": "each", "datatype": "FP32", "shape": ["batch", "t"]}],
+        "dims": {"t": [1, 64]}})  # fmt: skip
+
+    class MaskedMean(torch.nn.Module):
+        def forward(self, x, m):
+            w = m.float()
+            return (x * w).sum(1) / w.sum(1), x * 2
+
+    card = ModelCard(name="mm", task="tensors", input_shape=(), mean=(), std=(), labels=(), preprocess="none",
+                     output_kind="tensors", architecture=Architecture("tests:MaskedMean"), input_kind="named",
+                     signature=sig)  # fmt: skip
+    run = runners.named_torch_runner(MaskedMean(), sig)
+    passes = []
+    rng = np.random.default_rng(0)
+    requests = [signature.check(sig, {"x": ("FP32", (1, n), rng.standard_normal(n).astype(np.float32)),
+                                      "m": ("INT64", (1, n), np.ones(n, np.int64))}) for n in (2, 9, 30)]  # fmt: skip
+
+    async def go():
+        batcher = Batcher(run, max_batch=8, max_delay=0, max_queue=8, on_pass=passes.append, **stacking(card))
+        futures = [batcher.enqueue(r) for r in requests]  # all queued before the batcher's first pass
+        batcher.start()
+        answers = await asyncio.gather(*futures)
+        await batcher.stop()
+        return answers
+
+    answers = asyncio.run(go())
+    assert [p.rows for p in passes] == [3]  # one pass held all three
+    for r, a in zip(requests, answers):
+        alone = run(r.arrays)
+        assert a["each"].shape == alone["each"].shape == (1, r.dims["t"])
+        np.testing.assert_array_equal(a["each"], alone["each"])
+        np.testing.assert_allclose(a["mean"], alone["mean"], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def oip_server(tmp_path_factory, models):
+    started = {}
+    try:
+        for name in models:
+            cfg = oip.OIPConfig.on_free_ports(str(models[name]["dir"]), name,
+                                              str(tmp_path_factory.mktemp(f"oip-{name}")), workers=1)  # fmt: skip
+            started[name] = oip.start(cfg, timeout=180)
+        yield started
+    finally:
+        for cfg in started.values():
+            oip.stop(cfg.state_dir)
+
+
+def client(kind: str, cfg):
+    module = thttp if kind == "http" else tgrpc
+    return module, module.InferenceServerClient(f"127.0.0.1:{cfg.http_port if kind == 'http' else cfg.grpc_port}")
+
+
+def infer(kind: str, cfg, model: str, feeds: dict, outputs=None) -> dict:
+    module, c = client(kind, cfg)
+    inputs = []
+    for name, x in feeds.items():
+        x = np.asarray(x)
+        inp = module.InferInput(name, list(x.shape), {np.dtype(np.int64): "INT64"}.get(x.dtype, "FP32"))
+        inp.set_data_from_numpy(x)
+        inputs.append(inp)
+    wanted = [module.InferRequestedOutput(o) for o in outputs] if outputs else None
+    result = c.infer(model, inputs, outputs=wanted)
+    names = outputs or [o["name"] for o in (result.get_response()["outputs"] if kind == "http" else
+                                            [{"name": o.name} for o in result.get_response().outputs])]  # fmt: skip
+    return {n: result.as_numpy(n) for n in names}
+
+
+@pytest.mark.parametrize("kind", ["http", "grpc"])
+def test_tritonclient_gets_the_eager_logits_for_requests_of_different_lengths(oip_server, models, kind):
+    bert, cfg = models["bert"], oip_server["bert"]
+    _, c = client(kind, cfg)
+    meta = c.get_model_metadata("bert")
+    inputs = meta["inputs"] if kind == "http" else [{"name": i.name, "shape": list(i.shape)} for i in meta.inputs]
+    assert [(i["name"], [int(d) for d in i["shape"]]) for i in inputs] == [
+        ("input_ids", [-1, -1]),
+        ("attention_mask", [-1, -1]),
+    ]
+    lengths = [3, 17, 64, 128, 1, 40, 9, 100]
+    with ThreadPoolExecutor(8) as pool:  # concurrent: the server may batch them, padded; answers must not change
+        got = list(pool.map(lambda k: infer(kind, cfg, "bert", sentence(lengths[k], k)), range(len(lengths))))
+    for k, n in enumerate(lengths):
+        want = eager(bert["eager"], bert["card"], sentence(n, k))["logits"]
+        np.testing.assert_allclose(got[k]["logits"], want, rtol=1e-4, atol=1e-5)
+    # one request of two rows the client padded itself, the mask saying where
+    a, b = sentence(5, 50), sentence(12, 51)
+    ids = np.zeros((2, 12), np.int64)
+    ids[0, :5], ids[1] = a["input_ids"][0], b["input_ids"][0]
+    mask = (np.arange(12) < np.array([[5], [12]])).astype(np.int64)
+    both = infer(kind, cfg, "bert", {"input_ids": ids, "attention_mask": mask})["logits"]
+    want = np.concatenate([eager(bert["eager"], bert["card"], s)["logits"] for s in (a, b)])
+    np.testing.assert_allclose(both, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["http", "grpc"])
+def test_several_outputs_answer_by_name_and_bad_inputs_name_the_input(oip_server, models, kind):
+    shop, cfg = models["shop"], oip_server["shop"]
+    rng = np.random.default_rng(2)
+    feeds = {"dense": rng.uniform(-3, 3, (4, 13)).astype(np.float32), "ids": rng.integers(0, 10, (4, 2))}
+    want = eager(shop["eager"], shop["card"], feeds)
+    got = infer(kind, cfg, "shop", feeds)
+    assert set(got) == {"score", "kind_logits", "high_ids"}
+    np.testing.assert_array_equal(got["high_ids"], want["high_ids"])
+    for k in ("score", "kind_logits"):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5)
+    assert set(infer(kind, cfg, "shop", feeds, outputs=["high_ids"])) == {"high_ids"}
+    bad = {"wrong name": ({"dense": feeds["dense"], "idz": feeds["ids"]}, "missing ['ids']"),
+           "wrong dtype": ({"dense": feeds["dense"], "ids": feeds["ids"].astype(np.float32)}, "'ids' must be INT64"),
+           "out of range": ({"dense": feeds["dense"], "ids": np.array([[0, 1]] * 3 + [[2, 99]])},
+                            "input 'ids' element [3, 1]: 99 is outside 0..9")}  # fmt: skip
+    for case, (inputs, message) in bad.items():
+        with pytest.raises(InferenceServerException, match=None) as e:
+            infer(kind, cfg, "shop", inputs)
+        assert message in str(e.value), (case, str(e.value))
+        assert kind == "grpc" or "400" in str(e.value.status()), (case, e.value.status())
+    long = sentence(129, 0)
+    with pytest.raises(InferenceServerException) as e:
+        infer(kind, oip_server["bert"], "bert", long)
+    assert "sequence 129 is out of 1..128" in str(e.value)
+
+
+def post(port: int, path: str, body: dict, headers: dict):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json", **headers})
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read() or b"null")
+    conn.close()
+    return out
+
+
+def test_torchserve_takes_named_inputs_as_json_and_batches_different_lengths(tmp_path_factory, models, bare_python):
+    """Under a Python without torchship or transformers' help: the archive's own runtime."""
+    bert = models["bert"]
+    store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
+    build_archive(bert["dir"], store, name="bert", config=ModelConfig(minWorkers=1, maxWorkers=1, batchSize=4,
+                                                                      maxBatchDelay=200))  # fmt: skip
+    cfg = torchserve.ServerConfig.on_free_ports("bert", str(store), str(state), python=str(bare_python))
+    try:
+        cfg = torchserve.start(cfg, timeout=240)
+        headers = torchserve.headers(cfg.state_dir)
+        lengths = [4, 30, 11, 128]
+
+        def one(k):
+            s = sentence(lengths[k], 10 + k)
+            body = {"inputs": {n: v[0].tolist() for n, v in s.items()}}
+            return post(cfg.inference_port, "/predictions/bert", body, headers)
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(one, range(len(lengths))))
+        for k, (status, body) in enumerate(answers):
+            assert status == 200, body
+            want = eager(bert["eager"], bert["card"], sentence(lengths[k], 10 + k))["logits"][0]
+            np.testing.assert_allclose(body["outputs"]["logits"], want, rtol=1e-4, atol=1e-5)
+        status, body = post(
+            cfg.inference_port,
+            "/predictions/bert",
+            {"inputs": {"input_ids": [1, 2, 5000], "attention_mask": [1, 1, 1]}},
+            headers,
+        )
+        assert status == 400 and "input 'input_ids' element [0, 2]: 5000 is outside 0..999" in body["error"], body
+    finally:
+        torchserve.stop(state)
+
+
+def test_export_refuses_a_signature_that_does_not_fit_the_model(models, tmp_path):
+    (tmp_path / "models.py").write_text(MODELS)
+    (tmp_path / "sig.json").write_text(json.dumps({
+        "inputs": [{"name": "dense", "datatype": "FP32", "shape": ["batch", 13]},
+                   {"name": "ids", "datatype": "INT64", "shape": ["batch", 2], "range": [0, 9]}],
+        "outputs": [{"name": "score", "datatype": "FP32", "shape": ["batch", 2]}]}))  # fmt: skip
+    shutil.copy(models["shop"]["dir"].parent / "shop.pt", tmp_path / "shop.pt")
+    run = subprocess.run([*TORCHSHIP, "export", "--model", "models.py:Shop", "--weights", "shop.pt", "--signature",
+                          "sig.json"], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "output 'score': the model answers FP32 [2, 1] where the signature declares FP32" in run.stderr, run.stderr
