@@ -284,6 +284,9 @@ def card(cfg: OIPConfig) -> ModelCard:
 
 
 def curl_example(cfg: OIPConfig, sample: Sample) -> str:
+    if sample.v2 is not None:  # named inputs: a v2 request
+        return (f"curl -H 'Content-Type: application/json' -d @{sample.v2} "
+                f"{cfg.inference_url}/v2/models/{cfg.model}/infer")  # fmt: skip
     if sample.json:  # KServe v1 rows
         return (f"curl -H 'Content-Type: application/json' -d @{sample.path} "
                 f"{cfg.inference_url}/v1/models/{cfg.model}:predict")  # fmt: skip

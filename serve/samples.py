@@ -42,7 +42,8 @@ class Sample:
 
     path: Path
     what: str
-    json: bool  # {"instances": ...} for a tensor model; else an image file
+    json: bool  # {"instances": ...} for a tensor model, {"inputs": {...}} for named inputs; else an image file
+    v2: Path | None = None  # named inputs: the same example as a v2 infer request, for the OIP server
 
 
 def write_sample(folder: Path | str, card: ModelCard | None = None, index: int = 0) -> Sample:
@@ -55,9 +56,28 @@ def write_sample(folder: Path | str, card: ModelCard | None = None, index: int =
         path = folder / "sample-digit.png"
         path.write_bytes(png(on_paper(images[index])))
         return Sample(path, f"a photographed-style {int(labels[index])}", json=False)
+    if card.named:
+        return named_sample(folder, card)
     shape = card.input_shape
     middle = np.array([(lo + hi) / 2 for lo, hi in card.input_range] or card.mean, np.float64)
     row = np.broadcast_to(middle.reshape(-1, *[1] * (len(shape) - 1)), shape).round(4).tolist()
     path = folder / "sample-row.json"
     path.write_text(json.dumps({"instances": [row]}))
     return Sample(path, f"one row, {json.dumps(row)[:60]}", json=True)
+
+
+def named_sample(folder: Path, card: ModelCard) -> Sample:
+    """One example of every input at a short length (8, within each dimension's range): a mask all 1s, others at the
+    middle of their range, or 0."""
+    sig = card.signature
+    inputs = {}
+    for t in sig.inputs:
+        shape = [d if isinstance(d, int) else min(max(sig.dims[d][0], 8), sig.dims[d][1]) for d in t.shape[1:]]
+        value = 1 if t.mask else (t.range[0] + t.range[1]) / 2 if t.range else 0
+        value = int(value) if t.datatype.startswith("INT") or t.datatype == "BOOL" else value
+        inputs[t.name] = (t.datatype, shape, np.full(shape, value).tolist())
+    path, v2 = folder / "sample-inputs.json", folder / "sample-v2.json"
+    path.write_text(json.dumps({"inputs": {n: data for n, (_, _, data) in inputs.items()}}))
+    v2.write_text(json.dumps({"inputs": [{"name": n, "datatype": d, "shape": [1, *shape], "data": data}
+                                         for n, (d, shape, data) in inputs.items()]}))  # fmt: skip
+    return Sample(path, f"one example of {', '.join(inputs)}", json=True, v2=v2)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
+from named_models import MODELS, VOCAB, export
 from tritonclient.utils import InferenceServerException
 
 from torchship.export.user_model import rebuild
@@ -30,69 +31,6 @@ from torchship.serve.archive import ModelConfig, build_archive
 from helpers import TORCHSHIP, corrupt_onnx, named_proof_feeds
 
 pytestmark = pytest.mark.serve
-VOCAB, LABELS = 1000, 3
-MODELS = '''
-import torch
-from transformers import BertConfig, BertForSequenceClassification
-
-
-def bert():
-    config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=3)
-    return BertForSequenceClassification(config)
-
-
-BERT = {
-    "inputs": [
-        {"name": "input_ids", "datatype": "INT64", "shape": ["batch", "sequence"], "range": [0, 999], "pad": 0},
-        {"name": "attention_mask", "datatype": "INT64", "shape": ["batch", "sequence"], "range": [0, 1], "pad": 0,
-         "mask": True},
-    ],
-    "outputs": [{"name": "logits", "datatype": "FP32", "shape": ["batch", 3]}],
-    "dims": {"sequence": [1, 128]},
-}
-
-
-class Shop(torch.nn.Module):
-    """Dense features and two categorical ids in; a score, three logits and a count out."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(10, 4)
-        self.hidden = torch.nn.Linear(13 + 8, 16)
-        self.score = torch.nn.Linear(16, 1)
-        self.kind = torch.nn.Linear(16, 3)
-
-    def forward(self, dense, ids):
-        h = torch.relu(self.hidden(torch.cat([dense, self.embed(ids).flatten(1)], 1)))
-        return {"score": torch.sigmoid(self.score(h)), "kind_logits": self.kind(h), "high_ids": (ids > 4).sum(1)}
-
-
-SHOP = {
-    "inputs": [{"name": "dense", "datatype": "FP32", "shape": ["batch", 13], "range": [-3, 3]},
-               {"name": "ids", "datatype": "INT64", "shape": ["batch", 2], "range": [0, 9]}],
-    "outputs": [{"name": "score", "datatype": "FP32", "shape": ["batch", 1]},
-                {"name": "kind_logits", "datatype": "FP32", "shape": ["batch", 3]},
-                {"name": "high_ids", "datatype": "INT64", "shape": ["batch"]}],
-}
-'''
-
-
-def export(tmp, name: str, factory: str, sig: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"named_models_{name}", tmp / "models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    model = getattr(module, factory)().eval()
-    torch.save(model.state_dict(), tmp / f"{name}.pt")
-    out = tmp / name
-    run = subprocess.run([*TORCHSHIP, "export", "--model", f"{tmp / 'models.py'}:{factory}", "--weights",
-                          str(tmp / f"{name}.pt"), "--signature", f"{tmp / 'models.py'}:{sig}", "--name", name,
-                          "--out", str(out)], capture_output=True, text=True, cwd=tmp)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
-    return out, run.stdout
 
 
 @pytest.fixture(scope="module")
@@ -346,3 +284,13 @@ def test_export_refuses_a_signature_that_does_not_fit_the_model(models, tmp_path
                           "sig.json"], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "output 'score': the model answers FP32 [2, 1] where the signature declares FP32" in run.stderr, run.stderr
+
+
+def test_the_try_it_sample_serve_start_prints_is_answered(oip_server, models, tmp_path):
+    from torchship.serve.samples import write_sample
+
+    sample = write_sample(tmp_path, models["bert"]["card"])
+    body = json.loads(sample.v2.read_text())
+    status, answer = post(oip_server["bert"].http_port, "/v2/models/bert/infer", body, {})
+    assert status == 200 and [o["name"] for o in answer["outputs"]] == ["logits"], answer
+    assert json.loads(sample.path.read_text())["inputs"]["attention_mask"] == [1] * 8

@@ -306,3 +306,53 @@ def test_a_one_number_regression_gets_a_slider_the_line_and_the_servers_answer(b
                                   ".filter((v, i) => i % 4 === 3 && v > 0).length")  # fmt: skip
     assert line > 500  # the fitted line and its axes were drawn
     assert browser.execute_script("return torchship.errors") == []
+
+
+@pytest.fixture(scope="module")
+def named_page(tmp_path_factory):
+    """A model with two named inputs (floats and ids) and three outputs: its page."""
+    from named_models import MODELS, export
+
+    work = tmp_path_factory.mktemp("named-page")
+    (work / "models.py").write_text(MODELS)
+    directory, _ = export(work, "shop", "Shop", "SHOP")
+    write_page(directory, work / "page")
+    httpd = serve(work / "page", 0)
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/", directory
+    finally:
+        httpd.shutdown()
+
+
+def test_named_inputs_get_a_form_and_every_output_by_name(browser, named_page):
+    from selenium.webdriver.common.by import By
+
+    url, directory = named_page
+    open_page(browser, url)
+    assert browser.find_element(By.ID, "rows").is_displayed() and not browser.find_element(By.ID, "pad").is_displayed()
+    first = wait(browser, "torchship.last && torchship.last.done && torchship.last")  # the form's example, run
+    assert set(first["input"]) == {"dense", "ids"} and set(first["answer"]["outputs"]) == {
+        "score",
+        "kind_logits",
+        "high_ids",
+    }
+    rng = np.random.default_rng(3)
+    feeds = {"dense": rng.uniform(-3, 3, (2, 13)).round(3), "ids": rng.integers(0, 10, (2, 2))}
+    text = json.dumps({k: v.tolist() for k, v in feeds.items()})
+    browser.execute_script("window.__before = torchship.last; document.getElementById('rows-json').value = "
+                           f"{json.dumps(text)}; document.getElementById('run-rows').click();")  # fmt: skip
+    answer = fresh_answer(browser, "window.__before")
+    want = load_onnx(directory / "model.onnx").predict(
+        {"dense": feeds["dense"].astype(np.float32), "ids": feeds["ids"]}
+    )
+    for name, y in want.items():
+        got = answer["answer"]["outputs"][name]
+        assert got["shape"] == list(y.shape) and np.allclose(got["data"], y.reshape(-1), rtol=1e-5, atol=1e-6), name
+    browser.execute_script("window.__before = torchship.last; document.getElementById('rows-json').value = "
+                           "'{\"dense\": [0,0,0,0,0,0,0,0,0,0,0,0,0], \"ids\": [1, 12]}';"
+                           "document.getElementById('run-rows').click();")  # fmt: skip
+    bad = fresh_answer(browser, "window.__before")
+    assert "input 'ids': a value is outside 0..9" in bad["answer"]["error"]
+    proof = browser.find_element(By.ID, "proof-summary").text
+    assert proof.startswith("All checks pass") and "every output" in proof
+    assert browser.execute_script("return torchship.errors") == []

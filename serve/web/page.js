@@ -19,8 +19,25 @@ function show(id, on) {
 
 // ---- the card, the figures, the proof
 
+function describeNamed(card) {
+  const sig = card.signature, list = (ts) => ts.map((t) => `${t.name} ${t.datatype} [${t.shape.join(", ")}]`).join("; ");
+  $("summary").textContent = `answers ${sig.outputs.map((t) => t.name).join(", ")} from ${sig.inputs.map((t) => t.name).join(", ")}`;
+  const p = card.provenance || {};
+  const rows = [
+    ["inputs", list(sig.inputs)],
+    ["outputs", list(sig.outputs)],
+    ...sig.inputs.filter((t) => t.range).map((t) => [`${t.name} values`, `${t.range[0]} to ${t.range[1]}${t.mask ? " (a mask)" : ""}`]),
+    ...Object.entries(sig.dims).map(([d, [lo, hi]]) => [d, `${lo} to ${hi}`]),
+    ["architecture", `${card.architecture.spec}(${JSON.stringify(card.architecture.kwargs)})`],
+    ["source", p.source ? `${p.source} (sha256 ${String(p.source_sha256).slice(0, 16)}...)` : "(unknown)"],
+    ["made", `${p.created_at || "?"} with torch ${p.torch || "?"}, onnx ${p.onnx || "?"}, onnxruntime ${p.onnxruntime || "?"}`],
+  ];
+  $("card").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", k), el("dd", String(v))]));
+}
+
 function describe(card) {
   $("title").textContent = card.name;
+  if (card.input_kind === "named") return describeNamed(card);
   const tensor = card.input_kind === "tensor";
   const kind = card.task === "classify" ? `classifies ${card.labels.length} labels`
     : card.task === "regress" ? `predicts ${card.output_names.join(", ")}` : "reconstructs its input";
@@ -55,6 +72,7 @@ function proof(report) {
   if (!report) return;
   show("proof-section", true);
   const i = report.inputs;
+  if (i.named) return namedProof(report);
   const what = i.ranged != null ? `${i.total} rows (${i.real} held-out + ${i.ranged} drawn over the training range)`
     : `${i.total} images (${i.real ? `${i.real} held-out` : `${i.smooth} smooth`} + ${i.noise} noise)`;
   $("proof-summary").textContent = `${report.passed ? "All checks pass" : "Some checks FAIL"}: every format against a float64 copy of the eager model on ${what}, atol ${report.atol}, rtol ${report.rtol}.${report.tolerance_note ? " " + report.tolerance_note : ""}`;
@@ -73,6 +91,19 @@ function proof(report) {
     row.append(el("td", a.backend), el("td", "all"), el("td", sci(a.max_abs)), el("td", sci(a.p99_abs)),
       el("td", a.agreement.toFixed(4)), el("td", a.accuracy_change_points == null ? "" : `${a.accuracy_change_points.toFixed(2)} pts`),
       el("td", a.passed ? "PASS" : "FAIL", a.passed ? "pass" : "fail"));
+  }
+  $("proof").replaceChildren(t);
+}
+
+function namedProof(report) {
+  const i = report.inputs, lengths = i.cases.map((c) => Object.entries(c).map(([d, v]) => `${d} ${v}`).join(", ") || "fixed shapes");
+  $("proof-summary").textContent = `${report.passed ? "All checks pass" : "Some checks FAIL"}: every output of every format against a float64 copy of the eager model, ${i.rows} examples at each of ${lengths.join("; ")}${i.padded.length ? `, and a padded batch of rows of different ${i.padded.join(", ")}` : ""}; atol ${report.atol}, rtol ${report.rtol}.`;
+  const t = el("table"), sci = (v) => (v == null ? "n/a" : v.toExponential(2));
+  t.appendChild(el("tr")).append(...["backend", "output", "lengths", "batch", "max abs", "fails", "result"].map((h) => el("th", h)));
+  for (const c of report.checks) {
+    const dims = Object.entries(c.dims || {}).map(([d, v]) => `${d} ${v}`).join(", ");
+    t.appendChild(el("tr")).append(el("td", c.backend), el("td", c.output), el("td", dims), el("td", c.batch_size),
+      el("td", sci(c.max_abs)), el("td", c.failures), el("td", c.passed ? "PASS" : "FAIL", c.passed ? "pass" : "fail"));
   }
   $("proof").replaceChildren(t);
 }
@@ -375,6 +406,69 @@ function tensorInputs() {
   });
 }
 
+// ---- named inputs: every input by name, as JSON; every output shown by name
+
+const TYPED = { FP32: ["float32", Float32Array], FP64: ["float64", Float64Array], INT32: ["int32", Int32Array],
+  INT64: ["int64", BigInt64Array], BOOL: ["bool", Uint8Array] };
+
+function depth(v) {
+  let d = 0;
+  for (; Array.isArray(v); v = v[0]) d++;
+  return d;
+}
+
+function shapeOf(v) {
+  const s = [];
+  for (; Array.isArray(v); v = v[0]) s.push(v.length);
+  return s;
+}
+
+async function runNamed(inputs) {
+  const sig = state.card.signature, feeds = {};
+  for (const t of sig.inputs) {
+    if (!(t.name in inputs)) throw new Error(`missing input '${t.name}'`);
+    const v = depth(inputs[t.name]) === t.shape.length - 1 ? [inputs[t.name]] : inputs[t.name]; // one example, or several
+    if (!TYPED[t.datatype]) throw new Error(`input '${t.name}': ${t.datatype} does not run in a browser`);
+    const [type, Typed] = TYPED[t.datatype], flat = v.flat(Infinity);
+    if (t.range && flat.some((x) => x < t.range[0] || x > t.range[1])) throw new Error(`input '${t.name}': a value is outside ${t.range[0]}..${t.range[1]}`);
+    const data = type === "int64" ? BigInt64Array.from(flat, (x) => BigInt(Math.trunc(x))) : Typed.from(flat, Number);
+    feeds[t.name] = new ort.Tensor(type, data, shapeOf(v));
+  }
+  const out = await state.session.run(feeds);
+  return Object.fromEntries(sig.outputs.map((t) => [t.name, { shape: out[t.name].dims, data: Array.from(out[t.name].data, Number) }]));
+}
+
+function namedInputs() {
+  const sig = state.card.signature;
+  show("image-try", false);
+  show("tensor-try", true);
+  show("rows", true);
+  show("server", false); // the relay speaks images and rows; ask the OIP server itself (README: Any model)
+  $("rows-label").textContent = "Inputs as JSON, by name: one example each, or a list of them";
+  const example = {};
+  for (const t of sig.inputs) {
+    const shape = t.shape.slice(1).map((d) => (typeof d === "number" ? d : Math.min(Math.max(sig.dims[d][0], 8), sig.dims[d][1])));
+    const value = t.mask ? 1 : t.range ? Math.round((t.range[0] + t.range[1]) / 2) : 0;
+    example[t.name] = shape.reduceRight((inner, n) => Array.from({ length: n }, () => inner), value);
+  }
+  $("rows-json").value = JSON.stringify(example);
+  const go = async (source) => {
+    let inputs, answer;
+    try {
+      inputs = JSON.parse($("rows-json").value);
+      answer = { outputs: await runNamed(inputs) };
+    } catch (e) {
+      answer = { error: e instanceof SyntaxError ? `not JSON: ${e.message}` : `could not run the model: ${e.message}` };
+    }
+    state.last = { source, input: inputs, answer, remote: null, done: true };
+    const box = $("local").querySelector(".result");
+    if (answer.error) box.replaceChildren(el("p", answer.error, "error"));
+    else box.replaceChildren(...Object.entries(answer.outputs).map(([n, o]) => el("p", `${n} [${o.shape.join(", ")}]: ${o.data.slice(0, 12).map((x) => +x.toPrecision(5)).join(", ")}${o.data.length > 12 ? ", ..." : ""}`, "value")));
+  };
+  $("run-rows").addEventListener("click", () => go("json"));
+  return go("example");
+}
+
 async function main() {
   state.card = await json("card.json");
   describe(state.card);
@@ -389,7 +483,9 @@ async function main() {
   $("use-server").addEventListener("change", (e) => {
     if (!e.target.checked) $("remote").querySelector(".result").textContent = "Off.";
   });
-  if (state.card.input_kind === "tensor") {
+  if (state.card.input_kind === "named") {
+    await namedInputs();
+  } else if (state.card.input_kind === "tensor") {
     $("remote").querySelector("h3 small").textContent = "(the relay's server)";
     await tensorInputs();
   } else {
