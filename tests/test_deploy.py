@@ -1,6 +1,7 @@
 """Kubernetes bundles: every manifest checked key by key against the kserve SDK's classes; the custom container's
 own command run here (Docker cannot run on this machine), with torch made unimportable."""
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import zipfile
 import numpy as np
 import yaml
 
+from torchship.handlers.onnx_model import load as load_onnx
 from torchship.serve.deploy import Scaling, inference_service
 from torchship.serve.process import free_ports
 from torchship.serve.samples import held_out_digits, png
@@ -125,13 +127,12 @@ def test_a_manifest_with_a_mistake_does_not_validate():
         assert problems and any(words in p for p in problems), (mistake, problems)
 
 
-def test_the_containers_command_serves_the_bundle_without_torch(convnet_export, tmp_path, bare_python):
+@contextlib.contextmanager
+def container(out, tmp_path, bare_python, model: str):
     """What `docker run` would start, run here from the bundle's own files under a Python where torchship is not
-    installed and `import torch` fails."""
+    installed and `import torch` fails; its REST port once the model is ready."""
     import tritonclient.http as thttp
 
-    out = tmp_path / "bundle"
-    assert deploy(convnet_export.directory, out, "--runtime", "kserve").returncode == 0
     cmd = json.loads((out / "Dockerfile").read_text().split("CMD ", 1)[1])
     http_port, grpc_port = free_ports(2)
     swap = {"/mnt/models": str(out / "model"), "0.0.0.0": "127.0.0.1", "8080": str(http_port), "8081": str(grpc_port)}
@@ -144,15 +145,47 @@ def test_the_containers_command_serves_the_bundle_without_torch(convnet_export, 
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                if client.is_model_ready("mnist-convnet"):
+                if client.is_model_ready(model):
                     break
             except Exception:
                 pass
             time.sleep(0.3)
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        inp = thttp.InferInput("images", [1], "BYTES")
-        inp.set_data_from_numpy(np.array([png(held_out_digits()[0][0])], dtype=object))
-        assert [x.decode() for x in client.infer("mnist-convnet", [inp]).as_numpy("label")] == ["0"]
+        yield client
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_containers_command_serves_the_bundle_without_torch(convnet_export, tmp_path, bare_python):
+    import tritonclient.http as thttp
+
+    out = tmp_path / "bundle"
+    assert deploy(convnet_export.directory, out, "--runtime", "kserve").returncode == 0
+    with container(out, tmp_path, bare_python, "mnist-convnet") as client:
+        inp = thttp.InferInput("images", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([png(held_out_digits()[0][0])], dtype=object))
+        assert [x.decode() for x in client.infer("mnist-convnet", [inp]).as_numpy("label")] == ["0"]
+
+
+def test_a_bundle_of_a_model_with_named_inputs_serves_every_output_by_name(tmp_path, bare_python):
+    import tritonclient.http as thttp
+    from named_models import MODELS, export
+
+    (tmp_path / "models.py").write_text(MODELS)
+    directory, _ = export(tmp_path, "shop", "Shop", "SHOP")
+    out = tmp_path / "bundle"
+    run = deploy(directory, out, "--runtime", "kserve")
+    assert run.returncode == 0, run.stderr
+    rng = np.random.default_rng(4)
+    dense, ids = rng.uniform(-3, 3, (3, 13)).astype(np.float32), rng.integers(0, 10, (3, 2))
+    want = load_onnx(directory / "model.onnx").predict({"dense": dense, "ids": ids})
+    with container(out, tmp_path, bare_python, "shop") as client:
+        meta = client.get_model_metadata("shop")
+        assert [i["name"] for i in meta["inputs"]] == ["dense", "ids"]
+        inputs = [thttp.InferInput("dense", [3, 13], "FP32"), thttp.InferInput("ids", [3, 2], "INT64")]
+        inputs[0].set_data_from_numpy(dense)
+        inputs[1].set_data_from_numpy(ids)
+        result = client.infer("shop", inputs)
+        for name, y in want.items():
+            assert np.allclose(result.as_numpy(name), y, rtol=1e-5, atol=1e-6), name
