@@ -45,6 +45,51 @@ class Shop(torch.nn.Module):
         return {"score": torch.sigmoid(self.score(h)), "kind_logits": self.kind(h), "high_ids": (ids > 4).sum(1)}
 
 
+class Detector(torch.nn.Module):
+    """Detection-style, from torchvision's parts: a small conv backbone, a box and a class per cell of an 8x8 grid,
+    and the ten best as boxes (xyxy, pixels), scores and INT64 labels: a fixed number of detections a row."""
+
+    def __init__(self, classes: int = 3, keep: int = 10):
+        super().__init__()
+        from torchvision.ops.misc import Conv2dNormActivation
+
+        self.backbone = torch.nn.Sequential(Conv2dNormActivation(3, 8, stride=2), Conv2dNormActivation(8, 16, stride=2),
+                                            Conv2dNormActivation(16, 16, stride=2))  # fmt: skip
+        self.box = torch.nn.Conv2d(16, 4, 1)
+        self.cls = torch.nn.Conv2d(16, classes, 1)
+        self.register_buffer("prior", torch.linspace(0, 16, 64))  # per cell, as anchors have: ranks far from ties
+        self.keep = keep
+
+    def cells(self, images):
+        """Features, and each cell's best class score (with its prior) and that class."""
+        f = self.backbone(images)
+        best, labels = (self.cls(f).flatten(2).transpose(1, 2) + self.prior[:, None]).max(-1)
+        return f, best, labels
+
+    def forward(self, images):
+        from torchvision.ops import box_convert
+
+        f, best, labels = self.cells(images)
+        h, w = f.shape[-2:]
+        scores, order = best.topk(self.keep, dim=1)
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        centres = torch.stack([xs, ys], -1).reshape(1, -1, 2).to(images.dtype) * (images.shape[-1] / w)
+        raw = self.box(f).flatten(2).transpose(1, 2)
+        cxcywh = torch.cat([centres + raw[..., :2], torch.nn.functional.softplus(raw[..., 2:]) * 8], -1)
+        boxes = box_convert(cxcywh, "cxcywh", "xyxy")
+        pick = order.unsqueeze(-1)
+        return {"boxes": boxes.gather(1, pick.expand(-1, -1, 4)), "scores": scores,
+                "labels": labels.gather(1, order)}  # fmt: skip
+
+
+DETECTOR = {
+    "inputs": [{"name": "images", "datatype": "FP32", "shape": ["batch", 3, 64, 64], "range": [0, 1]}],
+    "outputs": [{"name": "boxes", "datatype": "FP32", "shape": ["batch", 10, 4]},
+                {"name": "scores", "datatype": "FP32", "shape": ["batch", 10]},
+                {"name": "labels", "datatype": "INT64", "shape": ["batch", 10]}],
+}
+
+
 SHOP = {
     "inputs": [{"name": "dense", "datatype": "FP32", "shape": ["batch", 13], "range": [-3, 3]},
                {"name": "ids", "datatype": "INT64", "shape": ["batch", 2], "range": [0, 9]}],
