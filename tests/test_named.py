@@ -325,3 +325,20 @@ def test_a_detector_answers_boxes_scores_and_labels_by_name(oip_server, models, 
     np.testing.assert_array_equal(got["labels"], want["labels"])
     np.testing.assert_allclose(got["boxes"], want["boxes"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-4, atol=1e-5)
+
+
+def test_pt2_takes_named_inputs_and_answers_every_output(models, tmp_path):
+    """AOTInductor: the same torch.export program, compiled; its runner returns a list, named here by the signature."""
+    shop = models["shop"]
+    out, source = tmp_path / "shop-pt2", shop["dir"].parent / "models.py"
+    weights = source.parent / "shop.pt"
+    run = subprocess.run([*TORCHSHIP, "export", "--model", f"{source}:Shop", "--weights", str(weights), "--signature",
+                          f"{source}:SHOP", "--formats", "pt2", "--out", str(out)], capture_output=True,
+                         text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "equivalence.json").read_text())
+    assert report["passed"] and {c["output"] for c in report["checks"] if c["backend"] == "pt2"} == {
+        "score",
+        "kind_logits",
+        "high_ids",
+    }
