@@ -100,6 +100,15 @@ def test_the_embedding_answers_every_output_by_name(models):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5)
     with pytest.raises(InputError, match=r"input 'ids' element \[0, 1\]: 10 is outside 0..9"):
         model.predict({"dense": feeds["dense"][:1], "ids": np.array([[3, 10]])})
+    det = models["detector"]
+    images = np.random.default_rng(7).uniform(0, 1, (2, 3, 64, 64)).astype(np.float32)
+    assert top_gap(det["eager"], images) > 1e-4  # no near-tie to rank
+    got, want = (
+        load_onnx(det["dir"] / "model.onnx").predict({"images": images}),
+        eager(det["eager"], det["card"], {"images": images}),
+    )
+    np.testing.assert_array_equal(got["labels"], want["labels"])
+    np.testing.assert_allclose(got["boxes"], want["boxes"], rtol=1e-4, atol=1e-4)
     bert = load_onnx(models["bert"]["dir"] / "model.onnx")
     with pytest.raises(InputError, match="every position is masked out"):
         bert.predict({"input_ids": np.array([[5, 6]]), "attention_mask": np.array([[0, 0]])})
@@ -243,38 +252,57 @@ def post(port: int, path: str, body: dict, headers: dict):
     return out
 
 
-def test_torchserve_takes_named_inputs_as_json_and_batches_different_lengths(tmp_path_factory, models, bare_python):
-    """Under a Python without torchship or transformers' help: the archive's own runtime."""
-    bert = models["bert"]
+@pytest.fixture(scope="module")
+def torchserve_server(tmp_path_factory, models, bare_python):
+    """One TorchServe for all three models, under a Python without torchship or transformers: the archives' own
+    runtime. BERT batches up to 4 requests within 200 ms: different lengths, padded."""
     store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
-    build_archive(bert["dir"], store, name="bert", config=ModelConfig(minWorkers=1, maxWorkers=1, batchSize=4,
-                                                                      maxBatchDelay=200))  # fmt: skip
-    cfg = torchserve.ServerConfig.on_free_ports("bert", str(store), str(state), python=str(bare_python))
+    for name in models:
+        build_archive(models[name]["dir"], store, name=name, config=ModelConfig(minWorkers=1, maxWorkers=1, batchSize=4,
+                                                                                maxBatchDelay=200))  # fmt: skip
+    cfg = torchserve.ServerConfig.on_free_ports("bert", str(store), str(state), extra_models=("shop", "detector"),
+                                                python=str(bare_python))  # fmt: skip
     try:
-        cfg = torchserve.start(cfg, timeout=240)
-        headers = torchserve.headers(cfg.state_dir)
-        lengths = [4, 30, 11, 128]
-
-        def one(k):
-            s = sentence(lengths[k], 10 + k)
-            body = {"inputs": {n: v[0].tolist() for n, v in s.items()}}
-            return post(cfg.inference_port, "/predictions/bert", body, headers)
-
-        with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(one, range(len(lengths))))
-        for k, (status, body) in enumerate(answers):
-            assert status == 200, body
-            want = eager(bert["eager"], bert["card"], sentence(lengths[k], 10 + k))["logits"][0]
-            np.testing.assert_allclose(body["outputs"]["logits"], want, rtol=1e-4, atol=1e-5)
-        status, body = post(
-            cfg.inference_port,
-            "/predictions/bert",
-            {"inputs": {"input_ids": [1, 2, 5000], "attention_mask": [1, 1, 1]}},
-            headers,
-        )
-        assert status == 400 and "input 'input_ids' element [0, 2]: 5000 is outside 0..999" in body["error"], body
+        yield torchserve.start(cfg, timeout=240)
     finally:
         torchserve.stop(state)
+
+
+def test_torchserve_takes_named_inputs_as_json_and_batches_different_lengths(torchserve_server, models):
+    bert, cfg = models["bert"], torchserve_server
+    headers = torchserve.headers(cfg.state_dir)
+    lengths = [4, 30, 11, 128]
+
+    def one(k):
+        s = sentence(lengths[k], 10 + k)
+        body = {"inputs": {n: v[0].tolist() for n, v in s.items()}}
+        return post(cfg.inference_port, "/predictions/bert", body, headers)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(one, range(len(lengths))))
+    for k, (status, body) in enumerate(answers):
+        assert status == 200, body
+        want = eager(bert["eager"], bert["card"], sentence(lengths[k], 10 + k))["logits"][0]
+        np.testing.assert_allclose(body["outputs"]["logits"], want, rtol=1e-4, atol=1e-5)
+    bad = {"inputs": {"input_ids": [1, 2, 5000], "attention_mask": [1, 1, 1]}}
+    status, body = post(cfg.inference_port, "/predictions/bert", bad, headers)
+    assert status == 400 and "input 'input_ids' element [0, 2]: 5000 is outside 0..999" in body["error"], body
+
+
+def test_torchserve_answers_several_outputs_by_name(torchserve_server, models):
+    cfg, rng = torchserve_server, np.random.default_rng(6)
+    headers = torchserve.headers(cfg.state_dir)
+    examples = {"shop": {"dense": rng.uniform(-3, 3, (1, 13)).astype(np.float32), "ids": rng.integers(0, 10, (1, 2))},
+                "detector": {"images": rng.uniform(0, 1, (1, 3, 64, 64)).astype(np.float32)}}  # fmt: skip
+    assert top_gap(models["detector"]["eager"], examples["detector"]["images"]) > 1e-4  # no near-tie to rank
+    for name, feeds in examples.items():
+        status, body = post(cfg.inference_port, f"/predictions/{name}",
+                            {"inputs": {k: v[0].tolist() for k, v in feeds.items()}}, headers)  # fmt: skip
+        assert status == 200, body
+        want = eager(models[name]["eager"], models[name]["card"], feeds)
+        assert set(body["outputs"]) == set(want)
+        for k, y in want.items():
+            np.testing.assert_allclose(np.asarray(body["outputs"][k]), y[0], rtol=1e-4, atol=1e-4)
 
 
 def test_export_refuses_a_signature_that_does_not_fit_the_model(models, tmp_path):
