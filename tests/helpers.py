@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -164,3 +165,21 @@ def scrape(port: int, name: str, **labels) -> float:
         if all(have.get(k) == str(v) for k, v in labels.items()):
             total += float(m.group(2))
     return total
+
+
+@contextlib.contextmanager
+def torchserve_of(tmp_path_factory, exports: dict, python: Path, config=None):
+    """One TorchServe serving every export (name -> directory) from its archive, under `python`; stopped after."""
+    from torchship.serve import torchserve
+    from torchship.serve.archive import ModelConfig, build_archive
+
+    store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
+    for name, directory in exports.items():
+        build_archive(directory, store, name=name, config=config or ModelConfig(minWorkers=1, maxWorkers=1))
+    first, *others = exports
+    cfg = torchserve.ServerConfig.on_free_ports(first, str(store), str(state), extra_models=tuple(others),
+                                                python=str(python))  # fmt: skip
+    try:
+        yield torchserve.start(cfg, timeout=240)
+    finally:
+        torchserve.stop(state)

@@ -26,9 +26,9 @@ from torchship.handlers.onnx_model import InputError
 from torchship.handlers.onnx_model import load as load_onnx
 from torchship.handlers.serving import stacking
 from torchship.serve import oip, torchserve
-from torchship.serve.archive import ModelConfig, build_archive
+from torchship.serve.archive import ModelConfig
 
-from helpers import TORCHSHIP, corrupt_onnx, named_proof_feeds
+from helpers import TORCHSHIP, corrupt_onnx, named_proof_feeds, torchserve_of
 
 pytestmark = pytest.mark.serve
 
@@ -256,16 +256,9 @@ def post(port: int, path: str, body: dict, headers: dict):
 def torchserve_server(tmp_path_factory, models, bare_python):
     """One TorchServe for all three models, under a Python without torchship or transformers: the archives' own
     runtime. BERT batches up to 4 requests within 200 ms: different lengths, padded."""
-    store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
-    for name in models:
-        build_archive(models[name]["dir"], store, name=name, config=ModelConfig(minWorkers=1, maxWorkers=1, batchSize=4,
-                                                                                maxBatchDelay=200))  # fmt: skip
-    cfg = torchserve.ServerConfig.on_free_ports("bert", str(store), str(state), extra_models=("shop", "detector"),
-                                                python=str(bare_python))  # fmt: skip
-    try:
-        yield torchserve.start(cfg, timeout=240)
-    finally:
-        torchserve.stop(state)
+    config = ModelConfig(minWorkers=1, maxWorkers=1, batchSize=4, maxBatchDelay=200)
+    with torchserve_of(tmp_path_factory, {n: m["dir"] for n, m in models.items()}, bare_python, config) as cfg:
+        yield cfg
 
 
 def test_torchserve_takes_named_inputs_as_json_and_batches_different_lengths(torchserve_server, models):

@@ -16,11 +16,10 @@ import torch
 from torchship.export.verify import verify
 from torchship.handlers.onnx_model import load as load_onnx
 from torchship.serve import oip, torchserve
-from torchship.serve.archive import ModelConfig, build_archive
 from torchship.train.fit import train
 from torchship.train.presets import get_preset
 
-from helpers import TORCHSHIP, corrupt_onnx, proof_x
+from helpers import TORCHSHIP, corrupt_onnx, proof_x, torchserve_of
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 MODEL_FILE = textwrap.dedent('''
@@ -181,15 +180,9 @@ def post(port: int, path: str, body, headers=None):
 @pytest.fixture(scope="module")
 def torchserve_server(tmp_path_factory, exports, linreg, bare_python):
     """One TorchServe (under a Python without torchship) serving all three tensor models."""
-    store, state = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("state")
-    for name, d in {**{n: exports[n]["dir"] for n in SETS}, "linreg": linreg["dir"]}.items():
-        build_archive(d, store, name=name, config=ModelConfig(minWorkers=1, maxWorkers=1))
-    cfg = torchserve.ServerConfig.on_free_ports("iris", str(store), str(state), extra_models=("diabetes", "linreg"),
-                                                python=str(bare_python))  # fmt: skip
-    try:
-        yield torchserve.start(cfg, timeout=240)
-    finally:
-        torchserve.stop(state)
+    exported = {**{n: exports[n]["dir"] for n in SETS}, "linreg": linreg["dir"]}
+    with torchserve_of(tmp_path_factory, exported, bare_python) as cfg:
+        yield cfg
 
 
 @pytest.fixture(scope="module")
