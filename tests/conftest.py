@@ -86,6 +86,30 @@ def convnet_all_formats(tmp_path_factory, convnet_run, convnet_export):
     return exported(built_once(tmp_path_factory, "export-convnet-all", build))
 
 
+def named_export(tmp_path_factory, name: str) -> Path:
+    """One of tests/named_models.py's models exported with `torchship export --model --signature`, once per run (the
+    tabular one serves three test files): the folder holds models.py, the weights, the export and its stdout."""
+    from named_models import MODELS, NAMED, export
+
+    def build(out: Path) -> None:
+        (out / "models.py").write_text(MODELS)
+        (out / "stdout.txt").write_text(export(out, name, *NAMED[name])[1])
+
+    return built_once(tmp_path_factory, f"named-{name}", build)
+
+
+@pytest.fixture(scope="session")
+def named_exports(tmp_path_factory):
+    """name -> the folder of that named-input model's shared export (built on first use)."""
+    return lambda name: named_export(tmp_path_factory, name)
+
+
+@pytest.fixture(scope="session")
+def shop_export(tmp_path_factory) -> Path:
+    """The two-input tabular model with three outputs: its export directory."""
+    return named_export(tmp_path_factory, "shop") / "shop"
+
+
 def exported(out: Path):
     from torchship.export.formats import FORMAT_BY_NAME, Exported, present, read_card
 
@@ -101,6 +125,8 @@ SLOW_FIXTURES = {
     "exports",
     "user_exports",
     "good",
+    "named_exports",
+    "shop_export",
 }
 
 

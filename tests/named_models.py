@@ -8,6 +8,7 @@ import torch
 from helpers import TORCHSHIP
 
 VOCAB = 1000
+NAMED = {"bert": ("bert", "BERT"), "shop": ("Shop", "SHOP"), "detector": ("Detector", "DETECTOR")}  # factory, signature
 MODELS = '''
 import torch
 from transformers import BertConfig, BertForSequenceClassification

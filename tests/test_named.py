@@ -15,7 +15,7 @@ import pytest
 import torch
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
-from named_models import MODELS, VOCAB, export
+from named_models import MODELS, NAMED, VOCAB
 from tritonclient.utils import InferenceServerException
 
 from torchship.export.user_model import rebuild
@@ -34,18 +34,17 @@ pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("named")
-    (tmp / "models.py").write_text(MODELS)
+def models(named_exports):
     out = {}
-    for name, factory, sig in (
-        ("bert", "bert", "BERT"),
-        ("shop", "Shop", "SHOP"),
-        ("detector", "Detector", "DETECTOR"),
-    ):
-        directory, stdout = export(tmp, name, factory, sig)
-        card = ModelCard.load(directory)
-        out[name] = {"dir": directory, "card": card, "eager": rebuild(card), "stdout": stdout}
+    for name in NAMED:
+        folder = named_exports(name)
+        card = ModelCard.load(folder / name)
+        out[name] = {
+            "dir": folder / name,
+            "card": card,
+            "eager": rebuild(card),
+            "stdout": (folder / "stdout.txt").read_text(),
+        }
     return out
 
 

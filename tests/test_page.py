@@ -309,13 +309,9 @@ def test_a_one_number_regression_gets_a_slider_the_line_and_the_servers_answer(b
 
 
 @pytest.fixture(scope="module")
-def named_page(tmp_path_factory):
+def named_page(tmp_path_factory, shop_export):
     """A model with two named inputs (floats and ids) and three outputs: its page."""
-    from named_models import MODELS, export
-
-    work = tmp_path_factory.mktemp("named-page")
-    (work / "models.py").write_text(MODELS)
-    directory, _ = export(work, "shop", "Shop", "SHOP")
+    work, directory = tmp_path_factory.mktemp("named-page"), shop_export
     write_page(directory, work / "page")
     httpd = serve(work / "page", 0)
     try:
