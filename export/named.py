@@ -74,32 +74,13 @@ def dynamic_shapes(card: ModelCard, batch: torch.export.Dim) -> tuple[dict, ...]
 
 def _reference(model: torch.nn.Module, sig: Signature):
     """Float64 eager: floating inputs widened, integer and boolean ones as they are."""
-    double = copy.deepcopy(model).double()
-
-    def run(feeds: dict) -> dict:
-        args = [torch.from_numpy(feeds[t.name]) for t in sig.inputs]
-        args = [a.double() if a.is_floating_point() else a for a in args]
-        with torch.inference_mode():
-            out = double(*args)
-        out = out if isinstance(out, (list, tuple)) else (out,)
-        return {t.name: y.numpy() for t, y in zip(sig.outputs, out)}
-
-    return run
+    run = runners.named_torch_runner(copy.deepcopy(model).double(), sig)
+    return lambda feeds: run({k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in feeds.items()})
 
 
 def _batched(fn, feeds: dict, n: int, size: int) -> dict:
     parts = [fn({k: np.ascontiguousarray(v[i : i + size]) for k, v in feeds.items()}) for i in range(0, n, size)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def _padded(fn, sig: Signature, requests: list[signature.Rows]) -> dict:
-    """Every request's answer out of one padded pass, put back together row by row."""
-    out = fn(signature.merge(sig, requests))
-    answers, start = [], 0
-    for rows in requests:
-        answers.append(signature.split(sig, out, start, rows))
-        start += len(rows)
-    return answers
 
 
 def _check(backend: str, bs: int, spec: TensorSpec, dims: dict, got: np.ndarray, ref: np.ndarray, *, atol: float,
@@ -140,7 +121,7 @@ def verify_named(export_dir: Path, atol: float, rtol: float, source, batch_sizes
         if padded:
             requests, pad_refs = _pad_requests(sig, reference)
             for backend, fn in fns.items():
-                runs[backend, "padded"] = _padded(fn, sig, requests)
+                runs[backend, "padded"] = signature.run_together(sig, fn, requests)
     floats = [t.name for t in sig.outputs if t.datatype.startswith("FP")]
     flat = lambda outs: np.concatenate([o[n].reshape(-1).astype(np.float64) for o in outs for n in floats]  # noqa: E731
                                        or [np.zeros(0)])  # fmt: skip

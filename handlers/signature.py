@@ -159,6 +159,19 @@ def split(sig: Signature, out: Mapping[str, np.ndarray], start: int, rows: Rows)
     return answer
 
 
+def run_together(sig: Signature, run, requests: list[Rows]) -> list[dict[str, np.ndarray]]:
+    """Each request's answer, from one padded pass per group of requests that may share one (key), in order."""
+    answers, groups = [None] * len(requests), {}
+    for k, rows in enumerate(requests):
+        groups.setdefault(key(sig, rows), []).append(k)
+    for members in groups.values():
+        out, start = run(merge(sig, [requests[k] for k in members])), 0
+        for k in members:
+            answers[k] = split(sig, out, start, requests[k])
+            start += len(requests[k])
+    return answers
+
+
 def outputs(sig: Signature, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every output by name, in its declared datatype."""
     return {t.name: np.ascontiguousarray(np.asarray(raw[t.name]).astype(NUMPY[t.datatype], copy=False))

@@ -109,23 +109,10 @@ class ModelHandler(BaseHandler):
     def inference(self, data: Batch, *args, **kwargs) -> Batch:
         """One forward pass for every good image TorchServe batched together."""
         if data.inputs is not None and self.card.named:
-            data.outputs = self.named_passes(data.inputs)
+            data.outputs = signature.run_together(self.card.signature, self.runner.run, data.inputs)
         elif data.inputs is not None:
             data.outputs = self.runner.run(data.inputs)
         return data
-
-    def named_passes(self, requests: list[signature.Rows]) -> list[dict]:
-        """A pass per group of requests that may share one (padded along padded dimensions), answers in order."""
-        sig, answers, groups = self.card.signature, [None] * len(requests), {}
-        for k, rows in enumerate(requests):
-            groups.setdefault(signature.key(sig, rows), []).append(k)
-        for members in groups.values():
-            out = self.runner.run(signature.merge(sig, [requests[k] for k in members]))
-            start = 0
-            for k in members:
-                answers[k] = signature.split(sig, out, start, requests[k])
-                start += len(requests[k])
-        return answers
 
     def postprocess(self, data: Batch) -> list[str]:
         responses = [""] * data.size
