@@ -307,6 +307,41 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def span(values: list) -> str:
+    """min-max of numbers; the values as they are otherwise (a pair of p99s, say)."""
+    if all(isinstance(v, (int, float)) for v in values):
+        lo, hi = min(values), max(values)
+        return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+    return " ".join(json.dumps(v) for v in values)
+
+
+def range_table(runs: list[dict]) -> str:
+    """Several runs of one machine side by side: every figure the targets judge as a range, and how many runs met
+    each target. Single runs on a shared machine swing by tens of percent; a claim rests on the range."""
+    lines = [f"{len(runs)} runs: " + "; ".join(f"{r.get('started', '?')} {r['machine']['cpu']}, "
+                                                f"{r['machine']['cores']} cores" for r in runs)]  # fmt: skip
+    if all("serving" in r for r in runs):
+        lines += ["", f"{'setup':<10} {'c':>3} {'req/s':>15} {'p50 ms':>13} {'p99 ms':>13}"]
+        for name in (k for k, v in runs[0]["serving"].items() if isinstance(v, dict) and "levels" in v):
+            for c in (1, 4, 16):
+                try:
+                    lv = [level(r["serving"][name], c) for r in runs]
+                except (KeyError, StopIteration):
+                    continue
+                lines.append(f"{name:<10} {c:>3} {span([round(x['throughput']) for x in lv]):>15} "
+                             f"{span([round(x['latency_ms']['p50'], 2) for x in lv]):>13} "
+                             f"{span([round(x['latency_ms']['p99'], 2) for x in lv]):>13}")  # fmt: skip
+    judged = [targets(r) for r in runs]
+    w = max(len(t["target"]) for t in judged[0])
+    lines += ["", f"{'target':<{w}} {'values over the runs':>24}  {'goal':<16} met"]
+    for i, t in enumerate(judged[0]):
+        same = [j[i] for j in judged if i < len(j) and j[i]["target"] == t["target"]]
+        values = [x["value"] for x in same]
+        met = sum(x["met"] for x in same)
+        lines.append(f"{t['target']:<{w}} {span(values):>24}  {t['goal']:<16} {met} of {len(same)}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", choices=PARTS, action="append")
@@ -314,12 +349,17 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the table of an existing results file and exit")
+    ap.add_argument("--range", nargs="+", type=Path, metavar="RESULTS",
+                    help="print the ranges over several results files of one machine and exit")  # fmt: skip
     ap.add_argument("--workers", type=int, help="try another serving config than `make serve`'s defaults")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--max-batch-delay", type=int)
     args = ap.parse_args()
     # SIGTERM unwinds like Ctrl-C, so every server this run started is stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.range:
+        print(range_table([json.loads(f.read_text()) for f in args.range]))
+        return
     if args.table:  # re-render (and re-judge) an earlier run
         r = json.loads(args.out.read_text())
         r["targets"] = targets(r)

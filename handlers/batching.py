@@ -2,7 +2,8 @@
 
 One batcher per worker process, shared by REST and gRPC. Requests that arrive while a pass runs are gathered into
 the next one (up to `max_batch` rows); a lone request is run at once and never waits for company. The pass runs on
-one thread of its own, so the event loop goes on reading and decoding requests meanwhile (bench/NOTES.md, OIP).
+one thread of its own, so the event loop goes on reading and decoding requests meanwhile (bench/NOTES.md, OIP),
+unless the model is so fast that handing the pass to a thread costs more than it overlaps (`inline`, lever 52).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward-pass")
         self._task: asyncio.Task | None = None
+        self.inline = False  # run each pass on the event loop itself (serving.warm_up decides from the pass's cost)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="batcher")
@@ -158,7 +160,7 @@ class Batcher:
             wall = time.time_ns() if traced else 0
             start = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self._thread, self.run, x)
+                out = self.run(x) if self.inline else await loop.run_in_executor(self._thread, self.run, x)
             except Exception as e:  # the model failed on valid input: every request of the pass gets the error
                 for j in jobs:
                     if not j.future.done():

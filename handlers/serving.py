@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,8 @@ from .metrics import Metrics
 
 DECODE_THREADS = 2  # large requests are parsed and decoded here, off the event loop; a bounded pool, a bounded queue
 DECODE_INLINE_BYTES = 64 * 1024  # larger requests (photos, long JSON) are parsed and decoded in that pool
+INLINE_PASS_MS = 5.0  # a warm pass at the largest batch no longer than Python's GIL switch interval runs on the loop
+# itself: handing it to a thread costs more than it overlaps there (bench/NOTES.md lever 52)
 ABANDONED = 499  # nginx's "client closed request": counted in the metrics, never sent (no one is there to read it)
 PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch",
              "pt2": "pytorch_aotinductor"}  # fmt: skip
@@ -119,12 +122,18 @@ def stacking(card: ModelCard) -> dict:
 
 
 def warm_up(served: Served) -> dict:
-    """One forward pass at the largest batch the batcher will make, every named dimension at its longest: a model
-    that cannot run it is never ready."""
+    """Forward passes at the largest batch the batcher will make, every named dimension at its longest: a model
+    that cannot run one is never ready. The second, warm pass's time decides where passes run: on the event loop
+    when it is short, since a thread hand-off then costs more than it overlaps; on the pass's thread otherwise, so
+    that a long pass never stalls the worker's connections."""
     n, card = served.batcher.max_batch, served.card
     x = signature.zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
-    start = time.perf_counter()
-    out = served.batcher.run(x)
-    v2.model_outputs(served.card, out)  # and its answer must make sense to the encoder
-    served.warmup = {"batch": n, "ms": round((time.perf_counter() - start) * 1000, 2)}
+    v2.model_outputs(served.card, served.batcher.run(x))  # and its answer must make sense to the encoder
+    ms = math.inf
+    for _ in range(2):
+        start = time.perf_counter()
+        served.batcher.run(x)
+        ms = min(ms, (time.perf_counter() - start) * 1000)
+    served.batcher.inline = ms <= INLINE_PASS_MS
+    served.warmup = {"batch": n, "ms": round(ms, 2), "inline": served.batcher.inline}
     return served.warmup

@@ -29,6 +29,7 @@ def main(argv: list[str]) -> int:
             return run(x)
 
         served.batcher.run = gated
+        served.batcher.inline = False  # a pass that waits stands for a long one: long passes run on their thread
     return oip_server.serve_model(repo, args, load, lambda: print("ready", flush=True))
 
 

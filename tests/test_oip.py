@@ -17,8 +17,10 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
+from torchship.handlers.batching import Batcher
 from torchship.handlers.onnx_model import load as load_onnx
 from torchship.handlers.responses import probabilities
+from torchship.handlers.serving import INLINE_PASS_MS
 from torchship.serve import oip
 from torchship.serve.loadtest import Payload, kill_worker_under_load, payloads, run_level
 from torchship.serve.process import ServerError, free_ports
@@ -176,6 +178,41 @@ def test_readiness_waits_for_the_warm_up_at_the_largest_batch(server, tmp_path, 
         assert "warm-up: batch 1" in log and oip.status(tmp_path / "b")["ready"]
     finally:
         oip.stop(ones.state_dir)
+
+
+def test_each_worker_runs_its_passes_where_its_warm_up_pass_decided(server):
+    """Short passes on the event loop, long ones on the pass's thread: the choice follows the measured pass."""
+    warm = [w["warmup"] for w in oip.workers(server.state_dir)["workers"]]
+    assert len(warm) == 2
+    for w in warm:
+        assert w["batch"] == 8 and w["inline"] == (w["ms"] <= INLINE_PASS_MS)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_a_pass_runs_on_the_loop_or_on_its_thread_with_the_same_answers(inline):
+    import asyncio
+    import threading
+
+    ran_on = []
+
+    def run(x):
+        ran_on.append(threading.get_ident())
+        return x * 2
+
+    async def go():
+        batcher = Batcher(run, max_batch=8, max_delay=0, max_queue=8)
+        batcher.inline = inline
+        rows = [np.full((1, 3), i, np.float32) for i in range(5)]
+        futures = [batcher.enqueue(r) for r in rows]
+        batcher.start()
+        answers = await asyncio.gather(*futures)
+        await batcher.stop()
+        return rows, answers, threading.get_ident()
+
+    rows, answers, loop_thread = asyncio.run(go())
+    for r, a in zip(rows, answers):
+        np.testing.assert_array_equal(a, r * 2)
+    assert len(ran_on) == 1 and (ran_on[0] == loop_thread) == inline  # one pass of five rows, where it was told
 
 
 def expected(convnet_export, n=1000) -> list[Payload]:

@@ -1,0 +1,35 @@
+"""`python -m bench.run --range`: several bench runs as ranges, each target counted over the runs (issue 23 asks
+for the range over three runs, never one run's best)."""
+
+from bench.run import range_table, span
+
+
+def lv(c: int, rps: float, p50: float) -> dict:
+    return {"concurrency": c, "throughput": rps, "errors": {}, "accuracy": 1.0,
+            "latency_ms": {"p50": p50, "p99": 3 * p50}}  # fmt: skip
+
+
+def run(oip16: float) -> dict:
+    def setup(kind, r1, r4, r16, p50):
+        return {"kind": kind, "sends": "v2", "outputs": "all", "levels": [lv(1, r1, p50), lv(4, r4, 2 * p50),
+                                                                          lv(16, r16, 4 * p50)]}  # fmt: skip
+
+    return {"machine": {"cpu": "test cpu", "cores": 2}, "started": "now",
+            "serving": {"baseline": setup("torchserve", 100, 100, 100, 5.0),
+                        "ours": setup("torchserve", 200, 600, 1000, 4.0),
+                        "oip": setup("oip", 500, 1200, oip16, 1.5),
+                        "pytriton": setup("peer", 100, 300, 450, 8.0)}}  # fmt: skip
+
+
+def test_span_is_min_to_max_and_leaves_pairs_as_they_are():
+    assert span([1.2, 0.9, 1.5]) == "0.9-1.5"
+    assert span([2, 2]) == "2"
+    assert span([[1, 2], [3, 4]]) == "[1, 2] [3, 4]"
+
+
+def test_each_target_is_a_range_with_the_runs_that_met_it():
+    text = range_table([run(1400), run(1600), run(1550)])
+    line = next(x for x in text.splitlines() if "c=16 throughput / our TorchServe" in x)
+    assert "1.4-1.6" in line and "2 of 3" in line  # 1.40 misses 1.5; 1.60 and 1.55 meet it
+    rows = next(x for x in text.splitlines() if x.startswith("oip") and x.split()[1] == "16")
+    assert "1400-1600" in rows
