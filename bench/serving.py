@@ -198,20 +198,24 @@ def pooled(levels: list[Level], samples: list[float]) -> Level:
             if a >= 0:
                 answers[i] = a if answers[i] < 0 else min(answers[i], a)
     server_ms = {}
-    for key in ("queue_ms", "inference_ms"):
-        pairs = [(lv.server[key], lv.server["requests"]) for lv in levels if key in lv.server]
+    for key in ("queue_ms", "inference_ms", "rows_per_pass", "server_cores", "client_cores"):
+        weight = "seconds" if key.endswith("cores") else "requests"  # cores are per second, the rest per request
+        pairs = [(lv.server[key], getattr(lv, weight)) for lv in levels if key in lv.server]
         if pairs:
-            server_ms[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+            server_ms[key] = round(sum(v * w for v, w in pairs) / sum(w for _, w in pairs), 3)
     judged = [lv for lv in levels if lv.accuracy == lv.accuracy]  # NaN when nothing came back to judge
     accuracy = sum(lv.accuracy * lv.requests for lv in judged) / max(sum(lv.requests for lv in judged), 1)
     return Level("closed", levels[0].concurrency, None, n, dict(errors), seconds, n / max(seconds, 1e-9),
                  percentiles(samples), accuracy, {"requests": n, **server_ms}, answers)  # fmt: skip
 
 
+LOADED_ROUNDS = 4  # c=4 and c=16 are measured in this many alternating rounds per setup, like c=1 (bench/NOTES.md)
+
+
 def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: float = 10, rounds: int = 8,
             concurrency=(4, 16), after=None, log=print) -> dict:  # fmt: skip
-    """Every setup started, then measured one at a time (the rest paused): c=1 in alternating rounds, then each
-    concurrency level in turn.
+    """Every setup started, then measured one at a time (the rest paused): c=1 in alternating rounds, then the
+    loaded levels in alternating rounds too, since this machine's speed drifts by tens of percent within minutes.
 
     A setup that cannot start is a result that says why. `after(name, target, state_dir)` runs on each setup while
     its server is still up (the worker-kill test)."""
@@ -252,11 +256,17 @@ def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: fl
                     targets[n], bodies, 1, duration / 2, 30000, samples=samples[n])))  # fmt: skip
         for name in names:
             levels[name] = [pooled(rounds_c1[name], samples[name])]
-        for c in concurrency:
-            log(f"  c={c} ...")
-            for name in names:
-                levels[name].append(alone(name, lambda n=name, c=c: costed(procs[n], lambda: run_level(
-                    targets[n], bodies, c, duration, 100000))))  # fmt: skip
+        log(f"  c={', '.join(map(str, concurrency))} in {LOADED_ROUNDS} alternating rounds of {duration / LOADED_ROUNDS:g} s "
+            "...")
+        loaded = {(name, c): [] for name in names for c in concurrency}
+        loaded_samples = {key: [] for key in loaded}
+        for r in range(LOADED_ROUNDS):  # each setup's levels side by side in time: drift hits c=4 and c=16 alike
+            for name in names if r % 2 == 0 else names[::-1]:
+                for c in concurrency if r % 2 == 0 else concurrency[::-1]:
+                    loaded[name, c].append(alone(name, lambda n=name, c=c: costed(procs[n], lambda: run_level(
+                        targets[n], bodies, c, duration / LOADED_ROUNDS, 100000, samples=loaded_samples[n, c]))))
+        for name in names:
+            levels[name] += [pooled(loaded[name, c], loaded_samples[name, c]) for c in concurrency]
         if after:
             for name in names:
                 extra[name] = alone(name, lambda n=name: after(n, targets[n], work / f"state-{slug(n)}"))

@@ -211,7 +211,8 @@ def status(state_dir: Path | str = "serve-state") -> dict:
     return {"running": True, "runtime": NAME, "pid": p, "model": cfg.model, "ready": ready(cfg),
             "inference": cfg.inference_url, "grpc": cfg.grpc_address, "metrics": f"{cfg.inference_url}/metrics",
             "models": supervisor.get("models", []), "shadow": shadows(cfg),
-            "workers": [{"pid": w["pid"], "ready": w["ready"]} for w in supervisor.get("workers", [])],
+            "workers": [{"pid": w["pid"], "ready": w["ready"], "warmup": w.get("warmup", {})}
+                        for w in supervisor.get("workers", [])],
             "restarts": supervisor.get("restarts", 0), "settings": supervisor.get("settings", {})}  # fmt: skip
 
 

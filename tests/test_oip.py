@@ -182,7 +182,7 @@ def test_readiness_waits_for_the_warm_up_at_the_largest_batch(server, tmp_path, 
 
 def test_each_worker_runs_its_passes_where_its_warm_up_pass_decided(server):
     """Short passes on the event loop, long ones on the pass's thread: the choice follows the measured pass."""
-    warm = [w["warmup"] for w in oip.workers(server.state_dir)["workers"]]
+    warm = [w["warmup"] for w in oip.status(server.state_dir)["workers"]]  # as `serve status` shows them
     assert len(warm) == 2
     for w in warm:
         assert w["batch"] == 8 and w["inline"] == (w["ms"] <= INLINE_PASS_MS)
