@@ -256,15 +256,19 @@ def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: fl
                     targets[n], bodies, 1, duration / 2, 30000, samples=samples[n])))  # fmt: skip
         for name in names:
             levels[name] = [pooled(rounds_c1[name], samples[name])]
-        log(f"  c={', '.join(map(str, concurrency))} in {LOADED_ROUNDS} alternating rounds of {duration / LOADED_ROUNDS:g} s "
-            "...")
+        each = duration / LOADED_ROUNDS
+        log(f"  c={', '.join(map(str, concurrency))} in {LOADED_ROUNDS} alternating rounds of {each:g} s ...")
         loaded = {(name, c): [] for name in names for c in concurrency}
         loaded_samples = {key: [] for key in loaded}
+
+        def level_of(name: str, c: int) -> Level:
+            return costed(procs[name], lambda: run_level(targets[name], bodies, c, each, 100000,
+                                                         samples=loaded_samples[name, c]))  # fmt: skip
+
         for r in range(LOADED_ROUNDS):  # each setup's levels side by side in time: drift hits c=4 and c=16 alike
             for name in names if r % 2 == 0 else names[::-1]:
                 for c in concurrency if r % 2 == 0 else concurrency[::-1]:
-                    loaded[name, c].append(alone(name, lambda n=name, c=c: costed(procs[n], lambda: run_level(
-                        targets[n], bodies, c, duration / LOADED_ROUNDS, 100000, samples=loaded_samples[n, c]))))
+                    loaded[name, c].append(alone(name, lambda n=name, c=c: level_of(n, c)))
         for name in names:
             levels[name] += [pooled(loaded[name, c], loaded_samples[name, c]) for c in concurrency]
         if after:
