@@ -1,7 +1,12 @@
 """`python -m bench.run --range`: several bench runs as ranges, each target counted over the runs (issue 23 asks
 for the range over three runs, never one run's best)."""
 
-from bench.run import range_table, span
+import sys
+
+from helpers import ROOT
+
+sys.path.insert(0, str(ROOT))  # bench/ belongs to the repository, not the package: `make bench` runs it from there
+from bench.run import range_table, span  # noqa: E402
 
 
 def lv(c: int, rps: float, p50: float) -> dict:
