@@ -65,7 +65,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward-pass")
         self._task: asyncio.Task | None = None
-        self.inline = False  # run each pass on the event loop itself (serving.warm_up decides from the pass's cost)
+        self.inline = False  # passes of several requests run on the event loop (serving.warm_up decides)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="batcher")
@@ -160,7 +160,10 @@ class Batcher:
             wall = time.time_ns() if traced else 0
             start = time.perf_counter()
             try:
-                out = self.run(x) if self.inline else await loop.run_in_executor(self._thread, self.run, x)
+                # a lone request's pass stays on the thread, so the loop is free to take in its company meanwhile:
+                # gRPC's requests reach the queue only after several turns of the loop (found by a clean-clone run)
+                inline = self.inline and len(jobs) > 1
+                out = self.run(x) if inline else await loop.run_in_executor(self._thread, self.run, x)
             except Exception as e:  # the model failed on valid input: every request of the pass gets the error
                 for j in jobs:
                     if not j.future.done():

@@ -188,8 +188,10 @@ def test_each_worker_runs_its_passes_where_its_warm_up_pass_decided(server):
         assert w["batch"] == 8 and w["inline"] == (w["ms"] <= INLINE_PASS_MS)
 
 
-@pytest.mark.parametrize("inline", [True, False])
-def test_a_pass_runs_on_the_loop_or_on_its_thread_with_the_same_answers(inline):
+@pytest.mark.parametrize("inline,requests", [(True, 5), (False, 5), (True, 1)])
+def test_a_pass_runs_on_the_loop_or_on_its_thread_with_the_same_answers(inline, requests):
+    """Several requests' pass runs where it is told; a lone request's always on the thread, so that the loop can take
+    in its company meanwhile."""
     import asyncio
     import threading
 
@@ -202,7 +204,7 @@ def test_a_pass_runs_on_the_loop_or_on_its_thread_with_the_same_answers(inline):
     async def go():
         batcher = Batcher(run, max_batch=8, max_delay=0, max_queue=8)
         batcher.inline = inline
-        rows = [np.full((1, 3), i, np.float32) for i in range(5)]
+        rows = [np.full((1, 3), i, np.float32) for i in range(requests)]
         futures = [batcher.enqueue(r) for r in rows]
         batcher.start()
         answers = await asyncio.gather(*futures)
@@ -212,7 +214,7 @@ def test_a_pass_runs_on_the_loop_or_on_its_thread_with_the_same_answers(inline):
     rows, answers, loop_thread = asyncio.run(go())
     for r, a in zip(rows, answers):
         np.testing.assert_array_equal(a, r * 2)
-    assert len(ran_on) == 1 and (ran_on[0] == loop_thread) == inline  # one pass of five rows, where it was told
+    assert len(ran_on) == 1 and (ran_on[0] == loop_thread) == (inline and requests > 1)  # one pass, all the rows
 
 
 def expected(convnet_export, n=1000) -> list[Payload]:
