@@ -3,7 +3,7 @@
 One batcher per worker process, shared by REST and gRPC. Requests that arrive while a pass runs are gathered into
 the next one (up to `max_batch` rows); a lone request is run at once and never waits for company. The pass runs on
 one thread of its own, so the event loop goes on reading and decoding requests meanwhile (bench/NOTES.md, OIP),
-unless the model is so fast that handing the pass to a thread costs more than it overlaps (`inline`, lever 52).
+except a pass of several requests of a model so fast that the hand-off costs more than it overlaps (`inline`, lever 52).
 """
 
 from __future__ import annotations
