@@ -22,6 +22,7 @@ from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, In
 from . import runners, v2
 from .card import ModelCard
 from .images import Preprocessor
+from .responses import batch_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ class KServeModel(kserve.Model):
             raise InvalidInput(str(e)) from None
         outputs = []
         binary = payload.from_grpc or payload.use_binary_outputs  # gRPC: raw contents, or tritonclient reads []
-        for t in v2.model_outputs(self.card, self.runner.run(x.arrays if self.card.named else x)):
+        raw = self.runner.run(x.arrays if self.card.named else x)
+        for t in v2.model_outputs(self.card, batch_outputs(self.card, raw)):
             out = InferOutput(name=t.name, shape=list(t.shape), datatype=t.datatype)
             out.set_data_from_numpy(t.data, binary_data=binary)
             outputs.append(out)

@@ -15,7 +15,7 @@ from .http11 import Request, Response
 from .images import InputError
 from .repository import Repository, RepositoryError, agreement
 from .request import instances
-from .responses import respond
+from .responses import answers
 from .serving import ABANDONED, ACCESS, DECODE_INLINE_BYTES, Served, Settings, access
 from .tensors import rows_from_instances, standardize
 
@@ -255,7 +255,7 @@ class RestApp:
                 return Response(ABANDONED, b"")
             if done.exception() is not None:
                 return error(500, "inference failed")
-            return Response(200, dumps({"predictions": respond(served.card, done.result())}))
+            return Response(200, dumps({"predictions": answers(served.card, done.result())}))
 
         def abandon() -> None:
             pending.cancel()

@@ -212,7 +212,8 @@ class Repository:
 
 def agreement(card: ModelCard, default, candidate) -> tuple[bool, float]:
     """A shadow's verdict on one request: whether the candidate answered every row alike (the same top-1 label; for
-    values, within 1e-4 relative) and the largest element-wise difference of the raw outputs."""
+    values, within 1e-4 relative) and the largest element-wise difference of the batches' outputs (a classifier's
+    probabilities: responses.batch_outputs)."""
     import numpy as np
 
     a, b = np.asarray(default, np.float64), np.asarray(candidate, np.float64)

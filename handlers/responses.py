@@ -66,12 +66,23 @@ def values(card: ModelCard, outputs: np.ndarray) -> list:
     return [dict(zip(card.output_names, row)) for row in rows]
 
 
+def batch_outputs(card: ModelCard, raw):
+    """What one forward pass's raw output becomes before its requests' rows are split off: a classifier's
+    probabilities, so the softmax runs once per pass, not once per request (bench/NOTES.md lever 54)."""
+    return probabilities(card, raw) if card.task == "classify" else raw
+
+
 def respond(card: ModelCard, outputs: np.ndarray, topk: list[int] | None = None) -> list:
     """One JSON-ready answer per row of a batch's raw output."""
+    return answers(card, batch_outputs(card, outputs), topk)
+
+
+def answers(card: ModelCard, outputs: np.ndarray, topk: list[int] | None = None) -> list:
+    """One JSON-ready answer per row of batch_outputs."""
     if card.task == "regress":
         return values(card, outputs)
     if card.task == "reconstruct":
         return [{"image_png_base64": base64.b64encode(png(to_pixels(card, o))).decode("ascii")} for o in outputs]
-    probs = probabilities(card, outputs)
+    probs = np.asarray(outputs, np.float32).reshape(len(outputs), -1)
     ks = topk or [DEFAULT_TOPK] * len(probs)
     return [top_k(p, card.labels, k) for p, k in zip(probs, ks)]

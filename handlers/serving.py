@@ -19,6 +19,7 @@ from .batching import Batcher, Stacking
 from .card import ModelCard
 from .images import Preprocessor
 from .metrics import Metrics
+from .responses import batch_outputs
 
 DECODE_THREADS = 2  # large requests are parsed and decoded here, off the event loop; a bounded pool, a bounded queue
 DECODE_INLINE_BYTES = 64 * 1024  # larger requests (photos, long JSON) are parsed and decoded in that pool
@@ -105,7 +106,7 @@ def load(model_dir: str, settings: Settings, *, name: str | None = None) -> Serv
     name = name or card.name
     runner = runners.load(model_dir, settings.backend, threads=settings.threads, card=card)
     metrics = Metrics(name, card.version)
-    batcher = Batcher(runner.run, max_batch=settings.max_batch, max_delay=settings.max_delay_ms / 1000,
+    batcher = Batcher(lambda x: batch_outputs(card, runner.run(x)), max_batch=settings.max_batch, max_delay=settings.max_delay_ms / 1000,
                       max_queue=settings.max_queue, on_pass=metrics.ran, **stacking(card))  # fmt: skip
     return Served(name, card, Preprocessor(card, settings.max_pixels), batcher, metrics, runner.backend, card.version,
                   str(model_dir))  # fmt: skip

@@ -13,7 +13,7 @@ from . import runners, signature, v2
 from .card import ModelCard
 from .images import InputError, Preprocessor
 from .request import Batch, Part, decode_row, instances
-from .responses import respond
+from .responses import answers, batch_outputs
 from .tensors import rows_from_instances, standardize
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class ModelHandler(BaseHandler):
         if data.inputs is not None and self.card.named:
             data.outputs = signature.run_together(self.card.signature, self.runner.run, data.inputs)
         elif data.inputs is not None:
-            data.outputs = self.runner.run(data.inputs)
+            data.outputs = batch_outputs(self.card, self.runner.run(data.inputs))
         return data
 
     def postprocess(self, data: Batch) -> list[str]:
@@ -126,9 +126,9 @@ class ModelHandler(BaseHandler):
             elif part.v2 is not None:
                 body = v2.response_json(self.model_name, part.v2, v2.model_outputs(self.card, out))
             elif part.v1:
-                body = {"predictions": respond(self.card, out, [part.topk] * len(out))}
+                body = {"predictions": answers(self.card, out, [part.topk] * len(out))}
             else:
-                body = respond(self.card, out, [part.topk])[0]
+                body = answers(self.card, out, [part.topk])[0]
             responses[part.index] = json.dumps(body)
         return responses
 
