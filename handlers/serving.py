@@ -106,7 +106,11 @@ def load(model_dir: str, settings: Settings, *, name: str | None = None) -> Serv
     name = name or card.name
     runner = runners.load(model_dir, settings.backend, threads=settings.threads, card=card)
     metrics = Metrics(name, card.version)
-    batcher = Batcher(lambda x: batch_outputs(card, runner.run(x)), max_batch=settings.max_batch, max_delay=settings.max_delay_ms / 1000,
+
+    def run(x):  # once per forward pass: the model, then what all its requests' answers share
+        return batch_outputs(card, runner.run(x))
+
+    batcher = Batcher(run, max_batch=settings.max_batch, max_delay=settings.max_delay_ms / 1000,
                       max_queue=settings.max_queue, on_pass=metrics.ran, **stacking(card))  # fmt: skip
     return Served(name, card, Preprocessor(card, settings.max_pixels), batcher, metrics, runner.backend, card.version,
                   str(model_dir))  # fmt: skip
