@@ -3,7 +3,8 @@
 One batcher per worker process, shared by REST and gRPC. Requests that arrive while a pass runs are gathered into
 the next one (up to `max_batch` rows); a lone request is run at once and never waits for company. The pass runs on
 one thread of its own, so the event loop goes on reading and decoding requests meanwhile (bench/NOTES.md, OIP),
-except a pass of several requests of a model so fast that the hand-off costs more than it overlaps (`inline`, lever 52).
+except the pass of a model so fast that the hand-off costs more than it overlaps (`inline`, lever 52): a pass of
+several requests, or a lone request whose protocol brings its company to the queue within the loop's turn (`prompt`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Job:
     future: asyncio.Future
     queued: float  # perf_counter() when it joined the queue
     trace: object = None  # tracing.Trace: told when its pass ran
+    prompt: bool = False  # its protocol queues the requests that arrive with it in the same turn of the loop
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward-pass")
         self._task: asyncio.Task | None = None
-        self.inline = False  # passes of several requests run on the event loop (serving.warm_up decides)
+        self.inline = False  # a fast model's passes run on the event loop (serving.warm_up decides; see _serve)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="batcher")
@@ -83,12 +85,13 @@ class Batcher:
     def queued(self) -> int:
         return len(self.jobs)
 
-    def enqueue(self, rows: np.ndarray, trace=None) -> asyncio.Future:
-        """A future of this request's rows of the output, set once the pass that holds them has run."""
+    def enqueue(self, rows: np.ndarray, trace=None, *, prompt: bool = False) -> asyncio.Future:
+        """A future of this request's rows of the output, set once the pass that holds them has run. `prompt`: the
+        request came in the loop turn its bytes did, and so would its company (REST, decoded on the loop)."""
         if len(self.jobs) >= self.max_queue:
             raise Overloaded(f"{len(self.jobs)} requests are queued in this worker (its limit): retry shortly")
         future = asyncio.get_running_loop().create_future()
-        self.jobs.append(Job(rows, future, time.perf_counter(), trace))
+        self.jobs.append(Job(rows, future, time.perf_counter(), trace, prompt))
         self._wake.set()
         return future
 
@@ -160,9 +163,10 @@ class Batcher:
             wall = time.time_ns() if traced else 0
             start = time.perf_counter()
             try:
-                # a lone request's pass stays on the thread, so the loop is free to take in its company meanwhile:
-                # gRPC's requests reach the queue only after several turns of the loop (found by a clean-clone run)
-                inline = self.inline and len(jobs) > 1
+                # a lone request's pass stays on the thread unless it is prompt, so the loop is free to take in its
+                # company meanwhile: gRPC's requests reach the queue only after several turns of the loop (found by a
+                # clean-clone run), while REST's decoded on the loop are queued in the turn their bytes arrive
+                inline = self.inline and (len(jobs) > 1 or jobs[0].prompt)
                 out = self.run(x) if inline else await loop.run_in_executor(self._thread, self.run, x)
             except Exception as e:  # the model failed on valid input: every request of the pass gets the error
                 for j in jobs:

@@ -169,14 +169,14 @@ class RestApp:
                 future.cancel()
             answer(Response(ABANDONED, b""))
 
-        def predict(prepared) -> None:
+        def predict(prepared, prompt: bool) -> None:
             header, want, rows = prepared
             request_id.append(str(header.get("id") or request.headers.get(b"x-request-id", b"").decode()[:128]))
             if trace is not None:
                 trace.mark_decoded()
                 trace.request_id = request_id[0]
             try:
-                pending = served.batcher.enqueue(rows, trace)
+                pending = served.batcher.enqueue(rows, trace, prompt=prompt)
             except Overloaded as e:
                 return answer(error(503, str(e), headers=((b"retry-after", RETRY_AFTER_S),)))
             queued.append(pending)
@@ -186,7 +186,7 @@ class RestApp:
 
         if len(request.body) <= DECODE_INLINE_BYTES:
             try:
-                predict(self.prepare(served, request))
+                predict(self.prepare(served, request), True)  # decoded in the turn its bytes arrived
             except v2.ProtocolError as e:
                 answer(error(e.status, str(e)))
             except Exception:
@@ -210,7 +210,7 @@ class RestApp:
             if e is not None:
                 logger.error("decoding failed", exc_info=e)
                 return answer(error(500, "the server failed to decode this request"))
-            predict(done.result())
+            predict(done.result(), False)
 
         self.loop.run_in_executor(served.decoder, self.prepare, served, request).add_done_callback(decoded)
         return abandon
@@ -244,7 +244,7 @@ class RestApp:
             return answer(error(400, f"{served.name} takes images: POST them to /v2/models/{served.name}/infer"))
         try:
             rows = standardize(served.card, rows_from_instances(served.card, instances(request.body)))
-            pending = served.batcher.enqueue(rows)
+            pending = served.batcher.enqueue(rows, prompt=True)
         except InputError as e:
             return answer(error(e.status, e.message))
         except Overloaded as e:

@@ -23,8 +23,8 @@ from .responses import batch_outputs
 
 DECODE_THREADS = 2  # large requests are parsed and decoded here, off the event loop; a bounded pool, a bounded queue
 DECODE_INLINE_BYTES = 64 * 1024  # larger requests (photos, long JSON) are parsed and decoded in that pool
-INLINE_PASS_MS = 5.0  # a warm pass at the largest batch no longer than Python's GIL switch interval: passes of several
-# requests run on the loop itself: handing it to a thread costs more than it overlaps there (bench/NOTES.md lever 52)
+INLINE_PASS_MS = 5.0  # a warm pass at the largest batch no longer than Python's GIL switch interval: passes run on the
+# loop itself, since handing them to a thread costs more than it overlaps (bench/NOTES.md levers 52, 55)
 ABANDONED = 499  # nginx's "client closed request": counted in the metrics, never sent (no one is there to read it)
 PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch",
              "pt2": "pytorch_aotinductor"}  # fmt: skip
@@ -130,7 +130,7 @@ def warm_up(served: Served) -> dict:
     """Forward passes at the largest batch the batcher will make, every named dimension at its longest: a model
     that cannot run one is never ready. The warm passes' time decides where passes of several requests run: on the
     event loop when short, since a thread hand-off then costs more than it overlaps; on the pass's thread otherwise,
-    so that a long pass never stalls the worker's connections (a lone request's pass always runs there)."""
+    so that a long pass never stalls the worker's connections (batching.Batcher._serve has the lone request's case)."""
     n, card = served.batcher.max_batch, served.card
     x = signature.zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
     v2.model_outputs(served.card, served.batcher.run(x))  # and its answer must make sense to the encoder

@@ -188,10 +188,11 @@ def test_each_worker_runs_its_passes_where_its_warm_up_pass_decided(server):
         assert w["batch"] == 8 and w["inline"] == (w["ms"] <= INLINE_PASS_MS)
 
 
-@pytest.mark.parametrize("inline,requests", [(True, 5), (False, 5), (True, 1)])
-def test_a_pass_runs_on_the_loop_or_on_its_thread_with_the_same_answers(inline, requests):
-    """Several requests' pass runs where it is told; a lone request's always on the thread, so that the loop can take
-    in its company meanwhile."""
+@pytest.mark.parametrize("inline,requests,prompt", [(True, 5, False), (False, 5, False), (True, 1, False),
+                                                    (True, 1, True), (False, 1, True)])  # fmt: skip
+def test_a_pass_runs_on_the_loop_or_on_its_thread_with_the_same_answers(inline, requests, prompt):
+    """Several requests' pass runs where it is told; a lone request's on the thread unless its protocol queues its
+    company in the same turn of the loop (prompt), so that the loop can take in that company meanwhile."""
     import asyncio
     import threading
 
@@ -205,7 +206,7 @@ def test_a_pass_runs_on_the_loop_or_on_its_thread_with_the_same_answers(inline, 
         batcher = Batcher(run, max_batch=8, max_delay=0, max_queue=8)
         batcher.inline = inline
         rows = [np.full((1, 3), i, np.float32) for i in range(requests)]
-        futures = [batcher.enqueue(r) for r in rows]
+        futures = [batcher.enqueue(r, prompt=prompt) for r in rows]
         batcher.start()
         answers = await asyncio.gather(*futures)
         await batcher.stop()
@@ -214,7 +215,8 @@ def test_a_pass_runs_on_the_loop_or_on_its_thread_with_the_same_answers(inline, 
     rows, answers, loop_thread = asyncio.run(go())
     for r, a in zip(rows, answers):
         np.testing.assert_array_equal(a, r * 2)
-    assert len(ran_on) == 1 and (ran_on[0] == loop_thread) == (inline and requests > 1)  # one pass, all the rows
+    assert len(ran_on) == 1  # one pass, all the rows
+    assert (ran_on[0] == loop_thread) == (inline and (requests > 1 or prompt))
 
 
 def expected(convnet_export, n=1000) -> list[Payload]:
