@@ -186,18 +186,18 @@ def _named_inputs(card: ModelCard, tensors: list[Tensor]) -> signature.Rows:
         raise ProtocolError(e.message, e.status) from None
 
 
-def model_outputs(card: ModelCard, raw) -> list[Tensor]:
+def model_outputs(card: ModelCard, rows) -> list[Tensor]:
     """A request's v2 output tensors from its rows of responses.batch_outputs (a classifier's probabilities)."""
     if card.named:
-        out = signature.outputs(card.signature, raw)
+        out = signature.outputs(card.signature, rows)
         return [Tensor(t.name, t.datatype, out[t.name].shape, out[t.name]) for t in card.signature.outputs]
     if card.task == "regress":
-        out = np.asarray(raw, np.float32).reshape(len(raw), card.outputs)
+        out = np.asarray(rows, np.float32).reshape(len(rows), card.outputs)
         return [Tensor(card.output_name, "FP32", out.shape, out)]
     if card.task == "reconstruct":
-        out = np.asarray(raw, np.float32).reshape(len(raw), *card.input_shape)
+        out = np.asarray(rows, np.float32).reshape(len(rows), *card.input_shape)
         return [Tensor(RECONSTRUCTION, "FP32", out.shape, out)]
-    probs = np.asarray(raw, np.float32).reshape(len(raw), -1)
+    probs = np.asarray(rows, np.float32).reshape(len(rows), -1)
     labels = np.array([card.labels[i].encode() for i in probs.argmax(1)], dtype=object)
     return [Tensor(PROBABILITIES, "FP32", probs.shape, probs), Tensor(LABEL, "BYTES", labels.shape, labels)]
 
