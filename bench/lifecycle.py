@@ -25,16 +25,18 @@ CLIENTS = 64
 
 
 def versions(export_dir: Path, root: Path, data_dir: Path) -> tuple[Path, Path]:
-    """REPOSITORY/mnist/1 (the export, proven) and, staged beside it, the same as version 2."""
+    """REPOSITORY/model/V (the export as its card numbers it, proven) and, staged beside it, the same as V + 1: an
+    export folder exported twice holds version 2, not 1."""
     from torchship.export.verify import verify, write_report
 
-    one, two = root / "repository" / "model" / "1", root / "staged" / "2"
+    v = int(json.loads((export_dir / "meta.json").read_text())["version"])
+    one, two = root / "repository" / "model" / str(v), root / "staged" / str(v + 1)
     shutil.copytree(export_dir, one, ignore=shutil.ignore_patterns("model.pt2", "model.int8.onnx", "model.ts.pt"))
     report = verify(one, data_dir=data_dir)
     write_report(report, one)
     shutil.copytree(one, two)
     card = json.loads((two / "meta.json").read_text())
-    (two / "meta.json").write_text(json.dumps({**card, "version": "2"}))
+    (two / "meta.json").write_text(json.dumps({**card, "version": two.name}))
     return one, two
 
 
@@ -60,14 +62,14 @@ def swap(export_dir: Path, work: Path, data_dir: Path, seconds: float = 10, log=
         result: dict = {}
         loader = threading.Thread(target=lambda: result.update(level=run_level(
             target, bodies, CLIENTS, seconds, 10**6, timeline=timeline)))  # fmt: skip
-        log("  the same load across a swap to version 2 and the unloading of version 1 ...")
+        log("  the same load across a swap to the next version and the unloading of this one ...")
         loader.start()
         time.sleep(seconds / 3)  # the swap happens in the middle of the run, not at its edges
         began = time.perf_counter()
-        shutil.copytree(two, one.parent / "2")
+        shutil.copytree(two, one.parent / two.name)
         oip.repository_call(state, "load", name)
         loaded = time.perf_counter()
-        oip.repository_call(state, "unload", name, {"parameters": {"version": "1"}})
+        oip.repository_call(state, "unload", name, {"parameters": {"version": one.name}})
         ended = time.perf_counter()
         loader.join()
     finally:
@@ -102,8 +104,8 @@ def run(export_dir: Path, work: Path, data_dir: Path, duration: float = 10, log=
 
 def table(section: dict) -> list[str]:
     s = section["swap"]
-    lines = [f"Swap under {s['clients']} clients: version 2 loaded and warmed in every worker, made the default, "
-             f"version 1 unloaded, in {s['swap_ms']:.0f} ms (the load {s['load_ms']:.0f} ms)",
+    lines = [f"Swap under {s['clients']} clients: the next version loaded and warmed in every worker, made the default, "
+             f"the old one unloaded, in {s['swap_ms']:.0f} ms (the load {s['load_ms']:.0f} ms)",
              f"  p99 of the {s['swap_requests']} requests in flight meanwhile {s['swap_p99_ms']:.1f} ms against "
              f"{s['steady_p99_ms']:.1f} ms steady ({s['ratio']:.2f}x); failed: {sum(s['errors'].values())} of "
              f"{s['requests']}"]  # fmt: skip
