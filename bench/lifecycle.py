@@ -104,8 +104,8 @@ def run(export_dir: Path, work: Path, data_dir: Path, duration: float = 10, log=
 
 def table(section: dict) -> list[str]:
     s = section["swap"]
-    lines = [f"Swap under {s['clients']} clients: the next version loaded and warmed in every worker, made the default, "
-             f"the old one unloaded, in {s['swap_ms']:.0f} ms (the load {s['load_ms']:.0f} ms)",
+    lines = [f"Swap under {s['clients']} clients: the next version loaded and warmed in every worker, made the "
+             f"default, the old one unloaded, in {s['swap_ms']:.0f} ms (the load {s['load_ms']:.0f} ms)",
              f"  p99 of the {s['swap_requests']} requests in flight meanwhile {s['swap_p99_ms']:.1f} ms against "
              f"{s['steady_p99_ms']:.1f} ms steady ({s['ratio']:.2f}x); failed: {sum(s['errors'].values())} of "
              f"{s['requests']}"]  # fmt: skip
