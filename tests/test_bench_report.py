@@ -1,11 +1,16 @@
 """`python -m bench.run --range`: several bench runs as ranges, each target counted over the runs (issue 23 asks
-for the range over three runs, never one run's best)."""
+for the range over three runs, never one run's best); and the lifecycle bench's versions."""
 
+import json
+import shutil
 import sys
+
+from torchship.handlers.repository import exports_below
 
 from helpers import ROOT
 
 sys.path.insert(0, str(ROOT))  # bench/ belongs to the repository, not the package: `make bench` runs it from there
+from bench.lifecycle import versions  # noqa: E402
 from bench.run import range_table, span  # noqa: E402
 
 
@@ -38,3 +43,15 @@ def test_each_target_is_a_range_with_the_runs_that_met_it():
     assert "1.4-1.6" in line and "2 of 3" in line  # 1.40 misses 1.5; 1.60 and 1.55 meet it
     rows = next(x for x in text.splitlines() if x.startswith("oip") and x.split()[1] == "16")
     assert "1400-1600" in rows
+
+
+def test_the_swap_bench_goes_from_the_exports_own_version_to_the_next(convnet_export, data_dir, tmp_path):
+    """`make export` then `make bench` exports the folder again, so it holds version 2: the swap bench assumed 1 and
+    its repository then held version 2 twice (the bench stopped there)."""
+    export = tmp_path / "export"
+    shutil.copytree(convnet_export.directory, export)
+    card = json.loads((export / "meta.json").read_text())
+    (export / "meta.json").write_text(json.dumps({**card, "version": "2"}))
+    one, two = versions(export, tmp_path / "work", data_dir)
+    shutil.copytree(two, one.parent / two.name)  # what the bench does to load it
+    assert {(e.version, e.directory.name) for e in exports_below(one.parent, "onnx")} == {("2", "2"), ("3", "3")}
