@@ -28,8 +28,9 @@ def versions(export_dir: Path, root: Path, data_dir: Path) -> tuple[Path, Path]:
     """REPOSITORY/model/V (the export as its card numbers it, proven) and, staged beside it, the same as V + 1: an
     export folder exported twice holds version 2, not 1."""
     from torchship.export.verify import verify, write_report
+    from torchship.handlers.card import ModelCard
 
-    v = int(json.loads((export_dir / "meta.json").read_text())["version"])
+    v = int(ModelCard.load(export_dir).version)
     one, two = root / "repository" / "model" / str(v), root / "staged" / str(v + 1)
     shutil.copytree(export_dir, one, ignore=shutil.ignore_patterns("model.pt2", "model.int8.onnx", "model.ts.pt"))
     report = verify(one, data_dir=data_dir)
