@@ -120,7 +120,8 @@ gpu-check:
 # and compiles the shared model once for all of them.
 TEST_WORKERS ?= 3
 
-test: $(STAMP) system-test
+# ruff first (formatting is the tool's: no `# fmt: skip` in the tree), then the suite.
+test: $(STAMP) system-test lint
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The unit tests: no servers, no compiles, no browser (under a minute).

@@ -53,10 +53,15 @@ def row(name: str, metrics: dict, seconds: float) -> dict:
     history = metrics["history"]
     later = history[1:] or history  # the first epoch pays for CUDA's start-up
     per_epoch = sorted(h["seconds"] for h in later)[len(later) // 2]
-    return {"run": name, "epochs": len(history), "epoch_s": round(per_epoch, 3),
-            "per_second": round(sorted(h["images_per_second"] for h in later)[len(later) // 2]),
-            "test_accuracy": metrics.get("test_accuracy"), "test_loss": round(metrics["test_loss"], 5),
-            "wall_s": round(seconds, 1)}  # fmt: skip
+    return {
+        "run": name,
+        "epochs": len(history),
+        "epoch_s": round(per_epoch, 3),
+        "per_second": round(sorted(h["images_per_second"] for h in later)[len(later) // 2]),
+        "test_accuracy": metrics.get("test_accuracy"),
+        "test_loss": round(metrics["test_loss"], 5),
+        "wall_s": round(seconds, 1),
+    }
 
 
 def train_presets(device: str, work: Path, data_dir: Path, epochs: int) -> list[dict]:
@@ -70,8 +75,9 @@ def train_presets(device: str, work: Path, data_dir: Path, epochs: int) -> list[
             preset = replace(preset, dataset="mnist-5k")
         for amp in (False, True):
             t = time.perf_counter()
-            metrics = train(preset, work / f"{name}-{'bf16' if amp else 'fp32'}", data_dir, device=device, amp=amp,
-                            quiet=True)  # fmt: skip
+            metrics = train(
+                preset, work / f"{name}-{'bf16' if amp else 'fp32'}", data_dir, device=device, amp=amp, quiet=True
+            )
             rows.append(row(f"{name}{' bf16' if amp else ''}", metrics, time.perf_counter() - t))
             print(f"  {rows[-1]}", flush=True)
     return rows
@@ -91,8 +97,11 @@ def resume_and_export(device: str, work: Path, data_dir: Path) -> dict:
     resumed = checkpoint.load(out / "last.pt").epoch
     exported = export_checkpoint(out / "best.pt", work / "export", ("ts", "onnx"), options=Options(data_dir))
     report = verify(exported.directory, data_dir=data_dir)
-    return {"resumed_to_epoch": resumed, "export_proof_passed": report.passed,
-            "proof_max_abs": max(c.max_abs for c in report.checks)}  # fmt: skip
+    return {
+        "resumed_to_epoch": resumed,
+        "export_proof_passed": report.passed,
+        "proof_max_abs": max(c.max_abs for c in report.checks),
+    }
 
 
 def time_to_target(device: str, work: Path, data_dir: Path) -> dict:
@@ -107,8 +116,12 @@ def time_to_target(device: str, work: Path, data_dir: Path) -> dict:
     for h in metrics["history"]:
         elapsed += h["seconds"]
         if h["val_accuracy"] >= TARGET_ACCURACY:
-            return {"epoch": h["epoch"], "training_s": round(elapsed, 2), "test_accuracy": metrics["test_accuracy"],
-                    "run_s": round(total, 1)}  # fmt: skip
+            return {
+                "epoch": h["epoch"],
+                "training_s": round(elapsed, 2),
+                "test_accuracy": metrics["test_accuracy"],
+                "run_s": round(total, 1),
+            }
     return {"epoch": None, "training_s": None, "test_accuracy": metrics["test_accuracy"], "run_s": round(total, 1)}
 
 
@@ -118,8 +131,23 @@ def ddp(device: str, work: Path, data_dir: Path, layout: str | None) -> dict:
 
     n = max(1, torch.cuda.device_count()) if device == "cuda" else 2
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (layout, str(ROOT)) if p)}
-    cmd = [sys.executable, "-m", "torchship.cli", "train", "--preset", "mnist-mlp", "--epochs", "2", "--quiet",
-           "--data-dir", str(data_dir), "--out", str(work / "ddp"), "--nproc-per-node", str(n)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torchship.cli",
+        "train",
+        "--preset",
+        "mnist-mlp",
+        "--epochs",
+        "2",
+        "--quiet",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(work / "ddp"),
+        "--nproc-per-node",
+        str(n),
+    ]
     if device == "cuda":
         cmd += ["--device", "auto"]
     t = time.perf_counter()
@@ -128,21 +156,30 @@ def ddp(device: str, work: Path, data_dir: Path, layout: str | None) -> dict:
     if r.returncode != 0:
         return {"processes": n, "ok": False, "error": (r.stderr.strip().splitlines() or ["?"])[-1][:300]}
     metrics = json.loads((work / "ddp" / "metrics.json").read_text())
-    return {"processes": n, "backend": "nccl" if device == "cuda" else "gloo", "ok": True,
-            "test_accuracy": metrics["test_accuracy"], "wall_s": round(seconds, 1)}  # fmt: skip
+    return {
+        "processes": n,
+        "backend": "nccl" if device == "cuda" else "gloo",
+        "ok": True,
+        "test_accuracy": metrics["test_accuracy"],
+        "wall_s": round(seconds, 1),
+    }
 
 
 def table(r: dict) -> str:
-    lines = [f"GPU check: {r['device_name']} x {r['devices']}, torch {r['torch']}, {EPOCHS} epochs per preset "
-             "(linreg: its 1,000), embedded mnist-5k", f"{'run':<24} {'epoch s':>8} {'rows or img/s':>13} "
-             f"{'test acc':>8} {'test loss':>10}"]  # fmt: skip
+    lines = [
+        f"GPU check: {r['device_name']} x {r['devices']}, torch {r['torch']}, {EPOCHS} epochs per preset "
+        "(linreg: its 1,000), embedded mnist-5k",
+        f"{'run':<24} {'epoch s':>8} {'rows or img/s':>13} {'test acc':>8} {'test loss':>10}",
+    ]
     for x in r["presets"]:
         acc = f"{x['test_accuracy']:.4f}" if x["test_accuracy"] is not None else "n/a"
         lines.append(f"{x['run']:<24} {x['epoch_s']:>8.3f} {x['per_second']:>13} {acc:>8} {x['test_loss']:>10.5f}")
     t = r["to_target"]
-    lines.append(f"time to {TARGET_ACCURACY:.0%} validation accuracy (mnist-convnet): "
-                 + (f"{t['training_s']} s of training, epoch {t['epoch']}" if t["epoch"] else "not reached")
-                 + f"; test accuracy {t['test_accuracy']:.4f}")  # fmt: skip
+    lines.append(
+        f"time to {TARGET_ACCURACY:.0%} validation accuracy (mnist-convnet): "
+        + (f"{t['training_s']} s of training, epoch {t['epoch']}" if t["epoch"] else "not reached")
+        + f"; test accuracy {t['test_accuracy']:.4f}"
+    )
     e = r["resume_export"]
     lines.append(
         f"resume: 2 epochs then --resume to {e['resumed_to_epoch']}; export of the CUDA checkpoint: proof "

@@ -85,9 +85,23 @@ def run(export_dir: Path | str, batch_sizes=(1, 64), rounds: int = 7, min_second
                 per_round[name].append(time_per_image(fn, x, min_seconds=min_seconds, min_repeats=5) * 1e6)
         for name, times in per_round.items():
             ratio = [e / t for e, t in zip(per_round["eager"], times)]
-            rows.append({"backend": name, "batch": bs, "us_per_image": float(np.median(times)),
-                         "rounds_us": times, "eager_over_this": float(np.median(ratio))})  # fmt: skip
+            rows.append(
+                {
+                    "backend": name,
+                    "batch": bs,
+                    "us_per_image": float(np.median(times)),
+                    "rounds_us": times,
+                    "eager_over_this": float(np.median(ratio)),
+                }
+            )
     floor = flops / (gflops * 1e9) * 1e6
-    return {"model": card.name, "input_shape": list(card.input_shape), "torch_threads": threads,
-            "flops_per_image": flops, "matmul_gflops": gflops, "floor_us_per_image": floor,
-            "batch_sizes": list(batch_sizes), "rows": rows}  # fmt: skip
+    return {
+        "model": card.name,
+        "input_shape": list(card.input_shape),
+        "torch_threads": threads,
+        "flops_per_image": flops,
+        "matmul_gflops": gflops,
+        "floor_us_per_image": floor,
+        "batch_sizes": list(batch_sizes),
+        "rows": rows,
+    }

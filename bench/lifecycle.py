@@ -61,8 +61,9 @@ def swap(export_dir: Path, work: Path, data_dir: Path, seconds: float = 10, log=
         steady = run_level(target, bodies, CLIENTS, seconds, 10**6)
         timeline: list[tuple[float, float, int]] = []
         result: dict = {}
-        loader = threading.Thread(target=lambda: result.update(level=run_level(
-            target, bodies, CLIENTS, seconds, 10**6, timeline=timeline)))  # fmt: skip
+        loader = threading.Thread(
+            target=lambda: result.update(level=run_level(target, bodies, CLIENTS, seconds, 10**6, timeline=timeline))
+        )
         log("  the same load across a swap to the next version and the unloading of this one ...")
         loader.start()
         time.sleep(seconds / 3)  # the swap happens in the middle of the run, not at its edges
@@ -77,11 +78,20 @@ def swap(export_dir: Path, work: Path, data_dir: Path, seconds: float = 10, log=
         oip.stop(state)
     during = [end - start for start, end, _ in timeline if start <= ended and end >= began]
     level = result["level"]
-    return {"clients": CLIENTS, "seconds": seconds, "steady_p99_ms": steady.latency_ms["p99"],
-            "steady_p50_ms": steady.latency_ms["p50"], "steady_errors": steady.errors,
-            "swap_p99_ms": p99(during), "swap_requests": len(during), "swap_ms": round((ended - began) * 1000, 1),
-            "load_ms": round((loaded - began) * 1000, 1), "errors": level.errors, "requests": level.requests,
-            "ratio": p99(during) / steady.latency_ms["p99"]}  # fmt: skip
+    return {
+        "clients": CLIENTS,
+        "seconds": seconds,
+        "steady_p99_ms": steady.latency_ms["p99"],
+        "steady_p50_ms": steady.latency_ms["p50"],
+        "steady_errors": steady.errors,
+        "swap_p99_ms": p99(during),
+        "swap_requests": len(during),
+        "swap_ms": round((ended - began) * 1000, 1),
+        "load_ms": round((loaded - began) * 1000, 1),
+        "errors": level.errors,
+        "requests": level.requests,
+        "ratio": p99(during) / steady.latency_ms["p99"],
+    }
 
 
 def tracing_cost(export_dir: Path, work: Path, duration: float = 10, log=print) -> dict:
@@ -89,8 +99,10 @@ def tracing_cost(export_dir: Path, work: Path, duration: float = 10, log=print) 
     measured like every serving setup."""
     sink = OtlpSink(keep=False)
     try:
-        setups = {"traces off": serving.Setup("oip"),
-                  "traces on": serving.Setup("oip", env=(("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint),))}  # fmt: skip
+        setups = {
+            "traces off": serving.Setup("oip"),
+            "traces on": serving.Setup("oip", env=(("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint),)),
+        }
         return serving.compare(export_dir, work, setups, duration, rounds=6, log=log)
     finally:
         sink.close()
@@ -105,16 +117,23 @@ def run(export_dir: Path, work: Path, data_dir: Path, duration: float = 10, log=
 
 def table(section: dict) -> list[str]:
     s = section["swap"]
-    lines = [f"Swap under {s['clients']} clients: the next version loaded and warmed in every worker, made the "
-             f"default, the old one unloaded, in {s['swap_ms']:.0f} ms (the load {s['load_ms']:.0f} ms)",
-             f"  p99 of the {s['swap_requests']} requests in flight meanwhile {s['swap_p99_ms']:.1f} ms against "
-             f"{s['steady_p99_ms']:.1f} ms steady ({s['ratio']:.2f}x); failed: {sum(s['errors'].values())} of "
-             f"{s['requests']}"]  # fmt: skip
+    lines = [
+        f"Swap under {s['clients']} clients: the next version loaded and warmed in every worker, made the "
+        f"default, the old one unloaded, in {s['swap_ms']:.0f} ms (the load {s['load_ms']:.0f} ms)",
+        f"  p99 of the {s['swap_requests']} requests in flight meanwhile {s['swap_p99_ms']:.1f} ms against "
+        f"{s['steady_p99_ms']:.1f} ms steady ({s['ratio']:.2f}x); failed: {sum(s['errors'].values())} of "
+        f"{s['requests']}",
+    ]
     t = section["tracing"]
-    lines.append("Tracing: " + "; ".join(
-        f"{name}: c=1 p50 {serving_level(t[name], 1)['latency_ms']['p50']:.2f} ms, c=16 "
-        f"{serving_level(t[name], 16)['throughput']:.0f} req/s" for name in ("traces off", "traces on")
-        if "levels" in t.get(name, {})))  # fmt: skip
+    lines.append(
+        "Tracing: "
+        + "; ".join(
+            f"{name}: c=1 p50 {serving_level(t[name], 1)['latency_ms']['p50']:.2f} ms, c=16 "
+            f"{serving_level(t[name], 16)['throughput']:.0f} req/s"
+            for name in ("traces off", "traces on")
+            if "levels" in t.get(name, {})
+        )
+    )
     return lines
 
 

@@ -51,12 +51,29 @@ class Peer:
 
 
 def _mlserver_configure(work: Path, ports: dict, model: Path) -> None:
-    (work / "settings.json").write_text(json.dumps({
-        "host": "127.0.0.1", "http_port": ports["http"], "grpc_port": ports["grpc"], "metrics_port": ports["metrics"],
-        "parallel_workers": WORKERS, "debug": False}))  # fmt: skip
-    (work / "model-settings.json").write_text(json.dumps({
-        "name": "mnist", "implementation": "runtime.Digits", "max_batch_size": MAX_BATCH,
-        "max_batch_time": MAX_DELAY_MS / 1000, "parameters": {"uri": str(model)}}))  # fmt: skip
+    (work / "settings.json").write_text(
+        json.dumps(
+            {
+                "host": "127.0.0.1",
+                "http_port": ports["http"],
+                "grpc_port": ports["grpc"],
+                "metrics_port": ports["metrics"],
+                "parallel_workers": WORKERS,
+                "debug": False,
+            }
+        )
+    )
+    (work / "model-settings.json").write_text(
+        json.dumps(
+            {
+                "name": "mnist",
+                "implementation": "runtime.Digits",
+                "max_batch_size": MAX_BATCH,
+                "max_batch_time": MAX_DELAY_MS / 1000,
+                "parameters": {"uri": str(model)},
+            }
+        )
+    )
 
 
 def _python_libdir() -> str:
@@ -64,31 +81,104 @@ def _python_libdir() -> str:
     return sysconfig.get_config_var("LIBDIR") or ""
 
 
-PEERS: dict[str, Peer] = {p.name: p for p in (
-    Peer("litserve", "litserve", "multipart", "label + top-3 probabilities, JSON", "/predict",
-         f"LitAPI batch {MAX_BATCH}, batch_timeout {MAX_DELAY_MS} ms, workers_per_device {WORKERS}, 1 API server",
-         ("server.py",), lambda py, ports, model: [str(py), "server.py", "--model", str(model), "--port",
-                                                  str(ports["http"]), "--workers", str(WORKERS), "--max_batch",
-                                                  str(MAX_BATCH), "--max_delay_ms", str(MAX_DELAY_MS)],
-         "/health"),
-    Peer("bentoml", "bentoml", "multipart", "label + top-3 probabilities, JSON", "/classify",
-         f"workers {WORKERS}, batchable max_batch_size {MAX_BATCH} (adaptive: no wait knob)", ("service.py",),
-         lambda py, ports, model: [str(py), "-m", "bentoml", "serve", "service:Digits", "--host", "127.0.0.1",
-                                   "--port", str(ports["http"])],
-         "/readyz", env={"TORCHSHIP_PEER_WORKERS": str(WORKERS), "TORCHSHIP_PEER_MAX_BATCH": str(MAX_BATCH),
-                         "BENTOML_DO_NOT_TRACK": "true"}),
-    Peer("mlserver", "mlserver", "v2-json", "label + 10 probabilities, JSON", None,
-         f"parallel_workers {WORKERS}, max_batch_size {MAX_BATCH}, max_batch_time {MAX_DELAY_MS} ms",
-         ("runtime.py",), lambda py, ports, model: [str(py), "-m", "mlserver.cli.main", "start", "."],
-         "/v2/models/mnist/ready", configure=_mlserver_configure),
-    Peer("pytriton", "nvidia-pytriton", "v2", "label + 10 probabilities, binary", None,
-         f"{WORKERS} instances, max_batch_size {MAX_BATCH}, max_queue_delay {MAX_DELAY_MS * 1000} us (Triton 2.51)",
-         ("server.py",), lambda py, ports, model: [str(py), "server.py", "--model", str(model), "--port",
-                                                  str(ports["http"]), "--grpc_port", str(ports["grpc"]),
-                                                  "--metrics_port", str(ports["metrics"]), "--workers", str(WORKERS),
-                                                  "--max_batch", str(MAX_BATCH), "--max_delay_ms", str(MAX_DELAY_MS)],
-         "/v2/models/mnist/ready", env={"LD_LIBRARY_PATH": _python_libdir()}, bytes_shape=(1, 1), retries=3),
-)}  # fmt: skip
+PEERS: dict[str, Peer] = {
+    p.name: p
+    for p in (
+        Peer(
+            "litserve",
+            "litserve",
+            "multipart",
+            "label + top-3 probabilities, JSON",
+            "/predict",
+            f"LitAPI batch {MAX_BATCH}, batch_timeout {MAX_DELAY_MS} ms, workers_per_device {WORKERS}, 1 API server",
+            ("server.py",),
+            lambda py, ports, model: [
+                str(py),
+                "server.py",
+                "--model",
+                str(model),
+                "--port",
+                str(ports["http"]),
+                "--workers",
+                str(WORKERS),
+                "--max_batch",
+                str(MAX_BATCH),
+                "--max_delay_ms",
+                str(MAX_DELAY_MS),
+            ],
+            "/health",
+        ),
+        Peer(
+            "bentoml",
+            "bentoml",
+            "multipart",
+            "label + top-3 probabilities, JSON",
+            "/classify",
+            f"workers {WORKERS}, batchable max_batch_size {MAX_BATCH} (adaptive: no wait knob)",
+            ("service.py",),
+            lambda py, ports, model: [
+                str(py),
+                "-m",
+                "bentoml",
+                "serve",
+                "service:Digits",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports["http"]),
+            ],
+            "/readyz",
+            env={
+                "TORCHSHIP_PEER_WORKERS": str(WORKERS),
+                "TORCHSHIP_PEER_MAX_BATCH": str(MAX_BATCH),
+                "BENTOML_DO_NOT_TRACK": "true",
+            },
+        ),
+        Peer(
+            "mlserver",
+            "mlserver",
+            "v2-json",
+            "label + 10 probabilities, JSON",
+            None,
+            f"parallel_workers {WORKERS}, max_batch_size {MAX_BATCH}, max_batch_time {MAX_DELAY_MS} ms",
+            ("runtime.py",),
+            lambda py, ports, model: [str(py), "-m", "mlserver.cli.main", "start", "."],
+            "/v2/models/mnist/ready",
+            configure=_mlserver_configure,
+        ),
+        Peer(
+            "pytriton",
+            "nvidia-pytriton",
+            "v2",
+            "label + 10 probabilities, binary",
+            None,
+            f"{WORKERS} instances, max_batch_size {MAX_BATCH}, max_queue_delay {MAX_DELAY_MS * 1000} us (Triton 2.51)",
+            ("server.py",),
+            lambda py, ports, model: [
+                str(py),
+                "server.py",
+                "--model",
+                str(model),
+                "--port",
+                str(ports["http"]),
+                "--grpc_port",
+                str(ports["grpc"]),
+                "--metrics_port",
+                str(ports["metrics"]),
+                "--workers",
+                str(WORKERS),
+                "--max_batch",
+                str(MAX_BATCH),
+                "--max_delay_ms",
+                str(MAX_DELAY_MS),
+            ],
+            "/v2/models/mnist/ready",
+            env={"LD_LIBRARY_PATH": _python_libdir()},
+            bytes_shape=(1, 1),
+            retries=3,
+        ),
+    )
+}
 
 
 def venv(name: str, python: str = "python3", log=print) -> Path:
@@ -116,8 +206,11 @@ def venv(name: str, python: str = "python3", log=print) -> Path:
 
 
 def version(py: Path, package: str) -> str:
-    r = subprocess.run([str(py), "-c", f"from importlib.metadata import version; print(version({package!r}))"],
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [str(py), "-c", f"from importlib.metadata import version; print(version({package!r}))"],
+        capture_output=True,
+        text=True,
+    )
     return r.stdout.strip() or "?"
 
 
@@ -155,16 +248,28 @@ def start(peer: Peer, model: Path, work: Path, timeout: float = 180, log=print) 
         peer.configure(folder, ports, model)
         logfile = folder / "server.log"
         with open(logfile, "ab") as out:
-            proc = subprocess.Popen(peer.argv(py, ports, model), cwd=folder, env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                peer.argv(py, ports, model),
+                cwd=folder,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         url = f"http://127.0.0.1:{ports['http']}{peer.ready_path}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None and not _ready(url):
             time.sleep(0.5)
         if proc.poll() is None and _ready(url):
-            target = Target("127.0.0.1", ports["http"], "mnist", protocol=peer.protocol, path=peer.path,
-                            bytes_shape=peer.bytes_shape)  # fmt: skip
+            target = Target(
+                "127.0.0.1",
+                ports["http"],
+                "mnist",
+                protocol=peer.protocol,
+                path=peer.path,
+                bytes_shape=peer.bytes_shape,
+            )
             return Running(peer, proc, target, version(py, peer.package), logfile, ports)
         last = " | ".join(logfile.read_text(errors="replace").splitlines()[-3:])[:400]
         stop_process(proc)

@@ -33,9 +33,14 @@ def machine() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": str(torch.__version__),
-            "onnxruntime": onnxruntime.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available()
-            else None}  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "onnxruntime": onnxruntime.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def ensure_export(run_dir: Path, export_dir: Path, data_dir: Path) -> None:
@@ -61,8 +66,13 @@ def resnet18_export(work: Path) -> Path:
 
     weights = work / "resnet18.pt"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
-    model, card = user_model("torchvision.models:resnet18", weights, input_shape=(3, 224, 224),
-                             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # fmt: skip
+    model, card = user_model(
+        "torchvision.models:resnet18",
+        weights,
+        input_shape=(3, 224, 224),
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
     return export_model(model, stamp(card, weights), work / "resnet18").directory
 
 
@@ -88,9 +98,12 @@ def targets(r: dict) -> list[dict]:
         b1, o1 = level(s["baseline"], 1), level(s["ours"], 1)
         ratio = o16["throughput"] / b16["throughput"]
         check("serving throughput c=16, ours/baseline", round(ratio, 2), ">= 10", ratio >= 10)
-        check("serving p99 c=16, ours vs baseline (ms)", [round(o16["latency_ms"]["p99"], 2),
-              round(b16["latency_ms"]["p99"], 2)], "ours <= baseline", o16["latency_ms"]["p99"] <=
-              b16["latency_ms"]["p99"])  # fmt: skip
+        check(
+            "serving p99 c=16, ours vs baseline (ms)",
+            [round(o16["latency_ms"]["p99"], 2), round(b16["latency_ms"]["p99"], 2)],
+            "ours <= baseline",
+            o16["latency_ms"]["p99"] <= b16["latency_ms"]["p99"],
+        )
         ours = [k for k in ("ours", *serving.OIP_SETUPS) if k in s and "levels" in s[k]]
         errors = sum(sum(lv["errors"].values()) for k in ours for lv in s[k]["levels"])
         check(f"serving errors ({', '.join(ours)}, all levels)", errors, "0", errors == 0)
@@ -101,8 +114,12 @@ def targets(r: dict) -> list[dict]:
             k16, k4, k1 = level(s[name], 16), level(s[name], 4), level(s[name], 1)
             vs_ts = k16["throughput"] / o16["throughput"]
             check(f"OIP ({sends}) c=16 throughput / our TorchServe", round(vs_ts, 2), ">= 1.5", vs_ts >= 1.5)
-            check(f"OIP ({sends}) c=16 / c=4 throughput", round(k16["throughput"] / k4["throughput"], 2), ">= 1",
-                  k16["throughput"] >= k4["throughput"])  # fmt: skip
+            check(
+                f"OIP ({sends}) c=16 / c=4 throughput",
+                round(k16["throughput"] / k4["throughput"], 2),
+                ">= 1",
+                k16["throughput"] >= k4["throughput"],
+            )
             if best_peer(s):
                 b = best_peer_levels(s)
                 vs16 = k16["throughput"] / b[16]["throughput"]
@@ -118,8 +135,12 @@ def targets(r: dict) -> list[dict]:
     if "workers" in r:
         two = r["workers"]["2 workers"]["disruption"]
         check("2 workers: no answer for at most (s)", round(two["longest_gap_s"], 2), "<= 2", two["longest_gap_s"] <= 2)
-        check("2 workers: failed requests sent after the kill", two["failed_sent_after_kill"], "0",
-              two["failed_sent_after_kill"] == 0)  # fmt: skip
+        check(
+            "2 workers: failed requests sent after the kill",
+            two["failed_sent_after_kill"],
+            "0",
+            two["failed_sent_after_kill"] == 0,
+        )
     if "inference" in r:
         rows = {(x["backend"], x["batch"]): x["us_per_image"] for x in r["inference"]["rows"]}
         onnx = "onnx" if ("onnx", 1) in rows else "onnxruntime"  # results written before the formats issue
@@ -141,8 +162,14 @@ PEER_KIND = "peer"
 
 def peers_of(s: dict) -> list[str]:
     """The peers that ran and answered every request right: one that errs is no yardstick."""
-    return [k for k, v in s.items() if isinstance(v, dict) and v.get("kind") == PEER_KIND and "levels" in v
-            and all(not lv["errors"] and lv["accuracy"] == 1.0 for lv in v["levels"])]  # fmt: skip
+    return [
+        k
+        for k, v in s.items()
+        if isinstance(v, dict)
+        and v.get("kind") == PEER_KIND
+        and "levels" in v
+        and all(not lv["errors"] and lv["accuracy"] == 1.0 for lv in v["levels"])
+    ]
 
 
 def best_peer(s: dict) -> str | None:
@@ -162,14 +189,25 @@ def rounds_line(rounds: dict) -> str:
     per = rounds["p50_ms"]
     n = len(next(iter(per.values())))
     vs = rounds["p50_ratio_median_vs_first"]
-    return (f"c=1 measured in {n} alternating rounds of {rounds['seconds_each']:g} s per setup; median per-round p50 "
-            f"ratio to {rounds['first']}: " + ", ".join(f"{k} {v:.2f}" for k, v in vs.items()))  # fmt: skip
+    return (
+        f"c=1 measured in {n} alternating rounds of {rounds['seconds_each']:g} s per setup; median per-round p50 "
+        f"ratio to {rounds['first']}: " + ", ".join(f"{k} {v:.2f}" for k, v in vs.items())
+    )
 
 
-SENDS = {"torchserve": "raw bytes", "v2": "v2 binary", "v2-json": "v2 JSON base64", "multipart": "multipart",
-         "raw": "raw bytes"}  # fmt: skip
-OIP_ANSWERS = {("v2", "all"): "label + 10 probabilities, binary", ("v2-json", "all"): "label + 10 probabilities, JSON",
-               ("v2", "label"): "the label alone, JSON", ("v2-json", "label"): "the label alone, JSON"}  # fmt: skip
+SENDS = {
+    "torchserve": "raw bytes",
+    "v2": "v2 binary",
+    "v2-json": "v2 JSON base64",
+    "multipart": "multipart",
+    "raw": "raw bytes",
+}
+OIP_ANSWERS = {
+    ("v2", "all"): "label + 10 probabilities, binary",
+    ("v2-json", "all"): "label + 10 probabilities, JSON",
+    ("v2", "label"): "the label alone, JSON",
+    ("v2-json", "label"): "the label alone, JSON",
+}
 
 
 def what(name: str, s: dict) -> tuple[str, str, str]:
@@ -177,14 +215,19 @@ def what(name: str, s: dict) -> tuple[str, str, str]:
     if s.get("kind") == "torchserve":
         handler = "stock MNIST handler" if s.get("handler") == "stock MNIST" else "our handler"
         cfg = s.get("config")
-        settings = (f"{cfg['minWorkers']} workers, batch {cfg['batchSize']}, {cfg['maxBatchDelay']} ms"
-                    if isinstance(cfg, dict) else "defaults: no batching")  # fmt: skip
+        settings = (
+            f"{cfg['minWorkers']} workers, batch {cfg['batchSize']}, {cfg['maxBatchDelay']} ms"
+            if isinstance(cfg, dict)
+            else "defaults: no batching"
+        )
         server = f"TorchServe {s.get('version', '')}, {handler}"
         return server, f"{s.get('backend')}; {settings}", f"{SENDS['torchserve']} -> label + top-3 probabilities, JSON"
     if s.get("kind") == "oip":
         st = s.get("settings", {})
-        settings = (f"{st.get('workers')} workers, batch {st.get('max_batch')}, {st.get('max_delay_ms')} ms, "
-                    f"queue {st.get('max_queue')}")  # fmt: skip
+        settings = (
+            f"{st.get('workers')} workers, batch {st.get('max_batch')}, {st.get('max_delay_ms')} ms, "
+            f"queue {st.get('max_queue')}"
+        )
         sends, outputs = s.get("sends", "v2"), s.get("outputs", "label")  # results before issue 23: label alone
         return "torchship OIP server", settings, f"{SENDS[sends]} -> {OIP_ANSWERS[sends, outputs]}"
     if s.get("kind") == "peer":
@@ -196,11 +239,13 @@ def what(name: str, s: dict) -> tuple[str, str, str]:
 
 def serving_table(s: dict) -> list[str]:
     names = [k for k, v in s.items() if isinstance(v, dict) and "kind" in v]
-    lines = ["Serving: one load test (asyncio keep-alive clients on 127.0.0.1), the same 1,000 held-out digits, every "
-             "server started and measured one at a time (the rest paused); agreement = answers equal to in-process "
-             "ONNX Runtime's",
-             f"{'setup':<10} {'c':>3} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>8} {'errors':>6} {'agree':>6}  server; "
-             "settings; sends -> what the answer holds"]  # fmt: skip
+    lines = [
+        "Serving: one load test (asyncio keep-alive clients on 127.0.0.1), the same 1,000 held-out digits, every "
+        "server started and measured one at a time (the rest paused); agreement = answers equal to in-process "
+        "ONNX Runtime's",
+        f"{'setup':<10} {'c':>3} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>8} {'errors':>6} {'agree':>6}  server; "
+        "settings; sends -> what the answer holds",
+    ]
     for name in names:
         server, settings, sends = what(name, s[name])
         if "error" in s[name]:
@@ -208,13 +253,18 @@ def serving_table(s: dict) -> list[str]:
             continue
         for i, lv in enumerate(s[name]["levels"]):
             idle = s[name].get("idle_cpu_percent")
-            note = f"  {server}; {settings}; {sends}" if i == 0 else (
-                f"  idle: {idle}% of a core" if i == 1 and idle is not None else "")  # fmt: skip
+            note = (
+                f"  {server}; {settings}; {sends}"
+                if i == 0
+                else (f"  idle: {idle}% of a core" if i == 1 and idle is not None else "")
+            )
             cost = lv.get("server", {})
             if "server_cores" in cost:
                 rows = cost.get("rows_per_pass")
-                note += (f"{';' if note else ' '} server {cost['server_cores']:.2f} + client {cost['client_cores']:.2f}"
-                         " cores" + (f", {rows:.1f} rows/pass" if rows else ""))  # fmt: skip
+                note += (
+                    f"{';' if note else ' '} server {cost['server_cores']:.2f} + client {cost['client_cores']:.2f}"
+                    " cores" + (f", {rows:.1f} rows/pass" if rows else "")
+                )
             lat = lv["latency_ms"]
             agree = "n/a" if s[name].get("kind") == "ceiling" else f"{lv['accuracy']:.4f}"
             lines.append(
@@ -227,22 +277,28 @@ def serving_table(s: dict) -> list[str]:
         b, k1, k16 = best_peer_levels(s), level(s["oip"], 1), level(s["oip"], 16)
         o16 = level(s["ours"], 16)
         t16, p50 = k16["throughput"], k1["latency_ms"]["p50"]
-        lines.append(f"OIP server: c=16 {t16:.0f} req/s = {t16 / o16['throughput']:.2f}x our TorchServe, "
-                     f"{t16 / b[16]['throughput']:.2f}x the best peer ({b['name16']}); c=1 p50 {p50:.2f} ms = "
-                     f"{p50 / b[1]['latency_ms']['p50']:.2f}x the best peer's ({b['name1']})")  # fmt: skip
+        lines.append(
+            f"OIP server: c=16 {t16:.0f} req/s = {t16 / o16['throughput']:.2f}x our TorchServe, "
+            f"{t16 / b[16]['throughput']:.2f}x the best peer ({b['name16']}); c=1 p50 {p50:.2f} ms = "
+            f"{p50 / b[1]['latency_ms']['p50']:.2f}x the best peer's ({b['name1']})"
+        )
     if "ceiling" in s and "levels" in s["ceiling"]:
         c16 = level(s["ceiling"], 16)
-        lines.append(f"ceiling: a server that does nothing answers {c16['throughput']:.0f} req/s at c=16 with this "
-                     "client; every figure above is what a server reaches under it")  # fmt: skip
+        lines.append(
+            f"ceiling: a server that does nothing answers {c16['throughput']:.0f} req/s at c=16 with this "
+            "client; every figure above is what a server reaches under it"
+        )
     return lines
 
 
 def inference_table(inf: dict) -> list[str]:
     sizes = inf.get("batch_sizes", [1, 64])
-    lines = [f"In-process inference, {inf.get('model', 'mnist-convnet')} {inf.get('input_shape', '')} (us per image; "
-             f"FLOP floor {inf['floor_us_per_image']:.1f} us = {inf['flops_per_image'] / 1e6:.2f} MFLOP / "
-             f"{inf['matmul_gflops']:.0f} GFLOP/s matmul)",
-             f"{'backend':<18}" + "".join(f"{'batch ' + str(b):>10}" for b in sizes)]  # fmt: skip
+    lines = [
+        f"In-process inference, {inf.get('model', 'mnist-convnet')} {inf.get('input_shape', '')} (us per image; "
+        f"FLOP floor {inf['floor_us_per_image']:.1f} us = {inf['flops_per_image'] / 1e6:.2f} MFLOP / "
+        f"{inf['matmul_gflops']:.0f} GFLOP/s matmul)",
+        f"{'backend':<18}" + "".join(f"{'batch ' + str(b):>10}" for b in sizes),
+    ]
     rows = {(x["backend"], x["batch"]): x["us_per_image"] for x in inf["rows"]}
     for b in dict.fromkeys(x["backend"] for x in inf["rows"]):
         lines.append(f"{b:<18}" + "".join(f"{rows.get((b, s), float('nan')):>10.1f}" for s in sizes))
@@ -250,8 +306,10 @@ def inference_table(inf: dict) -> list[str]:
 
 
 def table(r: dict) -> str:
-    lines = [f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; torch {r['machine']['torch']}, "
-             f"onnxruntime {r['machine']['onnxruntime']}"]  # fmt: skip
+    lines = [
+        f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; torch {r['machine']['torch']}, "
+        f"onnxruntime {r['machine']['onnxruntime']}"
+    ]
     for key in ("inference", "resnet18"):
         if key in r:
             lines += ["", *inference_table(r[key])]
@@ -263,27 +321,37 @@ def table(r: dict) -> str:
         lines += ["", *lifecycle.table(r["lifecycle"])]
     if "formats" in r:
         f = r["formats"]
-        lines += ["", "Serving the two fastest formats (our handler, same defaults, both up, same load test)",
-                  f"{'backend':<10} {'c=1 p50 ms':>10} {'c=1 p99 ms':>10} {'c=16 req/s':>10} {'c=16 p99':>8} "
-                  f"{'errors':>6} {'accuracy':>8}"]  # fmt: skip
+        lines += [
+            "",
+            "Serving the two fastest formats (our handler, same defaults, both up, same load test)",
+            f"{'backend':<10} {'c=1 p50 ms':>10} {'c=1 p99 ms':>10} {'c=16 req/s':>10} {'c=16 p99':>8} "
+            f"{'errors':>6} {'accuracy':>8}",
+        ]
         for name in (k for k in f if k != "c1_rounds"):
             c1, c16 = level(f[name], 1), level(f[name], 16)
             errors = sum(sum(lv["errors"].values()) for lv in f[name]["levels"])
-            lines.append(f"{name:<10} {c1['latency_ms']['p50']:>10.2f} {c1['latency_ms']['p99']:>10.2f} "
-                         f"{c16['throughput']:>10.1f} {c16['latency_ms']['p99']:>8.2f} {errors:>6} "
-                         f"{c16['accuracy']:>8.4f}")  # fmt: skip
+            lines.append(
+                f"{name:<10} {c1['latency_ms']['p50']:>10.2f} {c1['latency_ms']['p99']:>10.2f} "
+                f"{c16['throughput']:>10.1f} {c16['latency_ms']['p99']:>8.2f} {errors:>6} "
+                f"{c16['accuracy']:>8.4f}"
+            )
         lines.append(rounds_line(f["c1_rounds"]))
     if "workers" in r:
         w = r["workers"]
-        lines += ["", "Workers (our handler, both up, same load test; then a READY worker SIGKILLed under 64 clients)",
-                  f"{'setup':<10} {'c=1 p50 ms':>10} {'c=16 req/s':>10} {'c=16 p99':>8} {'failed':>6} "
-                  f"{'sent after':>10} {'no answer':>9}"]  # fmt: skip
+        lines += [
+            "",
+            "Workers (our handler, both up, same load test; then a READY worker SIGKILLed under 64 clients)",
+            f"{'setup':<10} {'c=1 p50 ms':>10} {'c=16 req/s':>10} {'c=16 p99':>8} {'failed':>6} "
+            f"{'sent after':>10} {'no answer':>9}",
+        ]
         for name in (k for k in w if k != "c1_rounds"):
             c1, c16 = level(w[name], 1), level(w[name], 16)
             d = w[name].get("disruption", {})
-            lines.append(f"{name:<10} {c1['latency_ms']['p50']:>10.2f} {c16['throughput']:>10.1f} "
-                         f"{c16['latency_ms']['p99']:>8.2f} {sum(d.get('failed', {}).values()):>6} "
-                         f"{d.get('failed_sent_after_kill', 0):>10} {d.get('longest_gap_s', 0):>8.2f}s")  # fmt: skip
+            lines.append(
+                f"{name:<10} {c1['latency_ms']['p50']:>10.2f} {c16['throughput']:>10.1f} "
+                f"{c16['latency_ms']['p99']:>8.2f} {sum(d.get('failed', {}).values()):>6} "
+                f"{d.get('failed_sent_after_kill', 0):>10} {d.get('longest_gap_s', 0):>8.2f}s"
+            )
         lines.append(rounds_line(w["c1_rounds"]))
     if "training" in r:
         t = r["training"]
@@ -295,12 +363,17 @@ def table(r: dict) -> str:
         ]
     if "ddp" in r:
         d = r["ddp"]
-        lines += ["", f"Training {d['preset']} with DistributedDataParallel on this machine (gloo, CPU; median epoch "
-                      f"after the first of {d['epochs']})", f"{'processes':>9} {'epoch s':>8} {'images/s':>9} "
-                      f"{'test acc':>8}"]  # fmt: skip
+        lines += [
+            "",
+            f"Training {d['preset']} with DistributedDataParallel on this machine (gloo, CPU; median epoch "
+            f"after the first of {d['epochs']})",
+            f"{'processes':>9} {'epoch s':>8} {'images/s':>9} {'test acc':>8}",
+        ]
         for row in d["rows"]:
-            lines.append(f"{row['processes']:>9} {row['epoch_s']:>8.2f} {row['images_per_second']:>9.0f} "
-                         f"{row['test_accuracy']:>8.4f}")  # fmt: skip
+            lines.append(
+                f"{row['processes']:>9} {row['epoch_s']:>8.2f} {row['images_per_second']:>9.0f} "
+                f"{row['test_accuracy']:>8.4f}"
+            )
     w = max([len(t["target"]) for t in r["targets"]], default=6)
     lines += ["", f"{'target':<{w}} {'value':>18}  {'goal':<24} met"]
     for t in r["targets"]:
@@ -319,8 +392,10 @@ def span(values: list) -> str:
 def range_table(runs: list[dict]) -> str:
     """Several runs of one machine side by side: every figure the targets judge as a range, and how many runs met
     each target. Single runs on a shared machine swing by tens of percent; a claim rests on the range."""
-    lines = [f"{len(runs)} runs: " + "; ".join(f"{r.get('started', '?')} {r['machine']['cpu']}, "
-                                                f"{r['machine']['cores']} cores" for r in runs)]  # fmt: skip
+    lines = [
+        f"{len(runs)} runs: "
+        + "; ".join(f"{r.get('started', '?')} {r['machine']['cpu']}, {r['machine']['cores']} cores" for r in runs)
+    ]
     if all("serving" in r for r in runs):
         lines += ["", f"{'setup':<10} {'c':>3} {'req/s':>15} {'p50 ms':>13} {'p99 ms':>13}"]
         for name in (k for k, v in runs[0]["serving"].items() if isinstance(v, dict) and "levels" in v):
@@ -329,9 +404,11 @@ def range_table(runs: list[dict]) -> str:
                     lv = [level(r["serving"][name], c) for r in runs]
                 except (KeyError, StopIteration):
                     continue
-                lines.append(f"{name:<10} {c:>3} {span([round(x['throughput']) for x in lv]):>15} "
-                             f"{span([round(x['latency_ms']['p50'], 2) for x in lv]):>13} "
-                             f"{span([round(x['latency_ms']['p99'], 2) for x in lv]):>13}")  # fmt: skip
+                lines.append(
+                    f"{name:<10} {c:>3} {span([round(x['throughput']) for x in lv]):>15} "
+                    f"{span([round(x['latency_ms']['p50'], 2) for x in lv]):>13} "
+                    f"{span([round(x['latency_ms']['p99'], 2) for x in lv]):>13}"
+                )
     judged = [targets(r) for r in runs]
     w = max(len(t["target"]) for t in judged[0])
     lines += ["", f"{'target':<{w}} {'values over the runs':>24}  {'goal':<16} met"]
@@ -350,8 +427,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the table of an existing results file and exit")
-    ap.add_argument("--range", nargs="+", type=Path, metavar="RESULTS",
-                    help="print the ranges over several results files of one machine and exit")  # fmt: skip
+    ap.add_argument(
+        "--range",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS",
+        help="print the ranges over several results files of one machine and exit",
+    )
     ap.add_argument("--workers", type=int, help="try another serving config than `make serve`'s defaults")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--max-batch-delay", type=int)
@@ -382,8 +464,12 @@ def main() -> None:
             print("serving: stock and our TorchServe, our OIP server, the peers, the ceiling ...", flush=True)
             d = ModelConfig()
             workers = args.workers or d.minWorkers
-            ours = ModelConfig(minWorkers=workers, maxWorkers=workers, batchSize=args.batch_size or d.batchSize,
-                               maxBatchDelay=args.max_batch_delay or d.maxBatchDelay)  # fmt: skip
+            ours = ModelConfig(
+                minWorkers=workers,
+                maxWorkers=workers,
+                batchSize=args.batch_size or d.batchSize,
+                maxBatchDelay=args.max_batch_delay or d.maxBatchDelay,
+            )
             r["serving"] = serving.run(export_dir, Path(tmp), args.duration, ours)
         if "triton" in parts:
             print("Triton's perf_analyzer against our OIP server and PyTriton ...", flush=True)

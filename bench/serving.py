@@ -49,12 +49,19 @@ class Setup:
 
     def describe(self) -> dict:
         if self.kind == "torchserve":
-            return {"kind": self.kind, "backend": self.backend,
-                    "handler": "stock MNIST" if self.handler else "torchship",
-                    "config": asdict(self.config) if self.config else "TorchServe defaults"}  # fmt: skip
+            return {
+                "kind": self.kind,
+                "backend": self.backend,
+                "handler": "stock MNIST" if self.handler else "torchship",
+                "config": asdict(self.config) if self.config else "TorchServe defaults",
+            }
         if self.kind == "peer":
-            return {"kind": self.kind, "peer": self.peer, "settings": peer_setup.PEERS[self.peer].settings,
-                    "sends": peer_setup.PEERS[self.peer].protocol}  # fmt: skip
+            return {
+                "kind": self.kind,
+                "peer": self.peer,
+                "settings": peer_setup.PEERS[self.peer].settings,
+                "sends": peer_setup.PEERS[self.peer].protocol,
+            }
         if self.kind == "oip":
             return {"kind": self.kind, "sends": self.protocol, "outputs": self.outputs, "env": dict(self.env)}
         return {"kind": self.kind}
@@ -110,8 +117,9 @@ def start(name: str, setup: Setup, export_dir: Path, work: Path, stack: ExitStac
     state = work / f"state-{slug(name)}"
     if setup.kind == "torchserve":
         store = work / f"store-{slug(name)}"
-        build_archive(export_dir, store, name="mnist", backend=setup.backend, config=setup.config,
-                      handler=setup.handler)  # fmt: skip
+        build_archive(
+            export_dir, store, name="mnist", backend=setup.backend, config=setup.config, handler=setup.handler
+        )
         stack.callback(torchserve.stop, state)
         cfg = torchserve.start(torchserve.ServerConfig.on_free_ports("mnist", str(store), str(state)), timeout=240)
         from importlib.metadata import version
@@ -122,8 +130,9 @@ def start(name: str, setup: Setup, export_dir: Path, work: Path, stack: ExitStac
         saved = {k: os.environ.get(k) for k, _ in setup.env}
         os.environ.update(dict(setup.env))  # the supervisor and its workers inherit them
         try:
-            oip.start(oip.OIPConfig.on_free_ports(str(export_dir), "mnist", str(state), backend=setup.backend),
-                      timeout=120)  # fmt: skip
+            oip.start(
+                oip.OIPConfig.on_free_ports(str(export_dir), "mnist", str(state), backend=setup.backend), timeout=120
+            )
         finally:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.update({k: v})
@@ -205,15 +214,34 @@ def pooled(levels: list[Level], samples: list[float]) -> Level:
             server_ms[key] = round(sum(v * w for v, w in pairs) / sum(w for _, w in pairs), 3)
     judged = [lv for lv in levels if lv.accuracy == lv.accuracy]  # NaN when nothing came back to judge
     accuracy = sum(lv.accuracy * lv.requests for lv in judged) / max(sum(lv.requests for lv in judged), 1)
-    return Level("closed", levels[0].concurrency, None, n, dict(errors), seconds, n / max(seconds, 1e-9),
-                 percentiles(samples), accuracy, {"requests": n, **server_ms}, answers)  # fmt: skip
+    return Level(
+        "closed",
+        levels[0].concurrency,
+        None,
+        n,
+        dict(errors),
+        seconds,
+        n / max(seconds, 1e-9),
+        percentiles(samples),
+        accuracy,
+        {"requests": n, **server_ms},
+        answers,
+    )
 
 
 LOADED_ROUNDS = 4  # c=4 and c=16 are measured in this many alternating rounds per setup, like c=1 (bench/NOTES.md)
 
 
-def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: float = 10, rounds: int = 8,
-            concurrency=(4, 16), after=None, log=print) -> dict:  # fmt: skip
+def compare(
+    export_dir: Path,
+    work: Path,
+    setups: dict[str, Setup],
+    duration: float = 10,
+    rounds: int = 8,
+    concurrency=(4, 16),
+    after=None,
+    log=print,
+) -> dict:
     """Every setup started, then measured one at a time (the rest paused): c=1 in alternating rounds, then the
     loaded levels in alternating rounds too, since this machine's speed drifts by tens of percent within minutes.
 
@@ -252,8 +280,11 @@ def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: fl
         log(f"  c=1 in {rounds} alternating rounds of {duration / 2:g} s ...")
         for r in range(rounds):
             for name in names if r % 2 == 0 else names[::-1]:
-                rounds_c1[name].append(alone(name, lambda n=name: run_level(
-                    targets[n], bodies, 1, duration / 2, 30000, samples=samples[n])))  # fmt: skip
+                rounds_c1[name].append(
+                    alone(
+                        name, lambda n=name: run_level(targets[n], bodies, 1, duration / 2, 30000, samples=samples[n])
+                    )
+                )
         for name in names:
             levels[name] = [pooled(rounds_c1[name], samples[name])]
         each = duration / LOADED_ROUNDS
@@ -262,8 +293,9 @@ def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: fl
         loaded_samples = {key: [] for key in loaded}
 
         def level_of(name: str, c: int) -> Level:
-            return costed(procs[name], lambda: run_level(targets[name], bodies, c, each, 100000,
-                                                         samples=loaded_samples[name, c]))  # fmt: skip
+            return costed(
+                procs[name], lambda: run_level(targets[name], bodies, c, each, 100000, samples=loaded_samples[name, c])
+            )
 
         for r in range(LOADED_ROUNDS):  # each setup's levels side by side in time: drift hits c=4 and c=16 alike
             for name in names if r % 2 == 0 else names[::-1]:
@@ -276,8 +308,12 @@ def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: fl
                 extra[name] = alone(name, lambda n=name: after(n, targets[n], work / f"state-{slug(n)}"))
     out = {name: {**setups[name].describe(), **info.get(name, {}), "error": failed[name]} for name in failed}
     for name in names:
-        out[name] = {**setups[name].describe(), **info[name], "levels": [asdict(lv) for lv in levels[name]],
-                     **({"disruption": extra[name]} if name in extra else {})}  # fmt: skip
+        out[name] = {
+            **setups[name].describe(),
+            **info[name],
+            "levels": [asdict(lv) for lv in levels[name]],
+            **({"disruption": extra[name]} if name in extra else {}),
+        }
     if len(names) >= 2:
         first = names[0]
         out["c1_rounds"] = {
@@ -288,7 +324,7 @@ def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: fl
                     o.latency_ms["p50"] / b.latency_ms["p50"] for o, b in zip(rounds_c1[name], rounds_c1[first])
                 )
                 for name in names[1:]
-            },  # fmt: skip
+            },
             "first": first,
         }
     return out
@@ -296,18 +332,28 @@ def compare(export_dir: Path, work: Path, setups: dict[str, Setup], duration: fl
 
 # The OIP server as its clients call it: tritonclient's default (binary in, every output binary), curl's JSON (base64
 # in, every output JSON), and the lightest answer (the label alone): the first is the one the targets judge.
-OIP_SETUPS = {"oip": Setup("oip"), "oip-json": Setup("oip", protocol="v2-json"),
-              "oip-label": Setup("oip", outputs="label")}  # fmt: skip
+OIP_SETUPS = {
+    "oip": Setup("oip"),
+    "oip-json": Setup("oip", protocol="v2-json"),
+    "oip-label": Setup("oip", outputs="label"),
+}
 
 
-def run(export_dir: Path, work: Path, duration: float = 10, ours_config: ModelConfig | None = None,
-        peers: tuple[str, ...] = tuple(peer_setup.PEERS)) -> dict:  # fmt: skip
+def run(
+    export_dir: Path,
+    work: Path,
+    duration: float = 10,
+    ours_config: ModelConfig | None = None,
+    peers: tuple[str, ...] = tuple(peer_setup.PEERS),
+) -> dict:
     """Stock TorchServe, our TorchServe, our OIP server, every peer and the ceiling, on one machine in one run."""
-    setups = {"baseline": Setup("torchserve", "torchscript", None, BASELINE_HANDLER),
-              "ours": Setup("torchserve", config=ours_config or ModelConfig()),
-              **OIP_SETUPS,
-              **{p: Setup("peer", peer=p) for p in peers},
-              "ceiling": Setup("ceiling")}  # fmt: skip
+    setups = {
+        "baseline": Setup("torchserve", "torchscript", None, BASELINE_HANDLER),
+        "ours": Setup("torchserve", config=ours_config or ModelConfig()),
+        **OIP_SETUPS,
+        **{p: Setup("peer", peer=p) for p in peers},
+        "ceiling": Setup("ceiling"),
+    }
     return compare(export_dir, work, setups, duration)
 
 
@@ -318,8 +364,9 @@ def kill_one(name: str, target: Target, state_dir: Path) -> dict:
     pid = next(int(w["pid"]) for w in torchserve.status(state_dir)["workers"] if w.get("status") == "READY")
     _, d = kill_worker_under_load(target, pid, payloads(), concurrency=64, max_requests=6000)
     deadline = time.monotonic() + 60  # let TorchServe bring the worker back before the server is stopped
-    while time.monotonic() < deadline and not all(w.get("status") == "READY" for w in
-                                                   torchserve.status(state_dir)["workers"]):  # fmt: skip
+    while time.monotonic() < deadline and not all(
+        w.get("status") == "READY" for w in torchserve.status(state_dir)["workers"]
+    ):
         time.sleep(0.5)
     return asdict(d)
 
@@ -327,6 +374,8 @@ def kill_one(name: str, target: Target, state_dir: Path) -> dict:
 def workers(export_dir: Path, work: Path, duration: float = 10) -> dict:
     """What a second worker costs at c=1 and buys at c=16 and when a worker dies (issue: no single point of failure)."""
     d = ModelConfig()
-    setups = {f"{n} worker{'s' if n > 1 else ''}": Setup("torchserve", config=replace(d, minWorkers=n, maxWorkers=n))
-              for n in (1, 2)}  # fmt: skip
+    setups = {
+        f"{n} worker{'s' if n > 1 else ''}": Setup("torchserve", config=replace(d, minWorkers=n, maxWorkers=n))
+        for n in (1, 2)
+    }
     return compare(export_dir, work, setups, duration, rounds=6, concurrency=(16,), after=kill_one)

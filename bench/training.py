@@ -58,8 +58,12 @@ def tutorial_loop(data_dir: Path, epochs: int, device: str = "cpu", seed: int = 
 def ours(data_dir: Path, out: Path, epochs: int, device: str = "auto", seed: int = 1) -> dict:
     p = get_preset(DEFAULT_PRESET, epochs=epochs, seed=seed)
     m = train(p, out, data_dir, device=device, quiet=True)
-    return {"epochs": epochs, "epoch_seconds": [h["seconds"] for h in m["history"]],
-            "test_accuracy": m["test_accuracy"], "device": m["device"]}  # fmt: skip
+    return {
+        "epochs": epochs,
+        "epoch_seconds": [h["seconds"] for h in m["history"]],
+        "test_accuracy": m["test_accuracy"],
+        "device": m["device"],
+    }
 
 
 def run(data_dir: Path, out: Path, epochs: int = 15, device: str = "cpu", seeds=(1, 2)) -> dict:
@@ -75,10 +79,18 @@ def run(data_dir: Path, out: Path, epochs: int = 15, device: str = "cpu", seeds=
     def mean_accuracy(runs):
         return sum(r["test_accuracy"] for r in runs) / len(runs)
 
-    return {"seeds": list(seeds), "epochs": epochs, "ours": a, "tutorial": b, "ours_epoch_s": median_epoch(a),
-            "tutorial_epoch_s": median_epoch(b), "ours_accuracy": mean_accuracy(a),
-            "tutorial_accuracy": mean_accuracy(b), "ratio": median_epoch(a) / median_epoch(b),
-            "accuracy_gap_points": 100 * (mean_accuracy(a) - mean_accuracy(b))}  # fmt: skip
+    return {
+        "seeds": list(seeds),
+        "epochs": epochs,
+        "ours": a,
+        "tutorial": b,
+        "ours_epoch_s": median_epoch(a),
+        "tutorial_epoch_s": median_epoch(b),
+        "ours_accuracy": mean_accuracy(a),
+        "tutorial_accuracy": mean_accuracy(b),
+        "ratio": median_epoch(a) / median_epoch(b),
+        "accuracy_gap_points": 100 * (mean_accuracy(a) - mean_accuracy(b)),
+    }
 
 
 def processes(data_dir: Path, out: Path, epochs: int = 4, preset: str = DEFAULT_PRESET, counts=(1, 2)) -> dict:
@@ -93,13 +105,34 @@ def processes(data_dir: Path, out: Path, epochs: int = 4, preset: str = DEFAULT_
     rows = []
     for n in counts:
         run = out / f"ddp-{n}"
-        cmd = [sys.executable, "-m", "torchship.cli", "train", "--preset", preset, "--epochs", str(epochs),
-               "--out", str(run), "--data-dir", str(data_dir), "--nproc-per-node", str(n), "--quiet", "--device",
-               "cpu"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torchship.cli",
+            "train",
+            "--preset",
+            preset,
+            "--epochs",
+            str(epochs),
+            "--out",
+            str(run),
+            "--data-dir",
+            str(data_dir),
+            "--nproc-per-node",
+            str(n),
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
         subprocess.run(cmd, check=True, capture_output=True)
         m = json.loads((run / "metrics.json").read_text())
         later = m["history"][1:] or m["history"]
-        rows.append({"processes": n, "epoch_s": statistics.median(h["seconds"] for h in later),
-                     "images_per_second": statistics.median(h["images_per_second"] for h in later),
-                     "test_accuracy": m["test_accuracy"]})  # fmt: skip
+        rows.append(
+            {
+                "processes": n,
+                "epoch_s": statistics.median(h["seconds"] for h in later),
+                "images_per_second": statistics.median(h["images_per_second"] for h in later),
+                "test_accuracy": m["test_accuracy"],
+            }
+        )
     return {"preset": preset, "epochs": epochs, "cores": torch.get_num_threads(), "rows": rows}

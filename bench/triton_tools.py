@@ -57,16 +57,37 @@ def measure(binary: Path, env: dict, url: str, protocol: str, data: Path, concur
     """One perf_analyzer run: requests/s and latency percentiles (ms), as it reports them in its CSV."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pa.csv"
-        cmd = [str(binary), "-m", "mnist", "-u", url, "-i", protocol, "--input-data", str(data),
-               "--concurrency-range", str(concurrency), "--measurement-interval", str(int(seconds * 1000)),
-               "--stability-percentage", "50", "--max-trials", "6", "-f", str(out)]  # fmt: skip
+        cmd = [
+            str(binary),
+            "-m",
+            "mnist",
+            "-u",
+            url,
+            "-i",
+            protocol,
+            "--input-data",
+            str(data),
+            "--concurrency-range",
+            str(concurrency),
+            "--measurement-interval",
+            str(int(seconds * 1000)),
+            "--stability-percentage",
+            "50",
+            "--max-trials",
+            "6",
+            "-f",
+            str(out),
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60 + 10 * seconds)
         if r.returncode != 0 or not out.is_file():
             tail = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()][-2:]
             return {"error": " | ".join(tail)[:300]}
         row = next(csv.DictReader(out.open()))
-    return {"throughput": float(row["Inferences/Second"]), "p50_ms": int(row["p50 latency"]) / 1000,
-            "p99_ms": int(row["p99 latency"]) / 1000}  # fmt: skip
+    return {
+        "throughput": float(row["Inferences/Second"]),
+        "p50_ms": int(row["p50 latency"]) / 1000,
+        "p99_ms": int(row["p99 latency"]) / 1000,
+    }
 
 
 def run(export_dir: Path, work: Path, seconds: float = 5, log=print) -> dict:
@@ -79,16 +100,18 @@ def run(export_dir: Path, work: Path, seconds: float = 5, log=print) -> dict:
         state = work / "state-oip"
         stack.callback(oip.stop, state)
         cfg = oip.start(oip.OIPConfig.on_free_ports(str(export_dir), "mnist", str(state)), timeout=120)
-        servers = {"oip": ({"http": f"127.0.0.1:{cfg.http_port}", "grpc": f"127.0.0.1:{cfg.grpc_port}"},
-                           ("images", "input"))}  # fmt: skip
+        servers = {
+            "oip": ({"http": f"127.0.0.1:{cfg.http_port}", "grpc": f"127.0.0.1:{cfg.grpc_port}"}, ("images", "input"))
+        }
         for name, (urls, inputs) in servers.items():
             for protocol in PROTOCOLS:
                 for given in inputs:
                     for c in CONCURRENCY:
                         log(f"  perf_analyzer -> {name} {protocol} {given} c={c} ...")
                         r = measure(binary, env, urls[protocol], protocol, data[given], c, seconds)
-                        out["rows"].append({"server": name, "protocol": protocol, "input": given, "concurrency": c,
-                                            **r})  # fmt: skip
+                        out["rows"].append(
+                            {"server": name, "protocol": protocol, "input": given, "concurrency": c, **r}
+                        )
         oip.stop(state)
         running = peer_setup.start(peer_setup.PEERS["pytriton"], export_dir / "model.onnx", work / "peers")
         stack.callback(peer_setup.stop, running)
@@ -97,15 +120,19 @@ def run(export_dir: Path, work: Path, seconds: float = 5, log=print) -> dict:
             for c in CONCURRENCY:
                 log(f"  perf_analyzer -> pytriton {protocol} images c={c} ...")
                 r = measure(binary, env, urls[protocol], protocol, data["images"], c, seconds)
-                out["rows"].append({"server": "pytriton", "protocol": protocol, "input": "images", "concurrency": c,
-                                    **r})  # fmt: skip
+                out["rows"].append(
+                    {"server": "pytriton", "protocol": protocol, "input": "images", "concurrency": c, **r}
+                )
     return out
 
 
 def table(section: dict) -> list[str]:
     head = f"{'server':<9} {'protocol':<8} {'input':<7} {'c':>3} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7}"
-    lines = [f"Triton's perf_analyzer ({section['perf_analyzer']}, {section['seconds']:g} s windows), one digit from "
-             "--input-data; each server read its model configuration first", head]  # fmt: skip
+    lines = [
+        f"Triton's perf_analyzer ({section['perf_analyzer']}, {section['seconds']:g} s windows), one digit from "
+        "--input-data; each server read its model configuration first",
+        head,
+    ]
     for r in section["rows"]:
         row = f"{r['server']:<9} {r['protocol']:<8} {r['input']:<7} {r['concurrency']:>3} "
         if "error" in r:

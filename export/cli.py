@@ -44,8 +44,10 @@ def shape(_ctx, _param, value: str | None):
     except ValueError:
         dims = ()
     if not 1 <= len(dims) <= 4 or min(dims) < 1:
-        raise click.BadParameter(f"comma-separated positive integers: C,H,W for images (3,224,224), one example's "
-                                 f"shape for tensors (13); got {value!r}")  # fmt: skip
+        raise click.BadParameter(
+            f"comma-separated positive integers: C,H,W for images (3,224,224), one example's "
+            f"shape for tensors (13); got {value!r}"
+        )
     return dims
 
 
@@ -180,9 +182,14 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
 )
 @click.option("--dataset", default=None, help="With --model: a torchship dataset (mnist-5k, ...) for the proof.")
 @click.option("--name", default=None, help="Model name (a slug)  [default: the preset, or the callable's name]")
-@click.option("--version", "version", default=None, metavar="N",
-              help="The export's version (a positive integer): /v2/models/NAME/versions/N  [default: one past the "
-                   "export it replaces in --out, else 1]")  # fmt: skip
+@click.option(
+    "--version",
+    "version",
+    default=None,
+    metavar="N",
+    help="The export's version (a positive integer): /v2/models/NAME/versions/N  [default: one past the "
+    "export it replaces in --out, else 1]",
+)
 @click.option(
     "--calibration",
     type=click.Path(file_okay=False, exists=True),
@@ -201,9 +208,32 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
     "--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Export directory  [default: exports/NAME]"
 )
 @tolerances
-def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, signature_source, task, output_names,
-                   input_range, labels, mean, std, preprocess, output_kind, dataset, name, version, calibration,
-                   formats, out_dir, atol, rtol, data_dir):  # fmt: skip
+def export_command(
+    checkpoint,
+    spec,
+    weights,
+    kwargs,
+    input_shape,
+    input_kind,
+    signature_source,
+    task,
+    output_names,
+    input_range,
+    labels,
+    mean,
+    std,
+    preprocess,
+    output_kind,
+    dataset,
+    name,
+    version,
+    calibration,
+    formats,
+    out_dir,
+    atol,
+    rtol,
+    data_dir,
+):
     """Export CHECKPOINT (or --model SPEC --weights FILE) to every format, then prove each matches the eager model."""
     from pathlib import Path
 
@@ -214,10 +244,21 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, s
 
     if (checkpoint is None) == (spec is None):
         raise click.UsageError("give either a torchship CHECKPOINT or --model SPEC --weights FILE")
-    user_only = {"--weights": weights, "--model-kwarg": kwargs, "--input-shape": input_shape, "--labels": labels,
-                 "--mean": mean, "--std": std, "--preprocess": preprocess, "--output-kind": output_kind,
-                 "--dataset": dataset, "--task": task, "--output-names": output_names,
-                 "--input-range": input_range, "--signature": signature_source}  # fmt: skip
+    user_only = {
+        "--weights": weights,
+        "--model-kwarg": kwargs,
+        "--input-shape": input_shape,
+        "--labels": labels,
+        "--mean": mean,
+        "--std": std,
+        "--preprocess": preprocess,
+        "--output-kind": output_kind,
+        "--dataset": dataset,
+        "--task": task,
+        "--output-names": output_names,
+        "--input-range": input_range,
+        "--signature": signature_source,
+    }
     if signature_source is not None or input_kind == "named":
         named_only = {k: v for k, v in user_only.items() if k not in ("--weights", "--model-kwarg", "--signature")}
         if spec is None or weights is None or signature_source is None:
@@ -229,8 +270,11 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, s
     elif spec is not None and (weights is None or input_shape is None):
         raise click.UsageError("--model needs --weights FILE and --input-shape (C,H,W for images, e.g. 13 for rows)")
     if spec is not None and input_kind == "image" and len(input_shape) != 3:
-        raise click.BadParameter(f"an image model's input is C,H,W, got {','.join(map(str, input_shape))} (rows of "
-                                 "numbers? add --input-kind tensor)", param_hint="--input-shape")  # fmt: skip
+        raise click.BadParameter(
+            f"an image model's input is C,H,W, got {','.join(map(str, input_shape))} (rows of "
+            "numbers? add --input-kind tensor)",
+            param_hint="--input-shape",
+        )
     if checkpoint is not None and any(user_only.values()):
         given = [k for k, v in user_only.items() if v]
         raise click.UsageError(f"{', '.join(given)} apply to --model; a checkpoint carries its own model card")
@@ -243,8 +287,9 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, s
     try:
         if checkpoint is not None:
             progress(f"loading {checkpoint}")
-            exported = export_checkpoint(checkpoint, out_dir, formats, name=name, version=version, progress=progress,
-                                         options=options)  # fmt: skip
+            exported = export_checkpoint(
+                checkpoint, out_dir, formats, name=name, version=version, progress=progress, options=options
+            )
             source = Path(checkpoint)
         else:
             from torchship.export.user_model import parse_kwargs, user_model
@@ -253,15 +298,27 @@ def export_command(checkpoint, spec, weights, kwargs, input_shape, input_kind, s
             if input_kind == "named":
                 from torchship.export.user_model import named_model, read_signature
 
-                model, card = named_model(spec, weights, kwargs=parse_kwargs(kwargs),
-                                          sig=read_signature(signature_source), name=name)  # fmt: skip
+                model, card = named_model(
+                    spec, weights, kwargs=parse_kwargs(kwargs), sig=read_signature(signature_source), name=name
+                )
             else:
                 model, card = user_model(
-                    spec, weights, kwargs=parse_kwargs(kwargs), input_shape=input_shape, labels=labels,
-                    mean=mean or (0.0,), std=std or (1.0,), preprocess=preprocess, name=name, output=output_kind,
-                    dataset=dataset, input_kind=input_kind, task=task, output_names=output_names,
+                    spec,
+                    weights,
+                    kwargs=parse_kwargs(kwargs),
+                    input_shape=input_shape,
+                    labels=labels,
+                    mean=mean or (0.0,),
+                    std=std or (1.0,),
+                    preprocess=preprocess,
+                    name=name,
+                    output=output_kind,
+                    dataset=dataset,
+                    input_kind=input_kind,
+                    task=task,
+                    output_names=output_names,
                     input_range=input_range,
-                )  # fmt: skip
+                )
             source = Path(weights)
             out = Path(out_dir or f"exports/{card.name}")
             card = stamp(card, source, version=version or next_version(out, card.name))

@@ -221,11 +221,14 @@ def export_int8(model: torch.nn.Module, card: ModelCard, path: Path, options: Op
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if card.named:
-        raise ExportError("int8 calibrates one input on images or rows; a model with named inputs has no such set: "
-                          "export ts, onnx or pt2")  # fmt: skip
+        raise ExportError(
+            "int8 calibrates one input on images or rows; a model with named inputs has no such set: "
+            "export ts, onnx or pt2"
+        )
     if card.task != "classify":
-        raise ExportError(f"int8 is for classifiers (it is judged by top-1 agreement); {card.name} is a {card.task} "
-                          "model")  # fmt: skip
+        raise ExportError(
+            f"int8 is for classifiers (it is judged by top-1 agreement); {card.name} is a {card.task} model"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         float_model = path.with_name(FORMAT_BY_NAME["onnx"].file)
@@ -237,10 +240,18 @@ def export_int8(model: torch.nn.Module, card: ModelCard, path: Path, options: Op
         graph = onnx.load(str(prepared)).graph
         head = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")][-1:]
         reader, source = int8_calibration(card, options)
-        quantize_static(str(prepared), str(tmp / "int8.onnx"), reader, quant_format=QuantFormat.QDQ,
-                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=head)  # fmt: skip
+        quantize_static(
+            str(prepared),
+            str(tmp / "int8.onnx"),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=head,
+        )
         proto = onnx.load(str(tmp / "int8.onnx"))
     del proto.metadata_props[:]
     for key, value in ((ONNX_METADATA_KEY, card.to_json(indent=None)), ("torchship_calibration", source)):

@@ -87,9 +87,14 @@ def tensor_proof_inputs(card: ModelCard, n: int, data_dir: Path | str) -> tuple[
     real = held[0][:n] if held is not None else np.zeros((0, *card.input_shape), np.float32)
     drawn = ranged_rows(card, n - len(real))
     x = standardize(card, np.concatenate([real.astype(np.float32), drawn]))
-    return x, {"real": int(len(real)), "ranged": int(len(drawn)), "total": int(len(x)), "shape": list(x.shape[1:]),
-               "dataset": card.dataset if len(real) else None,
-               "range": [list(r) for r in card.input_range]}  # fmt: skip
+    return x, {
+        "real": int(len(real)),
+        "ranged": int(len(drawn)),
+        "total": int(len(x)),
+        "shape": list(x.shape[1:]),
+        "dataset": card.dataset if len(real) else None,
+        "range": [list(r) for r in card.input_range],
+    }
 
 
 def proof_inputs(card: ModelCard, n: int, data_dir: Path | str = "data") -> tuple[np.ndarray, dict]:
@@ -104,12 +109,17 @@ def proof_inputs(card: ModelCard, n: int, data_dir: Path | str = "data") -> tupl
         noise, smooth = synthetic(card, n)
         pixels, kinds = np.concatenate([smooth, noise]), {"real": 0, "smooth": len(smooth), "noise": len(noise)}
     x = normalise(card, pixels)
-    return x, {**kinds, "total": int(len(x)), "shape": list(x.shape[1:]), "dataset": card.dataset if
-               kinds["real"] else None}  # fmt: skip
+    return x, {
+        **kinds,
+        "total": int(len(x)),
+        "shape": list(x.shape[1:]),
+        "dataset": card.dataset if kinds["real"] else None,
+    }
 
 
-def calibration_images(card: ModelCard, data_dir: Path | str, directory: Path | str | None = None,
-                       n: int = CALIBRATION_IMAGES) -> tuple[np.ndarray, str]:  # fmt: skip
+def calibration_images(
+    card: ModelCard, data_dir: Path | str, directory: Path | str | None = None, n: int = CALIBRATION_IMAGES
+) -> tuple[np.ndarray, str]:
     """Model inputs to calibrate int8 on, never held-out ones: your images, the dataset's training split, or
     synthetic ones; and a line saying which."""
     n = min(n, max(32, CALIBRATION_BYTES // (4 * int(np.prod(card.input_shape)))))

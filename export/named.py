@@ -68,8 +68,16 @@ def dynamic_shapes(card: ModelCard, batch: torch.export.Dim) -> tuple[dict, ...]
     the wrapper's *inputs (user_model.Signed)."""
     sig = card.signature
     named = {d: torch.export.Dim(d, min=low, max=high) for d, (low, high) in sig.dims.items() if low < high}
-    return (tuple({axis: batch if axis == 0 else named[d] for axis, d in enumerate(t.shape)
-                   if axis == 0 or (isinstance(d, str) and d in named)} for t in sig.inputs),)  # fmt: skip
+    return (
+        tuple(
+            {
+                axis: batch if axis == 0 else named[d]
+                for axis, d in enumerate(t.shape)
+                if axis == 0 or (isinstance(d, str) and d in named)
+            }
+            for t in sig.inputs
+        ),
+    )
 
 
 def _reference(model: torch.nn.Module, sig: Signature):
@@ -83,21 +91,42 @@ def _batched(fn, feeds: dict, n: int, size: int) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _check(backend: str, bs: int, spec: TensorSpec, dims: dict, got: np.ndarray, ref: np.ndarray, *, atol: float,
-           rtol: float) -> Check:  # fmt: skip
+def _check(
+    backend: str, bs: int, spec: TensorSpec, dims: dict, got: np.ndarray, ref: np.ndarray, *, atol: float, rtol: float
+) -> Check:
     """Polygraphy's rule on one output; its shape and its declared datatype (float64 eager aside) must match too."""
     shape_ok = got.shape == ref.shape
     dtype_ok = got.dtype == np.dtype(signature.NUMPY[spec.datatype])
     stats = compare(got.astype(np.float64), ref.astype(np.float64), atol, rtol) if shape_ok else _mismatch(ref)
-    return Check(backend, bs, atol, rtol, shape_ok and dtype_ok and stats["failures"] == 0, shape_ok, dtype_ok,
-                 top1_agreement=None, output=spec.name, dims=dict(dims), **stats)  # fmt: skip
+    return Check(
+        backend,
+        bs,
+        atol,
+        rtol,
+        shape_ok and dtype_ok and stats["failures"] == 0,
+        shape_ok,
+        dtype_ok,
+        top1_agreement=None,
+        output=spec.name,
+        dims=dict(dims),
+        **stats,
+    )
 
 
 def _mismatch(ref: np.ndarray) -> dict:
-    return {"nan": 0, "failures": int(ref.size), "elements": int(ref.size), "max_abs": float("inf"),
-            "mean_abs": float("inf"), "p99_abs": float("inf"), "max_rel": None, "p99_rel": None,
-            "min_atol": float("inf"), "min_rtol": float("inf"),
-            "worst": {"index": [0] * ref.ndim, "got": float("nan"), "expected": float(ref.flat[0])}}  # fmt: skip
+    return {
+        "nan": 0,
+        "failures": int(ref.size),
+        "elements": int(ref.size),
+        "max_abs": float("inf"),
+        "mean_abs": float("inf"),
+        "p99_abs": float("inf"),
+        "max_rel": None,
+        "p99_rel": None,
+        "min_atol": float("inf"),
+        "min_rtol": float("inf"),
+        "worst": {"index": [0] * ref.ndim, "got": float("nan"), "expected": float(ref.flat[0])},
+    }
 
 
 def verify_named(export_dir: Path, atol: float, rtol: float, source, batch_sizes=BATCH_SIZES) -> Report:
@@ -123,8 +152,10 @@ def verify_named(export_dir: Path, atol: float, rtol: float, source, batch_sizes
             for backend, fn in fns.items():
                 runs[backend, "padded"] = signature.run_together(sig, fn, requests)
     floats = [t.name for t in sig.outputs if t.datatype.startswith("FP")]
-    flat = lambda outs: np.concatenate([o[n].reshape(-1).astype(np.float64) for o in outs for n in floats]  # noqa: E731
-                                       or [np.zeros(0)])  # fmt: skip
+
+    def flat(outs) -> np.ndarray:
+        return np.concatenate([o[n].reshape(-1).astype(np.float64) for o in outs for n in floats] or [np.zeros(0)])
+
     eager = [flat([runs["eager-fp32", k, bs] for k in range(len(cases))]) for bs in sizes]
     atol, note = tolerance(atol, rtol, flat(refs), eager)
     checks = []
@@ -132,19 +163,44 @@ def verify_named(export_dir: Path, atol: float, rtol: float, source, batch_sizes
         for k, dims in enumerate(cases):
             for bs in sizes:
                 for t in sig.outputs:
-                    checks.append(_check(backend, bs, t, dims, runs[backend, k, bs][t.name], refs[k][t.name],
-                                         atol=atol, rtol=rtol))  # fmt: skip
+                    checks.append(
+                        _check(
+                            backend, bs, t, dims, runs[backend, k, bs][t.name], refs[k][t.name], atol=atol, rtol=rtol
+                        )
+                    )
         if padded:
             for t in sig.outputs:
                 for r, (answer, ref) in enumerate(zip(runs[backend, "padded"], pad_refs)):
                     got = answer[t.name]
-                    checks.append(_check(backend, PADDED_ROWS, t, {d: f"padded, row {r}" for d in padded}, got,
-                                         ref[t.name], atol=atol, rtol=rtol))  # fmt: skip
-    inputs = {"named": True, "rows": ROWS, "cases": cases, "padded": padded,
-              "inputs": [{"name": t.name, "datatype": t.datatype, "range": list(t.range) or None}
-                         for t in sig.inputs]}  # fmt: skip
-    return Report(str(export_dir), atol, rtol, f"eager PyTorch, float64 copy of the weights ({card.name})", inputs,
-                  checks, note, None)  # fmt: skip
+                    checks.append(
+                        _check(
+                            backend,
+                            PADDED_ROWS,
+                            t,
+                            {d: f"padded, row {r}" for d in padded},
+                            got,
+                            ref[t.name],
+                            atol=atol,
+                            rtol=rtol,
+                        )
+                    )
+    inputs = {
+        "named": True,
+        "rows": ROWS,
+        "cases": cases,
+        "padded": padded,
+        "inputs": [{"name": t.name, "datatype": t.datatype, "range": list(t.range) or None} for t in sig.inputs],
+    }
+    return Report(
+        str(export_dir),
+        atol,
+        rtol,
+        f"eager PyTorch, float64 copy of the weights ({card.name})",
+        inputs,
+        checks,
+        note,
+        None,
+    )
 
 
 def _pad_requests(sig: Signature, reference) -> tuple[list[signature.Rows], list[dict]]:
@@ -153,8 +209,10 @@ def _pad_requests(sig: Signature, reference) -> tuple[list[signature.Rows], list
     padded = signature.padded_dims(sig)
     requests, refs = [], []
     for r in range(PADDED_ROWS):
-        dims = {d: (low + (high - low) * r // max(PADDED_ROWS - 1, 1) if d in padded else example_dims(sig)[d])
-                for d, (low, high) in sig.dims.items()}  # fmt: skip
+        dims = {
+            d: (low + (high - low) * r // max(PADDED_ROWS - 1, 1) if d in padded else example_dims(sig)[d])
+            for d, (low, high) in sig.dims.items()
+        }
         feeds = draw(sig, 1, dims, seed=100 + r)
         requests.append(signature.Rows(feeds, 1, dims))
         refs.append(reference(feeds))
@@ -169,7 +227,9 @@ def failure(report: Report) -> str | None:
     w = c.worst
     what = "shape or dtype differs; " if not (c.shape_ok and c.dtype_ok) else ""
     lengths = ", ".join(f"{d} {v}" for d, v in (c.dims or {}).items())
-    return (f"{c.backend} output '{c.output}' at batch size {c.batch_size}{', ' + lengths if lengths else ''} does "
-            f"not match eager PyTorch: {what}{c.failures} of {c.elements} elements off (atol {c.atol:g}, rtol "
-            f"{c.rtol:g}); worst at row {w['index'][0]}, element {w['index'][1:]}: got {w['got']:.6g}, expected "
-            f"{w['expected']:.6g}")  # fmt: skip
+    return (
+        f"{c.backend} output '{c.output}' at batch size {c.batch_size}{', ' + lengths if lengths else ''} does "
+        f"not match eager PyTorch: {what}{c.failures} of {c.elements} elements off (atol {c.atol:g}, rtol "
+        f"{c.rtol:g}); worst at row {w['index'][0]}, element {w['index'][1:]}: got {w['got']:.6g}, expected "
+        f"{w['expected']:.6g}"
+    )

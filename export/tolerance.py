@@ -13,9 +13,12 @@ HEADROOM = 4  # when eager float32 itself needs a wider atol, every backend is h
 # factor both atol and rtol may widen by, and why. It applies only where the format fails the tolerances
 # every other backend meets, and the report says so.
 FORMAT_LOOSENING = {
-    "pt2": (10, "Inductor generates its own kernels, which sum long reductions (average pools, wide "
-                "convolutions) in vector lanes in another order than eager PyTorch: ~1e-4 relative in float32"),
-}  # fmt: skip
+    "pt2": (
+        10,
+        "Inductor generates its own kernels, which sum long reductions (average pools, wide "
+        "convolutions) in vector lanes in another order than eager PyTorch: ~1e-4 relative in float32",
+    ),
+}
 
 
 def compare(got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> dict:
@@ -64,7 +67,9 @@ def tolerance(atol: float, rtol: float, ref: np.ndarray, eager: list[np.ndarray]
     needed = max(compare(e, ref, effective, rtol)["min_atol"] for e in eager)
     if needed > effective:
         effective = float(f"{HEADROOM * needed:.2g}")
-        notes.append(f"atol raised to {effective:g}: eager PyTorch in float32 itself needs {needed:.2g} against "
-                     "the float64 reference (rounding accumulates over the network's layers), so every backend "
-                     f"is held to {HEADROOM}x what eager float32 needs")  # fmt: skip
+        notes.append(
+            f"atol raised to {effective:g}: eager PyTorch in float32 itself needs {needed:.2g} against "
+            "the float64 reference (rounding accumulates over the network's layers), so every backend "
+            f"is held to {HEADROOM}x what eager float32 needs"
+        )
     return effective, "; ".join(notes) or None

@@ -111,8 +111,10 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "eights only" in str(e) or "weights_only" in str(e):
-            raise ModelLoadError(f"{path} pickles Python objects (a whole model?), which torchship refuses to "
-                                 f"load because unpickling can run code; {SAVE_HINT}") from None  # fmt: skip
+            raise ModelLoadError(
+                f"{path} pickles Python objects (a whole model?), which torchship refuses to "
+                f"load because unpickling can run code; {SAVE_HINT}"
+            ) from None
         raise ModelLoadError(f"{path} is not a PyTorch weights file ({e})") from None
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -139,11 +141,15 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
     result = model.load_state_dict(state, strict=False)
     problems = []
     if result.missing_keys:
-        problems.append(f"{len(result.missing_keys)} missing ({', '.join(result.missing_keys[:3])}"
-                        f"{', ...' if len(result.missing_keys) > 3 else ''})")  # fmt: skip
+        problems.append(
+            f"{len(result.missing_keys)} missing ({', '.join(result.missing_keys[:3])}"
+            f"{', ...' if len(result.missing_keys) > 3 else ''})"
+        )
     if result.unexpected_keys:
-        problems.append(f"{len(result.unexpected_keys)} unexpected ({', '.join(result.unexpected_keys[:3])}"
-                        f"{', ...' if len(result.unexpected_keys) > 3 else ''})")  # fmt: skip
+        problems.append(
+            f"{len(result.unexpected_keys)} unexpected ({', '.join(result.unexpected_keys[:3])}"
+            f"{', ...' if len(result.unexpected_keys) > 3 else ''})"
+        )
     if problems:
         raise ModelLoadError(f"{source} does not fit the model: keys {'; '.join(problems)}")
     return model.eval()
@@ -161,8 +167,14 @@ def rebuild(card: ModelCard, source: Path | str | None = None) -> torch.nn.Modul
     return Signed(model, card.signature).eval() if card.named else model
 
 
-TORCH_DATATYPES = {torch.float32: "FP32", torch.float16: "FP16", torch.float64: "FP64", torch.int64: "INT64",
-                   torch.int32: "INT32", torch.bool: "BOOL"}  # fmt: skip
+TORCH_DATATYPES = {
+    torch.float32: "FP32",
+    torch.float16: "FP16",
+    torch.float64: "FP64",
+    torch.int64: "INT64",
+    torch.int32: "INT32",
+    torch.bool: "BOOL",
+}
 
 
 class Signed(torch.nn.Module):
@@ -220,8 +232,9 @@ def _attribute(path: str, attr: str):
     return getattr(module, attr)
 
 
-def named_model(spec: str, weights: Path | str, *, kwargs: Mapping | None = None, sig: Signature,
-                name: str | None = None) -> tuple[torch.nn.Module, ModelCard]:  # fmt: skip
+def named_model(
+    spec: str, weights: Path | str, *, kwargs: Mapping | None = None, sig: Signature, name: str | None = None
+) -> tuple[torch.nn.Module, ModelCard]:
     """A model that takes several named tensors: built, its weights loaded, run once on inputs drawn from its
     signature, every output checked against what the signature declares."""
     from torchship.export.named import draw, example_dims
@@ -234,22 +247,38 @@ def named_model(spec: str, weights: Path | str, *, kwargs: Mapping | None = None
             out = model(*(torch.from_numpy(feeds[t.name]) for t in sig.inputs))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ModelLoadError(f"the model does not run on its signature's inputs ({', '.join(model.input_names)}): "
-                             f"{type(e).__name__}: {first}") from None  # fmt: skip
+        raise ModelLoadError(
+            f"the model does not run on its signature's inputs ({', '.join(model.input_names)}): "
+            f"{type(e).__name__}: {first}"
+        ) from None
     if len(out) != len(sig.outputs) or not all(isinstance(y, torch.Tensor) for y in out):
-        raise ModelLoadError(f"the model answers {len(out)} value(s); the signature declares {len(sig.outputs)} "
-                             f"tensors ({', '.join(model.output_names)})")  # fmt: skip
+        raise ModelLoadError(
+            f"the model answers {len(out)} value(s); the signature declares {len(sig.outputs)} "
+            f"tensors ({', '.join(model.output_names)})"
+        )
     dims = example_dims(sig)
     for t, y in zip(sig.outputs, out):
         want = [2, *(d if isinstance(d, int) else dims[d] for d in t.shape[1:])]
         got = TORCH_DATATYPES.get(y.dtype, str(y.dtype))
         if got != t.datatype or list(y.shape) != want:
-            raise ModelLoadError(f"output '{t.name}': the model answers {got} {list(y.shape)} where the signature "
-                                 f"declares {t.datatype} {list(t.shape)} (= {want} here)")  # fmt: skip
+            raise ModelLoadError(
+                f"output '{t.name}': the model answers {got} {list(y.shape)} where the signature "
+                f"declares {t.datatype} {list(t.shape)} (= {want} here)"
+            )
     try:
-        card = ModelCard(name=name or slug(spec.rpartition(":")[2].split(".")[-1]), task="tensors", input_shape=(),
-                         mean=(), std=(), labels=(), preprocess=NO_RECIPE, output_kind="tensors",
-                         architecture=Architecture(spec, kwargs), input_kind="named", signature=sig)  # fmt: skip
+        card = ModelCard(
+            name=name or slug(spec.rpartition(":")[2].split(".")[-1]),
+            task="tensors",
+            input_shape=(),
+            mean=(),
+            std=(),
+            labels=(),
+            preprocess=NO_RECIPE,
+            output_kind="tensors",
+            architecture=Architecture(spec, kwargs),
+            input_kind="named",
+            signature=sig,
+        )
     except CardError as e:
         raise ModelLoadError(str(e)) from None
     return model, card
@@ -313,15 +342,19 @@ def user_model(
             out = model(torch.rand(2, *input_shape))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ModelLoadError(f"the model does not run on a (2, {', '.join(map(str, input_shape))}) batch: "
-                             f"{type(e).__name__}: {first}") from None  # fmt: skip
+        raise ModelLoadError(
+            f"the model does not run on a (2, {', '.join(map(str, input_shape))}) batch: {type(e).__name__}: {first}"
+        ) from None
     if isinstance(out, (list, tuple)):
         raise ModelLoadError(f"the model returns a {type(out).__name__}; torchship exports models with one output")
     reconstruct = image and tuple(out.shape) == (2, *input_shape)
     if not reconstruct and out.dim() != 2:
         raise ModelLoadError(f"a model must return (batch, outputs); this one returns {tuple(out.shape)}")
-    task = "reconstruct" if reconstruct else task or ("regress" if not image and output_names and not labels
-                                                      else "classify")  # fmt: skip
+    task = (
+        "reconstruct"
+        if reconstruct
+        else task or ("regress" if not image and output_names and not labels else "classify")
+    )
     if task == "regress":
         width = out.shape[1]
         output_names = tuple(output_names or (["y"] if width == 1 else [f"y{i}" for i in range(width)]))

@@ -105,8 +105,9 @@ def flops_per_image(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
         elif isinstance(module, torch.nn.Linear):
             total[0] += 2 * module.in_features * output.numel()
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d,
-                                                                                        torch.nn.Linear))]  # fmt: skip
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
     try:
         with torch.no_grad():
             model(torch.zeros(1, *shape))
@@ -122,8 +123,13 @@ def image_count(flops: int, backends: int, batch_sizes: int = len(BATCH_SIZES)) 
     return int(np.clip(FLOP_BUDGET / max(flops * passes, 1), MIN_IMAGES, MAX_IMAGES))
 
 
-def proof_set(card: ModelCard, model: torch.nn.Module, formats: list[str], data_dir: Path | str = "data",
-              batch_sizes: tuple[int, ...] = BATCH_SIZES) -> tuple[np.ndarray, dict]:  # fmt: skip
+def proof_set(
+    card: ModelCard,
+    model: torch.nn.Module,
+    formats: list[str],
+    data_dir: Path | str = "data",
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+) -> tuple[np.ndarray, dict]:
     """The inputs the proof of an export with these formats runs on, and what they are."""
     exact = 1 + sum(FORMAT_BY_NAME[f].exact for f in formats)  # eager float32 and every exact format
     return proof_inputs(card, image_count(flops_per_image(model, card.input_shape), exact, len(batch_sizes)), data_dir)
@@ -148,8 +154,14 @@ def batched(fn, x: np.ndarray, size: int = 256) -> np.ndarray:
     return np.concatenate([fn(np.ascontiguousarray(x[i : i + size])) for i in range(0, len(x), size)])
 
 
-def approximate(export_dir: Path, card: ModelCard, model: torch.nn.Module, formats: list[str], proof_x: np.ndarray,
-                data_dir: Path | str) -> list[Approximation]:  # fmt: skip
+def approximate(
+    export_dir: Path,
+    card: ModelCard,
+    model: torch.nn.Module,
+    formats: list[str],
+    proof_x: np.ndarray,
+    data_dir: Path | str,
+) -> list[Approximation]:
     """Every approximate format on the whole labelled held-out set where there is one, else on the proof's images."""
     import onnxruntime as ort
 
@@ -180,9 +192,21 @@ def approximate(export_dir: Path, card: ModelCard, model: torch.nn.Module, forma
             acc_f, acc = float((ref.argmax(1) == labels).mean()), float((got.argmax(1) == labels).mean())
             change = 100 * (acc - acc_f)
         passed = agreement >= MIN_AGREEMENT and (change is None or change >= -MAX_ACCURACY_DROP)
-        out.append(Approximation(fmt.backend, len(x), inputs, meta.custom_metadata_map.get("torchship_calibration"),
-                                 agreement, acc_f, acc, change, float(err.max()), float(np.percentile(err, 99)),
-                                 passed))  # fmt: skip
+        out.append(
+            Approximation(
+                fmt.backend,
+                len(x),
+                inputs,
+                meta.custom_metadata_map.get("torchship_calibration"),
+                agreement,
+                acc_f,
+                acc,
+                change,
+                float(err.max()),
+                float(np.percentile(err, 99)),
+                passed,
+            )
+        )
     return out
 
 
@@ -222,8 +246,9 @@ def load_for_proof(export_dir: Path, source: Path | str | None) -> tuple[ModelCa
         raise VerificationError(f"{export_dir} holds no exported model: run `torchship export` first")
     source = Path(source or card.provenance.source or "")
     if not source.is_file():
-        raise VerificationError(f"the weights this export was made from are not at {source or '(unknown)'}: "
-                                "pass --checkpoint PATH")  # fmt: skip
+        raise VerificationError(
+            f"the weights this export was made from are not at {source or '(unknown)'}: pass --checkpoint PATH"
+        )
     if card.provenance.source_sha256 and sha256(source) != card.provenance.source_sha256:
         raise VerificationError(f"{source} changed since this export was made (sha256 differs): export again")
     try:
@@ -271,20 +296,32 @@ def verify(
     atol, note = tolerance(atol, rtol, ref, [runs["eager-fp32", bs][0] for bs in batch_sizes])
     checks, notes = [], [note] if note else []
     for backend in fns:
-        rows = [check(backend, bs, *runs[backend, bs], ref, atol=atol, rtol=rtol, classify=classify)
-                for bs in batch_sizes]  # fmt: skip
+        rows = [
+            check(backend, bs, *runs[backend, bs], ref, atol=atol, rtol=rtol, classify=classify) for bs in batch_sizes
+        ]
         if backend in FORMAT_LOOSENING and not all(c.passed for c in rows):
             factor, why = FORMAT_LOOSENING[backend]
-            relaxed = [check(backend, bs, *runs[backend, bs], ref, atol=atol * factor, rtol=rtol * factor,
-                             classify=classify) for bs in batch_sizes]  # fmt: skip
+            relaxed = [
+                check(backend, bs, *runs[backend, bs], ref, atol=atol * factor, rtol=rtol * factor, classify=classify)
+                for bs in batch_sizes
+            ]
             if all(c.passed for c in relaxed):
                 rows = relaxed
                 notes.append(f"{backend} held to atol {atol * factor:g}, rtol {rtol * factor:g} ({factor}x): {why}")
         checks += rows
     note = "; ".join(notes) or None
     approximations = approximate(export_dir, card, model, formats, x, data_dir) if classify else []
-    return Report(str(export_dir), atol, rtol, f"eager PyTorch, float64 copy of the weights ({card.name})",
-                  inputs, checks, note, requested_atol, approximations)  # fmt: skip
+    return Report(
+        str(export_dir),
+        atol,
+        rtol,
+        f"eager PyTorch, float64 copy of the weights ({card.name})",
+        inputs,
+        checks,
+        note,
+        requested_atol,
+        approximations,
+    )
 
 
 def _sci(v: float | None) -> str:
@@ -319,15 +356,20 @@ def table(report: Report) -> str:
         "where rtol decides; nearer zero, atol decides. An element fails only if it exceeds both."
     )
     if report.approximations:
-        lines += ["", f"approximate formats: judged by top-1 agreement >= {MIN_AGREEMENT} with eager float32 and an "
-                      f"accuracy change >= -{MAX_ACCURACY_DROP} points; element error reported, not judged",
-                  f"{'backend':<12} {'images':>6} {'agreement':>9} {'float acc':>9} {'acc':>7} {'change':>7} "
-                  f"{'max abs':>9} {'p99 abs':>9}  result"]  # fmt: skip
+        lines += [
+            "",
+            f"approximate formats: judged by top-1 agreement >= {MIN_AGREEMENT} with eager float32 and an "
+            f"accuracy change >= -{MAX_ACCURACY_DROP} points; element error reported, not judged",
+            f"{'backend':<12} {'images':>6} {'agreement':>9} {'float acc':>9} {'acc':>7} {'change':>7} "
+            f"{'max abs':>9} {'p99 abs':>9}  result",
+        ]
         for a in report.approximations:
             fa, acc = (f"{a.float_accuracy:.4f}", f"{a.accuracy:.4f}") if a.accuracy is not None else ("n/a", "n/a")
             change = f"{a.accuracy_change_points:+.2f}" if a.accuracy_change_points is not None else "n/a"
-            lines.append(f"{a.backend:<12} {a.images:>6} {a.agreement:>9.4f} {fa:>9} {acc:>7} {change:>7} "
-                         f"{a.max_abs:>9.2e} {a.p99_abs:>9.2e}  {'PASS' if a.passed else 'FAIL'}")  # fmt: skip
+            lines.append(
+                f"{a.backend:<12} {a.images:>6} {a.agreement:>9.4f} {fa:>9} {acc:>7} {change:>7} "
+                f"{a.max_abs:>9.2e} {a.p99_abs:>9.2e}  {'PASS' if a.passed else 'FAIL'}"
+            )
             lines.append(f"  on {a.inputs}; calibrated on {a.calibration or 'unknown images'}")
     bad = len(report.failures()) + sum(not a.passed for a in report.approximations)
     lines.append("all checks pass" if report.passed else f"{bad} check(s) FAILED")
@@ -339,11 +381,14 @@ def named_table(report: Report) -> str:
     i = report.inputs
     drawn = ", ".join(f"{x['name']} {x['datatype']} in {x['range'] or 'its default spread'}" for x in i["inputs"])
     lengths = "; ".join(", ".join(f"{d} {v}" for d, v in case.items()) or "fixed shapes" for case in i["cases"])
-    lines = [f"reference: {report.reference}; atol {report.atol:g}, rtol {report.rtol:g}",
-             f"inputs: {i['rows']} examples at each of: {lengths}; values drawn from {drawn}"]  # fmt: skip
+    lines = [
+        f"reference: {report.reference}; atol {report.atol:g}, rtol {report.rtol:g}",
+        f"inputs: {i['rows']} examples at each of: {lengths}; values drawn from {drawn}",
+    ]
     if i["padded"]:
-        lines.append(f"padding: one batch of rows of different {', '.join(i['padded'])}, each answer against the row "
-                     "alone")  # fmt: skip
+        lines.append(
+            f"padding: one batch of rows of different {', '.join(i['padded'])}, each answer against the row alone"
+        )
     if report.tolerance_note:
         lines.append(f"note: {report.tolerance_note}")
     head = f"{'backend':<12} {'output':<16} {'lengths':<24} {'batches':>8} {'max abs':>9} {'min atol':>9} "
@@ -357,9 +402,11 @@ def named_table(report: Report) -> str:
     for (backend, output, dims), cs in groups.items():
         sizes = ",".join(str(s) for s in sorted({c.batch_size for c in cs}))
         ok = all(c.passed for c in cs)
-        lines.append(f"{backend:<12} {output[:16]:<16} {dims[:24]:<24} {sizes:>8} {max(c.max_abs for c in cs):>9.2e} "
-                     f"{max(c.min_atol for c in cs):>9.2e} {sum(c.failures for c in cs):>6}  "
-                     f"{'PASS' if ok else 'FAIL'}")  # fmt: skip
+        lines.append(
+            f"{backend:<12} {output[:16]:<16} {dims[:24]:<24} {sizes:>8} {max(c.max_abs for c in cs):>9.2e} "
+            f"{max(c.min_atol for c in cs):>9.2e} {sum(c.failures for c in cs):>6}  "
+            f"{'PASS' if ok else 'FAIL'}"
+        )
     lines.append("all checks pass" if report.passed else f"{len(report.failures())} check(s) FAILED")
     return "\n".join(lines)
 
@@ -372,8 +419,10 @@ def failure_message(report: Report) -> str:
     if not report.failures():
         a = next(a for a in report.approximations if not a.passed)
         change = f", accuracy {a.accuracy_change_points:+.2f} points" if a.accuracy_change_points is not None else ""
-        return (f"{a.backend} is too far from the float model: top-1 agreement {a.agreement:.4f} (needs "
-                f"{MIN_AGREEMENT}){change} (needs >= -{MAX_ACCURACY_DROP}) on {a.inputs}")  # fmt: skip
+        return (
+            f"{a.backend} is too far from the float model: top-1 agreement {a.agreement:.4f} (needs "
+            f"{MIN_AGREEMENT}){change} (needs >= -{MAX_ACCURACY_DROP}) on {a.inputs}"
+        )
     c = max(report.failures(), key=lambda c: c.max_abs)
     w = c.worst
     what = "shape or dtype differs; " if not (c.shape_ok and c.dtype_ok) else ""

@@ -51,14 +51,22 @@ class Stacking:
     key: Callable[[object], object]
 
 
-ARRAYS = Stacking(merge=np.concatenate, split=lambda out, start, rows: out[start : start + len(rows)],
-                  key=lambda rows: None)  # fmt: skip
+ARRAYS = Stacking(
+    merge=np.concatenate, split=lambda out, start, rows: out[start : start + len(rows)], key=lambda rows: None
+)
 
 
 class Batcher:
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], *, max_batch: int, max_delay: float,
-                 max_queue: int, on_pass: Callable[[Pass], None] | None = None,
-                 stacking: Stacking = ARRAYS):  # fmt: skip
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_batch: int,
+        max_delay: float,
+        max_queue: int,
+        on_pass: Callable[[Pass], None] | None = None,
+        stacking: Stacking = ARRAYS,
+    ):
         self.run, self.max_batch, self.max_delay, self.max_queue = run, max_batch, max_delay, max_queue
         self.on_pass = on_pass or (lambda p: None)
         self.stacking = stacking

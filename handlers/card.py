@@ -22,8 +22,13 @@ TASKS = ("classify", "reconstruct", "regress", "tensors")  # tensors: every outp
 # An image file; a fixed-shape array of numbers per example (tensors.py); or several named tensors (signature.py).
 INPUT_KINDS = ("image", "tensor", "named")
 OUTPUT_KINDS = ("logits", "log-probabilities", "probabilities", "image", "values", "tensors")
-OUTPUT_NAMES = {"logits": "logits", "log-probabilities": "log_probs", "probabilities": "probabilities",
-                "image": "reconstruction", "values": "values"}  # fmt: skip
+OUTPUT_NAMES = {
+    "logits": "logits",
+    "log-probabilities": "log_probs",
+    "probabilities": "probabilities",
+    "image": "reconstruction",
+    "values": "values",
+}
 INPUT_NAMES = {"image": "images", "tensor": "input"}
 # How an image someone sends is brought to the model's input (handlers/images.py implements each).
 IMAGE_RECIPES = ("mnist-digit", "fashion", "resize", "resize-crop")
@@ -41,9 +46,12 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,17}$")  # Triton's: a positive integer, as text (URLs, gRPC, tritonclient)
 TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
 # The architectures a torchship checkpoint may name: a checkpoint is data, so it never picks code to import.
-BUILTIN_ARCHITECTURES = {"mlp": "torchship.train.models:MLP", "convnet": "torchship.train.models:ConvNet",
-                         "autoencoder": "torchship.train.models:AutoEncoder",
-                         "linear": "torchship.train.models:LinearRegression"}  # fmt: skip
+BUILTIN_ARCHITECTURES = {
+    "mlp": "torchship.train.models:MLP",
+    "convnet": "torchship.train.models:ConvNet",
+    "autoencoder": "torchship.train.models:AutoEncoder",
+    "linear": "torchship.train.models:LinearRegression",
+}
 # Cards and checkpoints written before torchship became one package name `train.models:ConvNet`: the one alias.
 LEGACY_ARCHITECTURES = {spec.removeprefix("torchship."): spec for spec in BUILTIN_ARCHITECTURES.values()}
 
@@ -122,19 +130,29 @@ class Signature:
     def __post_init__(self):
         for side in ("inputs", "outputs"):
             specs = _sequence(side, getattr(self, side))
-            object.__setattr__(self, side, tuple(s if isinstance(s, TensorSpec) else _sub(TensorSpec, side, s)
-                                                 for s in specs))  # fmt: skip
+            object.__setattr__(
+                self, side, tuple(s if isinstance(s, TensorSpec) else _sub(TensorSpec, side, s) for s in specs)
+            )
         if not isinstance(self.dims, Mapping):
             raise CardError("signature.dims", f"expected an object of name: [min, max], got {self.dims!r}"[:200])
         object.__setattr__(self, "dims", {k: tuple(_sequence(f"dims.{k}", v)) for k, v in self.dims.items()})
 
     def to_dict(self) -> dict:
-        spec = lambda t: {"name": t.name, "datatype": t.datatype, "shape": list(t.shape),  # noqa: E731
-                          **({"range": list(t.range)} if t.range else {}),
-                          **({"pad": t.pad} if t.pad is not None else {}),
-                          **({"mask": True} if t.mask else {})}  # fmt: skip
-        return {"inputs": [spec(t) for t in self.inputs], "outputs": [spec(t) for t in self.outputs],
-                "dims": {k: list(v) for k, v in self.dims.items()}}  # fmt: skip
+        def spec(t: TensorSpec) -> dict:
+            return {
+                "name": t.name,
+                "datatype": t.datatype,
+                "shape": list(t.shape),
+                **({"range": list(t.range)} if t.range else {}),
+                **({"pad": t.pad} if t.pad is not None else {}),
+                **({"mask": True} if t.mask else {}),
+            }
+
+        return {
+            "inputs": [spec(t) for t in self.inputs],
+            "outputs": [spec(t) for t in self.outputs],
+            "dims": {k: list(v) for k, v in self.dims.items()},
+        }
 
 
 @dataclass(frozen=True)
@@ -242,8 +260,9 @@ class ModelCard:
         if not isinstance(version, int) or isinstance(version, bool):
             raise CardError("schema_version", f"expected an integer, got {version!r}")
         if version > SCHEMA_VERSION:
-            raise CardError("schema_version", f"{version} is newer than this torchship reads ({SCHEMA_VERSION}): "
-                                              "upgrade torchship")  # fmt: skip
+            raise CardError(
+                "schema_version", f"{version} is newer than this torchship reads ({SCHEMA_VERSION}): upgrade torchship"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -322,15 +341,26 @@ def validate(card: ModelCard) -> None:
         if not ok:
             raise CardError(name, message)
 
-    need(safe_name(card.name), "name", f"{card.name!r} is not a safe name (letters, digits, '_', '-', '.', "
-                                       "at most 64, starting with a letter or digit)")  # fmt: skip
+    need(
+        safe_name(card.name),
+        "name",
+        f"{card.name!r} is not a safe name (letters, digits, '_', '-', '.', "
+        "at most 64, starting with a letter or digit)",
+    )
     need(card.task in TASKS, "task", f"{card.task!r} is not one of {', '.join(TASKS)}")
-    need(card.output_kind in OUTPUT_KINDS, "output_kind", f"{card.output_kind!r} is not one of "
-                                                          f"{', '.join(OUTPUT_KINDS)}")  # fmt: skip
-    need((card.task == "reconstruct") == (card.output_kind == "image"), "output_kind",
-         f"a {card.task} model cannot output {card.output_kind!r}")  # fmt: skip
-    need((card.task == "regress") == (card.output_kind == "values"), "output_kind",
-         f"a {card.task} model cannot output {card.output_kind!r}")  # fmt: skip
+    need(
+        card.output_kind in OUTPUT_KINDS, "output_kind", f"{card.output_kind!r} is not one of {', '.join(OUTPUT_KINDS)}"
+    )
+    need(
+        (card.task == "reconstruct") == (card.output_kind == "image"),
+        "output_kind",
+        f"a {card.task} model cannot output {card.output_kind!r}",
+    )
+    need(
+        (card.task == "regress") == (card.output_kind == "values"),
+        "output_kind",
+        f"a {card.task} model cannot output {card.output_kind!r}",
+    )
     need(card.input_kind in INPUT_KINDS, "input_kind", f"{card.input_kind!r} is not one of {', '.join(INPUT_KINDS)}")
     need(card.named == (card.signature is not None), "signature", "a named-input card has a signature; others none")
     need(
@@ -349,8 +379,11 @@ def validate(card: ModelCard) -> None:
     else:
         _validate_single(card, need)
     need(card.dataset is None or isinstance(card.dataset, str), "dataset", f"expected a name, got {card.dataset!r}")
-    need(isinstance(card.version, str) and bool(VERSION_PATTERN.match(card.version)), "version",
-         f"{card.version!r} is not a version: a positive integer, as text")  # fmt: skip
+    need(
+        isinstance(card.version, str) and bool(VERSION_PATTERN.match(card.version)),
+        "version",
+        f"{card.version!r} is not a version: a positive integer, as text",
+    )
     spec = card.architecture.spec
     need(isinstance(spec, str) and ":" in spec, "architecture.spec", f"expected 'module:callable', got {spec!r}")
     need(isinstance(card.architecture.kwargs, Mapping), "architecture.kwargs", "expected an object")
@@ -365,8 +398,11 @@ def validate_signature(sig: Signature) -> None:
             raise CardError(f"signature.{name}", message)
 
     for name, (low, high) in ((k, v if len(v) == 2 else (0, -1)) for k, v in sig.dims.items()):
-        need(isinstance(name, str) and bool(TENSOR_NAME.match(name)) and name != BATCH_DIM, f"dims.{name}",
-             f"{name!r} is not a dimension name (and '{BATCH_DIM}' is the servers' own)")  # fmt: skip
+        need(
+            isinstance(name, str) and bool(TENSOR_NAME.match(name)) and name != BATCH_DIM,
+            f"dims.{name}",
+            f"{name!r} is not a dimension name (and '{BATCH_DIM}' is the servers' own)",
+        )
         need(
             all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) and 1 <= low <= high <= MAX_DIM,
             f"dims.{name}",
@@ -379,27 +415,49 @@ def validate_signature(sig: Signature) -> None:
         for t in specs:
             where = f"{side}.{t.name}"
             need(isinstance(t.name, str) and bool(TENSOR_NAME.match(t.name)), where, f"{t.name!r} is not a tensor name")
-            need(t.datatype in SIGNATURE_DATATYPES, where, f"datatype {t.datatype!r} is not one of "
-                                                           f"{', '.join(SIGNATURE_DATATYPES)}")  # fmt: skip
-            need(1 <= len(t.shape) <= 8 and t.shape[0] == BATCH_DIM, where,
-                 f"a shape is '{BATCH_DIM}' then up to 7 dimensions, got {list(t.shape)}")  # fmt: skip
+            need(
+                t.datatype in SIGNATURE_DATATYPES,
+                where,
+                f"datatype {t.datatype!r} is not one of {', '.join(SIGNATURE_DATATYPES)}",
+            )
+            need(
+                1 <= len(t.shape) <= 8 and t.shape[0] == BATCH_DIM,
+                where,
+                f"a shape is '{BATCH_DIM}' then up to 7 dimensions, got {list(t.shape)}",
+            )
             for d in t.shape[1:]:
                 need(
                     (isinstance(d, int) and not isinstance(d, bool) and d >= 1) or d in sig.dims,
                     where,
                     f"dimension {d!r}: a positive integer or a name given a range in dims ({', '.join(sig.dims)})",
                 )
-            need(not t.range or (len(t.range) == 2 and all(_is_number(v) and math.isfinite(v) for v in t.range)
-                                 and t.range[0] <= t.range[1]), where,
-                 f"range must be [min, max] with min <= max, got {list(t.range)}")  # fmt: skip
+            need(
+                not t.range
+                or (
+                    len(t.range) == 2
+                    and all(_is_number(v) and math.isfinite(v) for v in t.range)
+                    and t.range[0] <= t.range[1]
+                ),
+                where,
+                f"range must be [min, max] with min <= max, got {list(t.range)}",
+            )
             need(side == "inputs" or (not t.range and t.pad is None), where, "range and pad are for inputs")
-            need(t.pad is None or (_is_number(t.pad) and bool(t.dynamic)), where,
-                 "pad is a number, for an input with a named dimension after the batch")  # fmt: skip
-            need(not t.mask or (side == "inputs" and t.datatype in ("INT64", "INT32", "BOOL") and t.pad == 0
-                                and bool(t.dynamic)), where,
-                 "a mask is an integer or boolean input with a named dimension, padded with 0")  # fmt: skip
-            need(t.pad is None or not t.range or t.range[0] <= t.pad <= t.range[1], where,
-                 f"pad {t.pad} lies outside the input's range {list(t.range)}")  # fmt: skip
+            need(
+                t.pad is None or (_is_number(t.pad) and bool(t.dynamic)),
+                where,
+                "pad is a number, for an input with a named dimension after the batch",
+            )
+            need(
+                not t.mask
+                or (side == "inputs" and t.datatype in ("INT64", "INT32", "BOOL") and t.pad == 0 and bool(t.dynamic)),
+                where,
+                "a mask is an integer or boolean input with a named dimension, padded with 0",
+            )
+            need(
+                t.pad is None or not t.range or t.range[0] <= t.pad <= t.range[1],
+                where,
+                f"pad {t.pad} lies outside the input's range {list(t.range)}",
+            )
     used = {d for t in sig.inputs for d in t.dynamic}
     need(
         all(d in used for t in sig.outputs for d in t.dynamic),
@@ -417,61 +475,93 @@ def validate_signature(sig: Signature) -> None:
 def _validate_single(card: ModelCard, need) -> None:
     """An image card's or a one-tensor card's fields."""
     shape = card.input_shape
-    need(all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape), "input_shape",
-         f"expected positive integers, got {list(shape)}")  # fmt: skip
+    need(
+        all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape),
+        "input_shape",
+        f"expected positive integers, got {list(shape)}",
+    )
     if card.image:
         need(len(shape) == 3, "input_shape", f"an image input is C,H,W: three integers, got {list(shape)}")
         need(shape[0] in (1, 3), "input_shape", f"{shape[0]} channels: images have 1 (grey) or 3 (RGB)")
-        need(all(4 <= v <= 4096 for v in shape[1:]), "input_shape", f"height and width must be 4..4096, got "
-                                                                    f"{shape[1:]}")  # fmt: skip
-        need(card.preprocess in IMAGE_RECIPES, "preprocess", f"{card.preprocess!r} is not one of "
-                                                             f"{', '.join(IMAGE_RECIPES)}")  # fmt: skip
+        need(
+            all(4 <= v <= 4096 for v in shape[1:]), "input_shape", f"height and width must be 4..4096, got {shape[1:]}"
+        )
+        need(
+            card.preprocess in IMAGE_RECIPES,
+            "preprocess",
+            f"{card.preprocess!r} is not one of {', '.join(IMAGE_RECIPES)}",
+        )
     else:
         need(
             1 <= len(shape) <= 4 and math.prod(shape) <= MAX_TENSOR_ELEMENTS,
             "input_shape",
             f"a tensor input is 1 to 4 dimensions of at most {MAX_TENSOR_ELEMENTS} numbers, got {list(shape)}",
         )
-        need(card.preprocess == TENSOR_RECIPE, "preprocess", f"tensor inputs are prepared by {TENSOR_RECIPE!r} "
-                                                             f"(mean and std), not {card.preprocess!r}")  # fmt: skip
+        need(
+            card.preprocess == TENSOR_RECIPE,
+            "preprocess",
+            f"tensor inputs are prepared by {TENSOR_RECIPE!r} (mean and std), not {card.preprocess!r}",
+        )
         need(card.task != "reconstruct", "task", "reconstruction is for image models")
         need(
             not card.input_range or len(card.input_range) == shape[0],
             "input_range",
             f"one (min, max) per entry of the first axis ({shape[0]}), got {len(card.input_range)}",
         )
-        need(all(isinstance(r, tuple) and len(r) == 2 and all(_is_number(v) and math.isfinite(v) for v in r)
-                 and r[0] < r[1] for r in card.input_range), "input_range",
-             "each entry must be [min, max] with min < max")  # fmt: skip
+        need(
+            all(
+                isinstance(r, tuple)
+                and len(r) == 2
+                and all(_is_number(v) and math.isfinite(v) for v in r)
+                and r[0] < r[1]
+                for r in card.input_range
+            ),
+            "input_range",
+            "each entry must be [min, max] with min < max",
+        )
     for name in ("mean", "std"):
         values = getattr(card, name)
         what = "channel(s)" if card.image else "entries of the first axis"
         need(len(values) == shape[0], name, f"{len(values)} values for {shape[0]} {what}")
         need(all(math.isfinite(v) for v in values), name, f"must be finite, got {list(values)}")
     need(all(s > 0 for s in card.std), "std", f"must be positive, got {list(card.std)}")
-    need(all(isinstance(x, str) and x.strip() and len(x) <= 200 for x in card.labels), "labels",
-         "each label must be a non-empty string of at most 200 characters")  # fmt: skip
+    need(
+        all(isinstance(x, str) and x.strip() and len(x) <= 200 for x in card.labels),
+        "labels",
+        "each label must be a non-empty string of at most 200 characters",
+    )
     if card.task == "classify":
         need(len(card.labels) >= 1, "labels", "a classifier needs at least one label")
         dup = sorted({x for x in card.labels if card.labels.count(x) > 1})
         need(not dup, "labels", f"duplicate labels: {dup[:3]}")
     if card.task == "regress":
         need(not card.labels, "labels", "a regressor has output names, not labels")
-        need(len(card.output_names) >= 1 and all(isinstance(n, str) and n.strip() and len(n) <= 64
-                                                 for n in card.output_names), "output_names",
-             "a regressor needs one name (at most 64 characters) per output value")  # fmt: skip
-        need(not card.units or len(card.units) == len(card.output_names), "units",
-             f"{len(card.units)} units for {len(card.output_names)} output values")  # fmt: skip
+        need(
+            len(card.output_names) >= 1
+            and all(isinstance(n, str) and n.strip() and len(n) <= 64 for n in card.output_names),
+            "output_names",
+            "a regressor needs one name (at most 64 characters) per output value",
+        )
+        need(
+            not card.units or len(card.units) == len(card.output_names),
+            "units",
+            f"{len(card.units)} units for {len(card.output_names)} output values",
+        )
         need(all(isinstance(u, str) and len(u) <= 32 for u in card.units), "units", "each unit is a short string")
     else:
         need(not card.output_names and not card.units, "output_names", "names and units are for regressors")
-    need(card.preprocess not in GREY_RECIPES or shape[0] == 1, "preprocess",
-         f"{card.preprocess!r} makes 1-channel images; the input has {shape[0]} channels (use resize or "
-         "resize-crop)")  # fmt: skip
+    need(
+        card.preprocess not in GREY_RECIPES or shape[0] == 1,
+        "preprocess",
+        f"{card.preprocess!r} makes 1-channel images; the input has {shape[0]} channels (use resize or resize-crop)",
+    )
     if card.resize is not None:
-        need(card.image and isinstance(card.resize, int) and max(shape[1:]) <= card.resize <= 8192, "resize",
-             f"the shorter side before the crop must be an integer from {max(shape[1:] or (0,))} to 8192, got "
-             f"{card.resize!r}")  # fmt: skip
+        need(
+            card.image and isinstance(card.resize, int) and max(shape[1:]) <= card.resize <= 8192,
+            "resize",
+            f"the shorter side before the crop must be an integer from {max(shape[1:] or (0,))} to 8192, got "
+            f"{card.resize!r}",
+        )
     for name in ("input_name", "output_name"):
         value = getattr(card, name)
         need(isinstance(value, str) and bool(TENSOR_NAME.match(value)), name, f"{value!r} is not a tensor name")

@@ -121,8 +121,13 @@ class Supervisor:
     def _commit(self, state: State) -> None:
         state.save(self.state_file)  # the truth first: a worker that starts now loads it
         self.state = state
-        failed = {pid: r for pid, r in self._everywhere({"op": "commit", "state": json.loads(state.to_json())},
-                                                        REPLY_TIMEOUT_S).items() if not r.get("ok")}  # fmt: skip
+        failed = {
+            pid: r
+            for pid, r in self._everywhere(
+                {"op": "commit", "state": json.loads(state.to_json())}, REPLY_TIMEOUT_S
+            ).items()
+            if not r.get("ok")
+        }
         for pid, r in failed.items():
             logger.error("worker %d did not apply repository generation %d: %s", pid, state.generation, r["error"])
 
@@ -148,29 +153,41 @@ class Supervisor:
             raise RepositoryError(f"no export of a model named {name!r} in {', '.join(self.sources)}", 404)
         old = self.state.models.get(name)
         loaded = old.versions if old else {}
-        specs = {v: loaded[v] if v in loaded and loaded[v].directory == str(e.directory) else
-                 proof(e.directory, self.backend) for v, e in found.items()}  # fmt: skip
+        specs = {
+            v: loaded[v]
+            if v in loaded and loaded[v].directory == str(e.directory)
+            else proof(e.directory, self.backend)
+            for v, e in found.items()
+        }
         new = [v for v in specs if v not in loaded or loaded[v].directory != specs[v].directory]
         for v in new:
-            replies = self._everywhere({"op": "stage", "model": name, "version": v, "dir": specs[v].directory},
-                                       STAGE_TIMEOUT_S)  # fmt: skip
+            replies = self._everywhere(
+                {"op": "stage", "model": name, "version": v, "dir": specs[v].directory}, STAGE_TIMEOUT_S
+            )
             failed = {pid: r for pid, r in replies.items() if not r.get("ok")}
             if failed:
                 self._everywhere({"op": "abort"}, REPLY_TIMEOUT_S)
                 pid, r = next(iter(failed.items()))
-                raise RepositoryError(f"{name} version {v} never took traffic: it failed in worker {pid} "
-                                      f"({r.get('error')})")  # fmt: skip
+                raise RepositoryError(
+                    f"{name} version {v} never took traffic: it failed in worker {pid} ({r.get('error')})"
+                )
         proven = sorted((v for v, s in specs.items() if s.proven), key=int)
         default = str(params.get("default") or "") or (proven[-1] if proven else None)
         if default is None or default not in specs or not specs[default].proven:
             self._everywhere({"op": "abort"}, REPLY_TIMEOUT_S)
             reasons = "; ".join(f"version {v}: {s.reason}" for v, s in specs.items() if not s.proven)
-            raise RepositoryError(f"{name}: no proven version to answer clients ({reasons})" if default is None else
-                                  f"{name} version {default} cannot be the default: "
-                                  f"{specs[default].reason if default in specs else 'not on disk'}")  # fmt: skip
+            raise RepositoryError(
+                f"{name}: no proven version to answer clients ({reasons})"
+                if default is None
+                else f"{name} version {default} cannot be the default: "
+                f"{specs[default].reason if default in specs else 'not on disk'}"
+            )
         route = old.route if old else Route(default)
-        route = Route(default, *(route.canary, route.canary_percent) if route.canary in specs else (None, 0.0),
-                      route.shadow if route.shadow in specs else None)  # fmt: skip
+        route = Route(
+            default,
+            *(route.canary, route.canary_percent) if route.canary in specs else (None, 0.0),
+            route.shadow if route.shadow in specs else None,
+        )
         self._commit(self.state.with_model(name, ModelState(specs, route)))
         return self.index(name)
 
@@ -185,11 +202,17 @@ class Supervisor:
         if version not in old.versions:
             raise RepositoryError(f"{name} has no version {version!r} loaded", 404)
         if version == old.route.default:
-            raise RepositoryError(f"{name} version {version} is the default: make another the default first "
-                                  "(load with a default, or route)", 409)  # fmt: skip
+            raise RepositoryError(
+                f"{name} version {version} is the default: make another the default first "
+                "(load with a default, or route)",
+                409,
+            )
         r = old.route
-        route = Route(r.default, *(r.canary, r.canary_percent) if r.canary != version else (None, 0.0),
-                      r.shadow if r.shadow != version else None)  # fmt: skip
+        route = Route(
+            r.default,
+            *(r.canary, r.canary_percent) if r.canary != version else (None, 0.0),
+            r.shadow if r.shadow != version else None,
+        )
         versions = {v: s for v, s in old.versions.items() if v != version}
         self._commit(self.state.with_model(name, ModelState(versions, route)))
         return self.index(name)
@@ -216,8 +239,9 @@ class Supervisor:
                 raise RepositoryError(f"{name} version {v} cannot be the {role}: {old.versions[str(v)].reason}")
         if not 0 <= percent <= 100:
             raise RepositoryError("canary_percent must be a number from 0 to 100")
-        route = Route(default, str(canary) if canary else None, percent if canary else 0.0,
-                      str(shadow) if shadow else None)  # fmt: skip
+        route = Route(
+            default, str(canary) if canary else None, percent if canary else 0.0, str(shadow) if shadow else None
+        )
         self._commit(self.state.with_model(name, ModelState(old.versions, route)))
         return self.index(name)
 

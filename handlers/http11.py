@@ -238,8 +238,11 @@ class Connection(asyncio.Protocol):
             raise httptools.HttpParserError("Transfer-Encoding in HTTP/1.0")
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or len(length) > 18 or int(length) > self.limits.max_body:
-            self._refuse(413, f"request body of {length[:20].decode(errors='replace')} bytes is over the "
-                              f"{self.limits.max_body}-byte limit")  # fmt: skip
+            self._refuse(
+                413,
+                f"request body of {length[:20].decode(errors='replace')} bytes is over the "
+                f"{self.limits.max_body}-byte limit",
+            )
             raise httptools.HttpParserError("body over the limit")
         self.remaining = int(length)
         self._deadline(BODY, self.limits.body_timeout_s)
@@ -262,15 +265,17 @@ class Connection(asyncio.Protocol):
         if self.refused:
             return
         url = httptools.parse_url(b"".join(self._url))
-        self.queue.append(Request(
-            method=self.parser.get_method().decode(),
-            path=url.path.decode(errors="replace"),
-            query=(url.query or b"").decode(errors="replace"),
-            headers=self._headers,
-            body=self._body[0] if len(self._body) == 1 else b"".join(self._body),
-            keep_alive=self.parser.should_keep_alive(),
-            client=self.peer,
-        ))  # fmt: skip
+        self.queue.append(
+            Request(
+                method=self.parser.get_method().decode(),
+                path=url.path.decode(errors="replace"),
+                query=(url.query or b"").decode(errors="replace"),
+                headers=self._headers,
+                body=self._body[0] if len(self._body) == 1 else b"".join(self._body),
+                keep_alive=self.parser.should_keep_alive(),
+                client=self.peer,
+            )
+        )
 
     # answering: one loop, so that any depth of pipelining costs no stack
 
@@ -287,8 +292,12 @@ class Connection(asyncio.Protocol):
                         self._linger()
                         return
                     self._dispatch(item)
-                elif self.stash is not None and not self.refused and len(self.queue) < self.limits.pipelined \
-                        and not self.writing_paused:  # fmt: skip
+                elif (
+                    self.stash is not None
+                    and not self.refused
+                    and len(self.queue) < self.limits.pipelined
+                    and not self.writing_paused
+                ):
                     view, self.stash = self.stash, None
                     self._parse(view)
                 else:
@@ -302,8 +311,11 @@ class Connection(asyncio.Protocol):
             if self.writing_paused:
                 return
             if self.in_message:
-                self._deadline(HEAD if self.in_head else BODY, self.limits.header_timeout_s if self.in_head
-                               else self.limits.body_timeout_s, keep=True)  # fmt: skip
+                self._deadline(
+                    HEAD if self.in_head else BODY,
+                    self.limits.header_timeout_s if self.in_head else self.limits.body_timeout_s,
+                    keep=True,
+                )
             elif not self.busy and not self.queue:
                 self._deadline(IDLE, self.limits.idle_timeout_s)
         finally:
@@ -335,10 +347,14 @@ class Connection(asyncio.Protocol):
             self.abandon = abandon
 
     def _head(self, response: Response, *, close: bool, extra: tuple = ()) -> bytes:
-        return b"".join([b"HTTP/1.1 %d %s\r\n" % (response.status, REASONS.get(response.status, b"")),
-                         *(b"%s: %s\r\n" % h for h in (*response.headers, *extra)),
-                         b"content-length: %d\r\n" % len(response.body),
-                         b"connection: close\r\n\r\n" if close else b"\r\n"])  # fmt: skip
+        return b"".join(
+            [
+                b"HTTP/1.1 %d %s\r\n" % (response.status, REASONS.get(response.status, b"")),
+                *(b"%s: %s\r\n" % h for h in (*response.headers, *extra)),
+                b"content-length: %d\r\n" % len(response.body),
+                b"connection: close\r\n\r\n" if close else b"\r\n",
+            ]
+        )
 
     def _write(self, response: Response, *, close: bool, head_only: bool) -> None:
         self.transport.write(self._head(response, close=close) + (b"" if head_only else response.body))
@@ -359,8 +375,9 @@ class Connection(asyncio.Protocol):
         if line:  # the request line itself is still arriving
             self._refuse(414, f"request line over {self.limits.head_bytes} bytes")
         else:
-            self._refuse(431, f"request header fields over {self.limits.head_bytes} bytes or "
-                              f"{self.limits.header_lines} lines")  # fmt: skip
+            self._refuse(
+                431, f"request header fields over {self.limits.head_bytes} bytes or {self.limits.header_lines} lines"
+            )
 
     def _linger(self) -> None:
         """The refusal is written: send FIN, drop what still arrives for a moment, then close (nginx's lingering
@@ -408,8 +425,13 @@ class Connection(asyncio.Protocol):
         if self.transport is None or self.lingering:
             return
         now = self.loop.time()
-        if self.deadline > now or self.kind not in (SEND, IDLE) and self.stash is not None or \
-                self.kind == IDLE and (self.busy or self.queue):  # fmt: skip
+        if (
+            self.deadline > now
+            or self.kind not in (SEND, IDLE)
+            and self.stash is not None
+            or self.kind == IDLE
+            and (self.busy or self.queue)
+        ):
             # not due yet, or we are the ones holding things up: look again later
             self.timer_at = max(self.deadline, now + 1)
             self.timer = self.loop.call_at(self.timer_at, self._expire)
@@ -426,8 +448,9 @@ class Connection(asyncio.Protocol):
             self._pump()
 
 
-async def serve(app: App, error: Error, sock, limits: Limits = Limits(), tally: Tally | None = None
-                ) -> asyncio.AbstractServer:  # fmt: skip
+async def serve(
+    app: App, error: Error, sock, limits: Limits = Limits(), tally: Tally | None = None
+) -> asyncio.AbstractServer:
     """Start answering on a bound socket (listening starts here); stop with server.close()."""
     loop = asyncio.get_running_loop()
     tally = tally or Tally()  # this worker's, shared by its connections

@@ -63,8 +63,10 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS, draft: tuple[int, int] | N
     except Image.DecompressionBombError as e:
         raise InputError(413, f"image too large: {e}") from None
     except Exception:
-        raise InputError(415, f"not an image in an accepted format ({', '.join(FORMATS)}); got {len(data)} bytes "
-                              f"starting {data[:8]!r}") from None  # fmt: skip
+        raise InputError(
+            415,
+            f"not an image in an accepted format ({', '.join(FORMATS)}); got {len(data)} bytes starting {data[:8]!r}",
+        ) from None
     if draft is not None and img.format in ("JPEG", "MPO"):
         img.draft("RGB" if img.mode == "RGB" else img.mode, draft)
     w, h = img.size
@@ -262,8 +264,9 @@ class Preprocessor:
         _, height, width = c.input_shape
         if c.preprocess in GREY_RECIPES:
             if blank(pixels):
-                raise InputError(422, f"the image is blank (one uniform shade): there is nothing for "
-                                      f"{c.name} to recognise")  # fmt: skip
+                raise InputError(
+                    422, f"the image is blank (one uniform shade): there is nothing for {c.name} to recognise"
+                )
             recipe = mnist_digit if c.preprocess == "mnist-digit" else fashion
             return self.normalise(recipe(pixels, height, width))
         if c.preprocess == "resize":

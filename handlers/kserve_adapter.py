@@ -56,8 +56,9 @@ class KServeModel(kserve.Model):
             try:
                 tensors.append(v2.Tensor(i.name, i.datatype, tuple(int(d) for d in i.shape), i.as_numpy()))
             except (ValueError, TypeError, InvalidInput):
-                raise InvalidInput(f"input '{i.name}': its {i.datatype} values do not fill its shape "
-                                   f"{list(i.shape)}") from None  # fmt: skip
+                raise InvalidInput(
+                    f"input '{i.name}': its {i.datatype} values do not fill its shape {list(i.shape)}"
+                ) from None
         try:
             x = v2.model_inputs(self.card, self.preprocessor, tensors)
         except v2.ProtocolError as e:
@@ -69,9 +70,13 @@ class KServeModel(kserve.Model):
             out = InferOutput(name=t.name, shape=list(t.shape), datatype=t.datatype)
             out.set_data_from_numpy(t.data, binary_data=binary)
             outputs.append(out)
-        return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
-                             infer_outputs=outputs, use_binary_outputs=binary,
-                             requested_outputs=payload.request_outputs)  # fmt: skip
+        return InferResponse(
+            response_id=payload.id or str(uuid.uuid4()),
+            model_name=self.name,
+            infer_outputs=outputs,
+            use_binary_outputs=binary,
+            requested_outputs=payload.request_outputs,
+        )
 
 
 def from_bytes(cls, req_bytes: bytes, json_length: int, model_name: str) -> InferRequest:
@@ -90,15 +95,30 @@ def from_bytes(cls, req_bytes: bytes, json_length: int, model_name: str) -> Infe
         infer_input.data = list(t.data) if t.datatype == "BYTES" else t.data
         inputs.append(infer_input)
     outputs = header.get("outputs")
-    requested = [RequestedOutput(name=o["name"], parameters=o.get("parameters")) for o in outputs
-                 if isinstance(o, dict) and "name" in o] if isinstance(outputs, list) else None  # fmt: skip
-    return cls(model_name=model_name, request_id=header.get("id"), parameters=header.get("parameters"),
-               infer_inputs=inputs, request_outputs=requested)  # fmt: skip
+    requested = (
+        [
+            RequestedOutput(name=o["name"], parameters=o.get("parameters"))
+            for o in outputs
+            if isinstance(o, dict) and "name" in o
+        ]
+        if isinstance(outputs, list)
+        else None
+    )
+    return cls(
+        model_name=model_name,
+        request_id=header.get("id"),
+        parameters=header.get("parameters"),
+        infer_inputs=inputs,
+        request_outputs=requested,
+    )
 
 
 # What patch_kserve() replaces, by name: the test checks that each is still there and still needs replacing.
-PATCHED = ("kserve.model_server.RESTServer", "kserve.protocol.grpc.server.aio.server",
-           "kserve.protocol.infer_type.InferRequest.from_bytes")  # fmt: skip
+PATCHED = (
+    "kserve.model_server.RESTServer",
+    "kserve.protocol.grpc.server.aio.server",
+    "kserve.protocol.infer_type.InferRequest.from_bytes",
+)
 
 
 def patch_kserve(host: str) -> None:
@@ -136,11 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max_pixels", type=int, default=0, help="largest decoded image (0: the card's default)")
     args, _ = ap.parse_known_args(argv)
     if not ipaddress.ip_address(args.host).is_loopback:
-        logger.warning("listening on %s: the Open Inference Protocol has no authentication of its own; put an "
-                       "authenticating proxy in front (README, the OIP runtime)", args.host)  # fmt: skip
+        logger.warning(
+            "listening on %s: the Open Inference Protocol has no authentication of its own; put an "
+            "authenticating proxy in front (README, the OIP runtime)",
+            args.host,
+        )
     patch_kserve(args.host)
-    model = KServeModel(args.model_name, args.model_dir, backend=args.backend, threads=args.threads,
-                       max_pixels=args.max_pixels)  # fmt: skip
+    model = KServeModel(
+        args.model_name, args.model_dir, backend=args.backend, threads=args.threads, max_pixels=args.max_pixels
+    )
     model.load()
     kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1).start([model])
 

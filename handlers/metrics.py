@@ -36,13 +36,13 @@ def families() -> dict:
             "Inference requests answered, by model, version, protocol "
             "(rest, grpc) and status (HTTP code; 499: the client went away first)",
             [*MODEL, "protocol", "status"],
-        ),  # fmt: skip
+        ),
         "seconds": Histogram(
             REQUEST_SECONDS, "From a request's arrival to its answer", [*MODEL, "protocol"], buckets=LATENCY_BUCKETS
-        ),  # fmt: skip
+        ),
         "queue": Histogram(
             QUEUE_SECONDS, "From joining the batch queue to its forward pass starting", MODEL, buckets=LATENCY_BUCKETS
-        ),  # fmt: skip
+        ),
         "inference": Histogram(INFERENCE_SECONDS, "One forward pass of a whole batch", MODEL, buckets=LATENCY_BUCKETS),
         "batch": Histogram(BATCH_SIZE, "Rows (images) in each forward pass", MODEL, buckets=BATCH_BUCKETS),
         "in_flight": Gauge(IN_FLIGHT, "Requests being read, queued or run", MODEL, multiprocess_mode="livesum"),
@@ -51,24 +51,24 @@ def families() -> dict:
             "REST connections: open, and paused (not read while the client leaves its answers unread)",
             ["state"],
             multiprocess_mode="livesum",
-        ),  # fmt: skip
+        ),
         "shadow": Counter(
             SHADOW.removesuffix("_total"),
             "Requests mirrored to a candidate version, by model, the version that answered and the candidate",
             ["model", "default", "candidate"],
-        ),  # fmt: skip
+        ),
         "agreed": Counter(
             SHADOW_AGREED.removesuffix("_total"),
             "Mirrored requests whose every row the candidate "
             "answered alike (the same top-1 label; values within the proof's tolerance)",
             ["model", "default", "candidate"],
-        ),  # fmt: skip
+        ),
         "max_diff": Gauge(
             SHADOW_MAX_DIFF,
             "The largest element-wise difference between a candidate's and the default's output",
             ["model", "default", "candidate"],
             multiprocess_mode="max",
-        ),  # fmt: skip
+        ),
     }
 
 
@@ -93,8 +93,10 @@ class Metrics:
         key = (protocol, status)
         if key not in self._children:  # label lookups cost more than the observations: keep the children
             f = families()
-            self._children[key] = (f["requests"].labels(self.model, self.version, protocol, str(status)),
-                                   f["seconds"].labels(self.model, self.version, protocol))  # fmt: skip
+            self._children[key] = (
+                f["requests"].labels(self.model, self.version, protocol, str(status)),
+                f["seconds"].labels(self.model, self.version, protocol),
+            )
         count, latency = self._children[key]
         count.inc()
         latency.observe(seconds)

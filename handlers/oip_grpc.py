@@ -33,8 +33,10 @@ def protocol_messages():
     found = importlib.util.find_spec("kserve")
     path = Path(found.origin).parent / "protocol" / "grpc" / "grpc_predict_v2_pb2.py" if found else None
     if path is None or not path.is_file():
-        raise RuntimeError("the Open Inference Protocol's gRPC messages come from kserve's definitions: "
-                           "pip install 'kserve>=0.21,<0.22'")  # fmt: skip
+        raise RuntimeError(
+            "the Open Inference Protocol's gRPC messages come from kserve's definitions: "
+            "pip install 'kserve>=0.21,<0.22'"
+        )
     spec = importlib.util.spec_from_file_location(KSERVE_PROTO_MODULE, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -42,8 +44,14 @@ def protocol_messages():
     return module
 
 
-TYPED_CONTENTS = {"BYTES": "bytes_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
-                  "INT64": "int64_contents", "INT32": "int_contents", "BOOL": "bool_contents"}  # fmt: skip
+TYPED_CONTENTS = {
+    "BYTES": "bytes_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "INT64": "int64_contents",
+    "INT32": "int_contents",
+    "BOOL": "bool_contents",
+}
 
 
 def tensors_of(request, limit=None) -> list[v2.Tensor]:
@@ -64,8 +72,10 @@ def tensors_of(request, limit=None) -> list[v2.Tensor]:
             out.append(v2.tensor_from_binary(name, datatype, shape, raw[k], most))
             continue
         if datatype not in TYPED_CONTENTS:
-            raise v2.ProtocolError(f"input '{name}': datatype {datatype} is not one this model takes as typed "
-                                   "contents (send raw_input_contents)")  # fmt: skip
+            raise v2.ProtocolError(
+                f"input '{name}': datatype {datatype} is not one this model takes as typed "
+                "contents (send raw_input_contents)"
+            )
         contents = getattr(inp.contents, TYPED_CONTENTS[datatype])
         if most is not None and len(contents) > most:
             raise v2.too_many(name, shape, len(contents), most)
@@ -102,8 +112,13 @@ def handler(app):
 
     pb, tr = protocol_messages(), triton.messages()
     repo, version = app.repo, app.version
-    codes = {413: grpc.StatusCode.RESOURCE_EXHAUSTED, 404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.ABORTED,
-             401: grpc.StatusCode.UNAUTHENTICATED, 503: grpc.StatusCode.UNAVAILABLE}  # fmt: skip
+    codes = {
+        413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        404: grpc.StatusCode.NOT_FOUND,
+        409: grpc.StatusCode.ABORTED,
+        401: grpc.StatusCode.UNAUTHENTICATED,
+        503: grpc.StatusCode.UNAVAILABLE,
+    }
 
     async def find(name: str, version: str, context) -> Served:
         try:
@@ -118,9 +133,11 @@ def handler(app):
         return pb.ServerReadyResponse(ready=repo.ready)
 
     async def server_metadata(request, context):
-        return pb.ServerMetadataResponse(name="torchship", version=version,
-                                         extensions=["binary_tensor_data", "model_repository",
-                                                     "model_configuration"])  # fmt: skip
+        return pb.ServerMetadataResponse(
+            name="torchship",
+            version=version,
+            extensions=["binary_tensor_data", "model_repository", "model_configuration"],
+        )
 
     async def model_ready(request, context):
         await find(request.name, request.version, context)
@@ -130,17 +147,23 @@ def handler(app):
         served = await find(request.name, request.version, context)
         meta = served.metadata(sorted(repo.model(served.name).versions, key=int))
         tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
-                                        inputs=[tensor(**t) for t in meta["inputs"]],
-                                        outputs=[tensor(**t) for t in meta["outputs"]])  # fmt: skip
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]],
+            outputs=[tensor(**t) for t in meta["outputs"]],
+        )
 
     async def model_config(request, context):
         return triton.config_message(app.config(await find(request.name, request.version, context)))
 
     async def authorized(context) -> None:
         if not app.admin.allows(dict(context.invocation_metadata()).get("authorization")):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the repository calls need the admin token: "
-                                "authorization: Bearer TOKEN metadata")  # fmt: skip
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the repository calls need the admin token: authorization: Bearer TOKEN metadata",
+            )
 
     async def admin(op: str, model: str, parameters: dict, context):
         await authorized(context)
@@ -165,8 +188,9 @@ def handler(app):
 
     async def model_infer(request, context):
         start, status, decoding, served = time.perf_counter(), 500, False, None
-        trace = tracing.start(dict(context.invocation_metadata()).get("traceparent"), "grpc") if tracing.ENABLED \
-            else None  # fmt: skip
+        trace = (
+            tracing.start(dict(context.invocation_metadata()).get("traceparent"), "grpc") if tracing.ENABLED else None
+        )
         try:
             try:
                 served, shadow = repo.get(request.model_name, request.model_version)
@@ -220,22 +244,31 @@ def handler(app):
     def decode(served: Served, request):
         return served.decode(tensors_of(request, served.limit))
 
-    methods = {"ServerLive": (server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
-               "ServerReady": (server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
-               "ServerMetadata": (server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-               "ModelReady": (model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
-               "ModelMetadata": (model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-               "ModelInfer": (model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
-               "ModelConfig": (model_config, tr["ModelConfigRequest"], tr["ModelConfigResponse"]),
-               "RepositoryIndex": (repository_index, tr["RepositoryIndexRequest"], tr["RepositoryIndexResponse"]),
-               "RepositoryModelLoad": (repository_load, tr["RepositoryModelLoadRequest"],
-                                       tr["RepositoryModelLoadResponse"]),
-               "RepositoryModelUnload": (repository_unload, tr["RepositoryModelUnloadRequest"],
-                                         tr["RepositoryModelUnloadResponse"])}  # fmt: skip
-    return grpc.method_handlers_generic_handler(SERVICE, {
-        name: grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req.FromString,
-                                                  response_serializer=resp.SerializeToString)
-        for name, (fn, req, resp) in methods.items()})  # fmt: skip
+    methods = {
+        "ServerLive": (server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerReady": (server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
+        "ServerMetadata": (server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+        "ModelReady": (model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ModelMetadata": (model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+        "ModelInfer": (model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+        "ModelConfig": (model_config, tr["ModelConfigRequest"], tr["ModelConfigResponse"]),
+        "RepositoryIndex": (repository_index, tr["RepositoryIndexRequest"], tr["RepositoryIndexResponse"]),
+        "RepositoryModelLoad": (repository_load, tr["RepositoryModelLoadRequest"], tr["RepositoryModelLoadResponse"]),
+        "RepositoryModelUnload": (
+            repository_unload,
+            tr["RepositoryModelUnloadRequest"],
+            tr["RepositoryModelUnloadResponse"],
+        ),
+    }
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            name: grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+            )
+            for name, (fn, req, resp) in methods.items()
+        },
+    )
 
 
 def server(app, host: str, port: int, limits: Limits = Limits()):
@@ -245,9 +278,13 @@ def server(app, host: str, port: int, limits: Limits = Limits()):
     instead of queueing them, since every client in a process shares one connection."""
     import grpc
 
-    options = [("grpc.max_receive_message_length", limits.max_body), ("grpc.max_send_message_length", limits.max_body),
-               ("grpc.so_reuseport", 1), ("grpc.max_metadata_size", limits.head_bytes),
-               ("grpc.max_connection_idle_ms", int(limits.idle_timeout_s * 1000))]  # fmt: skip
+    options = [
+        ("grpc.max_receive_message_length", limits.max_body),
+        ("grpc.max_send_message_length", limits.max_body),
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_metadata_size", limits.head_bytes),
+        ("grpc.max_connection_idle_ms", int(limits.idle_timeout_s * 1000)),
+    ]
     srv = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.connections)
     srv.add_generic_rpc_handlers((handler(app),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -85,9 +85,18 @@ class RestApp:
         if path == "/v2/health/ready":
             return reply(Response(200 if ready else 503, dumps({"ready": ready})))
         if path == "/v2":
-            return reply(Response(200, dumps({"name": "torchship", "version": self.version,
-                                              "extensions": ["binary_tensor_data", "model_repository",
-                                                             "model_configuration"]})))  # fmt: skip
+            return reply(
+                Response(
+                    200,
+                    dumps(
+                        {
+                            "name": "torchship",
+                            "version": self.version,
+                            "extensions": ["binary_tensor_data", "model_repository", "model_configuration"],
+                        }
+                    ),
+                )
+            )
         if path == "/metrics":
             return reply(Response(200, metrics.exposition(), ((b"content-type", metrics.CONTENT_TYPE.encode()),)))
         try:
@@ -107,14 +116,25 @@ class RestApp:
         return reply(error(404, f"no route {path[:200]}: the Open Inference Protocol's are under /v2"))
 
     def config(self, served: Served) -> dict:
-        return triton.config(served.card, served.name, served.metadata()["platform"],
-                             max_delay_ms=self.settings.max_delay_ms, max_batch=self.settings.max_batch)  # fmt: skip
+        return triton.config(
+            served.card,
+            served.name,
+            served.metadata()["platform"],
+            max_delay_ms=self.settings.max_delay_ms,
+            max_batch=self.settings.max_batch,
+        )
 
     def repository(self, request: Request, reply, model: str | None, op: str | None):
         """The repository extension (index, load, unload) and our route call, behind the admin token."""
         if not self.admin.allows(request.headers.get(b"authorization")):
-            return reply(error(401, "the repository calls need the admin token: Authorization: Bearer TOKEN "
-                                    "(`torchship serve key --api admin`)", headers=UNAUTHORIZED))  # fmt: skip
+            return reply(
+                error(
+                    401,
+                    "the repository calls need the admin token: Authorization: Bearer TOKEN "
+                    "(`torchship serve key --api admin`)",
+                    headers=UNAUTHORIZED,
+                )
+            )
         try:
             body = v2.loads(request.body) if request.body.strip() else {}
         except v2.ProtocolError as e:
@@ -161,8 +181,15 @@ class RestApp:
                 if trace is not None:
                     trace.finish(served.name, served.version, response.status)
                 if ACCESS.isEnabledFor(logging.INFO):
-                    access("rest", request.client, served.name, served.version, response.status, seconds,
-                           request_id[0] if request_id else "")  # fmt: skip
+                    access(
+                        "rest",
+                        request.client,
+                        served.name,
+                        served.version,
+                        response.status,
+                        seconds,
+                        request_id[0] if request_id else "",
+                    )
 
         def abandon() -> None:
             for future in queued:
@@ -195,8 +222,13 @@ class RestApp:
             return abandon
         batcher = served.batcher
         if batcher.decoding >= batcher.max_queue:
-            answer(error(503, f"{batcher.decoding} requests are being decoded in this worker (its limit): retry "
-                              "shortly", headers=((b"retry-after", RETRY_AFTER_S),)))  # fmt: skip
+            answer(
+                error(
+                    503,
+                    f"{batcher.decoding} requests are being decoded in this worker (its limit): retry shortly",
+                    headers=((b"retry-after", RETRY_AFTER_S),),
+                )
+            )
             return None
         batcher.decoding += 1
 
@@ -274,8 +306,9 @@ class RestApp:
         body, json_length = v2.response_http(served.name, header, outputs, want, served.version)
         if json_length is None:
             return Response(200, body)
-        return Response(200, body, ((b"content-type", b"application/octet-stream"),
-                                    (HEADER_LENGTH, str(json_length).encode())))  # fmt: skip
+        return Response(
+            200, body, ((b"content-type", b"application/octet-stream"), (HEADER_LENGTH, str(json_length).encode()))
+        )
 
 
 def mirror(served: Served, shadow: Served, rows, answered: asyncio.Future) -> None:

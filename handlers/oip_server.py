@@ -44,11 +44,19 @@ STOP_GRACE_S = 10
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="oip_server", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model_dir", required=True, action="append", help="an export (meta.json and the model file), "
-                    "or a folder of exports (up to two levels down: NAME/VERSION/); again for more; the repository "
-                    "calls load what is found here")  # fmt: skip
-    ap.add_argument("--model_name", default=None, help="serve the one model of --model_dir under this name  "
-                                                       "[default: its card's name]")  # fmt: skip
+    ap.add_argument(
+        "--model_dir",
+        required=True,
+        action="append",
+        help="an export (meta.json and the model file), "
+        "or a folder of exports (up to two levels down: NAME/VERSION/); again for more; the repository "
+        "calls load what is found here",
+    )
+    ap.add_argument(
+        "--model_name",
+        default=None,
+        help="serve the one model of --model_dir under this name  [default: its card's name]",
+    )
     ap.add_argument(
         "--admin_token_file",
         default=None,
@@ -63,15 +71,20 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max_batch", type=int, default=0, help="rows in one forward pass  [default: measured]")
     ap.add_argument("--max_delay_ms", type=float, default=-1, help="wait for company on its way  [default: measured]")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads per worker  [default: measured]")
-    ap.add_argument("--max_queue", type=int, default=0, help="queued requests per worker before 503 "
-                                                             "[default: sizing.queue_size()]")  # fmt: skip
+    ap.add_argument(
+        "--max_queue", type=int, default=0, help="queued requests per worker before 503 [default: sizing.queue_size()]"
+    )
     ap.add_argument("--max_pixels", type=int, default=0, help="largest decoded image  [default: the card's]")
     for f in fields(Limits):  # what one client may cost a worker, REST and gRPC (http11.Limits says why each)
         ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"[default: {f.default}]")
     ap.add_argument("--status_file", default=None, help="where the supervisor keeps its workers' pids, as JSON")
     ap.add_argument("--log_level", default="INFO")
-    ap.add_argument("--access_log", action="store_true", help="a line per inference request (protocol, client, model "
-                    "version, status, ms, request id) in the log; off by default: ~10 us a request")  # fmt: skip
+    ap.add_argument(
+        "--access_log",
+        action="store_true",
+        help="a line per inference request (protocol, client, model "
+        "version, status, ms, request id) in the log; off by default: ~10 us a request",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ready_fd", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--control", default=None, help=argparse.SUPPRESS)  # the supervisor's control socket
@@ -91,12 +104,15 @@ def complete(args: argparse.Namespace, state) -> argparse.Namespace:
         try:
             cost = sizing.measure(export, args.backend, ModelCard.load(export))
         except Exception as e:  # a model that fails here fails in every worker: say so once, plainly
-            raise SystemExit(f"measuring {export} at batches of 1 and 8 failed ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); give --max_batch, --max_delay_ms "
-                             "and --threads to skip the measurement") from None  # fmt: skip
+            raise SystemExit(
+                f"measuring {export} at batches of 1 and 8 failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}); give --max_batch, --max_delay_ms "
+                "and --threads to skip the measurement"
+            ) from None
         sized = sizing.sized(cost, args.workers)
-        logger.info("measured %s: %.2f ms at batch 1, %.2f ms at batch 8 (one thread)", export, cost.batch1_ms,
-                    cost.batch8_ms)  # fmt: skip
+        logger.info(
+            "measured %s: %.2f ms at batch 1, %.2f ms at batch 8 (one thread)", export, cost.batch1_ms, cost.batch8_ms
+        )
         args.max_batch = args.max_batch if args.max_batch > 0 else sized.max_batch
         args.max_delay_ms = args.max_delay_ms if args.max_delay_ms >= 0 else sized.max_delay_ms
         args.threads = args.threads if args.threads > 0 else sized.threads
@@ -149,8 +165,10 @@ def worker_repository(state, load: Callable):
     from .repository import Model, Repository
 
     repo = Repository(state)
-    repo.models = {name: Model(name, {v: load(name, spec.directory) for v, spec in m.versions.items()}, m.route)
-                   for name, m in state.models.items()}  # fmt: skip
+    repo.models = {
+        name: Model(name, {v: load(name, spec.directory) for v, spec in m.versions.items()}, m.route)
+        for name, m in state.models.items()
+    }
     return repo
 
 
@@ -292,14 +310,22 @@ class Supervisor:
         args.control = str(Path(self.metrics_dir) / "control.sock")
         args.admin_token_file = args.admin_token_file or str(Path(self.metrics_dir) / "admin-token")
         control.write_token(args.admin_token_file)
-        self.control = control.Supervisor(args.control, args.repository_state, sources=args.model_dir,
-                                          backend=args.backend, aliases=aliases)  # fmt: skip
+        self.control = control.Supervisor(
+            args.control, args.repository_state, sources=args.model_dir, backend=args.backend, aliases=aliases
+        )
         return state
 
     def spawn(self) -> Worker:
         read, write = os.pipe()
-        argv = [sys.executable, "-m", f"{__package__}.oip_server", *worker_argv(self.args), "--worker",
-                "--ready_fd", str(write)]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            f"{__package__}.oip_server",
+            *worker_argv(self.args),
+            "--worker",
+            "--ready_fd",
+            str(write),
+        ]
         env = {**os.environ, metrics.MULTIPROCESS_ENV: self.metrics_dir}
         proc = subprocess.Popen(argv, pass_fds=(write,), env=env, stdin=subprocess.DEVNULL)
         os.close(write)
@@ -320,12 +346,18 @@ class Supervisor:
     def write_status(self) -> None:
         if not self.args.status_file:
             return
-        state = {"pid": os.getpid(), "http_port": self.args.http_port, "grpc_port": self.args.grpc_port,
-                 "restarts": self.restarts, "settings": {k: getattr(self.args, k) for k in SETTINGS},
-                 "admin_token_file": self.args.admin_token_file,
-                 "models": self.control.index_all() if self.control else [],
-                 "workers": [{"pid": w.proc.pid, "ready": w.ready, "started": w.started, "warmup": w.warmup}
-                             for w in self.workers]}  # fmt: skip
+        state = {
+            "pid": os.getpid(),
+            "http_port": self.args.http_port,
+            "grpc_port": self.args.grpc_port,
+            "restarts": self.restarts,
+            "settings": {k: getattr(self.args, k) for k in SETTINGS},
+            "admin_token_file": self.args.admin_token_file,
+            "models": self.control.index_all() if self.control else [],
+            "workers": [
+                {"pid": w.proc.pid, "ready": w.ready, "started": w.started, "warmup": w.warmup} for w in self.workers
+            ],
+        }
         tmp = Path(f"{self.args.status_file}.tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.args.status_file)
@@ -334,11 +366,19 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
         models = ", ".join(f"{r['name']} {r['version']}" for r in self.control.index_all())
-        logger.info("serving %s from %s: %d workers, batches of up to %d rows (wait %g ms for company on its way), "
-                    "%d thread(s) each, %d requests queued per worker at most; the repository calls' admin token is in "
-                    "%s", models, ", ".join(self.args.model_dir), self.args.workers, self.args.max_batch,
-                    self.args.max_delay_ms, self.args.threads, self.args.max_queue,
-                    self.args.admin_token_file)  # fmt: skip
+        logger.info(
+            "serving %s from %s: %d workers, batches of up to %d rows (wait %g ms for company on its way), "
+            "%d thread(s) each, %d requests queued per worker at most; the repository calls' admin token is in "
+            "%s",
+            models,
+            ", ".join(self.args.model_dir),
+            self.args.workers,
+            self.args.max_batch,
+            self.args.max_delay_ms,
+            self.args.threads,
+            self.args.max_queue,
+            self.args.admin_token_file,
+        )
         for _ in range(self.args.workers):
             self.spawn()
         self.write_status()
@@ -355,10 +395,16 @@ class Supervisor:
                     self.write_status()
             if not announced and self.workers and all(w.ready for w in self.workers):
                 announced = True
-                logger.info("ready: %d workers answer REST on %s:%d and gRPC on %s:%d (warm-up: batch %s in %s ms)",
-                            len(self.workers), self.args.host, self.args.http_port, self.args.host,
-                            self.args.grpc_port, self.workers[0].warmup.get("batch"),
-                            self.workers[0].warmup.get("ms"))  # fmt: skip
+                logger.info(
+                    "ready: %d workers answer REST on %s:%d and gRPC on %s:%d (warm-up: batch %s in %s ms)",
+                    len(self.workers),
+                    self.args.host,
+                    self.args.http_port,
+                    self.args.host,
+                    self.args.grpc_port,
+                    self.workers[0].warmup.get("batch"),
+                    self.workers[0].warmup.get("ms"),
+                )
             for w in [w for w in self.workers if w.proc.poll() is not None]:
                 if self.stopping:
                     break
@@ -401,9 +447,24 @@ SETTINGS = ("workers", "max_batch", "max_delay_ms", "threads", "max_queue", "bac
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
-    keep = ("host", "http_port", "grpc_port", "backend", "workers", "max_batch", "max_delay_ms", "threads",
-            "max_queue", "max_pixels", "log_level", "control", "repository_state", "admin_token_file", "access_log",
-            *LIMITS)  # fmt: skip
+    keep = (
+        "host",
+        "http_port",
+        "grpc_port",
+        "backend",
+        "workers",
+        "max_batch",
+        "max_delay_ms",
+        "threads",
+        "max_queue",
+        "max_pixels",
+        "log_level",
+        "control",
+        "repository_state",
+        "admin_token_file",
+        "access_log",
+        *LIMITS,
+    )
     flags = [f"--{k}={getattr(args, k)}" for k in keep if not isinstance(getattr(args, k), bool)]
     switches = [f"--{k}" for k in keep if getattr(args, k) is True]
     return [*(f"--model_dir={d}" for d in args.model_dir), *flags, *switches]
@@ -411,16 +472,21 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: "
-                        "%(message)s", stream=sys.stdout)  # fmt: skip
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stdout,
+    )
     logging.getLogger("torchship.access").setLevel(logging.INFO if args.access_log else logging.WARNING)
     if args.worker:
         return worker(args)
     try:
         if not ipaddress.ip_address(args.host).is_loopback:
-            logger.warning("listening on %s: the Open Inference Protocol has no authentication of its own; put an "
-                           "authenticating proxy in front (README, 'Serve over the Open Inference Protocol')",
-                           args.host)  # fmt: skip
+            logger.warning(
+                "listening on %s: the Open Inference Protocol has no authentication of its own; put an "
+                "authenticating proxy in front (README, 'Serve over the Open Inference Protocol')",
+                args.host,
+            )
     except ValueError:
         pass
     supervisor = Supervisor(args)  # the ports first: a taken one fails before a second is spent measuring

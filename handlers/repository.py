@@ -65,8 +65,10 @@ class State:
     @classmethod
     def from_json(cls, text: str) -> State:
         d = json.loads(text)
-        models = {name: ModelState({v: Version(**spec) for v, spec in m["versions"].items()}, Route(**m["route"]))
-                  for name, m in d["models"].items()}  # fmt: skip
+        models = {
+            name: ModelState({v: Version(**spec) for v, spec in m["versions"].items()}, Route(**m["route"]))
+            for name, m in d["models"].items()
+        }
         return cls(d["generation"], models)
 
     def save(self, path: Path | str) -> None:
@@ -110,8 +112,10 @@ def exports_below(root: Path | str, backend: str) -> list[Export]:
     seen: dict[tuple[str, str], Path] = {}
     for e in found:
         if (e.name, e.version) in seen:
-            raise RepositoryError(f"{e.name} version {e.version} is in both {seen[e.name, e.version]} and "
-                                  f"{e.directory}: export one of them with --version")  # fmt: skip
+            raise RepositoryError(
+                f"{e.name} version {e.version} is in both {seen[e.name, e.version]} and "
+                f"{e.directory}: export one of them with --version"
+            )
         seen[e.name, e.version] = e.directory
     return found
 
@@ -161,8 +165,11 @@ class Model:
         """(the version that answers, the one that shadows it or None)."""
         if version:
             if version not in self.versions:
-                raise RepositoryError(f"{self.name} has no version {version[:32]!r}: it serves "
-                                      f"{', '.join(sorted(self.versions, key=int))}", 404)  # fmt: skip
+                raise RepositoryError(
+                    f"{self.name} has no version {version[:32]!r}: it serves "
+                    f"{', '.join(sorted(self.versions, key=int))}",
+                    404,
+                )
             return self.versions[version], None
         route = self.route
         chosen = route.default
@@ -187,8 +194,9 @@ class Repository:
     def model(self, name: str) -> Model:
         m = self.models.get(name)
         if m is None:
-            raise RepositoryError(f"no model named {name[:64]!r}: this server has {', '.join(sorted(self.models))}",
-                                  404)  # fmt: skip
+            raise RepositoryError(
+                f"no model named {name[:64]!r}: this server has {', '.join(sorted(self.models))}", 404
+            )
         return m
 
     def get(self, name: str, version: str | None = None):
@@ -203,8 +211,15 @@ class Repository:
         out = []
         for name, m in sorted((state or self.state).models.items()):
             for v, spec in sorted(m.versions.items(), key=lambda kv: int(kv[0])):
-                role = "default" if v == m.route.default else "canary" if v == m.route.canary else \
-                    "shadow" if v == m.route.shadow else ""  # fmt: skip
+                role = (
+                    "default"
+                    if v == m.route.default
+                    else "canary"
+                    if v == m.route.canary
+                    else "shadow"
+                    if v == m.route.shadow
+                    else ""
+                )
                 reason = "; ".join(x for x in (role, spec.reason) if x)
                 out.append({"name": name, "version": v, "state": "READY", "reason": reason})
         return out

@@ -78,8 +78,11 @@ def image_bytes(row: dict) -> bytes:
     """Raw bytes in the body, a multipart file, or JSON {"data": "<base64>"} (TorchServe has parsed the JSON)."""
     files = [k for k, v in row.items() if k not in OPTION_FIELDS and isinstance(v, (bytes, bytearray)) and v]
     if len(files) > 1:
-        raise InputError(400, f"send one image per request; this one holds {len(files)} files "
-                              f"({', '.join(shown(f, 20) for f in files[:4])})")  # fmt: skip
+        raise InputError(
+            400,
+            f"send one image per request; this one holds {len(files)} files "
+            f"({', '.join(shown(f, 20) for f in files[:4])})",
+        )
     value = next((row[k] for k in FILE_FIELDS if k in row), None)
     if value is None and files:  # a multipart form with another field name
         value = row[files[0]]
@@ -120,8 +123,10 @@ FORM_ENCODED = "application/x-www-form-urlencoded"
 
 def decode_row(row: dict, classes: int, topk_header: str | None = None, content_type: str | None = None) -> Request:
     if content_type and content_type.split(";")[0].strip().lower() == FORM_ENCODED:
-        raise InputError(400, f"the body was sent as a URL-encoded form (what curl -d sends), which mangles binary "
-                              f"data: {HOW_TO_SEND}")  # fmt: skip
+        raise InputError(
+            400,
+            f"the body was sent as a URL-encoded form (what curl -d sends), which mangles binary data: {HOW_TO_SEND}",
+        )
     return Request(image_bytes(row), topk_of(row, classes, topk_header))
 
 

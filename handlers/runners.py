@@ -67,8 +67,9 @@ def torch_runner(module) -> Callable:
     return run
 
 
-def load(model_dir: str | os.PathLike, backend: str | None = None, threads: int = 1, card: ModelCard | None = None
-         ) -> Runner:  # fmt: skip
+def load(
+    model_dir: str | os.PathLike, backend: str | None = None, threads: int = 1, card: ModelCard | None = None
+) -> Runner:
     """The card says whether the model takes one batch or named inputs; without it, one batch."""
     backend = backend or find(model_dir)
     sig = card.signature if card is not None else None

@@ -26,8 +26,12 @@ DECODE_INLINE_BYTES = 64 * 1024  # larger requests (photos, long JSON) are parse
 INLINE_PASS_MS = 5.0  # a warm pass at the largest batch no longer than Python's GIL switch interval: passes run on the
 # loop itself, since handing them to a thread costs more than it overlaps (bench/NOTES.md levers 52, 55)
 ABANDONED = 499  # nginx's "client closed request": counted in the metrics, never sent (no one is there to read it)
-PLATFORMS = {"onnx": "onnxruntime_onnx", "onnx-int8": "onnxruntime_onnx", "torchscript": "pytorch_libtorch",
-             "pt2": "pytorch_aotinductor"}  # fmt: skip
+PLATFORMS = {
+    "onnx": "onnxruntime_onnx",
+    "onnx-int8": "onnxruntime_onnx",
+    "torchscript": "pytorch_libtorch",
+    "pt2": "pytorch_aotinductor",
+}
 _decoder: ThreadPoolExecutor | None = None
 ACCESS = logging.getLogger("torchship.access")  # one line per inference request, when the server's --access_log asks
 
@@ -35,8 +39,16 @@ ACCESS = logging.getLogger("torchship.access")  # one line per inference request
 def access(protocol: str, client: str, model: str, version: str, status: int, seconds: float, request_id: str) -> None:
     """The access log's line: who asked which model version, what it got, how long it took, the request's id (the
     one its trace carries)."""
-    ACCESS.info("%s %s %s/%s %d %.2fms id=%s", protocol, client or "-", model, version, status, seconds * 1000,
-                request_id or "-")  # fmt: skip
+    ACCESS.info(
+        "%s %s %s/%s %d %.2fms id=%s",
+        protocol,
+        client or "-",
+        model,
+        version,
+        status,
+        seconds * 1000,
+        request_id or "-",
+    )
 
 
 def decoder() -> ThreadPoolExecutor:
@@ -81,9 +93,13 @@ class Served:
         return decoder()
 
     def metadata(self, versions: list[str] | None = None) -> dict:
-        return {"name": self.name, "versions": versions or [self.version],
-                "platform": PLATFORMS.get(self.backend, self.backend), "inputs": v2.input_types(self.card),
-                "outputs": v2.output_types(self.card)}  # fmt: skip
+        return {
+            "name": self.name,
+            "versions": versions or [self.version],
+            "platform": PLATFORMS.get(self.backend, self.backend),
+            "inputs": v2.input_types(self.card),
+            "outputs": v2.output_types(self.card),
+        }
 
     def decode(self, tensors: list[v2.Tensor]) -> np.ndarray:
         return v2.model_inputs(self.card, self.preprocessor, tensors)
@@ -110,10 +126,24 @@ def load(model_dir: str, settings: Settings, *, name: str | None = None) -> Serv
     def run(x):  # once per forward pass: the model, then what all its requests' answers share
         return batch_outputs(card, runner.run(x))
 
-    batcher = Batcher(run, max_batch=settings.max_batch, max_delay=settings.max_delay_ms / 1000,
-                      max_queue=settings.max_queue, on_pass=metrics.ran, **stacking(card))  # fmt: skip
-    return Served(name, card, Preprocessor(card, settings.max_pixels), batcher, metrics, runner.backend, card.version,
-                  str(model_dir))  # fmt: skip
+    batcher = Batcher(
+        run,
+        max_batch=settings.max_batch,
+        max_delay=settings.max_delay_ms / 1000,
+        max_queue=settings.max_queue,
+        on_pass=metrics.ran,
+        **stacking(card),
+    )
+    return Served(
+        name,
+        card,
+        Preprocessor(card, settings.max_pixels),
+        batcher,
+        metrics,
+        runner.backend,
+        card.version,
+        str(model_dir),
+    )
 
 
 def stacking(card: ModelCard) -> dict:
@@ -121,9 +151,13 @@ def stacking(card: ModelCard) -> dict:
     if not card.named:
         return {}
     sig = card.signature
-    return {"stacking": Stacking(merge=lambda jobs: signature.merge(sig, jobs),
-                                 split=lambda out, start, rows: signature.split(sig, out, start, rows),
-                                 key=lambda rows: signature.key(sig, rows))}  # fmt: skip
+    return {
+        "stacking": Stacking(
+            merge=lambda jobs: signature.merge(sig, jobs),
+            split=lambda out, start, rows: signature.split(sig, out, start, rows),
+            key=lambda rows: signature.key(sig, rows),
+        )
+    }
 
 
 def warm_up(served: Served) -> dict:

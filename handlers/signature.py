@@ -18,8 +18,14 @@ import numpy as np
 from .card import Signature, TensorSpec
 from .limits import MAX_BATCH_ITEMS
 
-NUMPY = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32,
-         "BOOL": np.bool_}  # fmt: skip
+NUMPY = {
+    "FP32": np.float32,
+    "FP16": np.float16,
+    "FP64": np.float64,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "BOOL": np.bool_,
+}
 DATATYPE_OF = {np.dtype(v): k for k, v in NUMPY.items()}
 
 
@@ -76,8 +82,9 @@ def check(sig: Signature, given: Mapping[str, tuple[str, tuple[int, ...], np.nda
     names = [t.name for t in sig.inputs]
     missing, unknown = [n for n in names if n not in given], sorted(set(given) - set(names))
     if missing or unknown:
-        what = "; ".join(x for x in (f"missing {missing}" if missing else "",
-                                     f"unknown {unknown[:4]}" if unknown else "") if x)  # fmt: skip
+        what = "; ".join(
+            x for x in (f"missing {missing}" if missing else "", f"unknown {unknown[:4]}" if unknown else "") if x
+        )
         raise SignatureError(f"this model takes inputs {names}: {what}")
     arrays, dims, n = {}, {}, None
     for spec in sig.inputs:
@@ -120,8 +127,10 @@ def check(sig: Signature, given: Mapping[str, tuple[str, tuple[int, ...], np.nda
         if spec.mask and x.ndim > 1:
             empty = np.flatnonzero(~x.reshape(len(x), -1).any(axis=1))
             if empty.size:
-                raise SignatureError(f"{where} row {int(empty[0])}: every position is masked out; a row needs at "
-                                     "least one 1 (runtimes disagree on what attending to nothing means)")  # fmt: skip
+                raise SignatureError(
+                    f"{where} row {int(empty[0])}: every position is masked out; a row needs at "
+                    "least one 1 (runtimes disagree on what attending to nothing means)"
+                )
         arrays[spec.name] = np.ascontiguousarray(x)
     return Rows(arrays, n, dims)
 
@@ -142,8 +151,9 @@ def merge(sig: Signature, jobs: list[Rows]) -> dict[str, np.ndarray]:
         parts = []
         for r in jobs:
             x = r.arrays[spec.name]
-            widths = [(0, 0)] + [(0, longest[d] - r.dims[d]) if isinstance(d, str) and d in longest else (0, 0)
-                                 for d in spec.shape[1:]]  # fmt: skip
+            widths = [(0, 0)] + [
+                (0, longest[d] - r.dims[d]) if isinstance(d, str) and d in longest else (0, 0) for d in spec.shape[1:]
+            ]
             parts.append(np.pad(x, widths, constant_values=spec.pad) if any(w for _, w in widths) else x)
         feeds[spec.name] = np.concatenate(parts)
     return feeds
@@ -153,8 +163,10 @@ def split(sig: Signature, out: Mapping[str, np.ndarray], start: int, rows: Rows)
     """A request's rows of a batch's outputs, every named dimension cut back to the request's own length."""
     answer = {}
     for spec in sig.outputs:
-        index = (slice(start, start + rows.n), *(slice(0, rows.dims[d]) if isinstance(d, str) else slice(None)
-                                                 for d in spec.shape[1:]))  # fmt: skip
+        index = (
+            slice(start, start + rows.n),
+            *(slice(0, rows.dims[d]) if isinstance(d, str) else slice(None) for d in spec.shape[1:]),
+        )
         answer[spec.name] = out[spec.name][index]
     return answer
 
@@ -174,8 +186,9 @@ def run_together(sig: Signature, run, requests: list[Rows]) -> list[dict[str, np
 
 def outputs(sig: Signature, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every output by name, in its declared datatype."""
-    return {t.name: np.ascontiguousarray(np.asarray(raw[t.name]).astype(NUMPY[t.datatype], copy=False))
-            for t in sig.outputs}  # fmt: skip
+    return {
+        t.name: np.ascontiguousarray(np.asarray(raw[t.name]).astype(NUMPY[t.datatype], copy=False)) for t in sig.outputs
+    }
 
 
 def zeros(sig: Signature, n: int) -> dict[str, np.ndarray]:

@@ -64,8 +64,11 @@ def rows_from_instances(card: ModelCard, instances, field: str = "instances") ->
         _numbers(row, f"{field}[{i}]", numbers)
         got = _depth_shape(row)
         if got != tuple(shape) or len(numbers) != math.prod(shape):
-            raise InputError(400, f"{field}[{i}]: expected shape {list(shape)} ({math.prod(shape)} numbers), got "
-                                  f"{list(got)} ({len(numbers)} numbers)")  # fmt: skip
+            raise InputError(
+                400,
+                f"{field}[{i}]: expected shape {list(shape)} ({math.prod(shape)} numbers), got "
+                f"{list(got)} ({len(numbers)} numbers)",
+            )
         rows.append(numbers)
     return np.asarray(rows, np.float32).reshape(len(rows), *shape)
 

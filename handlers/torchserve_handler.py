@@ -36,8 +36,12 @@ class ModelHandler(BaseHandler):
         self.initialized = True
         logger.info(
             "torchship %s loaded with %s backend, %d thread(s), max %d pixels; worker log level %s",
-            self.card.name, self.backend, threads, self.preprocessor.max_pixels, worker_level,
-        )  # fmt: skip
+            self.card.name,
+            self.backend,
+            threads,
+            self.preprocessor.max_pixels,
+            worker_level,
+        )
         logging.getLogger().setLevel(worker_level)
 
     def header(self, idx: int, name: str) -> str | None:

@@ -77,21 +77,33 @@ class Trace:
         from opentelemetry.trace import SpanKind, Status, StatusCode
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        parent = TraceContextTextMapPropagator().extract({"traceparent": self.traceparent}) if self.traceparent \
-            else None  # fmt: skip
+        parent = (
+            TraceContextTextMapPropagator().extract({"traceparent": self.traceparent}) if self.traceparent else None
+        )
         end = time.time_ns()
-        root = _tracer.start_span(f"infer {model}", context=parent, kind=SpanKind.SERVER, start_time=self.t0,
-                                  attributes={"torchship.model": model, "torchship.version": version,
-                                              "torchship.protocol": self.protocol, "torchship.status": status,
-                                              "torchship.request_id": self.request_id})  # fmt: skip
+        root = _tracer.start_span(
+            f"infer {model}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            start_time=self.t0,
+            attributes={
+                "torchship.model": model,
+                "torchship.version": version,
+                "torchship.protocol": self.protocol,
+                "torchship.status": status,
+                "torchship.request_id": self.request_id,
+            },
+        )
         if status >= 400:
             root.set_status(Status(StatusCode.ERROR, f"status {status}"))
         inside = trace.set_span_in_context(root)
         stages = [("decode", self.t0, self.decoded or end, {})]
         if self.ran:
-            stages += [("queue", self.decoded, self.started, {}),
-                       ("forward", self.started, self.ran, {"torchship.batch_size": self.batch}),
-                       ("encode", self.ran, end, {})]  # fmt: skip
+            stages += [
+                ("queue", self.decoded, self.started, {}),
+                ("forward", self.started, self.ran, {"torchship.batch_size": self.batch}),
+                ("encode", self.ran, end, {}),
+            ]
         for name, begin, finish, attributes in stages:
             if begin and finish:
                 _tracer.start_span(name, context=inside, start_time=begin, attributes=attributes).end(end_time=finish)

@@ -16,10 +16,18 @@ from . import v2
 from .card import ModelCard
 from .limits import MAX_BATCH_ITEMS
 
-DATA_TYPES = {"BOOL": 1, "UINT8": 2, "INT32": 8, "INT64": 9, "FP16": 10, "FP32": 11, "FP64": 12, "BYTES": 13,
-              "BF16": 14}  # fmt: skip
-PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch",
-                     "pytorch_aotinductor": "pytorch"}  # fmt: skip
+DATA_TYPES = {
+    "BOOL": 1,
+    "UINT8": 2,
+    "INT32": 8,
+    "INT64": 9,
+    "FP16": 10,
+    "FP32": 11,
+    "FP64": 12,
+    "BYTES": 13,
+    "BF16": 14,
+}
+PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch", "pytorch_aotinductor": "pytorch"}
 
 
 def _dims(shape: list[int]) -> list[int]:
@@ -46,7 +54,7 @@ def config(card: ModelCard, name: str, platform: str, *, max_delay_ms: float, ma
                 "optional": image,
             }
             for t in v2.input_types(card)
-        ],  # fmt: skip
+        ],
         "output": [
             {
                 "name": t["name"],
@@ -54,11 +62,11 @@ def config(card: ModelCard, name: str, platform: str, *, max_delay_ms: float, ma
                 "dims": _dims(t["shape"]),
             }
             for t in v2.output_types(card)
-        ],  # fmt: skip
+        ],
         "dynamic_batching": {
             "preferred_batch_size": [max_batch],
             "max_queue_delay_microseconds": int(max_delay_ms * 1000),
-        },  # fmt: skip
+        },
         "instance_group": [{"name": name, "kind": "KIND_CPU", "count": 1}],
     }
 
@@ -70,16 +78,24 @@ def messages():
 
     f = descriptor_pb2.FileDescriptorProto(name="torchship_triton.proto", package="torchship.triton", syntax="proto3")
     T = descriptor_pb2.FieldDescriptorProto
-    STRING, INT32, INT64, UINT64, BOOL, BYTES, MESSAGE, ENUM = (T.TYPE_STRING, T.TYPE_INT32, T.TYPE_INT64,
-                                                                 T.TYPE_UINT64, T.TYPE_BOOL, T.TYPE_BYTES,
-                                                                 T.TYPE_MESSAGE, T.TYPE_ENUM)  # fmt: skip
+    STRING, INT32, INT64, UINT64, BOOL, BYTES, MESSAGE, ENUM = (
+        T.TYPE_STRING,
+        T.TYPE_INT32,
+        T.TYPE_INT64,
+        T.TYPE_UINT64,
+        T.TYPE_BOOL,
+        T.TYPE_BYTES,
+        T.TYPE_MESSAGE,
+        T.TYPE_ENUM,
+    )
 
     def message(name, *fields):
         m = f.message_type.add(name=name)
         for number, fname, ftype, *rest in fields:
             repeated = rest[1] if len(rest) > 1 else False
-            field = m.field.add(name=fname, number=number, type=ftype,
-                                label=T.LABEL_REPEATED if repeated else T.LABEL_OPTIONAL)  # fmt: skip
+            field = m.field.add(
+                name=fname, number=number, type=ftype, label=T.LABEL_REPEATED if repeated else T.LABEL_OPTIONAL
+            )
             if rest and rest[0]:
                 field.type_name = rest[0]
         return m
@@ -92,38 +108,65 @@ def messages():
     for i, fname in enumerate(("FORMAT_NONE", "FORMAT_NHWC", "FORMAT_NCHW")):
         fmt.value.add(name=fname, number=i)
     p = ".torchship.triton."
-    message("ModelInput", (1, "name", STRING), (2, "data_type", ENUM, p + "DataType"),
-            (3, "format", ENUM, p + "Format"), (4, "dims", INT64, None, True), (8, "optional", BOOL))  # fmt: skip
+    message(
+        "ModelInput",
+        (1, "name", STRING),
+        (2, "data_type", ENUM, p + "DataType"),
+        (3, "format", ENUM, p + "Format"),
+        (4, "dims", INT64, None, True),
+        (8, "optional", BOOL),
+    )
     message("ModelOutput", (1, "name", STRING), (2, "data_type", ENUM, p + "DataType"), (3, "dims", INT64, None, True))
-    message("ModelDynamicBatching", (1, "preferred_batch_size", INT32, None, True),
-            (2, "max_queue_delay_microseconds", UINT64))  # fmt: skip
-    message("ModelConfig", (1, "name", STRING), (2, "platform", STRING), (17, "backend", STRING),
-            (4, "max_batch_size", INT32), (5, "input", MESSAGE, p + "ModelInput", True),
-            (6, "output", MESSAGE, p + "ModelOutput", True),
-            (11, "dynamic_batching", MESSAGE, p + "ModelDynamicBatching"))  # fmt: skip
+    message(
+        "ModelDynamicBatching",
+        (1, "preferred_batch_size", INT32, None, True),
+        (2, "max_queue_delay_microseconds", UINT64),
+    )
+    message(
+        "ModelConfig",
+        (1, "name", STRING),
+        (2, "platform", STRING),
+        (17, "backend", STRING),
+        (4, "max_batch_size", INT32),
+        (5, "input", MESSAGE, p + "ModelInput", True),
+        (6, "output", MESSAGE, p + "ModelOutput", True),
+        (11, "dynamic_batching", MESSAGE, p + "ModelDynamicBatching"),
+    )
     message("ModelConfigRequest", (1, "name", STRING), (2, "version", STRING))
     message("ModelConfigResponse", (1, "config", MESSAGE, p + "ModelConfig"))
-    message("ModelRepositoryParameter", (1, "bool_param", BOOL), (2, "int64_param", INT64),
-            (3, "string_param", STRING), (4, "bytes_param", BYTES))  # fmt: skip
+    message(
+        "ModelRepositoryParameter",
+        (1, "bool_param", BOOL),
+        (2, "int64_param", INT64),
+        (3, "string_param", STRING),
+        (4, "bytes_param", BYTES),
+    )
     message("RepositoryIndexRequest", (1, "repository_name", STRING), (2, "ready", BOOL))
     index = message("RepositoryIndexResponse", (1, "models", MESSAGE, p + "RepositoryIndexResponse.ModelIndex", True))
     entry = index.nested_type.add(name="ModelIndex")
     for number, fname in ((1, "name"), (2, "version"), (3, "state"), (4, "reason")):
         entry.field.add(name=fname, number=number, type=STRING, label=T.LABEL_OPTIONAL)
     for call in ("RepositoryModelLoadRequest", "RepositoryModelUnloadRequest"):
-        m = message(call, (1, "repository_name", STRING), (2, "model_name", STRING),
-                    (3, "parameters", MESSAGE, f"{p}{call}.ParametersEntry", True))  # fmt: skip
+        m = message(
+            call,
+            (1, "repository_name", STRING),
+            (2, "model_name", STRING),
+            (3, "parameters", MESSAGE, f"{p}{call}.ParametersEntry", True),
+        )
         e = m.nested_type.add(name="ParametersEntry")
         e.options.map_entry = True
         e.field.add(name="key", number=1, type=STRING, label=T.LABEL_OPTIONAL)
-        e.field.add(name="value", number=2, type=MESSAGE, type_name=p + "ModelRepositoryParameter",
-                    label=T.LABEL_OPTIONAL)  # fmt: skip
+        e.field.add(
+            name="value", number=2, type=MESSAGE, type_name=p + "ModelRepositoryParameter", label=T.LABEL_OPTIONAL
+        )
     message("RepositoryModelLoadResponse")
     message("RepositoryModelUnloadResponse")
     pool = descriptor_pool.DescriptorPool()
     file = pool.Add(f)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"torchship.triton.{name}"))
-            for name in file.message_types_by_name}  # fmt: skip
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"torchship.triton.{name}"))
+        for name in file.message_types_by_name
+    }
 
 
 def config_message(cfg: dict):
@@ -134,8 +177,9 @@ def config_message(cfg: dict):
     c.name, c.platform, c.backend = cfg["name"], cfg["platform"], cfg["backend"]
     c.max_batch_size = cfg["max_batch_size"]
     for t in cfg["input"]:
-        c.input.add(name=t["name"], data_type=t["data_type"], format=t["format"], dims=t["dims"],
-                    optional=t["optional"])  # fmt: skip
+        c.input.add(
+            name=t["name"], data_type=t["data_type"], format=t["format"], dims=t["dims"], optional=t["optional"]
+        )
     for t in cfg["output"]:
         c.output.add(name=t["name"], data_type=t["data_type"], dims=t["dims"])
     b = cfg["dynamic_batching"]
@@ -146,5 +190,7 @@ def config_message(cfg: dict):
 
 def parameters(request) -> dict:
     """A repository call's parameters as plain values (whichever of Triton's one-of fields is set)."""
-    return {key: p.string_param or p.int64_param or p.bool_param or p.bytes_param.decode(errors="replace")
-            for key, p in request.parameters.items()}  # fmt: skip
+    return {
+        key: p.string_param or p.int64_param or p.bool_param or p.bytes_param.decode(errors="replace")
+        for key, p in request.parameters.items()
+    }

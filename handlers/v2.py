@@ -107,8 +107,10 @@ def model_inputs(card: ModelCard, preprocessor: Preprocessor, tensors: list[Tens
         return _tensor_inputs(card, tensors)
     if len(tensors) != 1 or names[0] not in (IMAGES, ARRAY):
         shape = ", ".join(map(str, card.input_shape))
-        raise ProtocolError(f"send one input, named '{IMAGES}' (BYTES [N], image files) or '{ARRAY}' "
-                            f"(FP32 [N, {shape}], normalised); got {names}")  # fmt: skip
+        raise ProtocolError(
+            f"send one input, named '{IMAGES}' (BYTES [N], image files) or '{ARRAY}' "
+            f"(FP32 [N, {shape}], normalised); got {names}"
+        )
     t = tensors[0]
     n = math.prod(t.shape) if t.shape else 0
     if not 1 <= (t.shape[0] if t.shape else 0) <= MAX_BATCH_ITEMS:
@@ -132,15 +134,17 @@ def model_inputs(card: ModelCard, preprocessor: Preprocessor, tensors: list[Tens
             except MemoryError:
                 raise ProtocolError(f"input '{IMAGES}' element {i}: image too large to process", 413) from None
             except Exception as e:  # an image Pillow opened but could not convert: still the client's
-                raise ProtocolError(f"input '{IMAGES}' element {i}: could not process the image: {str(e)[:200]}",
-                                    422) from None  # fmt: skip
+                raise ProtocolError(
+                    f"input '{IMAGES}' element {i}: could not process the image: {str(e)[:200]}", 422
+                ) from None
         return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
     if t.datatype != "FP32":
         raise ProtocolError(f"input '{ARRAY}' must be FP32, not {t.datatype}")
     want = (t.shape[0], *card.input_shape) if t.shape else ()
     if tuple(t.shape) != want:
-        raise ProtocolError(f"input '{ARRAY}' must have shape [N, {', '.join(map(str, card.input_shape))}], "
-                            f"got {list(t.shape)}")  # fmt: skip
+        raise ProtocolError(
+            f"input '{ARRAY}' must have shape [N, {', '.join(map(str, card.input_shape))}], got {list(t.shape)}"
+        )
     try:
         x = np.asarray(t.data, dtype=np.float32)
     except (TypeError, ValueError):
@@ -217,8 +221,9 @@ def element_limit(card: ModelCard) -> Callable[[str], int]:
 
 
 def too_many(name: str, shape, count: int, most: int) -> ProtocolError:
-    return ProtocolError(f"input '{name}': shape {list(shape)[:8]} holds {count} elements; at most {most} per "
-                         "request", 413)  # fmt: skip
+    return ProtocolError(
+        f"input '{name}': shape {list(shape)[:8]} holds {count} elements; at most {most} per request", 413
+    )
 
 
 def bytes_elements(blob: bytes, most: int | None = None) -> list[bytes]:
@@ -241,13 +246,17 @@ def bytes_blob(elements) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def tensor_from_binary(name: str, datatype: str, shape: tuple[int, ...], chunk: bytes, most: int | None = None
-                       ) -> Tensor:  # fmt: skip
+def tensor_from_binary(
+    name: str, datatype: str, shape: tuple[int, ...], chunk: bytes, most: int | None = None
+) -> Tensor:
     if datatype == "BYTES":
         elements = bytes_elements(chunk, most)
         if most is not None and len(elements) > most:
-            raise ProtocolError(f"input '{name}' holds more than {most} elements for shape {list(shape)[:8]}; at most "
-                                f"{most} per request", 413)  # fmt: skip
+            raise ProtocolError(
+                f"input '{name}' holds more than {most} elements for shape {list(shape)[:8]}; at most "
+                f"{most} per request",
+                413,
+            )
         return Tensor(name, datatype, shape, np.array(elements or [], dtype=object))
     if datatype not in DATATYPES:
         raise ProtocolError(f"input '{name}': datatype {datatype} is not one this model takes")
@@ -266,8 +275,9 @@ def loads(raw: bytes):
         raise ProtocolError(f"the request is not valid JSON ({str(e).splitlines()[0][:120]}){hint}") from None
 
 
-def parse_http(body, header_length: int | None = None, limit: Callable[[str], int] | None = None
-               ) -> tuple[dict, list[Tensor]]:  # fmt: skip
+def parse_http(
+    body, header_length: int | None = None, limit: Callable[[str], int] | None = None
+) -> tuple[dict, list[Tensor]]:
     """A v2 infer request body (JSON, or JSON + binary tensors) to its header and input tensors; `limit` (from
     element_limit) bounds every tensor's elements before any is read."""
     if isinstance(body, dict):
@@ -285,8 +295,11 @@ def parse_http(body, header_length: int | None = None, limit: Callable[[str], in
         if not isinstance(spec, dict) or not {"name", "datatype", "shape"} <= set(spec):
             raise ProtocolError(f"input {k} needs 'name', 'datatype' and 'shape'")
         name, datatype, shape = str(spec["name"])[:64], str(spec["datatype"])[:16], spec["shape"]
-        if not isinstance(shape, list) or len(shape) > 16 or not all(isinstance(d, int) and 0 <= d <= 1 << 31
-                                                                     for d in shape):  # fmt: skip
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 16
+            or not all(isinstance(d, int) and 0 <= d <= 1 << 31 for d in shape)
+        ):
             raise ProtocolError(f"input '{name}': shape must be a list of at most 16 non-negative integers")
         most = limit(datatype) if limit else None
         if most is not None and math.prod(shape) > most:
@@ -334,8 +347,7 @@ def _flat(values, name: str, most: int | None = None):
                 break
             count += 1
             if most is not None and count > most:
-                raise ProtocolError(f"input '{name}' holds more than {most} elements; at most {most} per request",
-                                    413)  # fmt: skip
+                raise ProtocolError(f"input '{name}' holds more than {most} elements; at most {most} per request", 413)
             yield v
         else:
             stack.pop()
@@ -381,8 +393,9 @@ def response_json(model: str, request: dict, outputs: list[Tensor]) -> dict:
     return {"model_name": model, "id": str(request.get("id", "")), "outputs": out}
 
 
-def response_http(model: str, request: dict, outputs: list[Tensor], want: list[Wanted], version: str | None = None
-                  ) -> tuple[bytes, int | None]:  # fmt: skip
+def response_http(
+    model: str, request: dict, outputs: list[Tensor], want: list[Wanted], version: str | None = None
+) -> tuple[bytes, int | None]:
     """A v2 infer response body, and the JSON header's length when binary tensors follow it (else None)."""
     by_name = {t.name: t for t in outputs}
     specs, blobs = [], []

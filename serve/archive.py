@@ -46,9 +46,15 @@ class ModelConfig:
 
 def model_config(sizing: Sizing, **handler) -> ModelConfig:
     """TorchServe's spelling of the shared sizing rule (torchship.handlers.sizing)."""
-    return ModelConfig(minWorkers=sizing.workers, maxWorkers=sizing.workers, batchSize=sizing.max_batch,
-                       maxBatchDelay=sizing.max_delay_ms, responseTimeout=sizing.timeout_s, threads=sizing.threads,
-                       **handler)  # fmt: skip
+    return ModelConfig(
+        minWorkers=sizing.workers,
+        maxWorkers=sizing.workers,
+        batchSize=sizing.max_batch,
+        maxBatchDelay=sizing.max_delay_ms,
+        responseTimeout=sizing.timeout_s,
+        threads=sizing.threads,
+        **handler,
+    )
 
 
 def build_archive(
@@ -90,15 +96,23 @@ def build_archive(
         handler = Path(handler) if handler else stage_torchserve_handler(staged)
         extra = [str(staged)]  # torch-model-archiver copies a folder's contents into the archive's root
         cmd = [
-            sys.executable, "-m", "model_archiver.model_packaging",  # torch-model-archiver, wherever its script is
-            "--model-name", name,
-            "--version", str(card.provenance.epoch or 1),
-            "--serialized-file", str(model),
-            "--handler", str(handler),
-            "--extra-files", ",".join(extra),
-            "--export-path", str(store),
+            sys.executable,
+            "-m",
+            "model_archiver.model_packaging",  # torch-model-archiver, wherever its script is
+            "--model-name",
+            name,
+            "--version",
+            str(card.provenance.epoch or 1),
+            "--serialized-file",
+            str(model),
+            "--handler",
+            str(handler),
+            "--extra-files",
+            ",".join(extra),
+            "--export-path",
+            str(store),
             "--force",
-        ] + (["--config-file", str(cfg)] if config else [])  # fmt: skip
+        ] + (["--config-file", str(cfg)] if config else [])
         result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise ArchiveError(f"torch-model-archiver failed: {result.stderr.strip() or result.stdout.strip()}")

@@ -57,12 +57,18 @@ class Target:
         elif self.protocol in ("v2", "v2-json"):
             path = f"/v2/models/{self.model}/infer"
             binary = self.protocol == "v2"
-            asks = {"outputs": [{"name": "label", "parameters": {"binary_data": False}}]} if self.outputs == "label" \
-                else {"parameters": {"binary_data_output": True}} if binary else {}  # fmt: skip
+            asks = (
+                {"outputs": [{"name": "label", "parameters": {"binary_data": False}}]}
+                if self.outputs == "label"
+                else {"parameters": {"binary_data_output": True}}
+                if binary
+                else {}
+            )
             image = {"name": "images", "shape": list(self.bytes_shape), "datatype": "BYTES"}
             if binary:
-                header = json.dumps({"inputs": [{**image, "parameters": {"binary_data_size": len(body) + 4}}],
-                                     **asks}).encode()  # fmt: skip
+                header = json.dumps(
+                    {"inputs": [{**image, "parameters": {"binary_data_size": len(body) + 4}}], **asks}
+                ).encode()
                 extra = f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
                 body = header + struct.pack("<I", len(body)) + body
             else:
@@ -80,8 +86,9 @@ class Target:
                 + body
                 + f"\r\n--{BOUNDARY}--\r\n".encode()
             )
-        return (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{auth}{extra}"
-                f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+        return (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{auth}{extra}Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
 
 
 class Connection:
@@ -117,15 +124,22 @@ class Connection:
         for attempt in (0, 1):
             try:
                 if self.writer is None:
-                    self.reader, self.writer = await asyncio.open_connection(self.target.host, self.target.port,
-                                                                             limit=1 << 20)  # fmt: skip
+                    self.reader, self.writer = await asyncio.open_connection(
+                        self.target.host, self.target.port, limit=1 << 20
+                    )
                 self.writer.write(request)
                 status, reply, keep = await asyncio.wait_for(self._read(), self.timeout)
                 if not keep:
                     await self.close()
                 return status, reply
-            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    TimeoutError):  # fmt: skip
+            except (
+                OSError,
+                ValueError,
+                IndexError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                TimeoutError,
+            ):
                 await self.close()
                 if attempt:
                     return 0, b""

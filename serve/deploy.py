@@ -53,8 +53,10 @@ class Resources:
     memory: str = "1Gi"
 
     def spec(self) -> dict:
-        return {"requests": {"cpu": self.cpu, "memory": self.memory},
-                "limits": {"cpu": self.cpu, "memory": self.memory}}  # fmt: skip
+        return {
+            "requests": {"cpu": self.cpu, "memory": self.memory},
+            "limits": {"cpu": self.cpu, "memory": self.memory},
+        }
 
     @property
     def cores(self) -> int:
@@ -79,9 +81,11 @@ class Capacity:
         return self.workers * self.max_batch
 
     def note(self) -> str:
-        return (f"{self.workers} workers x batches of {self.max_batch} = {self.concurrent} requests in flight fill a "
-                f"pod; measured when the bundle was written: {self.batch1_ms:.2f} ms at batch 1, {self.batch8_ms:.2f} "
-                "ms at batch 8 (one thread), torchship.handlers.sizing")  # fmt: skip
+        return (
+            f"{self.workers} workers x batches of {self.max_batch} = {self.concurrent} requests in flight fill a "
+            f"pod; measured when the bundle was written: {self.batch1_ms:.2f} ms at batch 1, {self.batch8_ms:.2f} "
+            "ms at batch 8 (one thread), torchship.handlers.sizing"
+        )
 
 
 def pod_capacity(export_dir: Path, card: ModelCard, backend: str, resources: Resources) -> Capacity:
@@ -102,25 +106,43 @@ def inference_service(name: str, predictor: dict, scaling: Scaling, capacity: Ca
     """The manifest; with a capacity, the autoscaling target defaults to what one pod batches, and Knative's hard
     per-pod limit is twice that (a batch running and the next one forming, in every worker)."""
     target = scaling.target or (capacity.concurrent if capacity else 8)
-    spec = {"minReplicas": scaling.min_replicas, "maxReplicas": scaling.max_replicas, "scaleMetric": scaling.metric,
-            "scaleTarget": target}  # fmt: skip
+    spec = {
+        "minReplicas": scaling.min_replicas,
+        "maxReplicas": scaling.max_replicas,
+        "scaleMetric": scaling.metric,
+        "scaleTarget": target,
+    }
     if scaling.canary_percent is not None:
         spec["canaryTrafficPercent"] = scaling.canary_percent
     metadata = {"name": dns_name(name)}
     if capacity:
         spec["containerConcurrency"] = 2 * capacity.concurrent
         metadata["annotations"] = {"torchship.dev/capacity": capacity.note()}
-    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": metadata,
-            "spec": {"predictor": {**spec, **predictor}}}  # fmt: skip
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": metadata,
+        "spec": {"predictor": {**spec, **predictor}},
+    }
 
 
-def torchserve_bundle(export_dir: Path, out: Path, card: ModelCard, *, storage_uri: str | None = None,
-                      protocol: str = "v2", resources: Resources = Resources(), scaling: Scaling = Scaling(),
-                      backend: str = "onnx", image: str | None = None) -> list[Path]:  # fmt: skip
+def torchserve_bundle(
+    export_dir: Path,
+    out: Path,
+    card: ModelCard,
+    *,
+    storage_uri: str | None = None,
+    protocol: str = "v2",
+    resources: Resources = Resources(),
+    scaling: Scaling = Scaling(),
+    backend: str = "onnx",
+    image: str | None = None,
+) -> list[Path]:
     """KServe's storage layout (config/config.properties, model-store/NAME.mar) and an InferenceService."""
     capacity = pod_capacity(export_dir, card, backend, resources)
-    config = model_config(sized(Cost(capacity.batch1_ms, capacity.batch8_ms), capacity.workers),
-                          worker_log_level=WORKER_LOG_LEVEL)  # fmt: skip
+    config = model_config(
+        sized(Cost(capacity.batch1_ms, capacity.batch8_ms), capacity.workers), worker_log_level=WORKER_LOG_LEVEL
+    )
     mar = build_archive(export_dir, out / "model-store", name=card.name, backend=backend, config=config)
     (out / "config").mkdir(parents=True, exist_ok=True)
     props = out / "config" / "config.properties"
@@ -130,17 +152,28 @@ def torchserve_bundle(export_dir: Path, out: Path, card: ModelCard, *, storage_u
         "# KServe's TorchServe runtime starts TorchServe with this file from /mnt/models/config/. Tokens would be\n"
         "# generated inside the pod, out of clients' reach: the cluster's ingress (Istio / Knative) authenticates.\n"
         + torchserve_properties(
-            inference=f"http://{ANY_ADDRESS}:{ports.inference}", management=f"http://{LOOPBACK}:{ports.management}",
-            metrics=f"http://{ANY_ADDRESS}:{ports.metrics}", grpc_host=LOOPBACK,
-            grpc_ports=(ports.grpc_inference, ports.grpc_management), model_store=store, models=[card.name],
-            queue=queue_size(), token_auth=False, extra={"enable_metrics_api": "true"},
+            inference=f"http://{ANY_ADDRESS}:{ports.inference}",
+            management=f"http://{LOOPBACK}:{ports.management}",
+            metrics=f"http://{ANY_ADDRESS}:{ports.metrics}",
+            grpc_host=LOOPBACK,
+            grpc_ports=(ports.grpc_inference, ports.grpc_management),
+            model_store=store,
+            models=[card.name],
+            queue=queue_size(),
+            token_auth=False,
+            extra={"enable_metrics_api": "true"},
         )
-    )  # fmt: skip
-    model = {"modelFormat": {"name": "pytorch"}, "protocolVersion": protocol,
-             "storageUri": storage_uri or f"pvc://models/{card.name}", "resources": resources.spec()}  # fmt: skip
+    )
+    model = {
+        "modelFormat": {"name": "pytorch"},
+        "protocolVersion": protocol,
+        "storageUri": storage_uri or f"pvc://models/{card.name}",
+        "resources": resources.spec(),
+    }
     manifest = out / "inferenceservice.yaml"
-    manifest.write_text(yaml.safe_dump(inference_service(card.name, {"model": model}, scaling, capacity),
-                                       sort_keys=False))  # fmt: skip
+    manifest.write_text(
+        yaml.safe_dump(inference_service(card.name, {"model": model}, scaling, capacity), sort_keys=False)
+    )
     return [mar, props, manifest]
 
 
@@ -148,8 +181,21 @@ def requirements() -> str:
     from importlib.metadata import version
 
     # kserve: only its protocol definitions (the gRPC messages) are used; numpy/Pillow/ONNX Runtime run the model.
-    pins = [f"{p}=={version(p)}" for p in ("kserve", "onnxruntime", "numpy", "pillow", "grpcio", "protobuf",
-                                           "httptools", "uvloop", "orjson", "prometheus_client")]  # fmt: skip
+    pins = [
+        f"{p}=={version(p)}"
+        for p in (
+            "kserve",
+            "onnxruntime",
+            "numpy",
+            "pillow",
+            "grpcio",
+            "protobuf",
+            "httptools",
+            "uvloop",
+            "orjson",
+            "prometheus_client",
+        )
+    ]
     return "# The OIP server without the training stack: no torch.\n" + "\n".join(pins) + "\n"
 
 
@@ -174,14 +220,39 @@ CMD {cmd}
 def container_command(card: ModelCard, capacity: Capacity, backend: str = "onnx", host: str = ANY_ADDRESS) -> list:
     """The server as the pod runs it: its workers from the pod's CPUs; batch size and wait are measured again at start,
     on the pod's own CPU, by the same rule."""
-    return ["python", "-m", f"{SHIPPED_NAME}.oip_server", "--model_dir", MODEL_MOUNT, "--model_name", card.name,
-            "--http_port", str(OIP_HTTP_PORT), "--grpc_port", str(OIP_GRPC_PORT), "--host", host, "--workers",
-            str(capacity.workers), "--backend", backend]  # fmt: skip
+    return [
+        "python",
+        "-m",
+        f"{SHIPPED_NAME}.oip_server",
+        "--model_dir",
+        MODEL_MOUNT,
+        "--model_name",
+        card.name,
+        "--http_port",
+        str(OIP_HTTP_PORT),
+        "--grpc_port",
+        str(OIP_GRPC_PORT),
+        "--host",
+        host,
+        "--workers",
+        str(capacity.workers),
+        "--backend",
+        backend,
+    ]
 
 
-def oip_bundle(export_dir: Path, out: Path, card: ModelCard, *, image: str | None = None,
-               resources: Resources = Resources(), scaling: Scaling = Scaling(), backend: str = "onnx",
-               storage_uri: str | None = None, protocol: str = "v2") -> list[Path]:  # fmt: skip
+def oip_bundle(
+    export_dir: Path,
+    out: Path,
+    card: ModelCard,
+    *,
+    image: str | None = None,
+    resources: Resources = Resources(),
+    scaling: Scaling = Scaling(),
+    backend: str = "onnx",
+    storage_uri: str | None = None,
+    protocol: str = "v2",
+) -> list[Path]:
     """A Dockerfile for the torch-free server, its files, and an InferenceService with that custom container."""
     import json
 
@@ -195,8 +266,17 @@ def oip_bundle(export_dir: Path, out: Path, card: ModelCard, *, image: str | Non
     (out / "requirements.txt").write_text(requirements())
     cmd = container_command(card, capacity, backend)
     dockerfile = out / "Dockerfile"
-    dockerfile.write_text(DOCKERFILE.format(image=image, http=OIP_HTTP_PORT, grpc=OIP_GRPC_PORT, package=SHIPPED_NAME,
-                                            mount=MODEL_MOUNT, note=capacity.note(), cmd=json.dumps(cmd)))  # fmt: skip
+    dockerfile.write_text(
+        DOCKERFILE.format(
+            image=image,
+            http=OIP_HTTP_PORT,
+            grpc=OIP_GRPC_PORT,
+            package=SHIPPED_NAME,
+            mount=MODEL_MOUNT,
+            note=capacity.note(),
+            cmd=json.dumps(cmd),
+        )
+    )
     probe = {"httpGet": {"path": f"/v2/models/{card.name}/ready", "port": OIP_HTTP_PORT}}
     container = {
         "name": "kserve-container",
@@ -206,8 +286,9 @@ def oip_bundle(export_dir: Path, out: Path, card: ModelCard, *, image: str | Non
         "resources": resources.spec(),
     }
     manifest = out / "inferenceservice.yaml"
-    manifest.write_text(yaml.safe_dump(inference_service(card.name, {"containers": [container]}, scaling, capacity),
-                                       sort_keys=False))  # fmt: skip
+    manifest.write_text(
+        yaml.safe_dump(inference_service(card.name, {"containers": [container]}, scaling, capacity), sort_keys=False)
+    )
     return [dockerfile, out / "requirements.txt", package, out / "model", manifest]
 
 
@@ -241,8 +322,11 @@ def misplaced(cls, key: str) -> str:
     """Where a key that is unknown here does belong, one level down: the docs' mis-indentation."""
     import difflib
 
-    owners = [cls.attribute_map[attr] for attr, sub in cls.openapi_types.items()
-              if (sub_cls := model_class(sub)) is not None and key in sub_cls.attribute_map.values()]  # fmt: skip
+    owners = [
+        cls.attribute_map[attr]
+        for attr, sub in cls.openapi_types.items()
+        if (sub_cls := model_class(sub)) is not None and key in sub_cls.attribute_map.values()
+    ]
     if owners:  # KServe's model spec first: the one every predictor of ours uses
         return f" (it belongs under {'model' if 'model' in owners else owners[0]}: mis-indented?)"
     close = difflib.get_close_matches(key, list(cls.attribute_map.values()), n=1)
@@ -271,8 +355,11 @@ def validate(doc, type_name: str = "V1beta1InferenceService", path: str = "") ->
     if not isinstance(doc, dict):
         return [f"{where}: expected a {type_name} mapping, got {type(doc).__name__}"]
     by_json = {json_key: attr for attr, json_key in cls.attribute_map.items()}
-    problems = [f"{path}.{key}: not a field of {type_name}{misplaced(cls, key)}".lstrip(".")
-                for key in doc if key not in by_json]  # fmt: skip
+    problems = [
+        f"{path}.{key}: not a field of {type_name}{misplaced(cls, key)}".lstrip(".")
+        for key in doc
+        if key not in by_json
+    ]
     try:
         cls(**{by_json[k]: v for k, v in doc.items() if k in by_json})  # the SDK refuses missing required fields
     except ValueError as e:

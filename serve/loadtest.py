@@ -41,8 +41,16 @@ class Payload:
     content_type: str = "image/png"
 
 
-CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
-                 ".gif": "image/gif", ".webp": "image/webp", ".tif": "image/tiff", ".tiff": "image/tiff"}  # fmt: skip
+CONTENT_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".bmp": "image/bmp",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+}
 
 
 def payloads(style: str = "mnist", n: int = 1000) -> list[Payload]:
@@ -144,8 +152,19 @@ async def _level(target, bodies, concurrency, duration, max_requests, rate, samp
     n = sum(statuses.values())
     errors = {str(k): v for k, v in sorted(statuses.items()) if k != 200}
     accuracy = tally["correct"] / tally["judged"] if tally["judged"] else float("nan")
-    return Level("open" if rate else "closed", concurrency, rate, n, errors, seconds, n / seconds,
-                 percentiles(latencies), accuracy, {}, answers)  # fmt: skip
+    return Level(
+        "open" if rate else "closed",
+        concurrency,
+        rate,
+        n,
+        errors,
+        seconds,
+        n / seconds,
+        percentiles(latencies),
+        accuracy,
+        {},
+        answers,
+    )
 
 
 def sweep(
@@ -199,8 +218,10 @@ def kill_worker_under_load(
 
     timeline: list[tuple[float, float, int]] = []
     result: list[Level] = []
-    runner = threading.Thread(target=lambda: result.append(
-        run_level(target, bodies, concurrency, duration, max_requests, timeline=timeline)), daemon=True)  # fmt: skip
+    runner = threading.Thread(
+        target=lambda: result.append(run_level(target, bodies, concurrency, duration, max_requests, timeline=timeline)),
+        daemon=True,
+    )
     runner.start()
     while len(timeline) < kill_at * max_requests and runner.is_alive():
         time.sleep(0.005)

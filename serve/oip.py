@@ -79,11 +79,20 @@ def loopback(host: str) -> bool:
 
 
 def command(cfg: OIPConfig) -> list[str]:
-    flags = {"http_port": cfg.http_port, "grpc_port": cfg.grpc_port, "host": cfg.host, "backend": cfg.backend,
-             "workers": cfg.workers, "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms,
-             "threads": cfg.threads, "max_queue": cfg.max_queue, "max_pixels": cfg.max_pixels,
-             "status_file": str(Path(cfg.state_dir) / STATUS),
-             "admin_token_file": str(Path(cfg.state_dir) / ADMIN_TOKEN)}  # fmt: skip
+    flags = {
+        "http_port": cfg.http_port,
+        "grpc_port": cfg.grpc_port,
+        "host": cfg.host,
+        "backend": cfg.backend,
+        "workers": cfg.workers,
+        "max_batch": cfg.max_batch,
+        "max_delay_ms": cfg.max_delay_ms,
+        "threads": cfg.threads,
+        "max_queue": cfg.max_queue,
+        "max_pixels": cfg.max_pixels,
+        "status_file": str(Path(cfg.state_dir) / STATUS),
+        "admin_token_file": str(Path(cfg.state_dir) / ADMIN_TOKEN),
+    }
     if not cfg.extra_exports and (Path(cfg.export_dir) / CARD_FILE).is_file():
         flags["model_name"] = cfg.model  # one export, served under the name asked for
     exports = (f"--model_dir={d}" for d in (cfg.export_dir, *cfg.extra_exports))
@@ -138,16 +147,23 @@ def start(cfg: OIPConfig, timeout: float = 120, *, behind_auth: bool = False) ->
     (state / "logs").mkdir(parents=True, exist_ok=True)
     marks = log_marks(state, (LOG,))
     with open(state / "logs" / LOG, "ab") as log:
-        proc = subprocess.Popen(command(cfg), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        proc = subprocess.Popen(
+            command(cfg),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     (state / "oip.pid").write_text(str(proc.pid))
     (state / "instance.json").write_text(json.dumps(asdict(cfg), indent=2))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             stop(state)
-            raise ServerError(f"the OIP server exited during start-up (code {proc.returncode}):\n"
-                              f"{log_excerpt(state, marks)}")  # fmt: skip
+            raise ServerError(
+                f"the OIP server exited during start-up (code {proc.returncode}):\n{log_excerpt(state, marks)}"
+            )
         own = workers(state)  # ready by our own supervisor's account: another server on the port is not ours
         if own.get("pid") == proc.pid and own.get("workers") and all(w["ready"] for w in own["workers"]) and ready(cfg):
             return cfg
@@ -157,11 +173,20 @@ def start(cfg: OIPConfig, timeout: float = 120, *, behind_auth: bool = False) ->
 
 
 def start_with(o: StartOptions) -> OIPConfig:
-    cfg = OIPConfig(o.export_dir or f"exports/{o.model}", o.model, state_dir=o.state_dir, extra_exports=o.more_exports,
-                    http_port=o.inference_port or OIP_HTTP_PORT, grpc_port=o.grpc_port or OIP_GRPC_PORT, host=o.host,
-                    backend=o.backend, workers=o.workers or 0, max_batch=o.max_batch or 0,
-                    max_delay_ms=-1 if o.max_delay_ms is None else o.max_delay_ms,
-                    server_flags=("--access_log",) if o.access_log else ())  # fmt: skip
+    cfg = OIPConfig(
+        o.export_dir or f"exports/{o.model}",
+        o.model,
+        state_dir=o.state_dir,
+        extra_exports=o.more_exports,
+        http_port=o.inference_port or OIP_HTTP_PORT,
+        grpc_port=o.grpc_port or OIP_GRPC_PORT,
+        host=o.host,
+        backend=o.backend,
+        workers=o.workers or 0,
+        max_batch=o.max_batch or 0,
+        max_delay_ms=-1 if o.max_delay_ms is None else o.max_delay_ms,
+        server_flags=("--access_log",) if o.access_log else (),
+    )
     return start(cfg, o.timeout, behind_auth=o.behind_auth)
 
 
@@ -208,12 +233,23 @@ def status(state_dir: Path | str = "serve-state") -> dict:
         return {"running": False, "runtime": NAME, "state_dir": str(state)}
     cfg = load_instance(state)
     supervisor = workers(state)
-    return {"running": True, "runtime": NAME, "pid": p, "model": cfg.model, "ready": ready(cfg),
-            "inference": cfg.inference_url, "grpc": cfg.grpc_address, "metrics": f"{cfg.inference_url}/metrics",
-            "models": supervisor.get("models", []), "shadow": shadows(cfg),
-            "workers": [{"pid": w["pid"], "ready": w["ready"], "warmup": w.get("warmup", {})}
-                        for w in supervisor.get("workers", [])],
-            "restarts": supervisor.get("restarts", 0), "settings": supervisor.get("settings", {})}  # fmt: skip
+    return {
+        "running": True,
+        "runtime": NAME,
+        "pid": p,
+        "model": cfg.model,
+        "ready": ready(cfg),
+        "inference": cfg.inference_url,
+        "grpc": cfg.grpc_address,
+        "metrics": f"{cfg.inference_url}/metrics",
+        "models": supervisor.get("models", []),
+        "shadow": shadows(cfg),
+        "workers": [
+            {"pid": w["pid"], "ready": w["ready"], "warmup": w.get("warmup", {})} for w in supervisor.get("workers", [])
+        ],
+        "restarts": supervisor.get("restarts", 0),
+        "settings": supervisor.get("settings", {}),
+    }
 
 
 def shadows(cfg: OIPConfig) -> list[dict]:
@@ -226,16 +262,25 @@ def shadows(cfg: OIPConfig) -> list[dict]:
         if name in (names.SHADOW, names.SHADOW_AGREED, names.SHADOW_MAX_DIFF):
             key = (labels.get("model"), labels.get("default"), labels.get("candidate"))
             pairs.setdefault(key, {"model": key[0], "default": key[1], "candidate": key[2]})[name] = value
-    return [{**p, "compared": int(p.get(names.SHADOW, 0)), "agreed": int(p.get(names.SHADOW_AGREED, 0)),
-             "max_abs_difference": p.get(names.SHADOW_MAX_DIFF, 0.0)} for p in pairs.values()]  # fmt: skip
+    return [
+        {
+            **p,
+            "compared": int(p.get(names.SHADOW, 0)),
+            "agreed": int(p.get(names.SHADOW_AGREED, 0)),
+            "max_abs_difference": p.get(names.SHADOW_MAX_DIFF, 0.0),
+        }
+        for p in pairs.values()
+    ]
 
 
 def key(state_dir: Path | str, api: str = "inference") -> str:
     """The admin token of the repository calls; inference has none (loopback, or behind your authenticating
     proxy)."""
     if api not in ("admin", "management"):
-        raise ServerError("the OIP server's inference has no token: it listens on loopback, or behind your "
-                          "authenticating proxy; the repository calls take `--api admin`")  # fmt: skip
+        raise ServerError(
+            "the OIP server's inference has no token: it listens on loopback, or behind your "
+            "authenticating proxy; the repository calls take `--api admin`"
+        )
     f = Path(state_dir) / ADMIN_TOKEN
     if not f.is_file():
         raise ServerError(f"no admin token in {f}: is an OIP server running from {state_dir}?")
@@ -249,9 +294,12 @@ def repository_call(state_dir: Path | str, op: str, model: str | None = None, bo
 
     cfg = load_instance(state_dir)
     path = "/v2/repository/index" if op == "index" else f"/v2/repository/models/{model}/{op}"
-    req = urllib.request.Request(f"{cfg.inference_url}{path}", data=json.dumps(body or {}).encode(), method="POST",
-                                 headers={"Authorization": f"Bearer {key(state_dir, 'admin')}",
-                                          "Content-Type": "application/json"})  # fmt: skip
+    req = urllib.request.Request(
+        f"{cfg.inference_url}{path}",
+        data=json.dumps(body or {}).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {key(state_dir, 'admin')}", "Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=600) as r:
             return json.loads(r.read())
@@ -270,13 +318,19 @@ def load_target(state_dir: Path | str):
     from torchship.serve.client import Target
 
     cfg = load_instance(state_dir)
-    return Target(LOOPBACK, cfg.http_port, cfg.model, protocol="v2", metrics_url=cfg.inference_url,
-                  metric_names=METRIC_NAMES)  # fmt: skip
+    return Target(
+        LOOPBACK, cfg.http_port, cfg.model, protocol="v2", metrics_url=cfg.inference_url, metric_names=METRIC_NAMES
+    )
 
 
-METRIC_NAMES = {"requests": names.REQUESTS, "queue": f"{names.QUEUE_SECONDS}_sum",
-                "inference": f"{names.INFERENCE_SECONDS}_sum", "unit": 1.0, "rows": f"{names.BATCH_SIZE}_sum",
-                "passes": f"{names.BATCH_SIZE}_count"}  # fmt: skip
+METRIC_NAMES = {
+    "requests": names.REQUESTS,
+    "queue": f"{names.QUEUE_SECONDS}_sum",
+    "inference": f"{names.INFERENCE_SECONDS}_sum",
+    "unit": 1.0,
+    "rows": f"{names.BATCH_SIZE}_sum",
+    "passes": f"{names.BATCH_SIZE}_count",
+}
 
 
 def card(cfg: OIPConfig) -> ModelCard:
@@ -286,11 +340,17 @@ def card(cfg: OIPConfig) -> ModelCard:
 
 def curl_example(cfg: OIPConfig, sample: Sample) -> str:
     if sample.v2 is not None:  # named inputs: a v2 request
-        return (f"curl -H 'Content-Type: application/json' -d @{sample.v2} "
-                f"{cfg.inference_url}/v2/models/{cfg.model}/infer")  # fmt: skip
+        return (
+            f"curl -H 'Content-Type: application/json' -d @{sample.v2} {cfg.inference_url}/v2/models/{cfg.model}/infer"
+        )
     if sample.json:  # KServe v1 rows
-        return (f"curl -H 'Content-Type: application/json' -d @{sample.path} "
-                f"{cfg.inference_url}/v1/models/{cfg.model}:predict")  # fmt: skip
-    body = '{"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["\'"$(base64 -w0 ' + str(
-        sample.path) + ')"\'"]}]}'  # fmt: skip
+        return (
+            f"curl -H 'Content-Type: application/json' -d @{sample.path} "
+            f"{cfg.inference_url}/v1/models/{cfg.model}:predict"
+        )
+    body = (
+        '{"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["\'"$(base64 -w0 '
+        + str(sample.path)
+        + ')"\'"]}]}'
+    )
     return f"curl -H 'Content-Type: application/json' -d '{body}' {cfg.inference_url}/v2/models/{cfg.model}/infer"

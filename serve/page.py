@@ -33,8 +33,10 @@ ORT_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-thr
 VENDOR = WEB / "vendor"
 MAX_BODY = MAX_REQUEST_BYTES  # the servers' own limit
 # Only this origin's files, and WebAssembly compiled from them: a page that works offline and leaks nothing.
-CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; img-src 'self' data: blob:; "
-       "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'")  # fmt: skip
+CSP = (
+    "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; img-src 'self' data: blob:; "
+    "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'"
+)
 
 
 class PageError(Exception):
@@ -47,8 +49,10 @@ def vendored() -> Path:
         return VENDOR
     if not all((ORT_DIST / f).is_file() for f in ORT_FILES):
         version = json.loads((WEB / "package.json").read_text())["dependencies"]["onnxruntime-web"]
-        raise PageError(f"onnxruntime-web is missing from {VENDOR} (the page runs the model with it): run "
-                        f"`npm install --prefix {WEB} onnxruntime-web@{version}` once")  # fmt: skip
+        raise PageError(
+            f"onnxruntime-web is missing from {VENDOR} (the page runs the model with it): run "
+            f"`npm install --prefix {WEB} onnxruntime-web@{version}` once"
+        )
     VENDOR.mkdir(exist_ok=True)
     for f in ORT_FILES:
         shutil.copy(ORT_DIST / f, VENDOR / f)
@@ -59,9 +63,10 @@ def figures(card: ModelCard, export_dir: Path) -> dict[str, Path]:
     """Training curves and the load-test plot, where `make train` and `make loadtest` left them."""
     found = {}
     run_dir = Path(card.provenance.source).parent if card.provenance.source else None
-    for name, places in (("curves.png", [run_dir and run_dir / "curves.png", export_dir / "curves.png"]),
-                         ("loadtest.png", [run_dir and run_dir / "loadtest" / "loadtest.png",
-                                           export_dir / "loadtest.png"])):  # fmt: skip
+    for name, places in (
+        ("curves.png", [run_dir and run_dir / "curves.png", export_dir / "curves.png"]),
+        ("loadtest.png", [run_dir and run_dir / "loadtest" / "loadtest.png", export_dir / "loadtest.png"]),
+    ):
         hit = next((p for p in places if p and p.is_file()), None)
         if hit:
             found[name] = hit
@@ -139,8 +144,9 @@ class PageHandler(SimpleHTTPRequestHandler):
             return self.error(404, f"{e}: start one with `make serve`")
         if target.protocol == "v2" and "json" in (self.headers.get("Content-Type") or ""):  # a tensor model's rows
             url = f"http://{LOOPBACK}:{target.port}/v1/models/{target.model}:predict"
-            return self.forward(urllib.request.Request(url, data=body, method="POST",
-                                                       headers={"Content-Type": "application/json"}))  # fmt: skip
+            return self.forward(
+                urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+            )
         if target.protocol == "v2":
             return self.relay_v2(target, body)
         url = f"http://{LOOPBACK}:{target.port}/predictions/{target.model}"
@@ -177,8 +183,12 @@ class PageHandler(SimpleHTTPRequestHandler):
             return top_k(np.asarray(probs, np.float32), labels, k)
 
         url = f"http://{LOOPBACK}:{target.port}/v2/models/{target.model}/infer"
-        request = urllib.request.Request(url, data=head + raw[header_length:], method="POST", headers={
-            "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))})  # fmt: skip
+        request = urllib.request.Request(
+            url,
+            data=head + raw[header_length:],
+            method="POST",
+            headers={"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))},
+        )
         self.forward(request, page_answer)
 
 

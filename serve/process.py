@@ -62,8 +62,7 @@ def http_json(url: str, hdrs: dict | None = None, timeout: float = 5.0):
 
 def log_marks(state: Path, names: tuple[str, ...]) -> dict[str, int]:
     """How far each log reached before this start: later checks read only what this start wrote."""
-    return {name: (state / "logs" / name).stat().st_size if (state / "logs" / name).is_file() else 0
-            for name in names}  # fmt: skip
+    return {name: (state / "logs" / name).stat().st_size if (state / "logs" / name).is_file() else 0 for name in names}
 
 
 def new_lines(state: Path, name: str, marks: dict[str, int] | None) -> list[str]:

@@ -61,8 +61,10 @@ def plot(levels: list[Level], path: Path, title: str = "") -> None:
 def write(levels: list[Level], out_dir: Path | str, target: Target, title: str = "") -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"target": {"host": target.host, "port": target.port, "model": target.model},
-              "levels": [asdict(lv) for lv in levels]}  # fmt: skip
+    report = {
+        "target": {"host": target.host, "port": target.port, "model": target.model},
+        "levels": [asdict(lv) for lv in levels],
+    }
     (out / "loadtest.json").write_text(json.dumps(report, indent=2))
     plot(levels, out / "loadtest.png", title)
     return out / "loadtest.json"

@@ -32,14 +32,32 @@ class Runtime:
 RUNTIMES: dict[str, Runtime] = {
     r.name: r
     for r in (
-        Runtime("torchserve", "TorchServe 0.12 with our handler (archived upstream in 2025; kept for its users)",
-                torchserve.start_with, torchserve.stop, torchserve.status, torchserve.key, torchserve.load_target,
-                torchserve.card, torchserve.curl_example, deploy.torchserve_bundle),
-        Runtime("oip", "our Open Inference Protocol server (KServe v2 over REST and gRPC): the production path",
-                oip.start_with, oip.stop, oip.status, oip.key, oip.load_target, oip.card, oip.curl_example,
-                deploy.oip_bundle),
+        Runtime(
+            "torchserve",
+            "TorchServe 0.12 with our handler (archived upstream in 2025; kept for its users)",
+            torchserve.start_with,
+            torchserve.stop,
+            torchserve.status,
+            torchserve.key,
+            torchserve.load_target,
+            torchserve.card,
+            torchserve.curl_example,
+            deploy.torchserve_bundle,
+        ),
+        Runtime(
+            "oip",
+            "our Open Inference Protocol server (KServe v2 over REST and gRPC): the production path",
+            oip.start_with,
+            oip.stop,
+            oip.status,
+            oip.key,
+            oip.load_target,
+            oip.card,
+            oip.curl_example,
+            deploy.oip_bundle,
+        ),
     )
-}  # fmt: skip
+}
 ALIASES = {"kserve": "oip"}  # its first name: `--runtime kserve`, `make serve RUNTIME=kserve` keep working
 CHOICES = (*RUNTIMES, *ALIASES)
 DEFAULT = "torchserve"

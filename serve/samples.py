@@ -78,6 +78,14 @@ def named_sample(folder: Path, card: ModelCard) -> Sample:
         inputs[t.name] = (t.datatype, shape, np.full(shape, value).tolist())
     path, v2 = folder / "sample-inputs.json", folder / "sample-v2.json"
     path.write_text(json.dumps({"inputs": {n: data for n, (_, _, data) in inputs.items()}}))
-    v2.write_text(json.dumps({"inputs": [{"name": n, "datatype": d, "shape": [1, *shape], "data": data}
-                                         for n, (d, shape, data) in inputs.items()]}))  # fmt: skip
+    v2.write_text(
+        json.dumps(
+            {
+                "inputs": [
+                    {"name": n, "datatype": d, "shape": [1, *shape], "data": data}
+                    for n, (d, shape, data) in inputs.items()
+                ]
+            }
+        )
+    )
     return Sample(path, f"one example of {', '.join(inputs)}", json=True, v2=v2)

@@ -30,10 +30,21 @@ OIP_PORTS = (OIP_HTTP_PORT, OIP_GRPC_PORT)  # REST, gRPC: KServe's ports for a c
 WORKER_LOG_LEVEL = "WARNING"  # TorchServe's worker logs two INFO lines per request through a pipe (bench/NOTES.md)
 
 
-def torchserve_properties(*, inference: str, management: str, metrics: str, grpc_host: str,
-                          grpc_ports: tuple[int, int], model_store: str, models: list[str], queue: int,
-                          token_auth: bool, max_request_bytes: int = MAX_REQUEST_BYTES,
-                          cors_origin: str | None = None, extra: dict | None = None) -> str:  # fmt: skip
+def torchserve_properties(
+    *,
+    inference: str,
+    management: str,
+    metrics: str,
+    grpc_host: str,
+    grpc_ports: tuple[int, int],
+    model_store: str,
+    models: list[str],
+    queue: int,
+    token_auth: bool,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    cors_origin: str | None = None,
+    extra: dict | None = None,
+) -> str:
     """config.properties with our hardening: no model registration over HTTP (ShellTorch, CVE-2023-43654), URLs only
     from our own store, bounded bodies and queue, Prometheus metrics, no per-model pip installs."""
     lines = {
@@ -58,7 +69,10 @@ def torchserve_properties(*, inference: str, management: str, metrics: str, grpc
         "async_logging": "true",
     }
     if cors_origin:  # TorchServe sends these on every answer; no origin at all is allowed otherwise
-        lines.update(cors_allowed_origin=cors_origin, cors_allowed_methods="POST, OPTIONS",
-                     cors_allowed_headers="Authorization, Content-Type, X-TopK")  # fmt: skip
+        lines.update(
+            cors_allowed_origin=cors_origin,
+            cors_allowed_methods="POST, OPTIONS",
+            cors_allowed_headers="Authorization, Content-Type, X-TopK",
+        )
     lines.update(extra or {})
     return "\n".join(f"{k}={v}" for k, v in lines.items()) + "\n"

@@ -79,11 +79,19 @@ class ServerConfig:
 def config_properties(cfg: ServerConfig) -> str:
     store = str(Path(cfg.model_store).resolve())
     return torchserve_properties(
-        inference=cfg.inference_url, management=cfg.management_url, metrics=cfg.metrics_url, grpc_host=LOOPBACK,
-        grpc_ports=(cfg.grpc_inference_port, cfg.grpc_management_port), model_store=store, models=list(cfg.models),
-        queue=cfg.job_queue_size or queue_size(cfg.max_request_size), token_auth=cfg.token_auth,
-        max_request_bytes=cfg.max_request_size, cors_origin=cfg.cors_origin, extra=cfg.extra,
-    )  # fmt: skip
+        inference=cfg.inference_url,
+        management=cfg.management_url,
+        metrics=cfg.metrics_url,
+        grpc_host=LOOPBACK,
+        grpc_ports=(cfg.grpc_inference_port, cfg.grpc_management_port),
+        model_store=store,
+        models=list(cfg.models),
+        queue=cfg.job_queue_size or queue_size(cfg.max_request_size),
+        token_auth=cfg.token_auth,
+        max_request_bytes=cfg.max_request_size,
+        cors_origin=cfg.cors_origin,
+        extra=cfg.extra,
+    )
 
 
 def torchserve_command(python: str) -> list[str]:
@@ -95,8 +103,13 @@ def _env(state: Path) -> dict:
     tmp = state / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     # TMPDIR holds TorchServe's pid file: one per instance, so --stop stops this one and no other.
-    return {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(state / "logs"),
-            "METRICS_LOCATION": str(state / "logs")}  # fmt: skip
+    return {
+        **os.environ,
+        "TMPDIR": str(tmp),
+        "TEMP": str(tmp),
+        "LOG_LOCATION": str(state / "logs"),
+        "METRICS_LOCATION": str(state / "logs"),
+    }
 
 
 def pid(state_dir: Path | str) -> int | None:
@@ -181,8 +194,17 @@ def start(cfg: ServerConfig, timeout: float = 180) -> ServerConfig:
     (state / "key_file.json").unlink(missing_ok=True)
     props = state / "config.properties"
     props.write_text(config_properties(cfg))
-    cmd = [*torchserve_command(cfg.python), "--start", "--ncs", "--ts-config", str(props), "--model-store",
-           cfg.model_store, "--log-config", str(LOG_CONFIG)]  # fmt: skip
+    cmd = [
+        *torchserve_command(cfg.python),
+        "--start",
+        "--ncs",
+        "--ts-config",
+        str(props),
+        "--model-store",
+        cfg.model_store,
+        "--log-config",
+        str(LOG_CONFIG),
+    ]
     if not cfg.token_auth:
         cmd.append("--disable-token-auth")
     # The daemon inherits our stdout: send it to a file, or reading a pipe would wait for the server's exit.
@@ -260,12 +282,22 @@ def status(state_dir: Path | str = "serve-state") -> dict:
         return {"running": True, "pid": p, "error": str(e)}
     try:
         models = model_status(cfg)
-        workers = [{"id": w.get("id"), "status": w.get("status"), "pid": w.get("pid")} for m in models
-                   for w in m.get("workers", [])]  # fmt: skip
+        workers = [
+            {"id": w.get("id"), "status": w.get("status"), "pid": w.get("pid")}
+            for m in models
+            for w in m.get("workers", [])
+        ]
     except (urllib.error.URLError, OSError, ValueError) as e:
         workers = [{"error": str(e)}]
-    return {"running": True, "runtime": NAME, "pid": p, "model": cfg.model, "inference": cfg.inference_url,
-            "metrics": cfg.metrics_url, "workers": workers}  # fmt: skip
+    return {
+        "running": True,
+        "runtime": NAME,
+        "pid": p,
+        "model": cfg.model,
+        "inference": cfg.inference_url,
+        "metrics": cfg.metrics_url,
+        "workers": workers,
+    }
 
 
 def card(cfg: ServerConfig) -> ModelCard:
@@ -292,8 +324,12 @@ def key(state_dir: Path | str, api: str = "inference") -> str:
 
 
 # TorchServe's own Prometheus names: per request, in microseconds.
-METRIC_NAMES = {"requests": "ts_inference_requests_total", "queue": "ts_queue_latency_microseconds",
-                "inference": "ts_inference_latency_microseconds", "unit": 1e-6}  # fmt: skip
+METRIC_NAMES = {
+    "requests": "ts_inference_requests_total",
+    "queue": "ts_queue_latency_microseconds",
+    "inference": "ts_inference_latency_microseconds",
+    "unit": 1e-6,
+}
 
 
 def load_target(state_dir: Path | str):
@@ -307,9 +343,16 @@ def load_target(state_dir: Path | str):
 
 def start_with(o: StartOptions) -> ServerConfig:
     p = PORTS
-    cfg = ServerConfig(o.model, model_store=o.model_store, state_dir=o.state_dir,
-                       inference_port=o.inference_port or p.inference, management_port=o.management_port or
-                       p.management, metrics_port=o.metrics_port or p.metrics, grpc_inference_port=o.grpc_port or
-                       p.grpc_inference, grpc_management_port=o.grpc_management_port or p.grpc_management,
-                       token_auth=o.token_auth, cors_origin=o.cors_origin)  # fmt: skip
+    cfg = ServerConfig(
+        o.model,
+        model_store=o.model_store,
+        state_dir=o.state_dir,
+        inference_port=o.inference_port or p.inference,
+        management_port=o.management_port or p.management,
+        metrics_port=o.metrics_port or p.metrics,
+        grpc_inference_port=o.grpc_port or p.grpc_inference,
+        grpc_management_port=o.grpc_management_port or p.grpc_management,
+        token_auth=o.token_auth,
+        cors_origin=o.cors_origin,
+    )
     return start(cfg, o.timeout)

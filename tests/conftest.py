@@ -57,8 +57,9 @@ def convnet_run(tmp_path_factory, data_dir) -> Path:
     margins like a real model's, which int8 needs to agree with the float model)."""
     from torchship.train.fit import train
 
-    return built_once(tmp_path_factory, "run-convnet",
-                      lambda run: train(quick("mnist-convnet", epochs=3), run, data_dir, quiet=True))  # fmt: skip
+    return built_once(
+        tmp_path_factory, "run-convnet", lambda run: train(quick("mnist-convnet", epochs=3), run, data_dir, quiet=True)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -66,9 +67,13 @@ def convnet_export(tmp_path_factory, convnet_run, data_dir):
     """Its export in every format but the pt2 (which takes a minute of g++): shared read-only (copy it to damage it)."""
     from torchship.export.formats import Options, export_checkpoint
 
-    out = built_once(tmp_path_factory, "export-convnet",
-                     lambda out: export_checkpoint(convnet_run / "best.pt", out, ("ts", "onnx", "int8"),
-                                                   options=Options(data_dir=data_dir)))  # fmt: skip
+    out = built_once(
+        tmp_path_factory,
+        "export-convnet",
+        lambda out: export_checkpoint(
+            convnet_run / "best.pt", out, ("ts", "onnx", "int8"), options=Options(data_dir=data_dir)
+        ),
+    )
     return exported(out)
 
 

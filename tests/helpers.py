@@ -177,8 +177,9 @@ def torchserve_of(tmp_path_factory, exports: dict, python: Path, config=None):
     for name, directory in exports.items():
         build_archive(directory, store, name=name, config=config or ModelConfig(minWorkers=1, maxWorkers=1))
     first, *others = exports
-    cfg = torchserve.ServerConfig.on_free_ports(first, str(store), str(state), extra_models=tuple(others),
-                                                python=str(python))  # fmt: skip
+    cfg = torchserve.ServerConfig.on_free_ports(
+        first, str(store), str(state), extra_models=tuple(others), python=str(python)
+    )
     try:
         yield torchserve.start(cfg, timeout=240)
     finally:

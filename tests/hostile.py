@@ -17,16 +17,27 @@ def encode(img: Image.Image, fmt="PNG", **kw) -> bytes:
 
 def multipart(*files: tuple[str, bytes]) -> tuple[bytes, str]:
     b = "torchshipboundary"
-    parts = [f'--{b}\r\nContent-Disposition: form-data; name="{n}"; filename="{n}.png"\r\nContent-Type: image/png'
-             f"\r\n\r\n".encode() + data + b"\r\n" for n, data in files]  # fmt: skip
+    parts = [
+        f'--{b}\r\nContent-Disposition: form-data; name="{n}"; filename="{n}.png"\r\nContent-Type: image/png'
+        f"\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for n, data in files
+    ]
     return b"".join(parts) + f"--{b}--\r\n".encode(), f"multipart/form-data; boundary={b}"
 
 
 DIGIT = png(held_out_digits()[0][0])
 TWO_FILES = multipart(("data", DIGIT), ("other", DIGIT))
 HOSTILE = [  # (name, body, content type, extra headers, status, words the message must hold)
-    ("eps reaches no ghostscript", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
-     "application/postscript", {}, 415, "accepted format"),
+    (
+        "eps reaches no ghostscript",
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+        "application/postscript",
+        {},
+        415,
+        "accepted format",
+    ),
     ("ico is not on the list", encode(Image.new("RGB", (16, 16)), "ICO"), "image/x-icon", {}, 415, "accepted format"),
     ("rgba pixel bomb", encode(Image.new("RGBA", (4000, 3999))), "image/png", {}, 413, "4000x3999"),
     ("16-bit pixel bomb", encode(Image.new("I;16", (4000, 3999))), "image/png", {}, 413, "4000x3999"),
@@ -43,6 +54,12 @@ HOSTILE = [  # (name, body, content type, extra headers, status, words the messa
     ("text", b"hello", "text/plain", {}, 400, "base64"),
     ("empty", b"", "image/png", {}, 400, "empty"),
     ("truncated png", DIGIT[:60], "image/png", {}, 400, "truncated"),
-    ("not base64 image", json.dumps({"data": base64.b64encode(b"not an image").decode()}).encode(),
-     "application/json", {}, 415, "accepted format"),
-]  # fmt: skip
+    (
+        "not base64 image",
+        json.dumps({"data": base64.b64encode(b"not an image").decode()}).encode(),
+        "application/json",
+        {},
+        415,
+        "accepted format",
+    ),
+]

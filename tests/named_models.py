@@ -55,7 +55,7 @@ class Detector(torch.nn.Module):
         from torchvision.ops.misc import Conv2dNormActivation
 
         self.backbone = torch.nn.Sequential(Conv2dNormActivation(3, 8, stride=2), Conv2dNormActivation(8, 16, stride=2),
-                                            Conv2dNormActivation(16, 16, stride=2))  # fmt: skip
+                                            Conv2dNormActivation(16, 16, stride=2))
         self.box = torch.nn.Conv2d(16, 4, 1)
         self.cls = torch.nn.Conv2d(16, classes, 1)
         self.register_buffer("prior", torch.linspace(0, 16, 64))  # per cell, as anchors have: ranks far from ties
@@ -80,7 +80,7 @@ class Detector(torch.nn.Module):
         boxes = box_convert(cxcywh, "cxcywh", "xyxy")
         pick = order.unsqueeze(-1)
         return {"boxes": boxes.gather(1, pick.expand(-1, -1, 4)), "scores": scores,
-                "labels": labels.gather(1, order)}  # fmt: skip
+                "labels": labels.gather(1, order)}
 
 
 DETECTOR = {
@@ -111,8 +111,24 @@ def export(tmp, name: str, factory: str, sig: str):
     model = getattr(module, factory)().eval()
     torch.save(model.state_dict(), tmp / f"{name}.pt")
     out = tmp / name
-    run = subprocess.run([*TORCHSHIP, "export", "--model", f"{tmp / 'models.py'}:{factory}", "--weights",
-                          str(tmp / f"{name}.pt"), "--signature", f"{tmp / 'models.py'}:{sig}", "--name", name,
-                          "--out", str(out)], capture_output=True, text=True, cwd=tmp)  # fmt: skip
+    run = subprocess.run(
+        [
+            *TORCHSHIP,
+            "export",
+            "--model",
+            f"{tmp / 'models.py'}:{factory}",
+            "--weights",
+            str(tmp / f"{name}.pt"),
+            "--signature",
+            f"{tmp / 'models.py'}:{sig}",
+            "--name",
+            name,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+    )
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
     return out, run.stdout

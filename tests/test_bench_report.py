@@ -15,20 +15,34 @@ from bench.run import range_table, span  # noqa: E402
 
 
 def lv(c: int, rps: float, p50: float) -> dict:
-    return {"concurrency": c, "throughput": rps, "errors": {}, "accuracy": 1.0,
-            "latency_ms": {"p50": p50, "p99": 3 * p50}}  # fmt: skip
+    return {
+        "concurrency": c,
+        "throughput": rps,
+        "errors": {},
+        "accuracy": 1.0,
+        "latency_ms": {"p50": p50, "p99": 3 * p50},
+    }
 
 
 def run(oip16: float) -> dict:
     def setup(kind, r1, r4, r16, p50):
-        return {"kind": kind, "sends": "v2", "outputs": "all", "levels": [lv(1, r1, p50), lv(4, r4, 2 * p50),
-                                                                          lv(16, r16, 4 * p50)]}  # fmt: skip
+        return {
+            "kind": kind,
+            "sends": "v2",
+            "outputs": "all",
+            "levels": [lv(1, r1, p50), lv(4, r4, 2 * p50), lv(16, r16, 4 * p50)],
+        }
 
-    return {"machine": {"cpu": "test cpu", "cores": 2}, "started": "now",
-            "serving": {"baseline": setup("torchserve", 100, 100, 100, 5.0),
-                        "ours": setup("torchserve", 200, 600, 1000, 4.0),
-                        "oip": setup("oip", 500, 1200, oip16, 1.5),
-                        "pytriton": setup("peer", 100, 300, 450, 8.0)}}  # fmt: skip
+    return {
+        "machine": {"cpu": "test cpu", "cores": 2},
+        "started": "now",
+        "serving": {
+            "baseline": setup("torchserve", 100, 100, 100, 5.0),
+            "ours": setup("torchserve", 200, 600, 1000, 4.0),
+            "oip": setup("oip", 500, 1200, oip16, 1.5),
+            "pytriton": setup("peer", 100, 300, 450, 8.0),
+        },
+    }
 
 
 def test_span_is_min_to_max_and_leaves_pairs_as_they_are():

@@ -11,12 +11,26 @@ from torchship.handlers.card import CardError, ModelCard
 from helpers import card
 
 LEGACY_EXPORT_META = {  # meta.json as torchship wrote it before the card (stop 7)
-    "preset": "mnist-convnet", "arch": "convnet", "arch_kwargs": {}, "task": "classify", "input_shape": [1, 28, 28],
-    "input_name": "images", "output_name": "log_probs", "output_kind": "log-probabilities", "mean": 0.1302,
-    "std": 0.3069, "labels": [str(i) for i in range(10)], "preprocess": "mnist-digit", "dataset": "mnist-5k",
-    "metrics": {"test_accuracy": 0.97}, "checkpoint": "/x/best.pt", "checkpoint_sha256": "ab" * 32,
-    "checkpoint_epoch": 7, "opset": 20, "versions": {"torch": "2.14.1", "onnx": "1.23", "onnxruntime": "1.32"},
-}  # fmt: skip
+    "preset": "mnist-convnet",
+    "arch": "convnet",
+    "arch_kwargs": {},
+    "task": "classify",
+    "input_shape": [1, 28, 28],
+    "input_name": "images",
+    "output_name": "log_probs",
+    "output_kind": "log-probabilities",
+    "mean": 0.1302,
+    "std": 0.3069,
+    "labels": [str(i) for i in range(10)],
+    "preprocess": "mnist-digit",
+    "dataset": "mnist-5k",
+    "metrics": {"test_accuracy": 0.97},
+    "checkpoint": "/x/best.pt",
+    "checkpoint_sha256": "ab" * 32,
+    "checkpoint_epoch": 7,
+    "opset": 20,
+    "versions": {"torch": "2.14.1", "onnx": "1.23", "onnxruntime": "1.32"},
+}
 
 
 def test_round_trip_through_json_is_exact():
@@ -27,8 +41,9 @@ def test_round_trip_through_json_is_exact():
 
 
 def test_card_module_imports_nothing_but_the_standard_library():
-    code = ("import sys, torchship.handlers.card; "
-            "print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))")  # fmt: skip
+    code = (
+        "import sys, torchship.handlers.card; print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]"
 
@@ -40,26 +55,29 @@ def test_legacy_meta_of_old_exports_and_checkpoints_loads():
     assert c.output_name == "log_probs" and c.metrics["test_accuracy"] == 0.97
 
 
-@pytest.mark.parametrize("change,field,says", [
-    ({"name": "../../../tmp/x"}, "name", "safe name"),
-    ({"name": "a/b"}, "name", "safe name"),
-    ({"name": ""}, "name", "safe name"),
-    ({"task": "detect"}, "task", "classify"),
-    ({"output_kind": "image"}, "output_kind", "cannot output"),
-    ({"input_shape": [1, 28]}, "input_shape", "three integers"),
-    ({"input_shape": [2, 28, 28]}, "input_shape", "channels"),
-    ({"mean": [0.1, 0.2]}, "mean", "2 values for 1 channel"),
-    ({"std": [0.0]}, "std", "positive"),
-    ({"std": "wide"}, "std", "list"),
-    ({"labels": ["a", "a"]}, "labels", "duplicate"),
-    ({"labels": []}, "labels", "at least one"),
-    ({"preprocess": "magic"}, "preprocess", "mnist-digit"),
-    ({"input_shape": [3, 28, 28], "mean": [0, 0, 0], "std": [1, 1, 1]}, "preprocess", "1-channel"),
-    ({"schema_version": 99}, "schema_version", "newer"),
-    ({"colour": "blue"}, "colour", "unknown field"),
-    ({"architecture": {"spec": "x"}}, "architecture.spec", "module:callable"),
-    ({"provenance": {"sha": 1}}, "provenance.sha", "unknown field"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change,field,says",
+    [
+        ({"name": "../../../tmp/x"}, "name", "safe name"),
+        ({"name": "a/b"}, "name", "safe name"),
+        ({"name": ""}, "name", "safe name"),
+        ({"task": "detect"}, "task", "classify"),
+        ({"output_kind": "image"}, "output_kind", "cannot output"),
+        ({"input_shape": [1, 28]}, "input_shape", "three integers"),
+        ({"input_shape": [2, 28, 28]}, "input_shape", "channels"),
+        ({"mean": [0.1, 0.2]}, "mean", "2 values for 1 channel"),
+        ({"std": [0.0]}, "std", "positive"),
+        ({"std": "wide"}, "std", "list"),
+        ({"labels": ["a", "a"]}, "labels", "duplicate"),
+        ({"labels": []}, "labels", "at least one"),
+        ({"preprocess": "magic"}, "preprocess", "mnist-digit"),
+        ({"input_shape": [3, 28, 28], "mean": [0, 0, 0], "std": [1, 1, 1]}, "preprocess", "1-channel"),
+        ({"schema_version": 99}, "schema_version", "newer"),
+        ({"colour": "blue"}, "colour", "unknown field"),
+        ({"architecture": {"spec": "x"}}, "architecture.spec", "module:callable"),
+        ({"provenance": {"sha": 1}}, "provenance.sha", "unknown field"),
+    ],
+)
 def test_every_bad_field_is_named(change, field, says):
     d = {**card().to_dict(), **change}
     with pytest.raises(CardError) as e:
@@ -67,11 +85,14 @@ def test_every_bad_field_is_named(change, field, says):
     assert e.value.field == field and says in str(e.value) and f"'{field}'" in str(e.value)
 
 
-@pytest.mark.parametrize("change,field", [
-    ({"arch": "resnet"}, "arch"),
-    ({"preset": "../../../tmp/x"}, "name"),
-    ({"labels": None}, "labels"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"arch": "resnet"}, "arch"),
+        ({"preset": "../../../tmp/x"}, "name"),
+        ({"labels": None}, "labels"),
+    ],
+)
 def test_untrusted_legacy_meta_is_refused_with_the_field(change, field):
     d = {**LEGACY_EXPORT_META, **change}
     with pytest.raises(CardError) as e:

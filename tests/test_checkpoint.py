@@ -60,8 +60,19 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, good, data_dir, monk
     run = tmp_path / "run"
     run.mkdir()
     (run / "last.pt").write_bytes(good.read_bytes()[:1000])
-    code, errors, stderr = cli_error(monkeypatch, tmp_path, "train", "--preset", "mnist-mlp50", "--resume", "--quiet",
-                                     "--out", run, "--data-dir", data_dir)  # fmt: skip
+    code, errors, stderr = cli_error(
+        monkeypatch,
+        tmp_path,
+        "train",
+        "--preset",
+        "mnist-mlp50",
+        "--resume",
+        "--quiet",
+        "--out",
+        run,
+        "--data-dir",
+        data_dir,
+    )
     assert code == 1 and stderr.strip().count("\n") == 0 and "truncated or corrupt" in errors[0], stderr
 
 
@@ -107,8 +118,14 @@ def version1(ckpt: dict) -> None:
         ckpt.pop(k)
     ckpt["loss"] = [h["loss"] for h in ckpt["history"]]
     ckpt["val_loss"] = [h["val_loss"] for h in ckpt["history"]]
-    ckpt["meta"] = {"preset": "mnist-mlp50", "hparams": {}, "seed": 1, "device": "cpu", "world_size": 1,
-                    "torch_version": "2.13.0"}  # fmt: skip
+    ckpt["meta"] = {
+        "preset": "mnist-mlp50",
+        "hparams": {},
+        "seed": 1,
+        "device": "cpu",
+        "world_size": 1,
+        "torch_version": "2.13.0",
+    }
     ckpt["card"]["architecture"]["spec"] = "train.models:MLP"
     ckpt["card"]["schema_version"] = 1
     for k in ("input_kind", "output_names", "units", "input_range"):
@@ -119,10 +136,19 @@ def legacy(ckpt: dict) -> None:
     """Further back: no card at all, the model's facts in `meta` (stop 7)."""
     version1(ckpt)
     card = ckpt.pop("card")
-    ckpt["meta"].update(arch="mlp", arch_kwargs=card["architecture"]["kwargs"], input_shape=card["input_shape"],
-                        mean=card["mean"][0], std=card["std"][0], labels=card["labels"], task=card["task"],
-                        output_kind=card["output_kind"], preprocess=card["preprocess"], dataset=card["dataset"],
-                        metrics=card["metrics"])  # fmt: skip
+    ckpt["meta"].update(
+        arch="mlp",
+        arch_kwargs=card["architecture"]["kwargs"],
+        input_shape=card["input_shape"],
+        mean=card["mean"][0],
+        std=card["std"][0],
+        labels=card["labels"],
+        task=card["task"],
+        output_kind=card["output_kind"],
+        preprocess=card["preprocess"],
+        dataset=card["dataset"],
+        metrics=card["metrics"],
+    )
 
 
 TAMPERED = {

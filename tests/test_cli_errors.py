@@ -35,7 +35,7 @@ CASES = [  # (name, arguments, words the error must hold); {export} and {file} a
     ("concurrency negative", ["loadtest", "--concurrency", "-1"], "client counts"),
     ("loadtest nothing running", ["loadtest", "--state-dir", "{empty}"], "make serve"),
     ("loadtest no images", ["loadtest", "--images", "{empty}", "--state-dir", "{empty}"], "make serve"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name,args,words", CASES, ids=[c[0] for c in CASES])
@@ -62,12 +62,19 @@ def test_the_embedding_example_explains_itself(convnet_export, tmp_path):
     digit.write_bytes(png(held_out_digits()[0][0]))
     usage = subprocess.run(example, capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and usage.stderr.startswith("usage:")
-    missing = subprocess.run([*example, str(tmp_path / "nope.onnx"), str(digit)], capture_output=True, text=True,
-                             env=env)  # fmt: skip
+    missing = subprocess.run(
+        [*example, str(tmp_path / "nope.onnx"), str(digit)], capture_output=True, text=True, env=env
+    )
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "nope.onnx" in missing.stderr
-    mixed = subprocess.run([*example, str(convnet_export.onnx), str(tmp_path / "notes.txt"), str(digit),
-                            str(tmp_path / "blank.png")], capture_output=True, text=True, env=env)  # fmt: skip
+    mixed = subprocess.run(
+        [*example, str(convnet_export.onnx), str(tmp_path / "notes.txt"), str(digit), str(tmp_path / "blank.png")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert mixed.returncode == 1 and "Traceback" not in mixed.stderr
-    assert [line.split(": ")[1] for line in mixed.stderr.splitlines()] == [str(tmp_path / "notes.txt"),
-                                                                           str(tmp_path / "blank.png")]  # fmt: skip
+    assert [line.split(": ")[1] for line in mixed.stderr.splitlines()] == [
+        str(tmp_path / "notes.txt"),
+        str(tmp_path / "blank.png"),
+    ]
     assert mixed.stdout.startswith(str(digit)) and '"label"' in mixed.stdout  # the good file still answered

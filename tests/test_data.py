@@ -58,8 +58,19 @@ def test_fashion_mnist_reads_idx_files_from_data_dir(tmp_path, data_dir):
 
 
 def test_missing_dataset_is_one_line_error_not_a_traceback(tmp_path, monkeypatch):
-    code, errors, stderr = cli_error(monkeypatch, tmp_path, "train", "--dataset", "mnist", "--data-dir", tmp_path,
-                                     "--no-download", "--quiet", "--out", tmp_path / "run")  # fmt: skip
+    code, errors, stderr = cli_error(
+        monkeypatch,
+        tmp_path,
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        tmp_path,
+        "--no-download",
+        "--quiet",
+        "--out",
+        tmp_path / "run",
+    )
     assert code != 0 and len(stderr.strip().splitlines()) == 1, stderr
     assert "mnist not found" in errors[0] and str(tmp_path / "MNIST" / "raw") in errors[0]
 

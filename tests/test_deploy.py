@@ -24,23 +24,46 @@ from helpers import ROOT, TORCHSHIP, no_torch
 def validated(*docs) -> list[list[str]]:
     """serve.deploy.validate on each manifest, in a process of its own: kserve's gRPC protos and tritonclient's
     (which test_kserve.py imports) both define the package `inference`, and one process cannot load both."""
-    code = ("import json, sys; from torchship.serve.deploy import validate; "
-            "print(json.dumps([validate(d) for d in json.load(sys.stdin)]))")  # fmt: skip
+    code = (
+        "import json, sys; from torchship.serve.deploy import validate; "
+        "print(json.dumps([validate(d) for d in json.load(sys.stdin)]))"
+    )
     r = subprocess.run([sys.executable, "-c", code], input=json.dumps(docs), capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout)
 
 
 def deploy(export_dir, out, *args):
-    return subprocess.run([*TORCHSHIP, "deploy", "kserve", str(export_dir), "--out", str(out), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    return subprocess.run(
+        [*TORCHSHIP, "deploy", "kserve", str(export_dir), "--out", str(out), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def test_torchserve_bundle_has_kserves_layout_and_a_valid_inference_service(convnet_export, tmp_path):
     out = tmp_path / "bundle"
-    r = deploy(convnet_export.directory, out, "--storage-uri", "s3://models/digits", "--protocol", "v2",
-               "--min-replicas", 2, "--max-replicas", 5, "--scale-metric", "rps", "--scale-target", 40,
-               "--cpu", "2", "--memory", "2Gi")  # fmt: skip
+    r = deploy(
+        convnet_export.directory,
+        out,
+        "--storage-uri",
+        "s3://models/digits",
+        "--protocol",
+        "v2",
+        "--min-replicas",
+        2,
+        "--max-replicas",
+        5,
+        "--scale-metric",
+        "rps",
+        "--scale-target",
+        40,
+        "--cpu",
+        "2",
+        "--memory",
+        "2Gi",
+    )
     assert r.returncode == 0, r.stderr
     assert (out / "config" / "config.properties").is_file() and (out / "model-store" / "mnist-convnet.mar").is_file()
     assert "meta.json" in zipfile.ZipFile(out / "model-store" / "mnist-convnet.mar").namelist()
@@ -49,8 +72,12 @@ def test_torchserve_bundle_has_kserves_layout_and_a_valid_inference_service(conv
     doc = yaml.safe_load((out / "inferenceservice.yaml").read_text())
     assert validated(doc) == [[]]
     predictor = doc["spec"]["predictor"]
-    assert (predictor["minReplicas"], predictor["maxReplicas"], predictor["scaleMetric"], predictor["scaleTarget"]) \
-        == (2, 5, "rps", 40)  # fmt: skip
+    assert (predictor["minReplicas"], predictor["maxReplicas"], predictor["scaleMetric"], predictor["scaleTarget"]) == (
+        2,
+        5,
+        "rps",
+        40,
+    )
     model = predictor["model"]
     assert model["modelFormat"]["name"] == "pytorch" and model["protocolVersion"] == "v2"
     assert model["storageUri"] == "s3://models/digits" and model["resources"]["limits"] == {"cpu": "2", "memory": "2Gi"}
@@ -138,8 +165,9 @@ def container(out, tmp_path, bare_python, model: str):
     swap = {"/mnt/models": str(out / "model"), "0.0.0.0": "127.0.0.1", "8080": str(http_port), "8081": str(grpc_port)}
     cmd = [str(bare_python) if a == "python" else swap.get(a, a) for a in cmd]
     env = {**os.environ, "PYTHONPATH": f"{no_torch(tmp_path / 'blocker')}{os.pathsep}{out}"}
-    proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         client = thttp.InferenceServerClient(f"127.0.0.1:{http_port}")
         deadline = time.monotonic() + 90

@@ -51,8 +51,21 @@ def test_two_processes_give_the_single_process_weights_and_metrics(tmp_path, dat
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = train(one, data_dir, "--epochs", 2)
     env = {**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR"}
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2", "-m",
-                "torchship.cli", *MLP, "--epochs", "2", "--out", str(two), "--data-dir", str(data_dir)]  # fmt: skip
+    torchrun = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "torchship.cli",
+        *MLP,
+        "--epochs",
+        "2",
+        "--out",
+        str(two),
+        "--data-dir",
+        str(data_dir),
+    ]
     r2 = subprocess.run(torchrun, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
     assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-2000:]
     a, b = (checkpoint.load(d / "last.pt") for d in (one, two))
@@ -72,14 +85,41 @@ def test_two_processes_give_the_single_process_weights_and_metrics(tmp_path, dat
 @pytest.mark.slow  # trains
 def test_two_machines_on_loopback_train_to_completion_and_write_one_set_of_files(tmp_path, data_dir):
     (port,) = free_ports(1)
-    runs = [subprocess.Popen([*TORCHSHIP, *MLP, "--epochs", "2", "--out", str(tmp_path / f"node{r}"), "--data-dir",
-                              str(data_dir), "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint",
-                              f"127.0.0.1:{port}", "--rdzv-timeout", "60"], cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
+    runs = [
+        subprocess.Popen(
+            [
+                *TORCHSHIP,
+                *MLP,
+                "--epochs",
+                "2",
+                "--out",
+                str(tmp_path / f"node{r}"),
+                "--data-dir",
+                str(data_dir),
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-timeout",
+                "60",
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=240) for p in runs]
     assert [p.returncode for p in runs] == [0, 0], [o[1][-1500:] for o in outs]
-    assert sorted(p.name for p in (tmp_path / "node0").iterdir()) == ["best.pt", "curves.png", "last.pt",
-                                                                       "metrics.json"]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "node0").iterdir()) == [
+        "best.pt",
+        "curves.png",
+        "last.pt",
+        "metrics.json",
+    ]
     assert not (tmp_path / "node1").exists()  # only rank 0 (machine 0's first process) writes
     assert json.loads((tmp_path / "node0" / "metrics.json").read_text())["processes"] == 2
 
@@ -125,6 +165,7 @@ def test_kill_9_of_a_rank_ends_the_run_and_resume_finishes_it(tmp_path, data_dir
 @pytest.mark.slow  # starts torchrun
 def test_a_rendezvous_nobody_answers_ends_the_command_by_itself(tmp_path, data_dir):
     (port,) = free_ports(1)
+    # train() raises TimeoutExpired if it never ends
     r = train(
         tmp_path / "run",
         data_dir,
@@ -136,7 +177,7 @@ def test_a_rendezvous_nobody_answers_ends_the_command_by_itself(tmp_path, data_d
         f"127.0.0.1:{port}",
         "--rdzv-timeout",
         3,
-    )  # fmt: skip (train() raises TimeoutExpired if it never ends)
+    )
     assert r.returncode == 1
     assert len(errors(r)) == 1 and "could not gather the 2 machine(s)" in errors(r)[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr

@@ -96,8 +96,9 @@ def test_a_single_corrupted_weight_in_the_pt2_fails_verification(convnet_all_for
     weights = torch.load(convnet_all_formats.card.provenance.source, weights_only=True)["model_state_dict"]
     index = telling_weight(rebuild(convnet_all_formats.card).eval(), "fc1.weight", proof_x(copy, data_dir))
     corrupt_pt2(copy / "model.pt2", weights["fc1.weight"], index)
-    r = subprocess.run([*TORCHSHIP, "verify", str(copy), "--data-dir", str(data_dir)], capture_output=True,
-                       text=True, cwd=ROOT)  # fmt: skip
+    r = subprocess.run(
+        [*TORCHSHIP, "verify", str(copy), "--data-dir", str(data_dir)], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 1 and "pt2 at batch size" in r.stderr, r.stderr[-2000:]
     failed = {c["backend"] for c in json.loads((copy / "equivalence.json").read_text())["checks"] if not c["passed"]}
     assert failed == {"pt2"}

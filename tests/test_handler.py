@@ -60,8 +60,9 @@ def archives(tmp_path_factory, data_dir, convnet_export, bare_python):
 
 def handle(archives, key, rows, headers=None):
     directory = archives[key]
-    enc = [{k: ("hex:" + bytes(v).hex() if isinstance(v, (bytes, bytearray)) else v) for k, v in r.items()}
-           for r in rows]  # fmt: skip
+    enc = [
+        {k: ("hex:" + bytes(v).hex() if isinstance(v, (bytes, bytearray)) else v) for k, v in r.items()} for r in rows
+    ]
     payload = json.dumps([enc, headers or [{} for _ in rows]])
     r = subprocess.run([archives["python"], "-c", DRIVER], input=payload, capture_output=True, text=True, cwd=directory)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -155,14 +156,17 @@ def test_autoencoder_returns_a_png_reconstruction(archives, backend):
     assert np.asarray(img).std() > 0  # not a blank image
 
 
-@pytest.mark.parametrize("row,status,message", [
-    ({}, 400, "empty request"),
-    ({"body": {"nodata": 1}}, 400, "'data' field"),
-    ({"body": {"data": "!!"}}, 400, "base64"),
-    ({"body": b'{"data": '}, 400, "JSON"),
-    ({"body": [1, 2]}, 400, "one image"),
-    ({"body": b"x", "topk": b"abc"}, 400, "integer"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "row,status,message",
+    [
+        ({}, 400, "empty request"),
+        ({"body": {"nodata": 1}}, 400, "'data' field"),
+        ({"body": {"data": "!!"}}, 400, "base64"),
+        ({"body": b'{"data": '}, 400, "JSON"),
+        ({"body": [1, 2]}, 400, "one image"),
+        ({"body": b"x", "topk": b"abc"}, 400, "integer"),
+    ],
+)
 def test_request_decoding_errors(row, status, message):
     with pytest.raises(InputError) as e:
         decode_row(row, 10)

@@ -73,8 +73,10 @@ def target(cfg) -> Target:
 def test_soak_256_clients_4000_digits_every_one_answered_right(hardened, convnet_export):
     cfg, _ = hardened
     level = run_level(target(cfg), expected(convnet_export), 256, 180, 4000)
-    print(f"\nsoak: 256 clients, {level.requests} requests, {level.throughput:.0f} req/s, "
-          f"p50 {level.latency_ms['p50']:.1f} ms, p99 {level.latency_ms['p99']:.1f} ms")  # fmt: skip
+    print(
+        f"\nsoak: 256 clients, {level.requests} requests, {level.throughput:.0f} req/s, "
+        f"p50 {level.latency_ms['p50']:.1f} ms, p99 {level.latency_ms['p99']:.1f} ms"
+    )
     assert level.requests == 4000 and level.errors == {}  # no 503: the queue holds them all
     assert level.accuracy == 1.0  # every answer is the embedding's answer for that digit
     assert 0 < level.latency_ms["p50"] <= level.latency_ms["p99"] <= level.latency_ms["max"]
@@ -82,8 +84,11 @@ def test_soak_256_clients_4000_digits_every_one_answered_right(hardened, convnet
 
 def all_ready(cfg) -> list[dict]:
     """The model's workers once every one is READY (after a kill, once TorchServe has replaced it)."""
-    ready = lambda: (ws := torchserve.status(cfg.state_dir)["workers"]) and len(ws) == ModelConfig().minWorkers and all(  # noqa: E731
-        w["status"] == "READY" for w in ws) and ws  # fmt: skip
+
+    def ready() -> list[dict]:
+        ws = torchserve.status(cfg.state_dir)["workers"]
+        return ws if len(ws) == ModelConfig().minWorkers and all(w["status"] == "READY" for w in ws) else []
+
     return wait_for(ready, 90, "every TorchServe worker READY")
 
 
@@ -142,8 +147,11 @@ def test_every_call_leaves_a_bounded_access_record_without_tokens(hardened):
     conn.request("GET", f"/models/{cfg.model}?token=secret-in-url", headers=management)
     assert conn.getresponse().status == 200
     conn.close()
-    lines = wait_for(lambda: (found := access_lines(cfg, mark)) and len(found) >= 4 and found, 30,
-                     "four access-log lines (log4j writes asynchronously)")  # fmt: skip
+    lines = wait_for(
+        lambda: (found := access_lines(cfg, mark)) and len(found) >= 4 and found,
+        30,
+        "four access-log lines (log4j writes asynchronously)",
+    )
     assert any('"POST /predictions/mnist-convnet HTTP/1.1" 200' in line for line in lines)
     assert any('"POST /predictions/mnist-convnet HTTP/1.1" 415' in line for line in lines)
     assert any('"GET /models/mnist-convnet?token=*** HTTP/1.1" 200' in line for line in lines)
@@ -166,8 +174,15 @@ def test_the_hostile_corpus_gets_no_5xx_and_kills_no_worker(hardened):
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda s: post(cfg, *s)[0], sent))
     assert all(400 <= s < 500 for s in statuses), statuses
-    logged = wait_for(lambda: (found := [line for line in access_lines(cfg, mark) if "/predictions/" in line])
-                      and len(found) >= len(sent) and found, 30, f"{len(sent)} access-log lines")  # fmt: skip
+    logged = wait_for(
+        lambda: (
+            (found := [line for line in access_lines(cfg, mark) if "/predictions/" in line])
+            and len(found) >= len(sent)
+            and found
+        ),
+        30,
+        f"{len(sent)} access-log lines",
+    )
     codes = [line.split('"')[-1].split()[0] for line in logged]
     assert all(c.startswith("4") for c in codes), codes
     assert sorted(w["pid"] for w in torchserve.status(cfg.state_dir)["workers"]) == workers

@@ -45,8 +45,15 @@ def capped(tmp_path_factory, convnet_export):
 def strict(tmp_path_factory, convnet_export):
     """A server whose every client deadline is 1 s."""
     state = tmp_path_factory.mktemp("strict")
-    cfg = start(convnet_export.directory, state, header_timeout_s=1, body_timeout_s=1, idle_timeout_s=1,
-                send_timeout_s=1, unsent_bytes=65536)  # fmt: skip
+    cfg = start(
+        convnet_export.directory,
+        state,
+        header_timeout_s=1,
+        body_timeout_s=1,
+        idle_timeout_s=1,
+        send_timeout_s=1,
+        unsent_bytes=65536,
+    )
     yield cfg
     oip.stop(state)
 
@@ -102,13 +109,18 @@ class Client:
 
 def request(method: str, path: str, body: bytes = b"", headers: dict | None = None, version: str = "1.1") -> bytes:
     head = {"Host": "x", **({"Content-Length": str(len(body))} if body or method == "POST" else {}), **(headers or {})}
-    return f"{method} {path} HTTP/{version}\r\n".encode() + b"".join(
-        f"{k}: {v}\r\n".encode() for k, v in head.items()) + b"\r\n" + body  # fmt: skip
+    return (
+        f"{method} {path} HTTP/{version}\r\n".encode()
+        + b"".join(f"{k}: {v}\r\n".encode() for k, v in head.items())
+        + b"\r\n"
+        + body
+    )
 
 
 LIVE = request("GET", "/v2/health/live")
-INFER_BODY = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
-                                     "data": [base64.b64encode(DIGIT).decode()]}]}).encode()  # fmt: skip
+INFER_BODY = json.dumps(
+    {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(DIGIT).decode()]}]}
+).encode()
 INFER = request("POST", "/v2/models/mnist/infer", INFER_BODY)
 
 
@@ -136,8 +148,11 @@ def test_a_client_that_reads_nothing_is_read_no_further_then_answered_in_full(ca
     c = Client(capped.http_port, rcvbuf=4096)
     sender = threading.Thread(target=c.send, args=(LIVE * n + INFER,), daemon=True)
     sender.start()
-    wait_for(lambda: scrape(capped.http_port, "torchship_http_connections", state="paused") == 1, 60,
-             "the server to stop reading the client that reads nothing")  # fmt: skip
+    wait_for(
+        lambda: scrape(capped.http_port, "torchship_http_connections", state="paused") == 1,
+        60,
+        "the server to stop reading the client that reads nothing",
+    )
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # now read briskly
     one = raw_answer(capped.http_port, LIVE)
     while len(c.buf) < len(one) * n:
@@ -181,12 +196,16 @@ def test_a_client_that_never_reads_is_dropped_after_the_send_timeout(strict):
 # 2. the request line and headers: bounded, counted as they arrive, repeats counted
 
 
-@pytest.mark.parametrize("head,status", [
-    (request("GET", "/" + "a" * (HEAD + 1)), 414),
-    (request("GET", "/v2/health/live", headers={"X-Big": "a" * (HEAD + 1)}), 431),
-    (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + b"X-Same: a\r\n" * 100 + b"\r\n", 431),
-    (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + b"X-" + b"a" * (HEAD + 1) + b": 1\r\n\r\n", 431),
-], ids=["long url", "long value", "101 lines of one header", "long name"])  # fmt: skip
+@pytest.mark.parametrize(
+    "head,status",
+    [
+        (request("GET", "/" + "a" * (HEAD + 1)), 414),
+        (request("GET", "/v2/health/live", headers={"X-Big": "a" * (HEAD + 1)}), 431),
+        (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + b"X-Same: a\r\n" * 100 + b"\r\n", 431),
+        (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + b"X-" + b"a" * (HEAD + 1) + b": 1\r\n\r\n", 431),
+    ],
+    ids=["long url", "long value", "101 lines of one header", "long name"],
+)
 def test_oversized_heads_are_refused(capped, head, status):
     refused(Client(capped.http_port).send(head), status, "over")
     served(capped.http_port)
@@ -236,8 +255,9 @@ def test_a_malformed_request_is_answered_after_the_valid_ones_before_it(capped):
 
 
 def test_100_continue_goes_out_in_turn_and_only_to_http_1_1(capped):
-    expecting = request("POST", "/v2/models/mnist/infer", headers={"Expect": "100-continue",
-                                                                  "Content-Length": str(len(INFER_BODY))})  # fmt: skip
+    expecting = request(
+        "POST", "/v2/models/mnist/infer", headers={"Expect": "100-continue", "Content-Length": str(len(INFER_BODY))}
+    )
     c = Client(capped.http_port).send(INFER + expecting)
     first = c.answer()
     assert first[0] == 200 and b"outputs" in first[2]
@@ -259,16 +279,22 @@ def test_100_continue_goes_out_in_turn_and_only_to_http_1_1(capped):
 
 def test_http_1_0_with_transfer_encoding_is_refused_and_closed(capped):
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(INFER_BODY), INFER_BODY)
-    refused(Client(capped.http_port).send(b"POST /v2/models/mnist/infer HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                          + chunked), 400, "HTTP/1.0")  # fmt: skip
+    refused(
+        Client(capped.http_port).send(
+            b"POST /v2/models/mnist/infer HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+        ),
+        400,
+        "HTTP/1.0",
+    )
     served(capped.http_port)
 
 
 def test_trailers_are_discarded_never_merged_into_the_headers(capped):
     """A trailing Inference-Header-Content-Length would make this valid JSON body a 400 if it were acted on."""
     chunked = b"%x\r\n%s\r\n0\r\nInference-Header-Content-Length: 5\r\n\r\n" % (len(INFER_BODY), INFER_BODY)
-    c = Client(capped.http_port).send(b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: x\r\n"
-                                      b"Transfer-Encoding: chunked\r\n\r\n" + chunked)  # fmt: skip
+    c = Client(capped.http_port).send(
+        b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+    )
     status, _, body = c.answer()
     assert status == 200 and b"outputs" in body, body[:300]
     c.close()
@@ -279,8 +305,9 @@ def test_trailers_are_discarded_never_merged_into_the_headers(capped):
 
 @pytest.mark.parametrize("length", ["9" * 5000, "abc", "-1", "0", str(len(INFER_BODY) + 1), "99999999999999999999"])
 def test_header_length_lies_are_400_and_leave_no_request_in_flight(capped, length):
-    c = Client(capped.http_port).send(request("POST", "/v2/models/mnist/infer", INFER_BODY,
-                                              {"Inference-Header-Content-Length": length}))  # fmt: skip
+    c = Client(capped.http_port).send(
+        request("POST", "/v2/models/mnist/infer", INFER_BODY, {"Inference-Header-Content-Length": length})
+    )
     status, _, body = c.answer()
     c.close()
     assert status == 400 and "inference-header-content-length" in json.loads(body)["error"].lower(), body
@@ -315,19 +342,37 @@ def test_unknown_versions_are_404_over_rest_and_grpc(capped):
 
 def two_million_empty_elements():
     blob = b"\0\0\0\0" * 2_000_000
-    header = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
-                                     "parameters": {"binary_data_size": len(blob)}}]}).encode()  # fmt: skip
-    claimed = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2_000_000],
-                                      "parameters": {"binary_data_size": len(blob)}}]}).encode()  # fmt: skip
-    as_json = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
-                                      "data": [""] * 2_000_000}]}).encode()  # fmt: skip
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "images", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(blob)}}
+            ]
+        }
+    ).encode()
+    claimed = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "datatype": "BYTES",
+                    "shape": [2_000_000],
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ]
+        }
+    ).encode()
+    as_json = json.dumps(
+        {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [""] * 2_000_000}]}
+    ).encode()
     return {
-        "binary, shape lies": request("POST", "/v2/models/mnist/infer", header + blob,
-                                      {"Inference-Header-Content-Length": str(len(header))}),
-        "binary, shape says so": request("POST", "/v2/models/mnist/infer", claimed + blob,
-                                         {"Inference-Header-Content-Length": str(len(claimed))}),
+        "binary, shape lies": request(
+            "POST", "/v2/models/mnist/infer", header + blob, {"Inference-Header-Content-Length": str(len(header))}
+        ),
+        "binary, shape says so": request(
+            "POST", "/v2/models/mnist/infer", claimed + blob, {"Inference-Header-Content-Length": str(len(claimed))}
+        ),
         "json": request("POST", "/v2/models/mnist/infer", as_json),
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("case", list(two_million_empty_elements()))
@@ -351,10 +396,14 @@ def test_two_million_empty_grpc_elements_are_refused_by_their_count(capped):
 # 9. timeouts: slow heads and stalled bodies get 408, reads are timed one by one, idle keep-alive is closed
 
 
-@pytest.mark.parametrize("partial,words", [
-    (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n", "header"),
-    (request("POST", "/v2/models/mnist/infer", INFER_BODY)[:-10], "body"),
-], ids=["slow head", "stalled body"])  # fmt: skip
+@pytest.mark.parametrize(
+    "partial,words",
+    [
+        (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n", "header"),
+        (request("POST", "/v2/models/mnist/infer", INFER_BODY)[:-10], "body"),
+    ],
+    ids=["slow head", "stalled body"],
+)
 def test_slow_heads_and_stalled_bodies_get_408_and_a_close(strict, partial, words):
     refused(Client(strict.http_port).send(partial), 408, words)
     served(strict.http_port)
@@ -385,8 +434,11 @@ def test_an_idle_keep_alive_connection_is_closed(strict):
 
 def test_connections_past_the_cap_get_503_and_the_others_are_still_served(capped):
     cap = 6
-    wait_for(lambda: scrape(capped.http_port, "torchship_http_connections", state="open") == 1, 60,
-             "every earlier test's connection to close (the scrape itself is the one open)")  # fmt: skip
+    wait_for(
+        lambda: scrape(capped.http_port, "torchship_http_connections", state="open") == 1,
+        60,
+        "every earlier test's connection to close (the scrape itself is the one open)",
+    )
     held = [Client(capped.http_port) for _ in range(cap - 1)]
     assert scrape(capped.http_port, "torchship_http_connections", state="open") == cap  # and the scrape's
     held.append(Client(capped.http_port))  # the cap: accepted before the next, in the order they connected
@@ -396,8 +448,11 @@ def test_connections_past_the_cap_get_503_and_the_others_are_still_served(capped
     assert over.closed()
     assert held[0].send(INFER).answer()[0] == 200  # the connections within the cap are served
     held.pop().close()
-    wait_for(lambda: (c := Client(capped.http_port).send(LIVE).answer()) and c[0] == 200, 60,
-             "a new connection once one of the capped ones closed")  # fmt: skip
+    wait_for(
+        lambda: (c := Client(capped.http_port).send(LIVE).answer()) and c[0] == 200,
+        60,
+        "a new connection once one of the capped ones closed",
+    )
     for c in held:
         c.close()
 
@@ -409,11 +464,24 @@ def test_connections_past_the_cap_get_503_and_the_others_are_still_served(capped
 def gated(convnet_export, tmp_path):
     """One worker whose forward passes wait for a line on its stdin (tests/gated_worker.py)."""
     http_port, grpc_port = free_ports(2)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gated_worker.py"),
-                             f"--model_dir={convnet_export.directory}", "--model_name=mnist",
-                             f"--http_port={http_port}", f"--grpc_port={grpc_port}", "--max_batch=8",
-                             "--max_delay_ms=0", "--threads=1", "--log_level=WARNING"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "gated_worker.py"),
+            f"--model_dir={convnet_export.directory}",
+            "--model_name=mnist",
+            f"--http_port={http_port}",
+            f"--grpc_port={grpc_port}",
+            "--max_batch=8",
+            "--max_delay_ms=0",
+            "--threads=1",
+            "--log_level=WARNING",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         yield proc, http_port, grpc_port

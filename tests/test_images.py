@@ -60,8 +60,10 @@ def test_dark_digit_on_white_paper_becomes_its_mnist_form(size, box, top, left):
 
 
 def test_position_and_size_do_not_change_the_result():
-    outs = [preprocess.mnist_digit(paper(DIGITS[3], s, b, t, x))
-            for s, b, t, x in [(100, 50, 0, 0), (100, 50, 50, 50), (300, 200, 20, 90)]]  # fmt: skip
+    outs = [
+        preprocess.mnist_digit(paper(DIGITS[3], s, b, t, x))
+        for s, b, t, x in [(100, 50, 0, 0), (100, 50, 50, 50), (300, 200, 20, 90)]
+    ]
     assert similarity(outs[0], outs[1]) > 0.99
     assert similarity(outs[0], outs[2]) > 0.9
 
@@ -127,14 +129,17 @@ def test_a_blank_image_is_refused_for_digit_models_not_for_photo_models(shade, s
     assert Preprocessor(rgb).from_bytes(data).shape == (3, 32, 32)  # a uniform sky is still a photo
 
 
-@pytest.mark.parametrize("data,status,message", [
-    (b"", 400, "empty"),
-    (b"hello, not an image", 415, "not an image"),
-    (encode(Image.new("L", (100, 100), 255))[:60], 400, "truncated"),
-    (encode(Image.new("L", (2049, 2049), 255)), 413, "too large"),
-    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", 415, "accepted format"),
-    (b"\x00\x00\x01\x00" + bytes(60), 415, "accepted format"),  # an .ico header: Pillow reads it, we do not
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "data,status,message",
+    [
+        (b"", 400, "empty"),
+        (b"hello, not an image", 415, "not an image"),
+        (encode(Image.new("L", (100, 100), 255))[:60], 400, "truncated"),
+        (encode(Image.new("L", (2049, 2049), 255)), 413, "too large"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", 415, "accepted format"),
+        (b"\x00\x00\x01\x00" + bytes(60), 415, "accepted format"),  # an .ico header: Pillow reads it, we do not
+    ],
+)
 def test_bad_bytes_raise_input_errors(data, status, message):
     with pytest.raises(InputError) as e:
         preprocess.decode(data)
@@ -189,17 +194,20 @@ def with_chunk(data: bytes, kind: bytes, payload: bytes) -> bytes:
 DIGIT_PNG = encode(Image.fromarray(DIGITS[0]))
 
 
-@pytest.mark.parametrize("name,data", [
-    ("jpeg", encode(Image.fromarray(DIGITS[0]), "JPEG")),
-    ("rgb", encode(Image.fromarray(DIGITS[0]).convert("RGB"))),
-    ("palette", encode(Image.fromarray(DIGITS[0]).convert("P"))),
-    ("16-bit", encode(Image.fromarray(DIGITS[0].astype(np.uint16) * 257))),
-    ("other size", encode(Image.fromarray(DIGITS[0]).resize((27, 27)))),
-    ("transparency", with_chunk(DIGIT_PNG, b"tRNS", b"\x00\x00")),
-    ("exif", with_chunk(DIGIT_PNG, b"eXIf", b"MM\x00*\x00\x00\x00\x08\x00\x00")),
-    ("bad crc", DIGIT_PNG[:-20] + bytes([DIGIT_PNG[-20] ^ 1]) + DIGIT_PNG[-19:]),
-    ("truncated", DIGIT_PNG[:60]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,data",
+    [
+        ("jpeg", encode(Image.fromarray(DIGITS[0]), "JPEG")),
+        ("rgb", encode(Image.fromarray(DIGITS[0]).convert("RGB"))),
+        ("palette", encode(Image.fromarray(DIGITS[0]).convert("P"))),
+        ("16-bit", encode(Image.fromarray(DIGITS[0].astype(np.uint16) * 257))),
+        ("other size", encode(Image.fromarray(DIGITS[0]).resize((27, 27)))),
+        ("transparency", with_chunk(DIGIT_PNG, b"tRNS", b"\x00\x00")),
+        ("exif", with_chunk(DIGIT_PNG, b"eXIf", b"MM\x00*\x00\x00\x00\x08\x00\x00")),
+        ("bad crc", DIGIT_PNG[:-20] + bytes([DIGIT_PNG[-20] ^ 1]) + DIGIT_PNG[-19:]),
+        ("truncated", DIGIT_PNG[:60]),
+    ],
+)
 def test_fast_path_leaves_everything_else_to_pillow(name, data):
     assert Preprocessor(card(mean=0.0, std=1.0)).fast(data) is None, name
 
@@ -217,8 +225,14 @@ def photo(h: int = 300, w: int = 400, seed: int = 0) -> Image.Image:
     return small.resize((w, h), Image.Resampling.BICUBIC)
 
 
-RGB = card(input_shape=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-           preprocess="resize-crop", output_kind="logits", labels=("a", "b"))  # fmt: skip
+RGB = card(
+    input_shape=(3, 224, 224),
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    preprocess="resize-crop",
+    output_kind="logits",
+    labels=("a", "b"),
+)
 
 
 @pytest.mark.parametrize("size", [(300, 400), (400, 300), (256, 256), (200, 180)])
@@ -226,8 +240,14 @@ def test_resize_crop_is_torchvisions_classification_preset(size):
     from torchvision import transforms
 
     img = photo(*size)
-    tv = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-                             transforms.Normalize(RGB.mean, RGB.std)])  # fmt: skip
+    tv = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(RGB.mean, RGB.std),
+        ]
+    )
     ours = Preprocessor(RGB).from_image(img)
     assert RGB.resize == 256 and ours.shape == (3, 224, 224) and ours.dtype == np.float32
     assert np.abs(ours - tv(img).numpy()).max() < 1e-5

@@ -65,8 +65,12 @@ def test_the_card_states_every_input_and_output_and_loads_back(models):
     assert card.signature.dims == {"sequence": (1, 128)} and card.signature.inputs[1].mask
     assert ModelCard.from_json(card.to_json()) == card
     with pytest.raises(CardError, match="dimension 'words'"):
-        validate_signature(Signature(inputs=[{"name": "x", "datatype": "INT64", "shape": ["batch", "words"]}],
-                                     outputs=[{"name": "y", "datatype": "FP32", "shape": ["batch", 1]}]))  # fmt: skip
+        validate_signature(
+            Signature(
+                inputs=[{"name": "x", "datatype": "INT64", "shape": ["batch", "words"]}],
+                outputs=[{"name": "y", "datatype": "FP32", "shape": ["batch", 1]}],
+            )
+        )
 
 
 def test_the_proof_covers_three_sequence_lengths_and_padding_on_every_format(models):
@@ -117,26 +121,51 @@ def test_a_batch_of_different_lengths_answers_what_each_request_alone_does():
     """The batcher pads three queued requests of lengths 2, 9 and 30 into one pass and cuts each answer back out."""
     from torchship.handlers import runners
 
-    sig = Signature(**{"inputs": [
-        {"name": "x", "datatype": "FP32", "shape": ["batch", "t"], "pad": 0.0},
-        {"name": "m", "datatype": "INT64", "shape": ["batch", "t"], "range": [0, 1], "pad": 0, "mask": True}],
-        "outputs": [{"name": "mean", "datatype": "FP32", "shape": ["batch"]},
-                    {"name": "each", "datatype": "FP32", "shape": ["batch", "t"]}],
-        "dims": {"t": [1, 64]}})  # fmt: skip
+    sig = Signature(
+        **{
+            "inputs": [
+                {"name": "x", "datatype": "FP32", "shape": ["batch", "t"], "pad": 0.0},
+                {"name": "m", "datatype": "INT64", "shape": ["batch", "t"], "range": [0, 1], "pad": 0, "mask": True},
+            ],
+            "outputs": [
+                {"name": "mean", "datatype": "FP32", "shape": ["batch"]},
+                {"name": "each", "datatype": "FP32", "shape": ["batch", "t"]},
+            ],
+            "dims": {"t": [1, 64]},
+        }
+    )
 
     class MaskedMean(torch.nn.Module):
         def forward(self, x, m):
             w = m.float()
             return (x * w).sum(1) / w.sum(1), x * 2
 
-    card = ModelCard(name="mm", task="tensors", input_shape=(), mean=(), std=(), labels=(), preprocess="none",
-                     output_kind="tensors", architecture=Architecture("tests:MaskedMean"), input_kind="named",
-                     signature=sig)  # fmt: skip
+    card = ModelCard(
+        name="mm",
+        task="tensors",
+        input_shape=(),
+        mean=(),
+        std=(),
+        labels=(),
+        preprocess="none",
+        output_kind="tensors",
+        architecture=Architecture("tests:MaskedMean"),
+        input_kind="named",
+        signature=sig,
+    )
     run = runners.named_torch_runner(MaskedMean(), sig)
     passes = []
     rng = np.random.default_rng(0)
-    requests = [signature.check(sig, {"x": ("FP32", (1, n), rng.standard_normal(n).astype(np.float32)),
-                                      "m": ("INT64", (1, n), np.ones(n, np.int64))}) for n in (2, 9, 30)]  # fmt: skip
+    requests = [
+        signature.check(
+            sig,
+            {
+                "x": ("FP32", (1, n), rng.standard_normal(n).astype(np.float32)),
+                "m": ("INT64", (1, n), np.ones(n, np.int64)),
+            },
+        )
+        for n in (2, 9, 30)
+    ]
 
     async def go():
         batcher = Batcher(run, max_batch=8, max_delay=0, max_queue=8, on_pass=passes.append, **stacking(card))
@@ -160,8 +189,9 @@ def oip_server(tmp_path_factory, models):
     started = {}
     try:
         for name in models:
-            cfg = oip.OIPConfig.on_free_ports(str(models[name]["dir"]), name,
-                                              str(tmp_path_factory.mktemp(f"oip-{name}")), workers=1)  # fmt: skip
+            cfg = oip.OIPConfig.on_free_ports(
+                str(models[name]["dir"]), name, str(tmp_path_factory.mktemp(f"oip-{name}")), workers=1
+            )
             started[name] = oip.start(cfg, timeout=180)
         yield started
     finally:
@@ -184,8 +214,14 @@ def infer(kind: str, cfg, model: str, feeds: dict, outputs=None) -> dict:
         inputs.append(inp)
     wanted = [module.InferRequestedOutput(o) for o in outputs] if outputs else None
     result = c.infer(model, inputs, outputs=wanted)
-    names = outputs or [o["name"] for o in (result.get_response()["outputs"] if kind == "http" else
-                                            [{"name": o.name} for o in result.get_response().outputs])]  # fmt: skip
+    names = outputs or [
+        o["name"]
+        for o in (
+            result.get_response()["outputs"]
+            if kind == "http"
+            else [{"name": o.name} for o in result.get_response().outputs]
+        )
+    ]
     return {n: result.as_numpy(n) for n in names}
 
 
@@ -227,10 +263,14 @@ def test_several_outputs_answer_by_name_and_bad_inputs_name_the_input(oip_server
     for k in ("score", "kind_logits"):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5)
     assert set(infer(kind, cfg, "shop", feeds, outputs=["high_ids"])) == {"high_ids"}
-    bad = {"wrong name": ({"dense": feeds["dense"], "idz": feeds["ids"]}, "missing ['ids']"),
-           "wrong dtype": ({"dense": feeds["dense"], "ids": feeds["ids"].astype(np.float32)}, "'ids' must be INT64"),
-           "out of range": ({"dense": feeds["dense"], "ids": np.array([[0, 1]] * 3 + [[2, 99]])},
-                            "input 'ids' element [3, 1]: 99 is outside 0..9")}  # fmt: skip
+    bad = {
+        "wrong name": ({"dense": feeds["dense"], "idz": feeds["ids"]}, "missing ['ids']"),
+        "wrong dtype": ({"dense": feeds["dense"], "ids": feeds["ids"].astype(np.float32)}, "'ids' must be INT64"),
+        "out of range": (
+            {"dense": feeds["dense"], "ids": np.array([[0, 1]] * 3 + [[2, 99]])},
+            "input 'ids' element [3, 1]: 99 is outside 0..9",
+        ),
+    }
     for case, (inputs, message) in bad.items():
         with pytest.raises(InferenceServerException, match=None) as e:
             infer(kind, cfg, "shop", inputs)
@@ -284,12 +324,18 @@ def test_torchserve_takes_named_inputs_as_json_and_batches_different_lengths(tor
 def test_torchserve_answers_several_outputs_by_name(torchserve_server, models):
     cfg, rng = torchserve_server, np.random.default_rng(6)
     headers = torchserve.headers(cfg.state_dir)
-    examples = {"shop": {"dense": rng.uniform(-3, 3, (1, 13)).astype(np.float32), "ids": rng.integers(0, 10, (1, 2))},
-                "detector": {"images": rng.uniform(0, 1, (1, 3, 64, 64)).astype(np.float32)}}  # fmt: skip
+    examples = {
+        "shop": {"dense": rng.uniform(-3, 3, (1, 13)).astype(np.float32), "ids": rng.integers(0, 10, (1, 2))},
+        "detector": {"images": rng.uniform(0, 1, (1, 3, 64, 64)).astype(np.float32)},
+    }
     assert top_gap(models["detector"]["eager"], examples["detector"]["images"]) > 1e-4  # no near-tie to rank
     for name, feeds in examples.items():
-        status, body = post(cfg.inference_port, f"/predictions/{name}",
-                            {"inputs": {k: v[0].tolist() for k, v in feeds.items()}}, headers)  # fmt: skip
+        status, body = post(
+            cfg.inference_port,
+            f"/predictions/{name}",
+            {"inputs": {k: v[0].tolist() for k, v in feeds.items()}},
+            headers,
+        )
         assert status == 200, body
         want = eager(models[name]["eager"], models[name]["card"], feeds)
         assert set(body["outputs"]) == set(want)
@@ -299,13 +345,24 @@ def test_torchserve_answers_several_outputs_by_name(torchserve_server, models):
 
 def test_export_refuses_a_signature_that_does_not_fit_the_model(models, tmp_path):
     (tmp_path / "models.py").write_text(MODELS)
-    (tmp_path / "sig.json").write_text(json.dumps({
-        "inputs": [{"name": "dense", "datatype": "FP32", "shape": ["batch", 13]},
-                   {"name": "ids", "datatype": "INT64", "shape": ["batch", 2], "range": [0, 9]}],
-        "outputs": [{"name": "score", "datatype": "FP32", "shape": ["batch", 2]}]}))  # fmt: skip
+    (tmp_path / "sig.json").write_text(
+        json.dumps(
+            {
+                "inputs": [
+                    {"name": "dense", "datatype": "FP32", "shape": ["batch", 13]},
+                    {"name": "ids", "datatype": "INT64", "shape": ["batch", 2], "range": [0, 9]},
+                ],
+                "outputs": [{"name": "score", "datatype": "FP32", "shape": ["batch", 2]}],
+            }
+        )
+    )
     shutil.copy(models["shop"]["dir"].parent / "shop.pt", tmp_path / "shop.pt")
-    run = subprocess.run([*TORCHSHIP, "export", "--model", "models.py:Shop", "--weights", "shop.pt", "--signature",
-                          "sig.json"], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    run = subprocess.run(
+        [*TORCHSHIP, "export", "--model", "models.py:Shop", "--weights", "shop.pt", "--signature", "sig.json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "output 'score': the model answers FP32 [2, 1] where the signature declares FP32" in run.stderr, run.stderr
 
@@ -352,9 +409,24 @@ def test_pt2_takes_named_inputs_and_answers_every_output(models, tmp_path):
     shop = models["shop"]
     out, source = tmp_path / "shop-pt2", shop["dir"].parent / "models.py"
     weights = source.parent / "shop.pt"
-    run = subprocess.run([*TORCHSHIP, "export", "--model", f"{source}:Shop", "--weights", str(weights), "--signature",
-                          f"{source}:SHOP", "--formats", "pt2", "--out", str(out)], capture_output=True,
-                         text=True)  # fmt: skip
+    run = subprocess.run(
+        [
+            *TORCHSHIP,
+            "export",
+            "--model",
+            f"{source}:Shop",
+            "--weights",
+            str(weights),
+            "--signature",
+            f"{source}:SHOP",
+            "--formats",
+            "pt2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "equivalence.json").read_text())
     assert report["passed"] and {c["output"] for c in report["checks"] if c["backend"] == "pt2"} == {

@@ -99,10 +99,14 @@ def test_health_readiness_and_metadata(server, kind):
             "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.inputs],
             "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.outputs],
         }
-    assert meta["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": [-1, 1]},
-                              {"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]  # fmt: skip
-    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
-                               {"name": "label", "datatype": "BYTES", "shape": [-1]}]  # fmt: skip
+    assert meta["inputs"] == [
+        {"name": "images", "datatype": "BYTES", "shape": [-1, 1]},
+        {"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]},
+    ]
+    assert meta["outputs"] == [
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+        {"name": "label", "datatype": "BYTES", "shape": [-1]},
+    ]
 
 
 @pytest.mark.parametrize("kind", list(CLIENTS))
@@ -120,9 +124,13 @@ def test_digits_as_bytes_and_as_fp32_give_the_embeddings_answers(server, convnet
 
 def test_plain_json_and_the_label_output_alone(server, convnet_export):
     blobs = [png(DIGITS[i]) for i in FOUR[:2]]
-    body = {"id": "r7", "inputs": [{"name": "images", "datatype": "BYTES", "shape": [2],
-                                    "data": [base64.b64encode(b).decode() for b in blobs]}],
-            "outputs": [{"name": "label"}]}  # fmt: skip
+    body = {
+        "id": "r7",
+        "inputs": [
+            {"name": "images", "datatype": "BYTES", "shape": [2], "data": [base64.b64encode(b).decode() for b in blobs]}
+        ],
+        "outputs": [{"name": "label"}],
+    }
     status, reply, _ = post(server, "/v2/models/mnist/infer", json.dumps(body).encode())
     out = json.loads(reply)
     assert status == 200 and out["id"] == "r7" and [o["name"] for o in out["outputs"]] == ["label"]
@@ -158,8 +166,11 @@ def test_readiness_waits_for_the_warm_up_at_the_largest_batch(server, tmp_path, 
     weights = helper.make_tensor("w", TensorProto.FLOAT, [784, 10], np.random.default_rng(0).normal(size=7840))
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["images"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
-        "fixed", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], [weights])  # fmt: skip
+        "fixed",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        [weights],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     model.metadata_props.add(key="torchship", value=json.dumps(card))
     export = tmp_path / "fixed"
@@ -167,11 +178,16 @@ def test_readiness_waits_for_the_warm_up_at_the_largest_batch(server, tmp_path, 
     onnx.save(model, export / "model.onnx")
     (export / "meta.json").write_text(json.dumps(card))
     with pytest.raises(ServerError, match="warm-up"):
-        oip.start(oip.OIPConfig.on_free_ports(str(export), "fixed", str(tmp_path / "a"), max_batch=8, threads=1,
-                                              max_delay_ms=0), timeout=60)  # fmt: skip
+        oip.start(
+            oip.OIPConfig.on_free_ports(
+                str(export), "fixed", str(tmp_path / "a"), max_batch=8, threads=1, max_delay_ms=0
+            ),
+            timeout=60,
+        )
     assert oip.pid(tmp_path / "a") is None
-    ones = oip.OIPConfig.on_free_ports(str(export), "fixed", str(tmp_path / "b"), max_batch=1, threads=1,
-                                       max_delay_ms=0)  # fmt: skip
+    ones = oip.OIPConfig.on_free_ports(
+        str(export), "fixed", str(tmp_path / "b"), max_batch=1, threads=1, max_delay_ms=0
+    )
     ones = oip.start(ones, timeout=60)
     try:
         log = (tmp_path / "b" / "logs" / oip.LOG).read_text()
@@ -188,8 +204,9 @@ def test_each_worker_runs_its_passes_where_its_warm_up_pass_decided(server):
         assert w["batch"] == 8 and w["inline"] == (w["ms"] <= INLINE_PASS_MS)
 
 
-@pytest.mark.parametrize("inline,requests,prompt", [(True, 5, False), (False, 5, False), (True, 1, False),
-                                                    (True, 1, True), (False, 1, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "inline,requests,prompt", [(True, 5, False), (False, 5, False), (True, 1, False), (True, 1, True), (False, 1, True)]
+)
 def test_a_pass_runs_on_the_loop_or_on_its_thread_with_the_same_answers(inline, requests, prompt):
     """Several requests' pass runs where it is told; a lone request's on the thread unless its protocol queues its
     company in the same turn of the loop (prompt), so that the loop can take in that company meanwhile."""
@@ -253,11 +270,13 @@ def test_soak_64_grpc_clients_every_answer_the_embeddings(server, convnet_export
 
 def test_past_the_queue_bound_clients_get_503_with_retry_after_never_a_hang(tmp_path, convnet_export):
     """One worker, a queue of one, batches of one: 48 clients at once overflow it, and are told when to come back."""
-    cfg = oip.OIPConfig.on_free_ports(str(convnet_export.directory), "mnist", str(tmp_path), workers=1, max_batch=1,
-                                      max_delay_ms=0, max_queue=1)  # fmt: skip
+    cfg = oip.OIPConfig.on_free_ports(
+        str(convnet_export.directory), "mnist", str(tmp_path), workers=1, max_batch=1, max_delay_ms=0, max_queue=1
+    )
     cfg = oip.start(cfg, timeout=120)
-    request = v2_json({"name": "images", "datatype": "BYTES", "shape": [1],
-                       "data": [base64.b64encode(png(DIGITS[7])).decode()]})  # fmt: skip
+    request = v2_json(
+        {"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(png(DIGITS[7])).decode()]}
+    )
     try:
         with ThreadPoolExecutor(48) as pool:
             results = list(pool.map(lambda _: post(cfg, "/v2/models/mnist/infer", request), range(48)))
@@ -283,14 +302,31 @@ def binary(header: dict, blob: bytes) -> tuple[bytes, dict]:
 
 def bytes_input(n_claimed: int, elements: list[bytes]) -> tuple[bytes, dict]:
     blob = b"".join(struct.pack("<I", len(e)) + e for e in elements)
-    return binary({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [n_claimed],
-                               "parameters": {"binary_data_size": len(blob)}}]}, blob)  # fmt: skip
+    return binary(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "datatype": "BYTES",
+                    "shape": [n_claimed],
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ]
+        },
+        blob,
+    )
 
 
 def fp32_input(shape, values: np.ndarray) -> tuple[bytes, dict]:
     blob = values.astype("<f4").tobytes()
-    return binary({"inputs": [{"name": "input", "datatype": "FP32", "shape": shape,
-                               "parameters": {"binary_data_size": len(blob)}}]}, blob)  # fmt: skip
+    return binary(
+        {
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": shape, "parameters": {"binary_data_size": len(blob)}}
+            ]
+        },
+        blob,
+    )
 
 
 DIGIT = png(DIGITS[0])
@@ -301,32 +337,89 @@ HOSTILE_V2 = [  # (name, body, headers, status, words)
     ("fp32 of the wrong shape", *fp32_input([1, 28, 28], np.zeros(784)), 400, "shape [N, 1, 28, 28]"),
     ("fp32 holding NaN", *fp32_input([1, 1, 28, 28], np.full(784, np.nan)), 400, "NaN or infinite"),
     ("fp32 holding Infinity", *fp32_input([1, 1, 28, 28], np.full(784, np.inf)), 400, "NaN or infinite"),
-    ("NaN in JSON", v2_json({"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28],
-                             "data": [float("nan")] * 784}), {}, 400, "NaN and Infinity are not JSON numbers"),
-    ("binary size runs past the body", binary({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
-     "parameters": {"binary_data_size": 500}}]}, b"\x05\x00\x00\x00ab")[0], binary({}, b"")[1] | {
-     "Inference-Header-Content-Length": str(len(json.dumps({"inputs": [{"name": "images", "datatype": "BYTES",
-     "shape": [1], "parameters": {"binary_data_size": 500}}]})))}, 400, "runs past the end of the body"),
+    (
+        "NaN in JSON",
+        v2_json({"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [float("nan")] * 784}),
+        {},
+        400,
+        "NaN and Infinity are not JSON numbers",
+    ),
+    (
+        "binary size runs past the body",
+        binary(
+            {
+                "inputs": [
+                    {"name": "images", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 500}}
+                ]
+            },
+            b"\x05\x00\x00\x00ab",
+        )[0],
+        binary({}, b"")[1]
+        | {
+            "Inference-Header-Content-Length": str(
+                len(
+                    json.dumps(
+                        {
+                            "inputs": [
+                                {
+                                    "name": "images",
+                                    "datatype": "BYTES",
+                                    "shape": [1],
+                                    "parameters": {"binary_data_size": 500},
+                                }
+                            ]
+                        }
+                    )
+                )
+            )
+        },
+        400,
+        "runs past the end of the body",
+    ),
     ("an element's length runs past its data", *bytes_input(1, [b""])[:1], bytes_input(1, [b""])[1], 400, ""),
     ("JSON nested 5000 deep", NESTED, {}, 400, "not valid JSON"),
-    ("header length past the body", b'{"inputs": []}', {"Inference-Header-Content-Length": "999"}, 400,
-     "does not fit"),
-    ("wrong input name", v2_json({"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28],
-                                  "data": [0.0] * 784}), {}, 400, "'images'"),
-    ("two inputs", v2_json({"name": "images", "datatype": "BYTES", "shape": [1], "data": ["aGk="]},
-                           {"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784}), {},
-     400, "one input"),
+    ("header length past the body", b'{"inputs": []}', {"Inference-Header-Content-Length": "999"}, 400, "does not fit"),
+    (
+        "wrong input name",
+        v2_json({"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784}),
+        {},
+        400,
+        "'images'",
+    ),
+    (
+        "two inputs",
+        v2_json(
+            {"name": "images", "datatype": "BYTES", "shape": [1], "data": ["aGk="]},
+            {"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784},
+        ),
+        {},
+        400,
+        "one input",
+    ),
     ("no inputs", b'{"id": "x"}', {}, 400, "inputs"),
-    ("unknown output", json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [
-        base64.b64encode(DIGIT).decode()]}], "outputs": [{"name": "secret"}]}).encode(), {}, 400, "unknown output"),
-]  # fmt: skip
+    (
+        "unknown output",
+        json.dumps(
+            {
+                "inputs": [
+                    {"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(DIGIT).decode()]}
+                ],
+                "outputs": [{"name": "secret"}],
+            }
+        ).encode(),
+        {},
+        400,
+        "unknown output",
+    ),
+]
 # The TorchServe path's hostile images, each as the one element of a v2 BYTES tensor: the same status and reason.
 HOSTILE_IMAGES = [h for h in HOSTILE if h[2].startswith(("image/", "application/postscript")) and not h[3]]
 
 
 @pytest.mark.parametrize("name,body,headers,status,words", HOSTILE_V2, ids=[h[0] for h in HOSTILE_V2])
-def test_hostile_v2_bodies_get_a_4xx_with_a_message_and_the_next_request_is_answered(server, name, body, headers,
-                                                                                       status, words):  # fmt: skip
+def test_hostile_v2_bodies_get_a_4xx_with_a_message_and_the_next_request_is_answered(
+    server, name, body, headers, status, words
+):
     got, reply, _ = post(server, "/v2/models/mnist/infer", body, headers)
     assert got == status and words in json.loads(reply)["error"], (got, reply[:300])
     ok, _, _ = post(server, "/v2/models/mnist/infer", *bytes_input(1, [DIGIT]))
@@ -344,8 +437,9 @@ def test_every_hostile_image_of_the_torchserve_path_is_refused_here_too(server, 
 def test_a_body_far_over_the_limit_is_refused_before_it_is_read(server):
     """The client announces 100 MB and sends 1 KB: the answer comes at once, and the connection closes."""
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
-        sock.sendall(b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n" + b"x" *
-                     1024)  # fmt: skip
+        sock.sendall(
+            b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 1024
+        )
         reply = b""
         while chunk := sock.recv(65536):
             reply += chunk
@@ -383,8 +477,16 @@ def test_kill_9_of_a_worker_under_load_costs_at_most_its_own_requests(server, co
     # socket had queued while it died), and none if it held nothing at that instant: the other worker's share of the
     # 64 in flight is answered
     assert sum(d.failed.values()) < d.in_flight_at_kill <= 64
-    after = wait_for(lambda: (s := oip.status(server.state_dir)) and len(s["workers"]) == len(before["workers"])
-                     and all(w["ready"] for w in s["workers"]) and s, 60, "the worker's replacement")  # fmt: skip
+    after = wait_for(
+        lambda: (
+            (s := oip.status(server.state_dir))
+            and len(s["workers"]) == len(before["workers"])
+            and all(w["ready"] for w in s["workers"])
+            and s
+        ),
+        60,
+        "the worker's replacement",
+    )
     assert victim not in [w["pid"] for w in after["workers"]] and after["restarts"] == before["restarts"] + 1
 
 
@@ -400,17 +502,42 @@ def test_the_cli_lifecycle_status_and_load_test(convnet_export, tmp_path):
     http_port, grpc_port = free_ports(2)
 
     def cli(*args):
-        return subprocess.run([*TORCHSHIP, *map(str, args)], capture_output=True, text=True, cwd=tmp_path,
-                              timeout=180)  # fmt: skip
+        return subprocess.run([*TORCHSHIP, *map(str, args)], capture_output=True, text=True, cwd=tmp_path, timeout=180)
 
-    r = cli("serve", "start", "--runtime", "kserve", "--model", "digits", "--export-dir", convnet_export.directory,
-            "--state-dir", state, "--inference-port", http_port, "--grpc-port", grpc_port)  # fmt: skip
+    r = cli(
+        "serve",
+        "start",
+        "--runtime",
+        "kserve",
+        "--model",
+        "digits",
+        "--export-dir",
+        convnet_export.directory,
+        "--state-dir",
+        state,
+        "--inference-port",
+        http_port,
+        "--grpc-port",
+        grpc_port,
+    )
     try:
         assert r.returncode == 0 and f"127.0.0.1:{http_port}" in r.stdout, r.stderr[-2000:]
         status = json.loads(cli("serve", "status", "--state-dir", state).stdout)
         assert status["running"] and status["ready"] and status["runtime"] == "oip" and len(status["workers"]) == 2
-        again = cli("serve", "start", "--runtime", "oip", "--model", "digits", "--export-dir",
-                    convnet_export.directory, "--state-dir", state, "--inference-port", free_ports(1)[0])  # fmt: skip
+        again = cli(
+            "serve",
+            "start",
+            "--runtime",
+            "oip",
+            "--model",
+            "digits",
+            "--export-dir",
+            convnet_export.directory,
+            "--state-dir",
+            state,
+            "--inference-port",
+            free_ports(1)[0],
+        )
         assert again.returncode == 1 and "already running" in again.stderr
         lt = cli(
             "loadtest", "--state-dir", state, "--concurrency", "1,4", "--requests", "100", "--out", tmp_path / "lt"

@@ -26,8 +26,22 @@ def wheel(tmp_path_factory) -> Path:
         if (ROOT / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                        "--wheel-dir", str(out), str(source)], capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--wheel-dir",
+            str(out),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return next(out.glob("torchship-*.whl"))
 
@@ -39,8 +53,11 @@ def installed(tmp_path_factory, wheel) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     bare_site_packages(venv, Path(sysconfig.get_paths()["purelib"]))
     python = venv / "bin" / "python"
-    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--quiet",
-                        str(wheel)], capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--quiet", str(wheel)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return venv
 
@@ -67,8 +84,13 @@ def test_bare_names_do_not_import_and_torchship_does(installed, tmp_path):
 
 def test_the_installed_command_trains_exports_archives_and_writes_the_page(installed, tmp_path, data_dir):
     def torchship(*args):
-        r = subprocess.run([installed / "bin" / "torchship", *map(str, args)], capture_output=True, text=True,
-                           cwd=tmp_path, timeout=600)  # fmt: skip
+        r = subprocess.run(
+            [installed / "bin" / "torchship", *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=600,
+        )
         assert r.returncode == 0, (args, r.stderr[-3000:])
         return r
 

@@ -57,11 +57,20 @@ def browser(tmp_path_factory):
     assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "apt-get install chromium chromium-driver (.ci/run does)"
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1200,1500", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
-                # every host name but 127.0.0.1 fails to resolve: the page must work with no network at all
-                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):  # fmt: skip
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1200,1500",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+        # every host name but 127.0.0.1 fails to resolve: the page must work with no network at all
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
@@ -97,8 +106,10 @@ def drop(driver, data: bytes, name: str, mime: str = "image/png"):
         const dt = new DataTransfer();
         dt.items.add(new File([bytes], arguments[1], {type: arguments[2]}));
         document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));""",
-        base64.b64encode(data).decode(), name, mime,
-    )  # fmt: skip
+        base64.b64encode(data).decode(),
+        name,
+        mime,
+    )
     return fresh_answer(driver, "window.__before")
 
 
@@ -190,8 +201,9 @@ def test_asking_the_server_shows_both_answers_and_keeps_the_key_out_of_files(bro
     shown = browser.find_element(By.ID, "remote").text
     assert answer["remote"]["label"] in shown
     assert browser.execute_script("return localStorage.length + sessionStorage.length + document.cookie.length") == 0
-    assert all(key not in p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file() and p.stat().st_size
-               < 5_000_000)  # fmt: skip
+    assert all(
+        key not in p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file() and p.stat().st_size < 5_000_000
+    )
 
 
 def test_the_autoencoders_page_shows_input_and_reconstruction(browser, tmp_path, data_dir):
@@ -234,12 +246,25 @@ def test_the_page_command_writes_a_folder_that_needs_no_build(tmp_path, convnet_
 
     from helpers import TORCHSHIP
 
-    r = subprocess.run([*TORCHSHIP, "page", str(convnet_export.directory), "--out", str(tmp_path / "p")],
-                       capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    r = subprocess.run(
+        [*TORCHSHIP, "page", str(convnet_export.directory), "--out", str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     files = {p.relative_to(tmp_path / "p").as_posix() for p in (tmp_path / "p").rglob("*") if p.is_file()}
-    assert {"index.html", "page.js", "images.js", "page.css", "model.onnx", "card.json", "figures.json",
-            "ort/ort.wasm.min.js", "ort/ort-wasm-simd-threaded.wasm"} <= files  # fmt: skip
+    assert {
+        "index.html",
+        "page.js",
+        "images.js",
+        "page.css",
+        "model.onnx",
+        "card.json",
+        "figures.json",
+        "ort/ort.wasm.min.js",
+        "ort/ort-wasm-simd-threaded.wasm",
+    } <= files
     assert json.loads((tmp_path / "p" / "card.json").read_text())["name"] == convnet_export.card.name
     shutil.rmtree(tmp_path / "p")
 
@@ -251,15 +276,28 @@ def test_the_browser_resamples_exactly_as_pillow(browser, page, filter_name):
     open_page(browser, url)
     rng = np.random.default_rng(7)
     resample = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}[filter_name]
-    for h, w, oh, ow, c in [(217, 18, 20, 2, 1), (18, 217, 2, 20, 1), (124, 65, 31, 36, 1), (50, 40, 20, 17, 3),
-                            (300, 400, 256, 341, 3), (30, 30, 64, 48, 1), (40, 41, 40, 9, 3)]:  # fmt: skip
+    for h, w, oh, ow, c in [
+        (217, 18, 20, 2, 1),
+        (18, 217, 2, 20, 1),
+        (124, 65, 31, 36, 1),
+        (50, 40, 20, 17, 3),
+        (300, 400, 256, 341, 3),
+        (30, 30, 64, 48, 1),
+        (40, 41, 40, 9, 3),
+    ]:
         pixels = rng.integers(0, 256, (h, w, c) if c == 3 else (h, w)).astype(np.uint8)
         expected = np.asarray(Image.fromarray(pixels).resize((ow, oh), resample))
         got = browser.execute_script(
             "return Array.from(Images.resample(Uint8Array.from(arguments[0]), arguments[1], arguments[2], "
             "arguments[3], arguments[4], arguments[5], arguments[6]))",
-            pixels.ravel().tolist(), w, h, c, ow, oh, filter_name,
-        )  # fmt: skip
+            pixels.ravel().tolist(),
+            w,
+            h,
+            c,
+            ow,
+            oh,
+            filter_name,
+        )
         assert np.array_equal(np.asarray(got, np.uint8).reshape(expected.shape), expected), (h, w, oh, ow, c)
 
 
@@ -295,15 +333,19 @@ def test_a_one_number_regression_gets_a_slider_the_line_and_the_servers_answer(b
     first = wait(browser, "torchship.last && torchship.last.done && torchship.last")  # the slider's starting x
     assert abs(first["answer"]["value"] - model.predict(first["input"][0][0])) < 1e-5
     browser.find_element(By.ID, "use-server").click()
-    browser.execute_script("window.__before = torchship.last; const s = document.getElementById('x-box');"
-                           "s.value = '0.5'; s.dispatchEvent(new Event('change'));")  # fmt: skip
+    browser.execute_script(
+        "window.__before = torchship.last; const s = document.getElementById('x-box');"
+        "s.value = '0.5'; s.dispatchEvent(new Event('change'));"
+    )
     answer = fresh_answer(browser, "window.__before")
     assert answer["input"] == [[0.5]] and abs(answer["answer"]["value"] - model.predict(0.5)) < 1e-5
     assert abs(answer["remote"]["predictions"][0] - model.predict(0.5)) < 1e-5  # the OIP server, through the relay
     assert abs(answer["answer"]["value"] - 2.0) < 0.05  # 1 + 2 x 0.5, as fitted
-    line = browser.execute_script("const c = document.getElementById('line');"
-                                  "return c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
-                                  ".filter((v, i) => i % 4 === 3 && v > 0).length")  # fmt: skip
+    line = browser.execute_script(
+        "const c = document.getElementById('line');"
+        "return c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
+        ".filter((v, i) => i % 4 === 3 && v > 0).length"
+    )
     assert line > 500  # the fitted line and its axes were drawn
     assert browser.execute_script("return torchship.errors") == []
 
@@ -335,8 +377,10 @@ def test_named_inputs_get_a_form_and_every_output_by_name(browser, named_page):
     rng = np.random.default_rng(3)
     feeds = {"dense": rng.uniform(-3, 3, (2, 13)).round(3), "ids": rng.integers(0, 10, (2, 2))}
     text = json.dumps({k: v.tolist() for k, v in feeds.items()})
-    browser.execute_script("window.__before = torchship.last; document.getElementById('rows-json').value = "
-                           f"{json.dumps(text)}; document.getElementById('run-rows').click();")  # fmt: skip
+    browser.execute_script(
+        "window.__before = torchship.last; document.getElementById('rows-json').value = "
+        f"{json.dumps(text)}; document.getElementById('run-rows').click();"
+    )
     answer = fresh_answer(browser, "window.__before")
     want = load_onnx(directory / "model.onnx").predict(
         {"dense": feeds["dense"].astype(np.float32), "ids": feeds["ids"]}
@@ -344,9 +388,11 @@ def test_named_inputs_get_a_form_and_every_output_by_name(browser, named_page):
     for name, y in want.items():
         got = answer["answer"]["outputs"][name]
         assert got["shape"] == list(y.shape) and np.allclose(got["data"], y.reshape(-1), rtol=1e-5, atol=1e-6), name
-    browser.execute_script("window.__before = torchship.last; document.getElementById('rows-json').value = "
-                           "'{\"dense\": [0,0,0,0,0,0,0,0,0,0,0,0,0], \"ids\": [1, 12]}';"
-                           "document.getElementById('run-rows').click();")  # fmt: skip
+    browser.execute_script(
+        "window.__before = torchship.last; document.getElementById('rows-json').value = "
+        '\'{"dense": [0,0,0,0,0,0,0,0,0,0,0,0,0], "ids": [1, 12]}\';'
+        "document.getElementById('run-rows').click();"
+    )
     bad = fresh_answer(browser, "window.__before")
     assert "input 'ids': a value is outside 0..9" in bad["answer"]["error"]
     proof = browser.find_element(By.ID, "proof-summary").text

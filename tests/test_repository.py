@@ -51,9 +51,11 @@ def exports(tmp_path_factory, convnet_run, data_dir):
     torch.save(ckpt, work / "moved.pt")
     mlp = tmp_path_factory.mktemp("mlp-run")
     train(quick("mnist-mlp", epochs=1), mlp, data_dir, quiet=True)
-    out = {"digits/1": proven(convnet_run / "best.pt", work / "digits" / "1", "digits", "1", data_dir),
-           "digits/2": proven(work / "moved.pt", work / "digits" / "2", "digits", "2", data_dir),
-           "mlp/1": proven(mlp / "best.pt", work / "mlp" / "1", "mlp", "1", data_dir)}  # fmt: skip
+    out = {
+        "digits/1": proven(convnet_run / "best.pt", work / "digits" / "1", "digits", "1", data_dir),
+        "digits/2": proven(work / "moved.pt", work / "digits" / "2", "digits", "2", data_dir),
+        "mlp/1": proven(mlp / "best.pt", work / "mlp" / "1", "mlp", "1", data_dir),
+    }
     bad = work / "digits" / "3"
     shutil.copytree(out["digits/1"], bad)
     card = json.loads((bad / "meta.json").read_text())
@@ -91,8 +93,10 @@ def expected(export) -> np.ndarray:
 def server(tmp_path_factory, exports):
     root = repository(tmp_path_factory.mktemp("repo"), exports, "digits/1", "digits/2", "mlp/1")
     state = tmp_path_factory.mktemp("repo-state")
-    cfg = oip.start(oip.OIPConfig.on_free_ports(str(root), "digits", str(state), workers=2, max_batch=8,
-                                                max_delay_ms=1, threads=1), timeout=180)  # fmt: skip
+    cfg = oip.start(
+        oip.OIPConfig.on_free_ports(str(root), "digits", str(state), workers=2, max_batch=8, max_delay_ms=1, threads=1),
+        timeout=180,
+    )
     yield cfg, root
     oip.stop(state)
 
@@ -142,17 +146,25 @@ def test_repository_calls_need_the_admin_token_and_load_and_unload(server, kind)
     assert "401" in str(e.value) or "UNAUTHENTICATED" in str(e.value.status())
     index = c.get_model_repository_index(headers=auth(cfg))
     rows = index if kind == "http" else [{"name": m.name, "version": m.version, "state": m.state} for m in index.models]
-    assert {(r["name"], r["version"], r["state"]) for r in rows} == {("digits", "1", "READY"), ("digits", "2", "READY"),
-                                                                    ("mlp", "1", "READY")}  # fmt: skip
+    assert {(r["name"], r["version"], r["state"]) for r in rows} == {
+        ("digits", "1", "READY"),
+        ("digits", "2", "READY"),
+        ("mlp", "1", "READY"),
+    }
     c.unload_model("mlp", headers=auth(cfg))
     with pytest.raises(InferenceServerException):
         c.infer("mlp", [images(kind, IMAGES[:1])])
     c.load_model("mlp", headers=auth(cfg))
     assert c.infer("mlp", [images(kind, IMAGES[:1])]).as_numpy("label").shape == (1,)
     config = c.get_model_config("digits")
-    config = config if kind == "http" else {"max_batch_size": config.config.max_batch_size,
-                                            "input": [{"name": i.name, "optional": i.optional}
-                                                      for i in config.config.input]}  # fmt: skip
+    config = (
+        config
+        if kind == "http"
+        else {
+            "max_batch_size": config.config.max_batch_size,
+            "input": [{"name": i.name, "optional": i.optional} for i in config.config.input],
+        }
+    )
     assert config["max_batch_size"] == 256
     assert [(i["name"], i["optional"]) for i in config["input"]] == [("images", True), ("input", True)]
 
@@ -173,8 +185,11 @@ def test_canary_and_a_shadow_of_a_corrupted_candidate(server, exports):
         assert version_of(result, "http") == "2"
         assert np.abs(result.as_numpy("probabilities") - want[i : i + 4]).max() < 1e-5
     labels = {"model": "digits", "default": "2", "candidate": "3"}
-    compared = wait_for(lambda: scrape(cfg.http_port, "torchship_shadow_requests_total", **labels) == 10 and 10, 60,
-                        "the shadow's ten comparisons")  # fmt: skip
+    compared = wait_for(
+        lambda: scrape(cfg.http_port, "torchship_shadow_requests_total", **labels) == 10 and 10,
+        60,
+        "the shadow's ten comparisons",
+    )
     agreed = scrape(cfg.http_port, "torchship_shadow_agreements_total", **labels)
     candidate = expected(exports["digits/3"])
     assert (candidate.argmax(1) != want.argmax(1)).any()  # the corruption shows in the top-1 of these images
@@ -201,13 +216,17 @@ def test_a_version_that_fails_its_warm_up_never_takes_traffic(server, tmp_path):
     weights = helper.make_tensor("w", TensorProto.FLOAT, [784, 10], np.random.default_rng(0).normal(size=7840))
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["images"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
-        "fixed", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], [weights])  # fmt: skip
+        "fixed",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        [weights],
+    )
     broken = root / "digits" / "9"
     broken.mkdir()
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), broken / "model.onnx")
-    (broken / "meta.json").write_text(json.dumps({**card, "version": "9", "output_kind": "logits",
-                                                  "output_name": "logits"}))  # fmt: skip
+    (broken / "meta.json").write_text(
+        json.dumps({**card, "version": "9", "output_kind": "logits", "output_name": "logits"})
+    )
     try:
         with pytest.raises(oip.ServerError, match="version 9 never took traffic.*warm-up"):
             oip.repository_call(cfg.state_dir, "load", "digits")
@@ -223,8 +242,12 @@ def test_a_swap_under_64_clients_loses_nothing(tmp_path, exports):
     """64 clients send digits while version 2 is loaded, made the default and version 1 unloaded: every request is
     answered, each by exactly one version, with that version's own answer."""
     root = repository(tmp_path, exports, "digits/1")
-    cfg = oip.start(oip.OIPConfig.on_free_ports(str(root), "digits", str(tmp_path / "state"), workers=2, max_batch=8,
-                                                max_delay_ms=1, threads=1), timeout=180)  # fmt: skip
+    cfg = oip.start(
+        oip.OIPConfig.on_free_ports(
+            str(root), "digits", str(tmp_path / "state"), workers=2, max_batch=8, max_delay_ms=1, threads=1
+        ),
+        timeout=180,
+    )
     want = {v: expected(exports[f"digits/{v}"]) for v in ("1", "2")}
     answers, done = [], threading.Event()
     target = Target("127.0.0.1", cfg.http_port, "digits", protocol="v2-json")

@@ -45,11 +45,13 @@ def load_then_close(port: int, path: str, headers: dict, body: bytes = DIGIT, n:
 
 def test_oip_then_oip_then_torchserve_then_torchserve_restart_at_once(convnet_export, tmp_path):
     state = tmp_path / "oip"
-    cfg = oip.OIPConfig.on_free_ports(str(convnet_export.directory), "mnist", str(state), workers=1, max_batch=8,
-                                      max_delay_ms=1, threads=1)  # fmt: skip
+    cfg = oip.OIPConfig.on_free_ports(
+        str(convnet_export.directory), "mnist", str(state), workers=1, max_batch=8, max_delay_ms=1, threads=1
+    )
     v2 = {"Content-Type": "application/json"}
-    body = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
-                                   "data": [base64.b64encode(DIGIT).decode()]}]}).encode()  # fmt: skip
+    body = json.dumps(
+        {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(DIGIT).decode()]}]}
+    ).encode()
 
     def oip_round() -> None:
         oip.start(cfg, timeout=120)
@@ -64,8 +66,9 @@ def test_oip_then_oip_then_torchserve_then_torchserve_restart_at_once(convnet_ex
 
     store = tmp_path / "store"
     build_archive(convnet_export.directory, store, name="mnist", config=ModelConfig(minWorkers=1, maxWorkers=1))
-    ts = torchserve.ServerConfig.on_free_ports("mnist", str(store), str(tmp_path / "ts"),
-                                               inference_port=cfg.http_port, management_port=cfg.grpc_port)  # fmt: skip
+    ts = torchserve.ServerConfig.on_free_ports(
+        "mnist", str(store), str(tmp_path / "ts"), inference_port=cfg.http_port, management_port=cfg.grpc_port
+    )
     for _ in range(2):  # right after the OIP server, on its ports; then again at once
         ts = torchserve.start(ts, timeout=240)
         try:

@@ -183,9 +183,13 @@ def test_worker_logs_only_warnings_by_default(served):
 def test_a_second_instance_on_taken_grpc_ports_fails_clearly_and_leaves_nothing(served, tmp_path):
     cfg, _ = served
     # its own HTTP ports, but the running instance's gRPC ports
-    second = torchserve.ServerConfig.on_free_ports(cfg.model, cfg.model_store, str(tmp_path / "state"),
-                                                   grpc_inference_port=cfg.grpc_inference_port,
-                                                   grpc_management_port=cfg.grpc_management_port)  # fmt: skip
+    second = torchserve.ServerConfig.on_free_ports(
+        cfg.model,
+        cfg.model_store,
+        str(tmp_path / "state"),
+        grpc_inference_port=cfg.grpc_inference_port,
+        grpc_management_port=cfg.grpc_management_port,
+    )
     with pytest.raises(torchserve.ServerError) as e:
         torchserve.start(second, timeout=120)
     assert "Address already in use" in str(e.value)
@@ -211,8 +215,17 @@ def test_torchserves_v2_infer_route_speaks_the_protocol_through_our_handler(serv
     result = c.infer(cfg.model, [inp], headers=auth)
     expected = [r["label"] for r in load_onnx(exp.onnx).predict(blobs)]
     assert [str(x) for x in result.as_numpy("label")] == expected and result.as_numpy("probabilities").shape == (4, 10)
-    body = {"id": "r7", "inputs": [{"name": "images", "datatype": "BYTES", "shape": [2],
-                                    "data": [base64.b64encode(b).decode() for b in blobs[:2]]}]}  # fmt: skip
+    body = {
+        "id": "r7",
+        "inputs": [
+            {
+                "name": "images",
+                "datatype": "BYTES",
+                "shape": [2],
+                "data": [base64.b64encode(b).decode() for b in blobs[:2]],
+            }
+        ],
+    }
     status, reply = post(cfg, json.dumps(body).encode(), "application/json")
     assert status == 200 and reply["id"] == "r7" and reply["outputs"][1]["data"] == expected[:2]
     blobs[1] = b"garbage"

@@ -35,7 +35,7 @@ MODEL_FILE = textwrap.dedent('''
 
         def forward(self, x):
             return self.net(x)
-''')  # fmt: skip
+''')
 SETS = {"iris": "load_iris", "diabetes": "load_diabetes"}
 
 
@@ -74,14 +74,43 @@ def exports(tmp_path_factory):
     for name, loader in SETS.items():
         data = getattr(sklearn.datasets, loader)()
         facts = fitted(name, folder, data.data, data.target)
-        task = ["--labels", ",".join(data.target_names)] if name == "iris" else ["--task", "regress", "--output-names",
-                                                                                 "progression"]  # fmt: skip
-        r = subprocess.run([*TORCHSHIP, "export", "--model", str(folder / "tabular.py:Tabular"), "--model-kwarg",
-                            f"inputs={data.data.shape[1]}", "--model-kwarg", f"outputs={3 if name == 'iris' else 1}",
-                            "--weights", str(folder / f"{name}.pt"), "--input-kind", "tensor", "--input-shape",
-                            str(data.data.shape[1]), "--mean", ",".join(map(str, facts["mean"])), "--std",
-                            ",".join(map(str, facts["std"])), "--name", name, "--formats", "ts,onnx", *task,
-                            "--out", str(folder / name)], capture_output=True, text=True, cwd=folder)  # fmt: skip
+        task = (
+            ["--labels", ",".join(data.target_names)]
+            if name == "iris"
+            else ["--task", "regress", "--output-names", "progression"]
+        )
+        r = subprocess.run(
+            [
+                *TORCHSHIP,
+                "export",
+                "--model",
+                str(folder / "tabular.py:Tabular"),
+                "--model-kwarg",
+                f"inputs={data.data.shape[1]}",
+                "--model-kwarg",
+                f"outputs={3 if name == 'iris' else 1}",
+                "--weights",
+                str(folder / f"{name}.pt"),
+                "--input-kind",
+                "tensor",
+                "--input-shape",
+                str(data.data.shape[1]),
+                "--mean",
+                ",".join(map(str, facts["mean"])),
+                "--std",
+                ",".join(map(str, facts["std"])),
+                "--name",
+                name,
+                "--formats",
+                "ts,onnx",
+                *task,
+                "--out",
+                str(folder / name),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=folder,
+        )
         assert r.returncode == 0 and "all checks pass" in r.stdout, r.stderr[-3000:]
         out[name] = {"dir": folder / name, "rows": data.data, "target": data.target}
     return out
@@ -128,8 +157,16 @@ def test_a_tensor_models_try_it_row_is_at_its_mean_without_a_recorded_range(tmp_
 
     from helpers import card
 
-    wine = card(name="wine", input_kind="tensor", input_shape=(3,), mean=(13.0, 2.3, 747.0), std=(0.8, 1.1, 315.0),
-                preprocess="standardize", labels=("a", "b", "c"), output_kind="logits")  # fmt: skip
+    wine = card(
+        name="wine",
+        input_kind="tensor",
+        input_shape=(3,),
+        mean=(13.0, 2.3, 747.0),
+        std=(0.8, 1.1, 315.0),
+        preprocess="standardize",
+        labels=("a", "b", "c"),
+        output_kind="logits",
+    )
     sample = write_sample(tmp_path, wine)
     assert json.loads(sample.path.read_text()) == {"instances": [[13.0, 2.3, 747.0]]}
 
@@ -249,8 +286,9 @@ def test_the_printed_curl_line_is_a_request_the_model_takes(servers, linreg, run
     card = runtimes.get(runtime).card(cfg)
     assert card is not None and card.name == "linreg" and not card.image
     sample = write_sample(tmp_path, card)
-    r = subprocess.run(["bash", "-c", f"{runtimes.get(runtime).curl(cfg, sample)} -sS"], capture_output=True,
-                       text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        ["bash", "-c", f"{runtimes.get(runtime).curl(cfg, sample)} -sS"], capture_output=True, text=True, timeout=60
+    )
     (row,) = json.loads(sample.path.read_text())["instances"]
     assert r.returncode == 0 and 0 < row[0] < 1 and sample.json, r.stderr  # the tutorial's x lie in [0, 1)
     line = load_onnx(linreg["dir"] / "model.onnx")

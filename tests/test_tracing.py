@@ -71,9 +71,19 @@ def test_rest_and_grpc_requests_export_their_traces_over_otlp(convnet_export, tm
     sink = OtlpSink()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint)
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export every 0.1 s instead of 5
-    cfg = oip.start(oip.OIPConfig.on_free_ports(str(convnet_export.directory), "mnist", str(tmp_path), workers=1,
-                                                max_batch=8, max_delay_ms=1, threads=1,
-                                                server_flags=("--access_log",)), timeout=120)  # fmt: skip
+    cfg = oip.start(
+        oip.OIPConfig.on_free_ports(
+            str(convnet_export.directory),
+            "mnist",
+            str(tmp_path),
+            workers=1,
+            max_batch=8,
+            max_delay_ms=1,
+            threads=1,
+            server_flags=("--access_log",),
+        ),
+        timeout=120,
+    )
     try:
         sent = {}
         for kind, module, port in (("rest", thttp, cfg.http_port), ("grpc", tgrpc, cfg.grpc_port)):

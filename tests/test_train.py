@@ -78,8 +78,19 @@ def test_evaluate_equals_one_big_batch_when_the_last_batch_is_short(data_dir):
     preset = get_preset("mnist-mlp")
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
     x, y = torch.randn(1001, 1, 28, 28), torch.randint(0, 10, (1001,))
-    loop = Loop(model=model, opt=None, sched=None, loss=criterion(preset), batch_size=128, seed=1, background=None,
-                classify=True, classes=10, per_batch_schedule=False, ranks=Ranks())  # fmt: skip
+    loop = Loop(
+        model=model,
+        opt=None,
+        sched=None,
+        loss=criterion(preset),
+        batch_size=128,
+        seed=1,
+        background=None,
+        classify=True,
+        classes=10,
+        per_batch_schedule=False,
+        ranks=Ranks(),
+    )
     meter, _ = evaluate(loop, (x, y), batch_size=100)  # ten of 100, one of 1
     with torch.no_grad():
         out = model(x)

@@ -49,8 +49,9 @@ def colour_images(n: int, seed: int, side: int = 32) -> tuple[np.ndarray, np.nda
     """Pixels in [0, 1] whose dominant colour is the class, under smooth shading: a task PetNet can learn."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 4, n)
-    shade = torch.nn.functional.interpolate(torch.from_numpy(rng.uniform(0.6, 1.2, (n, 1, 4, 4)).astype(np.float32)),
-                                            size=(side, side), mode="bilinear")[:, 0].numpy()  # fmt: skip
+    shade = torch.nn.functional.interpolate(
+        torch.from_numpy(rng.uniform(0.6, 1.2, (n, 1, 4, 4)).astype(np.float32)), size=(side, side), mode="bilinear"
+    )[:, 0].numpy()
     noise = rng.normal(0, 0.05, (n, 3, side, side)).astype(np.float32)
     return np.clip(COLOURS[labels][:, :, None, None] * shade[:, None] + noise, 0, 1), labels
 
@@ -107,15 +108,49 @@ def user_exports(tmp_path_factory):
     mobile = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10)
     torch.save(settle(mobile, (3, 224, 224)).state_dict(), work / "mobilenet.pt")
     runs = {
-        "petnet": run_cli("export", "--model", f"{work / 'petnet.py'}:PetNet", "--weights", work / "petnet.pt",
-                          "--input-shape", "3,32,32", "--labels", work / "labels.txt", "--preprocess", "resize",
-                          "--mean", "0.5", "--std", "0.25", "--formats", "ts,onnx,int8", "--calibration",
-                          calibration, "--out", work / "petnet"),
-        "mobilenet": run_cli("export", "--model", "torchvision.models:mobilenet_v3_small", "--model-kwarg",
-                             "num_classes=10", "--weights", work / "mobilenet.pt", "--input-shape", "3,224,224",
-                             "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--name", "mobilenet",
-                             "--out", work / "mobilenet"),
-    }  # fmt: skip
+        "petnet": run_cli(
+            "export",
+            "--model",
+            f"{work / 'petnet.py'}:PetNet",
+            "--weights",
+            work / "petnet.pt",
+            "--input-shape",
+            "3,32,32",
+            "--labels",
+            work / "labels.txt",
+            "--preprocess",
+            "resize",
+            "--mean",
+            "0.5",
+            "--std",
+            "0.25",
+            "--formats",
+            "ts,onnx,int8",
+            "--calibration",
+            calibration,
+            "--out",
+            work / "petnet",
+        ),
+        "mobilenet": run_cli(
+            "export",
+            "--model",
+            "torchvision.models:mobilenet_v3_small",
+            "--model-kwarg",
+            "num_classes=10",
+            "--weights",
+            work / "mobilenet.pt",
+            "--input-shape",
+            "3,224,224",
+            "--mean",
+            "0.485,0.456,0.406",
+            "--std",
+            "0.229,0.224,0.225",
+            "--name",
+            "mobilenet",
+            "--out",
+            work / "mobilenet",
+        ),
+    }
     for name, r in runs.items():
         assert r.returncode == 0, (name, r.stderr[-3000:])
     return work, runs
@@ -177,8 +212,12 @@ def served(user_exports, tmp_path_factory):
 
 def post(cfg, model: str, body: bytes):
     conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
-    conn.request("POST", f"/predictions/{model}", body, {"Content-Type": "application/octet-stream",
-                                                          **torchserve.headers(cfg.state_dir)})  # fmt: skip
+    conn.request(
+        "POST",
+        f"/predictions/{model}",
+        body,
+        {"Content-Type": "application/octet-stream", **torchserve.headers(cfg.state_dir)},
+    )
     r = conn.getresponse()
     out = r.status, json.loads(r.read())
     conn.close()
@@ -207,8 +246,21 @@ def test_loadtest_sends_your_own_images_and_scores_labelled_ones(user_exports, s
         folder = images / model.predict(data)["label"]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{seed}.{'png' if seed % 2 else 'jpg'}").write_bytes(data)
-    r = run_cli("loadtest", "--state-dir", served.state_dir, "--images", images, "--concurrency", "1,2",
-                "--requests", "16", "--duration", "20", "--out", tmp_path / "out")  # fmt: skip
+    r = run_cli(
+        "loadtest",
+        "--state-dir",
+        served.state_dir,
+        "--images",
+        images,
+        "--concurrency",
+        "1,2",
+        "--requests",
+        "16",
+        "--duration",
+        "20",
+        "--out",
+        tmp_path / "out",
+    )
     assert r.returncode == 0, r.stderr
     levels = json.loads((tmp_path / "out" / "loadtest.json").read_text())["levels"]
     assert [lv["concurrency"] for lv in levels] == [1, 2]
@@ -230,25 +282,34 @@ def test_sizing_follows_the_models_measured_cost(user_exports):
     assert "batchSize: 1" in yaml and "maxBatchDelay: 4" in yaml
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--model", "torchvision.models:resnet18", "--weights", "{pickled}", "--input-shape", "3,32,32"],
-     "pickles Python objects"),
-    (["--model", "torchvision.models:resnet18", "--weights", "{petnet}", "--input-shape", "3,32,32"],
-     "keys"),
-    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32,32", "--labels", "a,b"],
-     "2 labels but the model outputs 4"),
-    (["--model", "no.such.module:Net", "--weights", "{petnet}", "--input-shape", "3,32,32"], "cannot import"),
-    (["--model", "{file}:Nope", "--weights", "{petnet}", "--input-shape", "3,32,32"], "no attribute"),
-    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32"], "C,H,W"),
-    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32,32", "--mean", "1,2"],
-     "'mean'"),
-    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "1,32,32"], "does not run"),
-    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32,32", "--name", "../x"],
-     "safe name"),
-    (["--model", "{file}:PetNet", "--input-shape", "3,32,32"], "--weights"),
-    (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32,32", "--formats", "ts,gif"],
-     "choose from"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--model", "torchvision.models:resnet18", "--weights", "{pickled}", "--input-shape", "3,32,32"],
+            "pickles Python objects",
+        ),
+        (["--model", "torchvision.models:resnet18", "--weights", "{petnet}", "--input-shape", "3,32,32"], "keys"),
+        (
+            ["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32,32", "--labels", "a,b"],
+            "2 labels but the model outputs 4",
+        ),
+        (["--model", "no.such.module:Net", "--weights", "{petnet}", "--input-shape", "3,32,32"], "cannot import"),
+        (["--model", "{file}:Nope", "--weights", "{petnet}", "--input-shape", "3,32,32"], "no attribute"),
+        (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32"], "C,H,W"),
+        (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32,32", "--mean", "1,2"], "'mean'"),
+        (["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "1,32,32"], "does not run"),
+        (
+            ["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32,32", "--name", "../x"],
+            "safe name",
+        ),
+        (["--model", "{file}:PetNet", "--input-shape", "3,32,32"], "--weights"),
+        (
+            ["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32,32", "--formats", "ts,gif"],
+            "choose from",
+        ),
+    ],
+)
 def test_what_cannot_be_exported_is_one_clear_line(user_exports, tmp_path, monkeypatch, args, message):
     work, _ = user_exports
     pickled = tmp_path / "whole.pt"

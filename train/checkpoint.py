@@ -87,24 +87,36 @@ class Checkpoint:
     def to_dict(self) -> dict:
         """Also the keys the tutorial's own loading code reads ("Saving (and Loading) Models"): `loss` and `val_loss`,
         the per-epoch losses, beside `epoch` and the two state dicts."""
-        return {"format": FORMAT, "version": VERSION, "card": self.card.to_dict(), "epoch": self.epoch,
-                "model_state_dict": self.model, "optimizer_state_dict": self.optimizer,
-                "scheduler_state_dict": self.scheduler, "history": [asdict(h) for h in self.history],
-                "loss": [h.loss for h in self.history], "val_loss": [h.val_loss for h in self.history],
-                "rng_state": self.rng, "world_size": self.world_size, "preset": self.preset,
-                "training": dict(self.training)}  # fmt: skip
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "card": self.card.to_dict(),
+            "epoch": self.epoch,
+            "model_state_dict": self.model,
+            "optimizer_state_dict": self.optimizer,
+            "scheduler_state_dict": self.scheduler,
+            "history": [asdict(h) for h in self.history],
+            "loss": [h.loss for h in self.history],
+            "val_loss": [h.val_loss for h in self.history],
+            "rng_state": self.rng,
+            "world_size": self.world_size,
+            "preset": self.preset,
+            "training": dict(self.training),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping, path: Path | str = "checkpoint") -> Checkpoint:
         """This version's checkpoints, and version 1's (a `meta` dict instead of the card, or beside it)."""
         legacy = d.get("format") != FORMAT
-        missing = [k for k in ("epoch", "model_state_dict") if k not in d] + (["meta"] if legacy and "card" not in d
-                                                                             and "meta" not in d else [])  # fmt: skip
+        missing = [k for k in ("epoch", "model_state_dict") if k not in d] + (
+            ["meta"] if legacy and "card" not in d and "meta" not in d else []
+        )
         if missing or not isinstance(d.get("model_state_dict"), Mapping):
             raise CheckpointError(f"{path} is not a torchship checkpoint (it lacks {', '.join(missing) or 'weights'})")
         if not legacy and d.get("version", 0) > VERSION:
-            raise CheckpointError(f"{path} was written by a newer torchship (checkpoint version {d['version']}): "
-                                  "upgrade torchship")  # fmt: skip
+            raise CheckpointError(
+                f"{path} was written by a newer torchship (checkpoint version {d['version']}): upgrade torchship"
+            )
         meta = d.get("meta") if isinstance(d.get("meta"), Mapping) else {}
         try:
             card = ModelCard.from_dict(d["card"]) if "card" in d else from_legacy(meta)
@@ -113,12 +125,18 @@ class Checkpoint:
         history = d.get("history") or []
         if not isinstance(history, list) or not all(isinstance(h, Mapping) for h in history):
             raise CheckpointError(f"{path}: its history is not a list of epochs")
-        return cls(card=card, epoch=int(d["epoch"]), model=dict(d["model_state_dict"]),
-                   optimizer=d.get("optimizer_state_dict") or {}, scheduler=d.get("scheduler_state_dict") or {},
-                   history=tuple(EpochRecord.from_dict(h) for h in history), rng=d.get("rng_state") or {},
-                   world_size=int(d.get("world_size", meta.get("world_size", 1))),
-                   preset=d.get("preset", meta.get("preset")),
-                   training=d.get("training") or {k: v for k, v in meta.items() if k in TRAINING_KEYS})  # fmt: skip
+        return cls(
+            card=card,
+            epoch=int(d["epoch"]),
+            model=dict(d["model_state_dict"]),
+            optimizer=d.get("optimizer_state_dict") or {},
+            scheduler=d.get("scheduler_state_dict") or {},
+            history=tuple(EpochRecord.from_dict(h) for h in history),
+            rng=d.get("rng_state") or {},
+            world_size=int(d.get("world_size", meta.get("world_size", 1))),
+            preset=d.get("preset", meta.get("preset")),
+            training=d.get("training") or {k: v for k, v in meta.items() if k in TRAINING_KEYS},
+        )
 
 
 TRAINING_KEYS = ("hparams", "seed", "device", "torch_version")

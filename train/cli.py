@@ -135,8 +135,10 @@ def train_command(
     processes = nproc_per_node * nnodes
     if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: start it, once
         if cfg.batch_size % processes:
-            raise click.BadParameter(f"the global batch of {cfg.batch_size} does not divide into {processes} "
-                                     "processes", param_hint="--batch-size")  # fmt: skip
+            raise click.BadParameter(
+                f"the global batch of {cfg.batch_size} does not divide into {processes} processes",
+                param_hint="--batch-size",
+            )
         # c10d's C++ side logs every failed connection attempt with a stack; our one line says what failed
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
         import sys
@@ -144,8 +146,15 @@ def train_command(
         from torchship.train.distributed import LaunchError, launch, without_launch_flags
 
         try:
-            launch(without_launch_flags(sys.argv[1:]), nproc=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-                   endpoint=rdzv_endpoint, timeout=rdzv_timeout, out=out_dir)  # fmt: skip
+            launch(
+                without_launch_flags(sys.argv[1:]),
+                nproc=nproc_per_node,
+                nnodes=nnodes,
+                node_rank=node_rank,
+                endpoint=rdzv_endpoint,
+                timeout=rdzv_timeout,
+                out=out_dir,
+            )
         except LaunchError as e:
             raise click.ClickException(str(e)) from None
         return

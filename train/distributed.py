@@ -80,8 +80,11 @@ def init(device: torch.device) -> Ranks:
     ranks = from_env()
     if ranks.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-                                device_id=device if device.type == "cuda" else None)  # fmt: skip
+        dist.init_process_group(
+            backend,
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+            device_id=device if device.type == "cuda" else None,
+        )
     return ranks
 
 
@@ -119,8 +122,16 @@ def without_launch_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def launch(argv: list[str], *, nproc: int, nnodes: int = 1, node_rank: int = 0, endpoint: str | None = None,
-           timeout: int = 60, out: str = "") -> None:  # fmt: skip
+def launch(
+    argv: list[str],
+    *,
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    endpoint: str | None = None,
+    timeout: int = 60,
+    out: str = "",
+) -> None:
     """Run `torchship <argv>` on nproc processes here (and nnodes machines) through PyTorch's own launcher,
     torch.distributed.run (torchrun); no launcher of our own. Failures come back as one LaunchError line."""
     from torch.distributed import run as torchrun
@@ -134,8 +145,18 @@ def launch(argv: list[str], *, nproc: int, nnodes: int = 1, node_rank: int = 0, 
             raise LaunchError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the same on every machine)")
         # static: machine 0 hosts the store and its first process is rank 0 (the one that writes files);
         # c10d would number machines in the order they arrive, and fail the last to leave once the host has gone
-        gather = ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "static",
-                  "--rdzv-endpoint", endpoint, "--rdzv-conf", f"timeout={timeout}"]  # fmt: skip
+        gather = [
+            "--nnodes",
+            str(nnodes),
+            "--node-rank",
+            str(node_rank),
+            "--rdzv-backend",
+            "static",
+            "--rdzv-endpoint",
+            endpoint,
+            "--rdzv-conf",
+            f"timeout={timeout}",
+        ]
     args = torchrun.get_args_parser().parse_args(
         ["--nproc-per-node", str(nproc), *gather, "--max-restarts", "0", "--module", "torchship.cli", *argv]
     )
@@ -144,9 +165,12 @@ def launch(argv: list[str], *, nproc: int, nnodes: int = 1, node_rank: int = 0, 
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()  # the root cause; torchrun stops the others after it
         how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with {failure.exitcode}"
-        raise LaunchError(f"rank {rank} (pid {failure.pid}) {how}; the others were stopped. {out}/last.pt holds "
-                          "the last finished epoch: run again with --resume to continue") from None  # fmt: skip
+        raise LaunchError(
+            f"rank {rank} (pid {failure.pid}) {how}; the others were stopped. {out}/last.pt holds "
+            "the last finished epoch: run again with --resume to continue"
+        ) from None
     except (RendezvousError, dist.DistError) as e:  # DistNetworkError: nobody at the endpoint
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise LaunchError(f"could not gather the {nnodes} machine(s) at {endpoint} within {timeout} s "
-                          f"({type(e).__name__}: {first})") from None  # fmt: skip
+        raise LaunchError(
+            f"could not gather the {nnodes} machine(s) at {endpoint} within {timeout} s ({type(e).__name__}: {first})"
+        ) from None

@@ -145,9 +145,15 @@ def train_epoch(loop: Loop, xy, epoch: int) -> Meter:
     ranks = loop.ranks
     gen = torch.Generator().manual_seed(loop.seed * 100_003 + epoch)
     order = torch.randperm(len(x), generator=gen).to(x.device)
-    bar = tqdm(total=len(x), desc=f"epoch {epoch}", unit="img", disable=loop.quiet or not ranks.main or
-               not loop.epoch_bars, leave=False,
-               dynamic_ncols=True, mininterval=0.5)  # fmt: skip
+    bar = tqdm(
+        total=len(x),
+        desc=f"epoch {epoch}",
+        unit="img",
+        disable=loop.quiet or not ranks.main or not loop.epoch_bars,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
     # sums stay on the device: a .item() per batch would make a GPU wait for every step
     sums = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss, correct, samples of this rank
     for step, start in enumerate(range(0, len(x), loop.batch_size)):
@@ -248,8 +254,12 @@ def build_card(preset: Preset, prep: Prepared, metrics: dict) -> ModelCard:
 
 def training_facts(preset: Preset, device: torch.device) -> dict:
     """How the model was trained, for a reader of the checkpoint (the model's own facts are on its card)."""
-    return {"hparams": preset.to_dict(), "seed": preset.seed, "device": str(device),
-            "torch_version": str(torch.__version__)}  # fmt: skip
+    return {
+        "hparams": preset.to_dict(),
+        "seed": preset.seed,
+        "device": str(device),
+        "torch_version": str(torch.__version__),
+    }
 
 
 def now() -> str:
@@ -278,8 +288,7 @@ def train(
     dev = pick_device(device)
     ranks = distributed.init(dev)
     try:
-        return run(preset, Path(out_dir), data_dir, dev, ranks, resume=resume, amp=amp, quiet=quiet,
-                   download=download)  # fmt: skip
+        return run(preset, Path(out_dir), data_dir, dev, ranks, resume=resume, amp=amp, quiet=quiet, download=download)
     except (RuntimeError, torch.distributed.DistError) as e:
         lost = isinstance(e, torch.distributed.DistError) or any(w in str(e) for w in COMMUNICATION_FAILURES)
         if not (ranks.distributed and lost):
@@ -290,11 +299,23 @@ def train(
         distributed.shutdown()
 
 
-def run(preset: Preset, out: Path, data_dir, dev: torch.device, ranks: Ranks, *, resume: bool, amp: bool,
-        quiet: bool, download: bool) -> dict:  # fmt: skip
+def run(
+    preset: Preset,
+    out: Path,
+    data_dir,
+    dev: torch.device,
+    ranks: Ranks,
+    *,
+    resume: bool,
+    amp: bool,
+    quiet: bool,
+    download: bool,
+) -> dict:
     if preset.batch_size % ranks.world_size:
-        raise TrainError(f"the global batch of {preset.batch_size} does not divide into {ranks.world_size} processes: "
-                         "pass --batch-size a multiple of the process count")  # fmt: skip
+        raise TrainError(
+            f"the global batch of {preset.batch_size} does not divide into {ranks.world_size} processes: "
+            "pass --batch-size a multiple of the process count"
+        )
     quiet = quiet or not ranks.main
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -316,37 +337,67 @@ def run(preset: Preset, out: Path, data_dir, dev: torch.device, ranks: Ranks, *,
     if ranks.rank:
         torch.manual_seed(preset.seed + ranks.rank)  # dropout differs between ranks, as between the samples
     loop = Loop(
-        model=distributed.wrap(model, ranks, dev), opt=opt, sched=sched, loss=criterion(preset),
-        batch_size=preset.batch_size, seed=preset.seed, background=-prep.mean / prep.std if preset.augment else None,
-        classify=preset.task == "classify", classes=len(preset.labels),
-        per_batch_schedule=preset.scheduler == "onecycle", ranks=ranks, amp=amp, quiet=quiet,
+        model=distributed.wrap(model, ranks, dev),
+        opt=opt,
+        sched=sched,
+        loss=criterion(preset),
+        batch_size=preset.batch_size,
+        seed=preset.seed,
+        background=-prep.mean / prep.std if preset.augment else None,
+        classify=preset.task == "classify",
+        classes=len(preset.labels),
+        per_batch_schedule=preset.scheduler == "onecycle",
+        ranks=ranks,
+        amp=amp,
+        quiet=quiet,
         epoch_bars=preset.checkpoint_every == 1,
-    )  # fmt: skip
+    )
     if not quiet:
         procs = f" x {ranks.world_size} processes" if ranks.distributed else ""
-        print(f"training {preset.name} on {preset.dataset} ({len(prep.train[0])} train / {len(prep.val[0])} val "
-              f"/ {len(prep.test[0])} test) on {dev}{procs}, epochs {start}..{preset.epochs}")  # fmt: skip
+        print(
+            f"training {preset.name} on {preset.dataset} ({len(prep.train[0])} train / {len(prep.val[0])} val "
+            f"/ {len(prep.test[0])} test) on {dev}{procs}, epochs {start}..{preset.epochs}"
+        )
     epochs = range(start, preset.epochs + 1)
     for epoch in epochs if loop.epoch_bars else tqdm(epochs, desc="epochs", disable=quiet, leave=False):
         t0 = time.perf_counter()
         tr = train_epoch(loop, prep.train, epoch)
         seconds = time.perf_counter() - t0
         va, _ = evaluate(loop, prep.val)
-        history.append(checkpoint.EpochRecord(
-            epoch, tr.loss, va.loss, seconds, tr.samples / seconds, opt.param_groups[0]["lr"], ranks.world_size,
-            tr.accuracy if loop.classify else None, va.accuracy if loop.classify else None))  # fmt: skip
+        history.append(
+            checkpoint.EpochRecord(
+                epoch,
+                tr.loss,
+                va.loss,
+                seconds,
+                tr.samples / seconds,
+                opt.param_groups[0]["lr"],
+                ranks.world_size,
+                tr.accuracy if loop.classify else None,
+                va.accuracy if loop.classify else None,
+            )
+        )
         kept = epoch % preset.checkpoint_every == 0 or epoch == preset.epochs  # every epoch, for the digit presets
         if not quiet and kept:
             acc = f" acc {tr.accuracy:.4f} val_acc {va.accuracy:.4f}" if loop.classify else ""
-            print(f"epoch {epoch}: loss {tr.loss:.4f} val_loss {va.loss:.4f}{acc} "
-                  f"({seconds:.2f}s, {tr.samples / seconds:.0f} {'img' if prep.image else 'rows'}/s)")  # fmt: skip
+            print(
+                f"epoch {epoch}: loss {tr.loss:.4f} val_loss {va.loss:.4f}{acc} "
+                f"({seconds:.2f}s, {tr.samples / seconds:.0f} {'img' if prep.image else 'rows'}/s)"
+            )
         if ranks.main and kept:
             metrics = {"val_loss": va.loss, **({"val_accuracy": va.accuracy} if loop.classify else {})}
             state = checkpoint.Checkpoint(
-                card=build_card(preset, prep, metrics), epoch=epoch, model=model.state_dict(),  # unwrapped
-                optimizer=opt.state_dict(), scheduler=sched.state_dict(), history=tuple(history), rng=rng_state(dev),
-                world_size=ranks.world_size, preset=preset.name, training=training_facts(preset, dev),
-            ).to_dict()  # fmt: skip
+                card=build_card(preset, prep, metrics),
+                epoch=epoch,
+                model=model.state_dict(),  # unwrapped
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                history=tuple(history),
+                rng=rng_state(dev),
+                world_size=ranks.world_size,
+                preset=preset.name,
+                training=training_facts(preset, dev),
+            ).to_dict()
             if va.loss < best or preset.keep == "last":
                 checkpoint.save_atomic(state, out / "best.pt")
             checkpoint.save_atomic(state, out / "last.pt")
@@ -392,9 +443,11 @@ def finish(preset: Preset, out: Path, prep: Prepared, loop: Loop, model, history
         print(f"best epoch {best.epoch}: test loss {te.loss:.4f}{acc} -> {out}")
         if "fit" in metrics:
             f = metrics["fit"]
-            print(f"fitted a = {f['fitted']['a']}, b = {f['fitted']['b']}; least squares on the same training points "
-                  f"a = {f['least_squares']['a']}, b = {f['least_squares']['b']} (largest difference "
-                  f"{f['max_difference']:.2e}); validation MSE {te.loss:.6f}")  # fmt: skip
+            print(
+                f"fitted a = {f['fitted']['a']}, b = {f['fitted']['b']}; least squares on the same training points "
+                f"a = {f['least_squares']['a']}, b = {f['least_squares']['b']} (largest difference "
+                f"{f['max_difference']:.2e}); validation MSE {te.loss:.6f}"
+            )
     ranks.barrier()
     return metrics
 
@@ -412,5 +465,8 @@ def line_fit(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor]) -
         one = a.numel() == 1 and b.numel() == 1
         return {"a": round(a.item(), 6) if one else a.tolist(), "b": round(b.item(), 6) if one else b.tolist()}
 
-    return {"fitted": shaped(fitted), "least_squares": shaped(solution),
-            "max_difference": float((fitted - solution).abs().max())}  # fmt: skip
+    return {
+        "fitted": shaped(fitted),
+        "least_squares": shaped(solution),
+        "max_difference": float((fitted - solution).abs().max()),
+    }

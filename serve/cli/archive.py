@@ -61,8 +61,19 @@ from torchship.serve.settings import WORKER_LOG_LEVEL
     show_default=True,
     help="TorchServe worker's Python logging; INFO adds two lines per request and the PredictionTime metric.",
 )
-def archive_command(export_dir, backend, model_store, name, workers, batch_size, max_batch_delay, threads,
-                    response_timeout, max_pixels, worker_log_level):  # fmt: skip
+def archive_command(
+    export_dir,
+    backend,
+    model_store,
+    name,
+    workers,
+    batch_size,
+    max_batch_delay,
+    threads,
+    response_timeout,
+    max_pixels,
+    worker_log_level,
+):
     """Package EXPORT_DIR into MODEL_STORE/NAME.mar with our handler, sized from the model's measured cost."""
     from dataclasses import replace
 
@@ -71,9 +82,11 @@ def archive_command(export_dir, backend, model_store, name, workers, batch_size,
     from torchship.serve.archive import ArchiveError, build_archive, model_config
 
     if workers is not None and workers > max_workers():
-        raise click.BadParameter(f"{workers} workers on {os.cpu_count()} cores would queue behind each other and "
-                                 f"starve the server; at most {max_workers()} here",
-                                 param_hint="--workers")  # fmt: skip
+        raise click.BadParameter(
+            f"{workers} workers on {os.cpu_count()} cores would queue behind each other and "
+            f"starve the server; at most {max_workers()} here",
+            param_hint="--workers",
+        )
     if name is not None and not safe_name(name):
         raise click.BadParameter(f"{name!r} is not a safe name (letters, digits, '_', '-', '.')", param_hint="--name")
     if not (Path(export_dir) / CARD_FILE).is_file():
@@ -84,14 +97,23 @@ def archive_command(export_dir, backend, model_store, name, workers, batch_size,
     except (CardError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     cfg = model_config(sized(cost, workers), worker_log_level=worker_log_level.upper())
-    given = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay, "threads": threads,
-             "responseTimeout": response_timeout, "max_pixels": max_pixels}  # fmt: skip
+    given = {
+        "batchSize": batch_size,
+        "maxBatchDelay": max_batch_delay,
+        "threads": threads,
+        "responseTimeout": response_timeout,
+        "max_pixels": max_pixels,
+    }
     cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     try:
         mar = build_archive(export_dir, model_store, name=name, backend=backend, config=cfg)
     except ArchiveError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"measured {card.name} ({backend}, 1 thread): {cost.batch1_ms:.2f} ms at batch 1, "
-               f"{cost.batch8_ms:.2f} ms at batch 8")  # fmt: skip
-    click.echo(f"wrote {mar}: {cfg.minWorkers} workers x {cfg.threads} thread(s), batch {cfg.batchSize}, "
-               f"delay {cfg.maxBatchDelay} ms, timeout {cfg.responseTimeout} s")  # fmt: skip
+    click.echo(
+        f"measured {card.name} ({backend}, 1 thread): {cost.batch1_ms:.2f} ms at batch 1, "
+        f"{cost.batch8_ms:.2f} ms at batch 8"
+    )
+    click.echo(
+        f"wrote {mar}: {cfg.minWorkers} workers x {cfg.threads} thread(s), batch {cfg.batchSize}, "
+        f"delay {cfg.maxBatchDelay} ms, timeout {cfg.responseTimeout} s"
+    )

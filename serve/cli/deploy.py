@@ -57,8 +57,22 @@ def deploy_group():
     default=None,
     help="KServe's rollout: the share of traffic this revision gets while the last one keeps the rest",
 )
-def deploy_kserve_command(export_dir, out_dir, runtime, storage_uri, image, protocol, backend, cpu, memory,
-                          min_replicas, max_replicas, scale_metric, scale_target, canary_traffic_percent):  # fmt: skip
+def deploy_kserve_command(
+    export_dir,
+    out_dir,
+    runtime,
+    storage_uri,
+    image,
+    protocol,
+    backend,
+    cpu,
+    memory,
+    min_replicas,
+    max_replicas,
+    scale_metric,
+    scale_target,
+    canary_traffic_percent,
+):
     """Write a KServe InferenceService bundle for EXPORT_DIR to OUT (Docker cannot run here: build it where it can)."""
     from torchship.handlers.card import CARD_FILE, CardError
     from torchship.serve.archive import ArchiveError
@@ -67,13 +81,22 @@ def deploy_kserve_command(export_dir, out_dir, runtime, storage_uri, image, prot
     if not (Path(export_dir) / CARD_FILE).is_file():
         raise click.ClickException(f"{Path(export_dir) / CARD_FILE} not found: run `torchship export` first")
     try:
-        files = write_bundle(export_dir, out_dir, bundle=runtimes.get(runtime).bundle, storage_uri=storage_uri,
-                             image=image, protocol=protocol, resources=Resources(cpu, memory), backend=backend,
-                             scaling=Scaling(min_replicas, max_replicas, scale_metric, scale_target,
-                                             canary_traffic_percent))  # fmt: skip
+        files = write_bundle(
+            export_dir,
+            out_dir,
+            bundle=runtimes.get(runtime).bundle,
+            storage_uri=storage_uri,
+            image=image,
+            protocol=protocol,
+            resources=Resources(cpu, memory),
+            backend=backend,
+            scaling=Scaling(min_replicas, max_replicas, scale_metric, scale_target, canary_traffic_percent),
+        )
     except (DeployError, ArchiveError, CardError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     for f in files:
         click.echo(f"wrote {f}")
-    click.echo(f"the InferenceService validates against the kserve SDK; apply it with: kubectl apply -f "
-               f"{Path(out_dir) / 'inferenceservice.yaml'}")  # fmt: skip
+    click.echo(
+        f"the InferenceService validates against the kserve SDK; apply it with: kubectl apply -f "
+        f"{Path(out_dir) / 'inferenceservice.yaml'}"
+    )

@@ -18,8 +18,9 @@ def concurrency_list(_ctx, _param, value: str) -> tuple[int, ...]:
     except ValueError:
         levels = ()
     if not levels or not all(1 <= c <= MAX_CONCURRENCY for c in levels):
-        raise click.BadParameter(f"comma-separated client counts from 1 to {MAX_CONCURRENCY}, e.g. 1,4,16; "
-                                 f"got {value!r}")  # fmt: skip
+        raise click.BadParameter(
+            f"comma-separated client counts from 1 to {MAX_CONCURRENCY}, e.g. 1,4,16; got {value!r}"
+        )
     return levels
 
 

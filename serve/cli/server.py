@@ -12,8 +12,13 @@ from torchship.train.presets import DEFAULT_PRESET
 
 ORT_BACKENDS = ("onnx", "onnx-int8")  # what a torch-free server can run
 
-STATE = click.option("--state-dir", type=click.Path(file_okay=False), default="serve-state", show_default=True,
-                     help="This instance's config, logs, keys and pid file.")  # fmt: skip
+STATE = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default="serve-state",
+    show_default=True,
+    help="This instance's config, logs, keys and pid file.",
+)
 TS, OIP = "TorchServe", "OIP"
 PORT = click.IntRange(1, 65535)
 
@@ -118,12 +123,36 @@ def serve_group():
     default=None,
     help=f"{OIP} only: ms a batch waits for requests already on their way  [default: measured]",
 )
-@click.option("--access-log", is_flag=True, help=f"{OIP} only: a line per inference request in its log, with the "
-              "request's id (TorchServe keeps its own access log)")  # fmt: skip
+@click.option(
+    "--access-log",
+    is_flag=True,
+    help=f"{OIP} only: a line per inference request in its log, with the "
+    "request's id (TorchServe keeps its own access log)",
+)
 @click.option("--timeout", type=float, default=180, show_default=True, help="Seconds to wait until ready.")
-def start_command(runtime, model, model_store, export_dir, state_dir, inference_port, grpc_port, management_port,
-                  metrics_port, grpc_management_port, grpc_ports, no_token_auth, cors_origin, backend, host,
-                  behind_auth, workers, max_batch, max_batch_delay, access_log, timeout):  # fmt: skip
+def start_command(
+    runtime,
+    model,
+    model_store,
+    export_dir,
+    state_dir,
+    inference_port,
+    grpc_port,
+    management_port,
+    metrics_port,
+    grpc_management_port,
+    grpc_ports,
+    no_token_auth,
+    cors_origin,
+    backend,
+    host,
+    behind_auth,
+    workers,
+    max_batch,
+    max_batch_delay,
+    access_log,
+    timeout,
+):
     """Start a server and wait until MODEL is ready; print a working request to try."""
     import zipfile
 
@@ -134,13 +163,28 @@ def start_command(runtime, model, model_store, export_dir, state_dir, inference_
         grpc_port, grpc_management_port = grpc_port or grpc_ports[0], grpc_management_port or grpc_ports[1]
     chosen = runtimes.get(runtime)
     export_dir, more_exports = (export_dir[0], tuple(export_dir[1:])) if export_dir else (None, ())
-    options = StartOptions(model, state_dir=state_dir, timeout=timeout, export_dir=export_dir, model_store=model_store,
-                           more_exports=more_exports,
-                           inference_port=inference_port, grpc_port=grpc_port, management_port=management_port,
-                           metrics_port=metrics_port, grpc_management_port=grpc_management_port,
-                           token_auth=not no_token_auth, cors_origin=cors_origin, backend=backend, host=host,
-                           behind_auth=behind_auth, workers=workers, max_batch=max_batch,
-                           max_delay_ms=max_batch_delay, access_log=access_log)  # fmt: skip
+    options = StartOptions(
+        model,
+        state_dir=state_dir,
+        timeout=timeout,
+        export_dir=export_dir,
+        model_store=model_store,
+        more_exports=more_exports,
+        inference_port=inference_port,
+        grpc_port=grpc_port,
+        management_port=management_port,
+        metrics_port=metrics_port,
+        grpc_management_port=grpc_management_port,
+        token_auth=not no_token_auth,
+        cors_origin=cors_origin,
+        backend=backend,
+        host=host,
+        behind_auth=behind_auth,
+        workers=workers,
+        max_batch=max_batch,
+        max_delay_ms=max_batch_delay,
+        access_log=access_log,
+    )
     try:
         cfg = chosen.start(options)
     except ServerError as e:
@@ -155,10 +199,16 @@ def start_command(runtime, model, model_store, export_dir, state_dir, inference_
     click.echo(f"{chosen.name} is serving {model} at {cfg.inference_url} ({where}); logs in {cfg.state_dir}/logs")
     click.echo(f"try it ({sample.what}):\n  {chosen.curl(cfg, sample)}")
     if status.get("models"):  # the OIP server: its repository, and the token its calls need
-        click.echo("models: " + ", ".join(f"{r['name']} {r['version']}" + (f" ({r['reason']})" if r["reason"] else "")
-                                          for r in status["models"]))  # fmt: skip
-        click.echo(f"admin token for the repository calls (load, unload, route; `torchship serve key --api admin`): "
-                   f"{chosen.key(cfg.state_dir, 'admin')}")  # fmt: skip
+        click.echo(
+            "models: "
+            + ", ".join(
+                f"{r['name']} {r['version']}" + (f" ({r['reason']})" if r["reason"] else "") for r in status["models"]
+            )
+        )
+        click.echo(
+            f"admin token for the repository calls (load, unload, route; `torchship serve key --api admin`): "
+            f"{chosen.key(cfg.state_dir, 'admin')}"
+        )
 
 
 @serve_group.command("stop")
@@ -178,8 +228,13 @@ def status_command(state_dir):
 
 @serve_group.command("key")
 @STATE
-@click.option("--api", type=click.Choice(["inference", "management", "admin"]), default="inference", show_default=True,
-              help="inference or management: TorchServe's keys; admin: the OIP server's repository calls")  # fmt: skip
+@click.option(
+    "--api",
+    type=click.Choice(["inference", "management", "admin"]),
+    default="inference",
+    show_default=True,
+    help="inference or management: TorchServe's keys; admin: the OIP server's repository calls",
+)
 def key_command(state_dir, api):
     """Print the instance's token (for `Authorization: Bearer ...`)."""
     from torchship.serve.process import ServerError
@@ -204,8 +259,13 @@ def repository(op: str, state_dir: str, model: str | None, body: dict) -> None:
 
 @serve_group.command("load")
 @click.option("--model", required=True, help="The model's name: every version of it in the server's exports loads.")
-@click.option("--default", "default", default=None, metavar="VERSION", help="The version to answer clients  "
-              "[default: the newest proven one]")  # fmt: skip
+@click.option(
+    "--default",
+    "default",
+    default=None,
+    metavar="VERSION",
+    help="The version to answer clients  [default: the newest proven one]",
+)
 @STATE
 def load_command(model, default, state_dir):
     """OIP: load MODEL's versions from disk, each warmed in every worker before it takes traffic; the default moves
@@ -225,16 +285,25 @@ def unload_command(model, version, state_dir):
 @serve_group.command("route")
 @click.option("--model", required=True)
 @click.option("--default", "default", default=None, metavar="VERSION", help="The version that answers clients.")
-@click.option("--canary", default=None, metavar="VERSION", help="A version that answers a share of the requests "
-              "(`none` to stop).")  # fmt: skip
+@click.option(
+    "--canary", default=None, metavar="VERSION", help="A version that answers a share of the requests (`none` to stop)."
+)
 @click.option("--canary-percent", type=click.FloatRange(0, 100), default=None, help="The canary's share, in %.")
-@click.option("--shadow", default=None, metavar="VERSION", help="A version that also runs every request and is "
-              "compared with the answer (`none` to stop); `serve status` shows how often they agree")  # fmt: skip
+@click.option(
+    "--shadow",
+    default=None,
+    metavar="VERSION",
+    help="A version that also runs every request and is "
+    "compared with the answer (`none` to stop); `serve status` shows how often they agree",
+)
 @STATE
 def route_command(model, default, canary, canary_percent, shadow, state_dir):
     """OIP: where MODEL's requests go: its default, a canary's share, a shadow."""
-    body = {k: v for k, v in {"default": default, "canary": canary, "canary_percent": canary_percent,
-                              "shadow": shadow}.items() if v is not None}  # fmt: skip
+    body = {
+        k: v
+        for k, v in {"default": default, "canary": canary, "canary_percent": canary_percent, "shadow": shadow}.items()
+        if v is not None
+    }
     for role in ("shadow", "canary"):
         if body.get(role) == "none":
             body[role] = None

@@ -27,7 +27,12 @@ class Digits(MLModel):
         x = np.stack([self.model.prepare(b) for b in blobs])
         probs = probabilities(self.model.card, self.model.run(x))
         labels = [self.model.card.labels[i] for i in probs.argmax(1)]
-        return InferenceResponse(model_name=self.name, outputs=[
-            ResponseOutput(name="label", datatype="BYTES", shape=[len(labels)], data=labels),
-            ResponseOutput(name="probabilities", datatype="FP32", shape=list(probs.shape), data=probs.ravel().tolist()),
-        ])  # fmt: skip
+        return InferenceResponse(
+            model_name=self.name,
+            outputs=[
+                ResponseOutput(name="label", datatype="BYTES", shape=[len(labels)], data=labels),
+                ResponseOutput(
+                    name="probabilities", datatype="FP32", shape=list(probs.shape), data=probs.ravel().tolist()
+                ),
+            ],
+        )

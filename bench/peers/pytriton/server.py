@@ -39,8 +39,14 @@ if __name__ == "__main__":
     ap.add_argument("--max_batch", type=int, default=8)
     ap.add_argument("--max_delay_ms", type=float, default=1)
     args = ap.parse_args()
-    config = TritonConfig(http_address="127.0.0.1", http_port=args.port, grpc_address="127.0.0.1",
-                          grpc_port=args.grpc_port, metrics_port=args.metrics_port, log_verbose=0)  # fmt: skip
+    config = TritonConfig(
+        http_address="127.0.0.1",
+        http_port=args.port,
+        grpc_address="127.0.0.1",
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_verbose=0,
+    )
     # PyTriton 0.7 guards Triton's statistics and repository APIs with a token of its own; perf_analyzer reads the
     # statistics, and this server listens on loopback for the bench alone: no guarded endpoints
     with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
@@ -48,9 +54,13 @@ if __name__ == "__main__":
             model_name="mnist",
             infer_func=[instance(args.model) for _ in range(args.workers)],
             inputs=[Tensor(name="images", dtype=bytes, shape=(1,))],
-            outputs=[Tensor(name="label", dtype=bytes, shape=(1,)), Tensor(name="probabilities", dtype=np.float32,
-                                                                         shape=(-1,))],
-            config=ModelConfig(max_batch_size=args.max_batch, batcher=DynamicBatcher(
-                max_queue_delay_microseconds=int(args.max_delay_ms * 1000))),
-        )  # fmt: skip
+            outputs=[
+                Tensor(name="label", dtype=bytes, shape=(1,)),
+                Tensor(name="probabilities", dtype=np.float32, shape=(-1,)),
+            ],
+            config=ModelConfig(
+                max_batch_size=args.max_batch,
+                batcher=DynamicBatcher(max_queue_delay_microseconds=int(args.max_delay_ms * 1000)),
+            ),
+        )
         triton.serve()
