@@ -11,9 +11,9 @@ import torch
 from torchship.export.formats import present, read_card
 from torchship.export.user_model import rebuild
 from torchship.export.verify import flops_per_image
-from torchship.handlers import runners
-from torchship.handlers.card import FORMAT_BY_NAME
-from torchship.handlers.onnx_model import load as load_onnx
+from torchship.handlers.formats import FORMAT_BY_NAME
+from torchship.handlers.model import runners
+from torchship.handlers.model.onnx_model import load as load_onnx
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:

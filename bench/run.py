@@ -19,7 +19,7 @@ import onnxruntime
 import torch
 
 from bench import inference, lifecycle, peer_setup, serving, training, triton_tools
-from torchship.handlers.card import FORMAT_BY_NAME
+from torchship.handlers.formats import FORMAT_BY_NAME
 from torchship.serve.archive import ModelConfig
 from torchship.train.presets import DEFAULT_PRESET
 
@@ -225,7 +225,7 @@ def what(name: str, s: dict) -> tuple[str, str, str]:
     if s.get("kind") == "oip":
         st = s.get("settings", {})
         settings = (
-            f"{st.get('workers')} workers, batch {st.get('max_batch')}, {st.get('max_delay_ms')} ms, "
+            f"{st.get('workers')} workers, batch {st.get('max_batch')}, {st.get('max_batch_delay_ms')} ms, "
             f"queue {st.get('max_queue')}"
         )
         sends, outputs = s.get("sends", "v2"), s.get("outputs", "label")  # results before issue 23: label alone
@@ -436,7 +436,7 @@ def main() -> None:
     )
     ap.add_argument("--workers", type=int, help="try another serving config than `make serve`'s defaults")
     ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--max-batch-delay", type=int)
+    ap.add_argument("--max-batch-delay-ms", type=int)
     args = ap.parse_args()
     # SIGTERM unwinds like Ctrl-C, so every server this run started is stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -468,7 +468,7 @@ def main() -> None:
                 minWorkers=workers,
                 maxWorkers=workers,
                 batchSize=args.batch_size or d.batchSize,
-                maxBatchDelay=args.max_batch_delay or d.maxBatchDelay,
+                maxBatchDelay=args.max_batch_delay_ms or d.maxBatchDelay,
             )
             r["serving"] = serving.run(export_dir, Path(tmp), args.duration, ours)
         if "triton" in parts:

@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 
 from bench import peer_setup
-from torchship.handlers.onnx_model import load as load_onnx
+from torchship.handlers.model.onnx_model import load as load_onnx
 from torchship.serve import oip, torchserve
 from torchship.serve.archive import ModelConfig, build_archive
 from torchship.serve.client import Target

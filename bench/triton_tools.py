@@ -41,7 +41,7 @@ def input_files(export_dir: Path, directory: Path) -> dict[str, Path]:
     (the same digit normalised, FP32 [1, 28, 28]); perf_analyzer sends the optional input it has data for."""
     import numpy as np
 
-    from torchship.handlers.onnx_model import load
+    from torchship.handlers.model.onnx_model import load
 
     digit = png(held_out_digits()[0][0])
     x = load(export_dir / "model.onnx").prepare(digit).astype(np.float32)

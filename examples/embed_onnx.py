@@ -6,7 +6,7 @@ python examples/embed_onnx.py exports/mnist-convnet/model.onnx digit1.png digit2
 import json
 import sys
 
-from torchship.handlers.onnx_model import InputError, load
+from torchship.handlers.model.onnx_model import InputError, load
 
 
 def main(argv: list[str]) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from torchship.export.tolerance import ATOL, RTOL
-from torchship.handlers.card import DEFAULT_FORMATS, FORMAT_BY_NAME, RECIPES
+from torchship.handlers.formats import DEFAULT_FORMATS, FORMAT_BY_NAME
+from torchship.handlers.recipes import RECIPES
 
 TOLERANCES = [
     click.option("--atol", type=click.FloatRange(min=0), default=ATOL, show_default=True, help="Absolute tolerance."),

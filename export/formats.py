@@ -11,16 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torchship.handlers.card import (
-    CARD_FILE,
-    DEFAULT_FORMATS,
-    FORMAT_BY_NAME,
-    ONNX_METADATA_KEY,
-    TORCHSCRIPT_EXTRA_FILE,
-    CardError,
-    ModelCard,
-)
-from torchship.handlers.repository import digest
+from torchship.handlers.card import CARD_FILE, ONNX_METADATA_KEY, TORCHSCRIPT_EXTRA_FILE, CardError, ModelCard
+from torchship.handlers.formats import DEFAULT_FORMATS, FORMAT_BY_NAME, digest
 
 OPSET = 20
 MAX_BATCH = 1024  # the dynamic batch dimension's upper bound in every format

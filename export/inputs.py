@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from torchship.handlers.card import ModelCard
-from torchship.handlers.images import InputError, Preprocessor
+from torchship.handlers.model.errors import InputError
+from torchship.handlers.model.images import Preprocessor
 
 CALIBRATION_IMAGES = 1024  # enough for MinMax ranges to settle (bench/NOTES.md, int8)
 CALIBRATION_BYTES = 1 << 26  # at most 64 MB of calibration inputs: 111 images at 3x224x224
@@ -81,7 +82,7 @@ def ranged_rows(card: ModelCard, n: int, seed: int = 0) -> np.ndarray:
 
 
 def tensor_proof_inputs(card: ModelCard, n: int, data_dir: Path | str) -> tuple[np.ndarray, dict]:
-    from torchship.handlers.tensors import standardize
+    from torchship.handlers.model.tensors import standardize
 
     held = dataset_split(card, data_dir, train=False)
     real = held[0][:n] if held is not None else np.zeros((0, *card.input_shape), np.float32)
@@ -124,7 +125,7 @@ def calibration_images(
     synthetic ones; and a line saying which."""
     n = min(n, max(32, CALIBRATION_BYTES // (4 * int(np.prod(card.input_shape)))))
     if not card.image:
-        from torchship.handlers.tensors import standardize
+        from torchship.handlers.model.tensors import standardize
 
         split = dataset_split(card, data_dir, train=True)
         if split is not None:

@@ -13,8 +13,10 @@ import torch
 
 from torchship.export.tolerance import compare, tolerance
 from torchship.export.verify import BATCH_SIZES, Check, Report, backends, load_for_proof
-from torchship.handlers import runners, signature
-from torchship.handlers.card import ModelCard, Signature, TensorSpec
+from torchship.handlers.card import ModelCard
+from torchship.handlers.model import named
+from torchship.handlers.model import runners
+from torchship.handlers.signature import Signature, TensorSpec
 
 ROWS = 16  # examples per length: batch sizes 1, 2, 7 and 16
 PADDED_ROWS = 6
@@ -40,7 +42,7 @@ def draw(sig: Signature, n: int, dims: dict[str, int], seed: int = 0) -> dict[st
     feeds = {}
     for t in sig.inputs:
         shape = (n, *(d if isinstance(d, int) else dims[d] for d in t.shape[1:]))
-        dtype = signature.NUMPY[t.datatype]
+        dtype = named.NUMPY[t.datatype]
         if t.mask:  # 1s then 0s, at least one 1, along the last axis (a padded tokenizer's mask)
             kept = rng.integers(1, shape[-1] + 1, (*shape[:-1], 1))
             x = np.arange(shape[-1]) < kept
@@ -96,7 +98,7 @@ def _check(
 ) -> Check:
     """Polygraphy's rule on one output; its shape and its declared datatype (float64 eager aside) must match too."""
     shape_ok = got.shape == ref.shape
-    dtype_ok = got.dtype == np.dtype(signature.NUMPY[spec.datatype])
+    dtype_ok = got.dtype == np.dtype(named.NUMPY[spec.datatype])
     stats = compare(got.astype(np.float64), ref.astype(np.float64), atol, rtol) if shape_ok else _mismatch(ref)
     return Check(
         backend,
@@ -146,11 +148,11 @@ def verify_named(export_dir: Path, atol: float, rtol: float, source, batch_sizes
             for backend, fn in fns.items():
                 for bs in sizes:
                     runs[backend, k, bs] = _batched(fn, feeds, ROWS, bs)
-        padded = sorted(signature.padded_dims(sig))
+        padded = sorted(named.padded_dims(sig))
         if padded:
             requests, pad_refs = _pad_requests(sig, reference)
             for backend, fn in fns.items():
-                runs[backend, "padded"] = signature.run_together(sig, fn, requests)
+                runs[backend, "padded"] = named.run_together(sig, fn, requests)
     floats = [t.name for t in sig.outputs if t.datatype.startswith("FP")]
 
     def flat(outs) -> np.ndarray:
@@ -203,10 +205,10 @@ def verify_named(export_dir: Path, atol: float, rtol: float, source, batch_sizes
     )
 
 
-def _pad_requests(sig: Signature, reference) -> tuple[list[signature.Rows], list[dict]]:
+def _pad_requests(sig: Signature, reference) -> tuple[list[named.Rows], list[dict]]:
     """PADDED_ROWS one-example requests whose padded dimensions run from shortest to longest, and each one's answer
     alone."""
-    padded = signature.padded_dims(sig)
+    padded = named.padded_dims(sig)
     requests, refs = [], []
     for r in range(PADDED_ROWS):
         dims = {
@@ -214,7 +216,7 @@ def _pad_requests(sig: Signature, reference) -> tuple[list[signature.Rows], list
             for d, (low, high) in sig.dims.items()
         }
         feeds = draw(sig, 1, dims, seed=100 + r)
-        requests.append(signature.Rows(feeds, 1, dims))
+        requests.append(named.Rows(feeds, 1, dims))
         refs.append(reference(feeds))
     return requests, refs
 

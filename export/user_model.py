@@ -13,16 +13,9 @@ from pathlib import Path
 
 import torch
 
-from torchship.handlers.card import (
-    BUILTIN_ARCHITECTURES,
-    GREY_RECIPES,
-    NO_RECIPE,
-    Architecture,
-    CardError,
-    ModelCard,
-    Signature,
-    validate_signature,
-)
+from torchship.handlers.card import BUILTIN_ARCHITECTURES, Architecture, CardError, ModelCard
+from torchship.handlers.recipes import GREY_RECIPES, NO_RECIPE
+from torchship.handlers.signature import Signature, validate_signature
 from torchship.train import checkpoint
 
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")  # where common checkpoint layouts keep the weights

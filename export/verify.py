@@ -14,7 +14,8 @@ import torch
 from torchship.export.formats import present, read_card, sha256
 from torchship.export.inputs import proof_inputs
 from torchship.export.tolerance import ATOL, FORMAT_LOOSENING, RTOL, compare, tolerance
-from torchship.handlers.card import FORMAT_BY_NAME, CardError, ModelCard
+from torchship.handlers.card import CardError, ModelCard
+from torchship.handlers.formats import FORMAT_BY_NAME
 
 BATCH_SIZES = (1, 2, 7, 64)  # the last is capped at the number of proof images
 FLOP_BUDGET = 1e11  # about 20 s of this 2-core machine for the whole proof: big models get fewer images
@@ -137,7 +138,7 @@ def proof_set(
 
 def backends(export_dir: Path, model: torch.nn.Module, formats: list[str], threads: int = 0) -> dict:
     """Every exact format present, as a function of a numpy batch (named inputs: of a dict); eager float32 first."""
-    from torchship.handlers import runners
+    from torchship.handlers.model import runners
 
     card = read_card(export_dir)
     eager = runners.named_torch_runner(model, card.signature) if card.named else runners.torch_runner(model)
@@ -166,8 +167,8 @@ def approximate(
     import onnxruntime as ort
 
     from torchship.export.inputs import dataset_split, normalise
-    from torchship.handlers import runners
-    from torchship.handlers.tensors import standardize
+    from torchship.handlers.model import runners
+    from torchship.handlers.model.tensors import standardize
 
     out = []
     for name in formats:
@@ -436,7 +437,7 @@ def failure_message(report: Report) -> str:
 def write_report(report: Report, export_dir: Path | str) -> Path:
     """equivalence.json, with the sha256 of every model file it proved: a server loads a version as proven only
     while its file still has that digest (handlers/repository.py)."""
-    from torchship.handlers.repository import PROOF_FILE
+    from torchship.handlers.formats import PROOF_FILE
 
     path = Path(export_dir) / PROOF_FILE
     files = {FORMAT_BY_NAME[f].file: sha256(Path(export_dir) / FORMAT_BY_NAME[f].file) for f in present(export_dir)}

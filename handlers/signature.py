@@ -1,201 +1,159 @@
-"""Models that take several named tensors (a text classifier's ids and mask, a recommender's floats and ids): each
-request checked against the card's signature, requests of different lengths padded into one batch and cut back out
-of it; numpy only, shared by both runtimes and the embedding.
-
-Padding happens only along a dimension whose every input declares a pad value, and the proof checks that a padded
-batch answers what each row alone does (export/named.py); requests that differ along any other dimension never share
-a pass.
-"""
+"""A model's named inputs and outputs as its card states them (the signature): each tensor's datatype, its shape with
+a name for every dimension that varies, the range of those dimensions and of the values; stdlib only. The runtime
+checks requests against it and pads them into batches (model/named.py); the proof draws its inputs from it."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
+from .fields import CardError, is_number, sequence, sub
 
-from .card import Signature, TensorSpec
-from .limits import MAX_BATCH_ITEMS
-
-NUMPY = {
-    "FP32": np.float32,
-    "FP16": np.float16,
-    "FP64": np.float64,
-    "INT64": np.int64,
-    "INT32": np.int32,
-    "BOOL": np.bool_,
-}
-DATATYPE_OF = {np.dtype(v): k for k, v in NUMPY.items()}
-
-
-class SignatureError(ValueError):
-    """An input the signature does not allow; the message names the input and, where one is at fault, the element."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status, self.message = status, message
+BATCH_DIM = "batch"  # a signature's first dimension, always: requests of any batch size are stacked along it
+# The datatypes a signature may name (v2's names); BF16 stays out: numpy, and so every runtime, has no bfloat16.
+SIGNATURE_DATATYPES = ("FP32", "FP16", "FP64", "INT64", "INT32", "BOOL")
+MAX_DIM = 1 << 20  # a named dimension's largest allowed upper bound
+TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
 
 
 @dataclass(frozen=True)
-class Rows:
-    """One request's inputs, checked: arrays by name, its batch size and the value of each named dimension."""
+class TensorSpec:
+    """One named input or output: its v2 datatype, its shape (the batch first, a name for each dynamic dimension),
+    the values an input may hold (token ids within the vocabulary, masks 0..1) and what pads a shorter row."""
 
-    arrays: dict[str, np.ndarray]
-    n: int
-    dims: dict[str, int]
+    name: str
+    datatype: str
+    shape: tuple  # ("batch", "sequence") or ("batch", 13): integers and dimension names
+    range: tuple = ()  # inputs: (min, max) of every value, inclusive; the proof draws from it, servers enforce it
+    pad: float | int | None = None  # inputs: the value that lengthens a row to a batch's longest (a mask's 0)
+    mask: bool = False  # an attention mask: 1 where a row has a token, 0 after; a row of 0s has no defined answer
 
-    def __len__(self) -> int:
-        return self.n
+    def __post_init__(self):
+        object.__setattr__(self, "shape", sequence(f"{self.name}.shape", self.shape))
+        object.__setattr__(self, "range", sequence(f"{self.name}.range", self.range))
 
-
-def v2_shape(spec: TensorSpec) -> list[int]:
-    """Triton's way to state it: -1 for the batch and every named dimension."""
-    return [d if isinstance(d, int) else -1 for d in spec.shape]
-
-
-def types(specs: tuple[TensorSpec, ...]) -> list[dict]:
-    return [{"name": t.name, "datatype": t.datatype, "shape": v2_shape(t)} for t in specs]
-
-
-def largest(sig: Signature, spec: TensorSpec) -> int:
-    """Elements one row of this input holds at the longest every named dimension may be."""
-    return math.prod(d if isinstance(d, int) else sig.dims[d][1] for d in spec.shape[1:])
+    @property
+    def dynamic(self) -> tuple[str, ...]:
+        """The named dimensions after the batch."""
+        return tuple(d for d in self.shape[1:] if isinstance(d, str))
 
 
-def element_limit(sig: Signature) -> int:
-    """The most elements any one input of a request may hold."""
-    return MAX_BATCH_ITEMS * max(largest(sig, t) for t in sig.inputs)
+@dataclass(frozen=True)
+class Signature:
+    """Every input and output of a model that takes several named tensors, and the allowed range of each named
+    dimension (batch's is the servers' own limit)."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: Mapping = field(default_factory=dict)  # "sequence" -> (min, max), inclusive
+
+    def __post_init__(self):
+        for side in ("inputs", "outputs"):
+            specs = sequence(side, getattr(self, side))
+            object.__setattr__(
+                self, side, tuple(s if isinstance(s, TensorSpec) else sub(TensorSpec, side, s) for s in specs)
+            )
+        if not isinstance(self.dims, Mapping):
+            raise CardError("signature.dims", f"expected an object of name: [min, max], got {self.dims!r}"[:200])
+        object.__setattr__(self, "dims", {k: tuple(sequence(f"dims.{k}", v)) for k, v in self.dims.items()})
+
+    def to_dict(self) -> dict:
+        def spec(t: TensorSpec) -> dict:
+            return {
+                "name": t.name,
+                "datatype": t.datatype,
+                "shape": list(t.shape),
+                **({"range": list(t.range)} if t.range else {}),
+                **({"pad": t.pad} if t.pad is not None else {}),
+                **({"mask": True} if t.mask else {}),
+            }
+
+        return {
+            "inputs": [spec(t) for t in self.inputs],
+            "outputs": [spec(t) for t in self.outputs],
+            "dims": {k: list(v) for k, v in self.dims.items()},
+        }
 
 
-def padded_dims(sig: Signature) -> frozenset[str]:
-    return frozenset(d for t in sig.inputs if t.pad is not None for d in t.dynamic)
+def validate_signature(sig: Signature) -> None:
+    """Names unique and usable on the wire, shapes batch-first, every named dimension given a range, ranges sane."""
 
+    def need(ok: bool, name: str, message: str) -> None:
+        if not ok:
+            raise CardError(f"signature.{name}", message)
 
-def _element(index: int, shape: tuple[int, ...]) -> list[int]:
-    return [int(i) for i in np.unravel_index(index, shape)]
-
-
-def check(sig: Signature, given: Mapping[str, tuple[str, tuple[int, ...], np.ndarray]]) -> Rows:
-    """A request's tensors (name -> datatype, shape, flat data) to checked arrays, or a SignatureError naming the
-    input, the dimension or the element at fault."""
-    names = [t.name for t in sig.inputs]
-    missing, unknown = [n for n in names if n not in given], sorted(set(given) - set(names))
-    if missing or unknown:
-        what = "; ".join(
-            x for x in (f"missing {missing}" if missing else "", f"unknown {unknown[:4]}" if unknown else "") if x
+    for name, (low, high) in ((k, v if len(v) == 2 else (0, -1)) for k, v in sig.dims.items()):
+        need(
+            isinstance(name, str) and bool(TENSOR_NAME.match(name)) and name != BATCH_DIM,
+            f"dims.{name}",
+            f"{name!r} is not a dimension name (and '{BATCH_DIM}' is the servers' own)",
         )
-        raise SignatureError(f"this model takes inputs {names}: {what}")
-    arrays, dims, n = {}, {}, None
-    for spec in sig.inputs:
-        datatype, shape, data = given[spec.name]
-        where = f"input '{spec.name}'"
-        if datatype != spec.datatype:
-            raise SignatureError(f"{where} must be {spec.datatype}, not {datatype}")
-        if len(shape) != len(spec.shape):
-            raise SignatureError(f"{where} must have shape {list(spec.shape)}, got {list(shape)}")
-        for axis, (want, got) in enumerate(zip(spec.shape, shape)):
-            if axis == 0:
-                if not 1 <= got <= MAX_BATCH_ITEMS:
-                    raise SignatureError(f"{where}: batch size {got} out of 1..{MAX_BATCH_ITEMS}", 413 if got else 400)
-                if n is not None and got != n:
-                    raise SignatureError(f"{where}: batch size {got}, but another input has {n}")
-                n = got
-            elif isinstance(want, int):
-                if got != want:
-                    raise SignatureError(f"{where}: dimension {axis} must be {want}, got {got}")
-            else:
-                low, high = sig.dims[want]
-                if not low <= got <= high:
-                    raise SignatureError(f"{where}: {want} {got} is out of {low}..{high}", 413 if got > high else 400)
-                if dims.setdefault(want, got) != got:
-                    raise SignatureError(f"{where}: {want} {got}, but another input has {want} {dims[want]}")
-        flat = np.asarray(data)
-        if flat.size != math.prod(shape):
-            raise SignatureError(f"{where} holds {flat.size} values for shape {list(shape)}")
-        x = flat.astype(NUMPY[spec.datatype], copy=False).reshape(shape)
-        if x.dtype.kind == "f":
-            bad = np.flatnonzero(~np.isfinite(x))
-            if bad.size:
-                raise SignatureError(f"{where} element {_element(bad[0], shape)}: NaN and Infinity are not inputs")
-        if spec.range:
-            low, high = spec.range
-            bad = np.flatnonzero((x < low) | (x > high))
-            if bad.size:
-                value = x.reshape(-1)[bad[0]].item()
-                raise SignatureError(f"{where} element {_element(bad[0], shape)}: {value} is outside {low}..{high}")
-        if spec.mask and x.ndim > 1:
-            empty = np.flatnonzero(~x.reshape(len(x), -1).any(axis=1))
-            if empty.size:
-                raise SignatureError(
-                    f"{where} row {int(empty[0])}: every position is masked out; a row needs at "
-                    "least one 1 (runtimes disagree on what attending to nothing means)"
+        need(
+            all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) and 1 <= low <= high <= MAX_DIM,
+            f"dims.{name}",
+            f"expected [min, max] with 1 <= min <= max <= {MAX_DIM}, got {list(sig.dims[name])}",
+        )
+    for side, specs in (("inputs", sig.inputs), ("outputs", sig.outputs)):
+        need(1 <= len(specs) <= 64, side, f"expected 1 to 64 tensors, got {len(specs)}")
+        names = [t.name for t in specs]
+        need(len(set(names)) == len(names), side, f"names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+        for t in specs:
+            where = f"{side}.{t.name}"
+            need(isinstance(t.name, str) and bool(TENSOR_NAME.match(t.name)), where, f"{t.name!r} is not a tensor name")
+            need(
+                t.datatype in SIGNATURE_DATATYPES,
+                where,
+                f"datatype {t.datatype!r} is not one of {', '.join(SIGNATURE_DATATYPES)}",
+            )
+            need(
+                1 <= len(t.shape) <= 8 and t.shape[0] == BATCH_DIM,
+                where,
+                f"a shape is '{BATCH_DIM}' then up to 7 dimensions, got {list(t.shape)}",
+            )
+            for d in t.shape[1:]:
+                need(
+                    (isinstance(d, int) and not isinstance(d, bool) and d >= 1) or d in sig.dims,
+                    where,
+                    f"dimension {d!r}: a positive integer or a name given a range in dims ({', '.join(sig.dims)})",
                 )
-        arrays[spec.name] = np.ascontiguousarray(x)
-    return Rows(arrays, n, dims)
-
-
-def key(sig: Signature, rows: Rows) -> tuple:
-    """Requests with equal keys may share a pass: they agree on every named dimension that is not padded."""
-    padded = padded_dims(sig)
-    return tuple(sorted((d, v) for d, v in rows.dims.items() if d not in padded))
-
-
-def merge(sig: Signature, jobs: list[Rows]) -> dict[str, np.ndarray]:
-    """One batch of every request's rows, each padded along its padded dimensions to the longest."""
-    if len(jobs) == 1:
-        return jobs[0].arrays
-    longest = {d: max(r.dims[d] for r in jobs) for d in padded_dims(sig) if d in jobs[0].dims}
-    feeds = {}
-    for spec in sig.inputs:
-        parts = []
-        for r in jobs:
-            x = r.arrays[spec.name]
-            widths = [(0, 0)] + [
-                (0, longest[d] - r.dims[d]) if isinstance(d, str) and d in longest else (0, 0) for d in spec.shape[1:]
-            ]
-            parts.append(np.pad(x, widths, constant_values=spec.pad) if any(w for _, w in widths) else x)
-        feeds[spec.name] = np.concatenate(parts)
-    return feeds
-
-
-def split(sig: Signature, out: Mapping[str, np.ndarray], start: int, rows: Rows) -> dict[str, np.ndarray]:
-    """A request's rows of a batch's outputs, every named dimension cut back to the request's own length."""
-    answer = {}
-    for spec in sig.outputs:
-        index = (
-            slice(start, start + rows.n),
-            *(slice(0, rows.dims[d]) if isinstance(d, str) else slice(None) for d in spec.shape[1:]),
-        )
-        answer[spec.name] = out[spec.name][index]
-    return answer
-
-
-def run_together(sig: Signature, run, requests: list[Rows]) -> list[dict[str, np.ndarray]]:
-    """Each request's answer, from one padded pass per group of requests that may share one (key), in order."""
-    answers, groups = [None] * len(requests), {}
-    for k, rows in enumerate(requests):
-        groups.setdefault(key(sig, rows), []).append(k)
-    for members in groups.values():
-        out, start = run(merge(sig, [requests[k] for k in members])), 0
-        for k in members:
-            answers[k] = split(sig, out, start, requests[k])
-            start += len(requests[k])
-    return answers
-
-
-def outputs(sig: Signature, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every output by name, in its declared datatype."""
-    return {
-        t.name: np.ascontiguousarray(np.asarray(raw[t.name]).astype(NUMPY[t.datatype], copy=False)) for t in sig.outputs
-    }
-
-
-def zeros(sig: Signature, n: int) -> dict[str, np.ndarray]:
-    """The largest batch a worker will run, each named dimension at its longest: a warm-up that shows it fits."""
-    feeds = {}
-    for t in sig.inputs:
-        shape = (n, *(d if isinstance(d, int) else sig.dims[d][1] for d in t.shape[1:]))
-        value = t.pad if t.pad is not None else (t.range[0] if t.range and not t.range[0] <= 0 <= t.range[1] else 0)
-        feeds[t.name] = np.full(shape, value, NUMPY[t.datatype])
-    return feeds
+            need(
+                not t.range
+                or (
+                    len(t.range) == 2
+                    and all(is_number(v) and math.isfinite(v) for v in t.range)
+                    and t.range[0] <= t.range[1]
+                ),
+                where,
+                f"range must be [min, max] with min <= max, got {list(t.range)}",
+            )
+            need(side == "inputs" or (not t.range and t.pad is None), where, "range and pad are for inputs")
+            need(
+                t.pad is None or (is_number(t.pad) and bool(t.dynamic)),
+                where,
+                "pad is a number, for an input with a named dimension after the batch",
+            )
+            need(
+                not t.mask
+                or (side == "inputs" and t.datatype in ("INT64", "INT32", "BOOL") and t.pad == 0 and bool(t.dynamic)),
+                where,
+                "a mask is an integer or boolean input with a named dimension, padded with 0",
+            )
+            need(
+                t.pad is None or not t.range or t.range[0] <= t.pad <= t.range[1],
+                where,
+                f"pad {t.pad} lies outside the input's range {list(t.range)}",
+            )
+    used = {d for t in sig.inputs for d in t.dynamic}
+    need(
+        all(d in used for t in sig.outputs for d in t.dynamic),
+        "outputs",
+        "an output's named dimension must be one some input has (its length comes from the request)",
+    )
+    padded = {d for t in sig.inputs if t.pad is not None for d in t.dynamic}
+    need(
+        not padded or all(t.pad is not None for t in sig.inputs if set(t.dynamic) & padded),
+        "inputs",
+        "where one input is padded along a dimension, every input with that dimension needs a pad value",
+    )

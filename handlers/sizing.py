@@ -16,6 +16,8 @@ import numpy as np
 
 from .card import ModelCard
 from .limits import MAX_REQUEST_BYTES
+from .model import runners
+from .model.named import zeros
 
 BATCH_BUDGET_MS = 50  # a full batch should take about this long, so a queued request waits at most ~2 of them
 MAX_BATCH = 8  # beyond this a 2-core machine gains nothing (bench/NOTES.md, lever 5)
@@ -65,16 +67,13 @@ class Cost:
 class Sizing:
     workers: int
     max_batch: int  # images (or rows) in one forward pass
-    max_delay_ms: int  # the longest a batch waits for company that is on its way
+    max_batch_delay_ms: int  # the longest a batch waits for company that is on its way
     threads: int  # intra-op threads per worker
     timeout_s: int  # a request that waits longer has failed
 
 
 def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float = 0.5) -> Cost:
     """Median forward time at batch 1 and 8 with one thread: what a single-threaded worker will see."""
-    from . import runners
-    from .signature import zeros
-
     run = runners.load(model_dir, backend, threads=1, card=card).run
     out = {}
     for n in (1, 8):  # named inputs at their longest: what the largest request costs
@@ -97,4 +96,4 @@ def sized(cost: Cost, workers: int | None = None) -> Sizing:
     # Threads help a model whose single pass is long; the tiny digit models only pay fork/join for them.
     threads = max(1, cores() // workers) if cost.batch1_ms > 10 else 1
     timeout = max(30, math.ceil(cost.batch1_ms * batch * 20 / 1000))
-    return Sizing(workers=workers, max_batch=batch, max_delay_ms=delay, threads=threads, timeout_s=timeout)
+    return Sizing(workers=workers, max_batch=batch, max_batch_delay_ms=delay, threads=threads, timeout_s=timeout)

@@ -9,7 +9,8 @@ import tempfile
 from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
-from torchship.handlers.card import CARD_FILE, FORMAT_BY_BACKEND, CardError, ModelCard
+from torchship.handlers.card import CARD_FILE, CardError, ModelCard
+from torchship.handlers.formats import FORMAT_BY_BACKEND
 from torchship.handlers.sizing import MAX_BATCH, Sizing, default_workers
 from torchship.serve.settings import WORKER_LOG_LEVEL
 from torchship.serve.shipping import stage_torchserve_handler
@@ -50,7 +51,7 @@ def model_config(sizing: Sizing, **handler) -> ModelConfig:
         minWorkers=sizing.workers,
         maxWorkers=sizing.workers,
         batchSize=sizing.max_batch,
-        maxBatchDelay=sizing.max_delay_ms,
+        maxBatchDelay=sizing.max_batch_delay_ms,
         responseTimeout=sizing.timeout_s,
         threads=sizing.threads,
         **handler,

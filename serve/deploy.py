@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from torchship.handlers.card import CARD_FILE, FORMAT_BY_BACKEND, ModelCard
+from torchship.handlers.card import CARD_FILE, ModelCard
+from torchship.handlers.formats import FORMAT_BY_BACKEND
 from torchship.handlers.sizing import Cost, measure, queue_size, sized
 from torchship.serve.archive import build_archive, model_config
 from torchship.serve.settings import (
@@ -223,7 +224,7 @@ def container_command(card: ModelCard, capacity: Capacity, backend: str = "onnx"
     return [
         "python",
         "-m",
-        f"{SHIPPED_NAME}.oip_server",
+        f"{SHIPPED_NAME}.oip",
         "--model_dir",
         MODEL_MOUNT,
         "--model_name",

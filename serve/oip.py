@@ -1,5 +1,6 @@
-"""The Open Inference Protocol server's lifecycle (torchship.handlers.oip_server): start, wait ready, status, stop,
-with the same shape as TorchServe's; one state directory per instance, so `stop` stops exactly this one."""
+"""The Open Inference Protocol server's lifecycle (torchship.handlers.oip): start, wait ready, status, stop, with the
+same shape as TorchServe's; one state directory per instance, so `stop` stops exactly this one. The server is started
+with its own Config (handlers/oip/config.py), written into the state directory whole: no setting is passed twice."""
 
 from __future__ import annotations
 
@@ -11,56 +12,73 @@ import subprocess
 import sys
 import time
 import urllib.error
-from dataclasses import KW_ONLY, asdict, dataclass
+from dataclasses import KW_ONLY, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
 
-from torchship.handlers import metrics as names
-from torchship.handlers.card import CARD_FILE, FORMAT_BY_BACKEND, ModelCard
+from torchship.handlers.card import CARD_FILE, ModelCard
+from torchship.handlers.formats import FORMAT_BY_BACKEND
+from torchship.handlers.oip import metrics as names
+from torchship.handlers.oip.config import Config, Limits
 from torchship.serve.process import ServerError, StartOptions, free_ports, http_json, log_marks, new_lines
-from torchship.serve.settings import LOOPBACK, OIP_GRPC_PORT, OIP_HTTP_PORT
+from torchship.serve.settings import LOOPBACK
 
 if TYPE_CHECKING:
     from torchship.serve.samples import Sample
 
-MODULE = "torchship.handlers.oip_server"
-LEGACY_MODULES = ("torchship.runtime.oip_server",)  # instances started before the runtime took its folder's name
+MODULE = "torchship.handlers.oip"
+# instances started before the runtime had folders, or took its folder's name: `stop` still knows them
+LEGACY_MODULES = ("torchship.handlers.oip_server", "torchship.runtime.oip_server")
 LOG = "oip.log"
 STATUS = "oip-status.json"  # the supervisor's own account of its workers
 ADMIN_TOKEN = "admin-token"  # the repository calls' token, beside the instance's state (mode 0600)
+CONFIG = "oip-config.json"  # the server's Config, as it was started with it
 NAME = "oip"
 
 
 @dataclass(frozen=True)
 class OIPConfig:
-    export_dir: str
+    """One OIP server as `torchship serve start` runs it: the name it serves, where its state lives, and the server's
+    own configuration, which it is started with as is."""
+
     model: str
+    server: Config
     _: KW_ONLY
     state_dir: str = "serve-state"
-    http_port: int = OIP_HTTP_PORT
-    grpc_port: int = OIP_GRPC_PORT
-    host: str = LOOPBACK
-    backend: str = "onnx"
-    workers: int = 0  # 0: torchship.handlers.sizing decides, as for every number below left at its default
-    max_batch: int = 0
-    max_delay_ms: float = -1
-    threads: int = 0
-    max_queue: int = 0
-    max_pixels: int = 0
-    server_flags: tuple[str, ...] = ()  # more of the server's own flags (`python -m MODULE --help`: limits, timeouts)
-    extra_exports: tuple[str, ...] = ()  # more exports, or folders of exports, served beside export_dir
     runtime: str = NAME
 
     @classmethod
-    def on_free_ports(cls, export_dir: str, model: str, state_dir: str, **kw) -> OIPConfig:
+    def of(cls, export_dir: str, model: str, state_dir: str, *, extra_exports: tuple[str, ...] = (), **settings):
+        """An instance serving EXPORT_DIR (and EXTRA_EXPORTS) with the server's SETTINGS (Config's fields)."""
+        limits = settings.pop("limits", None) or Limits()
+        limits = Limits(**limits) if isinstance(limits, dict) else limits
+        return cls(model, Config((export_dir, *extra_exports), limits=limits, **settings), state_dir=state_dir)
+
+    @classmethod
+    def on_free_ports(cls, export_dir: str, model: str, state_dir: str, **settings) -> OIPConfig:
+        """The same on two ports the kernel says are free now (tests, benchmarks), unless SETTINGS name them."""
         http_port, grpc_port = free_ports(2)
-        return cls(export_dir, model, state_dir=state_dir, **{"http_port": http_port, "grpc_port": grpc_port, **kw})
+        settings = {"http_port": http_port, "grpc_port": grpc_port, **settings}
+        return cls.of(export_dir, model, state_dir, **settings)
+
+    @property
+    def export_dir(self) -> str:
+        return self.server.model_dirs[0]
+
+    @property
+    def http_port(self) -> int:
+        return self.server.http_port
+
+    @property
+    def grpc_port(self) -> int:
+        return self.server.grpc_port
 
     @property
     def address(self) -> str:
-        return LOOPBACK if self.host in ("0.0.0.0", "::") else self.host
+        host = self.server.host
+        return LOOPBACK if host in ("0.0.0.0", "::") else host
 
     @property
     def inference_url(self) -> str:
@@ -69,6 +87,9 @@ class OIPConfig:
     @property
     def grpc_address(self) -> str:
         return f"{self.address}:{self.grpc_port}"
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "server": self.server.to_dict(), "state_dir": self.state_dir, "runtime": NAME}
 
 
 def loopback(host: str) -> bool:
@@ -79,24 +100,10 @@ def loopback(host: str) -> bool:
 
 
 def command(cfg: OIPConfig) -> list[str]:
-    flags = {
-        "http_port": cfg.http_port,
-        "grpc_port": cfg.grpc_port,
-        "host": cfg.host,
-        "backend": cfg.backend,
-        "workers": cfg.workers,
-        "max_batch": cfg.max_batch,
-        "max_delay_ms": cfg.max_delay_ms,
-        "threads": cfg.threads,
-        "max_queue": cfg.max_queue,
-        "max_pixels": cfg.max_pixels,
-        "status_file": str(Path(cfg.state_dir) / STATUS),
-        "admin_token_file": str(Path(cfg.state_dir) / ADMIN_TOKEN),
-    }
-    if not cfg.extra_exports and (Path(cfg.export_dir) / CARD_FILE).is_file():
-        flags["model_name"] = cfg.model  # one export, served under the name asked for
-    exports = (f"--model_dir={d}" for d in (cfg.export_dir, *cfg.extra_exports))
-    return [sys.executable, "-m", MODULE, *exports, *(f"--{k}={v}" for k, v in flags.items()), *cfg.server_flags]
+    """The server, started with the instance's Config (saved whole in its state directory)."""
+    path = Path(cfg.state_dir) / CONFIG
+    cfg.server.save(path)
+    return [sys.executable, "-m", MODULE, "--config", str(path)]
 
 
 def pid(state_dir: Path | str) -> int | None:
@@ -127,23 +134,32 @@ def log_excerpt(state: Path, marks: dict, lines: int = 20) -> str:
 
 def start(cfg: OIPConfig, timeout: float = 120, *, behind_auth: bool = False) -> OIPConfig:
     state = Path(cfg.state_dir).resolve()
-    export = Path(cfg.export_dir).resolve()
-    cfg = OIPConfig(**{**asdict(cfg), "state_dir": str(state), "export_dir": str(export)})
-    if not loopback(cfg.host) and not behind_auth:
+    server = cfg.server
+    exports = tuple(str(Path(d).resolve()) for d in server.model_dirs)
+    export = Path(exports[0])
+    if not loopback(server.host) and not behind_auth:
         raise ServerError(
-            f"refusing to listen on {cfg.host}: the Open Inference Protocol has no authentication; "
-            "put an authenticating proxy in front and pass --behind-auth (README: the OIP runtime)"
+            f"refusing to listen on {server.host}: the Open Inference Protocol has no authentication; "
+            "put an authenticating proxy in front and pass --behind-auth (docs/serving.md: the OIP runtime)"
         )
     if pid(state) is not None:
         raise ServerError(f"an OIP server started from {state} is already running: `torchship serve stop` first")
-    if cfg.extra_exports or not (export / CARD_FILE).is_file():  # folders of exports: the server says what it found
-        cfg = OIPConfig(**{**asdict(cfg), "extra_exports": tuple(str(Path(d).resolve()) for d in cfg.extra_exports)})
+    one = len(exports) == 1 and (export / CARD_FILE).is_file()
+    if not one:  # folders of exports: the server says what it found
         if not export.is_dir():
             raise ServerError(f"{export} not found: run `torchship export` first")
     else:
-        for f in (CARD_FILE, FORMAT_BY_BACKEND[cfg.backend].file):
+        for f in (CARD_FILE, FORMAT_BY_BACKEND[server.backend].file):
             if not (export / f).is_file():
                 raise ServerError(f"{export / f} not found: run `torchship export` first")
+    server = replace(
+        server,
+        model_dirs=exports,
+        model_name=server.model_name or (cfg.model if one else None),  # one export, served under the name asked for
+        status_file=str(state / STATUS),
+        admin_token_file=str(state / ADMIN_TOKEN),
+    )
+    cfg = replace(cfg, server=server, state_dir=str(state))
     (state / "logs").mkdir(parents=True, exist_ok=True)
     marks = log_marks(state, (LOG,))
     with open(state / "logs" / LOG, "ab") as log:
@@ -156,7 +172,7 @@ def start(cfg: OIPConfig, timeout: float = 120, *, behind_auth: bool = False) ->
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     (state / "oip.pid").write_text(str(proc.pid))
-    (state / "instance.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (state / "instance.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -173,20 +189,19 @@ def start(cfg: OIPConfig, timeout: float = 120, *, behind_auth: bool = False) ->
 
 
 def start_with(o: StartOptions) -> OIPConfig:
-    cfg = OIPConfig(
-        o.export_dir or f"exports/{o.model}",
-        o.model,
-        state_dir=o.state_dir,
-        extra_exports=o.more_exports,
-        http_port=o.inference_port or OIP_HTTP_PORT,
-        grpc_port=o.grpc_port or OIP_GRPC_PORT,
-        host=o.host,
-        backend=o.backend,
-        workers=o.workers or 0,
-        max_batch=o.max_batch or 0,
-        max_delay_ms=-1 if o.max_delay_ms is None else o.max_delay_ms,
-        server_flags=("--access_log",) if o.access_log else (),
-    )
+    settings = {
+        "http_port": o.inference_port,
+        "grpc_port": o.grpc_port,
+        "host": o.host,
+        "backend": o.backend,
+        "workers": o.workers,
+        "max_batch": o.max_batch,
+        "max_batch_delay_ms": o.max_batch_delay_ms,
+        "access_log": o.access_log,
+    }
+    given = {k: v for k, v in settings.items() if v is not None}  # the rest: the server's own defaults
+    export = o.export_dir or f"exports/{o.model}"
+    cfg = OIPConfig.of(export, o.model, o.state_dir, extra_exports=o.more_exports, **given)
     return start(cfg, o.timeout, behind_auth=o.behind_auth)
 
 
@@ -213,10 +228,10 @@ def load_instance(state_dir: Path | str) -> OIPConfig:
     if not f.is_file():
         raise ServerError(f"no instance recorded in {state_dir}")
     d = json.loads(f.read_text())
-    d["runtime"] = NAME  # instances recorded as "kserve" before the runtime had its own name
-    d["server_flags"] = tuple(d.get("server_flags", ()))
-    d["extra_exports"] = tuple(d.get("extra_exports", ()))
-    return OIPConfig(**d)
+    if "server" not in d:  # recorded before the server had one Config: its settings were the instance's own fields
+        kept = {k: d[k] for k in ("host", "http_port", "grpc_port", "backend") if k in d}
+        d["server"] = {"model_dirs": [d["export_dir"], *d.get("extra_exports", ())], **kept}
+    return OIPConfig(d["model"], Config.from_dict(d["server"]), state_dir=d.get("state_dir", str(state_dir)))
 
 
 def workers(state_dir: Path | str) -> dict:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from torchship.handlers.card import CARD_FILE, FORMAT_BY_BACKEND, CardError, ModelCard
+from torchship.handlers.card import CARD_FILE, CardError, ModelCard
+from torchship.handlers.formats import FORMAT_BY_BACKEND
 from torchship.handlers.limits import MAX_REQUEST_BYTES
 from torchship.serve.settings import LOOPBACK
 
@@ -168,7 +169,7 @@ class PageHandler(SimpleHTTPRequestHandler):
     def relay_v2(self, target, body: bytes) -> None:
         """The Open Inference Protocol server: the image as one v2 BYTES element; its probabilities back as the
         page's {label, probability, topk}, ranked by the card's labels."""
-        from torchship.handlers.responses import DEFAULT_TOPK, top_k
+        from torchship.handlers.model.responses import DEFAULT_TOPK, top_k
 
         labels = json.loads((Path(self.directory) / "card.json").read_text())["labels"]
         raw = target.request(body, "application/octet-stream").split(b"\r\n\r\n", 1)[1]

@@ -39,7 +39,7 @@ class StartOptions:
     behind_auth: bool = False  # OIP
     workers: int | None = None  # OIP (TorchServe's come from `torchship archive`)
     max_batch: int | None = None  # OIP
-    max_delay_ms: float | None = None  # OIP
+    max_batch_delay_ms: float | None = None  # OIP
     access_log: bool = False  # OIP: a line per inference request
 
 

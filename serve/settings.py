@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torchship.handlers.limits import MAX_REQUEST_BYTES
-from torchship.handlers.oip_server import GRPC_PORT as OIP_GRPC_PORT
-from torchship.handlers.oip_server import HTTP_PORT as OIP_HTTP_PORT
+from torchship.handlers.oip.config import GRPC_PORT as OIP_GRPC_PORT
+from torchship.handlers.oip.config import HTTP_PORT as OIP_HTTP_PORT
+from torchship.handlers.oip.config import LOOPBACK
 
-LOOPBACK = "127.0.0.1"
+__all__ = ["LOOPBACK", "MAX_REQUEST_BYTES", "OIP_GRPC_PORT", "OIP_HTTP_PORT"]  # the runtime's facts, read from here
 ANY_ADDRESS = "0.0.0.0"  # inside a pod: reached only through the cluster's authenticating ingress
 
 

@@ -16,7 +16,7 @@ SHIPPED_NAME = "torchship_handlers"
 TORCHSERVE_ENTRY = "torchship_handler.py"  # what --handler names inside an archive
 TORCHSERVE_ENTRY_CODE = f'''"""TorchServe's --handler: the torchship runtime package beside this file serves it."""
 
-from {SHIPPED_NAME}.torchserve_handler import ModelHandler
+from {SHIPPED_NAME}.torchserve.handler import ModelHandler
 
 
 class Handler(ModelHandler):

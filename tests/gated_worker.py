@@ -2,22 +2,25 @@
 prints `pass N` (its rows) and waits until a line arrives on stdin; after that every pass runs at once. It lets a test
 hold a request in the queue behind a pass for as long as it needs, instead of racing a fast model.
 
-python tests/gated_worker.py OIP_SERVER_FLAGS...   (the flags of torchship.handlers.oip_server; give --max_batch,
---max_delay_ms and --threads, so nothing is measured)
+python tests/gated_worker.py OIP_SERVER_FLAGS...   (the flags of `python -m torchship.handlers.oip`; give --max_batch,
+--max_batch_delay_ms and --threads, so nothing is measured)
 """
 
 import sys
 import threading
+from dataclasses import replace
 
-from torchship.handlers import control, oip_server
+from torchship.handlers.oip import main, supervisor, worker
+from torchship.handlers.oip.control import initial_state
 
 
-def main(argv: list[str]) -> int:
-    args = oip_server.parser().parse_args(argv)
-    args.max_queue = args.max_queue or 64
-    load = oip_server.loader(args)
-    state = control.initial_state(args.model_dir, args.backend, oip_server.served_names(args))
-    repo = oip_server.worker_repository(state, load)
+def gated_main(argv: list[str]) -> int:
+    config = main.config_from(argv)
+    config = replace(config, max_queue=config.max_queue or 64)
+    load = worker.loader(config)
+    repo = worker.repository(
+        initial_state(list(config.model_dirs), config.backend, supervisor.served_names(config)), load
+    )
     gate = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.readline(), gate.set()), daemon=True).start()
     for served in repo.served():
@@ -30,8 +33,8 @@ def main(argv: list[str]) -> int:
 
         served.batcher.run = gated
         served.batcher.inline = False  # a pass that waits stands for a long one: long passes run on their thread
-    return oip_server.serve_model(repo, args, load, lambda: print("ready", flush=True))
+    return worker.serve(repo, config, load, lambda: print("ready", flush=True), None)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(gated_main(sys.argv[1:]))

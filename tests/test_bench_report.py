@@ -5,7 +5,7 @@ import json
 import shutil
 import sys
 
-from torchship.handlers.repository import exports_below
+from torchship.handlers.oip.repository import exports_below
 
 from helpers import ROOT
 

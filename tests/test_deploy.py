@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import yaml
 
-from torchship.handlers.onnx_model import load as load_onnx
+from torchship.handlers.model.onnx_model import load as load_onnx
 from torchship.serve.deploy import Scaling, inference_service
 from torchship.serve.process import free_ports
 from torchship.serve.samples import held_out_digits, png

@@ -152,7 +152,7 @@ try:
     import torch
 except ImportError:
     torch = None
-from torchship_handlers.onnx_model import load
+from torchship_handlers.model.onnx_model import load
 model = load({str(exp.onnx)!r})
 raw = {str(data_dir / "mnist-5k" / "MNIST" / "raw")!r}
 images = np.fromfile(raw + "/t10k-images-idx3-ubyte", np.uint8, offset=16).reshape(-1, 28, 28)

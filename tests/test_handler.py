@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from torchship.export.formats import export_checkpoint
-from torchship.handlers.images import InputError
-from torchship.handlers.request import decode_row
+from torchship.handlers.model.errors import InputError
+from torchship.handlers.torchserve.request import decode_row
 from torchship.serve.archive import ModelConfig, build_archive
 from torchship.serve.samples import held_out_digits, png
 from torchship.train.fit import train
@@ -95,7 +95,7 @@ def mixed_batch():
 def test_mixed_batch_good_requests_succeed_bad_get_their_own_4xx(archives, backend):
     rows, expected = mixed_batch()
     res = handle(archives, ("mnist-convnet", backend), rows)
-    assert res["backend"] == backend and res["runtime"] == "torchship_handlers.torchserve_handler"
+    assert res["backend"] == backend and res["runtime"] == "torchship_handlers.torchserve.handler"
     assert res["status"] == expected
     good = [json.loads(res["out"][i]) for i in (0, 2, 4)]
     assert all(g["label"] in [str(d) for d in range(10)] for g in good)
@@ -129,7 +129,7 @@ def test_an_archive_written_before_the_rename_still_loads(archives, tmp_path):
     entry.write_text(entry.read_text().replace("torchship_handlers", "torchship_runtime"))
     rows = [{"body": png(DIGITS[i])} for i in range(4)]
     then, now = handle({**archives, "old": old}, "old", rows), handle(archives, ("mnist-convnet", "onnx"), rows)
-    assert then["runtime"] == "torchship_runtime.torchserve_handler" and then["status"] == [200] * 4
+    assert then["runtime"] == "torchship_runtime.torchserve.handler" and then["status"] == [200] * 4
     assert then["out"] == now["out"]
 
 
@@ -184,7 +184,7 @@ def test_photographed_style_digits_are_classified_as_well_as_mnist_ones(archives
     """The point of the MNIST-style preprocessing: dark ink on white paper, anywhere, any size, still reads."""
     from test_images import paper
 
-    from torchship.handlers.onnx_model import load
+    from torchship.handlers.model.onnx_model import load
 
     model = load(archives["mnist-convnet", "onnx"] / "model.onnx")
     idx = range(0, 1000, 4)

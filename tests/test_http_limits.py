@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as tgrpc
 from tritonclient.utils import InferenceServerException
 
-from torchship.handlers.http11 import Limits
+from torchship.handlers.oip.config import Limits
 from torchship.serve import oip
 from torchship.serve.process import free_ports
 from torchship.serve.samples import held_out_digits, png
@@ -24,12 +24,12 @@ from helpers import ROOT, scrape, wait_for
 pytestmark = pytest.mark.serve
 DIGIT = png(held_out_digits()[0][0])
 HEAD = Limits().head_bytes
-FAST = {"workers": 1, "max_batch": 8, "max_delay_ms": 1, "threads": 1}  # nothing to measure: starts in seconds
+FAST = {"workers": 1, "max_batch": 8, "max_batch_delay_ms": 1, "threads": 1}  # nothing to measure: starts in seconds
 
 
-def start(export, state, **flags):
-    extra = tuple(f"--{k}={v}" for k, v in flags.items())
-    return oip.start(oip.OIPConfig.on_free_ports(str(export), "mnist", str(state), server_flags=extra, **FAST), 120)
+def start(export, state, **limits):
+    cfg = oip.OIPConfig.on_free_ports(str(export), "mnist", str(state), limits=Limits(**limits), **FAST)
+    return oip.start(cfg, 120)
 
 
 @pytest.fixture(scope="module")
@@ -473,7 +473,7 @@ def gated(convnet_export, tmp_path):
             f"--http_port={http_port}",
             f"--grpc_port={grpc_port}",
             "--max_batch=8",
-            "--max_delay_ms=0",
+            "--max_batch_delay_ms=0",
             "--threads=1",
             "--log_level=WARNING",
         ],

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from torchship.handlers import images as preprocess
-from torchship.handlers.images import InputError, Preprocessor
-from torchship.handlers.responses import softmax, top_k
+from torchship.handlers.model import images as preprocess
+from torchship.handlers.model.errors import InputError
+from torchship.handlers.model.images import Preprocessor
+from torchship.handlers.model.responses import softmax, top_k
 from torchship.serve.samples import held_out_digits
 
 from helpers import card

@@ -19,12 +19,13 @@ from named_models import MODELS, NAMED, VOCAB
 from tritonclient.utils import InferenceServerException
 
 from torchship.export.user_model import rebuild
-from torchship.handlers import signature
-from torchship.handlers.batching import Batcher
-from torchship.handlers.card import Architecture, CardError, ModelCard, Signature, validate_signature
-from torchship.handlers.onnx_model import InputError
-from torchship.handlers.onnx_model import load as load_onnx
-from torchship.handlers.serving import stacking
+from torchship.handlers.card import Architecture, CardError, ModelCard
+from torchship.handlers.model import named
+from torchship.handlers.model.onnx_model import InputError
+from torchship.handlers.model.onnx_model import load as load_onnx
+from torchship.handlers.oip.batching import Batcher
+from torchship.handlers.oip.served import stacking
+from torchship.handlers.signature import Signature, validate_signature
 from torchship.serve import oip, torchserve
 from torchship.serve.archive import ModelConfig
 
@@ -119,7 +120,7 @@ def test_the_embedding_answers_every_output_by_name(models):
 
 def test_a_batch_of_different_lengths_answers_what_each_request_alone_does():
     """The batcher pads three queued requests of lengths 2, 9 and 30 into one pass and cuts each answer back out."""
-    from torchship.handlers import runners
+    from torchship.handlers.model import runners
 
     sig = Signature(
         **{
@@ -157,7 +158,7 @@ def test_a_batch_of_different_lengths_answers_what_each_request_alone_does():
     passes = []
     rng = np.random.default_rng(0)
     requests = [
-        signature.check(
+        named.check(
             sig,
             {
                 "x": ("FP32", (1, n), rng.standard_normal(n).astype(np.float32)),
@@ -168,7 +169,9 @@ def test_a_batch_of_different_lengths_answers_what_each_request_alone_does():
     ]
 
     async def go():
-        batcher = Batcher(run, max_batch=8, max_delay=0, max_queue=8, on_pass=passes.append, **stacking(card))
+        batcher = Batcher(
+            run, max_batch=8, max_batch_delay_ms=0, max_queue=8, on_pass=passes.append, stacking=stacking(card)
+        )
         futures = [batcher.enqueue(r) for r in requests]  # all queued before the batcher's first pass
         batcher.start()
         answers = await asyncio.gather(*futures)

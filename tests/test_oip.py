@@ -17,10 +17,10 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from torchship.handlers.batching import Batcher
-from torchship.handlers.onnx_model import load as load_onnx
-from torchship.handlers.responses import probabilities
-from torchship.handlers.serving import INLINE_PASS_MS
+from torchship.handlers.model.onnx_model import load as load_onnx
+from torchship.handlers.model.responses import probabilities
+from torchship.handlers.oip.batching import Batcher
+from torchship.handlers.oip.served import INLINE_PASS_MS
 from torchship.serve import oip
 from torchship.serve.loadtest import Payload, kill_worker_under_load, payloads, run_level
 from torchship.serve.process import ServerError, free_ports
@@ -180,13 +180,13 @@ def test_readiness_waits_for_the_warm_up_at_the_largest_batch(server, tmp_path, 
     with pytest.raises(ServerError, match="warm-up"):
         oip.start(
             oip.OIPConfig.on_free_ports(
-                str(export), "fixed", str(tmp_path / "a"), max_batch=8, threads=1, max_delay_ms=0
+                str(export), "fixed", str(tmp_path / "a"), max_batch=8, threads=1, max_batch_delay_ms=0
             ),
             timeout=60,
         )
     assert oip.pid(tmp_path / "a") is None
     ones = oip.OIPConfig.on_free_ports(
-        str(export), "fixed", str(tmp_path / "b"), max_batch=1, threads=1, max_delay_ms=0
+        str(export), "fixed", str(tmp_path / "b"), max_batch=1, threads=1, max_batch_delay_ms=0
     )
     ones = oip.start(ones, timeout=60)
     try:
@@ -220,7 +220,7 @@ def test_a_pass_runs_on_the_loop_or_on_its_thread_with_the_same_answers(inline, 
         return x * 2
 
     async def go():
-        batcher = Batcher(run, max_batch=8, max_delay=0, max_queue=8)
+        batcher = Batcher(run, max_batch=8, max_batch_delay_ms=0, max_queue=8)
         batcher.inline = inline
         rows = [np.full((1, 3), i, np.float32) for i in range(requests)]
         futures = [batcher.enqueue(r, prompt=prompt) for r in rows]
@@ -271,7 +271,7 @@ def test_soak_64_grpc_clients_every_answer_the_embeddings(server, convnet_export
 def test_past_the_queue_bound_clients_get_503_with_retry_after_never_a_hang(tmp_path, convnet_export):
     """One worker, a queue of one, batches of one: 48 clients at once overflow it, and are told when to come back."""
     cfg = oip.OIPConfig.on_free_ports(
-        str(convnet_export.directory), "mnist", str(tmp_path), workers=1, max_batch=1, max_delay_ms=0, max_queue=1
+        str(convnet_export.directory), "mnist", str(tmp_path), workers=1, max_batch=1, max_batch_delay_ms=0, max_queue=1
     )
     cfg = oip.start(cfg, timeout=120)
     request = v2_json(
@@ -567,7 +567,7 @@ def test_taken_ports_fail_clearly(server, tmp_path):
 
 ADAPTER_CHECK = r"""
 import asyncio, importlib, inspect, json, sys
-from torchship.handlers import kserve_adapter as a
+from torchship.handlers.kserve import adapter as a
 found = {}
 for path in a.PATCHED:
     module, _, attr = path.rpartition(".")

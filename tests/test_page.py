@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from torchship.handlers.onnx_model import load as load_onnx
+from torchship.handlers.model.onnx_model import load as load_onnx
 from torchship.serve import torchserve
 from torchship.serve.archive import ModelConfig, build_archive
 from torchship.serve.page import serve, write_page

@@ -16,8 +16,8 @@ from tritonclient.utils import InferenceServerException
 
 from torchship.export.formats import Options, export_checkpoint
 from torchship.export.verify import verify, write_report
-from torchship.handlers.onnx_model import load as load_onnx
-from torchship.handlers.responses import probabilities
+from torchship.handlers.model.onnx_model import load as load_onnx
+from torchship.handlers.model.responses import probabilities
 from torchship.serve import oip
 from torchship.serve.client import Connection, Target
 from torchship.serve.samples import held_out_digits, png
@@ -94,7 +94,9 @@ def server(tmp_path_factory, exports):
     root = repository(tmp_path_factory.mktemp("repo"), exports, "digits/1", "digits/2", "mlp/1")
     state = tmp_path_factory.mktemp("repo-state")
     cfg = oip.start(
-        oip.OIPConfig.on_free_ports(str(root), "digits", str(state), workers=2, max_batch=8, max_delay_ms=1, threads=1),
+        oip.OIPConfig.on_free_ports(
+            str(root), "digits", str(state), workers=2, max_batch=8, max_batch_delay_ms=1, threads=1
+        ),
         timeout=180,
     )
     yield cfg, root
@@ -244,7 +246,7 @@ def test_a_swap_under_64_clients_loses_nothing(tmp_path, exports):
     root = repository(tmp_path, exports, "digits/1")
     cfg = oip.start(
         oip.OIPConfig.on_free_ports(
-            str(root), "digits", str(tmp_path / "state"), workers=2, max_batch=8, max_delay_ms=1, threads=1
+            str(root), "digits", str(tmp_path / "state"), workers=2, max_batch=8, max_batch_delay_ms=1, threads=1
         ),
         timeout=180,
     )
@@ -290,7 +292,7 @@ async def clients(target: Target, answers: list, done: threading.Event, n: int =
 
 def test_the_routes_are_an_exact_share_per_worker():
     """Model.pick: the canary takes exactly its percent of the requests a worker routes, spread evenly."""
-    from torchship.handlers.repository import Model, Route
+    from torchship.handlers.oip.repository import Model, Route
 
     m = Model("m", {"1": "one", "2": "two"}, Route("1", canary="2", canary_percent=25))
     picks = [m.pick(None)[0] for _ in range(100)]

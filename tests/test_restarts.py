@@ -46,7 +46,7 @@ def load_then_close(port: int, path: str, headers: dict, body: bytes = DIGIT, n:
 def test_oip_then_oip_then_torchserve_then_torchserve_restart_at_once(convnet_export, tmp_path):
     state = tmp_path / "oip"
     cfg = oip.OIPConfig.on_free_ports(
-        str(convnet_export.directory), "mnist", str(state), workers=1, max_batch=8, max_delay_ms=1, threads=1
+        str(convnet_export.directory), "mnist", str(state), workers=1, max_batch=8, max_batch_delay_ms=1, threads=1
     )
     v2 = {"Content-Type": "application/json"}
     body = json.dumps(

@@ -3,7 +3,7 @@
 import pytest
 from test_hardening import post
 
-from torchship.handlers.onnx_model import load as load_onnx
+from torchship.handlers.model.onnx_model import load as load_onnx
 from torchship.serve import torchserve
 from torchship.serve.archive import ModelConfig, build_archive
 from torchship.serve.loadtest import Payload, Target, payloads, run_level

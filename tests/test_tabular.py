@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from torchship.export.verify import verify
-from torchship.handlers.onnx_model import load as load_onnx
+from torchship.handlers.model.onnx_model import load as load_onnx
 from torchship.serve import oip, torchserve
 from torchship.train.fit import train
 from torchship.train.presets import get_preset

@@ -12,7 +12,9 @@ import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 
-from torchship.handlers import serving, tracing
+from torchship.handlers.oip import served
+from torchship.handlers.oip.config import Config
+from torchship.handlers.oip import tracing
 from torchship.serve import oip
 from torchship.serve.samples import held_out_digits, png
 from torchship.serve.traces import OtlpSink
@@ -40,24 +42,25 @@ def test_a_requests_stages_become_child_spans_of_the_clients_trace(convnet_expor
     exporter = InMemorySpanExporter()
     tracing.configure(SimpleSpanProcessor(exporter))
     try:
-        served = serving.load(str(convnet_export.directory), serving.Settings(max_batch=8, max_delay_ms=0))
+        config = Config((str(convnet_export.directory),), max_batch=8, max_batch_delay_ms=0, threads=1, max_queue=64)
+        version = served.load(str(convnet_export.directory), config)
         header, trace_id, span_id = traceparent()
-        x = np.stack([served.preprocessor.from_bytes(DIGIT)] * 3)
+        x = np.stack([version.preprocessor.from_bytes(DIGIT)] * 3)
 
         async def one_request():
-            served.batcher.start()
+            version.batcher.start()
             trace = tracing.start(header, "rest")
             trace.mark_decoded()
-            out = await served.batcher.enqueue(x, trace)
-            trace.finish(served.name, served.version, 200)
-            await served.batcher.stop()
+            out = await version.batcher.enqueue(x, trace)
+            trace.finish(version.name, version.version, 200)
+            await version.batcher.stop()
             return out
 
         assert asyncio.run(one_request()).shape == (3, 10)
     finally:
         tracing.ENABLED = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
     spans = {s.name: s for s in exporter.get_finished_spans()}
-    root = spans[f"infer {served.name}"]
+    root = spans[f"infer {version.name}"]
     assert format(root.context.trace_id, "032x") == trace_id and format(root.parent.span_id, "016x") == span_id
     assert all(spans[n].parent.span_id == root.context.span_id for n in STAGES)
     assert spans["forward"].attributes["torchship.batch_size"] == 3
@@ -78,9 +81,9 @@ def test_rest_and_grpc_requests_export_their_traces_over_otlp(convnet_export, tm
             str(tmp_path),
             workers=1,
             max_batch=8,
-            max_delay_ms=1,
+            max_batch_delay_ms=1,
             threads=1,
-            server_flags=("--access_log",),
+            access_log=True,
         ),
         timeout=120,
     )

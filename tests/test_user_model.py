@@ -15,7 +15,7 @@ from PIL import Image
 
 from torchship.export.verify import verify
 from torchship.handlers.card import ModelCard
-from torchship.handlers.onnx_model import load as load_onnx
+from torchship.handlers.model.onnx_model import load as load_onnx
 from torchship.serve import torchserve
 from torchship.serve.archive import ModelConfig, build_archive
 
@@ -276,8 +276,8 @@ def test_sizing_follows_the_models_measured_cost(user_exports):
     cost = measure(work / "mobilenet", "onnx", card, seconds=0.2)
     assert cost.batch8_ms > cost.batch1_ms > 0
     tiny, slow = sized(Cost(0.1, 0.4)), sized(Cost(40.0, 320.0))
-    assert tiny.max_batch == 8 and tiny.max_delay_ms == 1 and tiny.threads == 1
-    assert slow.max_batch == 1 and slow.max_delay_ms == 4 and slow.timeout_s >= 30
+    assert tiny.max_batch == 8 and tiny.max_batch_delay_ms == 1 and tiny.threads == 1
+    assert slow.max_batch == 1 and slow.max_batch_delay_ms == 4 and slow.timeout_s >= 30
     yaml = model_config(slow).yaml()  # TorchServe's spelling of the same rule
     assert "batchSize: 1" in yaml and "maxBatchDelay: 4" in yaml
 

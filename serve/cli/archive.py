@@ -35,7 +35,7 @@ from torchship.serve.settings import WORKER_LOG_LEVEL
     help="Largest batch  [default: what the measured model runs in ~50 ms, at most 8]",
 )
 @click.option(
-    "--max-batch-delay",
+    "--max-batch-delay-ms",
     type=click.IntRange(1, 10_000),
     default=None,
     help="Milliseconds to wait for a fuller batch (TorchServe reads 0 as its default, 100)  "
@@ -68,7 +68,7 @@ def archive_command(
     name,
     workers,
     batch_size,
-    max_batch_delay,
+    max_batch_delay_ms,
     threads,
     response_timeout,
     max_pixels,
@@ -99,7 +99,7 @@ def archive_command(
     cfg = model_config(sized(cost, workers), worker_log_level=worker_log_level.upper())
     given = {
         "batchSize": batch_size,
-        "maxBatchDelay": max_batch_delay,
+        "maxBatchDelay": max_batch_delay_ms,
         "threads": threads,
         "responseTimeout": response_timeout,
         "max_pixels": max_pixels,

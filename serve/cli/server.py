@@ -118,7 +118,7 @@ def serve_group():
     help=f"{OIP} only: rows in one forward pass  [default: measured, as `archive` sizes TorchServe's]",
 )
 @click.option(
-    "--max-batch-delay",
+    "--max-batch-delay-ms",
     type=click.FloatRange(0, 1000),
     default=None,
     help=f"{OIP} only: ms a batch waits for requests already on their way  [default: measured]",
@@ -149,7 +149,7 @@ def start_command(
     behind_auth,
     workers,
     max_batch,
-    max_batch_delay,
+    max_batch_delay_ms,
     access_log,
     timeout,
 ):
@@ -182,7 +182,7 @@ def start_command(
         behind_auth=behind_auth,
         workers=workers,
         max_batch=max_batch,
-        max_delay_ms=max_batch_delay,
+        max_batch_delay_ms=max_batch_delay_ms,
         access_log=access_log,
     )
     try:

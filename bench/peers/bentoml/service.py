@@ -11,8 +11,8 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
-from torchship_handlers.onnx_model import load
-from torchship_handlers.responses import respond
+from torchship_handlers.model.onnx_model import load
+from torchship_handlers.model.responses import respond
 
 WORKERS = int(os.environ.get("TORCHSHIP_PEER_WORKERS", "2"))
 MAX_BATCH = int(os.environ.get("TORCHSHIP_PEER_MAX_BATCH", "8"))

@@ -9,8 +9,8 @@ import argparse
 
 import litserve as ls
 import numpy as np
-from torchship_handlers.onnx_model import load
-from torchship_handlers.responses import respond
+from torchship_handlers.model.onnx_model import load
+from torchship_handlers.model.responses import respond
 
 
 class DigitAPI(ls.LitAPI):
@@ -43,8 +43,8 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max_batch", type=int, default=8)
-    ap.add_argument("--max_delay_ms", type=float, default=1)
+    ap.add_argument("--max_batch_delay_ms", type=float, default=1)
     args = ap.parse_args()
-    api = DigitAPI(args.model, max_batch_size=args.max_batch, batch_timeout=args.max_delay_ms / 1000)
+    api = DigitAPI(args.model, max_batch_size=args.max_batch, batch_timeout=args.max_batch_delay_ms / 1000)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers, timeout=30)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, generate_client_file=False)

@@ -12,8 +12,8 @@ import base64
 import numpy as np
 from mlserver import MLModel
 from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
-from torchship_handlers.onnx_model import load
-from torchship_handlers.responses import probabilities
+from torchship_handlers.model.onnx_model import load
+from torchship_handlers.model.responses import probabilities
 
 
 class Digits(MLModel):

@@ -12,8 +12,8 @@ import numpy as np
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
-from torchship_handlers.onnx_model import load
-from torchship_handlers.responses import probabilities
+from torchship_handlers.model.onnx_model import load
+from torchship_handlers.model.responses import probabilities
 
 
 def instance(model_path: str):
@@ -37,7 +37,7 @@ if __name__ == "__main__":
     ap.add_argument("--metrics_port", type=int, required=True)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max_batch", type=int, default=8)
-    ap.add_argument("--max_delay_ms", type=float, default=1)
+    ap.add_argument("--max_batch_delay_ms", type=float, default=1)
     args = ap.parse_args()
     config = TritonConfig(
         http_address="127.0.0.1",
@@ -60,7 +60,7 @@ if __name__ == "__main__":
             ],
             config=ModelConfig(
                 max_batch_size=args.max_batch,
-                batcher=DynamicBatcher(max_queue_delay_microseconds=int(args.max_delay_ms * 1000)),
+                batcher=DynamicBatcher(max_queue_delay_microseconds=int(args.max_batch_delay_ms * 1000)),
             ),
         )
         triton.serve()

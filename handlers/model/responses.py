@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from .card import ModelCard
+from ..card import ModelCard
 
 DEFAULT_TOPK = 3
 

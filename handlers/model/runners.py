@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .card import FORMAT_BY_BACKEND, FORMATS, ModelCard, Signature
+from ..card import ModelCard
+from ..formats import FORMAT_BY_BACKEND, FORMATS
+from ..signature import Signature
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,31 @@ def find(model_dir: str | os.PathLike) -> str:
     raise FileNotFoundError(f"no model file in {model_dir} (expected one of {', '.join(f.file for f in FORMATS)})")
 
 
-def onnx_runner(path: Path, threads: int, sig: Signature | None = None) -> Callable:
-    import onnxruntime as ort
+# ONNX Runtime's graph optimisation levels by the names `session_options` takes (GraphOptimizationLevel's members)
+OPTIMIZATION = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
-    from .onnx_model import session_options
+
+def session_options(threads: int = 1, optimization: str = "all", spinning: bool = False):
+    """Small models want one thread per worker (no fork/join cost, no fight over cores) and full graph fusion."""
+    import onnxruntime as ort  # lazily: an archive of TorchScript or pt2 runs without it
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION[optimization])
+    if not spinning:  # idle threads would otherwise busy-wait and steal cores from other workers
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def onnx_runner(path: Path, threads: int, sig: Signature | None = None) -> Callable:
+    import onnxruntime as ort  # lazily: an archive of TorchScript or pt2 runs without it
 
     session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
     if sig is not None:

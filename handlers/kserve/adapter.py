@@ -1,7 +1,7 @@
 """For those who want kserve's own ModelServer: our model as a `kserve.Model`, and the one small adapter that patches
 what kserve 0.21 gets wrong. Torch-free, the same card, recipe and answers as every other entry point.
 
-python -m torchship.handlers.kserve_adapter --model_dir EXPORT_DIR --model_name NAME [kserve's own flags]
+python -m torchship.handlers.kserve --model_dir EXPORT_DIR --model_name NAME [kserve's own flags]
 
 torchship's own server (oip_server.py) is the faster path: kserve's FastAPI layer costs ~0.5 ms a request and its
 server runs no batching (bench/NOTES.md). tests/test_oip.py fails if kserve changes under the patches below.
@@ -19,10 +19,11 @@ import kserve
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
 
-from . import runners, v2
-from .card import ModelCard
-from .images import Preprocessor
-from .responses import batch_outputs
+from ..card import ModelCard
+from ..model import runners
+from ..model.images import Preprocessor
+from ..model.responses import batch_outputs
+from ..protocol import model_io, v2
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,10 @@ class KServeModel(kserve.Model):
         return self.ready
 
     def get_input_types(self) -> list[dict]:
-        return v2.input_types(self.card)
+        return model_io.input_types(self.card)
 
     def get_output_types(self) -> list[dict]:
-        return v2.output_types(self.card)
+        return model_io.output_types(self.card)
 
     async def predict(self, payload, headers=None) -> InferResponse:
         """One forward pass for all N images or arrays of the request."""
@@ -60,13 +61,13 @@ class KServeModel(kserve.Model):
                     f"input '{i.name}': its {i.datatype} values do not fill its shape {list(i.shape)}"
                 ) from None
         try:
-            x = v2.model_inputs(self.card, self.preprocessor, tensors)
+            x = model_io.model_inputs(self.card, self.preprocessor, tensors)
         except v2.ProtocolError as e:
             raise InvalidInput(str(e)) from None
         outputs = []
         binary = payload.from_grpc or payload.use_binary_outputs  # gRPC: raw contents, or tritonclient reads []
         raw = self.runner.run(x.arrays if self.card.named else x)
-        for t in v2.model_outputs(self.card, batch_outputs(self.card, raw)):
+        for t in model_io.model_outputs(self.card, batch_outputs(self.card, raw)):
             out = InferOutput(name=t.name, shape=list(t.shape), datatype=t.datatype)
             out.set_data_from_numpy(t.data, binary_data=binary)
             outputs.append(out)
@@ -80,7 +81,7 @@ class KServeModel(kserve.Model):
 
 
 def from_bytes(cls, req_bytes: bytes, json_length: int, model_name: str) -> InferRequest:
-    """A REST request with binary tensors, parsed by handlers/v2.py.
+    """A REST request with binary tensors, parsed by protocol/v2.py.
 
     kserve 0.21's own decodes binary BYTES inputs to UTF-8 text, which an image file never is (a 500 for
     every tritonclient request), and a body without 'inputs' is a KeyError (another 500): here each is kept

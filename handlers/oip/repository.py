@@ -9,14 +9,15 @@ requests up here; only versions whose proof passed may answer a client, an unpro
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .card import CARD_FILE, FORMAT_BY_BACKEND, CardError, ModelCard
+import numpy as np
 
-PROOF_FILE = "equivalence.json"  # what `torchship export` and `torchship verify` write: the proof and what it proved
+from ..card import CARD_FILE, CardError, ModelCard
+from ..formats import FORMAT_BY_BACKEND, PROOF_FILE, digest
+
 SCAN_DEPTH = 2  # REPOSITORY/NAME/VERSION/meta.json at the deepest
 
 
@@ -120,14 +121,6 @@ def exports_below(root: Path | str, backend: str) -> list[Export]:
     return found
 
 
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def proof(directory: Path | str, backend: str) -> Version:
     """Whether this export's proof passed for the file it would serve, unchanged since (the proof records each
     file's sha256): only then may the version answer clients."""
@@ -229,8 +222,6 @@ def agreement(card: ModelCard, default, candidate) -> tuple[bool, float]:
     """A shadow's verdict on one request: whether the candidate answered every row alike (the same top-1 label; for
     values, within 1e-4 relative) and the largest element-wise difference of the batches' outputs (a classifier's
     probabilities: responses.batch_outputs)."""
-    import numpy as np
-
     a, b = np.asarray(default, np.float64), np.asarray(candidate, np.float64)
     if a.shape != b.shape:
         return False, float("inf")

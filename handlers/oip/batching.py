@@ -62,20 +62,22 @@ class Batcher:
         run: Callable[[np.ndarray], np.ndarray],
         *,
         max_batch: int,
-        max_delay: float,
+        max_batch_delay_ms: float,
         max_queue: int,
         on_pass: Callable[[Pass], None] | None = None,
-        stacking: Stacking = ARRAYS,
+        stacking: Stacking | None = None,
     ):
-        self.run, self.max_batch, self.max_delay, self.max_queue = run, max_batch, max_delay, max_queue
+        """The server's settings under their Config names (config.py); STACKING None: arrays concatenate."""
+        self.run, self.max_batch, self.max_queue = run, max_batch, max_queue
+        self.max_batch_delay_ms = max_batch_delay_ms
         self.on_pass = on_pass or (lambda p: None)
-        self.stacking = stacking
+        self.stacking = stacking or ARRAYS
         self.jobs: deque[Job] = deque()
         self.decoding = 0  # requests accepted and still being read or decoded: company worth a short wait
         self._wake = asyncio.Event()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward-pass")
         self._task: asyncio.Task | None = None
-        self.inline = False  # a fast model's passes run on the event loop (serving.warm_up decides; see _serve)
+        self.inline = False  # a fast model's passes run on the event loop (served.warm_up decides; see _serve)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="batcher")
@@ -103,16 +105,13 @@ class Batcher:
         self._wake.set()
         return future
 
-    async def submit(self, rows: np.ndarray) -> np.ndarray:
-        return await self.enqueue(rows)
-
     def _rows_queued(self) -> int:
         return sum(len(j.rows) for j in self.jobs)
 
     async def _gather(self) -> None:
-        """Wait up to max_delay for requests that are already being read or decoded, while the batch is not full."""
+        """Wait up to max_batch_delay_ms for requests already being read or decoded, while the batch is not full."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_delay
+        deadline = loop.time() + self.max_batch_delay_ms / 1000
         while self.decoding and self._rows_queued() < self.max_batch and (left := deadline - loop.time()) > 0:
             self._wake.clear()
             try:
@@ -157,7 +156,7 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
             await asyncio.sleep(0)  # let requests that have already arrived join this pass
-            if self.max_delay > 0 and self.decoding:
+            if self.max_batch_delay_ms > 0 and self.decoding:
                 await self._gather()
             jobs = self._take()
             if not jobs:

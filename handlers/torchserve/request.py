@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .images import InputError
-from .responses import DEFAULT_TOPK
+from ..model.errors import InputError
+from ..model.responses import DEFAULT_TOPK
 
 FILE_FIELDS = ("data", "body", "file", "image")  # raw body arrives as "body"; form files under their field name
 OPTION_FIELDS = ("topk",)
@@ -104,18 +103,6 @@ def image_bytes(row: dict) -> bytes:
     if value is None:
         raise InputError(400, f"empty request: {HOW_TO_SEND}")
     raise InputError(400, f"unsupported request payload of type {type(value).__name__}: {HOW_TO_SEND}")
-
-
-def instances(body) -> list:
-    """The rows of a KServe v1 / TF Serving request, {"instances": [...]}, parsed by TorchServe or not."""
-    if isinstance(body, (bytes, bytearray)):
-        try:
-            body = json.loads(body)
-        except (ValueError, RecursionError):
-            raise InputError(400, 'send JSON {"instances": [[...], ...]}, one row of numbers per example') from None
-    if not isinstance(body, dict) or "instances" not in body:
-        raise InputError(400, 'send JSON {"instances": [[...], ...]}, one row of numbers per example')
-    return body["instances"]
 
 
 FORM_ENCODED = "application/x-www-form-urlencoded"

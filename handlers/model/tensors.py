@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 
-from .card import ModelCard
-from .images import InputError
-from .limits import MAX_BATCH_ITEMS
+from ..card import ModelCard
+from ..limits import MAX_BATCH_ITEMS
+from .errors import InputError
 
 
 def standardize(card: ModelCard, rows: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The OIP server's control plane: the supervisor changes the repository (load, unload, route) in every worker at once.
+"""The OIP server's control plane, the supervisor's side: it changes the repository (load, unload, route) in every
+worker at once (worker.follow is the workers' side).
 
 JSON lines over one Unix socket the supervisor listens on. Each worker keeps a connection open to it (`hello`), over
 which the supervisor sends commands and the worker answers each; an admin call that reaches a worker over REST or
@@ -14,10 +15,9 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
-from .repository import ModelState, RepositoryError, Route, State, Version, exports_below, proof
+from .repository import ModelState, Repository, RepositoryError, Route, State, Version, exports_below, proof
 
 logger = logging.getLogger("torchship.oip")
 STAGE_TIMEOUT_S = 300  # loading and warming one version in a worker
@@ -35,8 +35,9 @@ def receive(reader) -> dict:
     return json.loads(line)
 
 
-class Supervisor:
-    """The supervisor's side: the saved state, its workers' command connections, and the admin calls."""
+class ControlPlane:
+    """What the supervisor keeps of the repository: the saved state, its workers' command connections, and the admin
+    calls that change them."""
 
     def __init__(self, path: str, state_file: str, *, sources: list[str], backend: str, aliases: dict[str, str]):
         self.path, self.state_file, self.sources, self.backend = path, state_file, sources, backend
@@ -249,8 +250,6 @@ class Supervisor:
         return [row for row in self.index_all() if row["name"] == name]
 
     def index_all(self) -> list[dict]:
-        from .repository import Repository
-
         return Repository().index(self.state)
 
     def close(self) -> None:
@@ -274,131 +273,3 @@ def initial_state(sources: list[str], backend: str, aliases: dict[str, str] | No
         proven = sorted((v for v, s in versions.items() if s.proven), key=int)
         state[name] = ModelState(versions, Route(proven[-1] if proven else max(versions, key=int)))
     return State(1, state)
-
-
-# The worker's side
-
-
-async def forward(path: str, call: dict) -> dict:
-    """An admin call (load, unload, route) handed to the supervisor; its answer {"ok", "result" | "status", "error"}."""
-    import asyncio
-
-    reader, writer = await asyncio.open_unix_connection(path)
-    try:
-        writer.write(json.dumps({"admin": call}).encode() + b"\n")
-        line = await reader.readline()
-    finally:
-        writer.close()
-    return json.loads(line) if line else {"ok": False, "status": 503, "error": "the supervisor did not answer"}
-
-
-async def follow(path: str, repo, load: Callable) -> None:
-    """Say hello to the supervisor, then do what it says until it hangs up. LOAD(name, directory) -> a warm Served,
-    run on a thread of its own so that serving goes on meanwhile."""
-    import asyncio
-    import os
-
-    loop = asyncio.get_running_loop()
-    reader, writer = await asyncio.open_unix_connection(path)
-    writer.write(json.dumps({"hello": {"pid": os.getpid(), "generation": repo.generation}}).encode() + b"\n")
-    staged: dict[tuple[str, str], object] = {}
-    while line := await reader.readline():
-        command = json.loads(line)
-        op = command.get("op")
-        try:
-            if op == "stage":
-                key = (command["model"], command["version"])
-                staged[key] = await loop.run_in_executor(None, load, command["model"], command["dir"])
-                reply = {"ok": True, "warmup": staged[key].warmup}
-            elif op == "commit":
-                await apply(repo, State.from_json(json.dumps(command["state"])), staged, load)
-                staged.clear()
-                reply = {"ok": True}
-            elif op == "abort":
-                staged.clear()
-                reply = {"ok": True}
-            else:
-                reply = {"ok": False, "error": f"unknown command {op!r}"}
-        except Exception as e:  # a version that cannot load or warm up: the supervisor hears why
-            logger.error("%s failed: %s: %s", op, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
-            reply = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-        writer.write(json.dumps(reply).encode() + b"\n")
-        await writer.drain()
-
-
-async def apply(repo, state: State, staged: dict, load: Callable) -> None:
-    """Switch this worker to STATE in one assignment: versions it holds are kept, staged ones start, any other is
-    loaded first; versions no longer in STATE answer what they hold, then are freed."""
-    import asyncio
-
-    from .repository import Model
-
-    loop = asyncio.get_running_loop()
-    held = {(s.name, s.version): s for s in repo.served()}
-    models = {}
-    for name, m in state.models.items():
-        versions = {}
-        for v, spec in m.versions.items():
-            s = held.get((name, v))
-            if s is None or s.directory != spec.directory:
-                s = staged.pop((name, v), None) or await loop.run_in_executor(None, load, name, spec.directory)
-            versions[v] = s
-        models[name] = Model(name, versions, m.route)
-    kept = {id(s) for m in models.values() for s in m.versions.values()}
-    for m in models.values():
-        for s in m.versions.values():
-            if not s.batcher.started:
-                s.batcher.start()
-    retired = [s for s in held.values() if id(s) not in kept]
-    repo.models, repo.generation, repo.state = models, state.generation, state
-    for s in retired:
-        task = loop.create_task(s.retire())
-        RETIRING.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(RETIRING.discard)
-
-
-RETIRING: set = set()
-
-
-class Admin:
-    """What a worker needs for the repository calls: the token they require, and the way to the supervisor."""
-
-    def __init__(self, token: str, path: str | None):
-        self.token, self.path = token, path
-
-    def allows(self, authorization) -> bool:
-        """`Authorization: Bearer TOKEN` (REST header or gRPC metadata), compared in constant time."""
-        import hmac
-
-        if isinstance(authorization, bytes):
-            authorization = authorization.decode("latin-1")
-        scheme, _, given = (authorization or "").partition(" ")
-        return bool(self.token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), self.token)
-
-    async def call(self, op: str, model: str, parameters: dict) -> dict:
-        if not self.path:
-            return {"ok": False, "status": 501, "error": "this server was started without a supervisor"}
-        return await forward(self.path, {"op": op, "model": model, "parameters": parameters})
-
-
-def read_token(path: str | None) -> str:
-    """The admin token the supervisor wrote (it never travels on a command line)."""
-    try:
-        return Path(path).read_text().strip() if path else ""
-    except OSError:
-        return ""
-
-
-def write_token(path: str) -> str:
-    """A new admin token in PATH, readable by its owner alone; an existing one is kept (a restart keeps it)."""
-    import os
-    import secrets
-
-    existing = read_token(path)
-    if existing:
-        return existing
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import functools
 
-from . import v2
-from .card import ModelCard
-from .limits import MAX_BATCH_ITEMS
+from ..card import ModelCard
+from ..limits import MAX_BATCH_ITEMS
+from .model_io import input_types, output_types
 
 DATA_TYPES = {
     "BOOL": 1,
@@ -35,7 +35,7 @@ def _dims(shape: list[int]) -> list[int]:
     return list(shape[1:]) or [1]
 
 
-def config(card: ModelCard, name: str, platform: str, *, max_delay_ms: float, max_batch: int) -> dict:
+def config(card: ModelCard, name: str, platform: str, *, max_batch_delay_ms: float, max_batch: int) -> dict:
     """The model configuration as Triton's JSON has it: every input optional (our image models take `images` or
     `input`, one of them per request)."""
     image = card.image
@@ -53,7 +53,7 @@ def config(card: ModelCard, name: str, platform: str, *, max_delay_ms: float, ma
                 "dims": _dims(t["shape"]),
                 "optional": image,
             }
-            for t in v2.input_types(card)
+            for t in input_types(card)
         ],
         "output": [
             {
@@ -61,11 +61,11 @@ def config(card: ModelCard, name: str, platform: str, *, max_delay_ms: float, ma
                 "data_type": f"TYPE_{'STRING' if t['datatype'] == 'BYTES' else t['datatype']}",
                 "dims": _dims(t["shape"]),
             }
-            for t in v2.output_types(card)
+            for t in output_types(card)
         ],
         "dynamic_batching": {
             "preferred_batch_size": [max_batch],
-            "max_queue_delay_microseconds": int(max_delay_ms * 1000),
+            "max_queue_delay_microseconds": int(max_batch_delay_ms * 1000),
         },
         "instance_group": [{"name": name, "kind": "KIND_CPU", "count": 1}],
     }

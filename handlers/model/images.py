@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps
 
-from .card import GREY_RECIPES, ModelCard
+from ..card import ModelCard
+from ..recipes import GREY_RECIPES
+from .errors import InputError
 
 # Only these decoders ever see request bytes: Pillow's other plugins (EPS runs Ghostscript) are never tried.
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
@@ -28,17 +30,6 @@ MAX_PIXELS = 4_194_304  # 2048 x 2048: decoding stays ~0.1 s and ~16 MB; more is
 WORKING_SIDE = 1024  # digit recipes crop to the ink at this resolution at most (integer box reduce first)
 BLANK_CONTRAST = 16  # grey levels between darkest and lightest below which a digit image holds nothing
 DIGIT_BOX = 20 / 28  # MNIST: the digit's bounding box fills 20 of 28 pixels
-
-
-@dataclass
-class InputError(Exception):
-    """Bad client input: an HTTP status and a message that says what was wrong."""
-
-    status: int
-    message: str
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def default_max_pixels(card: ModelCard) -> int:

@@ -23,27 +23,13 @@ from http import HTTPStatus
 
 import httptools
 
-from .limits import MAX_REQUEST_BYTES
+from .config import Limits
+from .deadlines import BODY, HEAD, IDLE, SEND, Deadline
+from .flow_control import FlowControl, Tally
 
 logger = logging.getLogger(__name__)
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 LINGER_S = 2.0  # after a refusal, what the client still sends is read and dropped this long, so it sees the answer
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one client may cost a worker: nginx's defaults where nginx has one (shared/anchors.md), stated once."""
-
-    max_body: int = MAX_REQUEST_BYTES  # bytes of one request body (client_max_body_size): 413 beyond
-    head_bytes: int = 16 * 1024  # request line + header lines together: 414 (the line alone) or 431 beyond
-    header_lines: int = 100  # header lines of one request, repeats counted: 431 beyond
-    header_timeout_s: float = 60  # from a request's first byte to its last header (client_header_timeout): 408
-    body_timeout_s: float = 60  # between two reads of a body, not over the whole body (client_body_timeout): 408
-    idle_timeout_s: float = 75  # a keep-alive connection with nothing to do (keepalive_timeout): closed
-    send_timeout_s: float = 60  # answers waiting for a client that reads none of them (send_timeout): dropped
-    unsent_bytes: int = 1 << 20  # answers waiting for the client beyond which no more requests are read
-    pipelined: int = 32  # requests read and waiting behind the one being answered beyond which reading stops
-    connections: int = 1024  # open connections per worker process: beyond, 503 and close
 
 
 @dataclass
@@ -70,37 +56,20 @@ class Response:
 App = Callable[[Request, Callable[[Response], None]], Callable[[], None] | None]
 Error = Callable[[int, str], Response]
 
-IDLE, HEAD, BODY, SEND = "idle", "head", "body", "send"  # which of the client's deadlines runs
-
-
-class Tally:
-    """A worker's connections: how many are open, and how many it has stopped reading (flow control); `watch` hears
-    every change (the metrics' gauges)."""
-
-    def __init__(self, watch: Callable[[int, int], None] | None = None):
-        self.open = self.paused = 0
-        self.watch = watch or (lambda open_, paused: None)
-
-    def add(self, open_: int = 0, paused: int = 0) -> None:
-        self.open += open_
-        self.paused += paused
-        self.watch(self.open, self.paused)
-
 
 class Connection(asyncio.Protocol):
-    def __init__(self, app: App, error: Error, limits: Limits, tally: Tally):
+    def __init__(self, app: App, error: Error, limits: Limits, tally: Tally, loop: asyncio.AbstractEventLoop = None):
+        """LOOP: the running loop's clock and timers (a test's mock loop drives them by hand, as uvicorn's tests do)."""
         self.app, self.error, self.limits, self.tally = app, error, limits, tally
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop or asyncio.get_running_loop()
         self.queue: deque[Request | Response] = deque()  # read and waiting, in arrival order; a Response is a refusal
         self.busy = False  # the app holds a request
         self.abandon: Callable[[], None] | None = None  # the app's way to drop the request it holds
         self.refused = False  # a refusal is queued: nothing more is parsed
         self.lingering = False
-        self.writing_paused = False
-        self.reading = True
-        self.flow_paused = False
+        self.flow = FlowControl(tally)
         self.stash: memoryview | None = None  # read but not yet parsed while the queue is full
         self.pumping = False
         self.continue_due = False  # a 100 Continue owed once the requests before this one are answered
@@ -116,15 +85,13 @@ class Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._headers: dict[bytes, bytes] = {}
         self.url_bytes = self.head_bytes = self.lines = self.size = 0
-        # one timer for the client's deadlines, moved lazily: a later deadline needs no new timer
-        self.kind, self.deadline = IDLE, 0.0
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = float("inf")
+        self.clock = Deadline(self.loop, self._expire)  # the client's deadlines
+        self.linger: asyncio.TimerHandle | None = None
 
     # asyncio's side
 
     def connection_made(self, transport) -> None:
-        self.transport = transport
+        self.transport = self.flow.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         if self.tally.open >= self.limits.connections:
@@ -135,15 +102,16 @@ class Connection(asyncio.Protocol):
         self.tally.add(open_=1)
         self.counted = True
         transport.set_write_buffer_limits(high=self.limits.unsent_bytes)
-        self._deadline(IDLE, self.limits.header_timeout_s)  # a new connection owes its first request promptly
+        self.clock.start(IDLE, self.limits.header_timeout_s)  # a new connection owes its first request promptly
 
     def connection_lost(self, exc) -> None:
-        self.transport = None
+        self.transport = self.flow.transport = None
         if self.counted:
-            self._paused(False)
+            self.flow.count(False)
             self.tally.add(open_=-1)
-        if self.timer:
-            self.timer.cancel()
+        self.clock.cancel()
+        if self.linger:
+            self.linger.cancel()
         self.queue.clear()
         self.stash = None
         if self.busy and self.abandon is not None:
@@ -151,19 +119,19 @@ class Connection(asyncio.Protocol):
             abandon()
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
-        self._deadline(SEND, self.limits.send_timeout_s)
+        self.flow.writing_paused = True
+        self.clock.start(SEND, self.limits.send_timeout_s)
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
-        self._deadline(IDLE, self.limits.idle_timeout_s)  # the client reads again: its send clock stops
+        self.flow.writing_paused = False
+        self.clock.start(IDLE, self.limits.idle_timeout_s)  # the client reads again: its send clock stops
         self._pump()
 
     def data_received(self, data: bytes) -> None:
         if self.lingering or self.refused:
             return
-        if self.kind == BODY:
-            self.deadline = self.loop.time() + self.limits.body_timeout_s  # a read: the body's clock starts again
+        if self.clock.kind == BODY:
+            self.clock.extend(self.limits.body_timeout_s)  # a read: the body's clock starts again
         self._parse(memoryview(data))
         self._pump()
 
@@ -177,7 +145,7 @@ class Connection(asyncio.Protocol):
     def _parse(self, view: memoryview) -> None:
         pos, n, limits = 0, len(view), self.limits
         while pos < n and not self.refused:
-            if len(self.queue) >= limits.pipelined or self.writing_paused:
+            if len(self.queue) >= limits.pipelined or self.flow.writing_paused:
                 self.stash = view[pos:]  # read no more until the answers before these go out
                 return
             if self.in_message and not self.in_head and self.remaining:
@@ -210,7 +178,7 @@ class Connection(asyncio.Protocol):
         self.begun += 1
         self.gap = self.remaining = self.size = self.url_bytes = self.head_bytes = self.lines = 0
         self._url, self._body, self._headers = [], [], {}
-        self._deadline(HEAD, self.limits.header_timeout_s)
+        self.clock.start(HEAD, self.limits.header_timeout_s)
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
@@ -245,7 +213,7 @@ class Connection(asyncio.Protocol):
             )
             raise httptools.HttpParserError("body over the limit")
         self.remaining = int(length)
-        self._deadline(BODY, self.limits.body_timeout_s)
+        self.clock.start(BODY, self.limits.body_timeout_s)
         if version != "1.0" and headers.get(b"expect", b"").lower() == b"100-continue":  # RFC 9110 §10.1.1
             self.continue_due = True
 
@@ -285,7 +253,7 @@ class Connection(asyncio.Protocol):
         self.pumping = True
         try:
             while self.transport is not None and not self.transport.is_closing() and not self.lingering:
-                if self.queue and not self.busy and not self.writing_paused:
+                if self.queue and not self.busy and not self.flow.writing_paused:
                     item = self.queue.popleft()
                     if isinstance(item, Response):
                         self._write(item, close=True, head_only=False)
@@ -296,7 +264,7 @@ class Connection(asyncio.Protocol):
                     self.stash is not None
                     and not self.refused
                     and len(self.queue) < self.limits.pipelined
-                    and not self.writing_paused
+                    and not self.flow.writing_paused
                 ):
                     view, self.stash = self.stash, None
                     self._parse(view)
@@ -307,17 +275,17 @@ class Connection(asyncio.Protocol):
             if self.continue_due and not self.busy and not self.queue:
                 self.continue_due = False
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self._reading(self.stash is None and not self.refused)
-            if self.writing_paused:
+            self.flow.read(self.stash is None and not self.refused, refused=self.refused)
+            if self.flow.writing_paused:
                 return
             if self.in_message:
-                self._deadline(
+                self.clock.start(
                     HEAD if self.in_head else BODY,
                     self.limits.header_timeout_s if self.in_head else self.limits.body_timeout_s,
                     keep=True,
                 )
             elif not self.busy and not self.queue:
-                self._deadline(IDLE, self.limits.idle_timeout_s)
+                self.clock.start(IDLE, self.limits.idle_timeout_s)
         finally:
             self.pumping = False
 
@@ -366,10 +334,10 @@ class Connection(asyncio.Protocol):
         self.refused = True
         self.stash = None
         self.continue_due = False
-        self._paused(False)
+        self.flow.count(False)
         self.queue.append(replace(self.error(status, message), close=True))
         if self.transport is not None:
-            self._reading(False)
+            self.flow.read(False, refused=True)
 
     def _refuse_head(self, *, line: bool) -> None:
         if line:  # the request line itself is still arriving
@@ -384,68 +352,33 @@ class Connection(asyncio.Protocol):
         close), so a client still uploading reads the answer instead of a reset."""
         self.lingering = True
         self.queue.clear()
-        if self.timer:
-            self.timer.cancel()
+        self.clock.cancel()
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self._reading(True)
-        self.timer = self.loop.call_later(LINGER_S, self._close)
+        self.flow.read(True, refused=self.refused)
+        self.linger = self.loop.call_later(LINGER_S, self._close)
 
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
-    def _reading(self, on: bool) -> None:
-        if on != self.reading and self.transport is not None and not self.transport.is_closing():
-            self.reading = on
-            (self.transport.resume_reading if on else self.transport.pause_reading)()
-        self._paused(not self.reading and not self.refused)  # a refusal stops reading for good: no pause
-
-    def _paused(self, paused: bool) -> None:
-        """Whether flow control has stopped reading this connection, as the tally counts it."""
-        if paused != self.flow_paused:
-            self.flow_paused = paused
-            self.tally.add(paused=1 if paused else -1)
-
-    # the client's deadlines
-
-    def _deadline(self, kind: str, seconds: float, keep: bool = False) -> None:
-        """Start KIND's clock (keep: the one already running for KIND goes on)."""
-        if keep and self.kind == kind:
-            return
-        self.kind, self.deadline = kind, self.loop.time() + seconds
-        if self.deadline < self.timer_at:
-            if self.timer:
-                self.timer.cancel()
-            self.timer_at = self.deadline
-            self.timer = self.loop.call_at(self.deadline, self._expire)
-
-    def _expire(self) -> None:
-        self.timer, self.timer_at = None, float("inf")
+    def _expire(self, kind: str, now: float) -> bool:
+        """KIND's deadline has passed: act on it, or say False when it is not the client's fault (yet)."""
         if self.transport is None or self.lingering:
-            return
-        now = self.loop.time()
-        if (
-            self.deadline > now
-            or self.kind not in (SEND, IDLE)
-            and self.stash is not None
-            or self.kind == IDLE
-            and (self.busy or self.queue)
-        ):
-            # not due yet, or we are the ones holding things up: look again later
-            self.timer_at = max(self.deadline, now + 1)
-            self.timer = self.loop.call_at(self.timer_at, self._expire)
-            return
-        if self.kind == SEND:
+            return True
+        if kind not in (SEND, IDLE) and self.stash is not None or kind == IDLE and (self.busy or self.queue):
+            return False  # we are the ones holding things up: look again later
+        if kind == SEND:
             logger.info("a client took none of its answers for %gs: connection dropped", self.limits.send_timeout_s)
             self.transport.abort()
-        elif self.kind == IDLE:
+        elif kind == IDLE:
             self.transport.close()
-        elif self.kind in (HEAD, BODY) and self.in_message:
-            what = "header" if self.kind == HEAD else "body"
-            limit = self.limits.header_timeout_s if self.kind == HEAD else self.limits.body_timeout_s
+        elif kind in (HEAD, BODY) and self.in_message:
+            what = "header" if kind == HEAD else "body"
+            limit = self.limits.header_timeout_s if kind == HEAD else self.limits.body_timeout_s
             self._refuse(408, f"the request's {what} did not arrive within {limit:g}s")
             self._pump()
+        return True
 
 
 async def serve(

@@ -1,16 +1,10 @@
-"""The Open Inference Protocol (KServe v2) as torchship models speak it: which tensors go in and come out, and the
-wire format over HTTP (JSON, or JSON followed by binary tensors).
-
-Neutral numpy tensors, so the OIP server (REST and gRPC), the kserve.Model adapter and the TorchServe handler share
-one implementation; numpy and Pillow only. Inputs: `images`, BYTES [N], each element an encoded image file; or
-`input`, FP32 [N, C, H, W], already normalised. Outputs: `probabilities` FP32 [N, classes] and `label` BYTES [N] for
-classifiers, `reconstruction` FP32 [N, C, H, W] for the autoencoder.
+"""The Open Inference Protocol (KServe v2) on the wire: tensors over HTTP as JSON, or JSON followed by binary tensors
+(the binary tensor extension), and BYTES elements as gRPC's raw contents carry them; numpy only. Which tensors a
+torchship model takes and gives is protocol/model_io.py's.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 import struct
@@ -19,28 +13,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import signature
-from .card import ModelCard
-from .images import InputError, Preprocessor
-from .limits import MAX_BATCH_ITEMS
-from .tensors import rows_from_array, standardize
+from ..model.errors import InputError
+from ..model.named import NUMPY
 
 try:  # orjson parses and writes the JSON of every request 3-10x faster than json (bench/NOTES.md, OIP)
     import orjson
 except ImportError:  # pragma: no cover - the standard library does the same, slower
     orjson = None
 
-IMAGES, ARRAY = "images", "input"
-PROBABILITIES, LABEL, RECONSTRUCTION = "probabilities", "label", "reconstruction"
 HEADER_LENGTH = "inference-header-content-length"  # the binary tensor extension's header
 
 
-class ProtocolError(ValueError):
+class ProtocolError(InputError, ValueError):
     """A request the protocol or the model cannot take: always the client's (4xx), with what and where."""
 
     def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+        super().__init__(status, message)
 
 
 @dataclass(frozen=True)
@@ -59,165 +47,7 @@ class Wanted:
     binary: bool
 
 
-def input_types(card: ModelCard) -> list[dict]:
-    """Shapes as Triton states them, the batch first: an image is one BYTES element per row ([N, 1]; [N] is taken
-    too), which is how perf_analyzer and Triton's model configuration count it."""
-    if card.named:
-        return signature.types(card.signature.inputs)
-    array = {"name": ARRAY, "datatype": "FP32", "shape": [-1, *card.input_shape]}
-    return [{"name": IMAGES, "datatype": "BYTES", "shape": [-1, 1]}, array] if card.image else [array]
-
-
-def output_types(card: ModelCard) -> list[dict]:
-    if card.named:
-        return signature.types(card.signature.outputs)
-    if card.task == "regress":
-        return [{"name": card.output_name, "datatype": "FP32", "shape": [-1, card.outputs]}]
-    if card.task == "reconstruct":
-        return [{"name": RECONSTRUCTION, "datatype": "FP32", "shape": [-1, *card.input_shape]}]
-    return [
-        {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, card.classes]},
-        {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
-    ]
-
-
-def element_bytes(value, i: int) -> bytes:
-    """A BYTES element: raw bytes (the binary extension, gRPC), or a base64 string (JSON)."""
-    if isinstance(value, (bytes, bytearray, np.bytes_)):
-        return bytes(value)
-    if isinstance(value, str):
-        text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise ProtocolError(
-                f"input '{IMAGES}' element {i}: a JSON string must be the image file in base64"
-            ) from None
-    raise ProtocolError(
-        f"input '{IMAGES}' element {i}: expected the bytes of an image file, got {type(value).__name__}"
-    )
-
-
-def model_inputs(card: ModelCard, preprocessor: Preprocessor, tensors: list[Tensor]) -> np.ndarray:
-    """The one input tensor of a request to the model's normalised (N, C, H, W) batch, or a ProtocolError."""
-    names = [t.name for t in tensors]
-    if card.named:
-        return _named_inputs(card, tensors)
-    if not card.image:
-        return _tensor_inputs(card, tensors)
-    if len(tensors) != 1 or names[0] not in (IMAGES, ARRAY):
-        shape = ", ".join(map(str, card.input_shape))
-        raise ProtocolError(
-            f"send one input, named '{IMAGES}' (BYTES [N], image files) or '{ARRAY}' "
-            f"(FP32 [N, {shape}], normalised); got {names}"
-        )
-    t = tensors[0]
-    n = math.prod(t.shape) if t.shape else 0
-    if not 1 <= (t.shape[0] if t.shape else 0) <= MAX_BATCH_ITEMS:
-        raise ProtocolError(f"input '{t.name}': batch size {t.shape[0] if t.shape else 0} out of 1..{MAX_BATCH_ITEMS}")
-    if t.name == IMAGES:
-        if t.datatype != "BYTES":
-            raise ProtocolError(
-                f"input '{IMAGES}' must be BYTES (one encoded image file per element), not {t.datatype}"
-            )
-        if len(t.shape) != 1 and not (len(t.shape) == 2 and t.shape[1] == 1):
-            raise ProtocolError(f"input '{IMAGES}' must have shape [N] (or [N, 1]), got {list(t.shape)}")
-        values = t.data.tolist() if t.data.ndim == 1 else list(np.asarray(t.data, dtype=object).reshape(-1))
-        if len(values) != n:
-            raise ProtocolError(f"input '{IMAGES}' holds {len(values)} elements for shape {list(t.shape)}")
-        arrays = []
-        for i, value in enumerate(values):
-            try:
-                arrays.append(preprocessor.from_bytes(element_bytes(value, i)))
-            except InputError as e:  # the image's own status: 413 too large, 415 not an image, 422 blank
-                raise ProtocolError(f"input '{IMAGES}' element {i}: {e.message}", e.status) from None
-            except MemoryError:
-                raise ProtocolError(f"input '{IMAGES}' element {i}: image too large to process", 413) from None
-            except Exception as e:  # an image Pillow opened but could not convert: still the client's
-                raise ProtocolError(
-                    f"input '{IMAGES}' element {i}: could not process the image: {str(e)[:200]}", 422
-                ) from None
-        return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
-    if t.datatype != "FP32":
-        raise ProtocolError(f"input '{ARRAY}' must be FP32, not {t.datatype}")
-    want = (t.shape[0], *card.input_shape) if t.shape else ()
-    if tuple(t.shape) != want:
-        raise ProtocolError(
-            f"input '{ARRAY}' must have shape [N, {', '.join(map(str, card.input_shape))}], got {list(t.shape)}"
-        )
-    try:
-        x = np.asarray(t.data, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise ProtocolError(f"input '{ARRAY}': data is not a list of FP32 numbers") from None
-    if x.size != n:
-        raise ProtocolError(f"input '{ARRAY}' holds {x.size} values for shape {list(t.shape)}")
-    x = x.reshape(want)
-    if not np.isfinite(x).all():
-        raise ProtocolError(f"input '{ARRAY}' holds NaN or infinite values")
-    return np.ascontiguousarray(x)
-
-
-def _tensor_inputs(card: ModelCard, tensors: list[Tensor]) -> np.ndarray:
-    """A tensor model's one input: FP32 [N, *shape] of raw numbers, standardized as the card says."""
-    shape = ", ".join(map(str, card.input_shape))
-    if len(tensors) != 1 or tensors[0].name != ARRAY:
-        raise ProtocolError(f"send one input, named '{ARRAY}' (FP32 [N, {shape}]); got {[t.name for t in tensors]}")
-    t = tensors[0]
-    if t.datatype != "FP32":
-        raise ProtocolError(f"input '{ARRAY}' must be FP32, not {t.datatype}")
-    if len(t.shape) != len(card.input_shape) + 1 or tuple(t.shape[1:]) != tuple(card.input_shape):
-        raise ProtocolError(f"input '{ARRAY}' must have shape [N, {shape}], got {list(t.shape)}")
-    n = math.prod(t.shape)
-    if np.asarray(t.data).size != n:
-        raise ProtocolError(f"input '{ARRAY}' holds {np.asarray(t.data).size} values for shape {list(t.shape)}")
-    try:
-        rows = rows_from_array(card, np.asarray(t.data, np.float32).reshape(t.shape), f"input '{ARRAY}'")
-    except InputError as e:
-        raise ProtocolError(e.message, e.status) from None
-    return standardize(card, rows)
-
-
-def _named_inputs(card: ModelCard, tensors: list[Tensor]) -> signature.Rows:
-    """Every input the signature names, checked: names, datatypes, shapes, dimension ranges and values."""
-    given = {}
-    for t in tensors:
-        if t.name in given:
-            raise ProtocolError(f"input '{t.name}' is sent twice")
-        given[t.name] = (t.datatype, tuple(t.shape), t.data)
-    try:
-        return signature.check(card.signature, given)
-    except signature.SignatureError as e:
-        raise ProtocolError(e.message, e.status) from None
-
-
-def model_outputs(card: ModelCard, rows) -> list[Tensor]:
-    """A request's v2 output tensors from its rows of responses.batch_outputs (a classifier's probabilities)."""
-    if card.named:
-        out = signature.outputs(card.signature, rows)
-        return [Tensor(t.name, t.datatype, out[t.name].shape, out[t.name]) for t in card.signature.outputs]
-    if card.task == "regress":
-        out = np.asarray(rows, np.float32).reshape(len(rows), card.outputs)
-        return [Tensor(card.output_name, "FP32", out.shape, out)]
-    if card.task == "reconstruct":
-        out = np.asarray(rows, np.float32).reshape(len(rows), *card.input_shape)
-        return [Tensor(RECONSTRUCTION, "FP32", out.shape, out)]
-    probs = np.asarray(rows, np.float32).reshape(len(rows), -1)
-    labels = np.array([card.labels[i].encode() for i in probs.argmax(1)], dtype=object)
-    return [Tensor(PROBABILITIES, "FP32", probs.shape, probs), Tensor(LABEL, "BYTES", labels.shape, labels)]
-
-
-# The wire format over HTTP, for servers that parse requests themselves (ours, and TorchServe's raw body).
-
-DATATYPES = {**signature.NUMPY, "UINT8": np.uint8}
-
-
-def element_limit(card: ModelCard) -> Callable[[str], int]:
-    """The most elements one request's tensor of a datatype may hold for this model: checked from the shape a client
-    claims before any element is read, and again while reading."""
-    per_request = (
-        signature.element_limit(card.signature) if card.named else MAX_BATCH_ITEMS * math.prod(card.input_shape)
-    )
-    return lambda datatype: MAX_BATCH_ITEMS if datatype == "BYTES" else per_request
+DATATYPES = {**NUMPY, "UINT8": np.uint8}
 
 
 def too_many(name: str, shape, count: int, most: int) -> ProtocolError:
@@ -363,11 +193,10 @@ def _first_path_size(values) -> int:
     return size
 
 
-def wanted(header: dict, card: ModelCard) -> list[Wanted]:
-    """The outputs a request asks for (all, when it names none), each as JSON or as binary data."""
+def wanted(header: dict, names: list[str]) -> list[Wanted]:
+    """The outputs a request asks for (all of NAMES, when it names none), each as JSON or as binary data."""
     params = header.get("parameters") if isinstance(header.get("parameters"), dict) else {}
     default_binary = params.get("binary_data_output") is True
-    names = [t["name"] for t in output_types(card)]
     asked = header.get("outputs")
     if asked is None:
         return [Wanted(n, default_binary) for n in names]

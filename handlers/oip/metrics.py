@@ -7,10 +7,13 @@ from __future__ import annotations
 import functools
 import os
 
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # The names clients and dashboards read; `torchship loadtest` computes queue and inference time per request from them.
 REQUESTS = "torchship_requests_total"
 REQUEST_SECONDS = "torchship_request_seconds"
+REQUEST_BYTES = "torchship_request_bytes"  # the size of each inference request as it arrived (body, or gRPC message)
 QUEUE_SECONDS = "torchship_queue_seconds"
 INFERENCE_SECONDS = "torchship_inference_seconds"
 BATCH_SIZE = "torchship_batch_size"
@@ -21,6 +24,7 @@ SHADOW_AGREED = "torchship_shadow_agreements_total"  # of those, the ones whose 
 SHADOW_MAX_DIFF = "torchship_shadow_max_abs_difference"  # the largest element-wise difference seen
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BYTES_BUCKETS = tuple(1 << k for k in range(8, 25, 2))  # 256 B (one JSON digit) to 16 MiB, beyond the body limit
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MODEL = ("model", "version")
 
@@ -28,8 +32,6 @@ MODEL = ("model", "version")
 @functools.cache
 def families() -> dict:
     """The metric families, registered once per process whatever the number of models it serves."""
-    from prometheus_client import Counter, Gauge, Histogram
-
     return {
         "requests": Counter(
             REQUESTS.removesuffix("_total"),
@@ -39,6 +41,12 @@ def families() -> dict:
         ),
         "seconds": Histogram(
             REQUEST_SECONDS, "From a request's arrival to its answer", [*MODEL, "protocol"], buckets=LATENCY_BUCKETS
+        ),
+        "bytes": Histogram(
+            REQUEST_BYTES,
+            "Inference requests' sizes in bytes (a REST body, or a gRPC message), by model, version and protocol",
+            [*MODEL, "protocol"],
+            buckets=BYTES_BUCKETS,
         ),
         "queue": Histogram(
             QUEUE_SECONDS, "From joining the batch queue to its forward pass starting", MODEL, buckets=LATENCY_BUCKETS
@@ -87,7 +95,8 @@ class Metrics:
         self.active += 1
         self.in_flight.inc()
 
-    def answered(self, protocol: str, status: int, seconds: float) -> None:
+    def answered(self, protocol: str, status: int, seconds: float, nbytes: int) -> None:
+        """One request ended (pipeline.Flight.finish): its status, how long it took, how large it was."""
         self.active -= 1
         self.in_flight.dec()
         key = (protocol, status)
@@ -96,10 +105,12 @@ class Metrics:
             self._children[key] = (
                 f["requests"].labels(self.model, self.version, protocol, str(status)),
                 f["seconds"].labels(self.model, self.version, protocol),
+                f["bytes"].labels(self.model, self.version, protocol),
             )
-        count, latency = self._children[key]
+        count, latency, size = self._children[key]
         count.inc()
         latency.observe(seconds)
+        size.observe(nbytes)
 
     def ran(self, batch) -> None:
         """One forward pass (batching.Pass)."""
@@ -133,12 +144,8 @@ _largest: dict[tuple[str, str, str], float] = {}
 
 def exposition() -> bytes:
     """Every worker's metrics, added up: what GET /metrics answers."""
-    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
-
     if not os.environ.get(MULTIPROCESS_ENV):
         return generate_latest(REGISTRY)
-    from prometheus_client import multiprocess
-
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     return generate_latest(registry)
@@ -146,6 +153,4 @@ def exposition() -> bytes:
 
 def forget(pid: int, directory: str) -> None:
     """A dead worker's live gauges (requests in flight) stop counting; its counters stay in the sums."""
-    from prometheus_client import multiprocess
-
     multiprocess.mark_process_dead(pid, directory)

@@ -9,12 +9,15 @@ import os
 import numpy as np
 from ts.torch_handler.base_handler import BaseHandler
 
-from . import runners, signature, v2
-from .card import ModelCard
-from .images import InputError, Preprocessor
-from .request import Batch, Part, decode_row, instances
-from .responses import answers, batch_outputs
-from .tensors import rows_from_instances, standardize
+from ..card import ModelCard
+from ..model import named, runners
+from ..model.errors import InputError
+from ..model.images import Preprocessor
+from ..model.responses import answers, batch_outputs
+from ..model.tensors import rows_from_instances, standardize
+from ..protocol import model_io, v2
+from ..protocol.v1 import instances
+from .request import Batch, Part, decode_row
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ class ModelHandler(BaseHandler):
             return self.named_row(body["inputs"]), {"named": True}
         if length is not None or (isinstance(body, dict) and "inputs" in body):  # the Open Inference Protocol
             header, tensors = v2.parse_http(body, int(length) if length and length.isdigit() else None)
-            return v2.model_inputs(self.card, self.preprocessor, tensors), {"v2": header}
+            return model_io.model_inputs(self.card, self.preprocessor, tensors), {"v2": header}
         if self.card.named:
             raise InputError(400, self.NAMED_HOW)
         if not self.card.image:  # KServe v1 / TF Serving JSON: {"instances": [[...], ...]}
@@ -76,7 +79,7 @@ class ModelHandler(BaseHandler):
 
     NAMED_HOW = 'send {"inputs": {"NAME": [...], ...}} (one example) or a v2 request {"inputs": [{...}, ...]}'
 
-    def named_row(self, inputs: dict) -> signature.Rows:
+    def named_row(self, inputs: dict) -> named.Rows:
         """TorchServe's JSON for a named-input model: {"inputs": {"input_ids": [...], ...}}, one example a request."""
         types = {t.name: t.datatype for t in self.card.signature.inputs}
         given = {}
@@ -85,10 +88,7 @@ class ModelHandler(BaseHandler):
             if x is None or x.dtype == object:
                 raise InputError(400, f"input '{str(name)[:64]}': expected a (nested) list of numbers")
             given[str(name)[:64]] = (types.get(name, "?"), (1, *x.shape), x.reshape(-1))
-        try:
-            return signature.check(self.card.signature, given)
-        except signature.SignatureError as e:
-            raise InputError(e.status, e.message) from None
+        return named.check(self.card.signature, given)
 
     def preprocess(self, data: list[dict]) -> Batch:
         batch, arrays, n = Batch(len(data)), [], 0
@@ -113,7 +113,7 @@ class ModelHandler(BaseHandler):
     def inference(self, data: Batch, *args, **kwargs) -> Batch:
         """One forward pass for every good image TorchServe batched together."""
         if data.inputs is not None and self.card.named:
-            data.outputs = signature.run_together(self.card.signature, self.runner.run, data.inputs)
+            data.outputs = named.run_together(self.card.signature, self.runner.run, data.inputs)
         elif data.inputs is not None:
             data.outputs = batch_outputs(self.card, self.runner.run(data.inputs))
         return data
@@ -125,10 +125,10 @@ class ModelHandler(BaseHandler):
         for k, part in enumerate(data.parts):
             out = data.outputs[k] if self.card.named else data.outputs[part.start : part.stop]
             if part.named:
-                answer = signature.outputs(self.card.signature, out)
+                answer = named.outputs(self.card.signature, out)
                 body = {"outputs": {name: y[0].tolist() for name, y in answer.items()}}
             elif part.v2 is not None:
-                body = v2.response_json(self.model_name, part.v2, v2.model_outputs(self.card, out))
+                body = v2.response_json(self.model_name, part.v2, model_io.model_outputs(self.card, out))
             elif part.v1:
                 body = {"predictions": answers(self.card, out, [part.topk] * len(out))}
             else:

@@ -1,0 +1,5 @@
+import sys
+
+from .adapter import main
+
+main(sys.argv[1:])

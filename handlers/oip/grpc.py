@@ -1,0 +1,187 @@
+"""The Open Inference Protocol over gRPC: the protocol's standard service, `inference.GRPCInferenceService`, on
+grpcio's asyncio server, with Triton's model configuration and repository calls; tritonclient.grpc and KServe's
+client talk to it. Messages to the pipeline (pipeline.py) and its answers back to messages: nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from ..protocol import triton, v2_grpc
+from .config import Config, Limits
+from .pipeline import ABANDONED, Pipeline, refusal
+
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ABORTED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def code(status: int) -> grpc.StatusCode:
+    """gRPC's status for an HTTP one: every other 4xx is the client's invalid argument, every 5xx internal."""
+    return CODES.get(status, grpc.StatusCode.INVALID_ARGUMENT if status < 500 else grpc.StatusCode.INTERNAL)
+
+
+def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
+    """The service's methods, as one grpcio generic handler."""
+    pb, tr = v2_grpc.messages(), triton.messages()
+
+    async def fail(e: Exception, context) -> None:
+        status, message = refusal(e)
+        await context.abort(code(status), message)
+
+    async def server_live(request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(request, context):
+        return pb.ServerReadyResponse(ready=pipeline.ready)
+
+    async def server_metadata(request, context):
+        return pb.ServerMetadataResponse(**pipeline.server_metadata())
+
+    async def model_ready(request, context):
+        try:
+            pipeline.served(request.name, request.version)
+        except Exception as e:
+            await fail(e, context)
+        return pb.ModelReadyResponse(ready=pipeline.ready)
+
+    async def model_metadata(request, context):
+        try:
+            meta = pipeline.model_metadata(request.name, request.version)
+        except Exception as e:
+            await fail(e, context)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]],
+            outputs=[tensor(**t) for t in meta["outputs"]],
+        )
+
+    async def model_config(request, context):
+        try:
+            return triton.config_message(pipeline.model_config(request.name, request.version))
+        except Exception as e:
+            await fail(e, context)
+
+    async def authorized(context) -> None:
+        if not pipeline.authorized(dict(context.invocation_metadata()).get("authorization")):
+            message = "the repository calls need the admin token: authorization: Bearer TOKEN metadata"
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def admin(op: str, model: str, parameters: dict, context) -> None:
+        await authorized(context)
+        answered = asyncio.get_running_loop().create_future()
+        pipeline.repository_call(op, model, parameters, answered.set_result)
+        r = await answered
+        if not r.get("ok"):
+            await context.abort(code(r.get("status", 500)), r["error"])
+
+    async def repository_index(request, context):
+        await authorized(context)
+        response = tr["RepositoryIndexResponse"]()
+        for row in pipeline.index():
+            response.models.add(**row)
+        return response
+
+    async def repository_load(request, context):
+        await admin("load", request.model_name, triton.parameters(request), context)
+        return tr["RepositoryModelLoadResponse"]()
+
+    async def repository_unload(request, context):
+        await admin("unload", request.model_name, triton.parameters(request), context)
+        return tr["RepositoryModelUnloadResponse"]()
+
+    async def model_infer(request, context):
+        flight, status = None, 500
+        try:
+            metadata = dict(context.invocation_metadata())
+            flight = pipeline.begin(
+                "grpc",
+                request.model_name,
+                request.model_version,
+                client=context.peer(),
+                traceparent=metadata.get("traceparent"),
+                nbytes=request.ByteSize(),
+            )
+            served = flight.served
+            rows = flight.decode(decode, served.decode, served.limit, request)
+            if isinstance(rows, asyncio.Future):
+                rows = await rows
+            flight.request_id = request.id[:128]
+            outputs = served.encode(await flight.enqueue(rows))
+            response = v2_grpc.infer_response(served.name, served.version, request, outputs)
+            status = 200
+            return response
+        except asyncio.CancelledError:  # the client cancelled or went away: its rows left the queue with the task
+            status = ABANDONED
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            status = refusal(e)[0]
+            await fail(e, context)
+        finally:
+            if flight is not None:
+                flight.finish(status)
+
+    methods = {
+        "ServerLive": (server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerReady": (server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
+        "ServerMetadata": (server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+        "ModelReady": (model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ModelMetadata": (model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+        "ModelInfer": (model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+        "ModelConfig": (model_config, tr["ModelConfigRequest"], tr["ModelConfigResponse"]),
+        "RepositoryIndex": (repository_index, tr["RepositoryIndexRequest"], tr["RepositoryIndexResponse"]),
+        "RepositoryModelLoad": (repository_load, tr["RepositoryModelLoadRequest"], tr["RepositoryModelLoadResponse"]),
+        "RepositoryModelUnload": (
+            repository_unload,
+            tr["RepositoryModelUnloadRequest"],
+            tr["RepositoryModelUnloadResponse"],
+        ),
+    }
+    return grpc.method_handlers_generic_handler(
+        v2_grpc.SERVICE,
+        {
+            name: grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+            )
+            for name, (fn, req, resp) in methods.items()
+        },
+    )
+
+
+def decode(to_rows, limit, request):
+    """A ModelInferRequest to the model's rows (on the loop, or on the decode pool for a large one)."""
+    return to_rows(v2_grpc.tensors_of(request, limit))
+
+
+def server(pipeline: Pipeline, config: Config) -> grpc.aio.Server:
+    """An asyncio gRPC server on the config's host and gRPC port; every worker binds the same port (SO_REUSEPORT,
+    grpcio's default), with the REST core's limits where HTTP/2 has the same knob. Calls in progress are capped per
+    worker like REST connections (past the cap: RESOURCE_EXHAUSTED); a per-connection stream cap would refuse
+    tritonclient's streams instead of queueing them, since every client in a process shares one connection."""
+    limits: Limits = config.limits
+    options = [
+        ("grpc.max_receive_message_length", limits.max_body),
+        ("grpc.max_send_message_length", limits.max_body),
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_metadata_size", limits.head_bytes),
+        ("grpc.max_connection_idle_ms", int(limits.idle_timeout_s * 1000)),
+    ]
+    srv = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.connections)
+    srv.add_generic_rpc_handlers((handler(pipeline),))
+    host = config.host
+    address = f"[{host}]:{config.grpc_port}" if ":" in host else f"{host}:{config.grpc_port}"
+    if srv.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen for gRPC on {address}")
+    return srv

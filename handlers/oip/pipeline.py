@@ -1,0 +1,227 @@
+"""One request path for every transport. REST and gRPC (and any transport added later) turn bytes into a call of
+this module and its answer back into bytes; everything in between happens here, once: the repository lookup and
+route (default, canary, shadow), admission (a full decode pool or queue is a 503), decoding inline or on the pool,
+batching, the shadow's comparison, metrics, the trace and the access log.
+
+An inference request is a `Flight`: `Pipeline.begin` looks its model up and starts its clock, `decode` runs the
+transport's decoder (inline when the request is small, else on the worker's decode pool), `enqueue` hands its rows to
+the batcher, and `finish` records how it ended, once. The REST side stays callback-driven, which is what keeps it at
+~0.07 ms of HTTP core a request (bench/NOTES.md lever 38): a Flight costs no task and no await of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
+
+from ..model.errors import InputError
+from ..protocol import triton
+from . import metrics, tracing
+from .admin import Admin
+from .batching import Overloaded
+from .config import Config
+from .repository import Repository, RepositoryError, agreement
+from .served import Served
+
+logger = logging.getLogger("torchship.oip")
+ACCESS = logging.getLogger("torchship.access")  # one line per inference request, when the server's access_log asks
+ABANDONED = 499  # nginx's "client closed request": counted in the metrics, never sent (no one is there to read it)
+DECODE_THREADS = 2  # large requests are parsed and decoded here, off the event loop; a bounded pool, a bounded queue
+DECODE_INLINE_BYTES = 64 * 1024  # larger requests (photos, long JSON) are parsed and decoded in that pool
+RETRY_AFTER_S = 1  # what a 503 asks the client to wait
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration")
+
+
+def server_version() -> str:
+    try:
+        return version("torchship")
+    except PackageNotFoundError:  # shipped inside an archive or a container, without torchship's metadata
+        return ""
+
+
+def refusal(e: BaseException) -> tuple[int, str]:
+    """The status and message of a request that failed, whatever its transport: the client's mistakes their 4xx, a
+    full worker 503, anything else a 500 whose details stay in the log."""
+    if isinstance(e, (InputError, RepositoryError)):
+        return e.status, str(e)
+    if isinstance(e, Overloaded):
+        return 503, str(e)
+    logger.error("a request failed", exc_info=e)
+    return 500, f"inference failed: {type(e).__name__}"
+
+
+class Pipeline:
+    """A worker's one request path: the repository it serves from, the admin calls, the decode pool."""
+
+    def __init__(self, repo: Repository, config: Config, admin: Admin):
+        self.repo, self.config, self.admin = repo, config, admin
+        self.version = server_version()
+        self.loop = asyncio.get_running_loop()
+        self.decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")  # shared by every model
+        self.calls: set[asyncio.Task] = set()  # repository calls in progress (the loop keeps only weak references)
+
+    # what every transport answers about the server and its models
+
+    @property
+    def ready(self) -> bool:
+        return self.repo.ready
+
+    def server_metadata(self) -> dict:
+        return {"name": "torchship", "version": self.version, "extensions": list(EXTENSIONS)}
+
+    def served(self, model: str, version: str | None = None) -> Served:
+        """The version a request for MODEL (and VERSION) would reach; a RepositoryError (404) if none."""
+        return self.repo.get(model, version)[0]
+
+    def model_metadata(self, model: str, version: str | None = None) -> dict:
+        served = self.served(model, version)
+        return served.metadata(sorted(self.repo.model(served.name).versions, key=int))
+
+    def model_config(self, model: str, version: str | None = None) -> dict:
+        served = self.served(model, version)
+        platform = served.metadata()["platform"]
+        c = self.config
+        return triton.config(
+            served.card, served.name, platform, max_batch_delay_ms=c.max_batch_delay_ms, max_batch=c.max_batch
+        )
+
+    # the repository calls, behind the admin token
+
+    def authorized(self, authorization) -> bool:
+        return self.admin.allows(authorization)
+
+    def index(self) -> list[dict]:
+        """This worker's view of what the supervisor last committed."""
+        return self.repo.index()
+
+    def repository_call(self, op: str, model: str | None, parameters: dict, done: Callable[[dict], None]) -> None:
+        """Hand a load, unload or route to the supervisor; DONE gets its answer ({"ok", "result" | "status",
+        "error"}), or a 503 if the supervisor did not answer."""
+
+        def answered(task: asyncio.Task) -> None:
+            failed = task.cancelled() or task.exception() is not None
+            done({"ok": False, "status": 503, "error": "the supervisor did not answer"} if failed else task.result())
+
+        task = self.loop.create_task(self.admin.call(op, model, parameters))
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+        task.add_done_callback(answered)
+
+    # inference
+
+    def begin(self, protocol: str, model: str, version: str | None, *, client: str, traceparent, nbytes: int) -> Flight:
+        """An inference request has arrived: its route, its clock, its trace. A RepositoryError if no model answers."""
+        served, shadow = self.repo.get(model, version)
+        served.metrics.started()
+        trace = tracing.start(traceparent, protocol) if tracing.ENABLED else None
+        return Flight(self, served, shadow, protocol, client, trace, nbytes)
+
+
+class Flight:
+    """One inference request from its arrival to its answer."""
+
+    # one is made per request: no instance dict
+    __slots__ = (
+        "pipeline",
+        "served",
+        "shadow",
+        "protocol",
+        "client",
+        "trace",
+        "nbytes",
+        "start",
+        "status",
+        "queued",
+        "request_id",
+    )
+
+    def __init__(self, pipeline: Pipeline, served: Served, shadow, protocol: str, client: str, trace, nbytes: int):
+        self.pipeline, self.served, self.shadow, self.protocol = pipeline, served, shadow, protocol
+        self.client, self.trace, self.nbytes = client, trace, nbytes
+        self.start = time.perf_counter()
+        self.status = 0  # how it ended, once it has
+        self.queued: asyncio.Future | None = None
+        self.request_id = ""  # the client's id for it (the v2 request's id, or an x-request-id header)
+
+    @property
+    def done(self) -> bool:
+        return self.status != 0
+
+    def decode(self, work: Callable, *args):
+        """WORK(*ARGS): its value when the request is small enough to decode on the loop (an exception it raises
+        propagates), else a future of it from the decode pool; an Overloaded when the pool's queue is full."""
+        if self.nbytes <= DECODE_INLINE_BYTES:
+            return work(*args)
+        batcher = self.served.batcher
+        if batcher.decoding >= batcher.max_queue:
+            raise Overloaded(f"{batcher.decoding} requests are being decoded in this worker (its limit): retry shortly")
+        batcher.decoding += 1
+        future = self.pipeline.loop.run_in_executor(self.pipeline.decoder, work, *args)
+        future.add_done_callback(self._decoded)
+        return future
+
+    def _decoded(self, _) -> None:
+        self.served.batcher.decoding -= 1
+
+    def enqueue(self, rows, *, prompt: bool = False) -> asyncio.Future:
+        """The decoded rows into the batcher (and, when the route has a shadow, a copy into the shadow's): a future of
+        the request's rows of the output. PROMPT: decoded on the loop in the turn its bytes arrived, as its company
+        would be (REST; a lone prompt request's pass may then run on the loop). An Overloaded if the queue is full."""
+        if self.trace is not None:
+            self.trace.mark_decoded()
+            self.trace.request_id = self.request_id
+        self.queued = self.served.batcher.enqueue(rows, self.trace, prompt=prompt)
+        if self.shadow is not None:
+            mirror(self.served, self.shadow, rows, self.queued)
+        return self.queued
+
+    def abandon(self) -> None:
+        """The client went away first: its rows leave the queue before their pass, and it is counted as abandoned."""
+        if self.queued is not None:
+            self.queued.cancel()
+        self.finish(ABANDONED)
+
+    def finish(self, status: int) -> bool:
+        """How the request ended: metrics, trace and access log, once; False if it had already ended (an answer that
+        comes after the client left, or a second one)."""
+        if self.status:
+            return False
+        self.status = status
+        served, seconds = self.served, time.perf_counter() - self.start
+        served.metrics.answered(self.protocol, status, seconds, self.nbytes)
+        if self.trace is not None:
+            self.trace.finish(served.name, served.version, status)
+        if ACCESS.isEnabledFor(logging.INFO):
+            ACCESS.info(
+                "%s %s %s/%s %d %.2fms id=%s",
+                self.protocol,
+                self.client or "-",
+                served.name,
+                served.version,
+                status,
+                seconds * 1000,
+                self.request_id or "-",
+            )
+        return True
+
+
+def mirror(served: Served, shadow: Served, rows, answered: asyncio.Future) -> None:
+    """The request's rows again, to the shadow version: its output is compared with the default's, never sent. A
+    shadow whose queue is full skips the request rather than delay anyone."""
+    try:
+        candidate = shadow.batcher.enqueue(rows)
+    except Overloaded:
+        return
+
+    def compare(_) -> None:
+        if answered.cancelled() or candidate.cancelled() or answered.exception() or candidate.exception():
+            return
+        agreed, largest = agreement(served.card, answered.result(), candidate.result())
+        metrics.shadowed(served.name, served.version, shadow.version, agreed, largest)
+
+    gathered = asyncio.gather(answered, candidate, return_exceptions=True)
+    gathered.add_done_callback(compare)

@@ -1,0 +1,127 @@
+"""One model version as a worker serves it: the card, the recipe that brings requests to the model's input, the
+batcher that runs its forward passes, and its metrics. Built and warmed here; requests reach it through the pipeline
+(pipeline.py), whatever their transport."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..card import ModelCard
+from ..model import named, runners
+from ..model.images import Preprocessor
+from ..model.responses import batch_outputs
+from ..protocol import model_io, v2
+from .batching import Batcher, Stacking
+from .config import Config
+from .metrics import Metrics
+
+INLINE_PASS_MS = 5.0  # a warm pass at the largest batch no longer than Python's GIL switch interval: passes run on the
+# loop itself, since handing them to a thread costs more than it overlaps (bench/NOTES.md levers 52, 55)
+PLATFORMS = {
+    "onnx": "onnxruntime_onnx",
+    "onnx-int8": "onnxruntime_onnx",
+    "torchscript": "pytorch_libtorch",
+    "pt2": "pytorch_aotinductor",
+}
+
+
+@dataclass
+class Served:
+    name: str
+    card: ModelCard
+    preprocessor: Preprocessor
+    batcher: Batcher
+    metrics: Metrics
+    backend: str
+    version: str = "1"
+    directory: str = ""
+    warmup: dict = field(default_factory=dict)
+    limit: Callable[[str], int] = None  # the most elements a request's tensor of a datatype may hold (v2)
+    outputs: list[str] = field(default_factory=list)  # the names of the outputs it answers
+
+    def __post_init__(self):
+        self.limit = self.limit or model_io.element_limit(self.card)
+        self.outputs = self.outputs or model_io.output_names(self.card)
+
+    def metadata(self, versions: list[str] | None = None) -> dict:
+        return {
+            "name": self.name,
+            "versions": versions or [self.version],
+            "platform": PLATFORMS.get(self.backend, self.backend),
+            "inputs": model_io.input_types(self.card),
+            "outputs": model_io.output_types(self.card),
+        }
+
+    def decode(self, tensors: list[v2.Tensor]) -> np.ndarray | named.Rows:
+        """A request's v2 input tensors to the model's rows (a ProtocolError for anything it cannot take)."""
+        return model_io.model_inputs(self.card, self.preprocessor, tensors)
+
+    def encode(self, rows) -> list[v2.Tensor]:
+        """A request's rows of the batch's outputs to its v2 output tensors."""
+        return model_io.model_outputs(self.card, rows)
+
+    async def retire(self, grace_s: float = 30) -> None:
+        """Answer what this version holds, then free it: it takes no new requests once no route leads here."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while (self.batcher.queued or self.metrics.active) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await self.batcher.stop()
+
+
+def load(model_dir: str, config: Config, *, name: str | None = None) -> Served:
+    """One export ready to serve, not yet warm; its batcher starts with the worker's event loop (or at start())."""
+    card = ModelCard.load(model_dir)
+    name = name or card.name
+    runner = runners.load(model_dir, config.backend, threads=config.threads, card=card)
+    metrics = Metrics(name, card.version)
+
+    def run(x):  # once per forward pass: the model, then what all its requests' answers share
+        return batch_outputs(card, runner.run(x))
+
+    batcher = Batcher(
+        run,
+        max_batch=config.max_batch,
+        max_batch_delay_ms=config.max_batch_delay_ms,
+        max_queue=config.max_queue,
+        on_pass=metrics.ran,
+        stacking=stacking(card),
+    )
+    preprocessor = Preprocessor(card, config.max_pixels)
+    return Served(name, card, preprocessor, batcher, metrics, runner.backend, card.version, str(model_dir))
+
+
+def stacking(card: ModelCard) -> Stacking | None:
+    """Named inputs pad and group (model/named.py); one batch concatenates (the batcher's default, None)."""
+    if not card.named:
+        return None
+    sig = card.signature
+    return Stacking(
+        merge=lambda jobs: named.merge(sig, jobs),
+        split=lambda out, start, rows: named.split(sig, out, start, rows),
+        key=lambda rows: named.key(sig, rows),
+    )
+
+
+def warm_up(served: Served) -> dict:
+    """Forward passes at the largest batch the batcher will make, every named dimension at its longest: a model
+    that cannot run one is never ready. The warm passes' time decides where passes of several requests run: on the
+    event loop when short, since a thread hand-off then costs more than it overlaps; on the pass's thread otherwise,
+    so that a long pass never stalls the worker's connections (batching.Batcher._serve has the lone request's case)."""
+    n, card = served.batcher.max_batch, served.card
+    x = named.zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
+    served.encode(served.batcher.run(x))  # and its answer must make sense to the encoder
+    ms = math.inf
+    for _ in range(2):
+        start = time.perf_counter()
+        served.batcher.run(x)
+        ms = min(ms, (time.perf_counter() - start) * 1000)
+    served.batcher.inline = ms <= INLINE_PASS_MS
+    served.warmup = {"batch": n, "ms": round(ms, 2), "inline": served.batcher.inline}
+    return served.warmup

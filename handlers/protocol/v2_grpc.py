@@ -1,0 +1,97 @@
+"""The Open Inference Protocol's gRPC messages (`inference.GRPCInferenceService`, kserve's generated definitions) and
+tensors to and from them: a ModelInferRequest's inputs as v2 tensors, and the outputs as a ModelInferResponse."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import v2
+
+SERVICE = "inference.GRPCInferenceService"
+KSERVE_PROTO_MODULE = "kserve.protocol.grpc.grpc_predict_v2_pb2"
+
+
+@functools.cache
+def messages():
+    """kserve's generated messages for the standard service, loaded from their one file: importing the kserve package
+    itself takes ~6 s here (pandas, FastAPI) and brings nothing this server uses. Registered under kserve's own module
+    name, so a later `import kserve` reuses it instead of defining package `inference` twice."""
+    if KSERVE_PROTO_MODULE in sys.modules:  # kserve itself was imported first (its adapter, in the same process)
+        return sys.modules[KSERVE_PROTO_MODULE]
+    found = importlib.util.find_spec("kserve")
+    path = Path(found.origin).parent / "protocol" / "grpc" / "grpc_predict_v2_pb2.py" if found else None
+    if path is None or not path.is_file():
+        raise RuntimeError(
+            "the Open Inference Protocol's gRPC messages come from kserve's definitions: "
+            "pip install 'kserve>=0.21,<0.22'"
+        )
+    spec = importlib.util.spec_from_file_location(KSERVE_PROTO_MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[KSERVE_PROTO_MODULE] = module
+    return module
+
+
+TYPED_CONTENTS = {
+    "BYTES": "bytes_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "INT64": "int64_contents",
+    "INT32": "int_contents",
+    "BOOL": "bool_contents",
+}
+
+
+def tensors_of(request, limit=None) -> list[v2.Tensor]:
+    """A ModelInferRequest's inputs: raw contents (tritonclient's default) or typed contents; `limit`
+    (model_io.element_limit) bounds each tensor's elements before any is read."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise v2.ProtocolError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    out = []
+    for k, inp in enumerate(request.inputs):
+        name, shape, datatype = inp.name[:64], tuple(int(d) for d in inp.shape[:17]), inp.datatype[:16]
+        if len(shape) > 16 or any(d < 0 for d in shape):
+            raise v2.ProtocolError(f"input '{name}': shape must be at most 16 non-negative integers")
+        most = limit(datatype) if limit else None
+        if most is not None and math.prod(shape) > most:
+            raise v2.too_many(name, shape, math.prod(shape), most)
+        if raw:
+            out.append(v2.tensor_from_binary(name, datatype, shape, raw[k], most))
+            continue
+        if datatype not in TYPED_CONTENTS:
+            raise v2.ProtocolError(
+                f"input '{name}': datatype {datatype} is not one this model takes as typed "
+                "contents (send raw_input_contents)"
+            )
+        contents = getattr(inp.contents, TYPED_CONTENTS[datatype])
+        if most is not None and len(contents) > most:
+            raise v2.too_many(name, shape, len(contents), most)
+        data = (
+            np.array(list(contents), dtype=object)
+            if datatype == "BYTES"
+            else np.asarray(contents, v2.DATATYPES[datatype])
+        )
+        out.append(v2.Tensor(name, datatype, shape, data))
+    return out
+
+
+def infer_response(name: str, version: str, request, outputs: list[v2.Tensor]):
+    """Outputs as raw contents, the form every client reads (typed contents reach tritonclient as empty arrays)."""
+    asked = [o.name for o in request.outputs]
+    unknown = [n for n in asked if n not in {t.name for t in outputs}]
+    if unknown:
+        raise v2.ProtocolError(f"unknown output {unknown[0][:64]!r}: this model has {[t.name for t in outputs]}")
+    chosen = [t for t in outputs if not asked or t.name in asked]
+    response = messages().ModelInferResponse(model_name=name, model_version=version, id=request.id)
+    for t in chosen:
+        response.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+        blob = v2.bytes_blob(t.data.reshape(-1)) if t.datatype == "BYTES" else np.ascontiguousarray(t.data).tobytes()
+        response.raw_output_contents.append(blob)
+    return response
