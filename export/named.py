@@ -14,8 +14,7 @@ import torch
 from torchship.export.tolerance import compare, tolerance
 from torchship.export.verify import BATCH_SIZES, Check, Report, backends, load_for_proof
 from torchship.handlers.card import ModelCard
-from torchship.handlers.model import named
-from torchship.handlers.model import runners
+from torchship.handlers.model import named, runners
 from torchship.handlers.signature import Signature, TensorSpec
 
 ROWS = 16  # examples per length: batch sizes 1, 2, 7 and 16

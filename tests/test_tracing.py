@@ -12,9 +12,8 @@ import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 
-from torchship.handlers.oip import served
+from torchship.handlers.oip import served, tracing
 from torchship.handlers.oip.config import Config
-from torchship.handlers.oip import tracing
 from torchship.serve import oip
 from torchship.serve.samples import held_out_digits, png
 from torchship.serve.traces import OtlpSink
