@@ -124,9 +124,9 @@ TEST_WORKERS ?= 3
 test: $(STAMP) system-test lint
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# The unit tests: no servers, no compiles, no browser (under a minute).
+# The unit tests, by folder: no servers, no training, no compiles, no browser (seconds).
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not slow and not serve"
+	$(BIN)/pytest -q tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

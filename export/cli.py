@@ -1,10 +1,13 @@
-"""`torchship export` and `torchship verify`: thin click layers over export.formats and export.verify."""
+"""`torchship export` and `torchship verify`: thin click layers over export.formats and export.proof."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from torchship.export.tolerance import ATOL, RTOL
+from torchship.export.proof.tolerance import ATOL, RTOL
+from torchship.handlers.card import VERSION_PATTERN, CardError, safe_name
 from torchship.handlers.formats import DEFAULT_FORMATS, FORMAT_BY_NAME
 from torchship.handlers.recipes import RECIPES
 
@@ -82,7 +85,9 @@ def format_list(_ctx, _param, value: str):
 
 
 def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
-    from torchship.export.verify import VerificationError, failure_message, table, verify, write_report
+    # torch only when a command runs: `torchship --help` and a bad option answer in a fraction of a second
+    from torchship.export.proof.report import VerificationError, failure_message, table, write_report
+    from torchship.export.proof.verify import verify
 
     click.echo("proving the export computes the eager model's function ...", err=True)
     try:
@@ -236,11 +241,9 @@ def export_command(
     data_dir,
 ):
     """Export CHECKPOINT (or --model SPEC --weights FILE) to every format, then prove each matches the eager model."""
-    from pathlib import Path
-
+    # torch only when a command runs: `torchship --help` and a bad option answer in a fraction of a second
     from torchship.export.formats import ExportError, Options, export_checkpoint, export_model, next_version, stamp
-    from torchship.export.user_model import ModelLoadError
-    from torchship.handlers.card import VERSION_PATTERN, CardError, safe_name
+    from torchship.export.user_model import ModelLoadError, named_model, parse_kwargs, read_signature, user_model
     from torchship.train.checkpoint import CheckpointError
 
     if (checkpoint is None) == (spec is None):
@@ -293,12 +296,8 @@ def export_command(
             )
             source = Path(checkpoint)
         else:
-            from torchship.export.user_model import parse_kwargs, user_model
-
             progress(f"building {spec} and loading {weights}")
             if input_kind == "named":
-                from torchship.export.user_model import named_model, read_signature
-
                 model, card = named_model(
                     spec, weights, kwargs=parse_kwargs(kwargs), sig=read_signature(signature_source), name=name
                 )

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import datetime
+import logging
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime
 import torch
 
+from torchship.export.inputs import calibration_images, draw, example_dims
+from torchship.export.user_model import from_checkpoint
 from torchship.handlers.card import CARD_FILE, ONNX_METADATA_KEY, TORCHSCRIPT_EXTRA_FILE, CardError, ModelCard
 from torchship.handlers.formats import DEFAULT_FORMATS, FORMAT_BY_NAME, digest
 
@@ -67,11 +74,6 @@ def next_version(out_dir: Path | str, name: str) -> str:
 
 def stamp(card: ModelCard, source: Path | None, epoch: int | None = None, version: str | None = None) -> ModelCard:
     """The card as exported: which version, where the weights came from, what made the files and when."""
-    from dataclasses import replace
-
-    import onnx
-    import onnxruntime
-
     card = replace(card, version=version) if version else card
     return card.with_provenance(
         source=str(source.resolve()) if source else None,
@@ -92,8 +94,6 @@ def example_input(card: ModelCard, n: int = 2) -> torch.Tensor:
 def example_args(card: ModelCard) -> tuple[torch.Tensor, ...]:
     """What every format traces or exports with: the one batch, or every named input (export/named.py)."""
     if card.named:
-        from torchship.export.named import example_args as named_args
-
         return named_args(card)
     return (example_input(card),)
 
@@ -101,10 +101,31 @@ def example_args(card: ModelCard) -> tuple[torch.Tensor, ...]:
 def dynamic_shapes(card: ModelCard) -> tuple[dict, ...]:
     """The batch is dynamic in every format; named inputs' named dimensions too, over their declared ranges."""
     if card.named:
-        from torchship.export.named import dynamic_shapes as named_shapes
-
         return named_shapes(card, batch_dim())
     return ({0: batch_dim()},)
+
+
+def named_args(card: ModelCard) -> tuple[torch.Tensor, ...]:
+    """Two examples at EXAMPLE_LENGTH, in the signature's input order: what every format traces or exports with."""
+    feeds = draw(card.signature, 2, example_dims(card.signature))
+    return tuple(torch.from_numpy(feeds[t.name]) for t in card.signature.inputs)
+
+
+def named_shapes(card: ModelCard, batch: torch.export.Dim) -> tuple[dict, ...]:
+    """torch.export's Dim for the batch and each named dimension, shared by every input that has it; one entry, for
+    the wrapper's *inputs (user_model.Signed)."""
+    sig = card.signature
+    named = {d: torch.export.Dim(d, min=low, max=high) for d, (low, high) in sig.dims.items() if low < high}
+    return (
+        tuple(
+            {
+                axis: batch if axis == 0 else named[d]
+                for axis, d in enumerate(t.shape)
+                if axis == 0 or (isinstance(d, str) and d in named)
+            }
+            for t in sig.inputs
+        ),
+    )
 
 
 def io_names(card: ModelCard) -> tuple[list[str], list[str]]:
@@ -128,8 +149,6 @@ def export_torchscript(model: torch.nn.Module, card: ModelCard, path: Path, opti
 
 def export_onnx(model: torch.nn.Module, card: ModelCard, path: Path, options: Options) -> None:
     """The dynamo exporter with a dynamic batch dimension; checked in full before it is written."""
-    import onnx
-
     inputs, outputs = io_names(card)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -161,11 +180,7 @@ def export_pt2(model: torch.nn.Module, card: ModelCard, path: Path, options: Opt
 
     The package is machine code for this CPU's instruction set (its metadata says which): build it on the
     kind of machine that will run it."""
-    import logging
-    import shutil
-    import tempfile
-
-    import torch._inductor
+    import torch._inductor  # lazily: 2 s over torch, paid only by a pt2 export
 
     if not (shutil.which("g++") or shutil.which("c++")):
         raise ExportError("pt2 needs a C++ compiler (g++) at export time, and none is on PATH")
@@ -184,9 +199,7 @@ def export_pt2(model: torch.nn.Module, card: ModelCard, path: Path, options: Opt
 
 
 def int8_calibration(card: ModelCard, options: Options):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    from torchship.export.inputs import calibration_images
+    from onnxruntime.quantization import CalibrationDataReader  # lazily: 0.4 s, paid only by an int8 export
 
     images, source = calibration_images(card, options.data_dir, options.calibration)
 
@@ -206,9 +219,7 @@ def export_int8(model: torch.nn.Module, card: ModelCard, path: Path, options: Op
     activations with reduce_range (right on CPUs without VNNI, harmless on those with it), calibrated on
     training images only. The classifier head stays float32: it is tiny, and where two classes are close it
     decides between them (bench/NOTES.md, int8)."""
-    import tempfile
-
-    import onnx
+    # lazily: 0.4 s, paid only by an int8 export
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -304,10 +315,6 @@ def export_checkpoint(
 ) -> Exported:
     """A torchship checkpoint to out_dir (default exports/NAME): its card, stamped with its version (default:
     next_version) and where it came from."""
-    from dataclasses import replace
-
-    from torchship.export.user_model import from_checkpoint
-
     model, card, epoch = from_checkpoint(ckpt_path)
     card = replace(card, name=name) if name else card
     out = Path(out_dir or f"exports/{card.name}")

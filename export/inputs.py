@@ -9,11 +9,18 @@ import numpy as np
 import torch
 
 from torchship.handlers.card import ModelCard
+from torchship.handlers.model import named
 from torchship.handlers.model.errors import InputError
 from torchship.handlers.model.images import Preprocessor
+from torchship.handlers.model.tensors import standardize
+from torchship.handlers.signature import Signature
+from torchship.train import data
 
 CALIBRATION_IMAGES = 1024  # enough for MinMax ranges to settle (bench/NOTES.md, int8)
 CALIBRATION_BYTES = 1 << 26  # at most 64 MB of calibration inputs: 111 images at 3x224x224
+MIDDLE = 7  # the proof's length between each dimension's shortest and longest (the issue's "sequence 1, 7, 128")
+EXAMPLE_LENGTH = 8  # what export traces with: torch.export specialises lengths 0 and 1
+INT_SPREAD = 100  # integer inputs without a declared range are drawn from 0..INT_SPREAD
 
 
 def normalise(card: ModelCard, pixels: np.ndarray) -> np.ndarray:
@@ -25,8 +32,6 @@ def normalise(card: ModelCard, pixels: np.ndarray) -> np.ndarray:
 
 def dataset_split(card: ModelCard, data_dir: Path | str, train: bool):
     """The card's dataset split as a (images or rows, labels or targets) pair, or None when it is not on this disk."""
-    from torchship.train import data
-
     if card.dataset == "linreg-tutorial" and card.input_shape == (1,):
         split = data.tutorial_line()[0 if train else 1]
         return split.images.numpy(), split.labels.numpy()
@@ -82,8 +87,6 @@ def ranged_rows(card: ModelCard, n: int, seed: int = 0) -> np.ndarray:
 
 
 def tensor_proof_inputs(card: ModelCard, n: int, data_dir: Path | str) -> tuple[np.ndarray, dict]:
-    from torchship.handlers.model.tensors import standardize
-
     held = dataset_split(card, data_dir, train=False)
     real = held[0][:n] if held is not None else np.zeros((0, *card.input_shape), np.float32)
     drawn = ranged_rows(card, n - len(real))
@@ -125,8 +128,6 @@ def calibration_images(
     synthetic ones; and a line saying which."""
     n = min(n, max(32, CALIBRATION_BYTES // (4 * int(np.prod(card.input_shape)))))
     if not card.image:
-        from torchship.handlers.model.tensors import standardize
-
         split = dataset_split(card, data_dir, train=True)
         if split is not None:
             return standardize(card, split[0][:n]), f"{min(n, len(split[0]))} {card.dataset} training rows"
@@ -150,3 +151,40 @@ def calibration_images(
         return normalise(card, split[0][order]), f"{len(order)} {card.dataset} training images"
     _, smooth = synthetic(card, 2 * n, seed=1)
     return normalise(card, smooth), f"{len(smooth)} synthetic smooth images (no dataset, no --calibration)"
+
+
+# named inputs, drawn from the signature: what export traces with and what the proof runs
+
+
+def lengths(sig: Signature) -> list[dict[str, int]]:
+    """The proof's cases: the k-th holds every named dimension at its k-th length (shortest, MIDDLE, longest)."""
+    values = {d: sorted({low, min(max(low, MIDDLE), high), high}) for d, (low, high) in sig.dims.items()}
+    cases = max((len(v) for v in values.values()), default=1)
+    return [{d: v[min(k, len(v) - 1)] for d, v in values.items()} for k in range(cases)]
+
+
+def example_dims(sig: Signature) -> dict[str, int]:
+    return {d: min(max(low, EXAMPLE_LENGTH), high) for d, (low, high) in sig.dims.items()}
+
+
+def draw(sig: Signature, n: int, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """n examples of every input at these lengths, each value drawn from the input's declared range."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in sig.inputs:
+        shape = (n, *(d if isinstance(d, int) else dims[d] for d in t.shape[1:]))
+        dtype = named.NUMPY[t.datatype]
+        if t.mask:  # 1s then 0s, at least one 1, along the last axis (a padded tokenizer's mask)
+            kept = rng.integers(1, shape[-1] + 1, (*shape[:-1], 1))
+            x = np.arange(shape[-1]) < kept
+        elif t.datatype == "BOOL":
+            x = rng.integers(0, 2, shape).astype(bool)
+        elif np.dtype(dtype).kind in "iu":
+            low, high = (int(t.range[0]), int(t.range[1])) if t.range else (0, INT_SPREAD)
+            x = rng.integers(low, high + 1, shape)
+        elif t.range:
+            x = rng.uniform(t.range[0], t.range[1], shape)
+        else:
+            x = rng.standard_normal(shape)
+        feeds[t.name] = np.ascontiguousarray(x.astype(dtype))
+    return feeds

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import json
 import pickle
 import re
 import sys
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import torch
 
+from torchship.export.inputs import draw, example_dims
 from torchship.handlers.card import BUILTIN_ARCHITECTURES, Architecture, CardError, ModelCard
 from torchship.handlers.recipes import GREY_RECIPES, NO_RECIPE
 from torchship.handlers.signature import Signature, validate_signature
 from torchship.train import checkpoint
+from torchship.train.models import build_builtin
 
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")  # where common checkpoint layouts keep the weights
 SAVE_HINT = "save a state dict instead: torch.save(model.state_dict(), 'weights.pt')"
@@ -82,8 +85,6 @@ def parse_kwargs(pairs: Sequence[str]) -> dict:
 def build(spec: str, kwargs: Mapping) -> torch.nn.Module:
     """Our own architectures directly; anything else by importing the spec."""
     if spec in BUILTIN_ARCHITECTURES.values():
-        from torchship.train.models import build_builtin
-
         return build_builtin(spec, kwargs)
     factory = import_callable(spec)
     try:
@@ -191,8 +192,6 @@ class Signed(torch.nn.Module):
 
 def read_signature(value: str) -> Signature:
     """A JSON file, or `file.py:NAME` naming a dict (or a function returning one) in the user's own code."""
-    import json
-
     where, sep, attr = value.rpartition(":")
     try:
         if sep and where.endswith(".py"):
@@ -230,7 +229,6 @@ def named_model(
 ) -> tuple[torch.nn.Module, ModelCard]:
     """A model that takes several named tensors: built, its weights loaded, run once on inputs drawn from its
     signature, every output checked against what the signature declares."""
-    from torchship.export.named import draw, example_dims
 
     kwargs = dict(kwargs or {})
     model = Signed(load_weights(build(spec, kwargs), read_state_dict(weights), weights), sig).eval()

@@ -6,9 +6,12 @@ a manifest that an API server would reject (or silently ignore a part of) is cau
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
 import shutil
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
@@ -179,8 +182,6 @@ def torchserve_bundle(
 
 
 def requirements() -> str:
-    from importlib.metadata import version
-
     # kserve: only its protocol definitions (the gRPC messages) are used; numpy/Pillow/ONNX Runtime run the model.
     pins = [
         f"{p}=={version(p)}"
@@ -255,8 +256,6 @@ def oip_bundle(
     protocol: str = "v2",
 ) -> list[Path]:
     """A Dockerfile for the torch-free server, its files, and an InferenceService with that custom container."""
-    import json
-
     capacity = pod_capacity(export_dir, card, backend, resources)
     image = image or f"torchship-{dns_name(card.name)}:latest"
     out.mkdir(parents=True, exist_ok=True)
@@ -313,6 +312,7 @@ def write_bundle(export_dir: Path | str, out: Path | str, *, bundle, **options) 
 
 
 def model_class(name: str):
+    # lazily: kserve's SDK takes 4 s to import, and only checking a manifest needs it
     import kserve.models
     import kubernetes.client.models
 
@@ -321,8 +321,6 @@ def model_class(name: str):
 
 def misplaced(cls, key: str) -> str:
     """Where a key that is unknown here does belong, one level down: the docs' mis-indentation."""
-    import difflib
-
     owners = [
         cls.attribute_map[attr]
         for attr, sub in cls.openapi_types.items()

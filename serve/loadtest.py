@@ -7,6 +7,8 @@ Sends real held-out digits and checks every answer's label, so a fast wrong serv
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -106,7 +108,7 @@ def run_level(
 def run(coroutine):
     """On uvloop when it is installed: the client's own share of the machine is what every server loses."""
     try:
-        import uvloop
+        import uvloop  # optional: asyncio's own loop works too, slower
 
         return uvloop.run(coroutine)
     except ImportError:  # pragma: no cover
@@ -213,9 +215,6 @@ def kill_worker_under_load(
     kill_at: float = 0.3,
 ) -> tuple[Level, Disruption]:
     """SIGKILL one worker once `kill_at` of the requests are answered, and measure the outage from the clients."""
-    import os
-    import signal
-
     timeline: list[tuple[float, float, int]] = []
     result: list[Level] = []
     runner = threading.Thread(

@@ -12,9 +12,9 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.request
 from dataclasses import KW_ONLY, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psutil
 
@@ -22,11 +22,10 @@ from torchship.handlers.card import CARD_FILE, ModelCard
 from torchship.handlers.formats import FORMAT_BY_BACKEND
 from torchship.handlers.oip import metrics as names
 from torchship.handlers.oip.config import Config, Limits
+from torchship.serve.client import Target, metric_series
 from torchship.serve.process import ServerError, StartOptions, free_ports, http_json, log_marks, new_lines
+from torchship.serve.samples import Sample
 from torchship.serve.settings import LOOPBACK
-
-if TYPE_CHECKING:
-    from torchship.serve.samples import Sample
 
 MODULE = "torchship.handlers.oip"
 # instances started before the runtime had folders, or took its folder's name: `stop` still knows them
@@ -269,8 +268,6 @@ def status(state_dir: Path | str = "serve-state") -> dict:
 
 def shadows(cfg: OIPConfig) -> list[dict]:
     """Each shadow pair's evidence from /metrics: requests compared, how many agreed, the largest difference."""
-    from torchship.serve.client import metric_series
-
     series = metric_series(f"{cfg.inference_url}")
     pairs: dict[tuple, dict] = {}
     for (name, labels), value in series.items():
@@ -305,8 +302,6 @@ def key(state_dir: Path | str, api: str = "inference") -> str:
 def repository_call(state_dir: Path | str, op: str, model: str | None = None, body: dict | None = None):
     """A repository call (index, load, unload) or our route, with the instance's admin token: its JSON answer, or a
     ServerError with the server's message."""
-    import urllib.request
-
     cfg = load_instance(state_dir)
     path = "/v2/repository/index" if op == "index" else f"/v2/repository/models/{model}/{op}"
     req = urllib.request.Request(
@@ -330,8 +325,6 @@ def repository_call(state_dir: Path | str, op: str, model: str | None = None, bo
 
 def load_target(state_dir: Path | str):
     """What the load test sends to: the v2 infer route, one BYTES image per request, and our metric names."""
-    from torchship.serve.client import Target
-
     cfg = load_instance(state_dir)
     return Target(
         LOOPBACK, cfg.http_port, cfg.model, protocol="v2", metrics_url=cfg.inference_url, metric_names=METRIC_NAMES

@@ -23,6 +23,9 @@ import numpy as np
 from torchship.handlers.card import CARD_FILE, CardError, ModelCard
 from torchship.handlers.formats import FORMAT_BY_BACKEND
 from torchship.handlers.limits import MAX_REQUEST_BYTES
+from torchship.handlers.model.responses import DEFAULT_TOPK, top_k
+from torchship.serve import runtimes
+from torchship.serve.process import ServerError
 from torchship.serve.settings import LOOPBACK
 
 WEB = Path(__file__).with_name("web")
@@ -136,9 +139,6 @@ class PageHandler(SimpleHTTPRequestHandler):
         body = self.rfile.read(length)
         if self.state_dir is None:
             return self.error(404, "this page was started without --server-state: there is no server to ask")
-        from torchship.serve import runtimes
-        from torchship.serve.process import ServerError
-
         try:
             target = runtimes.recorded(self.state_dir).target(self.state_dir)
         except ServerError as e:
@@ -169,8 +169,6 @@ class PageHandler(SimpleHTTPRequestHandler):
     def relay_v2(self, target, body: bytes) -> None:
         """The Open Inference Protocol server: the image as one v2 BYTES element; its probabilities back as the
         page's {label, probability, topk}, ranked by the card's labels."""
-        from torchship.handlers.model.responses import DEFAULT_TOPK, top_k
-
         labels = json.loads((Path(self.directory) / "card.json").read_text())["labels"]
         raw = target.request(body, "application/octet-stream").split(b"\r\n\r\n", 1)[1]
         header_length = len(raw) - len(body) - 4

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torchship.serve.client import Target
 from torchship.serve.loadtest import Level
+from torchship.train.plots import pyplot
 
 
 def table(levels: list[Level]) -> str:
@@ -30,11 +31,8 @@ def table(levels: list[Level]) -> str:
 
 
 def plot(levels: list[Level], path: Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    plt = pyplot()
+    import matplotlib.ticker as ticker  # lazily, with pyplot (train/plots.py says why)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     x = [lv.throughput for lv in levels]
@@ -49,8 +47,8 @@ def plot(levels: list[Level], path: Path, title: str = "") -> None:
             fontsize=8,
         )
     ax.set(xlabel="throughput (requests/s)", ylabel="latency (ms)", yscale="log", title=title or "latency vs load")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -12,17 +12,15 @@ import urllib.request
 import zipfile
 from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psutil
 
 from torchship.handlers.card import CARD_FILE, ModelCard
 from torchship.handlers.sizing import queue_size
+from torchship.serve.client import Target
 from torchship.serve.process import ServerError, StartOptions, free_ports, http_json, log_marks, new_lines
+from torchship.serve.samples import Sample
 from torchship.serve.settings import LOOPBACK, MAX_REQUEST_BYTES, TORCHSERVE_PORTS, torchserve_properties
-
-if TYPE_CHECKING:
-    from torchship.serve.samples import Sample
 
 PID_FILE = ".model_server.pid"
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
@@ -334,8 +332,6 @@ METRIC_NAMES = {
 
 def load_target(state_dir: Path | str):
     """What the load test sends to: this instance's inference port, token and metrics."""
-    from torchship.serve.client import Target
-
     cfg = load_instance(state_dir)
     token = keys(state_dir).get("inference", {}).get("key")
     return Target(LOOPBACK, cfg.inference_port, cfg.model, token, cfg.metrics_url, metric_names=METRIC_NAMES)

@@ -16,13 +16,15 @@ class OtlpSink:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if keep and self.path == "/v1/traces":
+                if self.path == "/v1/traces":
+                    # lazily: OpenTelemetry is optional (torchship[tracing]), needed once traces arrive
                     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
                     request = ExportTraceServiceRequest.FromString(body)
                     for resource in request.resource_spans:
                         for scope in resource.scope_spans:
-                            sink.spans.extend(scope.spans)
+                            if keep:  # a sink that prints them (`serve traces`) need not hold them all
+                                sink.spans.extend(scope.spans)
                             for span in scope.spans:
                                 on_span(span)
                 self.send_response(200)

@@ -119,25 +119,3 @@ def exported(out: Path):
     from torchship.export.formats import FORMAT_BY_NAME, Exported, present, read_card
 
     return Exported(out, read_card(out), {name: out / FORMAT_BY_NAME[name].file for name in present(out)})
-
-
-# fixtures that train (shared, or a module's own), compile a pt2, or build a venv
-SLOW_FIXTURES = {
-    "convnet_run",
-    "convnet_export",
-    "convnet_all_formats",
-    "bare_python",
-    "exports",
-    "user_exports",
-    "good",
-    "named_exports",
-    "shop_export",
-}
-
-
-def pytest_collection_modifyitems(items):
-    """A test that needs the shared trained model (or a fresh venv) is slow whatever its module: `make test-fast`
-    leaves it out."""
-    for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)

@@ -7,6 +7,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from torchship.handlers.card import Architecture, ModelCard
 from torchship.train.presets import get_preset
 
@@ -184,3 +187,11 @@ def torchserve_of(tmp_path_factory, exports: dict, python: Path, config=None):
         yield torchserve.start(cfg, timeout=240)
     finally:
         torchserve.stop(state)
+
+
+def paper(digit: np.ndarray, size: int, box: int, top: int, left: int) -> np.ndarray:
+    """A digit drawn in dark ink on white paper, `box` pixels tall, at (top, left) of a size x size page."""
+    big = np.asarray(Image.fromarray(digit).resize((box, box), Image.Resampling.BICUBIC))
+    page = np.zeros((size, size), np.uint8)
+    page[top : top + box, left : left + box] = big
+    return 255 - page

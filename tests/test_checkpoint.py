@@ -76,7 +76,6 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, good, data_dir, monk
     assert code == 1 and stderr.strip().count("\n") == 0 and "truncated or corrupt" in errors[0], stderr
 
 
-@pytest.mark.slow  # trains
 def test_kill_9_during_training_leaves_a_loadable_last_checkpoint(tmp_path, data_dir):
     """SIGKILL at several moments of a run that writes a checkpoint every few hundred milliseconds."""
     out = tmp_path / "run"

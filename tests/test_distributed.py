@@ -15,7 +15,6 @@ import torch
 
 from torchship.serve.process import free_ports
 from torchship.train import checkpoint
-from torchship.train.distributed import Ranks, without_launch_flags
 
 from helpers import TORCHSHIP
 
@@ -31,20 +30,6 @@ def errors(r) -> list[str]:
     return [line for line in r.stderr.splitlines() if line.startswith("Error:")]
 
 
-@pytest.mark.parametrize("n", [1, 5, 127, 128, 129, 3333])
-@pytest.mark.parametrize("world", [1, 2, 3, 8])
-def test_rank_shares_cover_every_item_once_in_order(n, world):
-    parts = [Ranks(r, world).share(n) for r in range(world)]
-    assert [i for p in parts for i in range(n)[p]] == list(range(n))
-    assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
-
-
-def test_launch_flags_are_for_the_launcher_only():
-    argv = ["train", "--nproc-per-node", "2", "--epochs", "3", "--nnodes=2", "--rdzv-endpoint", "h:1", "--quiet"]
-    assert without_launch_flags(argv) == ["train", "--epochs", "3", "--quiet"]
-
-
-@pytest.mark.slow  # trains
 def test_two_processes_give_the_single_process_weights_and_metrics(tmp_path, data_dir):
     """The two processes through torchrun called directly, as users may (the README's command): the same code runs
     (`--nproc-per-node` goes through torchrun's own launcher too, in the tests below)."""
@@ -82,7 +67,6 @@ def test_two_processes_give_the_single_process_weights_and_metrics(tmp_path, dat
     assert checkpoint.model_from_checkpoint(b)(torch.zeros(2, 1, 28, 28)).shape == (2, 10)  # exports as ever
 
 
-@pytest.mark.slow  # trains
 def test_two_machines_on_loopback_train_to_completion_and_write_one_set_of_files(tmp_path, data_dir):
     (port,) = free_ports(1)
     runs = [
@@ -135,7 +119,6 @@ def worker(rank: int, out) -> psutil.Process | None:
     return None
 
 
-@pytest.mark.slow  # trains
 def test_kill_9_of_a_rank_ends_the_run_and_resume_finishes_it(tmp_path, data_dir):
     out = tmp_path / "run"
     cmd = [*TORCHSHIP, *MLP, "--epochs", "400", "--out", str(out), "--data-dir", str(data_dir), "--nproc-per-node", "2"]
@@ -162,7 +145,6 @@ def test_kill_9_of_a_rank_ends_the_run_and_resume_finishes_it(tmp_path, data_dir
     assert r.returncode == 0 and checkpoint.load(out / "last.pt").epoch == epoch + 4
 
 
-@pytest.mark.slow  # starts torchrun
 def test_a_rendezvous_nobody_answers_ends_the_command_by_itself(tmp_path, data_dir):
     (port,) = free_ports(1)
     # train() raises TimeoutExpired if it never ends
@@ -183,7 +165,6 @@ def test_a_rendezvous_nobody_answers_ends_the_command_by_itself(tmp_path, data_d
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.slow  # starts torchrun
 def test_a_global_batch_that_does_not_divide_is_a_one_line_error(tmp_path, data_dir):
     r = train(tmp_path / "run", data_dir, "--batch-size", 33, "--nproc-per-node", 2)
     assert r.returncode == 2 and len(errors(r)) == 1 and "does not divide into 2" in errors(r)[0]

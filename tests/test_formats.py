@@ -133,7 +133,6 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
-@pytest.mark.slow  # trains
 def test_int8_is_refused_for_a_reconstruction_model(tmp_path, data_dir):
     from torchship.train.fit import train
 

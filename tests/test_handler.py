@@ -12,13 +12,11 @@ import pytest
 from PIL import Image
 
 from torchship.export.formats import export_checkpoint
-from torchship.handlers.model.errors import InputError
-from torchship.handlers.torchserve.request import decode_row
 from torchship.serve.archive import ModelConfig, build_archive
 from torchship.serve.samples import held_out_digits, png
 from torchship.train.fit import train
 
-from helpers import quick
+from helpers import paper, quick
 
 # Runs inside the unpacked archive, whose folder is on sys.path as TorchServe's worker has it.
 DRIVER = r"""
@@ -156,34 +154,8 @@ def test_autoencoder_returns_a_png_reconstruction(archives, backend):
     assert np.asarray(img).std() > 0  # not a blank image
 
 
-@pytest.mark.parametrize(
-    "row,status,message",
-    [
-        ({}, 400, "empty request"),
-        ({"body": {"nodata": 1}}, 400, "'data' field"),
-        ({"body": {"data": "!!"}}, 400, "base64"),
-        ({"body": b'{"data": '}, 400, "JSON"),
-        ({"body": [1, 2]}, 400, "one image"),
-        ({"body": b"x", "topk": b"abc"}, 400, "integer"),
-    ],
-)
-def test_request_decoding_errors(row, status, message):
-    with pytest.raises(InputError) as e:
-        decode_row(row, 10)
-    assert e.value.status == status and message in e.value.message
-
-
-def test_data_urls_and_text_base64_decode():
-    digit = png(DIGITS[0])
-    url = "data:image/png;base64," + base64.b64encode(digit).decode()
-    assert decode_row({"body": {"data": url}}, 10).image == digit
-    assert decode_row({"body": base64.b64encode(digit).decode()}, 10).image == digit
-
-
 def test_photographed_style_digits_are_classified_as_well_as_mnist_ones(archives):
     """The point of the MNIST-style preprocessing: dark ink on white paper, anywhere, any size, still reads."""
-    from test_images import paper
-
     from torchship.handlers.model.onnx_model import load
 
     model = load(archives["mnist-convnet", "onnx"] / "model.onnx")

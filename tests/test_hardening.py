@@ -17,7 +17,6 @@ from torchship.serve.samples import held_out_digits, png
 from helpers import wait_for
 from hostile import DIGIT, HOSTILE, encode
 
-pytestmark = pytest.mark.serve
 DIGITS, _ = held_out_digits()
 BATCH = ModelConfig().batchSize
 

@@ -21,7 +21,6 @@ from torchship.serve.samples import held_out_digits, png
 
 from helpers import ROOT, scrape, wait_for
 
-pytestmark = pytest.mark.serve
 DIGIT = png(held_out_digits()[0][0])
 HEAD = Limits().head_bytes
 FAST = {"workers": 1, "max_batch": 8, "max_batch_delay_ms": 1, "threads": 1}  # nothing to measure: starts in seconds

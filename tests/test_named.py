@@ -31,8 +31,6 @@ from torchship.serve.archive import ModelConfig
 
 from helpers import TORCHSHIP, corrupt_onnx, named_proof_feeds, torchserve_of
 
-pytestmark = pytest.mark.serve
-
 
 @pytest.fixture(scope="module")
 def models(named_exports):

@@ -29,7 +29,6 @@ from torchship.serve.samples import held_out_digits, png
 from helpers import TORCHSHIP, scrape, wait_for
 from hostile import HOSTILE
 
-pytestmark = pytest.mark.serve
 DIGITS, LABELS = held_out_digits()
 FOUR = [0, 100, 200, 300]  # four classes: the held-out set is ordered by label
 CLIENTS = {"http": thttp, "grpc": tgrpc}

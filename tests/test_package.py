@@ -12,8 +12,6 @@ import pytest
 
 from helpers import ROOT, bare_site_packages
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:

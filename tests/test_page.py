@@ -20,7 +20,6 @@ from torchship.serve.samples import held_out_digits, on_paper, png
 
 from helpers import ROOT
 
-pytestmark = pytest.mark.serve
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots the test run keeps (git-ignored)
 DIGITS, LABELS = held_out_digits()

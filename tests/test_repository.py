@@ -25,7 +25,6 @@ from torchship.train.fit import train
 
 from helpers import corrupt_onnx, proof_x, quick, scrape, wait_for
 
-pytestmark = pytest.mark.serve
 DIGITS, _ = held_out_digits()
 IMAGES = [png(DIGITS[i]) for i in range(0, 1000, 25)]  # 40 digits of every class
 CLIENTS = {"http": thttp, "grpc": tgrpc}

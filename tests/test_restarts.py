@@ -5,13 +5,10 @@ import base64
 import http.client
 import json
 
-import pytest
-
 from torchship.serve import oip, torchserve
 from torchship.serve.archive import ModelConfig, build_archive
 from torchship.serve.samples import held_out_digits, png
 
-pytestmark = pytest.mark.serve
 DIGIT = png(held_out_digits()[0][0])
 TIME_WAIT = "06"  # /proc/net/tcp's state code
 

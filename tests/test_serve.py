@@ -16,7 +16,6 @@ from torchship.serve.archive import ModelConfig, build_archive
 from torchship.serve.loadtest import Target, sweep
 from torchship.serve.samples import held_out_digits, on_paper, png
 
-pytestmark = pytest.mark.serve
 DIGITS, LABELS = held_out_digits()
 
 

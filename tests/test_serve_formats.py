@@ -10,7 +10,6 @@ from torchship.serve.loadtest import Payload, Target, payloads, run_level
 
 from hostile import HOSTILE
 
-pytestmark = pytest.mark.serve
 MODELS = {"mnist-pt2": "pt2", "mnist-int8": "onnx-int8"}
 
 

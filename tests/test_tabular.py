@@ -21,7 +21,6 @@ from torchship.train.presets import get_preset
 
 from helpers import TORCHSHIP, corrupt_onnx, proof_x, torchserve_of
 
-pytestmark = [pytest.mark.serve, pytest.mark.slow]
 MODEL_FILE = textwrap.dedent('''
     from torch import nn
 

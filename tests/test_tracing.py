@@ -8,7 +8,6 @@ import re
 import secrets
 
 import numpy as np
-import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 
@@ -68,7 +67,6 @@ def test_a_requests_stages_become_child_spans_of_the_clients_trace(convnet_expor
     assert root.start_time <= order[0].start_time and order[-1].end_time <= root.end_time
 
 
-@pytest.mark.serve
 def test_rest_and_grpc_requests_export_their_traces_over_otlp(convnet_export, tmp_path, monkeypatch):
     sink = OtlpSink()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import click
 
 from torchship.export.cli import export_command, verify_command
-from torchship.serve.cli import archive_command, deploy_group, loadtest_command, page_command, serve_group
+from torchship.serve.cli.archive import archive_command
+from torchship.serve.cli.deploy import deploy_group
+from torchship.serve.cli.loadtest import loadtest_command
+from torchship.serve.cli.page import page_command
+from torchship.serve.cli.server import serve_group
 from torchship.train.cli import train_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="torchship")
 def main() -> None:
-    """Train an image model (or bring your own), export it with a proof, serve it with TorchServe or KServe."""
+    """Train a model (or bring your own), export it with a proof, serve it (Open Inference Protocol or TorchServe)."""
 
 
 main.add_command(train_command)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from torchship.handlers.card import CardError, ModelCard, from_legacy
+from torchship.train.models import build_builtin
 
 
 class CheckpointError(Exception):
@@ -171,8 +172,6 @@ def load(path: Path | str, preset: str | None = None, map_location: str | torch.
 def model_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
     """Rebuild the eager model a checkpoint describes, in eval mode: our own architectures only, never code a file
     names."""
-    from torchship.train.models import build_builtin
-
     arch = ckpt.card.architecture
     try:
         model = build_builtin(arch.spec, arch.kwargs)

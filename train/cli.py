@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import click
 
-from torchship.train.presets import DATASETS, DEFAULT_PRESET, PRESETS
+from torchship.train.presets import DATASETS, DEFAULT_PRESET, PRESETS, get_preset
 
 
 def _hidden(_ctx, _param, value: str | None) -> list[int] | None:
@@ -116,8 +117,6 @@ def train_command(
     rdzv_timeout,
 ):
     """Train a preset and write resumable checkpoints, metrics.json and curves.png."""
-    from torchship.train.presets import get_preset
-
     try:
         cfg = get_preset(
             preset,
@@ -141,8 +140,7 @@ def train_command(
             )
         # c10d's C++ side logs every failed connection attempt with a stack; our one line says what failed
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
-        import sys
-
+        # torch only now: it reads TORCH_CPP_LOG_LEVEL when imported, and `--help` stays fast
         from torchship.train.distributed import LaunchError, launch, without_launch_flags
 
         try:
@@ -158,6 +156,7 @@ def train_command(
         except LaunchError as e:
             raise click.ClickException(str(e)) from None
         return
+    # torch only once a run starts: `torchship --help` and a bad option answer in a fraction of a second
     from torchship.train.checkpoint import CheckpointError
     from torchship.train.data import DataError
     from torchship.train.device import DeviceError, pick_device

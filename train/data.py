@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from torchship.train.mnist5k import EMBEDDED, FILES
 from torchship.train.presets import DATASETS
@@ -54,8 +56,6 @@ TUTORIAL_LINE = {"seed": 42, "points": 100, "a": 1.0, "b": 2.0, "noise": 0.1, "t
 def tutorial_line() -> tuple[Split, Split]:
     """(train, validation) exactly as "Understanding PyTorch with an example" draws them (np.random.seed(42); rand,
     randn, shuffle: one RandomState gives the same stream)."""
-    import numpy as np
-
     c = TUTORIAL_LINE
     rng = np.random.RandomState(c["seed"])
     x = rng.rand(c["points"], 1)
@@ -72,7 +72,7 @@ def tutorial_line() -> tuple[Split, Split]:
 
 def load(name: str, data_dir: Path | str = "data", download: bool = True) -> tuple[Split, Split]:
     """(train, test) for a dataset name; torchvision reads the IDX files, downloading only when allowed."""
-    from torchvision import datasets
+    from torchvision import datasets  # heavy (0.5 s over torch), and only the datasets need it
 
     data_dir = Path(data_dir)
     if name == "mnist-5k":
@@ -126,8 +126,6 @@ def jitter(n: int, generator: torch.Generator) -> torch.Tensor:
 
 def augment(x: torch.Tensor, background: float, r: torch.Tensor) -> torch.Tensor:
     """Small random rotations, scalings and shifts of a whole batch at once (one affine_grid call)."""
-    import torch.nn.functional as F
-
     angle, scale, shift = r[:, 0] * 0.17, 1 + r[:, 1] * 0.1, r[:, 2:] * 0.1  # ±10°, ±10%, ±1.4 px
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)

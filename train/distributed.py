@@ -14,6 +14,10 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.api import RendezvousError
+from torch.nn.parallel import DistributedDataParallel
 
 T = TypeVar("T")
 COLLECTIVE_TIMEOUT_S = 300  # a rank that stops answering ends the run instead of hanging it
@@ -97,8 +101,6 @@ def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn
     """DistributedDataParallel averages the gradients over ranks; one process trains the model itself."""
     if not ranks.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -134,10 +136,6 @@ def launch(
 ) -> None:
     """Run `torchship <argv>` on nproc processes here (and nnodes machines) through PyTorch's own launcher,
     torch.distributed.run (torchrun); no launcher of our own. Failures come back as one LaunchError line."""
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError
-
     if nnodes == 1 and endpoint is None:
         gather = ["--standalone"]
     else:

@@ -20,6 +20,7 @@ from torchship.train import checkpoint, data, distributed
 from torchship.train.device import pick_device
 from torchship.train.distributed import Ranks
 from torchship.train.models import OUTPUT_KIND, build_model
+from torchship.train.plots import plot_curves, plot_line
 from torchship.train.presets import Preset
 
 
@@ -433,8 +434,6 @@ def finish(preset: Preset, out: Path, prep: Prepared, loop: Loop, model, history
         card = replace(best.card, metrics={**best.card.metrics, **scores})
         checkpoint.save_atomic(replace(best, card=card).to_dict(), out / "best.pt")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        from torchship.train.plots import plot_curves, plot_line
-
         plot_curves(metrics["history"], out / "curves.png", title=preset.name, classify=loop.classify)
         if "fit" in metrics and prep.train[0].shape[1] == 1:
             plot_line(prep.train, prep.val, metrics["fit"], out / "fit.png", title=preset.name)

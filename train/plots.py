@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 
-def plot_curves(history: list[dict], path: Path, title: str = "", classify: bool = True) -> None:
-    import matplotlib
+
+def pyplot():
+    """matplotlib's pyplot on its file-only backend, imported when a plot is drawn: 1.7 s that a run without plots,
+    and every other command, never pays."""
+    import matplotlib  # lazily: see above
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazily: see above
 
+    return plt
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "", classify: bool = True) -> None:
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     panels = 2 if classify else 1
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
@@ -32,12 +41,7 @@ def plot_curves(history: list[dict], path: Path, title: str = "", classify: bool
 
 def plot_line(train, val, fit: dict, path: Path, title: str = "") -> None:
     """The points the line was fitted to, the held-out ones, and the fitted line against least squares."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
     ax.scatter(train[0].cpu().numpy(), train[1].cpu().numpy(), s=12, label="training points")
     ax.scatter(val[0].cpu().numpy(), val[1].cpu().numpy(), s=12, marker="x", label="validation points")

@@ -16,7 +16,10 @@ import sys
 import uuid
 
 import kserve
+import kserve.model_server as ms
 from kserve.errors import InvalidInput
+from kserve.model_server import parser as kserve_parser
+from kserve.protocol.grpc import server as grpc_server
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
 
 from ..card import ModelCard
@@ -125,8 +128,6 @@ PATCHED = (
 def patch_kserve(host: str) -> None:
     """kserve 0.21 hard-codes 0.0.0.0 (REST) and [::] (gRPC): make both listen where we were told; and parse REST
     bodies with binary tensors ourselves (from_bytes above)."""
-    import kserve.model_server as ms
-    from kserve.protocol.grpc import server as grpc_server
 
     class BoundREST(ms.RESTServer):
         def __init__(self, *args, **kwargs):
@@ -147,8 +148,6 @@ def patch_kserve(host: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from kserve.model_server import parser as kserve_parser
-
     ap = argparse.ArgumentParser(parents=[kserve_parser], conflict_handler="resolve", description=__doc__)
     ap.add_argument("--model_dir", required=True, help="an export directory: meta.json and model.onnx")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (REST and gRPC)")

@@ -66,7 +66,7 @@ def onnx_runner(path: Path, threads: int, sig: Signature | None = None) -> Calla
 
 def named_torch_runner(module, sig: Signature) -> Callable:
     """Inputs in the signature's order; outputs (a tuple, or AOTInductor's list) named in theirs."""
-    import torch
+    import torch  # lazily: the torch-free runtime imports torch only for a TorchScript or pt2 model
 
     def run(feeds: dict) -> dict:
         with torch.inference_mode():
@@ -78,7 +78,7 @@ def named_torch_runner(module, sig: Signature) -> Callable:
 
 
 def torch_runner(module) -> Callable:
-    import torch
+    import torch  # lazily: the torch-free runtime imports torch only for a TorchScript or pt2 model
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -104,7 +104,7 @@ def load(
         raise FileNotFoundError(f"{path} not found: export it first (`torchship export --formats ...`)")
     if backend in ("onnx", "onnx-int8"):
         return Runner(backend, path, onnx_runner(path, threads, sig))
-    import torch
+    import torch  # lazily: the torch-free runtime imports torch only for a TorchScript or pt2 model
 
     torch.set_num_threads(threads)  # one per worker: workers must not fight over the cores
     if backend == "torchscript":
@@ -112,6 +112,6 @@ def load(
             warnings.simplefilter("ignore")  # TorchScript's deprecation notice
             module = torch.jit.load(str(path), map_location="cpu").eval()
         return Runner(backend, path, wrap(module))
-    import torch._inductor
+    import torch._inductor  # lazily: 2 s more, for a pt2 model only
 
     return Runner(backend, path, wrap(torch._inductor.aoti_load_package(str(path))))

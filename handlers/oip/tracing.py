@@ -21,11 +21,13 @@ _tracer = None
 def configure(processor=None) -> None:
     """The tracer, exporting over OTLP/HTTP (or into PROCESSOR: a test's in-memory exporter). Turns tracing on."""
     global _tracer, ENABLED
+    # lazily, here and below: OpenTelemetry is optional (torchship[tracing]), imported only when tracing is on
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
 
     provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVICE)}))
     if processor is None:
+        # lazily: optional, see configure
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -38,7 +40,7 @@ def configure(processor=None) -> None:
 def shutdown() -> None:
     """Send what is still buffered (a worker stopping)."""
     if _tracer is not None:
-        from opentelemetry import trace
+        from opentelemetry import trace  # lazily: optional, see configure
 
         provider = getattr(_tracer, "_tracer_provider", None) or trace.get_tracer_provider()
         getattr(provider, "shutdown", lambda: None)()
@@ -73,6 +75,7 @@ class Trace:
         self.started, self.ran, self.batch = started_ns, ended_ns, rows
 
     def finish(self, model: str, version: str, status: int) -> None:
+        # lazily: optional, see configure
         from opentelemetry import trace
         from opentelemetry.trace import SpanKind, Status, StatusCode
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator

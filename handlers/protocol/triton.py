@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
 from ..card import ModelCard
 from ..limits import MAX_BATCH_ITEMS
 from .model_io import input_types, output_types
@@ -74,8 +76,6 @@ def config(card: ModelCard, name: str, platform: str, *, max_batch_delay_ms: flo
 @functools.cache
 def messages():
     """Triton's ModelConfig and repository messages, as classes: {name: class}."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
     f = descriptor_pb2.FileDescriptorProto(name="torchship_triton.proto", package="torchship.triton", syntax="proto3")
     T = descriptor_pb2.FieldDescriptorProto
     STRING, INT32, INT64, UINT64, BOOL, BYTES, MESSAGE, ENUM = (

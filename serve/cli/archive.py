@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
-from torchship.serve.archive import BACKENDS
+from torchship.handlers.card import CARD_FILE, CardError, ModelCard, safe_name
+from torchship.handlers.sizing import max_workers, measure, sized
+from torchship.serve.archive import BACKENDS, ArchiveError, build_archive, model_config
 from torchship.serve.settings import WORKER_LOG_LEVEL
 
 
@@ -75,11 +78,6 @@ def archive_command(
     worker_log_level,
 ):
     """Package EXPORT_DIR into MODEL_STORE/NAME.mar with our handler, sized from the model's measured cost."""
-    from dataclasses import replace
-
-    from torchship.handlers.card import CARD_FILE, CardError, ModelCard, safe_name
-    from torchship.handlers.sizing import max_workers, measure, sized
-    from torchship.serve.archive import ArchiveError, build_archive, model_config
 
     if workers is not None and workers > max_workers():
         raise click.BadParameter(

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 
+from torchship.handlers.card import CARD_FILE, CardError
 from torchship.serve import runtimes
+from torchship.serve.archive import ArchiveError
 from torchship.serve.cli.server import ORT_BACKENDS
-from torchship.serve.deploy import PROTOCOLS, SCALE_METRICS
+from torchship.serve.deploy import PROTOCOLS, SCALE_METRICS, DeployError, Resources, Scaling, write_bundle
 
 
 @click.group("deploy")
@@ -74,10 +76,6 @@ def deploy_kserve_command(
     canary_traffic_percent,
 ):
     """Write a KServe InferenceService bundle for EXPORT_DIR to OUT (Docker cannot run here: build it where it can)."""
-    from torchship.handlers.card import CARD_FILE, CardError
-    from torchship.serve.archive import ArchiveError
-    from torchship.serve.deploy import DeployError, Resources, Scaling, write_bundle
-
     if not (Path(export_dir) / CARD_FILE).is_file():
         raise click.ClickException(f"{Path(export_dir) / CARD_FILE} not found: run `torchship export` first")
     try:

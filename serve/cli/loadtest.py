@@ -8,6 +8,8 @@ import click
 
 from torchship.serve import runtimes
 from torchship.serve.cli.server import STATE
+from torchship.serve.loadtest import image_payloads, sweep
+from torchship.serve.report import table, write
 
 MAX_CONCURRENCY = 1024  # loopback clients: more only measures the load generator
 
@@ -70,9 +72,6 @@ def concurrency_list(_ctx, _param, value: str) -> tuple[int, ...]:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/loadtest", show_default=True)
 def loadtest_command(state_dir, concurrency, rate, duration, max_requests, style, images, out_dir):
     """Measure the running server (from STATE_DIR) on 127.0.0.1: throughput, latency, accuracy."""
-    from torchship.serve.loadtest import image_payloads, sweep
-    from torchship.serve.report import table, write
-
     runtime = runtimes.recorded(state_dir)
     if not runtime.status(state_dir).get("running"):
         raise click.ClickException(f"no server is running from {state_dir}: start one with `make serve`")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
+
+from torchship.serve.page import PageError, serve, write_page
 
 
 @click.command("page")
@@ -26,10 +29,6 @@ import click
 )
 def page_command(export_dir, out_dir, serve_it, port, server_state):
     """Write a page that shows EXPORT_DIR's card, proof and curves, and runs the model on what you draw or drop."""
-    import time
-
-    from torchship.serve.page import PageError, serve, write_page
-
     out = Path(out_dir or Path(export_dir) / "page")
     try:
         index = write_page(export_dir, out)

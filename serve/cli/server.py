@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
 import click
 
-from torchship.serve import runtimes
+from torchship.serve import oip, runtimes
+from torchship.serve.process import ServerError, StartOptions
+from torchship.serve.samples import write_sample
 from torchship.serve.settings import LOOPBACK, OIP_PORTS, TORCHSERVE_PORTS
+from torchship.serve.traces import OtlpSink, line
 from torchship.train.presets import DEFAULT_PRESET
 
 ORT_BACKENDS = ("onnx", "onnx-int8")  # what a torch-free server can run
@@ -154,10 +158,6 @@ def start_command(
     timeout,
 ):
     """Start a server and wait until MODEL is ready; print a working request to try."""
-    import zipfile
-
-    from torchship.serve.process import ServerError, StartOptions
-    from torchship.serve.samples import write_sample
 
     if grpc_ports:
         grpc_port, grpc_management_port = grpc_port or grpc_ports[0], grpc_management_port or grpc_ports[1]
@@ -237,8 +237,6 @@ def status_command(state_dir):
 )
 def key_command(state_dir, api):
     """Print the instance's token (for `Authorization: Bearer ...`)."""
-    from torchship.serve.process import ServerError
-
     try:
         click.echo(runtimes.recorded(state_dir).key(state_dir, api))
     except ServerError as e:
@@ -246,9 +244,6 @@ def key_command(state_dir, api):
 
 
 def repository(op: str, state_dir: str, model: str | None, body: dict) -> None:
-    from torchship.serve import oip
-    from torchship.serve.process import ServerError
-
     try:
         rows = oip.repository_call(state_dir, op, model, body)
     except ServerError as e:
@@ -315,8 +310,6 @@ def route_command(model, default, canary, canary_percent, shadow, state_dir):
 def traces_command(port):
     """Receive the OIP server's traces on 127.0.0.1:PORT and print each span as it arrives (Ctrl-C to stop): start
     the server with OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:PORT."""
-    from torchship.serve.traces import OtlpSink, line
-
     try:
         sink = OtlpSink(port, keep=False, on_span=lambda span: click.echo(line(span)))
     except OSError as e:

@@ -11,74 +11,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torchship.export.tolerance import compare, tolerance
-from torchship.export.verify import BATCH_SIZES, Check, Report, backends, load_for_proof
-from torchship.handlers.card import ModelCard
+from torchship.export.inputs import draw, example_dims, lengths
+from torchship.export.proof.checks import BATCH_SIZES, backends, load_for_proof
+from torchship.export.proof.report import Check, Report
+from torchship.export.proof.tolerance import compare, tolerance
 from torchship.handlers.model import named, runners
 from torchship.handlers.signature import Signature, TensorSpec
 
 ROWS = 16  # examples per length: batch sizes 1, 2, 7 and 16
 PADDED_ROWS = 6
-MIDDLE = 7  # the proof's length between each dimension's shortest and longest (the issue's "sequence 1, 7, 128")
-EXAMPLE_LENGTH = 8  # what export traces with: torch.export specialises lengths 0 and 1
-INT_SPREAD = 100  # integer inputs without a declared range are drawn from 0..INT_SPREAD
-
-
-def lengths(sig: Signature) -> list[dict[str, int]]:
-    """The proof's cases: the k-th holds every named dimension at its k-th length (shortest, MIDDLE, longest)."""
-    values = {d: sorted({low, min(max(low, MIDDLE), high), high}) for d, (low, high) in sig.dims.items()}
-    cases = max((len(v) for v in values.values()), default=1)
-    return [{d: v[min(k, len(v) - 1)] for d, v in values.items()} for k in range(cases)]
-
-
-def example_dims(sig: Signature) -> dict[str, int]:
-    return {d: min(max(low, EXAMPLE_LENGTH), high) for d, (low, high) in sig.dims.items()}
-
-
-def draw(sig: Signature, n: int, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
-    """n examples of every input at these lengths, each value drawn from the input's declared range."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for t in sig.inputs:
-        shape = (n, *(d if isinstance(d, int) else dims[d] for d in t.shape[1:]))
-        dtype = named.NUMPY[t.datatype]
-        if t.mask:  # 1s then 0s, at least one 1, along the last axis (a padded tokenizer's mask)
-            kept = rng.integers(1, shape[-1] + 1, (*shape[:-1], 1))
-            x = np.arange(shape[-1]) < kept
-        elif t.datatype == "BOOL":
-            x = rng.integers(0, 2, shape).astype(bool)
-        elif np.dtype(dtype).kind in "iu":
-            low, high = (int(t.range[0]), int(t.range[1])) if t.range else (0, INT_SPREAD)
-            x = rng.integers(low, high + 1, shape)
-        elif t.range:
-            x = rng.uniform(t.range[0], t.range[1], shape)
-        else:
-            x = rng.standard_normal(shape)
-        feeds[t.name] = np.ascontiguousarray(x.astype(dtype))
-    return feeds
-
-
-def example_args(card: ModelCard) -> tuple[torch.Tensor, ...]:
-    """Two examples at EXAMPLE_LENGTH, in the signature's input order: what every format traces or exports with."""
-    feeds = draw(card.signature, 2, example_dims(card.signature))
-    return tuple(torch.from_numpy(feeds[t.name]) for t in card.signature.inputs)
-
-
-def dynamic_shapes(card: ModelCard, batch: torch.export.Dim) -> tuple[dict, ...]:
-    """torch.export's Dim for the batch and each named dimension, shared by every input that has it; one entry, for
-    the wrapper's *inputs (user_model.Signed)."""
-    sig = card.signature
-    named = {d: torch.export.Dim(d, min=low, max=high) for d, (low, high) in sig.dims.items() if low < high}
-    return (
-        tuple(
-            {
-                axis: batch if axis == 0 else named[d]
-                for axis, d in enumerate(t.shape)
-                if axis == 0 or (isinstance(d, str) and d in named)
-            }
-            for t in sig.inputs
-        ),
-    )
 
 
 def _reference(model: torch.nn.Module, sig: Signature):
@@ -218,19 +159,3 @@ def _pad_requests(sig: Signature, reference) -> tuple[list[named.Rows], list[dic
         requests.append(named.Rows(feeds, 1, dims))
         refs.append(reference(feeds))
     return requests, refs
-
-
-def failure(report: Report) -> str | None:
-    """What failed, naming the output, the lengths and the element; None when nothing did."""
-    if not report.failures():
-        return None
-    c = max(report.failures(), key=lambda c: c.max_abs)
-    w = c.worst
-    what = "shape or dtype differs; " if not (c.shape_ok and c.dtype_ok) else ""
-    lengths = ", ".join(f"{d} {v}" for d, v in (c.dims or {}).items())
-    return (
-        f"{c.backend} output '{c.output}' at batch size {c.batch_size}{', ' + lengths if lengths else ''} does "
-        f"not match eager PyTorch: {what}{c.failures} of {c.elements} elements off (atol {c.atol:g}, rtol "
-        f"{c.rtol:g}); worst at row {w['index'][0]}, element {w['index'][1:]}: got {w['got']:.6g}, expected "
-        f"{w['expected']:.6g}"
-    )

@@ -13,21 +13,13 @@ from torchship.handlers.model.images import Preprocessor
 from torchship.handlers.model.responses import softmax, top_k
 from torchship.serve.samples import held_out_digits
 
-from helpers import card
+from helpers import card, paper
 
 
 def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
-
-
-def paper(digit: np.ndarray, size: int, box: int, top: int, left: int) -> np.ndarray:
-    """A digit drawn in dark ink on white paper, `box` pixels tall, at (top, left) of a size x size page."""
-    big = np.asarray(Image.fromarray(digit).resize((box, box), Image.Resampling.BICUBIC))
-    page = np.zeros((size, size), np.uint8)
-    page[top : top + box, left : left + box] = big
-    return 255 - page
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
