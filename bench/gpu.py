@@ -86,7 +86,7 @@ def train_presets(device: str, work: Path, data_dir: Path, epochs: int) -> list[
 def resume_and_export(device: str, work: Path, data_dir: Path) -> dict:
     """Two epochs, then --resume to three, on the GPU; then export the CUDA checkpoint and prove it."""
     from torchship.export.formats import Options, export_checkpoint
-    from torchship.export.verify import verify
+    from torchship.export.proof.verify import verify
     from torchship.train import checkpoint
     from torchship.train.fit import train
     from torchship.train.presets import get_preset

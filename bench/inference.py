@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from torchship.export.formats import present, read_card
+from torchship.export.proof.verify import flops_per_image
 from torchship.export.user_model import rebuild
-from torchship.export.verify import flops_per_image
 from torchship.handlers.formats import FORMAT_BY_NAME
 from torchship.handlers.model import runners
 from torchship.handlers.model.onnx_model import load as load_onnx

@@ -27,7 +27,8 @@ CLIENTS = 64
 def versions(export_dir: Path, root: Path, data_dir: Path) -> tuple[Path, Path]:
     """REPOSITORY/model/V (the export as its card numbers it, proven) and, staged beside it, the same as V + 1: an
     export folder exported twice holds version 2, not 1."""
-    from torchship.export.verify import verify, write_report
+    from torchship.export.proof.report import write_report
+    from torchship.export.proof.verify import verify
     from torchship.handlers.card import ModelCard
 
     v = int(ModelCard.load(export_dir).version)

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from bench import inference, lifecycle, peer_setup, serving, training, triton_tools
+from bench import ab, inference, lifecycle, peer_setup, serving, training, triton_tools
 from torchship.handlers.formats import FORMAT_BY_NAME
 from torchship.serve.archive import ModelConfig
 from torchship.train.presets import DEFAULT_PRESET
@@ -43,18 +43,18 @@ def machine() -> dict:
     }
 
 
-def ensure_export(run_dir: Path, export_dir: Path, data_dir: Path) -> None:
-    """Benchmark the default model as `make train export` leaves it, building it first if needed."""
+def ensure_export(run_dir: Path, export_dir: Path, data_dir: Path, formats: tuple[str, ...] = tuple(FORMAT_BY_NAME)):
+    """Benchmark the default model as `make train export` leaves it, building it (in FORMATS) first if needed."""
     if not (run_dir / "best.pt").is_file():
         from torchship.train.fit import train
         from torchship.train.presets import get_preset
 
         train(get_preset(DEFAULT_PRESET), run_dir, data_dir, quiet=True)
-    if not all((export_dir / FORMAT_BY_NAME[f].file).is_file() for f in FORMAT_BY_NAME):
+    if not all((export_dir / FORMAT_BY_NAME[f].file).is_file() for f in formats):
         from torchship.export.formats import Options, export_checkpoint
 
-        print("exporting every format (the pt2 compiles for a minute or two) ...", flush=True)
-        export_checkpoint(run_dir / "best.pt", export_dir, tuple(FORMAT_BY_NAME), options=Options(data_dir))
+        print(f"exporting {', '.join(formats)} (a pt2 compiles for a minute or two) ...", flush=True)
+        export_checkpoint(run_dir / "best.pt", export_dir, formats, options=Options(data_dir))
 
 
 def resnet18_export(work: Path) -> Path:
@@ -319,6 +319,8 @@ def table(r: dict) -> str:
         lines += ["", *triton_tools.table(r["triton"])]
     if "lifecycle" in r:
         lines += ["", *lifecycle.table(r["lifecycle"])]
+    if "ab" in r:
+        lines += ["", *ab.table(r["ab"])]
     if "formats" in r:
         f = r["formats"]
         lines += [
@@ -422,7 +424,12 @@ def range_table(runs: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", choices=PARTS, action="append")
+    ap.add_argument("--only", choices=(*PARTS, "ab"), action="append")
+    ap.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run the OIP server at git commit REF against the working tree's, side by side (bench/ab.py)",
+    )
     ap.add_argument("--duration", type=float, default=10, help="seconds per load level")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -450,8 +457,14 @@ def main() -> None:
         return
     run_dir, export_dir, data_dir = Path(f"runs/{DEFAULT_PRESET}"), Path(f"exports/{DEFAULT_PRESET}"), Path("data")
     parts = args.only or list(PARTS)
+    if args.baseline and "ab" not in parts:
+        parts.append("ab")
+    if "ab" in parts and not args.baseline:
+        ap.error("the ab part compares with a commit: give --baseline REF")
     if {"inference", "serving", "triton", "lifecycle", "formats", "workers"} & set(parts):
         ensure_export(run_dir, export_dir, data_dir)
+    elif "ab" in parts:  # the servers run the ONNX model only: no compiler needed
+        ensure_export(run_dir, export_dir, data_dir, ("ts", "onnx"))
     r: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with tempfile.TemporaryDirectory(prefix="torchship-bench-") as tmp:
         if "inference" in parts:
@@ -486,6 +499,9 @@ def main() -> None:
         if "workers" in parts:
             print("serving: 1 worker vs 2, c=1 in alternating rounds, then a worker killed under load ...", flush=True)
             r["workers"] = serving.workers(export_dir, Path(tmp), args.duration)
+        if "ab" in parts:
+            print(f"the OIP server at {args.baseline} against the working tree's, side by side ...", flush=True)
+            r["ab"] = ab.run(export_dir, Path(tmp) / "ab", args.baseline, seconds=min(args.duration, 5))
         if "ddp" in parts:
             print("training with 1 and 2 processes (torchrun, gloo) ...", flush=True)
             r["ddp"] = training.processes(data_dir, Path(tmp))

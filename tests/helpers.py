@@ -92,7 +92,8 @@ def wait_for(condition, timeout: float, what: str, every: float = 0.1):
 
 def proof_x(export_dir: Path, data_dir: Path | str = "data"):
     """The inputs `torchship verify EXPORT_DIR` runs its proof on."""
-    from torchship.export.verify import load_for_proof, proof_set
+    from torchship.export.proof.checks import load_for_proof
+    from torchship.export.proof.verify import proof_set
 
     card, model, formats = load_for_proof(Path(export_dir), None)
     return proof_set(card, model, formats, data_dir)[0]
@@ -100,7 +101,8 @@ def proof_x(export_dir: Path, data_dir: Path | str = "data"):
 
 def named_proof_feeds(export_dir: Path) -> dict:
     """Named inputs: the proof's case at every dimension's longest, exactly as `torchship verify` draws it."""
-    from torchship.export.named import ROWS, draw, lengths
+    from torchship.export.inputs import draw, lengths
+    from torchship.export.proof.named import ROWS
     from torchship.handlers.card import ModelCard
 
     sig = ModelCard.load(export_dir).signature
@@ -113,7 +115,7 @@ def changes(out, base) -> bool:
     scales it, and 100x its rtol): a change the proof must catch."""
     import numpy as np
 
-    from torchship.export.tolerance import ATOL, RTOL, compare
+    from torchship.export.proof.tolerance import ATOL, RTOL, compare
 
     rms = min(1.0, float(np.sqrt(np.mean(np.square(base, dtype=np.float64)))))
     return compare(out, base, atol=ATOL * 100 * rms, rtol=RTOL * 100)["failures"] > 0

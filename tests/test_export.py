@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from torchship.export.formats import export_checkpoint, sha256
-from torchship.export.tolerance import compare
-from torchship.export.verify import failure_message, verify
+from torchship.export.proof.report import failure_message
+from torchship.export.proof.tolerance import compare
+from torchship.export.proof.verify import verify
 from torchship.handlers.card import ModelCard
 from torchship.serve.shipping import copy_runtime
 from torchship.train.fit import train

@@ -15,7 +15,7 @@ import torch
 
 from torchship.export.formats import ExportError, Options, export_checkpoint
 from torchship.export.inputs import calibration_images, dataset_split
-from torchship.export.verify import verify
+from torchship.export.proof.verify import verify
 from torchship.handlers.card import ModelCard
 
 from helpers import ROOT, TORCHSHIP, changes, proof_x, spread

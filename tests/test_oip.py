@@ -136,6 +136,45 @@ def test_plain_json_and_the_label_output_alone(server, convnet_export):
     assert out["outputs"][0]["data"] == [r["label"] for r in load_onnx(convnet_export.onnx).predict(blobs)]
 
 
+@pytest.mark.parametrize("kind", ["http", "grpc"])
+def test_each_requests_size_is_counted_once_whichever_transport_carried_it(server, kind):
+    """The request-size histogram is one line of the shared request path (handlers/oip/pipeline.py): a REST body and a
+    gRPC message are each counted once, at their exact size, under their own protocol and nowhere else."""
+    protocol = "rest" if kind == "http" else "grpc"
+    digits = [png(DIGITS[i]) for i in (0, 1, 2)]
+    if kind == "http":
+        body, headers = bytes_input(3, digits)
+        send, size = (lambda: post(server, "/v2/models/mnist/infer", body, headers)[0] == 200), len(body)
+    else:
+        import grpc
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        request = service_pb2.ModelInferRequest(model_name="mnist", id="sized")
+        request.inputs.add(name="images", datatype="BYTES", shape=[3])
+        request.raw_input_contents.append(b"".join(struct.pack("<I", len(d)) + d for d in digits))
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        send, size = (lambda: len(stub.ModelInfer(request).outputs) == 2), request.ByteSize()
+    before = {
+        p: (
+            metric(server, "torchship_request_bytes_sum", protocol=p),
+            metric(server, "torchship_request_bytes_count", protocol=p),
+        )
+        for p in ("rest", "grpc")
+    }
+    assert send() and send()
+    after = {
+        p: (
+            metric(server, "torchship_request_bytes_sum", protocol=p),
+            metric(server, "torchship_request_bytes_count", protocol=p),
+        )
+        for p in ("rest", "grpc")
+    }
+    other = "grpc" if protocol == "rest" else "rest"
+    assert size > 500 and after[protocol][0] - before[protocol][0] == 2 * size
+    assert after[protocol][1] - before[protocol][1] == 2 and after[other] == before[other]
+
+
 @pytest.mark.parametrize("kind", list(CLIENTS))
 def test_sixteen_concurrent_clients_are_batched(server, kind):
     """tritonclient from 16 threads at once: /metrics shows forward passes of more than one image."""
@@ -267,8 +306,10 @@ def test_soak_64_grpc_clients_every_answer_the_embeddings(server, convnet_export
     assert len(results) == 640 and all(r is True for r in results), [r for r in results if r is not True][:3]
 
 
-def test_past_the_queue_bound_clients_get_503_with_retry_after_never_a_hang(tmp_path, convnet_export):
-    """One worker, a queue of one, batches of one: 48 clients at once overflow it, and are told when to come back."""
+@pytest.mark.parametrize("kind", ["http", "grpc"])
+def test_past_the_queue_bound_clients_get_503_with_retry_after_never_a_hang(tmp_path, convnet_export, kind):
+    """One worker, a queue of one, batches of one: 48 clients at once overflow it, and are told when to come back
+    (REST: 503 with Retry-After; gRPC: UNAVAILABLE), the same admission rule for both (handlers/oip/pipeline.py)."""
     cfg = oip.OIPConfig.on_free_ports(
         str(convnet_export.directory), "mnist", str(tmp_path), workers=1, max_batch=1, max_batch_delay_ms=0, max_queue=1
     )
@@ -276,16 +317,27 @@ def test_past_the_queue_bound_clients_get_503_with_retry_after_never_a_hang(tmp_
     request = v2_json(
         {"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(png(DIGITS[7])).decode()]}
     )
+
+    def one(_) -> tuple[int, str]:
+        if kind == "http":
+            status, reply, headers = post(cfg, "/v2/models/mnist/infer", request)
+            return status, (json.loads(reply)["error"] + headers.get("retry-after", "-")) if status == 503 else ""
+        try:
+            client(cfg, "grpc").infer("mnist", [images_input("grpc", [png(DIGITS[7])])])
+            return 200, ""
+        except InferenceServerException as e:
+            return (503 if e.status() == "StatusCode.UNAVAILABLE" else 500), e.message()
+
     try:
         with ThreadPoolExecutor(48) as pool:
-            results = list(pool.map(lambda _: post(cfg, "/v2/models/mnist/infer", request), range(48)))
-        statuses = {s for s, _, _ in results}
-        assert statuses == {200, 503}, statuses
-        for status, reply, headers in results:
-            if status == 503:
-                assert headers.get("retry-after") == "1" and "retry" in json.loads(reply)["error"]
-        assert post(cfg, "/v2/models/mnist/infer", request)[0] == 200  # and once the burst is over, all is well
-        assert metric(cfg, "torchship_requests_total", status=503) == sum(s == 503 for s, _, _ in results)
+            results = list(pool.map(one, range(48)))
+        assert {s for s, _ in results} == {200, 503}, results[:3]
+        assert all("retry" in why and (kind == "grpc" or why.endswith("1")) for s, why in results if s == 503)
+        assert one(0)[0] == 200  # and once the burst is over, all is well
+        protocol = "rest" if kind == "http" else "grpc"
+        assert metric(cfg, "torchship_requests_total", status=503, protocol=protocol) == sum(
+            s == 503 for s, _ in results
+        )
     finally:
         oip.stop(cfg.state_dir)
 

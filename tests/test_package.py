@@ -65,9 +65,20 @@ def test_the_wheels_only_top_level_name_is_torchship(wheel):
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["torchship"]
     assert {n.split("/")[0] for n in names if not n.startswith("torchship-")} == {"torchship"}
-    runtime = {n for n in names if n.startswith("torchship/handlers/")}
-    source = {f"torchship/{p.relative_to(ROOT).as_posix()}" for p in (ROOT / "handlers").rglob("*.py")}
-    assert len(source) > 30 and source == runtime, sorted(source ^ runtime)  # every part of the runtime, folders too
+    modules = {n for n in names if n.endswith(".py")}
+    folders = {
+        "torchship": "torchship",
+        "train": "torchship/train",
+        "export": "torchship/export",
+        "serve": "torchship/serve",
+        "handlers": "torchship/handlers",
+    }
+    source = {
+        f"{to}/{p.relative_to(ROOT / src).as_posix()}"
+        for src, to in folders.items()
+        for p in (ROOT / src).rglob("*.py")
+    }
+    assert len(source) > 80 and source == modules, sorted(source ^ modules)  # every module of every folder, nested too
     assert "torchship/serve/web/vendor/ort-wasm-simd-threaded.wasm" in names  # the page's onnxruntime-web
 
 

@@ -15,7 +15,8 @@ import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from torchship.export.formats import Options, export_checkpoint
-from torchship.export.verify import verify, write_report
+from torchship.export.proof.report import write_report
+from torchship.export.proof.verify import verify
 from torchship.handlers.model.onnx_model import load as load_onnx
 from torchship.handlers.model.responses import probabilities
 from torchship.serve import oip

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchship.export.verify import verify
+from torchship.export.proof.verify import verify
 from torchship.handlers.model.onnx_model import load as load_onnx
 from torchship.serve import oip, torchserve
 from torchship.train.fit import train

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from torchship.export.verify import verify
+from torchship.export.proof.verify import verify
 from torchship.handlers.card import ModelCard
 from torchship.handlers.model.onnx_model import load as load_onnx
 from torchship.serve import torchserve
