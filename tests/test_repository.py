@@ -199,6 +199,14 @@ def test_canary_and_a_shadow_of_a_corrupted_candidate(server, exports):
     largest = scrape(cfg.http_port, "torchship_shadow_max_abs_difference", **labels)
     assert largest == pytest.approx(np.abs(candidate - want).max(), abs=1e-4)  # of the probabilities clients get
     assert any(s["candidate"] == "3" and s["agreed"] < s["compared"] for s in oip.status(cfg.state_dir)["shadow"])
+    g = client(cfg, "grpc")  # the shadow is the request path's, whichever transport carried the request
+    for i in range(0, 20, 4):
+        assert version_of(g.infer("digits", [images("grpc", IMAGES[i : i + 4])]), "grpc") == "2"
+    wait_for(
+        lambda: scrape(cfg.http_port, "torchship_shadow_requests_total", **labels) == compared + 5,
+        60,
+        "five more comparisons, of gRPC requests",
+    )
     oip.repository_call(cfg.state_dir, "route", "digits", {"shadow": None, "canary": "1", "canary_percent": 25})
     versions = [version_of(c.infer("digits", [images("http", IMAGES[:1])]), "http") for _ in range(100)]
     assert versions.count("1") in (24, 25) and set(versions) == {"1", "2"}  # an exact share in each of 2 workers
