@@ -65,7 +65,7 @@ def command(root: Path, export_dir: Path, http_port: int, grpc_port: int) -> lis
 
 def start(root: Path, export_dir: Path, stack: ExitStack) -> tuple[Target, str, Processes]:
     http_port, grpc_port = free_ports(2)
-    proc = subprocess.Popen(command(root, export_dir, http_port, grpc_port), cwd=root, start_new_session=True)
+    proc = subprocess.Popen(command(root, export_dir.resolve(), http_port, grpc_port), cwd=root, start_new_session=True)
     stack.callback(lambda: (proc.terminate(), proc.wait(30)))
     url = f"http://127.0.0.1:{http_port}"
     deadline = time.monotonic() + 120

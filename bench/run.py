@@ -92,6 +92,12 @@ def targets(r: dict) -> list[dict]:
     def check(name, value, goal, ok):
         out.append({"target": name, "value": value, "goal": goal, "met": bool(ok)})
 
+    for lv in r.get("ab", {}).get("levels", []):  # a change judged against its baseline: within the rounds' noise
+        latency = lv["metric"] == "p50_ms"
+        ratio = lv["median_ratio"]
+        goal = "<= 1.1" if latency else ">= 0.9"
+        ok = ratio is not None and (ratio <= 1.1 if latency else ratio >= 0.9)
+        check(f"{lv['protocol']} c={lv['concurrency']} {lv['metric']}, new/old (median of rounds)", ratio, goal, ok)
     if "serving" in r:
         s = r["serving"]
         b16, o16 = level(s["baseline"], 16), level(s["ours"], 16)

@@ -11,7 +11,7 @@ from helpers import ROOT
 
 sys.path.insert(0, str(ROOT))  # bench/ belongs to the repository, not the package: `make bench` runs it from there
 from bench.lifecycle import versions  # noqa: E402
-from bench.run import range_table, span  # noqa: E402
+from bench.run import range_table, span, targets  # noqa: E402
 
 
 def lv(c: int, rps: float, p50: float) -> dict:
@@ -69,3 +69,19 @@ def test_the_swap_bench_goes_from_the_exports_own_version_to_the_next(convnet_ex
     one, two = versions(export, tmp_path / "work", data_dir)
     shutil.copytree(two, one.parent / two.name)  # what the bench does to load it
     assert {(e.version, e.directory.name) for e in exports_below(one.parent, "onnx")} == {("2", "2"), ("3", "3")}
+
+
+def test_a_change_is_judged_by_the_median_of_its_per_round_ratios_against_its_baseline():
+    def level(protocol, c, ratios):
+        metric = "p50_ms" if c == 1 else "throughput"
+        return {
+            "protocol": protocol,
+            "concurrency": c,
+            "metric": metric,
+            "ratios": ratios,
+            "median_ratio": sorted(ratios)[len(ratios) // 2],
+        }
+
+    ab = {"levels": [level("rest", 1, [1.0, 1.3, 1.2]), level("grpc", 16, [0.95, 0.7, 1.1])]}
+    met = {t["target"].split(",")[0]: t["met"] for t in targets({"ab": ab})}
+    assert met == {"rest c=1 p50_ms": False, "grpc c=16 throughput": True}  # 1.2x slower fails; 0.95x passes
