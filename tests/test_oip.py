@@ -570,11 +570,22 @@ def test_the_cli_lifecycle_status_and_load_test(convnet_export, tmp_path):
         http_port,
         "--grpc-port",
         grpc_port,
+        "--max-batch",
+        4,
+        "--max-batch-delay-ms",
+        3,
     )
     try:
         assert r.returncode == 0 and f"127.0.0.1:{http_port}" in r.stdout, r.stderr[-2000:]
         status = json.loads(cli("serve", "status", "--state-dir", state).stdout)
         assert status["running"] and status["ready"] and status["runtime"] == "oip" and len(status["workers"]) == 2
+        # one Config from the command line to every worker's batcher, under one name for each setting
+        settings = status["settings"]
+        assert settings["max_batch"] == 4 and settings["max_batch_delay_ms"] == 3 and settings["workers"] == 2
+        assert all(w["warmup"]["batch"] == 4 for w in status["workers"])  # each batcher's largest pass
+        config = json.loads(http_get(oip.load_instance(state), "/v2/models/digits/config")[1])
+        assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 3000
+        assert '"max_batch_delay_ms": 3' in (state / "logs" / oip.LOG).read_text()  # the startup log's line
         again = cli(
             "serve",
             "start",
