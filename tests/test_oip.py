@@ -555,17 +555,11 @@ def test_the_cli_lifecycle_status_and_load_test(convnet_export, tmp_path):
     def cli(*args):
         return subprocess.run([*TORCHSHIP, *map(str, args)], capture_output=True, text=True, cwd=tmp_path, timeout=180)
 
+    start = ["serve", "start", "--model", "digits", "--export-dir", convnet_export.directory, "--state-dir", state]
     r = cli(
-        "serve",
-        "start",
+        *start,
         "--runtime",
         "kserve",
-        "--model",
-        "digits",
-        "--export-dir",
-        convnet_export.directory,
-        "--state-dir",
-        state,
         "--inference-port",
         http_port,
         "--grpc-port",
@@ -586,20 +580,7 @@ def test_the_cli_lifecycle_status_and_load_test(convnet_export, tmp_path):
         config = json.loads(http_get(oip.load_instance(state), "/v2/models/digits/config")[1])
         assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 3000
         assert '"max_batch_delay_ms": 3' in (state / "logs" / oip.LOG).read_text()  # the startup log's line
-        again = cli(
-            "serve",
-            "start",
-            "--runtime",
-            "oip",
-            "--model",
-            "digits",
-            "--export-dir",
-            convnet_export.directory,
-            "--state-dir",
-            state,
-            "--inference-port",
-            free_ports(1)[0],
-        )
+        again = cli(*start, "--runtime", "oip", "--inference-port", free_ports(1)[0])
         assert again.returncode == 1 and "already running" in again.stderr
         lt = cli(
             "loadtest", "--state-dir", state, "--concurrency", "1,4", "--requests", "100", "--out", tmp_path / "lt"

@@ -13,7 +13,7 @@ import torch
 
 from torchship.export.inputs import draw, example_dims, lengths
 from torchship.export.proof.checks import BATCH_SIZES, backends, load_for_proof
-from torchship.export.proof.report import Check, Report
+from torchship.export.proof.report import Check, Report, eager_reference
 from torchship.export.proof.tolerance import compare, tolerance
 from torchship.handlers.model import named, runners
 from torchship.handlers.signature import Signature, TensorSpec
@@ -133,16 +133,7 @@ def verify_named(export_dir: Path, atol: float, rtol: float, source, batch_sizes
         "padded": padded,
         "inputs": [{"name": t.name, "datatype": t.datatype, "range": list(t.range) or None} for t in sig.inputs],
     }
-    return Report(
-        str(export_dir),
-        atol,
-        rtol,
-        f"eager PyTorch, float64 copy of the weights ({card.name})",
-        inputs,
-        checks,
-        note,
-        None,
-    )
+    return Report(str(export_dir), atol, rtol, eager_reference(card.name), inputs, checks, tolerance_note=note)
 
 
 def _pad_requests(sig: Signature, reference) -> tuple[list[named.Rows], list[dict]]:

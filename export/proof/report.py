@@ -12,6 +12,11 @@ from torchship.export.formats import present
 from torchship.handlers.formats import FORMAT_BY_NAME, PROOF_FILE, digest
 
 
+def eager_reference(model: str) -> str:
+    """What every proof compares with."""
+    return f"eager PyTorch, float64 copy of the weights ({model})"
+
+
 class VerificationError(Exception):
     """An export that cannot be checked (missing files, changed weights); one line for the user."""
 

@@ -21,7 +21,7 @@ from torchship.export.proof.checks import (
     run_batched,
 )
 from torchship.export.proof.named import verify_named
-from torchship.export.proof.report import MAX_ACCURACY_DROP, MIN_AGREEMENT, Approximation, Report
+from torchship.export.proof.report import MAX_ACCURACY_DROP, MIN_AGREEMENT, Approximation, Report, eager_reference
 from torchship.export.proof.tolerance import ATOL, FORMAT_LOOSENING, RTOL, tolerance
 from torchship.handlers.card import ModelCard
 from torchship.handlers.formats import FORMAT_BY_NAME
@@ -168,13 +168,5 @@ def verify(
     note = "; ".join(notes) or None
     approximations = approximate(export_dir, card, model, formats, x, data_dir) if classify else []
     return Report(
-        str(export_dir),
-        atol,
-        rtol,
-        f"eager PyTorch, float64 copy of the weights ({card.name})",
-        inputs,
-        checks,
-        note,
-        requested_atol,
-        approximations,
+        str(export_dir), atol, rtol, eager_reference(card.name), inputs, checks, note, requested_atol, approximations
     )

@@ -127,24 +127,25 @@ class RestApp:
         self.pipeline.repository_call(op, model, params, done)
         return None
 
+    def begin(self, protocol: str, request: Request, model: str, version: str | None) -> Flight:
+        headers = request.headers
+        return self.pipeline.begin(
+            protocol,
+            model,
+            version,
+            client=request.client,
+            traceparent=headers.get(b"traceparent"),
+            nbytes=len(request.body),
+        )
+
     def infer(self, request: Request, reply, model: str, version: str | None):
         """A v2 request: decoded (on the loop when small, in the pool when large), queued, encoded. Returns the
         function http11 calls if the client goes away first (pipeline.Flight.abandon)."""
         try:
-            flight = self.pipeline.begin(
-                "rest",
-                model,
-                version,
-                client=request.client,
-                traceparent=request.headers.get(b"traceparent"),
-                nbytes=len(request.body),
-            )
+            flight = self.begin("rest", request, model, version)
         except RepositoryError as e:
             return reply(error(e.status, str(e)))
-
-        def answer(response: Response) -> None:
-            if flight.finish(response.status):
-                reply(response)
+        answer = answering(flight, reply)
 
         def predict(prepared: tuple, prompt: bool) -> None:
             header, want, rows = prepared
@@ -176,20 +177,10 @@ class RestApp:
     def predict_v1(self, request: Request, reply, model: str):
         """Rows of a tensor model as KServe v1 and TF Serving send them; answered {"predictions": [...]}."""
         try:
-            flight = self.pipeline.begin(
-                "rest-v1",
-                model,
-                None,
-                client=request.client,
-                traceparent=request.headers.get(b"traceparent"),
-                nbytes=len(request.body),
-            )
+            flight = self.begin("rest-v1", request, model, None)
         except RepositoryError as e:
             return reply(error(e.status, str(e)))
-
-        def answer(response: Response) -> None:
-            if flight.finish(response.status):
-                reply(response)
+        answer = answering(flight, reply)
 
         card = flight.served.card
         if card.image:
@@ -208,6 +199,16 @@ class RestApp:
 
         pending.add_done_callback(lambda done: answer(encoded(done)))
         return flight.abandon
+
+
+def answering(flight: Flight, reply):
+    """REPLY, called only with the first answer the request ends with (after its client left: never)."""
+
+    def answer(response: Response) -> None:
+        if flight.finish(response.status):
+            reply(response)
+
+    return answer
 
 
 def prepare(served: Served, request: Request) -> tuple[dict, list, object]:
