@@ -124,11 +124,9 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
 
 
 def _is_state_dict(obj) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and bool(obj)
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-    )
+    """Names -> tensors; an empty one is the state of a model without parameters (Triton's `simple` adds and
+    subtracts)."""
+    return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
 def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Path | str) -> torch.nn.Module:

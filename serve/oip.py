@@ -22,6 +22,7 @@ from torchship.handlers.card import CARD_FILE, ModelCard
 from torchship.handlers.formats import FORMAT_BY_BACKEND
 from torchship.handlers.oip import metrics as names
 from torchship.handlers.oip.config import Config, Limits
+from torchship.handlers.oip.repository import exports_below
 from torchship.serve.client import Target, metric_series
 from torchship.serve.process import ServerError, StartOptions, free_ports, http_json, log_marks, new_lines
 from torchship.serve.samples import Sample
@@ -342,8 +343,14 @@ METRIC_NAMES = {
 
 
 def card(cfg: OIPConfig) -> ModelCard:
-    """The served model's card: the export's own."""
-    return ModelCard.load(Path(cfg.export_dir))
+    """The served model's card: the export's own, or, for a folder of exports, its newest version's."""
+    export = Path(cfg.export_dir)
+    if (export / CARD_FILE).is_file():
+        return ModelCard.load(export)
+    found = [e for d in cfg.server.model_dirs for e in exports_below(d, cfg.server.backend) if e.name == cfg.model]
+    if not found:
+        raise ValueError(f"no export of {cfg.model} in {', '.join(cfg.server.model_dirs)}")
+    return ModelCard.load(max(found, key=lambda e: int(e.version)).directory)
 
 
 def curl_example(cfg: OIPConfig, sample: Sample) -> str:

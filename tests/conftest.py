@@ -119,3 +119,16 @@ def exported(out: Path):
     from torchship.export.formats import FORMAT_BY_NAME, Exported, present, read_card
 
     return Exported(out, read_card(out), {name: out / FORMAT_BY_NAME[name].file for name in present(out)})
+
+
+@pytest.fixture(scope="session")
+def triton_exports(tmp_path_factory):
+    """name -> the export folder of one of Triton's example models (tests/triton_models.py), built on first use; the
+    export's stdout and stderr beside it."""
+    from triton_models import export
+
+    def build(out: Path, name: str) -> None:
+        r, _ = export(out, name)
+        (out / "export.log").write_text(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+
+    return lambda name: built_once(tmp_path_factory, f"triton-{name}", lambda out: build(out, name)) / name

@@ -159,16 +159,22 @@ def test_repository_calls_need_the_admin_token_and_load_and_unload(server, kind)
     c.load_model("mlp", headers=auth(cfg))
     assert c.infer("mlp", [images(kind, IMAGES[:1])]).as_numpy("label").shape == (1,)
     config = c.get_model_config("digits")
-    config = (
-        config
-        if kind == "http"
-        else {
-            "max_batch_size": config.config.max_batch_size,
-            "input": [{"name": i.name, "optional": i.optional} for i in config.config.input],
-        }
-    )
-    assert config["max_batch_size"] == 256
+    if kind == "grpc":
+        from google.protobuf import json_format
+
+        config = json_format.MessageToDict(config.config, preserving_proto_field_name=True)
+    assert int(config["max_batch_size"]) == 256
     assert [(i["name"], i["optional"]) for i in config["input"]] == [("images", True), ("input", True)]
+    # the label is [N] in metadata and answers: Triton says so as dims [1] reshaped to [] (not [N, 1])
+    label = next(o for o in config["output"] if o["name"] == "label")
+    assert [int(d) for d in label["dims"]] == [1] and "reshape" in label and not label["reshape"].get("shape")
+    meta = c.get_model_metadata("digits")
+    shapes = (
+        {o["name"]: o["shape"] for o in meta["outputs"]}
+        if kind == "http"
+        else {o.name: list(o.shape) for o in meta.outputs}
+    )
+    assert [int(d) for d in shapes["label"]] == [-1]
 
 
 def test_canary_and_a_shadow_of_a_corrupted_candidate(server, exports):

@@ -36,7 +36,10 @@ def _batched(fn, feeds: dict, n: int, size: int) -> dict:
 def _check(
     backend: str, bs: int, spec: TensorSpec, dims: dict, got: np.ndarray, ref: np.ndarray, *, atol: float, rtol: float
 ) -> Check:
-    """Polygraphy's rule on one output; its shape and its declared datatype (float64 eager aside) must match too."""
+    """Polygraphy's rule on one output; its shape and its declared datatype (float64 eager aside) must match too. An
+    integer or boolean output (a count, a label, an index) is compared exactly: no tolerance makes 3 equal 4."""
+    if not spec.datatype.startswith("FP"):
+        atol = rtol = 0.0
     shape_ok = got.shape == ref.shape
     dtype_ok = got.dtype == np.dtype(named.NUMPY[spec.datatype])
     stats = compare(got.astype(np.float64), ref.astype(np.float64), atol, rtol) if shape_ok else _mismatch(ref)

@@ -34,11 +34,14 @@ class Job:
 
 @dataclass(frozen=True)
 class Pass:
-    """What one forward pass was, for the metrics: its size, how long it ran, how long each request had waited."""
+    """What one forward pass was, for the metrics: its size, how long it ran, how long each request had waited, and
+    how long its requests' rows took to stack into one batch and to cut back out (Triton's compute_input, _output)."""
 
     rows: int
     seconds: float
     waits: tuple[float, ...]
+    merge_seconds: float = 0.0
+    split_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class Batcher:
             jobs = self._take()
             if not jobs:
                 continue
+            merging = time.perf_counter()
             x = (
                 jobs[0].rows
                 if len(jobs) == 1 and self.stacking is ARRAYS
@@ -182,7 +186,6 @@ class Batcher:
                 continue
             end = time.perf_counter()
             size = sum(len(j.rows) for j in jobs)
-            self.on_pass(Pass(size, end - start, tuple(start - j.queued for j in jobs)))
             if traced:
                 for j in jobs:
                     if j.trace is not None:
@@ -193,3 +196,5 @@ class Batcher:
                 if not j.future.done():
                     j.future.set_result(self.stacking.split(out, at, j.rows))
                 at += n
+            waits = tuple(merging - j.queued for j in jobs)
+            self.on_pass(Pass(size, end - start, waits, start - merging, time.perf_counter() - end))

@@ -72,6 +72,12 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
         except Exception as e:
             await fail(e, context)
 
+    async def model_statistics(request, context):
+        try:
+            return triton.statistics_message(pipeline.statistics(request.name or None, request.version or None))
+        except Exception as e:
+            await fail(e, context)
+
     async def authorized(context) -> None:
         if not pipeline.authorized(dict(context.invocation_metadata()).get("authorization")):
             message = "the repository calls need the admin token: authorization: Bearer TOKEN metadata"
@@ -141,6 +147,7 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
         "ModelMetadata": (model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
         "ModelInfer": (model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
         "ModelConfig": (model_config, tr["ModelConfigRequest"], tr["ModelConfigResponse"]),
+        "ModelStatistics": (model_statistics, tr["ModelStatisticsRequest"], tr["ModelStatisticsResponse"]),
         "RepositoryIndex": (repository_index, tr["RepositoryIndexRequest"], tr["RepositoryIndexResponse"]),
         "RepositoryModelLoad": (repository_load, tr["RepositoryModelLoadRequest"], tr["RepositoryModelLoadResponse"]),
         "RepositoryModelUnload": (

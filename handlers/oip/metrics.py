@@ -6,8 +6,18 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    generate_latest,
+    multiprocess,
+)
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # The names clients and dashboards read; `torchship loadtest` computes queue and inference time per request from them.
@@ -19,6 +29,11 @@ INFERENCE_SECONDS = "torchship_inference_seconds"
 BATCH_SIZE = "torchship_batch_size"
 IN_FLIGHT = "torchship_requests_in_flight"
 CONNECTIONS = "torchship_http_connections"
+# Triton's statistics extension, counted here so that GET /v2/models/M/stats sums every worker as /metrics does:
+# per request, each of Triton's inference_stats but the queue (QUEUE_SECONDS), and per batch size, its passes
+STATISTICS = "torchship_statistics_seconds"
+BATCH_STATISTICS = "torchship_batch_statistics_seconds"
+LAST_INFERENCE = "torchship_last_inference_timestamp_ms"
 SHADOW = "torchship_shadow_requests_total"  # requests mirrored to a candidate version and compared
 SHADOW_AGREED = "torchship_shadow_agreements_total"  # of those, the ones whose top-1 (or rounded value) agreed
 SHADOW_MAX_DIFF = "torchship_shadow_max_abs_difference"  # the largest element-wise difference seen
@@ -60,6 +75,24 @@ def families() -> dict:
             ["state"],
             multiprocess_mode="livesum",
         ),
+        "statistics": Summary(
+            STATISTICS,
+            "Triton's inference statistics per request: success and fail (the whole request), compute_input "
+            "(decoding), compute_infer (its forward pass), compute_output (encoding)",
+            [*MODEL, "statistic"],
+        ),
+        "batch_statistics": Summary(
+            BATCH_STATISTICS,
+            "Triton's batch statistics per forward pass, by its rows: compute_input (stacking the requests' rows), "
+            "compute_infer (the pass), compute_output (cutting each request's rows back out)",
+            [*MODEL, "batch_size", "statistic"],
+        ),
+        "last": Gauge(
+            LAST_INFERENCE,
+            "When the last inference request was answered, in ms since the epoch (to a tenth of a second)",
+            MODEL,
+            multiprocess_mode="max",
+        ),
         "shadow": Counter(
             SHADOW.removesuffix("_total"),
             "Requests mirrored to a candidate version, by model, the version that answered and the candidate",
@@ -89,16 +122,37 @@ class Metrics:
         self.in_flight = f["in_flight"].labels(model, version)
         self.active = 0  # this worker's own requests in flight (the gauge adds up every worker's)
         self.queue, self.inference, self.batch = (f[k].labels(model, version) for k in ("queue", "inference", "batch"))
+        stat = f["statistics"]
+        self.success, self.fail, self.compute_input, self.compute_infer, self.compute_output = (
+            stat.labels(model, version, s)
+            for s in ("success", "fail", "compute_input", "compute_infer", "compute_output")
+        )
+        self.last = f["last"].labels(model, version)
+        self.last_set = 0.0
         self._children: dict = {}
+        self._batches: dict = {}
 
     def started(self) -> None:
         self.active += 1
         self.in_flight.inc()
 
-    def answered(self, protocol: str, status: int, seconds: float, nbytes: int) -> None:
-        """One request ended (pipeline.Flight.finish): its status, how long it took, how large it was."""
+    def answered(
+        self, protocol: str, status: int, seconds: float, nbytes: int, decoding: float, encoding: float
+    ) -> None:
+        """One request ended (pipeline.Flight.finish): its status, how long it took (and its decoding and encoding,
+        for an answered one), how large it was."""
         self.active -= 1
         self.in_flight.dec()
+        if status == 200:
+            self.success.observe(seconds)
+            self.compute_input.observe(decoding)
+            self.compute_output.observe(encoding)
+        else:
+            self.fail.observe(seconds)
+        now = time.time()
+        if now - self.last_set >= 0.1:  # the gauge to a tenth of a second: one write in many, not one a request
+            self.last_set = now
+            self.last.set(int(now * 1000))
         key = (protocol, status)
         if key not in self._children:  # label lookups cost more than the observations: keep the children
             f = families()
@@ -118,6 +172,17 @@ class Metrics:
         self.inference.observe(batch.seconds)
         for wait in batch.waits:
             self.queue.observe(wait)
+            self.compute_infer.observe(batch.seconds)
+        if batch.rows not in self._batches:
+            f = families()["batch_statistics"]
+            self._batches[batch.rows] = [
+                f.labels(self.model, self.version, str(batch.rows), s)
+                for s in ("compute_input", "compute_infer", "compute_output")
+            ]
+        compute_input, compute_infer, compute_output = self._batches[batch.rows]
+        compute_input.observe(batch.merge_seconds)
+        compute_infer.observe(batch.seconds)
+        compute_output.observe(batch.split_seconds)
 
 
 def connections(open_: int, paused: int) -> None:
@@ -142,13 +207,64 @@ def shadowed(model: str, default: str, candidate: str, agreed: bool, max_diff: f
 _largest: dict[tuple[str, str, str], float] = {}
 
 
-def exposition() -> bytes:
-    """Every worker's metrics, added up: what GET /metrics answers."""
+def registry():
+    """Every worker's metrics, added up (the supervisor's multiprocess files), or this process's own."""
     if not os.environ.get(MULTIPROCESS_ENV):
-        return generate_latest(REGISTRY)
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    return generate_latest(registry)
+        return REGISTRY
+    summed = CollectorRegistry()
+    multiprocess.MultiProcessCollector(summed)
+    return summed
+
+
+def exposition() -> bytes:
+    """What GET /metrics answers."""
+    return generate_latest(registry())
+
+
+def statistics(versions: list[tuple[str, str]]) -> list[dict]:
+    """Triton's model_stats for each (model, version), summed over the workers: inference_count counts rows,
+    execution_count forward passes, and every duration is {"count", "ns"}."""
+    values: dict = {}  # (sample name, sorted labels) -> value, for the versions asked about
+    for family in registry().collect():
+        for sample in family.samples:
+            if (sample.labels.get("model"), sample.labels.get("version")) in versions:
+                values[(sample.name, *sorted(sample.labels.items()))] = sample.value
+    return [model_statistics(values, model, version) for model, version in versions]
+
+
+def model_statistics(values: dict, model: str, version: str) -> dict:
+    def value(name: str, **labels) -> float:
+        return values.get((name, *sorted({"model": model, "version": version, **labels}.items())), 0)
+
+    def duration(name: str, **labels) -> dict:
+        return {"count": int(value(f"{name}_count", **labels)), "ns": int(value(f"{name}_sum", **labels) * 1e9)}
+
+    stages = ("compute_input", "compute_infer", "compute_output")
+    stats = {s: duration(STATISTICS, statistic=s) for s in ("success", "fail")}
+    stats["queue"] = duration(QUEUE_SECONDS)
+    stats.update({s: duration(STATISTICS, statistic=s) for s in stages})
+    stats["cache_hit"] = stats["cache_miss"] = {"count": 0, "ns": 0}  # there is no response cache
+    sizes = sorted(
+        {
+            int(dict(k[1:])["batch_size"])
+            for k in values
+            if k[0] == f"{BATCH_STATISTICS}_count"
+            and dict(k[1:])["model"] == model
+            and dict(k[1:])["version"] == version
+        }
+    )
+    return {
+        "name": model,
+        "version": version,
+        "last_inference": int(value(LAST_INFERENCE)),
+        "inference_count": int(value(f"{BATCH_SIZE}_sum")),  # rows of every pass
+        "execution_count": int(value(f"{BATCH_SIZE}_count")),  # passes
+        "inference_stats": stats,
+        "batch_stats": [
+            {"batch_size": n, **{s: duration(BATCH_STATISTICS, batch_size=str(n), statistic=s) for s in stages}}
+            for n in sizes
+        ],
+    }
 
 
 def forget(pid: int, directory: str) -> None:

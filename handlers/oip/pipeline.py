@@ -33,7 +33,7 @@ ABANDONED = 499  # nginx's "client closed request": counted in the metrics, neve
 DECODE_THREADS = 2  # large requests are parsed and decoded here, off the event loop; a bounded pool, a bounded queue
 DECODE_INLINE_BYTES = 64 * 1024  # larger requests (photos, long JSON) are parsed and decoded in that pool
 RETRY_AFTER_S = 1  # what a 503 asks the client to wait
-EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration")
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "statistics")
 
 
 def server_version() -> str:
@@ -89,6 +89,18 @@ class Pipeline:
             served.card, served.name, platform, max_batch_delay_ms=c.max_batch_delay_ms, max_batch=c.max_batch
         )
 
+    def statistics(self, model: str | None = None, version: str | None = None) -> dict:
+        """Triton's statistics extension, summed over the workers: every version of every model, of MODEL, or one
+        VERSION of it (a RepositoryError, 404, for one this server does not serve)."""
+        if model is None:
+            versions = [(s.name, s.version) for s in self.repo.served()]
+        elif version:
+            served = self.served(model, version)
+            versions = [(served.name, served.version)]
+        else:
+            versions = [(model, v) for v in sorted(self.repo.model(model).versions, key=int)]
+        return {"model_stats": metrics.statistics(versions)}
+
     # the repository calls, behind the admin token
 
     def authorized(self, authorization) -> bool:
@@ -137,6 +149,8 @@ class Flight:
         "status",
         "queued",
         "request_id",
+        "decoded",
+        "ran",
     )
 
     def __init__(self, pipeline: Pipeline, served: Served, shadow, protocol: str, client: str, trace, nbytes: int):
@@ -146,6 +160,7 @@ class Flight:
         self.status = 0  # how it ended, once it has
         self.queued: asyncio.Future | None = None
         self.request_id = ""  # the client's id for it (the v2 request's id, or an x-request-id header)
+        self.decoded = self.ran = 0.0  # when its rows were ready, and when its pass's answer was (statistics)
 
     @property
     def done(self) -> bool:
@@ -174,10 +189,15 @@ class Flight:
         if self.trace is not None:
             self.trace.mark_decoded()
             self.trace.request_id = self.request_id
+        self.decoded = time.perf_counter()
         self.queued = self.served.batcher.enqueue(rows, self.trace, prompt=prompt)
+        self.queued.add_done_callback(self._ran)
         if self.shadow is not None:
             mirror(self.served, self.shadow, rows, self.queued)
         return self.queued
+
+    def _ran(self, _) -> None:
+        self.ran = time.perf_counter()
 
     def abandon(self) -> None:
         """The client went away first: its rows leave the queue before their pass, and it is counted as abandoned."""
@@ -191,8 +211,10 @@ class Flight:
         if self.status:
             return False
         self.status = status
-        served, seconds = self.served, time.perf_counter() - self.start
-        served.metrics.answered(self.protocol, status, seconds, self.nbytes)
+        now = time.perf_counter()
+        served, seconds = self.served, now - self.start
+        decoding, encoding = (self.decoded - self.start, now - self.ran) if self.ran else (0.0, 0.0)
+        served.metrics.answered(self.protocol, status, seconds, self.nbytes, decoding, encoding)
         if self.trace is not None:
             self.trace.finish(served.name, served.version, status)
         if ACCESS.isEnabledFor(logging.INFO):

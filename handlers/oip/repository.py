@@ -188,7 +188,10 @@ class Repository:
         m = self.models.get(name)
         if m is None:
             raise RepositoryError(
-                f"no model named {name[:64]!r}: this server has {', '.join(sorted(self.models))}", 404
+                # Triton's phrase first: its clients (and its examples) look for it; then ours
+                f"Request for unknown model: {name[:64]!r} is not found (no model of that name here; this server has "
+                f"{', '.join(sorted(self.models)) or 'none'})",
+                404,
             )
         return m
 

@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover
 
 
 logger = logging.getLogger(__name__)
-MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config)?$")
+MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/stats)?$")
+ALL_STATS = "/v2/models/stats"  # Triton's statistics of every model (a model named "stats" has its own under it)
 REPOSITORY_ROUTE = re.compile(r"^/v2/repository/(?:index|models/([^/]+)/(load|unload|route))$")
 V1_ROUTE = re.compile(r"^/v1/models/([^/:]+)(:predict)?$")  # KServe v1 / TF Serving: {"instances": [...]}
 HEADER_LENGTH = v2.HEADER_LENGTH.encode()
@@ -90,6 +91,8 @@ class RestApp:
             return Response(200, dumps(pipeline.server_metadata()))
         if path == "/metrics":
             return Response(200, exposition(), METRICS)
+        if path == ALL_STATS:
+            return Response(200, dumps(pipeline.statistics()))
         try:
             if v1:
                 return Response(200, dumps({"name": pipeline.served(v1.group(1)).name, "ready": ready}))
@@ -98,11 +101,15 @@ class RestApp:
                 return Response(200 if ready else 503, dumps({"name": served.name, "ready": ready}))
             if m and m.group(3) == "/config":
                 return Response(200, dumps(pipeline.model_config(m.group(1), m.group(2))))
+            if m and m.group(3) == "/stats":
+                return Response(200, dumps(pipeline.statistics(m.group(1), m.group(2))))
             if m:
                 return Response(200, dumps(pipeline.model_metadata(m.group(1), m.group(2))))
         except RepositoryError as e:
             return error(e.status, str(e))
-        return error(404, f"no route {path[:200]}: the Open Inference Protocol's are under /v2")
+        return error(
+            404, f"no route {path[:200]}: GET /v2 lists this server's extensions of the Open Inference Protocol"
+        )
 
     def repository(self, request: Request, reply, model: str | None, op: str | None):
         """The repository extension (index, load, unload) and our route call, behind the admin token."""

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import functools
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 
 from ..card import ModelCard
 from ..limits import MAX_BATCH_ITEMS
 from .model_io import input_types, output_types
 
-DATA_TYPES = {
+DATA_TYPES = {  # Triton's DataType enum, by v2 datatype name
     "BOOL": 1,
     "UINT8": 2,
     "INT32": 8,
@@ -32,9 +32,10 @@ DATA_TYPES = {
 PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch", "pytorch_aotinductor": "pytorch"}
 
 
-def _dims(shape: list[int]) -> list[int]:
-    """Triton's dims leave out the batch dimension; a tensor that is only a batch ([N]) is [1] per row."""
-    return list(shape[1:]) or [1]
+def _dims(shape: list[int]) -> dict:
+    """Triton's dims leave out the batch dimension; a tensor that is only a batch ([N], as metadata and answers have
+    it) is dims [1] reshaped to [] per row, Triton's own way to say so (a plain [1] would mean [N, 1])."""
+    return {"dims": list(shape[1:])} if len(shape) > 1 else {"dims": [1], "reshape": {"shape": []}}
 
 
 def config(card: ModelCard, name: str, platform: str, *, max_batch_delay_ms: float, max_batch: int) -> dict:
@@ -52,7 +53,7 @@ def config(card: ModelCard, name: str, platform: str, *, max_batch_delay_ms: flo
                 "name": t["name"],
                 "data_type": f"TYPE_{'STRING' if t['datatype'] == 'BYTES' else t['datatype']}",
                 "format": "FORMAT_NONE",
-                "dims": _dims(t["shape"]),
+                **_dims(t["shape"]),
                 "optional": image,
             }
             for t in input_types(card)
@@ -61,7 +62,7 @@ def config(card: ModelCard, name: str, platform: str, *, max_batch_delay_ms: flo
             {
                 "name": t["name"],
                 "data_type": f"TYPE_{'STRING' if t['datatype'] == 'BYTES' else t['datatype']}",
-                "dims": _dims(t["shape"]),
+                **_dims(t["shape"]),
             }
             for t in output_types(card)
         ],
@@ -108,15 +109,23 @@ def messages():
     for i, fname in enumerate(("FORMAT_NONE", "FORMAT_NHWC", "FORMAT_NCHW")):
         fmt.value.add(name=fname, number=i)
     p = ".torchship.triton."
+    message("ModelTensorReshape", (1, "shape", INT64, None, True))
     message(
         "ModelInput",
         (1, "name", STRING),
         (2, "data_type", ENUM, p + "DataType"),
         (3, "format", ENUM, p + "Format"),
         (4, "dims", INT64, None, True),
+        (5, "reshape", MESSAGE, p + "ModelTensorReshape"),
         (8, "optional", BOOL),
     )
-    message("ModelOutput", (1, "name", STRING), (2, "data_type", ENUM, p + "DataType"), (3, "dims", INT64, None, True))
+    message(
+        "ModelOutput",
+        (1, "name", STRING),
+        (2, "data_type", ENUM, p + "DataType"),
+        (3, "dims", INT64, None, True),
+        (5, "reshape", MESSAGE, p + "ModelTensorReshape"),
+    )
     message(
         "ModelDynamicBatching",
         (1, "preferred_batch_size", INT32, None, True),
@@ -161,6 +170,31 @@ def messages():
         )
     message("RepositoryModelLoadResponse")
     message("RepositoryModelUnloadResponse")
+    # the statistics extension
+    message("StatisticDuration", (1, "count", UINT64), (2, "ns", UINT64))
+    duration = p + "StatisticDuration"
+    stats = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
+    message("InferStatistics", *((k + 1, name, MESSAGE, duration) for k, name in enumerate(stats)))
+    message(
+        "InferBatchStatistics",
+        (1, "batch_size", UINT64),
+        *(
+            (k + 2, name, MESSAGE, duration)
+            for k, name in enumerate(("compute_input", "compute_infer", "compute_output"))
+        ),
+    )
+    message(
+        "ModelStatistics",
+        (1, "name", STRING),
+        (2, "version", STRING),
+        (3, "last_inference", UINT64),
+        (4, "inference_count", UINT64),
+        (5, "execution_count", UINT64),
+        (6, "inference_stats", MESSAGE, p + "InferStatistics"),
+        (7, "batch_stats", MESSAGE, p + "InferBatchStatistics", True),
+    )
+    message("ModelStatisticsRequest", (1, "name", STRING), (2, "version", STRING))
+    message("ModelStatisticsResponse", (1, "model_stats", MESSAGE, p + "ModelStatistics", True))
     pool = descriptor_pool.DescriptorPool()
     file = pool.Add(f)
     return {
@@ -170,22 +204,13 @@ def messages():
 
 
 def config_message(cfg: dict):
-    """The JSON configuration as the gRPC ModelConfigResponse."""
-    m = messages()
-    response = m["ModelConfigResponse"]()
-    c = response.config
-    c.name, c.platform, c.backend = cfg["name"], cfg["platform"], cfg["backend"]
-    c.max_batch_size = cfg["max_batch_size"]
-    for t in cfg["input"]:
-        c.input.add(
-            name=t["name"], data_type=t["data_type"], format=t["format"], dims=t["dims"], optional=t["optional"]
-        )
-    for t in cfg["output"]:
-        c.output.add(name=t["name"], data_type=t["data_type"], dims=t["dims"])
-    b = cfg["dynamic_batching"]
-    c.dynamic_batching.preferred_batch_size.extend(b["preferred_batch_size"])
-    c.dynamic_batching.max_queue_delay_microseconds = b["max_queue_delay_microseconds"]
-    return response
+    """The JSON configuration as the gRPC ModelConfigResponse (the fields Triton's clients read)."""
+    return json_format.ParseDict({"config": cfg}, messages()["ModelConfigResponse"](), ignore_unknown_fields=True)
+
+
+def statistics_message(stats: dict):
+    """The statistics extension's JSON as the gRPC ModelStatisticsResponse."""
+    return json_format.ParseDict(stats, messages()["ModelStatisticsResponse"]())
 
 
 def parameters(request) -> dict:

@@ -1,0 +1,168 @@
+"""What Triton's own Python client examples call (triton-inference-server/client, src/python/examples), made by our
+own tests with tritonclient against the OIP server, over HTTP and gRPC, on the models they need
+(tests/triton_models.py). Triton's example files are not copied here: these tests make the same calls and check the
+same answers."""
+
+import json
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.utils import InferenceServerException
+
+from torchship.serve import oip
+
+CLIENTS = {"http": thttp, "grpc": tgrpc}
+
+
+@pytest.fixture(scope="module")
+def simple(triton_exports):
+    return triton_exports("simple")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, simple):
+    state = tmp_path_factory.mktemp("triton-oip")
+    cfg = oip.OIPConfig.on_free_ports(str(simple.parent), "simple", str(state), workers=2, max_batch=8, threads=1)
+    cfg = oip.start(cfg, timeout=120)
+    yield cfg
+    oip.stop(state)
+
+
+def client(cfg, kind):
+    return CLIENTS[kind].InferenceServerClient(f"127.0.0.1:{cfg.http_port if kind == 'http' else cfg.grpc_port}")
+
+
+def simple_inputs(kind, a: np.ndarray, b: np.ndarray) -> list:
+    """As simple_*_infer_client.py sends them: INPUT0 as JSON (HTTP), INPUT1 as binary data."""
+    inputs = [
+        CLIENTS[kind].InferInput("INPUT0", list(a.shape), "INT32"),
+        CLIENTS[kind].InferInput("INPUT1", list(b.shape), "INT32"),
+    ]
+    if kind == "http":
+        inputs[0].set_data_from_numpy(a, binary_data=False)
+        inputs[1].set_data_from_numpy(b, binary_data=True)
+    else:
+        inputs[0].set_data_from_numpy(a)
+        inputs[1].set_data_from_numpy(b)
+    return inputs
+
+
+def test_a_model_without_weights_and_with_only_integer_outputs_exports_with_its_proof(simple):
+    """Triton's `simple` has no parameters (its state dict is empty) and answers INT32 only: the proof compares
+    integer outputs exactly and writes its report; `torchship verify` says the same."""
+    log = (simple.parent / "export.log").read_text()
+    assert log.startswith("exit 0") and "all checks pass" in log, log[-3000:]
+    report = json.loads((simple / "equivalence.json").read_text())
+    assert report["passed"] and {c["output"] for c in report["checks"]} == {"OUTPUT0", "OUTPUT1"}
+    assert all(c["atol"] == 0 and c["rtol"] == 0 and c["max_abs"] == 0 for c in report["checks"])
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_simple_infer_client_sum_difference_statistics_and_an_unknown_model(server, kind):
+    """simple_{http,grpc}_infer_client.py: the sum and the difference, with and without outputs named, the model's
+    statistics, and Triton's phrase for a model the server does not have."""
+    c = client(server, kind)
+    a = np.arange(16, dtype=np.int32)[None]
+    b = np.full((1, 16), -1, dtype=np.int32)
+    before = c.get_inference_statistics(model_name="simple")
+    outputs = [CLIENTS[kind].InferRequestedOutput("OUTPUT0"), CLIENTS[kind].InferRequestedOutput("OUTPUT1")]
+    if kind == "http":
+        outputs = [
+            thttp.InferRequestedOutput("OUTPUT0", binary_data=True),
+            thttp.InferRequestedOutput("OUTPUT1", binary_data=False),
+        ]
+    for asked in (outputs, None):
+        result = c.infer("simple", simple_inputs(kind, a, b), outputs=asked)
+        assert (result.as_numpy("OUTPUT0") == a + b).all() and (result.as_numpy("OUTPUT1") == a - b).all()
+        assert result.as_numpy("OUTPUT0").dtype == np.int32
+    stats = c.get_inference_statistics(model_name="simple")
+    if kind == "grpc":  # the same shape as the JSON, as a message
+        from google.protobuf import json_format
+
+        stats, before = (json_format.MessageToDict(s, preserving_proto_field_name=True) for s in (stats, before))
+    assert len(stats["model_stats"]) == 1 and stats["model_stats"][0]["name"] == "simple"
+    now, then = stats["model_stats"][0], before["model_stats"][0] if before["model_stats"] else {}
+    count = lambda s, *path: int(_get(s, *path) or 0)  # noqa: E731 - gRPC's JSON leaves zeros out
+    assert count(now, "inference_count") - count(then, "inference_count") == 2  # rows
+    assert count(now, "inference_stats", "success", "count") - count(then, "inference_stats", "success", "count") == 2
+    assert count(now, "execution_count") > count(then, "execution_count")
+    assert count(now, "inference_stats", "success", "ns") > count(then, "inference_stats", "success", "ns")
+    assert any(int(b.get("batch_size", 0)) >= 1 for b in now["batch_stats"])
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("wrong_model_name", simple_inputs(kind, a, b))
+    assert e.value.message().startswith("Request for unknown model")
+
+
+def _get(d, *path):
+    for k in path:
+        d = d.get(k, {}) if isinstance(d, dict) else {}
+    return d if not isinstance(d, dict) else None
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_statistics_of_every_model_of_one_version_and_of_a_version_that_is_not_there(server, kind):
+    c = client(server, kind)
+    every = c.get_inference_statistics()
+    one = c.get_inference_statistics(model_name="simple", model_version="1")
+    if kind == "grpc":
+        from google.protobuf import json_format
+
+        every, one = (json_format.MessageToDict(s, preserving_proto_field_name=True) for s in (every, one))
+    assert [s["name"] for s in every["model_stats"]] == ["simple"] and one["model_stats"][0]["version"] == "1"
+    with pytest.raises(InferenceServerException) as e:
+        c.get_inference_statistics(model_name="simple", model_version="7")
+    assert "no version '7'" in e.value.message()
+
+
+def test_the_statistics_route_of_each_url_form_over_plain_http(server):
+    import urllib.request
+
+    for path in ("/v2/models/stats", "/v2/models/simple/stats", "/v2/models/simple/versions/1/stats"):
+        with urllib.request.urlopen(f"{server.inference_url}{path}", timeout=30) as r:
+            body = json.loads(r.read())
+        stat = body["model_stats"][0]
+        assert set(stat) >= {
+            "name",
+            "version",
+            "last_inference",
+            "inference_count",
+            "execution_count",
+            "inference_stats",
+            "batch_stats",
+        }
+        assert all(set(d) == {"count", "ns"} for d in stat["inference_stats"].values())
+
+
+def test_serve_start_prints_a_request_a_named_input_model_answers(simple, tmp_path):
+    """Served from a folder of exports (NAME/ below it), the `try it` line is the model's own v2 request, and curl
+    gets its answer (it used to post a digit image to a model that takes INPUT0 and INPUT1)."""
+    import subprocess
+
+    from torchship.serve.process import free_ports
+
+    from helpers import TORCHSHIP
+
+    http_port, grpc_port = free_ports(2)
+    state = tmp_path / "state"
+    start = [*TORCHSHIP, "serve", "start", "--runtime", "oip", "--model", "simple", "--export-dir", simple.parent]
+    ports = ["--state-dir", state, "--inference-port", http_port, "--grpc-port", grpc_port, "--workers", 1]
+    r = subprocess.run([*map(str, start), *map(str, ports)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    try:
+        assert r.returncode == 0, r.stderr[-2000:]
+        line = r.stdout.split("try it", 1)[1].splitlines()[1].strip()
+        assert line.startswith("curl") and "sample-v2.json" in line and "/v2/models/simple/infer" in line
+        answer = json.loads(subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=60).stdout)
+        assert [o["name"] for o in answer["outputs"]] == ["OUTPUT0", "OUTPUT1"]
+    finally:
+        subprocess.run([*TORCHSHIP, "serve", "stop", "--state-dir", state], capture_output=True, timeout=60)
+
+
+def test_a_route_that_is_not_there_says_where_to_look(server):
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{server.inference_url}/v3/models", timeout=30)
+    assert e.value.code == 404 and "GET /v2 lists" in json.loads(e.value.read())["error"]

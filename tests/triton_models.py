@@ -1,0 +1,59 @@
+"""The models Triton's client examples call (triton-inference-server/client, src/python/examples), as a user would
+write them for torchship: a torch module in a file of their own and a signature, exported with `torchship export
+--model --signature`. Only the models torchship can express are here."""
+
+import subprocess
+
+import torch
+
+from helpers import TORCHSHIP
+
+MODELS = '''
+import torch
+
+
+class Simple(torch.nn.Module):
+    """Triton's `simple`: the sum and the difference of two INT32 [batch, 16] tensors. No parameters at all."""
+
+    def forward(self, INPUT0, INPUT1):
+        return INPUT0 + INPUT1, INPUT0 - INPUT1
+
+
+SIMPLE = {
+    "inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": ["batch", 16]},
+               {"name": "INPUT1", "datatype": "INT32", "shape": ["batch", 16]}],
+    "outputs": [{"name": "OUTPUT0", "datatype": "INT32", "shape": ["batch", 16]},
+                {"name": "OUTPUT1", "datatype": "INT32", "shape": ["batch", 16]}],
+}
+'''
+TRITON = {"simple": ("Simple", "SIMPLE")}  # name -> (factory, signature)
+
+
+def export(folder, name: str) -> tuple[subprocess.CompletedProcess, object]:
+    """`torchship export` of one of them, its weights saved as a user would (an empty state dict for `simple`)."""
+    factory, sig = TRITON[name]
+    (folder / "models.py").write_text(MODELS)
+    namespace: dict = {}
+    exec(compile(MODELS, str(folder / "models.py"), "exec"), namespace)
+    torch.save(namespace[factory]().state_dict(), folder / f"{name}.pt")
+    out = folder / name
+    r = subprocess.run(
+        [
+            *TORCHSHIP,
+            "export",
+            "--model",
+            f"{folder / 'models.py'}:{factory}",
+            "--weights",
+            folder / f"{name}.pt",
+            "--signature",
+            f"{folder / 'models.py'}:{sig}",
+            "--name",
+            name,
+            "--out",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return r, out
