@@ -109,3 +109,47 @@ def test_rest_and_grpc_requests_export_their_traces_over_otlp(convnet_export, tm
     finally:
         oip.stop(tmp_path)
         sink.close()
+
+
+def test_serve_traces_prints_the_spans_of_a_request(convnet_export, tmp_path, monkeypatch):
+    """`torchship serve traces` itself (it printed nothing: the sink it ran kept no spans, and parsed none either)."""
+    import subprocess
+    import threading
+
+    from torchship.serve.process import free_ports
+
+    from helpers import TORCHSHIP
+
+    (port,) = free_ports(1)
+    printer = subprocess.Popen([*TORCHSHIP, "serve", "traces", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(printer.stdout.readline, "")), daemon=True).start()
+    try:
+        wait_for(lambda: any("receiving traces" in x for x in lines), 60, "the receiver's first line")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        cfg = oip.OIPConfig.on_free_ports(
+            str(convnet_export.directory),
+            "mnist",
+            str(tmp_path),
+            workers=1,
+            max_batch=8,
+            max_batch_delay_ms=1,
+            threads=1,
+        )
+        cfg = oip.start(cfg, timeout=120)
+        try:
+            header, trace_id, _ = traceparent()
+            inp = thttp.InferInput("images", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([DIGIT], dtype=object))
+            thttp.InferenceServerClient(f"127.0.0.1:{cfg.http_port}").infer(
+                "mnist", [inp], headers={"traceparent": header}
+            )
+            mine = lambda: [x for x in lines if x.startswith(trace_id[:8])]  # noqa: E731
+            printed = wait_for(lambda: len(mine()) == 5 and mine(), 60, "the request's five spans printed")
+            assert {x.split()[1] for x in printed} == {"infer", *STAGES} and all(" ms " in x for x in printed)
+        finally:
+            oip.stop(tmp_path)
+    finally:
+        printer.terminate()
+        printer.wait(30)
