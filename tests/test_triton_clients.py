@@ -166,3 +166,33 @@ def test_a_route_that_is_not_there_says_where_to_look(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"{server.inference_url}/v3/models", timeout=30)
     assert e.value.code == 404 and "GET /v2 lists" in json.loads(e.value.read())["error"]
+
+
+def test_an_unproven_model_is_served_by_start_and_load_alike(simple, tmp_path):
+    """One rule for start, load and route: a model none of whose versions has a passed proof is answered by its newest
+    version, unproven (it used to be served at start but refused by load, so once unloaded it could not come back)."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(simple, repo / "simple" / "1")
+    (repo / "simple" / "1" / "equivalence.json").unlink()
+    cfg = oip.start(
+        oip.OIPConfig.on_free_ports(
+            str(repo), "simple", str(tmp_path / "state"), workers=1, max_batch=8, max_batch_delay_ms=1, threads=1
+        ),
+        timeout=120,
+    )
+    try:
+        a = np.arange(16, dtype=np.int32)[None]
+        c = client(cfg, "http")
+        assert (c.infer("simple", simple_inputs("http", a, a)).as_numpy("OUTPUT0") == 2 * a).all()
+        index = {r["version"]: r["reason"] for r in oip.repository_call(cfg.state_dir, "index")}
+        assert "no proof" in index["1"]
+        assert oip.repository_call(cfg.state_dir, "unload", "simple") == []
+        rows = oip.repository_call(cfg.state_dir, "load", "simple")
+        assert (
+            [r["version"] for r in rows] == ["1"] and "default" in rows[0]["reason"] and "no proof" in rows[0]["reason"]
+        )
+        assert (c.infer("simple", simple_inputs("http", a, a)).as_numpy("OUTPUT1") == 0).all()
+    finally:
+        oip.stop(cfg.state_dir)

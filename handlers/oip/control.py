@@ -17,7 +17,18 @@ import socket
 import threading
 from pathlib import Path
 
-from .repository import ModelState, Repository, RepositoryError, Route, State, Version, exports_below, proof
+from .repository import (
+    ModelState,
+    Repository,
+    RepositoryError,
+    Route,
+    State,
+    Version,
+    default_of,
+    exports_below,
+    may_answer,
+    proof,
+)
 
 logger = logging.getLogger("torchship.oip")
 STAGE_TIMEOUT_S = 300  # loading and warming one version in a worker
@@ -147,7 +158,8 @@ class ControlPlane:
 
     def load(self, name: str, params: dict) -> list[dict]:
         """Every version of NAME on disk: new ones loaded and warmed everywhere before any takes traffic; the default
-        moves to the newest proven one (or the one `default` names); versions gone from disk are unloaded."""
+        moves to the newest that may answer (repository.may_answer), or the one `default` names; versions gone from disk
+        are unloaded."""
         card_name = self.aliases.get(name, name)
         found = {e.version: e for src in self.sources for e in exports_below(src, self.backend) if e.name == card_name}
         if not found:
@@ -172,17 +184,14 @@ class ControlPlane:
                 raise RepositoryError(
                     f"{name} version {v} never took traffic: it failed in worker {pid} ({r.get('error')})"
                 )
-        proven = sorted((v for v, s in specs.items() if s.proven), key=int)
-        default = str(params.get("default") or "") or (proven[-1] if proven else None)
-        if default is None or default not in specs or not specs[default].proven:
+        default = str(params.get("default") or "") or default_of(specs)
+        if default not in specs or not may_answer(specs, default):
             self._everywhere({"op": "abort"}, REPLY_TIMEOUT_S)
-            reasons = "; ".join(f"version {v}: {s.reason}" for v, s in specs.items() if not s.proven)
-            raise RepositoryError(
-                f"{name}: no proven version to answer clients ({reasons})"
-                if default is None
-                else f"{name} version {default} cannot be the default: "
-                f"{specs[default].reason if default in specs else 'not on disk'}"
-            )
+            why = specs[default].reason if default in specs else "not on disk"
+            raise RepositoryError(f"{name} version {default} cannot be the default: {why}")
+        for v, spec in specs.items():
+            if not spec.proven and v == default:
+                logger.warning("%s version %s answers clients unproven (no version of it is): %s", name, v, spec.reason)
         route = old.route if old else Route(default)
         route = Route(
             default,
@@ -236,7 +245,7 @@ class ControlPlane:
             if v is not None and str(v) not in old.versions:
                 raise RepositoryError(f"{name} has no version {str(v)[:32]!r} loaded to be its {role}", 404)
         for role, v in (("default", default), ("canary", canary)):
-            if v is not None and not old.versions[str(v)].proven:
+            if v is not None and not may_answer(old.versions, str(v)):
                 raise RepositoryError(f"{name} version {v} cannot be the {role}: {old.versions[str(v)].reason}")
         if not 0 <= percent <= 100:
             raise RepositoryError("canary_percent must be a number from 0 to 100")
@@ -258,9 +267,9 @@ class ControlPlane:
 
 
 def initial_state(sources: list[str], backend: str, aliases: dict[str, str] | None = None) -> State:
-    """What the server starts with: every export found, each model's default its newest proven version (its newest
-    if none is proven: an export named at start is served as asked, and the index says it is unproven). ALIASES:
-    served name -> card name, for a model served under a name of its own."""
+    """What the server starts with: every export found, each model's default the newest version that may answer
+    (repository.may_answer: the rule `load` and `route` keep too). ALIASES: served name -> card name, for a model
+    served under a name of its own."""
     found = [e for src in sources for e in exports_below(src, backend)]
     if not found:
         raise RepositoryError(f"no export with a {backend} model file in {', '.join(sources)}", 404)
@@ -268,8 +277,4 @@ def initial_state(sources: list[str], backend: str, aliases: dict[str, str] | No
     models: dict[str, dict[str, Version]] = {}
     for e in found:
         models.setdefault(served_as.get(e.name, e.name), {})[e.version] = proof(e.directory, backend)
-    state = {}
-    for name, versions in models.items():
-        proven = sorted((v for v, s in versions.items() if s.proven), key=int)
-        state[name] = ModelState(versions, Route(proven[-1] if proven else max(versions, key=int)))
-    return State(1, state)
+    return State(1, {name: ModelState(versions, Route(default_of(versions))) for name, versions in models.items()})

@@ -88,6 +88,17 @@ class State:
         return replace(self, generation=self.generation + 1, models=models)
 
 
+def may_answer(versions: dict[str, Version], v: str) -> bool:
+    """The one rule, at start, load and route alike: a version answers clients once its proof passed; a model none of
+    whose versions has passed one is answered by any of them (unproven, and the index and the log say so)."""
+    return versions[v].proven or not any(s.proven for s in versions.values())
+
+
+def default_of(versions: dict[str, Version]) -> str:
+    """The newest version that may answer clients."""
+    return max((v for v in versions if may_answer(versions, v)), key=int)
+
+
 # On disk
 
 
