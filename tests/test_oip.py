@@ -136,6 +136,30 @@ def test_plain_json_and_the_label_output_alone(server, convnet_export):
     assert out["outputs"][0]["data"] == [r["label"] for r in load_onnx(convnet_export.onnx).predict(blobs)]
 
 
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_the_classification_extension_answers_each_rows_top_classes_with_their_labels(server, convnet_export, kind):
+    """Triton's classification extension (what its image examples ask for): `probabilities` with class_count=3 is
+    BYTES [N, 3] of "value:index:label", highest first, the embedding's own top three."""
+    blobs = [png(DIGITS[i]) for i in FOUR[:2]]
+    asked = [CLIENTS[kind].InferRequestedOutput("probabilities", class_count=3)]
+    result = client(server, kind).infer("mnist", [images_input(kind, blobs)], outputs=asked)
+    got = result.as_numpy("probabilities")
+    assert got.shape == (2, 3) and result.as_numpy("label") is None  # only what was asked for
+    want = load_onnx(convnet_export.onnx).predict(blobs, topk=3)
+    for row, answer in zip(got, want):
+        parts = [x.decode().split(":") for x in row]
+        assert [label for _, _, label in parts] == [t["label"] for t in answer["topk"]]
+        assert [int(i) for _, i, _ in parts] == [int(t["label"]) for t in answer["topk"]]  # digits: index = label
+        values = [float(v) for v, _, _ in parts]
+        assert values == sorted(values, reverse=True) and abs(values[0] - answer["probability"]) < 1e-4
+    with pytest.raises(InferenceServerException, match="outside 1..10"):
+        client(server, kind).infer(
+            "mnist",
+            [images_input(kind, blobs)],
+            outputs=[CLIENTS[kind].InferRequestedOutput("probabilities", class_count=11)],
+        )
+
+
 @pytest.mark.parametrize("kind", ["http", "grpc"])
 def test_each_requests_size_is_counted_once_whichever_transport_carried_it(server, kind):
     """The request-size histogram is one line of the shared request path (handlers/oip/pipeline.py): a REST body and a

@@ -124,7 +124,7 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
                 rows = await rows
             flight.request_id = request.id[:128]
             outputs = served.encode(await flight.enqueue(rows))
-            response = v2_grpc.infer_response(served.name, served.version, request, outputs)
+            response = v2_grpc.infer_response(served.name, served.version, request, outputs, served.labels)
             status = 200
             return response
         except asyncio.CancelledError:  # the client cancelled or went away: its rows left the queue with the task

@@ -33,7 +33,7 @@ ABANDONED = 499  # nginx's "client closed request": counted in the metrics, neve
 DECODE_THREADS = 2  # large requests are parsed and decoded here, off the event loop; a bounded pool, a bounded queue
 DECODE_INLINE_BYTES = 64 * 1024  # larger requests (photos, long JSON) are parsed and decoded in that pool
 RETRY_AFTER_S = 1  # what a 503 asks the client to wait
-EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "statistics")
+EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics")
 
 
 def server_version() -> str:

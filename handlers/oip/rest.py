@@ -233,7 +233,11 @@ def encode(flight: Flight, done: asyncio.Future, header: dict, want: list) -> Re
     if done.exception() is not None:
         return failure(done.exception())
     served = flight.served
-    body, json_length = v2.response_http(served.name, header, served.encode(done.result()), want, served.version)
+    outputs = served.encode(done.result())
+    try:
+        body, json_length = v2.response_http(served.name, header, outputs, want, served.version, served.labels)
+    except v2.ProtocolError as e:  # a classification the output cannot give
+        return failure(e)
     if json_length is None:
         return Response(200, body)
     return Response(

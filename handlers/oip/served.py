@@ -44,10 +44,12 @@ class Served:
     warmup: dict = field(default_factory=dict)
     limit: Callable[[str], int] = None  # the most elements a request's tensor of a datatype may hold (v2)
     outputs: list[str] = field(default_factory=list)  # the names of the outputs it answers
+    labels: dict = field(default_factory=dict)  # output name -> the class names its classification reports
 
     def __post_init__(self):
         self.limit = self.limit or model_io.element_limit(self.card)
         self.outputs = self.outputs or model_io.output_names(self.card)
+        self.labels = self.labels or model_io.output_labels(self.card)
 
     def metadata(self, versions: list[str] | None = None) -> dict:
         return {

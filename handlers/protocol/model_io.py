@@ -185,3 +185,9 @@ def element_limit(card: ModelCard) -> Callable[[str], int]:
 
 def output_names(card: ModelCard) -> list[str]:
     return [t["name"] for t in output_types(card)]
+
+
+def output_labels(card: ModelCard) -> dict[str, tuple[str, ...]]:
+    """The class names a classification of an output reports (Triton's classification extension): a classifier's
+    probabilities are its labels'."""
+    return {PROBABILITIES: card.labels} if not card.named and card.task == "classify" else {}

@@ -41,10 +41,12 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Wanted:
-    """An output a request asks for, and whether it wants it as binary data after the JSON."""
+    """An output a request asks for, whether it wants it as binary data after the JSON, and whether as its top
+    classes (Triton's classification extension: that many, else 0)."""
 
     name: str
     binary: bool
+    classification: int = 0
 
 
 DATATYPES = {**NUMPY, "UINT8": np.uint8}
@@ -207,8 +209,31 @@ def wanted(header: dict, names: list[str]) -> list[Wanted]:
         if o["name"] not in names:
             raise ProtocolError(f"unknown output {o['name'][:64]!r}: this model has {names}")
         p = o.get("parameters") if isinstance(o.get("parameters"), dict) else {}
-        out.append(Wanted(o["name"], p.get("binary_data", default_binary) is True))
+        k = p.get("classification", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ProtocolError(
+                f"output '{o['name'][:64]}': classification must be a positive integer, got {k!r}"[:200]
+            )
+        out.append(Wanted(o["name"], p.get("binary_data", default_binary) is True, k))
     return out
+
+
+def classify(t: Tensor, k: int, labels=None) -> Tensor:
+    """Triton's classification extension: each row's K highest values, highest first, as BYTES [N, K] of
+    "value:index" (":label" after, where the model has labels)."""
+    if t.datatype == "BYTES" or not t.shape:
+        raise ProtocolError(
+            f"output '{t.name}' is {t.datatype} {list(t.shape)}: classification takes a batch of numbers"
+        )
+    scores = np.asarray(t.data, np.float64).reshape(t.shape[0], -1)
+    if not 1 <= k <= scores.shape[1]:
+        raise ProtocolError(f"output '{t.name}': classification {k} is outside 1..{scores.shape[1]}")
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    named = (lambda i: f":{labels[i]}") if labels else (lambda i: "")  # noqa: E731
+    rows = [[f"{scores[r, i]:f}:{i}{named(i)}".encode() for i in row] for r, row in enumerate(order.tolist())]
+    data = np.empty((len(rows), k), dtype=object)
+    data[:] = rows
+    return Tensor(t.name, "BYTES", (len(rows), k), data)
 
 
 def _json_data(t: Tensor) -> list:
@@ -223,13 +248,21 @@ def response_json(model: str, request: dict, outputs: list[Tensor]) -> dict:
 
 
 def response_http(
-    model: str, request: dict, outputs: list[Tensor], want: list[Wanted], version: str | None = None
+    model: str,
+    request: dict,
+    outputs: list[Tensor],
+    want: list[Wanted],
+    version: str | None = None,
+    labels: dict | None = None,
 ) -> tuple[bytes, int | None]:
-    """A v2 infer response body, and the JSON header's length when binary tensors follow it (else None)."""
+    """A v2 infer response body, and the JSON header's length when binary tensors follow it (else None). LABELS:
+    output name -> the class names a classification of it reports."""
     by_name = {t.name: t for t in outputs}
     specs, blobs = [], []
     for w in want:
         t = by_name[w.name]
+        if w.classification:
+            t = classify(t, w.classification, (labels or {}).get(t.name))
         spec = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
         if w.binary:
             blob = bytes_blob(t.data.reshape(-1)) if t.datatype == "BYTES" else np.ascontiguousarray(t.data).tobytes()

@@ -82,13 +82,18 @@ def tensors_of(request, limit=None) -> list[v2.Tensor]:
     return out
 
 
-def infer_response(name: str, version: str, request, outputs: list[v2.Tensor]):
-    """Outputs as raw contents, the form every client reads (typed contents reach tritonclient as empty arrays)."""
-    asked = [o.name for o in request.outputs]
+def infer_response(name: str, version: str, request, outputs: list[v2.Tensor], labels: dict | None = None):
+    """Outputs as raw contents, the form every client reads (typed contents reach tritonclient as empty arrays); an
+    output asked for with the `classification` parameter as its top classes (v2.classify)."""
+    asked = {
+        o.name: o.parameters["classification"].int64_param if "classification" in o.parameters else 0
+        for o in request.outputs
+    }
     unknown = [n for n in asked if n not in {t.name for t in outputs}]
     if unknown:
         raise v2.ProtocolError(f"unknown output {unknown[0][:64]!r}: this model has {[t.name for t in outputs]}")
     chosen = [t for t in outputs if not asked or t.name in asked]
+    chosen = [v2.classify(t, asked[t.name], (labels or {}).get(t.name)) if asked.get(t.name) else t for t in chosen]
     response = messages().ModelInferResponse(model_name=name, model_version=version, id=request.id)
     for t in chosen:
         response.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
