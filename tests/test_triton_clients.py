@@ -196,3 +196,38 @@ def test_an_unproven_model_is_served_by_start_and_load_alike(simple, tmp_path):
         assert (c.infer("simple", simple_inputs("http", a, a)).as_numpy("OUTPUT1") == 0).all()
     finally:
         oip.stop(cfg.state_dir)
+
+
+@pytest.mark.parametrize("request_coding,response_coding", [("gzip", "deflate"), ("deflate", "gzip"), (None, "gzip")])
+def test_compressed_requests_and_answers_as_tritonclient_sends_and_reads_them(server, request_coding, response_coding):
+    """simple_http_infer_client.py --request-compression-algorithm / --response-compression-algorithm."""
+    a = np.arange(16, dtype=np.int32)[None]
+    b = np.full((1, 16), -1, dtype=np.int32)
+    result = client(server, "http").infer(
+        "simple",
+        simple_inputs("http", a, b),
+        request_compression_algorithm=request_coding,
+        response_compression_algorithm=response_coding,
+    )
+    assert (result.as_numpy("OUTPUT0") == a + b).all() and (result.as_numpy("OUTPUT1") == a - b).all()
+
+
+def test_a_compressed_bomb_gets_a_413_and_another_coding_a_501(server):
+    import gzip
+    import http.client
+
+    def post(body: bytes, coding: str):
+        conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+        conn.request("POST", "/v2/models/simple/infer", body, {"Content-Encoding": coding})
+        r = conn.getresponse()
+        out = r.status, dict(r.getheaders()), json.loads(r.read())
+        conn.close()
+        return out
+
+    bomb = gzip.compress(b'{"inputs": [' + b" " * (64 << 20) + b"]}")  # 64 MiB of JSON in 64 KiB
+    status, _, body = post(bomb, "gzip")
+    assert len(bomb) < 1 << 20 and status == 413 and "decompresses to more than" in body["error"]
+    status, headers, body = post(b"whatever", "br")
+    assert status == 501 and headers["accept-encoding"] == "gzip, deflate" and "'br'" in body["error"]
+    a = np.arange(16, dtype=np.int32)[None]
+    assert (client(server, "http").infer("simple", simple_inputs("http", a, a)).as_numpy("OUTPUT0") == 2 * a).all()

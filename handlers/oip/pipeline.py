@@ -166,10 +166,11 @@ class Flight:
     def done(self) -> bool:
         return self.status != 0
 
-    def decode(self, work: Callable, *args):
+    def decode(self, work: Callable, *args, small: bool | None = True):
         """WORK(*ARGS): its value when the request is small enough to decode on the loop (an exception it raises
-        propagates), else a future of it from the decode pool; an Overloaded when the pool's queue is full."""
-        if self.nbytes <= DECODE_INLINE_BYTES:
+        propagates), else a future of it from the decode pool; an Overloaded when the pool's queue is full. SMALL
+        None: whatever its size, it goes to the pool (a compressed body, say)."""
+        if small and self.nbytes <= DECODE_INLINE_BYTES:
             return work(*args)
         batcher = self.served.batcher
         if batcher.decoding >= batcher.max_queue:

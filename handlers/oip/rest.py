@@ -12,6 +12,7 @@ from ..model.responses import answers
 from ..model.tensors import rows_from_instances, standardize
 from ..protocol import v2
 from ..protocol.v1 import instances
+from . import compression
 from .batching import Overloaded
 from .http11 import Request, Response
 from .metrics import CONTENT_TYPE, exposition
@@ -152,7 +153,12 @@ class RestApp:
             flight = self.begin("rest", request, model, version)
         except RepositoryError as e:
             return reply(error(e.status, str(e)))
-        answer = answering(flight, reply)
+        respond = compression.preferred(request.headers.get(b"accept-encoding"))
+        answer = answering(flight, reply if respond is None else lambda r: reply(compressed(r, respond)))
+        coding = request.headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
+        if coding not in (*compression.CODINGS, "identity"):
+            why = f"Content-Encoding {coding[:32]!r} is not one this server reads: send gzip, deflate or none"
+            return answer(error(501, why, headers=((b"accept-encoding", compression.ACCEPTED),)))
 
         def predict(prepared: tuple, prompt: bool) -> None:
             header, want, rows = prepared
@@ -171,7 +177,9 @@ class RestApp:
             predict(done.result(), False)
 
         try:
-            prepared = flight.decode(prepare, flight.served, request)
+            limit = self.pipeline.config.limits.max_body
+            # a compressed body decompresses on the pool: what it holds is not known until then
+            prepared = flight.decode(prepare, flight.served, request, coding, limit, small=coding == "identity" or None)
         except Exception as e:
             answer(failure(e))
             return None
@@ -208,6 +216,12 @@ class RestApp:
         return flight.abandon
 
 
+def compressed(response: Response, coding: str) -> Response:
+    """An answer in the coding its client prefers (errors too: they are short, and tritonclient decodes every one)."""
+    headers = (*response.headers, (b"content-encoding", coding.encode()))
+    return Response(response.status, compression.compress(response.body, coding), headers, response.close)
+
+
 def answering(flight: Flight, reply):
     """REPLY, called only with the first answer the request ends with (after its client left: never)."""
 
@@ -218,12 +232,14 @@ def answering(flight: Flight, reply):
     return answer
 
 
-def prepare(served: Served, request: Request) -> tuple[dict, list, object]:
-    """The request's v2 header, the outputs it wants and its rows: every lie a ProtocolError (a 4xx)."""
+def prepare(served: Served, request: Request, coding: str = "identity", limit: int = 0) -> tuple[dict, list, object]:
+    """The request's v2 header, the outputs it wants and its rows: every lie a ProtocolError (a 4xx). A compressed
+    body is decompressed first, to at most LIMIT bytes; the binary extension's header length is of what it holds."""
+    body = request.body if coding == "identity" else compression.decompress(request.body, coding, limit)
     cut = request.headers.get(HEADER_LENGTH)
     if cut is not None and not (cut.isdigit() and len(cut) <= 12):
         raise v2.ProtocolError(f"{v2.HEADER_LENGTH} must be a number of bytes within the body's length")
-    header, tensors = v2.parse_http(request.body, int(cut) if cut is not None else None, served.limit)
+    header, tensors = v2.parse_http(body, int(cut) if cut is not None else None, served.limit)
     return header, v2.wanted(header, served.outputs), served.decode(tensors)
 
 
