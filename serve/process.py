@@ -41,6 +41,7 @@ class StartOptions:
     max_batch: int | None = None  # OIP
     max_batch_delay_ms: float | None = None  # OIP
     access_log: bool = False  # OIP: a line per inference request
+    loopback_admin: bool = False  # OIP: the repository calls need no token from this machine
 
 
 def free_ports(n: int = 3) -> list[int]:

@@ -231,3 +231,63 @@ def test_a_compressed_bomb_gets_a_413_and_another_coding_a_501(server):
     assert status == 501 and headers["accept-encoding"] == "gzip, deflate" and "'br'" in body["error"]
     a = np.arange(16, dtype=np.int32)[None]
     assert (client(server, "http").infer("simple", simple_inputs("http", a, a)).as_numpy("OUTPUT0") == 2 * a).all()
+
+
+@pytest.fixture(scope="module")
+def local_admin(tmp_path_factory, simple):
+    """A server started with --loopback_admin: the repository calls need no token from this machine."""
+    state = tmp_path_factory.mktemp("triton-local-admin")
+    cfg = oip.OIPConfig.on_free_ports(
+        str(simple.parent), "simple", str(state), workers=2, max_batch=8, threads=1, loopback_admin=True
+    )
+    cfg = oip.start(cfg, timeout=120)
+    yield cfg
+    oip.stop(state)
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_model_control_as_the_examples_do_it_on_a_server_that_lets_loopback_in(local_admin, server, kind):
+    """simple_{http,grpc}_model_control.py: index, load, a load whose config is not JSON ("failed to load"), a load
+    that sets max_batch_size 16 (and the configuration then says 16, every worker's passes and requests too), unload,
+    and a model that is not there. The examples send no token: a server started without loopback_admin says 401."""
+    c = client(local_admin, kind)
+    assert len(c.get_model_repository_index() if kind == "http" else c.get_model_repository_index().models) == 1
+    c.load_model("simple")
+    assert c.is_model_ready("simple")
+    with pytest.raises(InferenceServerException) as e:
+        c.load_model("simple", config='"parameters": {"config": {{"max_batch_size": "16"}}}')
+    assert "failed to load" in e.value.message() and "not JSON" in e.value.message()
+    c.load_model("simple", config='{"max_batch_size":"16"}')
+    config = c.get_model_config("simple")
+    size = config["max_batch_size"] if kind == "http" else config.config.max_batch_size
+    assert size == 16
+    status = oip.status(local_admin.state_dir)
+    assert all(w["ready"] for w in status["workers"])
+    a = np.arange(16 * 17, dtype=np.int32).reshape(17, 16)
+    with pytest.raises(InferenceServerException) as e:  # 17 rows: over what the load set
+        c.infer("simple", simple_inputs(kind, a, a))
+    assert "max_batch_size, 16" in e.value.message()
+    assert (c.infer("simple", simple_inputs(kind, a[:16], a[:16])).as_numpy("OUTPUT0") == 2 * a[:16]).all()
+    with pytest.raises(InferenceServerException) as e:
+        c.load_model("simple", config='{"max_batch_size": 8, "instance_group": [{"count": 4}]}')
+    assert "'instance_group'" in e.value.message()  # what it cannot honour, it names; the model is unchanged
+    assert (
+        c.get_model_config("simple")["max_batch_size"]
+        if kind == "http"
+        else c.get_model_config("simple").config.max_batch_size
+    ) == 16
+    c.load_model("simple")  # the model's own configuration again
+    assert (
+        c.get_model_config("simple")["max_batch_size"]
+        if kind == "http"
+        else c.get_model_config("simple").config.max_batch_size
+    ) == 256
+    c.unload_model("simple")
+    assert not c.is_model_ready("simple")
+    with pytest.raises(InferenceServerException) as e:
+        c.load_model("wrong_model_name")
+    assert "failed to load" in e.value.message()
+    c.load_model("simple")
+    with pytest.raises(InferenceServerException) as e:  # the token stays the default
+        client(server, kind).load_model("simple")
+    assert "admin token" in e.value.message()

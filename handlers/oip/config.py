@@ -66,6 +66,7 @@ class Config:
     status_file: str | None = None  # where the supervisor keeps its account of the workers, as JSON
     log_level: str = "INFO"
     access_log: bool = False  # a line per inference request (~10 us a request)
+    loopback_admin: bool = False  # the repository calls need no token from a client on this machine (Triton's tools)
 
     def __post_init__(self):
         object.__setattr__(self, "model_dirs", tuple(str(d) for d in self.model_dirs))

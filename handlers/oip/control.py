@@ -17,6 +17,7 @@ import socket
 import threading
 from pathlib import Path
 
+from ..limits import MAX_BATCH_ITEMS
 from .repository import (
     ModelState,
     Repository,
@@ -158,12 +159,20 @@ class ControlPlane:
 
     def load(self, name: str, params: dict) -> list[dict]:
         """Every version of NAME on disk: new ones loaded and warmed everywhere before any takes traffic; the default
-        moves to the newest that may answer (repository.may_answer), or the one `default` names; versions gone from disk
-        are unloaded."""
+        moves to the newest that may answer (repository.may_answer), or the one `default` names; versions gone from
+        disk are unloaded. A `config` parameter (Triton's load_model(config=...)) sets what it may of the model's
+        configuration; every version loads again under it. Failures start with Triton's phrase, "failed to load"."""
+        try:
+            return self._load(name, params)
+        except RepositoryError as e:
+            raise RepositoryError(f"failed to load {name!r}: {e}", e.status) from None
+
+    def _load(self, name: str, params: dict) -> list[dict]:
         card_name = self.aliases.get(name, name)
         found = {e.version: e for src in self.sources for e in exports_below(src, self.backend) if e.name == card_name}
         if not found:
             raise RepositoryError(f"no export of a model named {name!r} in {', '.join(self.sources)}", 404)
+        overrides = config_overrides(params.get("config"), name)
         old = self.state.models.get(name)
         loaded = old.versions if old else {}
         specs = {
@@ -172,11 +181,11 @@ class ControlPlane:
             else proof(e.directory, self.backend)
             for v, e in found.items()
         }
-        new = [v for v in specs if v not in loaded or loaded[v].directory != specs[v].directory]
+        same = old is not None and old.overrides == overrides
+        new = [v for v in specs if not same or v not in loaded or loaded[v].directory != specs[v].directory]
         for v in new:
-            replies = self._everywhere(
-                {"op": "stage", "model": name, "version": v, "dir": specs[v].directory}, STAGE_TIMEOUT_S
-            )
+            stage = {"op": "stage", "model": name, "version": v, "dir": specs[v].directory, "overrides": overrides}
+            replies = self._everywhere(stage, STAGE_TIMEOUT_S)
             failed = {pid: r for pid, r in replies.items() if not r.get("ok")}
             if failed:
                 self._everywhere({"op": "abort"}, REPLY_TIMEOUT_S)
@@ -198,7 +207,7 @@ class ControlPlane:
             *(route.canary, route.canary_percent) if route.canary in specs else (None, 0.0),
             route.shadow if route.shadow in specs else None,
         )
-        self._commit(self.state.with_model(name, ModelState(specs, route)))
+        self._commit(self.state.with_model(name, ModelState(specs, route, overrides)))
         return self.index(name)
 
     def unload(self, name: str, params: dict) -> list[dict]:
@@ -264,6 +273,50 @@ class ControlPlane:
     def close(self) -> None:
         self.listener.close()
         Path(self.path).unlink(missing_ok=True)
+
+
+def config_overrides(text, name: str) -> dict:
+    """What a load's configuration (Triton's JSON, as text) changes, in our terms: max_batch_size (rows a request and
+    a pass may hold) and dynamic_batching.max_queue_delay_microseconds; a field we cannot honour is refused by name."""
+    if text is None or text == "":
+        return {}
+    try:
+        cfg = json.loads(text) if isinstance(text, str) else text
+    except ValueError as e:
+        raise RepositoryError(f"its config is not JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise RepositoryError("its config is a JSON object of model configuration fields")
+    out = {}
+    for key, value in cfg.items():
+        if key == "name" and value == name:
+            continue
+        if key == "max_batch_size":
+            out["max_batch_size"] = _count(value, "max_batch_size", 1, MAX_BATCH_ITEMS)
+        elif key == "dynamic_batching" and isinstance(value, dict) and set(value) <= {"max_queue_delay_microseconds"}:
+            if "max_queue_delay_microseconds" in value:
+                us = _count(
+                    value["max_queue_delay_microseconds"], "dynamic_batching.max_queue_delay_microseconds", 0, 10**6
+                )
+                out["max_batch_delay_ms"] = us / 1000
+        else:
+            field = (
+                f"dynamic_batching.{sorted(set(value) - {'max_queue_delay_microseconds'})[0]}"
+                if key == "dynamic_batching" and isinstance(value, dict)
+                else key
+            )
+            raise RepositoryError(
+                f"its config sets {field!r}, which this server does not take from a load (it takes "
+                "max_batch_size and dynamic_batching.max_queue_delay_microseconds)"
+            )
+    return out
+
+
+def _count(value, field: str, low: int, high: int) -> int:
+    """An integer field of Triton's JSON (int64 travels as a string too), within LOW..HIGH."""
+    text = "" if isinstance(value, bool) else str(value).strip()
+    if not (text.lstrip("-").isdigit() and low <= int(text) <= high):
+        raise RepositoryError(f"its config's {field} must be an integer from {low} to {high}, got {value!r}"[:200])
+    return int(text)
 
 
 def initial_state(sources: list[str], backend: str, aliases: dict[str, str] | None = None) -> State:

@@ -11,6 +11,7 @@ import grpc
 from ..protocol import triton, v2_grpc
 from .config import Config, Limits
 from .pipeline import ABANDONED, Pipeline, refusal
+from .repository import RepositoryError
 
 CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -48,8 +49,8 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
     async def model_ready(request, context):
         try:
             pipeline.served(request.name, request.version)
-        except Exception as e:
-            await fail(e, context)
+        except RepositoryError:  # a model or version this server does not serve is simply not ready, as in Triton
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=pipeline.ready)
 
     async def model_metadata(request, context):
@@ -79,7 +80,7 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
             await fail(e, context)
 
     async def authorized(context) -> None:
-        if not pipeline.authorized(dict(context.invocation_metadata()).get("authorization")):
+        if not pipeline.authorized(dict(context.invocation_metadata()).get("authorization"), context.peer()):
             message = "the repository calls need the admin token: authorization: Bearer TOKEN metadata"
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 

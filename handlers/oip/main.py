@@ -41,6 +41,8 @@ HELP = {
     "admin_token_file": "the token the repository calls need: read from here, or written here when the file does "
     "not exist  [default: a new one beside the server's state]",
     "status_file": "where the supervisor keeps its account of the workers, as JSON",
+    "loopback_admin": "let clients on this machine (loopback) call the repository API without the admin token, as "
+    "Triton's own tools do (they send none); off by default: the token is required",
     "access_log": "a line per inference request (protocol, client, model version, status, ms, request id) in the "
     "log; off by default: ~10 us a request",
 }

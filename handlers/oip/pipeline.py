@@ -12,6 +12,7 @@ the batcher, and `finish` records how it ended, once. The REST side stays callba
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ..model.errors import InputError
 from ..protocol import triton
+from ..protocol.v2 import ProtocolError
 from . import metrics, tracing
 from .admin import Admin
 from .batching import Overloaded
@@ -41,6 +43,16 @@ def server_version() -> str:
         return version("torchship")
     except PackageNotFoundError:  # shipped inside an archive or a container, without torchship's metadata
         return ""
+
+
+def loopback(client: str) -> bool:
+    """Whether a peer as the transports name it ("127.0.0.1:5123", gRPC's "ipv4:127.0.0.1:5123", "ipv6:[::1]:5123")
+    is this machine."""
+    host = client.removeprefix("ipv4:").removeprefix("ipv6:").rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def refusal(e: BaseException) -> tuple[int, str]:
@@ -83,10 +95,14 @@ class Pipeline:
 
     def model_config(self, model: str, version: str | None = None) -> dict:
         served = self.served(model, version)
-        platform = served.metadata()["platform"]
-        c = self.config
+        b = served.batcher  # the settings this version runs with: the server's, or its load's configuration
         return triton.config(
-            served.card, served.name, platform, max_batch_delay_ms=c.max_batch_delay_ms, max_batch=c.max_batch
+            served.card,
+            served.name,
+            served.metadata()["platform"],
+            max_batch_delay_ms=b.max_batch_delay_ms,
+            max_batch=b.max_batch,
+            max_batch_size=served.max_rows,
         )
 
     def statistics(self, model: str | None = None, version: str | None = None) -> dict:
@@ -103,8 +119,9 @@ class Pipeline:
 
     # the repository calls, behind the admin token
 
-    def authorized(self, authorization) -> bool:
-        return self.admin.allows(authorization)
+    def authorized(self, authorization, client: str) -> bool:
+        """The admin token, or (only where the server was started with loopback_admin) a client on this machine."""
+        return self.admin.allows(authorization) or (self.config.loopback_admin and loopback(client))
 
     def index(self) -> list[dict]:
         """This worker's view of what the supervisor last committed."""
@@ -187,6 +204,10 @@ class Flight:
         """The decoded rows into the batcher (and, when the route has a shadow, a copy into the shadow's): a future of
         the request's rows of the output. PROMPT: decoded on the loop in the turn its bytes arrived, as its company
         would be (REST; a lone prompt request's pass may then run on the loop). An Overloaded if the queue is full."""
+        if len(rows) > self.served.max_rows:  # a load's configuration capped it below the protocol's own limit
+            raise ProtocolError(
+                f"a request of {len(rows)} rows is over {self.served.name}'s max_batch_size, {self.served.max_rows}"
+            )
         if self.trace is not None:
             self.trace.mark_decoded()
             self.trace.request_id = self.request_id

@@ -51,6 +51,8 @@ class Version:
 class ModelState:
     versions: dict[str, Version]
     route: Route
+    # a load's configuration over the server's (Triton's load_model(config=...)): max_batch_size, max_batch_delay_ms
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,9 @@ class State:
     def from_json(cls, text: str) -> State:
         d = json.loads(text)
         models = {
-            name: ModelState({v: Version(**spec) for v, spec in m["versions"].items()}, Route(**m["route"]))
+            name: ModelState(
+                {v: Version(**spec) for v, spec in m["versions"].items()}, Route(**m["route"]), m.get("overrides", {})
+            )
             for name, m in d["models"].items()
         }
         return cls(d["generation"], models)

@@ -114,7 +114,7 @@ class RestApp:
 
     def repository(self, request: Request, reply, model: str | None, op: str | None):
         """The repository extension (index, load, unload) and our route call, behind the admin token."""
-        if not self.pipeline.authorized(request.headers.get(b"authorization")):
+        if not self.pipeline.authorized(request.headers.get(b"authorization"), request.client):
             how = "Authorization: Bearer TOKEN (`torchship serve key --api admin`)"
             return reply(error(401, f"the repository calls need the admin token: {how}", headers=UNAUTHORIZED))
         try:
@@ -165,7 +165,7 @@ class RestApp:
             flight.request_id = str(header.get("id") or request.headers.get(b"x-request-id", b"").decode()[:128])
             try:
                 pending = flight.enqueue(rows, prompt=prompt)
-            except Overloaded as e:
+            except (Overloaded, v2.ProtocolError) as e:  # a full queue, or more rows than the model takes
                 return answer(failure(e))
             pending.add_done_callback(lambda done: answer(encode(flight, done, header, want)))
 

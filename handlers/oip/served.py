@@ -8,11 +8,12 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..card import ModelCard
+from ..limits import MAX_BATCH_ITEMS
 from ..model import named, runners
 from ..model.images import Preprocessor
 from ..model.responses import batch_outputs
@@ -45,6 +46,8 @@ class Served:
     limit: Callable[[str], int] = None  # the most elements a request's tensor of a datatype may hold (v2)
     outputs: list[str] = field(default_factory=list)  # the names of the outputs it answers
     labels: dict = field(default_factory=dict)  # output name -> the class names its classification reports
+    overrides: dict = field(default_factory=dict)  # the model's load-time configuration (repository.ModelState)
+    max_rows: int = MAX_BATCH_ITEMS  # rows one request may hold: Triton's max_batch_size
 
     def __post_init__(self):
         self.limit = self.limit or model_io.element_limit(self.card)
@@ -77,8 +80,16 @@ class Served:
         await self.batcher.stop()
 
 
-def load(model_dir: str, config: Config, *, name: str | None = None) -> Served:
-    """One export ready to serve, not yet warm; its batcher starts with the worker's event loop (or at start())."""
+def load(model_dir: str, config: Config, *, name: str | None = None, overrides: dict | None = None) -> Served:
+    """One export ready to serve, not yet warm; its batcher starts with the worker's event loop (or at start()).
+    OVERRIDES (a load's configuration): max_batch_size caps both a request's rows and a pass's; max_batch_delay_ms."""
+    overrides = overrides or {}
+    rows = int(overrides.get("max_batch_size", 0)) or MAX_BATCH_ITEMS
+    config = replace(
+        config,
+        max_batch=rows if "max_batch_size" in overrides else config.max_batch,
+        max_batch_delay_ms=float(overrides.get("max_batch_delay_ms", config.max_batch_delay_ms)),
+    )
     card = ModelCard.load(model_dir)
     name = name or card.name
     runner = runners.load(model_dir, config.backend, threads=config.threads, card=card)
@@ -96,7 +107,9 @@ def load(model_dir: str, config: Config, *, name: str | None = None) -> Served:
         stacking=stacking(card),
     )
     preprocessor = Preprocessor(card, config.max_pixels)
-    return Served(name, card, preprocessor, batcher, metrics, runner.backend, card.version, str(model_dir))
+    version = Served(name, card, preprocessor, batcher, metrics, runner.backend, card.version, str(model_dir))
+    version.overrides, version.max_rows = dict(overrides), rows
+    return version
 
 
 def stacking(card: ModelCard) -> Stacking | None:

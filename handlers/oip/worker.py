@@ -28,10 +28,11 @@ STOP_GRACE_S = 10  # a stopping worker answers what it holds for at most half of
 
 
 def loader(config: Config) -> Callable:
-    """(name, export directory) -> the version loaded and warm at the largest batch, or the error that stops it."""
+    """(name, export directory, the model's overrides) -> the version loaded and warm at the largest batch, or the
+    error that stops it."""
 
-    def load(name: str, directory: str) -> served.Served:
-        version = served.load(directory, config, name=name)
+    def load(name: str, directory: str, overrides: dict | None = None) -> served.Served:
+        version = served.load(directory, config, name=name, overrides=overrides or {})
         try:
             served.warm_up(version)
         except Exception as e:  # a model that cannot run a full batch must never take traffic
@@ -48,7 +49,7 @@ def repository(state: State, load: Callable) -> Repository:
     """Every version STATE names, loaded and warm, routed as it says."""
     repo = Repository(state)
     repo.models = {
-        name: Model(name, {v: load(name, spec.directory) for v, spec in m.versions.items()}, m.route)
+        name: Model(name, {v: load(name, spec.directory, m.overrides) for v, spec in m.versions.items()}, m.route)
         for name, m in state.models.items()
     }
     return repo
@@ -108,7 +109,8 @@ async def follow(path: str, repo: Repository, load: Callable) -> None:
         try:
             if op == "stage":
                 key = (command["model"], command["version"])
-                staged[key] = await loop.run_in_executor(None, load, command["model"], command["dir"])
+                overrides = command.get("overrides") or {}
+                staged[key] = await loop.run_in_executor(None, load, command["model"], command["dir"], overrides)
                 reply = {"ok": True, "warmup": staged[key].warmup}
             elif op == "commit":
                 await apply(repo, State.from_json(json.dumps(command["state"])), staged, load)
@@ -137,8 +139,10 @@ async def apply(repo: Repository, state: State, staged: dict, load: Callable) ->
         versions = {}
         for v, spec in m.versions.items():
             s = held.get((name, v))
-            if s is None or s.directory != spec.directory:
-                s = staged.pop((name, v), None) or await loop.run_in_executor(None, load, name, spec.directory)
+            if s is None or s.directory != spec.directory or s.overrides != m.overrides:
+                s = staged.pop((name, v), None) or await loop.run_in_executor(
+                    None, load, name, spec.directory, m.overrides
+                )
             versions[v] = s
         models[name] = Model(name, versions, m.route)
     kept = {id(s) for m in models.values() for s in m.versions.values()}

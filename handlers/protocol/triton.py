@@ -38,7 +38,15 @@ def _dims(shape: list[int]) -> dict:
     return {"dims": list(shape[1:])} if len(shape) > 1 else {"dims": [1], "reshape": {"shape": []}}
 
 
-def config(card: ModelCard, name: str, platform: str, *, max_batch_delay_ms: float, max_batch: int) -> dict:
+def config(
+    card: ModelCard,
+    name: str,
+    platform: str,
+    *,
+    max_batch_delay_ms: float,
+    max_batch: int,
+    max_batch_size: int = MAX_BATCH_ITEMS,
+) -> dict:
     """The model configuration as Triton's JSON has it: every input optional (our image models take `images` or
     `input`, one of them per request)."""
     image = card.image
@@ -47,7 +55,7 @@ def config(card: ModelCard, name: str, platform: str, *, max_batch_delay_ms: flo
         "platform": platform,
         "backend": PLATFORM_BACKENDS.get(platform, platform),
         "version_policy": {"latest": {"num_versions": 1}},
-        "max_batch_size": MAX_BATCH_ITEMS,
+        "max_batch_size": max_batch_size,
         "input": [
             {
                 "name": t["name"],

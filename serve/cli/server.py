@@ -128,6 +128,12 @@ def serve_group():
     help=f"{OIP} only: ms a batch waits for requests already on their way  [default: measured]",
 )
 @click.option(
+    "--loopback-admin",
+    is_flag=True,
+    help=f"{OIP} only: clients on this machine may call the repository API (load, unload) without the admin token, "
+    "as Triton's own tools expect (they send none).",
+)
+@click.option(
     "--access-log",
     is_flag=True,
     help=f"{OIP} only: a line per inference request in its log, with the "
@@ -154,6 +160,7 @@ def start_command(
     workers,
     max_batch,
     max_batch_delay_ms,
+    loopback_admin,
     access_log,
     timeout,
 ):
@@ -184,6 +191,7 @@ def start_command(
         max_batch=max_batch,
         max_batch_delay_ms=max_batch_delay_ms,
         access_log=access_log,
+        loopback_admin=loopback_admin,
     )
     try:
         cfg = chosen.start(options)
