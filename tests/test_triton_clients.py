@@ -291,3 +291,29 @@ def test_model_control_as_the_examples_do_it_on_a_server_that_lets_loopback_in(l
     with pytest.raises(InferenceServerException) as e:  # the token stays the default
         client(server, kind).load_model("simple")
     assert "admin token" in e.value.message()
+
+
+def test_a_stream_of_ordinary_requests_is_answered_on_the_stream_errors_included(server):
+    """tritonclient.grpc's start_stream / async_stream_infer (ModelStreamInfer) on an ordinary model: every request
+    answered on the stream with its id, a bad one with its error, and the stream goes on."""
+    import queue
+
+    answers: queue.Queue = queue.Queue()
+    c = client(server, "grpc")
+    c.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        a = np.arange(16, dtype=np.int32)[None]
+        for k in range(6):
+            c.async_stream_infer("simple", simple_inputs("grpc", a + k, a), request_id=f"s{k}")
+        bad = tgrpc.InferInput("INPUT0", [1, 16], "INT32")
+        bad.set_data_from_numpy(a)
+        c.async_stream_infer("simple", [bad], request_id="bad")  # INPUT1 missing
+        c.async_stream_infer("simple", simple_inputs("grpc", a, a), request_id="after")
+        got = [answers.get(timeout=60) for _ in range(8)]
+    finally:
+        c.stop_stream()
+    ok = {r.get_response().id: r for r, e in got if e is None}
+    errors = [e for r, e in got if e is not None]
+    assert set(ok) == {*(f"s{k}" for k in range(6)), "after"}
+    assert all((ok[f"s{k}"].as_numpy("OUTPUT0") == 2 * a + k).all() for k in range(6))
+    assert len(errors) == 1 and "missing ['INPUT1']" in errors[0].message()

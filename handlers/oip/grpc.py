@@ -107,16 +107,16 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
         await admin("unload", request.model_name, triton.parameters(request), context)
         return tr["RepositoryModelUnloadResponse"]()
 
-    async def model_infer(request, context):
+    async def infer(request, peer: str, traceparent, protocol: str = "grpc"):
+        """One ModelInferRequest through the pipeline to its ModelInferResponse; an exception for a refusal."""
         flight, status = None, 500
         try:
-            metadata = dict(context.invocation_metadata())
             flight = pipeline.begin(
-                "grpc",
+                protocol,
                 request.model_name,
                 request.model_version,
-                client=context.peer(),
-                traceparent=metadata.get("traceparent"),
+                client=peer,
+                traceparent=traceparent,
                 nbytes=request.ByteSize(),
             )
             served = flight.served
@@ -131,14 +131,43 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
         except asyncio.CancelledError:  # the client cancelled or went away: its rows left the queue with the task
             status = ABANDONED
             raise
-        except grpc.aio.AbortError:
-            raise
         except Exception as e:
-            status = refusal(e)[0]
-            await fail(e, context)
+            status = refusal(e, log=False)[0]  # the caller's refusal says it, once
+            raise
         finally:
             if flight is not None:
                 flight.finish(status)
+
+    async def model_infer(request, context):
+        try:
+            return await infer(request, context.peer(), dict(context.invocation_metadata()).get("traceparent"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            await fail(e, context)
+
+    async def model_stream_infer(requests, context):
+        """Triton's streaming endpoint for ordinary models: every request on the stream answered on it, in the
+        order their passes end, each answer or error carrying the request's id (an error does not end the stream)."""
+        peer, traceparent = context.peer(), dict(context.invocation_metadata()).get("traceparent")
+        writing, running = asyncio.Lock(), set()
+
+        async def one(request) -> None:
+            try:
+                answer = v2_grpc.stream_response(await infer(request, peer, traceparent, "grpc-stream"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                answer = v2_grpc.stream_response(error=refusal(e)[1], request_id=request.id)
+            async with writing:
+                await context.write(answer)
+
+        async for request in requests:
+            task = asyncio.get_running_loop().create_task(one(request))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
 
     methods = {
         "ServerLive": (server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
@@ -157,15 +186,16 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
             tr["RepositoryModelUnloadResponse"],
         ),
     }
-    return grpc.method_handlers_generic_handler(
-        v2_grpc.SERVICE,
-        {
-            name: grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
-            )
-            for name, (fn, req, resp) in methods.items()
-        },
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+        )
+        for name, (fn, req, resp) in methods.items()
+    }
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        model_stream_infer, request_deserializer=pb.ModelInferRequest.FromString, response_serializer=bytes
     )
+    return grpc.method_handlers_generic_handler(v2_grpc.SERVICE, handlers)
 
 
 def decode(to_rows, limit, request):

@@ -55,14 +55,15 @@ def loopback(client: str) -> bool:
         return False
 
 
-def refusal(e: BaseException) -> tuple[int, str]:
+def refusal(e: BaseException, *, log: bool = True) -> tuple[int, str]:
     """The status and message of a request that failed, whatever its transport: the client's mistakes their 4xx, a
     full worker 503, anything else a 500 whose details stay in the log."""
     if isinstance(e, (InputError, RepositoryError)):
         return e.status, str(e)
     if isinstance(e, Overloaded):
         return 503, str(e)
-    logger.error("a request failed", exc_info=e)
+    if log:
+        logger.error("a request failed", exc_info=e)
     return 500, f"inference failed: {type(e).__name__}"
 
 
