@@ -165,6 +165,9 @@ TORCH_DATATYPES = {
     torch.float64: "FP64",
     torch.int64: "INT64",
     torch.int32: "INT32",
+    torch.int16: "INT16",
+    torch.int8: "INT8",
+    torch.uint8: "UINT8",
     torch.bool: "BOOL",
 }
 

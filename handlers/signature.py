@@ -13,7 +13,7 @@ from .fields import CardError, is_number, sequence, sub
 
 BATCH_DIM = "batch"  # a signature's first dimension, always: requests of any batch size are stacked along it
 # The datatypes a signature may name (v2's names); BF16 stays out: numpy, and so every runtime, has no bfloat16.
-SIGNATURE_DATATYPES = ("FP32", "FP16", "FP64", "INT64", "INT32", "BOOL")
+SIGNATURE_DATATYPES = ("FP32", "FP16", "FP64", "INT64", "INT32", "INT16", "INT8", "UINT8", "BOOL")
 MAX_DIM = 1 << 20  # a named dimension's largest allowed upper bound
 TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
 

@@ -22,9 +22,12 @@ def simple(triton_exports):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, simple):
+def server(tmp_path_factory, simple, triton_exports):
     state = tmp_path_factory.mktemp("triton-oip")
-    cfg = oip.OIPConfig.on_free_ports(str(simple.parent), "simple", str(state), workers=2, max_batch=8, threads=1)
+    more = (str(triton_exports("simple_int8")),)
+    cfg = oip.OIPConfig.on_free_ports(
+        str(simple.parent), "simple", str(state), extra_exports=more, workers=2, max_batch=8, threads=1
+    )
     cfg = oip.start(cfg, timeout=120)
     yield cfg
     oip.stop(state)
@@ -110,7 +113,8 @@ def test_statistics_of_every_model_of_one_version_and_of_a_version_that_is_not_t
         from google.protobuf import json_format
 
         every, one = (json_format.MessageToDict(s, preserving_proto_field_name=True) for s in (every, one))
-    assert [s["name"] for s in every["model_stats"]] == ["simple"] and one["model_stats"][0]["version"] == "1"
+    assert sorted(s["name"] for s in every["model_stats"]) == ["simple", "simple_int8"]
+    assert one["model_stats"][0]["version"] == "1"
     with pytest.raises(InferenceServerException) as e:
         c.get_inference_statistics(model_name="simple", model_version="7")
     assert "no version '7'" in e.value.message()
@@ -317,3 +321,29 @@ def test_a_stream_of_ordinary_requests_is_answered_on_the_stream_errors_included
     assert set(ok) == {*(f"s{k}" for k in range(6)), "after"}
     assert all((ok[f"s{k}"].as_numpy("OUTPUT0") == 2 * a + k).all() for k in range(6))
     assert len(errors) == 1 and "missing ['INPUT1']" in errors[0].message()
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_int8_tensors_in_and_out_and_as_explicit_grpc_contents(server, kind):
+    """grpc_explicit_int8_content_client.py's model: INT8 in and out, as binary data, as JSON, and (gRPC) as typed
+    int_contents, which the protocol carries in 32 bits."""
+    a = np.arange(-8, 8, dtype=np.int8)[None]
+    b = np.full((1, 16), 3, dtype=np.int8)
+    inputs = [CLIENTS[kind].InferInput(n, [1, 16], "INT8") for n in ("INPUT0", "INPUT1")]
+    inputs[0].set_data_from_numpy(a, **({"binary_data": False} if kind == "http" else {}))
+    inputs[1].set_data_from_numpy(b)
+    result = client(server, kind).infer("simple_int8", inputs)
+    assert result.as_numpy("OUTPUT0").dtype == np.int8 and (result.as_numpy("OUTPUT0") == a + b).all()
+    assert (result.as_numpy("OUTPUT1") == a - b).all()
+    if kind == "grpc":
+        import grpc
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        request = service_pb2.ModelInferRequest(model_name="simple_int8")
+        for name, x in (("INPUT0", a), ("INPUT1", b)):
+            t = request.inputs.add(name=name, datatype="INT8", shape=[1, 16])
+            t.contents.int_contents.extend(x.reshape(-1).tolist())
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
+        answer = stub.ModelInfer(request)
+        out = dict(zip([o.name for o in answer.outputs], answer.raw_output_contents))
+        assert (np.frombuffer(out["OUTPUT0"], np.int8) == (a + b).reshape(-1)).all()

@@ -25,8 +25,15 @@ SIMPLE = {
     "outputs": [{"name": "OUTPUT0", "datatype": "INT32", "shape": ["batch", 16]},
                 {"name": "OUTPUT1", "datatype": "INT32", "shape": ["batch", 16]}],
 }
+
+# Triton's `simple_int8` (grpc_explicit_int8_content_client.py): the same, on INT8 (a range that cannot overflow)
+SIMPLE_INT8 = {
+    "inputs": [{"name": n, "datatype": "INT8", "shape": ["batch", 16], "range": [-60, 60]}
+               for n in ("INPUT0", "INPUT1")],
+    "outputs": [{"name": n, "datatype": "INT8", "shape": ["batch", 16]} for n in ("OUTPUT0", "OUTPUT1")],
+}
 '''
-TRITON = {"simple": ("Simple", "SIMPLE")}  # name -> (factory, signature)
+TRITON = {"simple": ("Simple", "SIMPLE"), "simple_int8": ("Simple", "SIMPLE_INT8")}  # name -> (factory, signature)
 
 
 def export(folder, name: str) -> tuple[subprocess.CompletedProcess, object]:

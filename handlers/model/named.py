@@ -19,12 +19,15 @@ from ..limits import MAX_BATCH_ITEMS
 from ..signature import Signature, TensorSpec
 from .errors import SignatureError
 
-NUMPY = {
+NUMPY = {  # every datatype a signature may name (signature.SIGNATURE_DATATYPES), as numpy holds it
     "FP32": np.float32,
     "FP16": np.float16,
     "FP64": np.float64,
     "INT64": np.int64,
     "INT32": np.int32,
+    "INT16": np.int16,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
     "BOOL": np.bool_,
 }
 DATATYPE_OF = {np.dtype(v): k for k, v in NUMPY.items()}

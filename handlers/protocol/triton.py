@@ -21,6 +21,11 @@ from .model_io import input_types, output_types
 DATA_TYPES = {  # Triton's DataType enum, by v2 datatype name
     "BOOL": 1,
     "UINT8": 2,
+    "UINT16": 3,
+    "UINT32": 4,
+    "UINT64": 5,
+    "INT8": 6,
+    "INT16": 7,
     "INT32": 8,
     "INT64": 9,
     "FP16": 10,

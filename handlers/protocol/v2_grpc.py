@@ -38,12 +38,18 @@ def messages():
     return module
 
 
-TYPED_CONTENTS = {
+TYPED_CONTENTS = {  # the protocol's InferTensorContents field for each datatype (the narrow ints ride in 32 bits)
     "BYTES": "bytes_contents",
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
     "INT64": "int64_contents",
     "INT32": "int_contents",
+    "INT16": "int_contents",
+    "INT8": "int_contents",
+    "UINT64": "uint64_contents",
+    "UINT32": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT8": "uint_contents",
     "BOOL": "bool_contents",
 }
 
