@@ -347,3 +347,15 @@ def test_int8_tensors_in_and_out_and_as_explicit_grpc_contents(server, kind):
         answer = stub.ModelInfer(request)
         out = dict(zip([o.name for o in answer.outputs], answer.raw_output_contents))
         assert (np.frombuffer(out["OUTPUT0"], np.int8) == (a + b).reshape(-1)).all()
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_cuda_shared_memory_is_refused_with_a_message_that_says_why(server, kind):
+    """simple_*_cudashm_client.py's first call: no GPU here, and the server says so instead of a bare UNIMPLEMENTED."""
+    c = client(server, kind)
+    with pytest.raises(InferenceServerException) as e:
+        c.get_cuda_shared_memory_status()
+    assert "CUDA shared memory is not served" in e.value.message() and "CPU" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        c.unregister_cuda_shared_memory()
+    assert "CUDA shared memory is not served" in e.value.message()

@@ -10,7 +10,7 @@ import grpc
 
 from ..protocol import triton, v2_grpc
 from .config import Config, Limits
-from .pipeline import ABANDONED, Pipeline, refusal
+from .pipeline import ABANDONED, CUDA_SHM, Pipeline, refusal
 from .repository import RepositoryError
 
 CODES = {
@@ -192,6 +192,14 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
         )
         for name, (fn, req, resp) in methods.items()
     }
+
+    async def cuda_shm(request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, CUDA_SHM)
+
+    for call in ("Status", "Register", "Unregister"):  # any request decodes as an empty message: we read none of it
+        handlers[f"CudaSharedMemory{call}"] = grpc.unary_unary_rpc_method_handler(
+            cuda_shm, request_deserializer=lambda _: None, response_serializer=bytes
+        )
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
         model_stream_infer, request_deserializer=pb.ModelInferRequest.FromString, response_serializer=bytes
     )

@@ -35,6 +35,8 @@ ABANDONED = 499  # nginx's "client closed request": counted in the metrics, neve
 DECODE_THREADS = 2  # large requests are parsed and decoded here, off the event loop; a bounded pool, a bounded queue
 DECODE_INLINE_BYTES = 64 * 1024  # larger requests (photos, long JSON) are parsed and decoded in that pool
 RETRY_AFTER_S = 1  # what a 503 asks the client to wait
+# Triton's CUDA shared memory extension needs a GPU; torchship's servers run their models on the CPU
+CUDA_SHM = "CUDA shared memory is not served: this server runs its models on the CPU"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics")
 
 

@@ -16,7 +16,7 @@ from . import compression
 from .batching import Overloaded
 from .http11 import Request, Response
 from .metrics import CONTENT_TYPE, exposition
-from .pipeline import ABANDONED, RETRY_AFTER_S, Flight, Pipeline, refusal
+from .pipeline import ABANDONED, CUDA_SHM, RETRY_AFTER_S, Flight, Pipeline, refusal
 from .repository import RepositoryError
 from .served import Served
 
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/stats)?$")
 ALL_STATS = "/v2/models/stats"  # Triton's statistics of every model (a model named "stats" has its own under it)
 REPOSITORY_ROUTE = re.compile(r"^/v2/repository/(?:index|models/([^/]+)/(load|unload|route))$")
+CUDA_SHM_ROUTE = re.compile(r"^/v2/cudasharedmemory(/region/[^/]+)?/(status|register|unregister)$")
 V1_ROUTE = re.compile(r"^/v1/models/([^/:]+)(:predict)?$")  # KServe v1 / TF Serving: {"instances": [...]}
 HEADER_LENGTH = v2.HEADER_LENGTH.encode()
 JSON = ((b"content-type", b"application/json"),)
@@ -72,6 +73,8 @@ class RestApp:
             if method != "POST":
                 return reply(error(405, f"{path[:200]} takes POST"))
             return self.predict_v1(request, reply, v1.group(1))
+        if CUDA_SHM_ROUTE.match(path):
+            return reply(error(501, CUDA_SHM))
         repository = REPOSITORY_ROUTE.match(path)
         if repository:
             if method != "POST":
