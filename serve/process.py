@@ -42,6 +42,7 @@ class StartOptions:
     max_batch_delay_ms: float | None = None  # OIP
     access_log: bool = False  # OIP: a line per inference request
     loopback_admin: bool = False  # OIP: the repository calls need no token from this machine
+    allow_client_shm: bool = False  # OIP: clients on this machine may register shared memory regions
 
 
 def free_ports(n: int = 3) -> list[int]:

@@ -239,10 +239,18 @@ def test_a_compressed_bomb_gets_a_413_and_another_coding_a_501(server):
 
 @pytest.fixture(scope="module")
 def local_admin(tmp_path_factory, simple):
-    """A server started with --loopback_admin: the repository calls need no token from this machine."""
+    """A server started with --loopback_admin (the repository calls need no token from this machine) and
+    --allow_client_shm (clients here may register shared memory)."""
     state = tmp_path_factory.mktemp("triton-local-admin")
     cfg = oip.OIPConfig.on_free_ports(
-        str(simple.parent), "simple", str(state), workers=2, max_batch=8, threads=1, loopback_admin=True
+        str(simple.parent),
+        "simple",
+        str(state),
+        workers=2,
+        max_batch=8,
+        threads=1,
+        loopback_admin=True,
+        allow_client_shm=True,
     )
     cfg = oip.start(cfg, timeout=120)
     yield cfg
@@ -359,3 +367,67 @@ def test_cuda_shared_memory_is_refused_with_a_message_that_says_why(server, kind
     with pytest.raises(InferenceServerException) as e:
         c.unregister_cuda_shared_memory()
     assert "CUDA shared memory is not served" in e.value.message()
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_system_shared_memory_inputs_and_outputs_as_the_shm_examples_use_them(local_admin, server, kind):
+    """simple_{http,grpc}_shm_client.py: inputs in one region, outputs written to another, the status of each, and
+    unregistering; every worker maps what one registration names (requests may reach any of them)."""
+    import os
+
+    import tritonclient.utils.shared_memory as shm
+
+    c = client(local_admin, kind)
+    c.unregister_system_shared_memory()
+    a = np.arange(16, dtype=np.int32)[None]
+    b = np.full((1, 16), 5, dtype=np.int32)
+    size = a.nbytes
+    key = f"/torchship-test-{kind}-{os.getpid()}"
+    ins = shm.create_shared_memory_region("in", f"{key}-in", 2 * size)
+    outs = shm.create_shared_memory_region("out", f"{key}-out", 2 * size)
+    try:
+        shm.set_shared_memory_region(ins, [a, b])
+        c.register_system_shared_memory("in", f"{key}-in", 2 * size)
+        c.register_system_shared_memory("out", f"{key}-out", 2 * size)
+        status = c.get_system_shared_memory_status()
+        names = {r["name"] for r in status} if kind == "http" else set(status.regions)
+        assert names == {"in", "out"}
+        inputs = [CLIENTS[kind].InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+        inputs[0].set_shared_memory("in", size)
+        inputs[1].set_shared_memory("in", size, offset=size)
+        outputs = [CLIENTS[kind].InferRequestedOutput(n) for n in ("OUTPUT0", "OUTPUT1")]
+        outputs[0].set_shared_memory("out", size)
+        outputs[1].set_shared_memory("out", size, offset=size)
+        for _ in range(4):  # over HTTP, connections land on either worker: each must have mapped both regions
+            result = c.infer("simple", inputs, outputs=outputs)
+            named = result.get_output("OUTPUT0")  # the answer names the region, and carries no data
+            region = (
+                named["parameters"]["shared_memory_region"]
+                if kind == "http"
+                else named.parameters["shared_memory_region"].string_param
+            )
+            assert region == "out" and (kind == "grpc" or "data" not in named)
+            assert (shm.get_contents_as_numpy(outs, np.int32, [1, 16]) == a + b).all()
+            assert (shm.get_contents_as_numpy(outs, np.int32, [1, 16], offset=size) == a - b).all()
+            b = b + 1
+            shm.set_shared_memory_region(ins, [a, b])
+        c.unregister_system_shared_memory("in")
+        with pytest.raises(InferenceServerException) as e:  # an unregistered region is read no more
+            c.infer("simple", inputs, outputs=outputs)
+        assert "'in' is not registered" in e.value.message()
+        c.unregister_system_shared_memory()
+        status = c.get_system_shared_memory_status()
+        assert not (status if kind == "http" else status.regions)
+        with pytest.raises(InferenceServerException) as e:
+            c.register_system_shared_memory("bad", "/../etc/passwd", 16)
+        assert "directly under /dev/shm" in e.value.message()
+        with pytest.raises(InferenceServerException) as e:
+            c.register_system_shared_memory("big", f"{key}-in", 4 * size)
+        assert "runs past" in e.value.message()
+        with pytest.raises(InferenceServerException) as e:  # a server started without the option says which
+            client(server, kind).register_system_shared_memory("in", f"{key}-in", 2 * size)
+        assert "allow_client_shm" in e.value.message()
+    finally:
+        c.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(ins)
+        shm.destroy_shared_memory_region(outs)

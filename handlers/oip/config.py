@@ -67,6 +67,7 @@ class Config:
     log_level: str = "INFO"
     access_log: bool = False  # a line per inference request (~10 us a request)
     loopback_admin: bool = False  # the repository calls need no token from a client on this machine (Triton's tools)
+    allow_client_shm: bool = False  # clients on this machine may register shared memory regions (Triton's option)
 
     def __post_init__(self):
         object.__setattr__(self, "model_dirs", tuple(str(d) for d in self.model_dirs))

@@ -15,9 +15,11 @@ import json
 import logging
 import socket
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 from ..limits import MAX_BATCH_ITEMS
+from . import shm
 from .repository import (
     ModelState,
     Repository,
@@ -51,9 +53,20 @@ class ControlPlane:
     """What the supervisor keeps of the repository: the saved state, its workers' command connections, and the admin
     calls that change them."""
 
-    def __init__(self, path: str, state_file: str, *, sources: list[str], backend: str, aliases: dict[str, str]):
+    def __init__(
+        self,
+        path: str,
+        state_file: str,
+        *,
+        sources: list[str],
+        backend: str,
+        aliases: dict[str, str],
+        allow_shm: bool = False,
+    ):
         self.path, self.state_file, self.sources, self.backend = path, state_file, sources, backend
         self.aliases = aliases  # a model served under another name than its card's (--model_name): served -> card
+        self.allow_shm = allow_shm  # clients may register shared memory regions (config.allow_client_shm)
+        self.regions: dict[str, shm.Region] = {}
         self.state = State.load(state_file)
         self.workers: dict[int, tuple[socket.socket, object]] = {}
         self.lock = threading.Lock()  # one admin call at a time; the worker table is shared with hello
@@ -96,11 +109,14 @@ class ControlPlane:
     def _hello(self, sock: socket.socket, reader, hello: dict) -> None:
         with self.lock:
             self.workers[int(hello["pid"])] = (sock, reader)
-            if hello.get("generation", 0) != self.state.generation:  # it loaded a state older than the saved one
-                try:
+            try:
+                if hello.get("generation", 0) != self.state.generation:  # it loaded a state older than the saved one
                     self._command(int(hello["pid"]), {"op": "commit", "state": json.loads(self.state.to_json())})
-                except (OSError, ConnectionError, ValueError) as e:
-                    logger.warning("worker %s missed the repository's state: %s", hello["pid"], e)
+                if self.regions:  # a replacement maps what clients registered before it started
+                    regions = {n: asdict(r) for n, r in self.regions.items()}
+                    self._command(int(hello["pid"]), {"op": "shm", "regions": regions})
+            except (OSError, ConnectionError, ValueError) as e:
+                logger.warning("worker %s missed the repository's state: %s", hello["pid"], e)
 
     def forget(self, pid: int) -> None:
         with self.lock:
@@ -155,7 +171,47 @@ class ControlPlane:
             return self.unload(name, params)
         if op == "route":
             return self.route(name, params)
+        if op == "shm_register":
+            return self.shm_register(params)
+        if op == "shm_unregister":
+            return self.shm_unregister(params.get("name"))
         raise RepositoryError(f"no repository call {op!r}")
+
+    # the system shared memory extension: registrations kept here, mapped in every worker (shm.py)
+
+    def shm_register(self, params: dict) -> dict:
+        if not self.allow_shm:
+            raise RepositoryError(
+                f"this server takes no shared memory from clients: start it with --{shm.ALLOW} "
+                "(`torchship serve start --allow-client-shm`) to let clients on this machine "
+                "register regions",
+                403,
+            )
+        try:
+            region = shm.check(params.get("name"), params.get("key"), params.get("offset", 0), params.get("byte_size"))
+        except shm.ProtocolError as e:
+            raise RepositoryError(e.message, e.status) from None
+        if region.name in self.regions:
+            raise RepositoryError(
+                f"shared memory region {region.name!r} is already registered: unregister it first", 409
+            )
+        self._share({**self.regions, region.name: region})
+        return {}
+
+    def shm_unregister(self, name: str | None) -> dict:
+        """One region, or every one (no name): unregistering one that is not there is no error, as in Triton."""
+        self._share({n: r for n, r in self.regions.items() if name and n != name})
+        return {}
+
+    def _share(self, regions: dict) -> None:
+        """Every worker maps the regions before the call returns; one that cannot keeps the old set, and says why."""
+        message = {"op": "shm", "regions": {n: asdict(r) for n, r in regions.items()}}
+        failed = {pid: r for pid, r in self._everywhere(message, REPLY_TIMEOUT_S).items() if not r.get("ok")}
+        if failed:
+            self._everywhere({"op": "shm", "regions": {n: asdict(r) for n, r in self.regions.items()}}, REPLY_TIMEOUT_S)
+            pid, r = next(iter(failed.items()))
+            raise RepositoryError(f"worker {pid} could not map the shared memory: {r.get('error')}", 400)
+        self.regions = regions
 
     def load(self, name: str, params: dict) -> list[dict]:
         """Every version of NAME on disk: new ones loaded and warmed everywhere before any takes traffic; the default

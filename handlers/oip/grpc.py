@@ -79,6 +79,32 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
         except Exception as e:
             await fail(e, context)
 
+    async def shm_status(request, context):
+        try:
+            rows = pipeline.shm_status(request.name or None)
+        except Exception as e:
+            await fail(e, context)
+        response = tr["SystemSharedMemoryStatusResponse"]()
+        for row in rows:
+            response.regions[row["name"]].CopyFrom(response.RegionStatus(**row))
+        return response
+
+    async def shm_change(op: str, params: dict, context) -> None:
+        answered = asyncio.get_running_loop().create_future()
+        pipeline.repository_call(op, None, params, answered.set_result)
+        r = await answered
+        if not r.get("ok"):
+            await context.abort(code(r.get("status", 500)), r["error"])
+
+    async def shm_register(request, context):
+        params = {"name": request.name, "key": request.key, "offset": request.offset, "byte_size": request.byte_size}
+        await shm_change("shm_register", params, context)
+        return tr["SystemSharedMemoryRegisterResponse"]()
+
+    async def shm_unregister(request, context):
+        await shm_change("shm_unregister", {"name": request.name or None}, context)
+        return tr["SystemSharedMemoryUnregisterResponse"]()
+
     async def authorized(context) -> None:
         if not pipeline.authorized(dict(context.invocation_metadata()).get("authorization"), context.peer()):
             message = "the repository calls need the admin token: authorization: Bearer TOKEN metadata"
@@ -120,12 +146,13 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
                 nbytes=request.ByteSize(),
             )
             served = flight.served
-            rows = flight.decode(decode, served.decode, served.limit, request)
+            rows = flight.decode(decode, served.decode, served.limit, request, pipeline.shm)
             if isinstance(rows, asyncio.Future):
                 rows = await rows
             flight.request_id = request.id[:128]
             outputs = served.encode(await flight.enqueue(rows))
-            response = v2_grpc.infer_response(served.name, served.version, request, outputs, served.labels)
+            shm = pipeline.shm
+            response = v2_grpc.infer_response(served.name, served.version, request, outputs, served.labels, shm)
             status = 200
             return response
         except asyncio.CancelledError:  # the client cancelled or went away: its rows left the queue with the task
@@ -178,6 +205,14 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
         "ModelInfer": (model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
         "ModelConfig": (model_config, tr["ModelConfigRequest"], tr["ModelConfigResponse"]),
         "ModelStatistics": (model_statistics, tr["ModelStatisticsRequest"], tr["ModelStatisticsResponse"]),
+        **{
+            f"SystemSharedMemory{call}": (
+                fn,
+                tr[f"SystemSharedMemory{call}Request"],
+                tr[f"SystemSharedMemory{call}Response"],
+            )
+            for call, fn in (("Status", shm_status), ("Register", shm_register), ("Unregister", shm_unregister))
+        },
         "RepositoryIndex": (repository_index, tr["RepositoryIndexRequest"], tr["RepositoryIndexResponse"]),
         "RepositoryModelLoad": (repository_load, tr["RepositoryModelLoadRequest"], tr["RepositoryModelLoadResponse"]),
         "RepositoryModelUnload": (
@@ -206,9 +241,9 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(v2_grpc.SERVICE, handlers)
 
 
-def decode(to_rows, limit, request):
+def decode(to_rows, limit, request, shm=None):
     """A ModelInferRequest to the model's rows (on the loop, or on the decode pool for a large one)."""
-    return to_rows(v2_grpc.tensors_of(request, limit))
+    return to_rows(v2_grpc.tensors_of(request, limit, shm))
 
 
 def server(pipeline: Pipeline, config: Config) -> grpc.aio.Server:

@@ -43,6 +43,8 @@ HELP = {
     "status_file": "where the supervisor keeps its account of the workers, as JSON",
     "loopback_admin": "let clients on this machine (loopback) call the repository API without the admin token, as "
     "Triton's own tools do (they send none); off by default: the token is required",
+    "allow_client_shm": "let clients on this machine register system shared memory regions (/dev/shm) that the "
+    "server then reads inputs from and writes outputs to, as Triton's --allow-client-shm; off by default",
     "access_log": "a line per inference request (protocol, client, model version, status, ms, request id) in the "
     "log; off by default: ~10 us a request",
 }

@@ -28,6 +28,7 @@ from .batching import Overloaded
 from .config import Config
 from .repository import Repository, RepositoryError, agreement
 from .served import Served
+from .shm import Regions
 
 logger = logging.getLogger("torchship.oip")
 ACCESS = logging.getLogger("torchship.access")  # one line per inference request, when the server's access_log asks
@@ -37,7 +38,10 @@ DECODE_INLINE_BYTES = 64 * 1024  # larger requests (photos, long JSON) are parse
 RETRY_AFTER_S = 1  # what a 503 asks the client to wait
 # Triton's CUDA shared memory extension needs a GPU; torchship's servers run their models on the CPU
 CUDA_SHM = "CUDA shared memory is not served: this server runs its models on the CPU"
-EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics")
+EXTENSIONS = (
+    *("binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics"),
+    "system_shared_memory",
+)
 
 
 def server_version() -> str:
@@ -72,8 +76,9 @@ def refusal(e: BaseException, *, log: bool = True) -> tuple[int, str]:
 class Pipeline:
     """A worker's one request path: the repository it serves from, the admin calls, the decode pool."""
 
-    def __init__(self, repo: Repository, config: Config, admin: Admin):
+    def __init__(self, repo: Repository, config: Config, admin: Admin, shm: Regions | None = None):
         self.repo, self.config, self.admin = repo, config, admin
+        self.shm = shm or Regions()  # the shared memory regions clients registered (shm.py)
         self.version = server_version()
         self.loop = asyncio.get_running_loop()
         self.decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")  # shared by every model
@@ -125,6 +130,10 @@ class Pipeline:
     def authorized(self, authorization, client: str) -> bool:
         """The admin token, or (only where the server was started with loopback_admin) a client on this machine."""
         return self.admin.allows(authorization) or (self.config.loopback_admin and loopback(client))
+
+    def shm_status(self, name: str | None = None) -> list[dict]:
+        """The system shared memory regions clients registered (all, or NAME's): [{name, key, offset, byte_size}]."""
+        return self.shm.status(name)
 
     def index(self) -> list[dict]:
         """This worker's view of what the supervisor last committed."""

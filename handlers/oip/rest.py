@@ -19,6 +19,7 @@ from .metrics import CONTENT_TYPE, exposition
 from .pipeline import ABANDONED, CUDA_SHM, RETRY_AFTER_S, Flight, Pipeline, refusal
 from .repository import RepositoryError
 from .served import Served
+from .shm import Regions
 
 try:  # orjson writes every answer's JSON 3-10x faster than json (bench/NOTES.md)
     import orjson
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/stats)?$")
 ALL_STATS = "/v2/models/stats"  # Triton's statistics of every model (a model named "stats" has its own under it)
 REPOSITORY_ROUTE = re.compile(r"^/v2/repository/(?:index|models/([^/]+)/(load|unload|route))$")
+SHM_ROUTE = re.compile(r"^/v2/systemsharedmemory(?:/region/([^/]+))?/(status|register|unregister)$")
 CUDA_SHM_ROUTE = re.compile(r"^/v2/cudasharedmemory(/region/[^/]+)?/(status|register|unregister)$")
 V1_ROUTE = re.compile(r"^/v1/models/([^/:]+)(:predict)?$")  # KServe v1 / TF Serving: {"instances": [...]}
 HEADER_LENGTH = v2.HEADER_LENGTH.encode()
@@ -75,6 +77,9 @@ class RestApp:
             return self.predict_v1(request, reply, v1.group(1))
         if CUDA_SHM_ROUTE.match(path):
             return reply(error(501, CUDA_SHM))
+        shm = SHM_ROUTE.match(path)
+        if shm:
+            return self.shared_memory(request, reply, shm.group(1), shm.group(2))
         repository = REPOSITORY_ROUTE.match(path)
         if repository:
             if method != "POST":
@@ -149,6 +154,37 @@ class RestApp:
             nbytes=len(request.body),
         )
 
+    def shared_memory(self, request: Request, reply, region: str | None, op: str):
+        """Triton's system shared memory extension: status (GET), register and unregister (POST)."""
+        if op == "status":
+            if request.method not in ("GET", "HEAD"):
+                return reply(error(405, "status takes GET"))
+            try:
+                return reply(Response(200, dumps(self.pipeline.shm_status(region))))
+            except v2.ProtocolError as e:
+                return reply(error(e.status, str(e)))
+        if request.method != "POST":
+            return reply(error(405, f"{op} takes POST"))
+        try:
+            body = v2.loads(request.body) if request.body.strip() else {}
+        except v2.ProtocolError as e:
+            return reply(error(400, str(e)))
+        if op == "register" and (region is None or not isinstance(body, dict)):
+            return reply(
+                error(
+                    400,
+                    "register a region at /v2/systemsharedmemory/region/NAME/register with a JSON "
+                    "object {key, offset, byte_size}",
+                )
+            )
+        params = {**(body if op == "register" else {}), "name": region}
+
+        def done(r: dict) -> None:
+            reply(Response(200, b"{}") if r.get("ok") else error(r.get("status", 500), r["error"]))
+
+        self.pipeline.repository_call(f"shm_{op}", None, params, done)
+        return None
+
     def infer(self, request: Request, reply, model: str, version: str | None):
         """A v2 request: decoded (on the loop when small, in the pool when large), queued, encoded. Returns the
         function http11 calls if the client goes away first (pipeline.Flight.abandon)."""
@@ -182,7 +218,10 @@ class RestApp:
         try:
             limit = self.pipeline.config.limits.max_body
             # a compressed body decompresses on the pool: what it holds is not known until then
-            prepared = flight.decode(prepare, flight.served, request, coding, limit, small=coding == "identity" or None)
+            shm = self.pipeline.shm
+            prepared = flight.decode(
+                prepare, flight.served, request, coding, limit, shm, small=coding == "identity" or None
+            )
         except Exception as e:
             answer(failure(e))
             return None
@@ -235,14 +274,16 @@ def answering(flight: Flight, reply):
     return answer
 
 
-def prepare(served: Served, request: Request, coding: str = "identity", limit: int = 0) -> tuple[dict, list, object]:
+def prepare(
+    served: Served, request: Request, coding: str = "identity", limit: int = 0, shm: Regions | None = None
+) -> tuple[dict, list, object]:
     """The request's v2 header, the outputs it wants and its rows: every lie a ProtocolError (a 4xx). A compressed
     body is decompressed first, to at most LIMIT bytes; the binary extension's header length is of what it holds."""
     body = request.body if coding == "identity" else compression.decompress(request.body, coding, limit)
     cut = request.headers.get(HEADER_LENGTH)
     if cut is not None and not (cut.isdigit() and len(cut) <= 12):
         raise v2.ProtocolError(f"{v2.HEADER_LENGTH} must be a number of bytes within the body's length")
-    header, tensors = v2.parse_http(body, int(cut) if cut is not None else None, served.limit)
+    header, tensors = v2.parse_http(body, int(cut) if cut is not None else None, served.limit, shm)
     return header, v2.wanted(header, served.outputs), served.decode(tensors)
 
 
@@ -254,7 +295,8 @@ def encode(flight: Flight, done: asyncio.Future, header: dict, want: list) -> Re
     served = flight.served
     outputs = served.encode(done.result())
     try:
-        body, json_length = v2.response_http(served.name, header, outputs, want, served.version, served.labels)
+        shm = flight.pipeline.shm
+        body, json_length = v2.response_http(served.name, header, outputs, want, served.version, served.labels, shm)
     except v2.ProtocolError as e:  # a classification the output cannot give
         return failure(e)
     if json_length is None:

@@ -112,6 +112,7 @@ class Supervisor:
             sources=list(config.model_dirs),
             backend=config.backend,
             aliases=aliases,
+            allow_shm=config.allow_client_shm,
         )
         return state
 

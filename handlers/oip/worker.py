@@ -21,6 +21,7 @@ from .grpc import server as grpc_server
 from .pipeline import Pipeline
 from .repository import Model, Repository, State
 from .rest import RestApp, error
+from .shm import Regions
 from .sockets import listening_socket
 
 logger = logging.getLogger("torchship.oip")
@@ -67,12 +68,13 @@ def serve(repo: Repository, config: Config, load: Callable, announce: Callable[[
             loop.add_signal_handler(sig, stop.set)
         for s in repo.served():
             s.batcher.start()
-        pipeline = Pipeline(repo, config, Admin(read_token(config.admin_token_file), control))
+        regions = Regions()  # the shared memory clients registered, as the supervisor says (shm.py)
+        pipeline = Pipeline(repo, config, Admin(read_token(config.admin_token_file), control), regions)
         grpc = grpc_server(pipeline, config)
         await grpc.start()
         server = await http11.serve(RestApp(pipeline), error, http, config.limits, http11.Tally(metrics.connections))
         if control:
-            following = loop.create_task(follow(control, repo, load))
+            following = loop.create_task(follow(control, repo, load, regions))
             following.add_done_callback(lambda t: t.cancelled() or t.exception() and stop.set())
         repo.ready = True
         announce()
@@ -96,7 +98,7 @@ def serve(repo: Repository, config: Config, load: Callable, announce: Callable[[
     return 0
 
 
-async def follow(path: str, repo: Repository, load: Callable) -> None:
+async def follow(path: str, repo: Repository, load: Callable, regions: Regions) -> None:
     """Say hello to the supervisor, then do what it says until it hangs up (control.py has the other side). LOAD runs
     on a thread of its own, so that serving goes on meanwhile."""
     loop = asyncio.get_running_loop()
@@ -118,6 +120,9 @@ async def follow(path: str, repo: Repository, load: Callable) -> None:
                 reply = {"ok": True}
             elif op == "abort":
                 staged.clear()
+                reply = {"ok": True}
+            elif op == "shm":
+                regions.apply(command["regions"])
                 reply = {"ok": True}
             else:
                 reply = {"ok": False, "error": f"unknown command {op!r}"}

@@ -207,6 +207,40 @@ def messages():
         (7, "batch_stats", MESSAGE, p + "InferBatchStatistics", True),
     )
     message("ModelStatisticsRequest", (1, "name", STRING), (2, "version", STRING))
+    # the system shared memory extension
+    message("SystemSharedMemoryStatusRequest", (1, "name", STRING))
+    status = message(
+        "SystemSharedMemoryStatusResponse",
+        (1, "regions", MESSAGE, p + "SystemSharedMemoryStatusResponse.RegionsEntry", True),
+    )
+    region = status.nested_type.add(name="RegionStatus")
+    for number, fname, ftype in (
+        (1, "name", STRING),
+        (2, "key", STRING),
+        (3, "offset", UINT64),
+        (4, "byte_size", UINT64),
+    ):
+        region.field.add(name=fname, number=number, type=ftype, label=T.LABEL_OPTIONAL)
+    entry = status.nested_type.add(name="RegionsEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=STRING, label=T.LABEL_OPTIONAL)
+    entry.field.add(
+        name="value",
+        number=2,
+        type=MESSAGE,
+        label=T.LABEL_OPTIONAL,
+        type_name=p + "SystemSharedMemoryStatusResponse.RegionStatus",
+    )
+    message(
+        "SystemSharedMemoryRegisterRequest",
+        (1, "name", STRING),
+        (2, "key", STRING),
+        (3, "offset", UINT64),
+        (4, "byte_size", UINT64),
+    )
+    message("SystemSharedMemoryRegisterResponse")
+    message("SystemSharedMemoryUnregisterRequest", (1, "name", STRING))
+    message("SystemSharedMemoryUnregisterResponse")
     message("ModelStatisticsResponse", (1, "model_stats", MESSAGE, p + "ModelStatistics", True))
     pool = descriptor_pool.DescriptorPool()
     file = pool.Add(f)

@@ -41,12 +41,13 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Wanted:
-    """An output a request asks for, whether it wants it as binary data after the JSON, and whether as its top
-    classes (Triton's classification extension: that many, else 0)."""
+    """An output a request asks for, whether it wants it as binary data after the JSON, whether as its top
+    classes (Triton's classification extension: that many, else 0), and whether in a shared memory region."""
 
     name: str
     binary: bool
     classification: int = 0
+    shm: tuple[str, int, int] | None = None  # (region, byte size, offset)
 
 
 # every datatype of the protocol but BYTES (whose elements have lengths) and BF16 (numpy has none): the ones no
@@ -74,6 +75,11 @@ def bytes_elements(blob: bytes, most: int | None = None) -> list[bytes]:
         out.append(blob[pos + 4 : pos + 4 + size])
         pos += 4 + size
     return out
+
+
+def raw_bytes(t: Tensor) -> bytes:
+    """A tensor as the binary extension, gRPC's raw contents and shared memory all carry it."""
+    return bytes_blob(t.data.reshape(-1)) if t.datatype == "BYTES" else np.ascontiguousarray(t.data).tobytes()
 
 
 def bytes_blob(elements) -> bytes:
@@ -110,10 +116,11 @@ def loads(raw: bytes):
 
 
 def parse_http(
-    body, header_length: int | None = None, limit: Callable[[str], int] | None = None
+    body, header_length: int | None = None, limit: Callable[[str], int] | None = None, shm=None
 ) -> tuple[dict, list[Tensor]]:
     """A v2 infer request body (JSON, or JSON + binary tensors) to its header and input tensors; `limit` (from
-    element_limit) bounds every tensor's elements before any is read."""
+    element_limit) bounds every tensor's elements before any is read; SHM (oip/shm.Regions) reads an input a client
+    put in a registered shared memory region."""
     if isinstance(body, dict):
         header, binary = body, b""
     else:
@@ -139,6 +146,10 @@ def parse_http(
         if most is not None and math.prod(shape) > most:
             raise too_many(name, shape, math.prod(shape), most)
         params = spec.get("parameters") or {}
+        region = shared_memory(params, f"input '{name}'")
+        if region is not None:
+            tensors.append(tensor_from_binary(name, datatype, tuple(shape), read_region(shm, region, name), most))
+            continue
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
             if not isinstance(size, int) or size < 0:
@@ -167,6 +178,30 @@ def parse_http(
     if pos != len(binary):
         raise ProtocolError(f"{len(binary) - pos} bytes of binary data follow the tensors they belong to")
     return header, tensors
+
+
+def shared_memory(params, what: str) -> tuple[str, int, int] | None:
+    """A tensor's shared memory parameters (Triton's): (region, byte size, offset), or None for a tensor sent as it
+    is; a region without its size is an error."""
+    if not isinstance(params, dict) or "shared_memory_region" not in params:
+        return None
+    region, size, offset = (
+        params.get(k) for k in ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+    )
+    if not isinstance(region, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ProtocolError(f"{what}: shared_memory_region needs shared_memory_byte_size, a number of bytes")
+    offset = 0 if offset is None else offset
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ProtocolError(f"{what}: shared_memory_offset must be a non-negative integer")
+    return region, size, offset
+
+
+def read_region(shm, region: tuple[str, int, int], name: str) -> bytes:
+    if shm is None:
+        raise ProtocolError(
+            f"input '{name}': this server takes no tensors in shared memory (start it with --allow_client_shm)"
+        )
+    return shm.read(region[0], region[2], region[1], f"input '{name}'")
 
 
 def _flat(values, name: str, most: int | None = None):
@@ -216,7 +251,8 @@ def wanted(header: dict, names: list[str]) -> list[Wanted]:
             raise ProtocolError(
                 f"output '{o['name'][:64]}': classification must be a positive integer, got {k!r}"[:200]
             )
-        out.append(Wanted(o["name"], p.get("binary_data", default_binary) is True, k))
+        region = shared_memory(p, f"output '{o['name'][:64]}'")
+        out.append(Wanted(o["name"], p.get("binary_data", default_binary) is True, k, region))
     return out
 
 
@@ -256,9 +292,11 @@ def response_http(
     want: list[Wanted],
     version: str | None = None,
     labels: dict | None = None,
+    shm=None,
 ) -> tuple[bytes, int | None]:
     """A v2 infer response body, and the JSON header's length when binary tensors follow it (else None). LABELS:
-    output name -> the class names a classification of it reports."""
+    output name -> the class names a classification of it reports; SHM (oip/shm.Regions) takes an output a request
+    asked for in a shared memory region, which the answer then names instead of carrying."""
     by_name = {t.name: t for t in outputs}
     specs, blobs = [], []
     for w in want:
@@ -266,8 +304,15 @@ def response_http(
         if w.classification:
             t = classify(t, w.classification, (labels or {}).get(t.name))
         spec = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
-        if w.binary:
-            blob = bytes_blob(t.data.reshape(-1)) if t.datatype == "BYTES" else np.ascontiguousarray(t.data).tobytes()
+        if w.shm is not None:
+            region, size, offset = w.shm
+            blob = raw_bytes(t)
+            if shm is None:
+                raise ProtocolError(f"output '{t.name}': this server writes no tensors to shared memory")
+            shm.write(region, offset, blob, size, f"output '{t.name}'")
+            spec["parameters"] = {"shared_memory_region": region, "shared_memory_byte_size": len(blob)}
+        elif w.binary:
+            blob = raw_bytes(t)
             spec["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

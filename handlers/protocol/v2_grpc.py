@@ -54,22 +54,36 @@ TYPED_CONTENTS = {  # the protocol's InferTensorContents field for each datatype
 }
 
 
-def tensors_of(request, limit=None) -> list[v2.Tensor]:
-    """A ModelInferRequest's inputs: raw contents (tritonclient's default) or typed contents; `limit`
-    (model_io.element_limit) bounds each tensor's elements before any is read."""
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise v2.ProtocolError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+def plain(parameters) -> dict:
+    """A protobuf parameters map (InferParameter's one-of) as plain values."""
+    return {
+        key: getattr(p, p.WhichOneof("parameter_choice"))
+        for key, p in parameters.items()
+        if p.WhichOneof("parameter_choice")
+    }
+
+
+def tensors_of(request, limit=None, shm=None) -> list[v2.Tensor]:
+    """A ModelInferRequest's inputs: raw contents (tritonclient's default), typed contents, or a shared memory region
+    (SHM: oip/shm.Regions); `limit` (model_io.element_limit) bounds each tensor's elements before any is read."""
+    raw = list(request.raw_input_contents)
+    regions = [v2.shared_memory(plain(inp.parameters), f"input '{inp.name[:64]}'") for inp in request.inputs]
+    carried = sum(r is None for r in regions)  # raw contents come for the inputs not in shared memory, in order
+    if raw and len(raw) != carried:
+        raise v2.ProtocolError(f"{len(raw)} raw_input_contents for {carried} inputs sent in the request")
     out = []
-    for k, inp in enumerate(request.inputs):
+    for inp, region in zip(request.inputs, regions):
         name, shape, datatype = inp.name[:64], tuple(int(d) for d in inp.shape[:17]), inp.datatype[:16]
         if len(shape) > 16 or any(d < 0 for d in shape):
             raise v2.ProtocolError(f"input '{name}': shape must be at most 16 non-negative integers")
         most = limit(datatype) if limit else None
         if most is not None and math.prod(shape) > most:
             raise v2.too_many(name, shape, math.prod(shape), most)
+        if region is not None:
+            out.append(v2.tensor_from_binary(name, datatype, shape, v2.read_region(shm, region, name), most))
+            continue
         if raw:
-            out.append(v2.tensor_from_binary(name, datatype, shape, raw[k], most))
+            out.append(v2.tensor_from_binary(name, datatype, shape, raw.pop(0), most))
             continue
         if datatype not in TYPED_CONTENTS:
             raise v2.ProtocolError(
@@ -88,13 +102,12 @@ def tensors_of(request, limit=None) -> list[v2.Tensor]:
     return out
 
 
-def infer_response(name: str, version: str, request, outputs: list[v2.Tensor], labels: dict | None = None):
+def infer_response(name: str, version: str, request, outputs: list[v2.Tensor], labels: dict | None = None, shm=None):
     """Outputs as raw contents, the form every client reads (typed contents reach tritonclient as empty arrays); an
-    output asked for with the `classification` parameter as its top classes (v2.classify)."""
-    asked = {
-        o.name: o.parameters["classification"].int64_param if "classification" in o.parameters else 0
-        for o in request.outputs
-    }
+    output asked for with the `classification` parameter as its top classes (v2.classify); one asked for in a shared
+    memory region (SHM: oip/shm.Regions) written there, named in the answer, its raw contents empty."""
+    params = {o.name: plain(o.parameters) for o in request.outputs}
+    asked = {n: p.get("classification", 0) for n, p in params.items()}
     unknown = [n for n in asked if n not in {t.name for t in outputs}]
     if unknown:
         raise v2.ProtocolError(f"unknown output {unknown[0][:64]!r}: this model has {[t.name for t in outputs]}")
@@ -102,8 +115,16 @@ def infer_response(name: str, version: str, request, outputs: list[v2.Tensor], l
     chosen = [v2.classify(t, asked[t.name], (labels or {}).get(t.name)) if asked.get(t.name) else t for t in chosen]
     response = messages().ModelInferResponse(model_name=name, model_version=version, id=request.id)
     for t in chosen:
-        response.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
-        blob = v2.bytes_blob(t.data.reshape(-1)) if t.datatype == "BYTES" else np.ascontiguousarray(t.data).tobytes()
+        out = response.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+        blob = v2.raw_bytes(t)
+        region = v2.shared_memory(params.get(t.name), f"output '{t.name}'")
+        if region is not None:
+            if shm is None:
+                raise v2.ProtocolError(f"output '{t.name}': this server writes no tensors to shared memory")
+            shm.write(region[0], region[2], blob, region[1], f"output '{t.name}'")
+            out.parameters["shared_memory_region"].string_param = region[0]
+            out.parameters["shared_memory_byte_size"].int64_param = len(blob)
+            blob = b""
         response.raw_output_contents.append(blob)
     return response
 

@@ -134,6 +134,12 @@ def serve_group():
     "as Triton's own tools expect (they send none).",
 )
 @click.option(
+    "--allow-client-shm",
+    is_flag=True,
+    help=f"{OIP} only: clients on this machine may register system shared memory regions for their tensors, as with "
+    "Triton's --allow-client-shm (off by default).",
+)
+@click.option(
     "--access-log",
     is_flag=True,
     help=f"{OIP} only: a line per inference request in its log, with the "
@@ -161,6 +167,7 @@ def start_command(
     max_batch,
     max_batch_delay_ms,
     loopback_admin,
+    allow_client_shm,
     access_log,
     timeout,
 ):
@@ -192,6 +199,7 @@ def start_command(
         max_batch_delay_ms=max_batch_delay_ms,
         access_log=access_log,
         loopback_admin=loopback_admin,
+        allow_client_shm=allow_client_shm,
     )
     try:
         cfg = chosen.start(options)
