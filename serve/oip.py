@@ -200,6 +200,7 @@ def start_with(o: StartOptions) -> OIPConfig:
         "access_log": o.access_log,
         "loopback_admin": o.loopback_admin,
         "allow_client_shm": o.allow_client_shm,
+        "triton_images": o.triton_images,
     }
     given = {k: v for k, v in settings.items() if v is not None}  # the rest: the server's own defaults
     export = o.export_dir or f"exports/{o.model}"

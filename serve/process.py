@@ -43,6 +43,7 @@ class StartOptions:
     access_log: bool = False  # OIP: a line per inference request
     loopback_admin: bool = False  # OIP: the repository calls need no token from this machine
     allow_client_shm: bool = False  # OIP: clients on this machine may register shared memory regions
+    triton_images: bool = False  # OIP: image classifiers as Triton's image examples want them
 
 
 def free_ports(n: int = 3) -> list[int]:

@@ -24,7 +24,7 @@ def simple(triton_exports):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, simple, triton_exports):
     state = tmp_path_factory.mktemp("triton-oip")
-    more = (str(triton_exports("simple_int8")),)
+    more = tuple(str(triton_exports(name)) for name in ("simple_int8", "custom_identity_int32"))
     cfg = oip.OIPConfig.on_free_ports(
         str(simple.parent), "simple", str(state), extra_exports=more, workers=2, max_batch=8, threads=1
     )
@@ -93,6 +93,9 @@ def test_simple_infer_client_sum_difference_statistics_and_an_unknown_model(serv
     assert count(now, "execution_count") > count(then, "execution_count")
     assert count(now, "inference_stats", "success", "ns") > count(then, "inference_stats", "success", "ns")
     assert any(int(b.get("batch_size", 0)) >= 1 for b in now["batch_stats"])
+    for stage in ("compute_input", "compute_infer", "compute_output"):  # one each per answered request, as success
+        assert count(now, "inference_stats", stage, "count") == count(now, "inference_stats", "success", "count")
+        assert count(now, "inference_stats", stage, "ns") > count(then, "inference_stats", stage, "ns")
     with pytest.raises(InferenceServerException) as e:
         c.infer("wrong_model_name", simple_inputs(kind, a, b))
     assert e.value.message().startswith("Request for unknown model")
@@ -113,7 +116,7 @@ def test_statistics_of_every_model_of_one_version_and_of_a_version_that_is_not_t
         from google.protobuf import json_format
 
         every, one = (json_format.MessageToDict(s, preserving_proto_field_name=True) for s in (every, one))
-    assert sorted(s["name"] for s in every["model_stats"]) == ["simple", "simple_int8"]
+    assert sorted(s["name"] for s in every["model_stats"]) == ["custom_identity_int32", "simple", "simple_int8"]
     assert one["model_stats"][0]["version"] == "1"
     with pytest.raises(InferenceServerException) as e:
         c.get_inference_statistics(model_name="simple", model_version="7")
@@ -331,6 +334,97 @@ def test_a_stream_of_ordinary_requests_is_answered_on_the_stream_errors_included
     assert len(errors) == 1 and "missing ['INPUT1']" in errors[0].message()
 
 
+def identity_input(module, data: np.ndarray):
+    x = module.InferInput("INPUT0", list(data.shape), "INT32")
+    x.set_data_from_numpy(data)
+    return [x]
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_async_infer_as_the_async_examples_make_it(server, kind):
+    """simple_*_async_infer_client.py and memory_growth_test.py's model: requests in flight together, each answer
+    matched to its own request (HTTP: async_infer with a pool; gRPC: a callback), custom_identity_int32's rows of
+    different lengths among them."""
+    import queue
+
+    a = np.arange(16, dtype=np.int32)[None]
+    lengths = (1, 5, 16, 300)
+    if kind == "http":
+        c = thttp.InferenceServerClient(f"127.0.0.1:{server.http_port}", concurrency=4)
+        simple = [c.async_infer("simple", simple_inputs(kind, a + k, a)) for k in range(8)]
+        ident = [
+            c.async_infer("custom_identity_int32", identity_input(thttp, np.arange(n)[None].astype(np.int32)))
+            for n in lengths
+        ]
+        simple, ident = [r.get_result() for r in simple], [r.get_result() for r in ident]
+        c.close()
+    else:
+        c, answers = client(server, kind), queue.Queue()
+        for k in range(8):
+            c.async_infer(
+                "simple", simple_inputs(kind, a + k, a), lambda result, error, k=k: answers.put(("s", k, result, error))
+            )
+        for k, n in enumerate(lengths):
+            x = identity_input(tgrpc, np.arange(n)[None].astype(np.int32))
+            c.async_infer("custom_identity_int32", x, lambda result, error, k=k: answers.put(("i", k, result, error)))
+        got = [answers.get(timeout=60) for _ in range(8 + len(lengths))]
+        assert all(e is None for *_, e in got), [e for *_, e in got if e is not None]
+        simple = [r for _, k, r, _ in sorted((g for g in got if g[0] == "s"), key=lambda g: g[1])]
+        ident = [r for _, k, r, _ in sorted((g for g in got if g[0] == "i"), key=lambda g: g[1])]
+    assert [(r.as_numpy("OUTPUT0") == 2 * a + k).all() for k, r in enumerate(simple)] == [True] * 8
+    for n, r in zip(lengths, ident):
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), np.arange(n)[None])
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_the_asyncio_clients_health_metadata_infer_and_stream(server, kind):
+    """tritonclient.http.aio and tritonclient.grpc.aio, as the aio examples use them: health, metadata and
+    configuration, infer, and (gRPC) stream_infer over an async iterator of requests."""
+    import asyncio
+
+    aio = __import__(f"tritonclient.{kind}.aio", fromlist=["InferenceServerClient"])
+    url = f"127.0.0.1:{server.http_port if kind == 'http' else server.grpc_port}"
+    a = np.arange(16, dtype=np.int32)[None]
+
+    async def go():
+        c = aio.InferenceServerClient(url)
+        try:
+            health = [await c.is_server_live(), await c.is_server_ready(), await c.is_model_ready("simple")]
+            meta = (
+                await c.get_model_metadata("simple", as_json=True)
+                if kind == "grpc"
+                else await c.get_model_metadata("simple")
+            )
+            config = (
+                await c.get_model_config("simple", as_json=True)
+                if kind == "grpc"
+                else await c.get_model_config("simple")
+            )
+            result = await c.infer("simple", simple_inputs(kind, a, a + 3))
+            streamed = []
+            if kind == "grpc":
+
+                async def requests():
+                    for k in range(3):
+                        yield {"model_name": "simple", "inputs": simple_inputs(kind, a + k, a), "request_id": str(k)}
+
+                async for r, e in c.stream_infer(requests()):
+                    streamed.append((r.get_response().id, r.as_numpy("OUTPUT1"), e))
+        finally:
+            await c.close()
+        return health, meta, config, result, streamed
+
+    health, meta, config, result, streamed = asyncio.run(go())
+    assert health == [True, True, True]
+    assert [i["name"] for i in meta["inputs"]] == ["INPUT0", "INPUT1"]
+    config = config.get("config", config)  # gRPC's JSON wraps it
+    assert config["name"] == "simple" and int(config["max_batch_size"]) >= 1
+    assert (result.as_numpy("OUTPUT1") == -3).all()
+    if kind == "grpc":
+        assert sorted(i for i, _, _ in streamed) == ["0", "1", "2"]
+        assert all(e is None and (d == int(i)).all() for i, d, e in streamed)
+
+
 @pytest.mark.parametrize("kind", list(CLIENTS))
 def test_int8_tensors_in_and_out_and_as_explicit_grpc_contents(server, kind):
     """grpc_explicit_int8_content_client.py's model: INT8 in and out, as binary data, as JSON, and (gRPC) as typed
@@ -400,13 +494,11 @@ def test_system_shared_memory_inputs_and_outputs_as_the_shm_examples_use_them(lo
         outputs[1].set_shared_memory("out", size, offset=size)
         for _ in range(4):  # over HTTP, connections land on either worker: each must have mapped both regions
             result = c.infer("simple", inputs, outputs=outputs)
-            named = result.get_output("OUTPUT0")  # the answer names the region, and carries no data
-            region = (
-                named["parameters"]["shared_memory_region"]
-                if kind == "http"
-                else named.parameters["shared_memory_region"].string_param
-            )
-            assert region == "out" and (kind == "grpc" or "data" not in named)
+            named = result.get_output("OUTPUT0")  # carries no data; gRPC names the region, REST nothing more
+            if kind == "http":  # as Triton: perf_analyzer's C++ client reads any parameters as binary_data_size
+                assert set(named) == {"name", "datatype", "shape"}
+            else:
+                assert named.parameters["shared_memory_region"].string_param == "out"
             assert (shm.get_contents_as_numpy(outs, np.int32, [1, 16]) == a + b).all()
             assert (shm.get_contents_as_numpy(outs, np.int32, [1, 16], offset=size) == a - b).all()
             b = b + 1
@@ -431,3 +523,66 @@ def test_system_shared_memory_inputs_and_outputs_as_the_shm_examples_use_them(lo
         c.unregister_system_shared_memory()
         shm.destroy_shared_memory_region(ins)
         shm.destroy_shared_memory_region(outs)
+
+
+@pytest.fixture(scope="module")
+def images_server(tmp_path_factory, convnet_export):
+    """The digit classifier as Triton's image examples want an image model (--triton_images)."""
+    state = tmp_path_factory.mktemp("triton-images")
+    cfg = oip.OIPConfig.on_free_ports(
+        str(convnet_export.directory),
+        "digits",
+        str(state),
+        workers=1,
+        max_batch=8,
+        threads=1,
+        max_batch_delay_ms=1,
+        triton_images=True,
+    )
+    cfg = oip.start(cfg, timeout=120)
+    yield cfg
+    oip.stop(state)
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_image_client_checks_pass_and_its_classes_are_the_embeddings(images_server, convnet_export, kind):
+    """image_client.py / grpc_image_client.py: one input and one output in the metadata, one input in the
+    configuration, FORMAT_NCHW with 3 dimensions after the batch, an FP32 output; the image resized and sent as FP32
+    NCHW (scaling NONE, as the example does), the top classes asked for by classification: the embedding's own."""
+    from PIL import Image
+
+    from torchship.handlers.model.onnx_model import load as load_onnx
+    from torchship.handlers.model.responses import softmax
+    from torchship.serve.samples import held_out_digits
+
+    c = client(images_server, kind)
+    meta, config = c.get_model_metadata("digits"), c.get_model_config("digits")
+    if kind == "grpc":
+        from google.protobuf import json_format
+
+        meta = json_format.MessageToDict(meta, preserving_proto_field_name=True)
+        config = json_format.MessageToDict(config.config, preserving_proto_field_name=True)
+    assert len(meta["inputs"]) == 1 and len(meta["outputs"]) == 1 and len(config["input"]) == 1
+    (inp,), (out,) = meta["inputs"], meta["outputs"]
+    assert out["datatype"] == "FP32" and config["input"][0]["format"] == "FORMAT_NCHW" and len(inp["shape"]) == 4
+    _, ch, h, w = (int(d) for d in inp["shape"])
+    digits = held_out_digits()[0][:2]
+    x = np.stack(
+        [np.asarray(Image.fromarray(d).convert("L").resize((w, h), Image.BILINEAR), np.float32)[None] for d in digits]
+    )
+    assert x.shape == (2, ch, h, w)
+    tensor = CLIENTS[kind].InferInput(inp["name"], list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = c.infer("digits", [tensor], outputs=[CLIENTS[kind].InferRequestedOutput(out["name"], class_count=3)])
+    got = [[r.decode().split(":") for r in row] for row in result.as_numpy(out["name"])]
+    want = softmax(load_onnx(convnet_export.onnx).run(x))
+    for row, p in zip(got, want):
+        top = np.argsort(-p)[:3]
+        assert [int(i) for _, i, _ in row] == top.tolist() and [lab for _, _, lab in row] == [str(i) for i in top]
+        assert abs(float(row[0][0]) - p[top[0]]) < 1e-5
+    from torchship.serve.samples import png
+
+    files = CLIENTS[kind].InferInput("images", [1], "BYTES")
+    files.set_data_from_numpy(np.array([png(digits[0])], dtype=object))
+    with pytest.raises(InferenceServerException, match="triton_images"):  # image files: not on this server
+        c.infer("digits", [files])

@@ -26,6 +26,19 @@ SIMPLE = {
                 {"name": "OUTPUT1", "datatype": "INT32", "shape": ["batch", 16]}],
 }
 
+class Identity(torch.nn.Module):
+    """Triton's `custom_identity_int32` (memory_growth_test.py, the timeout and cancellation tests): INPUT0 back."""
+
+    def forward(self, INPUT0):
+        return INPUT0 * 1
+
+
+IDENTITY_INT32 = {
+    "inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": ["batch", "n"], "pad": 0}],
+    "outputs": [{"name": "OUTPUT0", "datatype": "INT32", "shape": ["batch", "n"]}],
+    "dims": {"n": [1, 1024]},
+}
+
 # Triton's `simple_int8` (grpc_explicit_int8_content_client.py): the same, on INT8 (a range that cannot overflow)
 SIMPLE_INT8 = {
     "inputs": [{"name": n, "datatype": "INT8", "shape": ["batch", 16], "range": [-60, 60]}
@@ -33,7 +46,11 @@ SIMPLE_INT8 = {
     "outputs": [{"name": n, "datatype": "INT8", "shape": ["batch", 16]} for n in ("OUTPUT0", "OUTPUT1")],
 }
 '''
-TRITON = {"simple": ("Simple", "SIMPLE"), "simple_int8": ("Simple", "SIMPLE_INT8")}  # name -> (factory, signature)
+TRITON = {  # name -> (factory, signature)
+    "simple": ("Simple", "SIMPLE"),
+    "simple_int8": ("Simple", "SIMPLE_INT8"),
+    "custom_identity_int32": ("Identity", "IDENTITY_INT32"),
+}
 
 
 def export(folder, name: str) -> tuple[subprocess.CompletedProcess, object]:

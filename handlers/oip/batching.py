@@ -30,6 +30,7 @@ class Job:
     queued: float  # perf_counter() when it joined the queue
     trace: object = None  # tracing.Trace: told when its pass ran
     prompt: bool = False  # its protocol queues the requests that arrive with it in the same turn of the loop
+    timed: Callable[[float], None] | None = None  # told how long its pass ran (its request's compute_infer)
 
 
 @dataclass(frozen=True)
@@ -98,13 +99,14 @@ class Batcher:
     def queued(self) -> int:
         return len(self.jobs)
 
-    def enqueue(self, rows: np.ndarray, trace=None, *, prompt: bool = False) -> asyncio.Future:
+    def enqueue(self, rows: np.ndarray, trace=None, *, prompt: bool = False, timed=None) -> asyncio.Future:
         """A future of this request's rows of the output, set once the pass that holds them has run. `prompt`: the
-        request came in the loop turn its bytes did, and so would its company (REST, decoded on the loop)."""
+        request came in the loop turn its bytes did, and so would its company (REST, decoded on the loop); TIMED(s):
+        told how many seconds that pass ran, before the future is set."""
         if len(self.jobs) >= self.max_queue:
             raise Overloaded(f"{len(self.jobs)} requests are queued in this worker (its limit): retry shortly")
         future = asyncio.get_running_loop().create_future()
-        self.jobs.append(Job(rows, future, time.perf_counter(), trace, prompt))
+        self.jobs.append(Job(rows, future, time.perf_counter(), trace, prompt, timed))
         self._wake.set()
         return future
 
@@ -194,6 +196,8 @@ class Batcher:
             for j in jobs:
                 n = len(j.rows)
                 if not j.future.done():
+                    if j.timed is not None:
+                        j.timed(end - start)
                     j.future.set_result(self.stacking.split(out, at, j.rows))
                 at += n
             waits = tuple(merging - j.queued for j in jobs)

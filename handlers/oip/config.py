@@ -68,6 +68,10 @@ class Config:
     access_log: bool = False  # a line per inference request (~10 us a request)
     loopback_admin: bool = False  # the repository calls need no token from a client on this machine (Triton's tools)
     allow_client_shm: bool = False  # clients on this machine may register shared memory regions (Triton's option)
+    # an image classifier as Triton's image examples and perf_analyzer's shared memory want it: the FP32 NCHW input
+    # alone (FORMAT_NCHW) and the probabilities alone (its classification names the labels); else both inputs (the
+    # files or the FP32 tensor, one per request) and the label output too
+    triton_images: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "model_dirs", tuple(str(d) for d in self.model_dirs))

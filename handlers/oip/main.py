@@ -45,6 +45,8 @@ HELP = {
     "Triton's own tools do (they send none); off by default: the token is required",
     "allow_client_shm": "let clients on this machine register system shared memory regions (/dev/shm) that the "
     "server then reads inputs from and writes outputs to, as Triton's --allow-client-shm; off by default",
+    "triton_images": "serve image classifiers as Triton's image examples and perf_analyzer's shared memory need them: "
+    "the FP32 NCHW input alone (FORMAT_NCHW) and the probabilities alone (classification names the labels)",
     "access_log": "a line per inference request (protocol, client, model version, status, ms, request id) in the "
     "log; off by default: ~10 us a request",
 }

@@ -136,17 +136,16 @@ class Metrics:
         self.active += 1
         self.in_flight.inc()
 
-    def answered(
-        self, protocol: str, status: int, seconds: float, nbytes: int, decoding: float, encoding: float
-    ) -> None:
-        """One request ended (pipeline.Flight.finish): its status, how long it took (and its decoding and encoding,
-        for an answered one), how large it was."""
+    def answered(self, protocol: str, status: int, seconds: float, nbytes: int, stages: tuple) -> None:
+        """One request ended (pipeline.Flight.finish): its status, how long it took, how large it was, and for an
+        answered one its (decoding, pass, encoding) seconds: Triton's three compute statistics, counted together per
+        request (perf_analyzer refuses counts that differ)."""
         self.active -= 1
         self.in_flight.dec()
         if status == 200:
             self.success.observe(seconds)
-            self.compute_input.observe(decoding)
-            self.compute_output.observe(encoding)
+            for stat, value in zip((self.compute_input, self.compute_infer, self.compute_output), stages):
+                stat.observe(value)
         else:
             self.fail.observe(seconds)
         now = time.time()
@@ -172,7 +171,6 @@ class Metrics:
         self.inference.observe(batch.seconds)
         for wait in batch.waits:
             self.queue.observe(wait)
-            self.compute_infer.observe(batch.seconds)
         if batch.rows not in self._batches:
             f = families()["batch_statistics"]
             self._batches[batch.rows] = [
@@ -243,6 +241,8 @@ def model_statistics(values: dict, model: str, version: str) -> dict:
     stats = {s: duration(STATISTICS, statistic=s) for s in ("success", "fail")}
     stats["queue"] = duration(QUEUE_SECONDS)
     stats.update({s: duration(STATISTICS, statistic=s) for s in stages})
+    for s in stages:  # observed with success, one each per answered request; read while another worker writes, the
+        stats[s]["count"] = stats["success"]["count"]  # files may be a count apart, which perf_analyzer refuses
     stats["cache_hit"] = stats["cache_miss"] = {"count": 0, "ns": 0}  # there is no response cache
     sizes = sorted(
         {

@@ -111,6 +111,7 @@ class Pipeline:
             max_batch_delay_ms=b.max_batch_delay_ms,
             max_batch=b.max_batch,
             max_batch_size=served.max_rows,
+            images=served.images,
         )
 
     def statistics(self, model: str | None = None, version: str | None = None) -> dict:
@@ -180,6 +181,7 @@ class Flight:
         "request_id",
         "decoded",
         "ran",
+        "infer",
     )
 
     def __init__(self, pipeline: Pipeline, served: Served, shadow, protocol: str, client: str, trace, nbytes: int):
@@ -190,6 +192,7 @@ class Flight:
         self.queued: asyncio.Future | None = None
         self.request_id = ""  # the client's id for it (the v2 request's id, or an x-request-id header)
         self.decoded = self.ran = 0.0  # when its rows were ready, and when its pass's answer was (statistics)
+        self.infer = 0.0  # how long its pass ran
 
     @property
     def done(self) -> bool:
@@ -224,7 +227,7 @@ class Flight:
             self.trace.mark_decoded()
             self.trace.request_id = self.request_id
         self.decoded = time.perf_counter()
-        self.queued = self.served.batcher.enqueue(rows, self.trace, prompt=prompt)
+        self.queued = self.served.batcher.enqueue(rows, self.trace, prompt=prompt, timed=self._timed)
         self.queued.add_done_callback(self._ran)
         if self.shadow is not None:
             mirror(self.served, self.shadow, rows, self.queued)
@@ -232,6 +235,9 @@ class Flight:
 
     def _ran(self, _) -> None:
         self.ran = time.perf_counter()
+
+    def _timed(self, seconds: float) -> None:
+        self.infer = seconds
 
     def abandon(self) -> None:
         """The client went away first: its rows leave the queue before their pass, and it is counted as abandoned."""
@@ -247,8 +253,8 @@ class Flight:
         self.status = status
         now = time.perf_counter()
         served, seconds = self.served, now - self.start
-        decoding, encoding = (self.decoded - self.start, now - self.ran) if self.ran else (0.0, 0.0)
-        served.metrics.answered(self.protocol, status, seconds, self.nbytes, decoding, encoding)
+        stages = (self.decoded - self.start, self.infer, now - self.ran) if self.ran else (0.0, 0.0, 0.0)
+        served.metrics.answered(self.protocol, status, seconds, self.nbytes, stages)
         if self.trace is not None:
             self.trace.finish(served.name, served.version, status)
         if ACCESS.isEnabledFor(logging.INFO):

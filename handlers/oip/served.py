@@ -48,6 +48,7 @@ class Served:
     labels: dict = field(default_factory=dict)  # output name -> the class names its classification reports
     overrides: dict = field(default_factory=dict)  # the model's load-time configuration (repository.ModelState)
     max_rows: int = MAX_BATCH_ITEMS  # rows one request may hold: Triton's max_batch_size
+    images: bool = True  # an image model's full inputs and outputs; False: Triton's image classifier (triton_images)
 
     def __post_init__(self):
         self.limit = self.limit or model_io.element_limit(self.card)
@@ -59,17 +60,17 @@ class Served:
             "name": self.name,
             "versions": versions or [self.version],
             "platform": PLATFORMS.get(self.backend, self.backend),
-            "inputs": model_io.input_types(self.card),
-            "outputs": model_io.output_types(self.card),
+            "inputs": model_io.input_types(self.card, self.images),
+            "outputs": model_io.output_types(self.card, self.images),
         }
 
     def decode(self, tensors: list[v2.Tensor]) -> np.ndarray | named.Rows:
         """A request's v2 input tensors to the model's rows (a ProtocolError for anything it cannot take)."""
-        return model_io.model_inputs(self.card, self.preprocessor, tensors)
+        return model_io.model_inputs(self.card, self.preprocessor, tensors, self.images)
 
     def encode(self, rows) -> list[v2.Tensor]:
         """A request's rows of the batch's outputs to its v2 output tensors."""
-        return model_io.model_outputs(self.card, rows)
+        return [t for t in model_io.model_outputs(self.card, rows) if t.name in self.outputs]
 
     async def retire(self, grace_s: float = 30) -> None:
         """Answer what this version holds, then free it: it takes no new requests once no route leads here."""
@@ -108,7 +109,8 @@ def load(model_dir: str, config: Config, *, name: str | None = None, overrides: 
     )
     preprocessor = Preprocessor(card, config.max_pixels)
     version = Served(name, card, preprocessor, batcher, metrics, runner.backend, card.version, str(model_dir))
-    version.overrides, version.max_rows = dict(overrides), rows
+    version.overrides, version.max_rows, version.images = dict(overrides), rows, not config.triton_images
+    version.outputs = model_io.output_names(card, not config.triton_images)
     return version
 
 

@@ -29,16 +29,22 @@ IMAGES, ARRAY = "images", "input"
 PROBABILITIES, LABEL, RECONSTRUCTION = "probabilities", "label", "reconstruction"
 
 
-def input_types(card: ModelCard) -> list[dict]:
+def input_types(card: ModelCard, images: bool = True) -> list[dict]:
     """Shapes as Triton states them, the batch first: an image is one BYTES element per row ([N, 1]; [N] is taken
-    too), which is how perf_analyzer and Triton's model configuration count it."""
+    too), which is how perf_analyzer and Triton's model configuration count it. IMAGES False: an image model takes
+    its FP32 input alone (a server started with triton_images, for Triton's image clients)."""
     if card.named:
         return named.types(card.signature.inputs)
     array = {"name": ARRAY, "datatype": "FP32", "shape": [-1, *card.input_shape]}
-    return [{"name": IMAGES, "datatype": "BYTES", "shape": [-1, 1]}, array] if card.image else [array]
+    return [{"name": IMAGES, "datatype": "BYTES", "shape": [-1, 1]}, array] if card.image and images else [array]
 
 
-def output_types(card: ModelCard) -> list[dict]:
+def output_types(card: ModelCard, label: bool = True) -> list[dict]:
+    """LABEL False: a classifier answers its probabilities alone (triton_images)."""
+    return [t for t in _output_types(card) if label or t["name"] != LABEL]
+
+
+def _output_types(card: ModelCard) -> list[dict]:
     if card.named:
         return named.types(card.signature.outputs)
     if card.task == "regress":
@@ -68,13 +74,20 @@ def element_bytes(value, i: int) -> bytes:
     )
 
 
-def model_inputs(card: ModelCard, preprocessor: Preprocessor, tensors: list[Tensor]) -> np.ndarray:
-    """The one input tensor of a request to the model's normalised (N, C, H, W) batch, or a ProtocolError."""
+def model_inputs(card: ModelCard, preprocessor: Preprocessor, tensors: list[Tensor], images: bool = True) -> np.ndarray:
+    """The one input tensor of a request to the model's normalised (N, C, H, W) batch, or a ProtocolError. IMAGES
+    False: an image model takes its FP32 input alone (input_types)."""
     names = [t.name for t in tensors]
     if card.named:
         return _named_inputs(card, tensors)
     if not card.image:
         return _tensor_inputs(card, tensors)
+    if not images and names != [ARRAY]:
+        shape = ", ".join(map(str, card.input_shape))
+        raise ProtocolError(
+            f"send one input, named '{ARRAY}' (FP32 [N, {shape}], normalised, NCHW): this server takes "
+            f"{card.name}'s images that way only (started with triton_images); got {names}"
+        )
     if len(tensors) != 1 or names[0] not in (IMAGES, ARRAY):
         shape = ", ".join(map(str, card.input_shape))
         raise ProtocolError(
@@ -183,8 +196,8 @@ def element_limit(card: ModelCard) -> Callable[[str], int]:
     return lambda datatype: MAX_BATCH_ITEMS if datatype == "BYTES" else per_request
 
 
-def output_names(card: ModelCard) -> list[str]:
-    return [t["name"] for t in output_types(card)]
+def output_names(card: ModelCard, label: bool = True) -> list[str]:
+    return [t["name"] for t in output_types(card, label)]
 
 
 def output_labels(card: ModelCard) -> dict[str, tuple[str, ...]]:

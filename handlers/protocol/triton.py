@@ -16,7 +16,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 
 from ..card import ModelCard
 from ..limits import MAX_BATCH_ITEMS
-from .model_io import input_types, output_types
+from .model_io import ARRAY, input_types, output_types
 
 DATA_TYPES = {  # Triton's DataType enum, by v2 datatype name
     "BOOL": 1,
@@ -51,10 +51,12 @@ def config(
     max_batch_delay_ms: float,
     max_batch: int,
     max_batch_size: int = MAX_BATCH_ITEMS,
+    images: bool = True,
 ) -> dict:
-    """The model configuration as Triton's JSON has it: every input optional (our image models take `images` or
-    `input`, one of them per request)."""
-    image = card.image
+    """The model configuration as Triton's JSON has it: an image model's two inputs optional (it takes `images` or
+    `input`, one of them per request), or its FP32 input alone (IMAGES False), FORMAT_NCHW, as Triton's image
+    clients and perf_analyzer's shared memory want it."""
+    optional = card.image and images  # one of two inputs: our image models take `images` or `input`
     return {
         "name": name,
         "platform": platform,
@@ -65,11 +67,11 @@ def config(
             {
                 "name": t["name"],
                 "data_type": f"TYPE_{'STRING' if t['datatype'] == 'BYTES' else t['datatype']}",
-                "format": "FORMAT_NONE",
+                "format": "FORMAT_NCHW" if card.image and t["name"] == ARRAY else "FORMAT_NONE",
                 **_dims(t["shape"]),
-                "optional": image,
+                "optional": optional,
             }
-            for t in input_types(card)
+            for t in input_types(card, images)
         ],
         "output": [
             {
@@ -77,7 +79,7 @@ def config(
                 "data_type": f"TYPE_{'STRING' if t['datatype'] == 'BYTES' else t['datatype']}",
                 **_dims(t["shape"]),
             }
-            for t in output_types(card)
+            for t in output_types(card, images)
         ],
         "dynamic_batching": {
             "preferred_batch_size": [max_batch],

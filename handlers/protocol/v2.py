@@ -296,7 +296,7 @@ def response_http(
 ) -> tuple[bytes, int | None]:
     """A v2 infer response body, and the JSON header's length when binary tensors follow it (else None). LABELS:
     output name -> the class names a classification of it reports; SHM (oip/shm.Regions) takes an output a request
-    asked for in a shared memory region, which the answer then names instead of carrying."""
+    asked for in a shared memory region, which the answer then leaves out (as Triton does)."""
     by_name = {t.name: t for t in outputs}
     specs, blobs = [], []
     for w in want:
@@ -309,8 +309,8 @@ def response_http(
             blob = raw_bytes(t)
             if shm is None:
                 raise ProtocolError(f"output '{t.name}': this server writes no tensors to shared memory")
-            shm.write(region, offset, blob, size, f"output '{t.name}'")
-            spec["parameters"] = {"shared_memory_region": region, "shared_memory_byte_size": len(blob)}
+            shm.write(region, offset, blob, size, f"output '{t.name}'")  # named only: Triton's C++ client reads
+            # an output's parameters as binary_data_size and fails without it
         elif w.binary:
             blob = raw_bytes(t)
             spec["parameters"] = {"binary_data_size": len(blob)}

@@ -140,6 +140,12 @@ def serve_group():
     "Triton's --allow-client-shm (off by default).",
 )
 @click.option(
+    "--triton-images",
+    is_flag=True,
+    help=f"{OIP} only: image classifiers as Triton's image examples and perf_analyzer's shared memory need them: the "
+    "FP32 NCHW input alone (FORMAT_NCHW) and the probabilities alone (their classification names the labels).",
+)
+@click.option(
     "--access-log",
     is_flag=True,
     help=f"{OIP} only: a line per inference request in its log, with the "
@@ -168,6 +174,7 @@ def start_command(
     max_batch_delay_ms,
     loopback_admin,
     allow_client_shm,
+    triton_images,
     access_log,
     timeout,
 ):
@@ -200,6 +207,7 @@ def start_command(
         access_log=access_log,
         loopback_admin=loopback_admin,
         allow_client_shm=allow_client_shm,
+        triton_images=triton_images,
     )
     try:
         cfg = chosen.start(options)
