@@ -448,6 +448,7 @@ def main() -> None:
         help="print the ranges over several results files of one machine and exit",
     )
     ap.add_argument("--workers", type=int, help="try another serving config than `make serve`'s defaults")
+    ap.add_argument("--no-peers", action="store_true", help="triton: our server only, without setting up PyTriton")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--max-batch-delay-ms", type=int)
     args = ap.parse_args()
@@ -492,7 +493,9 @@ def main() -> None:
             r["serving"] = serving.run(export_dir, Path(tmp), args.duration, ours)
         if "triton" in parts:
             print("Triton's perf_analyzer against our OIP server and PyTriton ...", flush=True)
-            r["triton"] = triton_tools.run(export_dir, Path(tmp) / "triton", min(args.duration, 5))
+            r["triton"] = triton_tools.run(
+                export_dir, Path(tmp) / "triton", min(args.duration, 5), peers=not args.no_peers
+            )
         if "lifecycle" in parts:
             print("a version swapped in under 64 clients; tracing off and on ...", flush=True)
             r["lifecycle"] = lifecycle.run(export_dir, Path(tmp) / "lifecycle", data_dir, args.duration)
