@@ -146,6 +146,15 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
     "of each input's values, and what pads a shorter row (README: Any model). Implies --input-kind named.",
 )
 @click.option(
+    "--process",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    metavar="FILE.py",
+    help="With --signature: the model's own step, a torch-free file with preprocess(inputs) and/or "
+    "postprocess(outputs) (dicts of numpy arrays by name), run by both servers, the embedding and the proof; the "
+    "signature's process says what it takes and gives (docs/export.md: A model's own step).",
+)
+@click.option(
     "--task",
     type=click.Choice(["classify", "regress"]),
     default=None,
@@ -222,6 +231,7 @@ def export_command(
     input_shape,
     input_kind,
     signature_source,
+    process,
     task,
     output_names,
     input_range,
@@ -262,9 +272,12 @@ def export_command(
         "--output-names": output_names,
         "--input-range": input_range,
         "--signature": signature_source,
+        "--process": process,
     }
     if signature_source is not None or input_kind == "named":
-        named_only = {k: v for k, v in user_only.items() if k not in ("--weights", "--model-kwarg", "--signature")}
+        named_only = {
+            k: v for k, v in user_only.items() if k not in ("--weights", "--model-kwarg", "--signature", "--process")
+        }
         if spec is None or weights is None or signature_source is None:
             raise click.UsageError("named inputs need --model SPEC --weights FILE --signature FILE")
         if any(named_only.values()):
@@ -287,7 +300,7 @@ def export_command(
     if version is not None and not VERSION_PATTERN.match(version):
         raise click.BadParameter(f"{version!r} is not a version: a positive integer", param_hint="--version")
     progress = lambda m: click.echo(m + " ...", err=True)  # noqa: E731
-    options = Options(data_dir=data_dir, calibration=calibration)
+    options = Options(data_dir=data_dir, calibration=calibration, process=process)
     try:
         if checkpoint is not None:
             progress(f"loading {checkpoint}")
@@ -299,7 +312,12 @@ def export_command(
             progress(f"building {spec} and loading {weights}")
             if input_kind == "named":
                 model, card = named_model(
-                    spec, weights, kwargs=parse_kwargs(kwargs), sig=read_signature(signature_source), name=name
+                    spec,
+                    weights,
+                    kwargs=parse_kwargs(kwargs),
+                    sig=read_signature(signature_source),
+                    name=name,
+                    process=process,
                 )
             else:
                 model, card = user_model(

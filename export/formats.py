@@ -35,6 +35,7 @@ class Options:
 
     data_dir: Path | str = "data"  # int8 calibrates on the card's dataset's training split when it is here
     calibration: Path | str | None = None  # or on the images in this directory
+    process: Path | str | None = None  # the model's own step file (signature.process), copied beside the model
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,11 @@ def export_model(
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise ExportError(f"{name} export failed ({type(e).__name__}: {first})") from e
         files[name] = path
+    step = card.signature.process if card.named else None
+    if step:
+        if options.process is None or digest(options.process) != step.sha256:
+            raise ExportError(f"the card's step {step.file} needs its file, as named_model read it (Options.process)")
+        shutil.copyfile(options.process, out / step.file)
     (out / CARD_FILE).write_text(card.to_json())
     return Exported(out, card, files)
 

@@ -10,12 +10,15 @@ import pickle
 import re
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from torchship.export.inputs import draw, example_dims
 from torchship.handlers.card import BUILTIN_ARCHITECTURES, Architecture, CardError, ModelCard
+from torchship.handlers.formats import STEP_FILE, digest
+from torchship.handlers.model import steps
 from torchship.handlers.recipes import GREY_RECIPES, NO_RECIPE
 from torchship.handlers.signature import Signature, validate_signature
 from torchship.train import checkpoint
@@ -207,10 +210,15 @@ def read_signature(value: str) -> Signature:
     if not isinstance(obj, Mapping):
         raise ModelLoadError(f"--signature {value}: expected an object with 'inputs', 'outputs' and 'dims'")
     try:
-        unknown = sorted(set(obj) - {"inputs", "outputs", "dims"})
+        unknown = sorted(set(obj) - {"inputs", "outputs", "dims", "process"})
         if unknown:
-            raise CardError(f"signature.{unknown[0]}", "unknown field (known: dims, inputs, outputs)")
-        sig = Signature(inputs=obj.get("inputs", ()), outputs=obj.get("outputs", ()), dims=obj.get("dims") or {})
+            raise CardError(f"signature.{unknown[0]}", "unknown field (known: dims, inputs, outputs, process)")
+        process = obj.get("process")
+        if process is not None and (not isinstance(process, Mapping) or set(process) - {"inputs", "outputs"}):
+            raise CardError("signature.process", "expected an object with 'inputs' and/or 'outputs' (the step's)")
+        sig = Signature(
+            inputs=obj.get("inputs", ()), outputs=obj.get("outputs", ()), dims=obj.get("dims") or {}, process=process
+        )
         validate_signature(sig)
     except CardError as e:
         raise ModelLoadError(f"--signature {value}: {e}") from None
@@ -226,12 +234,20 @@ def _attribute(path: str, attr: str):
 
 
 def named_model(
-    spec: str, weights: Path | str, *, kwargs: Mapping | None = None, sig: Signature, name: str | None = None
+    spec: str,
+    weights: Path | str,
+    *,
+    kwargs: Mapping | None = None,
+    sig: Signature,
+    name: str | None = None,
+    process: Path | str | None = None,
 ) -> tuple[torch.nn.Module, ModelCard]:
     """A model that takes several named tensors: built, its weights loaded, run once on inputs drawn from its
-    signature, every output checked against what the signature declares."""
+    signature, every output checked against what the signature declares. PROCESS: the model's own step file, which
+    the signature's `process` says what it takes and gives (it is copied into the export by export_model)."""
 
     kwargs = dict(kwargs or {})
+    sig = with_step(sig, process)
     model = Signed(load_weights(build(spec, kwargs), read_state_dict(weights), weights), sig).eval()
     feeds = draw(sig, 2, example_dims(sig))
     try:
@@ -274,6 +290,29 @@ def named_model(
     except CardError as e:
         raise ModelLoadError(str(e)) from None
     return model, card
+
+
+def with_step(sig: Signature, process: Path | str | None) -> Signature:
+    """The signature with its step's file and digest, once the file loads with the functions the signature says it
+    has (model/steps.load)."""
+    if process is None:
+        if sig.process:
+            raise ModelLoadError("the signature declares a step (process): give its file with --process FILE.py")
+        return sig
+    path = Path(process)
+    if not sig.process:
+        raise ModelLoadError(
+            f"--process {path}: declare what it takes and gives in the signature's process: "
+            '{"inputs": [...], "outputs": [...]} (docs/export.md: A model\'s own step)'
+        )
+    try:
+        step = replace(sig.process, file=path.name, sha256=digest(path))
+        steps.load(replace(sig, process=step), path.parent)
+    except OSError as e:
+        raise ModelLoadError(f"--process {path}: cannot read it ({e.strerror or e})") from None
+    except CardError as e:
+        raise ModelLoadError(f"--process {path}: {str(e).split(': ', 1)[-1]}") from None
+    return replace(sig, process=replace(step, file=STEP_FILE))
 
 
 def output_kind(out: torch.Tensor) -> str:

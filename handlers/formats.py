@@ -7,7 +7,10 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .card import CARD_FILE, ModelCard
+
 PROOF_FILE = "equivalence.json"  # what `torchship export` and `torchship verify` write: the proof and what it proved
+STEP_FILE = "process.py"  # a model's own pre/post-processing step (--process), copied beside the model
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,12 @@ FORMATS = (
 FORMAT_BY_NAME = {f.name: f for f in FORMATS}
 DEFAULT_FORMATS = ("ts", "onnx")  # what `torchship export` writes unless told: seconds to build (README)
 FORMAT_BY_BACKEND = {f.backend: f for f in FORMATS}
+
+
+def served_files(card: ModelCard, backend: str) -> tuple[str, ...]:
+    """What serving one backend of an export needs, wherever it is shipped (archive, bundle, server folder)."""
+    step = card.signature.process if card.named else None
+    return (CARD_FILE, FORMAT_BY_BACKEND[backend].file, *((step.file,) if step else ()))
 
 
 def digest(path: Path | str) -> str:

@@ -14,6 +14,9 @@ from .fields import CardError, is_number, sequence, sub
 BATCH_DIM = "batch"  # a signature's first dimension, always: requests of any batch size are stacked along it
 # The datatypes a signature may name (v2's names); BF16 stays out: numpy, and so every runtime, has no bfloat16.
 SIGNATURE_DATATYPES = ("FP32", "FP16", "FP64", "INT64", "INT32", "INT16", "INT8", "UINT8", "BOOL")
+# A model's own step may also take and give strings (one UTF-8 or binary element each); the network never does.
+STEP_DATATYPES = (*SIGNATURE_DATATYPES, "BYTES")
+STEP_FUNCTIONS = ("preprocess", "postprocess")  # what a step file may define (model/steps.py runs them)
 MAX_DIM = 1 << 20  # a named dimension's largest allowed upper bound
 TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
 
@@ -41,6 +44,27 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Step:
+    """A model's own pre- and post-processing: a torch-free Python file shipped beside the model, and the tensors
+    clients send to its preprocess (inputs) and get from its postprocess (outputs); a side without its function
+    stays the network's own."""
+
+    file: str = ""  # the file's name inside the export folder (export fills it, with its digest)
+    sha256: str = ""
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+
+    def __post_init__(self):
+        for side in ("inputs", "outputs"):
+            specs = sequence(f"process.{side}", getattr(self, side))
+            object.__setattr__(
+                self,
+                side,
+                tuple(s if isinstance(s, TensorSpec) else sub(TensorSpec, f"process.{side}", s) for s in specs),
+            )
+
+
+@dataclass(frozen=True)
 class Signature:
     """Every input and output of a model that takes several named tensors, and the allowed range of each named
     dimension (batch's is the servers' own limit)."""
@@ -48,8 +72,11 @@ class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     dims: Mapping = field(default_factory=dict)  # "sequence" -> (min, max), inclusive
+    process: Step | None = None  # the model's own step, between what clients send and get and the network
 
     def __post_init__(self):
+        if isinstance(self.process, Mapping):
+            object.__setattr__(self, "process", sub(Step, "process", self.process))
         for side in ("inputs", "outputs"):
             specs = sequence(side, getattr(self, side))
             object.__setattr__(
@@ -58,6 +85,15 @@ class Signature:
         if not isinstance(self.dims, Mapping):
             raise CardError("signature.dims", f"expected an object of name: [min, max], got {self.dims!r}"[:200])
         object.__setattr__(self, "dims", {k: tuple(sequence(f"dims.{k}", v)) for k, v in self.dims.items()})
+
+    @property
+    def served_inputs(self) -> tuple[TensorSpec, ...]:
+        """What clients send: the step's preprocess inputs where it has one, else the network's."""
+        return self.process.inputs if self.process and self.process.inputs else self.inputs
+
+    @property
+    def served_outputs(self) -> tuple[TensorSpec, ...]:
+        return self.process.outputs if self.process and self.process.outputs else self.outputs
 
     def to_dict(self) -> dict:
         def spec(t: TensorSpec) -> dict:
@@ -74,6 +110,18 @@ class Signature:
             "inputs": [spec(t) for t in self.inputs],
             "outputs": [spec(t) for t in self.outputs],
             "dims": {k: list(v) for k, v in self.dims.items()},
+            **(
+                {
+                    "process": {
+                        "file": self.process.file,
+                        "sha256": self.process.sha256,
+                        "inputs": [spec(t) for t in self.process.inputs],
+                        "outputs": [spec(t) for t in self.process.outputs],
+                    }
+                }
+                if self.process
+                else {}
+            ),
         }
 
 
@@ -95,7 +143,14 @@ def validate_signature(sig: Signature) -> None:
             f"dims.{name}",
             f"expected [min, max] with 1 <= min <= max <= {MAX_DIM}, got {list(sig.dims[name])}",
         )
-    for side, specs in (("inputs", sig.inputs), ("outputs", sig.outputs)):
+    step = sig.process or Step()
+    sides = [("inputs", sig.inputs, SIGNATURE_DATATYPES), ("outputs", sig.outputs, SIGNATURE_DATATYPES)]
+    sides += [
+        (f"process.{s}", specs, STEP_DATATYPES) for s, specs in (("inputs", step.inputs), ("outputs", step.outputs))
+    ]
+    for side, specs, datatypes in sides:
+        if side.startswith("process.") and not specs:
+            continue  # the network's own tensors on that side
         need(1 <= len(specs) <= 64, side, f"expected 1 to 64 tensors, got {len(specs)}")
         names = [t.name for t in specs]
         need(len(set(names)) == len(names), side, f"names repeat: {sorted({n for n in names if names.count(n) > 1})}")
@@ -103,9 +158,15 @@ def validate_signature(sig: Signature) -> None:
             where = f"{side}.{t.name}"
             need(isinstance(t.name, str) and bool(TENSOR_NAME.match(t.name)), where, f"{t.name!r} is not a tensor name")
             need(
-                t.datatype in SIGNATURE_DATATYPES,
+                t.datatype in datatypes,
                 where,
-                f"datatype {t.datatype!r} is not one of {', '.join(SIGNATURE_DATATYPES)}",
+                f"datatype {t.datatype!r} is not one of {', '.join(datatypes)}"
+                + (" (strings go through a model's own step: process)" if t.datatype == "BYTES" else ""),
+            )
+            need(
+                t.datatype != "BYTES" or (not t.range and t.pad is None and not t.mask),
+                where,
+                "a BYTES tensor takes no range, pad or mask",
             )
             need(
                 1 <= len(t.shape) <= 8 and t.shape[0] == BATCH_DIM,
@@ -128,7 +189,7 @@ def validate_signature(sig: Signature) -> None:
                 where,
                 f"range must be [min, max] with min <= max, got {list(t.range)}",
             )
-            need(side == "inputs" or (not t.range and t.pad is None), where, "range and pad are for inputs")
+            need(side.endswith("inputs") or (not t.range and t.pad is None), where, "range and pad are for inputs")
             need(
                 t.pad is None or (is_number(t.pad) and bool(t.dynamic)),
                 where,
@@ -136,7 +197,12 @@ def validate_signature(sig: Signature) -> None:
             )
             need(
                 not t.mask
-                or (side == "inputs" and t.datatype in ("INT64", "INT32", "BOOL") and t.pad == 0 and bool(t.dynamic)),
+                or (
+                    side.endswith("inputs")
+                    and t.datatype in ("INT64", "INT32", "BOOL")
+                    and t.pad == 0
+                    and bool(t.dynamic)
+                ),
                 where,
                 "a mask is an integer or boolean input with a named dimension, padded with 0",
             )
@@ -145,12 +211,13 @@ def validate_signature(sig: Signature) -> None:
                 where,
                 f"pad {t.pad} lies outside the input's range {list(t.range)}",
             )
-    used = {d for t in sig.inputs for d in t.dynamic}
-    need(
-        all(d in used for t in sig.outputs for d in t.dynamic),
-        "outputs",
-        "an output's named dimension must be one some input has (its length comes from the request)",
-    )
+    for ins, outs in {(sig.inputs, sig.outputs), (sig.served_inputs, sig.served_outputs)}:
+        used = {d for t in ins for d in t.dynamic}
+        need(
+            all(d in used for t in outs for d in t.dynamic),
+            "outputs",
+            "an output's named dimension must be one some input has (its length comes from the request)",
+        )
     padded = {d for t in sig.inputs if t.pad is not None for d in t.dynamic}
     need(
         not padded or all(t.pad is not None for t in sig.inputs if set(t.dynamic) & padded),

@@ -10,7 +10,7 @@ from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
 from torchship.handlers.card import CARD_FILE, CardError, ModelCard
-from torchship.handlers.formats import FORMAT_BY_BACKEND
+from torchship.handlers.formats import FORMAT_BY_BACKEND, served_files
 from torchship.handlers.sizing import MAX_BATCH, Sizing, default_workers
 from torchship.serve.settings import WORKER_LOG_LEVEL
 from torchship.serve.shipping import stage_torchserve_handler
@@ -93,7 +93,9 @@ def build_archive(
         cfg.write_text(config.yaml() if config else "")
         staged = Path(tmp) / "extra"
         staged.mkdir()
-        shutil.copy(card_path, staged / CARD_FILE)
+        for f in served_files(card, backend):  # the model file goes in as torch-model-archiver's serialized file
+            if f != fmt.file:
+                shutil.copy(export_dir / f, staged / f)
         handler = Path(handler) if handler else stage_torchserve_handler(staged)
         extra = [str(staged)]  # torch-model-archiver copies a folder's contents into the archive's root
         cmd = [

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from torchship.handlers.card import CARD_FILE, ModelCard
-from torchship.handlers.formats import FORMAT_BY_BACKEND
+from torchship.handlers.card import ModelCard
+from torchship.handlers.formats import served_files
 from torchship.handlers.sizing import Cost, measure, queue_size, sized
 from torchship.serve.archive import build_archive, model_config
 from torchship.serve.settings import (
@@ -261,7 +261,7 @@ def oip_bundle(
     out.mkdir(parents=True, exist_ok=True)
     (out / "model").mkdir(exist_ok=True)
     package = copy_runtime(out)
-    for f in (CARD_FILE, FORMAT_BY_BACKEND[backend].file):
+    for f in served_files(card, backend):
         shutil.copy(export_dir / f, out / "model" / f)
     (out / "requirements.txt").write_text(requirements())
     cmd = container_command(card, capacity, backend)

@@ -12,6 +12,8 @@ import numpy as np
 from PIL import Image
 
 from torchship.handlers.card import ModelCard
+from torchship.handlers.model import steps
+from torchship.handlers.protocol import v2
 from torchship.train.mnist5k import EMBEDDED
 
 
@@ -46,10 +48,13 @@ class Sample:
     v2: Path | None = None  # named inputs: the same example as a v2 infer request, for the OIP server
 
 
-def write_sample(folder: Path | str, card: ModelCard | None = None, index: int = 0) -> Sample:
+def write_sample(
+    folder: Path | str, card: ModelCard | None = None, index: int = 0, *, export_dir: Path | str | None = None
+) -> Sample:
     """A photographed-style held-out digit for an image model; for a tensor model one row at the middle of the range
-    its card records, or at its mean in raw units where it records none (the mean the card standardizes with: a row
-    like the data's, never zeros far outside it)."""
+        its card records, or at its mean in raw units where it records none (the mean the card standardizes with: a row
+        like the data's, never zeros far outside it). A model with its own step: the first row of its examples(), read
+    from EXPORT_DIR."""
     folder = Path(folder)
     if card is None or card.image:
         images, labels = held_out_digits()
@@ -57,7 +62,7 @@ def write_sample(folder: Path | str, card: ModelCard | None = None, index: int =
         path.write_bytes(png(on_paper(images[index])))
         return Sample(path, f"a photographed-style {int(labels[index])}", json=False)
     if card.named:
-        return named_sample(folder, card)
+        return named_sample(folder, card, export_dir)
     shape = card.input_shape
     middle = np.array([(lo + hi) / 2 for lo, hi in card.input_range] or card.mean, np.float64)
     row = np.broadcast_to(middle.reshape(-1, *[1] * (len(shape) - 1)), shape).round(4).tolist()
@@ -66,12 +71,34 @@ def write_sample(folder: Path | str, card: ModelCard | None = None, index: int =
     return Sample(path, f"one row, {json.dumps(row)[:60]}", json=True)
 
 
-def named_sample(folder: Path, card: ModelCard) -> Sample:
-    """One example of every input at a short length (8, within each dimension's range): a mask all 1s, others at the
-    middle of their range, or 0."""
+def step_example(card: ModelCard, export_dir: Path | str | None) -> dict:
+    """Name -> (datatype, shape, JSON data) of the first row of a step's examples(); {} where there is none.
+    EXPORT_DIR: the export, or a folder of exports (NAME/ below it)."""
     sig = card.signature
-    inputs = {}
-    for t in sig.inputs:
+    folder = Path(export_dir or ".")
+    folder = folder if (folder / sig.process.file).is_file() else folder / card.name
+    try:
+        found = steps.load(sig, folder).examples if export_dir else None
+        request = found()[0] if found else {}
+    except Exception:  # the user's code: the printed request falls back to the signature's own
+        return {}
+    types = {t.name: t.datatype for t in sig.served_inputs}
+    return {
+        k: (
+            types.get(k, "?"),
+            list(np.shape(v)[1:]),
+            v2.json_values(np.asarray(v, object if types.get(k) == "BYTES" else None)[0]),
+        )
+        for k, v in request.items()
+    }
+
+
+def named_sample(folder: Path, card: ModelCard, export_dir: Path | str | None = None) -> Sample:
+    """One example of every input at a short length (8, within each dimension's range): a mask all 1s, others at the
+    middle of their range, or 0; or the first of a step's own examples."""
+    sig = card.signature
+    inputs = step_example(card, export_dir) if sig.process else {}
+    for t in () if inputs else sig.served_inputs:
         shape = [d if isinstance(d, int) else min(max(sig.dims[d][0], 8), sig.dims[d][1]) for d in t.shape[1:]]
         value = 1 if t.mask else (t.range[0] + t.range[1]) / 2 if t.range else 0
         value = int(value) if t.datatype.startswith("INT") or t.datatype == "BOOL" else value

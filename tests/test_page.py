@@ -397,3 +397,20 @@ def test_named_inputs_get_a_form_and_every_output_by_name(browser, named_page):
     proof = browser.find_element(By.ID, "proof-summary").text
     assert proof.startswith("All checks pass") and "every output" in proof
     assert browser.execute_script("return torchship.errors") == []
+
+
+def test_a_model_with_its_own_step_says_the_browser_cannot_run_it(browser, tmp_path, triton_exports):
+    """simple_string's step is Python: the page says so and where to send its strings, rather than run the bare
+    network on what a client of the model would never send."""
+    from selenium.webdriver.common.by import By
+
+    write_page(triton_exports("simple_string"), tmp_path / "page")
+    httpd = serve(tmp_path / "page", 0)
+    try:
+        open_page(browser, f"http://127.0.0.1:{httpd.server_address[1]}/")
+        text = browser.find_element(By.ID, "local").find_element(By.CLASS_NAME, "result").text
+        assert "process.py" in text and "INPUT0 (BYTES), INPUT1 (BYTES)" in text and "OIP server" in text, text
+        assert not browser.find_element(By.ID, "tensor-try").is_displayed()
+        assert browser.execute_script("return torchship.errors") == []
+    finally:
+        httpd.shutdown()

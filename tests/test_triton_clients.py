@@ -14,6 +14,7 @@ from tritonclient.utils import InferenceServerException
 from torchship.serve import oip
 
 CLIENTS = {"http": thttp, "grpc": tgrpc}
+STRING_MODELS = ("simple_string", "simple_identity")  # BYTES in and out through their own step (--process)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def simple(triton_exports):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, simple, triton_exports):
     state = tmp_path_factory.mktemp("triton-oip")
-    more = tuple(str(triton_exports(name)) for name in ("simple_int8", "custom_identity_int32"))
+    more = tuple(str(triton_exports(name)) for name in STRING_MODELS + ("simple_int8", "custom_identity_int32"))
     cfg = oip.OIPConfig.on_free_ports(
         str(simple.parent), "simple", str(state), extra_exports=more, workers=2, max_batch=8, threads=1
     )
@@ -116,7 +117,8 @@ def test_statistics_of_every_model_of_one_version_and_of_a_version_that_is_not_t
         from google.protobuf import json_format
 
         every, one = (json_format.MessageToDict(s, preserving_proto_field_name=True) for s in (every, one))
-    assert sorted(s["name"] for s in every["model_stats"]) == ["custom_identity_int32", "simple", "simple_int8"]
+    names = ["custom_identity_int32", "simple", "simple_identity", "simple_int8", "simple_string"]
+    assert sorted(s["name"] for s in every["model_stats"]) == names
     assert one["model_stats"][0]["version"] == "1"
     with pytest.raises(InferenceServerException) as e:
         c.get_inference_statistics(model_name="simple", model_version="7")
@@ -142,9 +144,11 @@ def test_the_statistics_route_of_each_url_form_over_plain_http(server):
         assert all(set(d) == {"count", "ns"} for d in stat["inference_stats"].values())
 
 
-def test_serve_start_prints_a_request_a_named_input_model_answers(simple, tmp_path):
+@pytest.mark.parametrize("name", ["simple", "simple_string"])
+def test_serve_start_prints_a_request_a_named_input_model_answers(name, triton_exports, tmp_path):
     """Served from a folder of exports (NAME/ below it), the `try it` line is the model's own v2 request, and curl
-    gets its answer (it used to post a digit image to a model that takes INPUT0 and INPUT1)."""
+    gets its answer (it used to post a digit image to a model that takes INPUT0 and INPUT1); a model with its own
+    step sends the first of its examples (simple_string: strings)."""
     import subprocess
 
     from torchship.serve.process import free_ports
@@ -153,15 +157,20 @@ def test_serve_start_prints_a_request_a_named_input_model_answers(simple, tmp_pa
 
     http_port, grpc_port = free_ports(2)
     state = tmp_path / "state"
-    start = [*TORCHSHIP, "serve", "start", "--runtime", "oip", "--model", "simple", "--export-dir", simple.parent]
+    export = triton_exports(name)
+    start = [*TORCHSHIP, "serve", "start", "--runtime", "oip", "--model", name, "--export-dir", export.parent]
     ports = ["--state-dir", state, "--inference-port", http_port, "--grpc-port", grpc_port, "--workers", 1]
     r = subprocess.run([*map(str, start), *map(str, ports)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     try:
         assert r.returncode == 0, r.stderr[-2000:]
         line = r.stdout.split("try it", 1)[1].splitlines()[1].strip()
-        assert line.startswith("curl") and "sample-v2.json" in line and "/v2/models/simple/infer" in line
+        assert line.startswith("curl") and "sample-v2.json" in line and f"/v2/models/{name}/infer" in line
         answer = json.loads(subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=60).stdout)
-        assert [o["name"] for o in answer["outputs"]] == ["OUTPUT0", "OUTPUT1"]
+        assert [o["name"] for o in answer["outputs"]] == ["OUTPUT0", "OUTPUT1"], answer
+        sent = json.loads((state / "sample-v2.json").read_text())["inputs"]
+        a, b = (np.array(t["data"]).astype(int) for t in sent)  # simple_string's: the strings of its examples
+        assert [o["datatype"] for o in answer["outputs"]] == ["BYTES" if name == "simple_string" else "INT32"] * 2
+        assert np.array(answer["outputs"][0]["data"]).astype(int).tolist() == (a + b).reshape(-1).tolist()
     finally:
         subprocess.run([*TORCHSHIP, "serve", "stop", "--state-dir", state], capture_output=True, timeout=60)
 
@@ -240,8 +249,91 @@ def test_a_compressed_bomb_gets_a_413_and_another_coding_a_501(server):
     assert (client(server, "http").infer("simple", simple_inputs("http", a, a)).as_numpy("OUTPUT0") == 2 * a).all()
 
 
+def strings(values) -> np.ndarray:
+    """BYTES as the string examples build them: an object array of UTF-8 bytes."""
+    x = np.asarray(values)
+    return np.array([str(v).encode() for v in x.reshape(-1)], dtype=object).reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_the_string_models_as_the_string_examples_use_them(server, kind):
+    """simple_{http,grpc}_string_infer_client.py: simple_string's integers as strings, one input as binary data and
+    one as JSON (HTTP); simple_identity's strings back byte for byte, NULs inside and not UTF-8 too, as binary and as
+    JSON. Their own steps (tests/triton_models.py) run in the server."""
+    c = client(server, kind)
+    meta = (
+        c.get_model_metadata("simple_string", as_json=True) if kind == "grpc" else c.get_model_metadata("simple_string")
+    )
+    assert [(t["name"], t["datatype"]) for t in meta["inputs"]] == [("INPUT0", "BYTES"), ("INPUT1", "BYTES")]
+    a, b = np.arange(16)[None], np.ones((1, 16), int)
+    inputs = [CLIENTS[kind].InferInput(n, [1, 16], "BYTES") for n in ("INPUT0", "INPUT1")]
+    if kind == "http":
+        inputs[0].set_data_from_numpy(strings(a), binary_data=True)
+        inputs[1].set_data_from_numpy(strings(b), binary_data=False)
+        outputs = [thttp.InferRequestedOutput("OUTPUT0", binary_data=True), thttp.InferRequestedOutput("OUTPUT1")]
+    else:
+        inputs[0].set_data_from_numpy(strings(a))
+        inputs[1].set_data_from_numpy(strings(b))
+        outputs = [tgrpc.InferRequestedOutput("OUTPUT0"), tgrpc.InferRequestedOutput("OUTPUT1")]
+    result = c.infer("simple_string", inputs, outputs=outputs)
+    assert [int(v) for v in result.as_numpy("OUTPUT0").reshape(-1)] == list((a + b).reshape(-1))
+    assert [int(v) for v in result.as_numpy("OUTPUT1").reshape(-1)] == list((a - b).reshape(-1))
+
+    for sent in (
+        np.array([[b"he\x00llo"] * 16], dtype=object),
+        np.array([b"\x00\x01\x02\x03"] * 16, dtype=np.bytes_).reshape(1, 16),
+        np.array([[b"\xff\xfe", "caf\u00e9".encode(), b""], [b"a", b"bc", b"def"]], dtype=object),
+    ):
+        for binary in (True, False) if kind == "http" else (True,):
+            if not binary and any(b"\xff" in bytes(v) for v in sent.reshape(-1)):
+                continue  # JSON carries text: bytes that are not UTF-8 go as binary data only
+            x = CLIENTS[kind].InferInput("INPUT0", list(sent.shape), "BYTES")
+            x.set_data_from_numpy(sent, **({"binary_data": binary} if kind == "http" else {}))
+            want = [thttp.InferRequestedOutput("OUTPUT0", binary_data=binary)] if kind == "http" else None
+            got = c.infer("simple_identity", [x], outputs=want).as_numpy("OUTPUT0")
+            if not binary:  # JSON strings come back as text
+                got = np.char.encode(got.astype(str))
+            assert got.shape == sent.shape
+            assert [bytes(v) for v in got.reshape(-1)] == [bytes(v) for v in sent.reshape(-1)], (binary, sent)
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_a_string_that_is_no_integer_is_the_clients_400_and_names_the_step(server, kind):
+    """simple_string's own step raises ValueError for text that is not an integer: a 400 with its message."""
+    x = strings(np.arange(16)[None])
+    x[0, 3] = b"three"
+    inputs = [CLIENTS[kind].InferInput(n, [1, 16], "BYTES") for n in ("INPUT0", "INPUT1")]
+    for t in inputs:
+        t.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException) as e:
+        client(server, kind).infer("simple_string", inputs)
+    assert "preprocess" in e.value.message() and "three" in e.value.message()
+    assert e.value.status() == ("400" if kind == "http" else "StatusCode.INVALID_ARGUMENT")
+
+
+def test_grpc_explicit_byte_contents_as_the_explicit_byte_example_sends_them(server):
+    """grpc_explicit_byte_content_client.py: simple_string's inputs as bytes_contents of a raw ModelInferRequest,
+    its outputs read back as raw BYTES."""
+    import grpc
+    from tritonclient import utils
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(model_name="simple_string")
+    for name, values in (("INPUT0", range(16)), ("INPUT1", [1] * 16)):
+        t = service_pb2.ModelInferRequest().InferInputTensor(name=name, datatype="BYTES", shape=[1, 16])
+        t.contents.bytes_contents.extend(str(v).encode() for v in values)
+        request.inputs.append(t)
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    got = {
+        o.name: utils.deserialize_bytes_tensor(raw) for o, raw in zip(response.outputs, response.raw_output_contents)
+    }
+    assert [int(v) for v in got["OUTPUT0"]] == [i + 1 for i in range(16)]
+    assert [int(v) for v in got["OUTPUT1"]] == [i - 1 for i in range(16)]
+
+
 @pytest.fixture(scope="module")
-def local_admin(tmp_path_factory, simple):
+def local_admin(tmp_path_factory, simple, triton_exports):
     """A server started with --loopback_admin (the repository calls need no token from this machine) and
     --allow_client_shm (clients here may register shared memory)."""
     state = tmp_path_factory.mktemp("triton-local-admin")
@@ -254,6 +346,7 @@ def local_admin(tmp_path_factory, simple):
         threads=1,
         loopback_admin=True,
         allow_client_shm=True,
+        extra_exports=(str(triton_exports("simple_string")),),
     )
     cfg = oip.start(cfg, timeout=120)
     yield cfg
@@ -523,6 +616,42 @@ def test_system_shared_memory_inputs_and_outputs_as_the_shm_examples_use_them(lo
         c.unregister_system_shared_memory()
         shm.destroy_shared_memory_region(ins)
         shm.destroy_shared_memory_region(outs)
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_strings_in_shared_memory_as_the_shm_string_examples_use_them(local_admin, kind):
+    """simple_{http,grpc}_shm_string_client.py: simple_string's inputs serialized in their regions (Triton's BYTES
+    layout), its outputs written to regions sized to exactly their serialized answers, read back with tritonclient."""
+    import os
+
+    import tritonclient.utils.shared_memory as shm
+    from tritonclient import utils
+
+    c = client(local_admin, kind)
+    c.unregister_system_shared_memory()
+    a, b = np.arange(16), np.ones(16, int)
+    blobs = [utils.serialize_byte_tensor(strings(x)) for x in (a, b, a + b, a - b)]
+    sizes = [utils.serialized_byte_size(x) for x in blobs]
+    key = f"/torchship-strings-{kind}-{os.getpid()}"
+    regions = [shm.create_shared_memory_region(f"r{i}", f"{key}-{i}", sizes[i]) for i in range(4)]
+    try:
+        for i in (0, 1):
+            shm.set_shared_memory_region(regions[i], [blobs[i]])
+        for i in range(4):
+            c.register_system_shared_memory(f"r{i}", f"{key}-{i}", sizes[i])
+        inputs = [CLIENTS[kind].InferInput(n, [1, 16], "BYTES") for n in ("INPUT0", "INPUT1")]
+        outputs = [CLIENTS[kind].InferRequestedOutput(n) for n in ("OUTPUT0", "OUTPUT1")]
+        for i in (0, 1):
+            inputs[i].set_shared_memory(f"r{i}", sizes[i])
+            outputs[i].set_shared_memory(f"r{i + 2}", sizes[i + 2])
+        c.infer("simple_string", inputs, outputs=outputs)
+        for i, want in ((2, a + b), (3, a - b)):
+            got = shm.get_contents_as_numpy(regions[i], np.object_, [1, 16])
+            assert [int(v) for v in got.reshape(-1)] == list(want)
+    finally:
+        c.unregister_system_shared_memory()
+        for r in regions:
+            shm.destroy_shared_memory_region(r)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from torchship.export.inputs import draw, example_dims, lengths
 from torchship.export.proof.checks import BATCH_SIZES, backends, load_for_proof
 from torchship.export.proof.report import Check, Report, eager_reference
 from torchship.export.proof.tolerance import compare, tolerance
-from torchship.handlers.model import named, runners
+from torchship.handlers.model import named, runners, steps
 from torchship.handlers.signature import Signature, TensorSpec
 
 ROWS = 16  # examples per length: batch sizes 1, 2, 7 and 16
@@ -129,6 +129,8 @@ def verify_named(export_dir: Path, atol: float, rtol: float, source, batch_sizes
                             rtol=rtol,
                         )
                     )
+    if sig.process:
+        checks += _step_checks(Path(export_dir), sig, fns, reference, atol=atol, rtol=rtol)
     inputs = {
         "named": True,
         "rows": ROWS,
@@ -137,6 +139,70 @@ def verify_named(export_dir: Path, atol: float, rtol: float, source, batch_sizes
         "inputs": [{"name": t.name, "datatype": t.datatype, "range": list(t.range) or None} for t in sig.inputs],
     }
     return Report(str(export_dir), atol, rtol, eager_reference(card.name), inputs, checks, tolerance_note=note)
+
+
+def _step_checks(export_dir: Path, sig: Signature, fns: dict, reference, *, atol: float, rtol: float) -> list[Check]:
+    """The model's own step around every format, as the servers run it (model/steps.py), on the step file's
+    examples(): each format's answer after postprocess against float64 eager's after the same step. Strings are
+    compared exactly."""
+    step = steps.load(sig, export_dir)
+    if step.examples is None:
+        raise ValueError(
+            f"{sig.process.file}: define examples(), a list of requests (dicts of arrays by name) to prove on"
+        )
+    requests = step.examples()
+    if not isinstance(requests, (list, tuple)) or not requests:
+        raise ValueError(f"{sig.process.file}: examples() must give a non-empty list of requests")
+    checks = []
+    for r, request in enumerate(requests):
+        given = {
+            k: (_datatype(sig, k, np.asarray(v)), np.shape(v), np.asarray(v, object).reshape(-1))
+            for k, v in request.items()
+        }
+        rows = step.check(given)
+        ref = step.outputs(reference(rows.arrays))
+        for backend, fn in fns.items():
+            got = step.outputs(fn(rows.arrays))
+            for t in sig.served_outputs:
+                dims = {"example": r, **rows.dims}
+                if t.datatype == "BYTES":
+                    checks.append(_bytes_check(backend, len(rows), t, dims, got[t.name], ref[t.name]))
+                else:
+                    checks.append(_check(backend, len(rows), t, dims, got[t.name], ref[t.name], atol=atol, rtol=rtol))
+    return checks
+
+
+def _datatype(sig: Signature, name: str, x: np.ndarray) -> str:
+    spec = next((t for t in sig.served_inputs if t.name == name), None)
+    return spec.datatype if spec else named.DATATYPE_OF.get(x.dtype, str(x.dtype))
+
+
+def _bytes_check(backend: str, bs: int, spec: TensorSpec, dims: dict, got: np.ndarray, ref: np.ndarray) -> Check:
+    shape_ok = got.shape == ref.shape
+    bad = np.flatnonzero(got != ref) if shape_ok else np.arange(ref.size)
+    stats = _mismatch(np.zeros(ref.shape)) | {"failures": int(bad.size), "elements": int(ref.size)}
+    if not bad.size:
+        stats |= {"max_abs": 0.0, "mean_abs": 0.0, "p99_abs": 0.0, "min_atol": 0.0, "min_rtol": 0.0, "worst": {}}
+    else:
+        i = int(bad[0])
+        stats["worst"] = {
+            "index": [i],
+            "got": repr(got.reshape(-1)[i]) if shape_ok else None,
+            "expected": repr(ref.reshape(-1)[i]),
+        }
+    return Check(
+        backend,
+        bs,
+        0.0,
+        0.0,
+        shape_ok and not bad.size,
+        shape_ok,
+        got.dtype == object,
+        top1_agreement=None,
+        output=spec.name,
+        dims=dict(dims),
+        **stats,
+    )
 
 
 def _pad_requests(sig: Signature, reference) -> tuple[list[named.Rows], list[dict]]:

@@ -23,7 +23,7 @@ from kserve.protocol.grpc import server as grpc_server
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
 
 from ..card import ModelCard
-from ..model import runners
+from ..model import runners, steps
 from ..model.images import Preprocessor
 from ..model.responses import batch_outputs
 from ..protocol import model_io, v2
@@ -42,6 +42,7 @@ class KServeModel(kserve.Model):
         self.card = ModelCard.load(self.model_dir)
         self.runner = runners.load(self.model_dir, self.backend, threads=self.threads, card=self.card)
         self.preprocessor = Preprocessor(self.card, self.max_pixels)
+        self.steps = steps.load(self.card.signature, self.model_dir)
         self.ready = True
         return self.ready
 
@@ -64,13 +65,13 @@ class KServeModel(kserve.Model):
                     f"input '{i.name}': its {i.datatype} values do not fill its shape {list(i.shape)}"
                 ) from None
         try:
-            x = model_io.model_inputs(self.card, self.preprocessor, tensors)
+            x = model_io.model_inputs(self.card, self.preprocessor, tensors, steps=self.steps)
         except v2.ProtocolError as e:
             raise InvalidInput(str(e)) from None
         outputs = []
         binary = payload.from_grpc or payload.use_binary_outputs  # gRPC: raw contents, or tritonclient reads []
         raw = self.runner.run(x.arrays if self.card.named else x)
-        for t in model_io.model_outputs(self.card, batch_outputs(self.card, raw)):
+        for t in model_io.model_outputs(self.card, batch_outputs(self.card, raw), self.steps):
             out = InferOutput(name=t.name, shape=list(t.shape), datatype=t.datatype)
             out.set_data_from_numpy(t.data, binary_data=binary)
             outputs.append(out)

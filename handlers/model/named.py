@@ -30,7 +30,7 @@ NUMPY = {  # every datatype a signature may name (signature.SIGNATURE_DATATYPES)
     "UINT8": np.uint8,
     "BOOL": np.bool_,
 }
-DATATYPE_OF = {np.dtype(v): k for k, v in NUMPY.items()}
+DATATYPE_OF = {np.dtype(v): k for k, v in NUMPY.items()} | {np.dtype(object): "BYTES"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def largest(sig: Signature, spec: TensorSpec) -> int:
 
 def element_limit(sig: Signature) -> int:
     """The most elements any one input of a request may hold."""
-    return MAX_BATCH_ITEMS * max(largest(sig, t) for t in sig.inputs)
+    return MAX_BATCH_ITEMS * max(largest(sig, t) for t in (*sig.inputs, *sig.served_inputs))
 
 
 def padded_dims(sig: Signature) -> frozenset[str]:
@@ -72,10 +72,28 @@ def _element(index: int, shape: tuple[int, ...]) -> list[int]:
     return [int(i) for i in np.unravel_index(index, shape)]
 
 
-def check(sig: Signature, given: Mapping[str, tuple[str, tuple[int, ...], np.ndarray]]) -> Rows:
+def strings(values, where: str) -> np.ndarray:
+    """BYTES elements as one object array of bytes: bytes as they are, text as UTF-8 (JSON carries strings)."""
+    flat = np.asarray(values, dtype=object).reshape(-1)
+    out = np.empty(flat.size, dtype=object)
+    for i, v in enumerate(flat):
+        if isinstance(v, (bytes, bytearray, np.bytes_)):
+            out[i] = bytes(v)
+        elif isinstance(v, str):
+            out[i] = v.encode("utf-8", "surrogatepass")
+        else:
+            raise SignatureError(f"{where} element {i}: expected a string, got {type(v).__name__}")
+    return out
+
+
+def check(
+    sig: Signature, given: Mapping[str, tuple[str, tuple[int, ...], np.ndarray]], specs: tuple[TensorSpec, ...] = ()
+) -> Rows:
     """A request's tensors (name -> datatype, shape, flat data) to checked arrays, or a SignatureError naming the
-    input, the dimension or the element at fault."""
-    names = [t.name for t in sig.inputs]
+    input, the dimension or the element at fault. SPECS: the tensors to check against, when not the network's inputs
+    (what a model's own step takes: Signature.served_inputs)."""
+    specs = specs or sig.inputs
+    names = [t.name for t in specs]
     missing, unknown = [n for n in names if n not in given], sorted(set(given) - set(names))
     if missing or unknown:
         what = "; ".join(
@@ -83,7 +101,7 @@ def check(sig: Signature, given: Mapping[str, tuple[str, tuple[int, ...], np.nda
         )
         raise SignatureError(f"this model takes inputs {names}: {what}")
     arrays, dims, n = {}, {}, None
-    for spec in sig.inputs:
+    for spec in specs:
         datatype, shape, data = given[spec.name]
         where = f"input '{spec.name}'"
         if datatype != spec.datatype:
@@ -106,9 +124,12 @@ def check(sig: Signature, given: Mapping[str, tuple[str, tuple[int, ...], np.nda
                     raise SignatureError(f"{where}: {want} {got} is out of {low}..{high}", 413 if got > high else 400)
                 if dims.setdefault(want, got) != got:
                     raise SignatureError(f"{where}: {want} {got}, but another input has {want} {dims[want]}")
-        flat = np.asarray(data)
+        flat = np.asarray(data, dtype=object if spec.datatype == "BYTES" else None)
         if flat.size != math.prod(shape):
             raise SignatureError(f"{where} holds {flat.size} values for shape {list(shape)}")
+        if spec.datatype == "BYTES":
+            arrays[spec.name] = strings(flat, where).reshape(shape)
+            continue
         x = flat.astype(NUMPY[spec.datatype], copy=False).reshape(shape)
         if x.dtype.kind == "f":
             bad = np.flatnonzero(~np.isfinite(x))
@@ -180,10 +201,13 @@ def run_together(sig: Signature, run, requests: list[Rows]) -> list[dict[str, np
     return answers
 
 
-def outputs(sig: Signature, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every output by name, in its declared datatype."""
+def outputs(sig: Signature, raw: Mapping[str, np.ndarray], specs: tuple[TensorSpec, ...] = ()) -> dict[str, np.ndarray]:
+    """Every output by name, in its declared datatype (SPECS: what a model's own step gives: served_outputs)."""
     return {
-        t.name: np.ascontiguousarray(np.asarray(raw[t.name]).astype(NUMPY[t.datatype], copy=False)) for t in sig.outputs
+        t.name: strings(raw[t.name], f"output '{t.name}'").reshape(np.shape(raw[t.name]))
+        if t.datatype == "BYTES"
+        else np.ascontiguousarray(np.asarray(raw[t.name]).astype(NUMPY[t.datatype], copy=False))
+        for t in specs or sig.outputs
     }
 
 

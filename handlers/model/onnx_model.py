@@ -18,11 +18,12 @@ import numpy as np
 import onnxruntime as ort
 
 from ..card import ONNX_METADATA_KEY, CardError, ModelCard
-from . import named
+from . import named, steps
 from .errors import InputError
 from .images import Preprocessor
 from .responses import DEFAULT_TOPK, respond
 from .runners import session_options
+from .steps import Steps
 from .tensors import rows_from_array, rows_from_instances, standardize
 
 
@@ -31,10 +32,13 @@ class OnnxModel:
     session: ort.InferenceSession
     card: ModelCard
     preprocessor: Preprocessor = field(repr=False, default=None)  # type: ignore[assignment]
+    steps: Steps | None = field(repr=False, default=None)  # a named-input model's signature and its own step
 
     def __post_init__(self):
         if self.preprocessor is None:
             self.preprocessor = Preprocessor(self.card)
+        if self.steps is None and self.card.named:
+            self.steps = Steps(self.card.signature)
         self.input_name = self.session.get_inputs()[0].name
 
     @property
@@ -74,19 +78,20 @@ class OnnxModel:
         """Named inputs, each a batch (N, ...) checked against the card's signature, to every output by name."""
         if not isinstance(inputs, dict):
             raise InputError(
-                400, f"this model takes named inputs: a dict of {[t.name for t in self.card.signature.inputs]}"
+                400, f"this model takes named inputs: a dict of {[t.name for t in self.card.signature.served_inputs]}"
             )
         given = {}
         for name, value in inputs.items():
-            x = np.asarray(value)
-            datatype = named.DATATYPE_OF.get(x.dtype, str(x.dtype))
-            spec = next((t for t in self.card.signature.inputs if t.name == name), None)
-            if spec is not None and x.dtype.kind == np.dtype(named.NUMPY[spec.datatype]).kind:
+            spec = next((t for t in self.card.signature.served_inputs if t.name == name), None)
+            strings = spec is not None and spec.datatype == "BYTES"
+            x = np.asarray(value, object if strings else None)
+            datatype = "BYTES" if strings else named.DATATYPE_OF.get(x.dtype, str(x.dtype))
+            if spec is not None and not strings and x.dtype.kind == np.dtype(named.NUMPY[spec.datatype]).kind:
                 datatype = spec.datatype  # an int32 array for an INT64 input is the same numbers
             given[name] = (datatype, x.shape, x.reshape(-1))
-        rows = named.check(self.card.signature, given)
+        rows = self.steps.check(given)
         names = [o.name for o in self.session.get_outputs()]
-        return named.outputs(self.card.signature, dict(zip(names, self.session.run(None, rows.arrays))))
+        return self.steps.outputs(dict(zip(names, self.session.run(None, rows.arrays))))
 
     def predict_rows(self, rows, topk: int = DEFAULT_TOPK):
         shape = self.card.input_shape
@@ -125,7 +130,7 @@ def load(
         str(path), session_options(threads, optimization, spinning), providers=providers or ["CPUExecutionProvider"]
     )
     card = card_of(session, path)
-    return OnnxModel(session, card, Preprocessor(card, max_pixels))
+    return OnnxModel(session, card, Preprocessor(card, max_pixels), steps.load(card.signature, path.parent))
 
 
 __all__ = ["InputError", "OnnxModel", "load", "session_options"]

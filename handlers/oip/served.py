@@ -14,9 +14,10 @@ import numpy as np
 
 from ..card import ModelCard
 from ..limits import MAX_BATCH_ITEMS
-from ..model import named, runners
+from ..model import named, runners, steps
 from ..model.images import Preprocessor
 from ..model.responses import batch_outputs
+from ..model.steps import Steps
 from ..protocol import model_io, v2
 from .batching import Batcher, Stacking
 from .config import Config
@@ -49,6 +50,7 @@ class Served:
     overrides: dict = field(default_factory=dict)  # the model's load-time configuration (repository.ModelState)
     max_rows: int = MAX_BATCH_ITEMS  # rows one request may hold: Triton's max_batch_size
     images: bool = True  # an image model's full inputs and outputs; False: Triton's image classifier (triton_images)
+    steps: Steps | None = None  # a named-input model's signature and its own step (model/steps.py)
 
     def __post_init__(self):
         self.limit = self.limit or model_io.element_limit(self.card)
@@ -66,11 +68,11 @@ class Served:
 
     def decode(self, tensors: list[v2.Tensor]) -> np.ndarray | named.Rows:
         """A request's v2 input tensors to the model's rows (a ProtocolError for anything it cannot take)."""
-        return model_io.model_inputs(self.card, self.preprocessor, tensors, self.images)
+        return model_io.model_inputs(self.card, self.preprocessor, tensors, self.images, self.steps)
 
     def encode(self, rows) -> list[v2.Tensor]:
         """A request's rows of the batch's outputs to its v2 output tensors."""
-        return [t for t in model_io.model_outputs(self.card, rows) if t.name in self.outputs]
+        return [t for t in model_io.model_outputs(self.card, rows, self.steps) if t.name in self.outputs]
 
     async def retire(self, grace_s: float = 30) -> None:
         """Answer what this version holds, then free it: it takes no new requests once no route leads here."""
@@ -93,6 +95,7 @@ def load(model_dir: str, config: Config, *, name: str | None = None, overrides: 
     )
     card = ModelCard.load(model_dir)
     name = name or card.name
+    model_steps = steps.load(card.signature, model_dir)
     runner = runners.load(model_dir, config.backend, threads=config.threads, card=card)
     metrics = Metrics(name, card.version)
 
@@ -110,7 +113,7 @@ def load(model_dir: str, config: Config, *, name: str | None = None, overrides: 
     preprocessor = Preprocessor(card, config.max_pixels)
     version = Served(name, card, preprocessor, batcher, metrics, runner.backend, card.version, str(model_dir))
     version.overrides, version.max_rows, version.images = dict(overrides), rows, not config.triton_images
-    version.outputs = model_io.output_names(card, not config.triton_images)
+    version.outputs, version.steps = model_io.output_names(card, not config.triton_images), model_steps
     return version
 
 

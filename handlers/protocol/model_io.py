@@ -22,6 +22,7 @@ from ..limits import MAX_BATCH_ITEMS
 from ..model import named
 from ..model.errors import InputError
 from ..model.images import Preprocessor
+from ..model.steps import StepError, Steps
 from ..model.tensors import rows_from_array, standardize
 from .v2 import ProtocolError, Tensor
 
@@ -34,7 +35,7 @@ def input_types(card: ModelCard, images: bool = True) -> list[dict]:
     too), which is how perf_analyzer and Triton's model configuration count it. IMAGES False: an image model takes
     its FP32 input alone (a server started with triton_images, for Triton's image clients)."""
     if card.named:
-        return named.types(card.signature.inputs)
+        return named.types(card.signature.served_inputs)
     array = {"name": ARRAY, "datatype": "FP32", "shape": [-1, *card.input_shape]}
     return [{"name": IMAGES, "datatype": "BYTES", "shape": [-1, 1]}, array] if card.image and images else [array]
 
@@ -46,7 +47,7 @@ def output_types(card: ModelCard, label: bool = True) -> list[dict]:
 
 def _output_types(card: ModelCard) -> list[dict]:
     if card.named:
-        return named.types(card.signature.outputs)
+        return named.types(card.signature.served_outputs)
     if card.task == "regress":
         return [{"name": card.output_name, "datatype": "FP32", "shape": [-1, card.outputs]}]
     if card.task == "reconstruct":
@@ -74,12 +75,19 @@ def element_bytes(value, i: int) -> bytes:
     )
 
 
-def model_inputs(card: ModelCard, preprocessor: Preprocessor, tensors: list[Tensor], images: bool = True) -> np.ndarray:
+def model_inputs(
+    card: ModelCard,
+    preprocessor: Preprocessor,
+    tensors: list[Tensor],
+    images: bool = True,
+    steps: Steps | None = None,
+) -> np.ndarray:
     """The one input tensor of a request to the model's normalised (N, C, H, W) batch, or a ProtocolError. IMAGES
-    False: an image model takes its FP32 input alone (input_types)."""
+    False: an image model takes its FP32 input alone (input_types). STEPS: a named-input model's own step, loaded
+    (model/steps.load)."""
     names = [t.name for t in tensors]
     if card.named:
-        return _named_inputs(card, tensors)
+        return _named_inputs(card, tensors, steps)
     if not card.image:
         return _tensor_inputs(card, tensors)
     if not images and names != [ARRAY]:
@@ -160,7 +168,7 @@ def _tensor_inputs(card: ModelCard, tensors: list[Tensor]) -> np.ndarray:
     return standardize(card, rows)
 
 
-def _named_inputs(card: ModelCard, tensors: list[Tensor]) -> named.Rows:
+def _named_inputs(card: ModelCard, tensors: list[Tensor], steps: Steps | None) -> named.Rows:
     """Every input the signature names, checked: names, datatypes, shapes, dimension ranges and values."""
     given = {}
     for t in tensors:
@@ -168,16 +176,22 @@ def _named_inputs(card: ModelCard, tensors: list[Tensor]) -> named.Rows:
             raise ProtocolError(f"input '{t.name}' is sent twice")
         given[t.name] = (t.datatype, tuple(t.shape), t.data)
     try:
-        return named.check(card.signature, given)
+        return _steps(card, steps).check(given)
     except named.SignatureError as e:
         raise ProtocolError(e.message, e.status) from None
 
 
-def model_outputs(card: ModelCard, rows) -> list[Tensor]:
+def _steps(card: ModelCard, steps: Steps | None) -> Steps:
+    if steps is None and card.signature.process:
+        raise StepError(f"{card.name}'s own step ({card.signature.process.file}) is not loaded")
+    return steps or Steps(card.signature)
+
+
+def model_outputs(card: ModelCard, rows, steps: Steps | None = None) -> list[Tensor]:
     """A request's v2 output tensors from its rows of responses.batch_outputs (a classifier's probabilities)."""
     if card.named:
-        out = named.outputs(card.signature, rows)
-        return [Tensor(t.name, t.datatype, out[t.name].shape, out[t.name]) for t in card.signature.outputs]
+        out = _steps(card, steps).outputs(rows)
+        return [Tensor(t.name, t.datatype, out[t.name].shape, out[t.name]) for t in card.signature.served_outputs]
     if card.task == "regress":
         out = np.asarray(rows, np.float32).reshape(len(rows), card.outputs)
         return [Tensor(card.output_name, "FP32", out.shape, out)]
@@ -193,7 +207,7 @@ def element_limit(card: ModelCard) -> Callable[[str], int]:
     """The most elements one request's tensor of a datatype may hold for this model: checked from the shape a client
     claims before any element is read, and again while reading."""
     per_request = named.element_limit(card.signature) if card.named else MAX_BATCH_ITEMS * math.prod(card.input_shape)
-    return lambda datatype: MAX_BATCH_ITEMS if datatype == "BYTES" else per_request
+    return lambda datatype: MAX_BATCH_ITEMS if datatype == "BYTES" and not card.named else per_request
 
 
 def output_names(card: ModelCard, label: bool = True) -> list[str]:

@@ -274,9 +274,16 @@ def classify(t: Tensor, k: int, labels=None) -> Tensor:
     return Tensor(t.name, "BYTES", (len(rows), k), data)
 
 
+def json_values(x: np.ndarray):
+    """An array as JSON's nested lists, BYTES elements as UTF-8 text (what is not UTF-8 shows as U+FFFD: ask for
+    the output as binary to get its bytes)."""
+    if x.dtype != object:
+        return x.tolist()
+    return np.vectorize(lambda b: bytes(b).decode("utf-8", "replace"), otypes=[object])(x).tolist() if x.size else []
+
+
 def _json_data(t: Tensor) -> list:
-    flat = t.data.reshape(-1)
-    return [x.decode() for x in flat] if t.datatype == "BYTES" else flat.tolist()
+    return json_values(t.data.reshape(-1))
 
 
 def response_json(model: str, request: dict, outputs: list[Tensor]) -> dict:

@@ -10,7 +10,7 @@ import numpy as np
 from ts.torch_handler.base_handler import BaseHandler
 
 from ..card import ModelCard
-from ..model import named, runners
+from ..model import named, runners, steps
 from ..model.errors import InputError
 from ..model.images import Preprocessor
 from ..model.responses import answers, batch_outputs
@@ -34,6 +34,7 @@ class ModelHandler(BaseHandler):
         self.runner = runners.load(model_dir, threads=threads, card=self.card)
         self.backend = self.runner.backend
         self.preprocessor = Preprocessor(self.card, int(config.get("max_pixels", 0)))
+        self.steps = steps.load(self.card.signature, model_dir)  # a named-input model's own step, if it has one
         self.context = context
         self.model_name = (context.manifest or {}).get("model", {}).get("modelName", self.card.name)
         self.initialized = True
@@ -69,7 +70,7 @@ class ModelHandler(BaseHandler):
             return self.named_row(body["inputs"]), {"named": True}
         if length is not None or (isinstance(body, dict) and "inputs" in body):  # the Open Inference Protocol
             header, tensors = v2.parse_http(body, int(length) if length and length.isdigit() else None)
-            return model_io.model_inputs(self.card, self.preprocessor, tensors), {"v2": header}
+            return model_io.model_inputs(self.card, self.preprocessor, tensors, steps=self.steps), {"v2": header}
         if self.card.named:
             raise InputError(400, self.NAMED_HOW)
         if not self.card.image:  # KServe v1 / TF Serving JSON: {"instances": [[...], ...]}
@@ -81,14 +82,17 @@ class ModelHandler(BaseHandler):
 
     def named_row(self, inputs: dict) -> named.Rows:
         """TorchServe's JSON for a named-input model: {"inputs": {"input_ids": [...], ...}}, one example a request."""
-        types = {t.name: t.datatype for t in self.card.signature.inputs}
+        types = {t.name: t.datatype for t in self.card.signature.served_inputs}
         given = {}
         for name, value in inputs.items():
-            x = np.asarray(value) if isinstance(value, (list, int, float, bool)) else None
-            if x is None or x.dtype == object:
-                raise InputError(400, f"input '{str(name)[:64]}': expected a (nested) list of numbers")
+            strings = types.get(name) == "BYTES"
+            ok = (list, str) if strings else (list, int, float, bool)
+            x = np.asarray(value, object if strings else None) if isinstance(value, ok) else None
+            if x is None or (x.dtype == object and not strings):
+                what = "strings" if strings else "numbers"
+                raise InputError(400, f"input '{str(name)[:64]}': expected a (nested) list of {what}")
             given[str(name)[:64]] = (types.get(name, "?"), (1, *x.shape), x.reshape(-1))
-        return named.check(self.card.signature, given)
+        return self.steps.check(given)
 
     def preprocess(self, data: list[dict]) -> Batch:
         batch, arrays, n = Batch(len(data)), [], 0
@@ -125,10 +129,10 @@ class ModelHandler(BaseHandler):
         for k, part in enumerate(data.parts):
             out = data.outputs[k] if self.card.named else data.outputs[part.start : part.stop]
             if part.named:
-                answer = named.outputs(self.card.signature, out)
-                body = {"outputs": {name: y[0].tolist() for name, y in answer.items()}}
+                answer = self.steps.outputs(out)
+                body = {"outputs": {name: v2.json_values(y[0]) for name, y in answer.items()}}
             elif part.v2 is not None:
-                body = v2.response_json(self.model_name, part.v2, model_io.model_outputs(self.card, out))
+                body = v2.response_json(self.model_name, part.v2, model_io.model_outputs(self.card, out, self.steps))
             elif part.v1:
                 body = {"predictions": answers(self.card, out, [part.topk] * len(out))}
             else:

@@ -218,7 +218,7 @@ def start_command(
         card = chosen.card(cfg)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         card = None
-    sample = write_sample(cfg.state_dir, card)
+    sample = write_sample(cfg.state_dir, card, export_dir=export_dir)
     where = ", ".join(f"{k} {status[k]}" for k in ("grpc", "metrics") if k in status)
     click.echo(f"{chosen.name} is serving {model} at {cfg.inference_url} ({where}); logs in {cfg.state_dir}/logs")
     click.echo(f"try it ({sample.what}):\n  {chosen.curl(cfg, sample)}")

@@ -440,6 +440,17 @@ async function runNamed(inputs) {
 
 function namedInputs() {
   const sig = state.card.signature;
+  if (sig.process) {
+    // the model's own step is Python (docs/export.md: A model's own step): no browser runs it, so none runs here
+    show("image-try", false);
+    show("tensor-try", false);
+    show("server", false);
+    const takes = sig.process.inputs.length ? sig.process.inputs : sig.inputs;
+    $("local").querySelector(".result").textContent =
+      `This model runs its own step (${sig.process.file}) in Python around the network, which a browser cannot: ` +
+      `send ${takes.map((t) => `${t.name} (${t.datatype})`).join(", ")} to the OIP server (torchship serve start --runtime oip).`;
+    return;
+  }
   show("image-try", false);
   show("tensor-try", true);
   show("rows", true);
