@@ -359,7 +359,8 @@ def test_model_control_as_the_examples_do_it_on_a_server_that_lets_loopback_in(l
     that sets max_batch_size 16 (and the configuration then says 16, every worker's passes and requests too), unload,
     and a model that is not there. The examples send no token: a server started without loopback_admin says 401."""
     c = client(local_admin, kind)
-    assert len(c.get_model_repository_index() if kind == "http" else c.get_model_repository_index().models) == 1
+    index = c.get_model_repository_index() if kind == "http" else c.get_model_repository_index().models
+    assert sorted(m["name"] if kind == "http" else m.name for m in index) == ["simple", "simple_string"]
     c.load_model("simple")
     assert c.is_model_ready("simple")
     with pytest.raises(InferenceServerException) as e:
@@ -516,6 +517,44 @@ def test_the_asyncio_clients_health_metadata_infer_and_stream(server, kind):
     if kind == "grpc":
         assert sorted(i for i, _, _ in streamed) == ["0", "1", "2"]
         assert all(e is None and (d == int(i)).all() for i, d, e in streamed)
+
+
+def test_grpc_channel_arguments_keepalive_headers_deadlines_and_compression_as_the_custom_args_examples_set_them(
+    server,
+):
+    """simple_grpc_custom_args_client.py and simple_grpc_keepalive_client.py: custom channel arguments (message sizes,
+    keepalive), KeepAliveOptions, a request's own headers, a client timeout, and gRPC's gzip and deflate message
+    compression in both directions."""
+    url = f"127.0.0.1:{server.grpc_port}"
+    a, b = np.arange(16, dtype=np.int32)[None], np.full((1, 16), 3, np.int32)
+    args = [
+        ("grpc.max_send_message_length", 1 << 20),
+        ("grpc.max_receive_message_length", 1 << 20),
+        ("grpc.keepalive_time_ms", 2**31 - 1),
+        ("grpc.keepalive_timeout_ms", 20000),
+        ("grpc.keepalive_permit_without_calls", False),
+        ("grpc.http2.max_pings_without_data", 2),
+    ]
+    keepalive = tgrpc.KeepAliveOptions(
+        keepalive_time_ms=2**31 - 1,
+        keepalive_timeout_ms=20000,
+        keepalive_permit_without_calls=False,
+        http2_max_pings_without_data=2,
+    )
+    for c in (
+        tgrpc.InferenceServerClient(url, channel_args=args),
+        tgrpc.InferenceServerClient(url, keepalive_options=keepalive),
+    ):
+        for compression in (None, "gzip", "deflate"):
+            result = c.infer(
+                "simple",
+                simple_inputs("grpc", a, b),
+                headers={"test": "1"},
+                client_timeout=60,
+                compression_algorithm=compression,
+            )
+            assert (result.as_numpy("OUTPUT0") == a + b).all() and (result.as_numpy("OUTPUT1") == a - b).all()
+        c.close()
 
 
 @pytest.mark.parametrize("kind", list(CLIENTS))
