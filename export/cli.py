@@ -10,6 +10,7 @@ from torchship.export.proof.tolerance import ATOL, RTOL
 from torchship.handlers.card import VERSION_PATTERN, CardError, safe_name
 from torchship.handlers.formats import DEFAULT_FORMATS, FORMAT_BY_NAME
 from torchship.handlers.recipes import RECIPES
+from torchship.handlers.signature import POOLINGS, TEXT_TASKS, Text
 
 TOLERANCES = [
     click.option("--atol", type=click.FloatRange(min=0), default=ATOL, show_default=True, help="Absolute tolerance."),
@@ -155,6 +156,42 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
     "signature's process says what it takes and gives (docs/export.md: A model's own step).",
 )
 @click.option(
+    "--tokenizer",
+    type=click.Path(exists=True),
+    default=None,
+    metavar="tokenizer.json|FOLDER",
+    help="With --signature: a text model's Hugging Face tokenizer (the file, or the folder save_pretrained wrote), "
+    "shipped in the export and run with `tokenizers` by both servers and the embedding: clients send text "
+    "(docs/export.md: Text models).",
+)
+@click.option(
+    "--text-task",
+    type=click.Choice(TEXT_TASKS),
+    default="classify",
+    show_default=True,
+    help="With --tokenizer: what the network's first output answers: a label and probabilities, a sentence "
+    "embedding, or labelled tokens with their character offsets (labels: --labels, else the model's id2label).",
+)
+@click.option(
+    "--pooling",
+    type=click.Choice(POOLINGS),
+    default="mean",
+    show_default=True,
+    help="With --text-task embed: the tokens' vectors averaged over the attention mask, or the first ([CLS]).",
+)
+@click.option(
+    "--normalize/--no-normalize",
+    default=True,
+    show_default=True,
+    help="With --text-task embed: embeddings of unit L2 length.",
+)
+@click.option(
+    "--truncate/--refuse-long",
+    default=True,
+    show_default=True,
+    help="With --tokenizer: a text longer than the signature's longest sequence is cut to it, or refused (413).",
+)
+@click.option(
     "--task",
     type=click.Choice(["classify", "regress"]),
     default=None,
@@ -232,6 +269,11 @@ def export_command(
     input_kind,
     signature_source,
     process,
+    tokenizer,
+    text_task,
+    pooling,
+    normalize,
+    truncate,
     task,
     output_names,
     input_range,
@@ -253,8 +295,15 @@ def export_command(
     """Export CHECKPOINT (or --model SPEC --weights FILE) to every format, then prove each matches the eager model."""
     # torch only when a command runs: `torchship --help` and a bad option answer in a fraction of a second
     from torchship.export.formats import ExportError, Options, export_checkpoint, export_model, next_version, stamp
-    from torchship.export.user_model import ModelLoadError, named_model, parse_kwargs, read_signature, user_model
-    from torchship.train.checkpoint import CheckpointError
+    from torchship.export.user_model import (
+        ModelLoadError,
+        named_model,
+        parse_kwargs,
+        read_signature,
+        tokenizer_file,
+        user_model,
+    )
+    from torchship.train.checkpoint import CheckpointError  # torch too, as the two above
 
     if (checkpoint is None) == (spec is None):
         raise click.UsageError("give either a torchship CHECKPOINT or --model SPEC --weights FILE")
@@ -273,10 +322,14 @@ def export_command(
         "--input-range": input_range,
         "--signature": signature_source,
         "--process": process,
+        "--tokenizer": tokenizer,
     }
     if signature_source is not None or input_kind == "named":
         named_only = {
-            k: v for k, v in user_only.items() if k not in ("--weights", "--model-kwarg", "--signature", "--process")
+            k: v
+            for k, v in user_only.items()
+            if k not in ("--weights", "--model-kwarg", "--signature", "--process", "--tokenizer")
+            and not (k == "--labels" and tokenizer)
         }
         if spec is None or weights is None or signature_source is None:
             raise click.UsageError("named inputs need --model SPEC --weights FILE --signature FILE")
@@ -300,7 +353,14 @@ def export_command(
     if version is not None and not VERSION_PATTERN.match(version):
         raise click.BadParameter(f"{version!r} is not a version: a positive integer", param_hint="--version")
     progress = lambda m: click.echo(m + " ...", err=True)  # noqa: E731
-    options = Options(data_dir=data_dir, calibration=calibration, process=process)
+    text = None
+    if tokenizer is not None:
+        names = Path(labels).read_text().split("\n") if labels and Path(labels).is_file() else (labels or "").split(",")
+        names = tuple(n.strip() for n in names if n.strip())
+        text = Text(task=text_task, labels=names, pooling=pooling, normalize=normalize, truncate=truncate)
+    options = Options(
+        data_dir=data_dir, calibration=calibration, process=process, tokenizer=tokenizer and tokenizer_file(tokenizer)
+    )
     try:
         if checkpoint is not None:
             progress(f"loading {checkpoint}")
@@ -318,6 +378,8 @@ def export_command(
                     sig=read_signature(signature_source),
                     name=name,
                     process=process,
+                    text=text,
+                    tokenizer=tokenizer,
                 )
             else:
                 model, card = user_model(

@@ -36,6 +36,7 @@ class Options:
     data_dir: Path | str = "data"  # int8 calibrates on the card's dataset's training split when it is here
     calibration: Path | str | None = None  # or on the images in this directory
     process: Path | str | None = None  # the model's own step file (signature.process), copied beside the model
+    tokenizer: Path | str | None = None  # a text model's tokenizer.json (signature.text), copied beside the model
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,11 @@ def export_model(
         if options.process is None or digest(options.process) != step.sha256:
             raise ExportError(f"the card's step {step.file} needs its file, as named_model read it (Options.process)")
         shutil.copyfile(options.process, out / step.file)
+    text = card.signature.text if card.named else None
+    if text:
+        if options.tokenizer is None or digest(options.tokenizer) != text.sha256:
+            raise ExportError("the card's tokenizer needs its file, as named_model read it (Options.tokenizer)")
+        shutil.copyfile(options.tokenizer, out / text.tokenizer)
     (out / CARD_FILE).write_text(card.to_json())
     return Exported(out, card, files)
 

@@ -19,8 +19,9 @@ from torchship.export.inputs import draw, example_dims
 from torchship.handlers.card import BUILTIN_ARCHITECTURES, Architecture, CardError, ModelCard
 from torchship.handlers.formats import STEP_FILE, digest
 from torchship.handlers.model import steps
+from torchship.handlers.model import text as text_step
 from torchship.handlers.recipes import GREY_RECIPES, NO_RECIPE
-from torchship.handlers.signature import Signature, validate_signature
+from torchship.handlers.signature import Signature, Text, validate_signature
 from torchship.train import checkpoint
 from torchship.train.models import build_builtin
 
@@ -241,6 +242,8 @@ def named_model(
     sig: Signature,
     name: str | None = None,
     process: Path | str | None = None,
+    text: Text | None = None,
+    tokenizer: Path | str | None = None,
 ) -> tuple[torch.nn.Module, ModelCard]:
     """A model that takes several named tensors: built, its weights loaded, run once on inputs drawn from its
     signature, every output checked against what the signature declares. PROCESS: the model's own step file, which
@@ -248,7 +251,10 @@ def named_model(
 
     kwargs = dict(kwargs or {})
     sig = with_step(sig, process)
-    model = Signed(load_weights(build(spec, kwargs), read_state_dict(weights), weights), sig).eval()
+    built = load_weights(build(spec, kwargs), read_state_dict(weights), weights)
+    if text is not None:
+        sig = with_text(sig, text, tokenizer, built)
+    model = Signed(built, sig).eval()
     feeds = draw(sig, 2, example_dims(sig))
     try:
         with torch.no_grad():
@@ -313,6 +319,34 @@ def with_step(sig: Signature, process: Path | str | None) -> Signature:
     except CardError as e:
         raise ModelLoadError(f"--process {path}: {str(e).split(': ', 1)[-1]}") from None
     return replace(sig, process=replace(step, file=STEP_FILE))
+
+
+def tokenizer_file(path: Path | str) -> Path:
+    """A tokenizer.json, or the folder `save_pretrained` wrote it into."""
+    path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+def with_text(sig: Signature, text: Text, tokenizer: Path | str | None, model: torch.nn.Module) -> Signature:
+    """The signature of a text model: its tokenizer's digest, and its labels from the model's own id2label (Hugging
+    Face's config) where none are given; the tokenizer loaded once to show it can be."""
+    if tokenizer is None:
+        raise ModelLoadError("a text model needs its tokenizer: --tokenizer tokenizer.json (or the folder holding it)")
+    path = tokenizer_file(tokenizer)
+    if not path.is_file():
+        raise ModelLoadError(f"--tokenizer {tokenizer}: no tokenizer.json there")
+    labels = text.labels
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if not labels and text.task != "embed" and isinstance(id2label, Mapping):
+        labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+    text = replace(text, sha256=digest(path), labels=labels)
+    try:
+        sig = replace(sig, text=text)
+        validate_signature(sig)
+        text_step.tokenizer(replace(sig, text=replace(text, tokenizer=path.name)), path.parent)
+    except CardError as e:
+        raise ModelLoadError(f"--tokenizer {tokenizer}: {e}") from None
+    return sig
 
 
 def output_kind(out: torch.Tensor) -> str:

@@ -36,8 +36,9 @@ FORMAT_BY_BACKEND = {f.backend: f for f in FORMATS}
 
 def served_files(card: ModelCard, backend: str) -> tuple[str, ...]:
     """What serving one backend of an export needs, wherever it is shipped (archive, bundle, server folder)."""
-    step = card.signature.process if card.named else None
-    return (CARD_FILE, FORMAT_BY_BACKEND[backend].file, *((step.file,) if step else ()))
+    sig = card.signature if card.named else None
+    own = (sig.process.file,) if sig and sig.process else (sig.text.tokenizer,) if sig and sig.text else ()
+    return (CARD_FILE, FORMAT_BY_BACKEND[backend].file, *own)
 
 
 def digest(path: Path | str) -> str:

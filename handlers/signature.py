@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from .fields import CardError, is_number, sequence, sub
 
@@ -17,6 +17,12 @@ SIGNATURE_DATATYPES = ("FP32", "FP16", "FP64", "INT64", "INT32", "INT16", "INT8"
 # A model's own step may also take and give strings (one UTF-8 or binary element each); the network never does.
 STEP_DATATYPES = (*SIGNATURE_DATATYPES, "BYTES")
 STEP_FUNCTIONS = ("preprocess", "postprocess")  # what a step file may define (model/steps.py runs them)
+# A text model's answers (model/text.py): a label and probabilities, an embedding, or labels per token
+TEXT_TASKS = ("classify", "embed", "tokens")
+TEXT_INPUT = "text"  # what a text model takes: BYTES [batch], one UTF-8 string a row
+EMBEDDING = "embedding"  # what an embedding model answers: FP32 [batch, n]
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a tokenizer gives, by Hugging Face's names
+POOLINGS = ("mean", "cls")
 MAX_DIM = 1 << 20  # a named dimension's largest allowed upper bound
 TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
 
@@ -65,6 +71,23 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Text:
+    """A model that takes text: its tokenizer (a Hugging Face tokenizer.json shipped beside it, run with `tokenizers`)
+    and what it answers. The network's inputs are the tokenizer's (TOKEN_INPUTS) along one padded dimension."""
+
+    task: str = "classify"
+    tokenizer: str = "tokenizer.json"  # the file's name inside the export folder
+    sha256: str = ""
+    labels: tuple[str, ...] = ()  # classify: one per class; tokens: one per token class
+    pooling: str = "mean"  # embed: over the attention mask, or the first ([CLS]) token
+    normalize: bool = True  # embed: to unit L2 length
+    truncate: bool = True  # a text longer than the sequence's longest is cut (False: refused, 413)
+
+    def __post_init__(self):
+        object.__setattr__(self, "labels", sequence("text.labels", self.labels))
+
+
+@dataclass(frozen=True)
 class Signature:
     """Every input and output of a model that takes several named tensors, and the allowed range of each named
     dimension (batch's is the servers' own limit)."""
@@ -73,10 +96,13 @@ class Signature:
     outputs: tuple[TensorSpec, ...]
     dims: Mapping = field(default_factory=dict)  # "sequence" -> (min, max), inclusive
     process: Step | None = None  # the model's own step, between what clients send and get and the network
+    text: Text | None = None  # a text model: its tokenizer and its task (the step torchship brings)
 
     def __post_init__(self):
         if isinstance(self.process, Mapping):
             object.__setattr__(self, "process", sub(Step, "process", self.process))
+        if isinstance(self.text, Mapping):
+            object.__setattr__(self, "text", sub(Text, "text", self.text))
         for side in ("inputs", "outputs"):
             specs = sequence(side, getattr(self, side))
             object.__setattr__(
@@ -88,11 +114,15 @@ class Signature:
 
     @property
     def served_inputs(self) -> tuple[TensorSpec, ...]:
-        """What clients send: the step's preprocess inputs where it has one, else the network's."""
+        """What clients send: text, or the step's preprocess inputs where it has one, else the network's."""
+        if self.text:
+            return (TensorSpec(TEXT_INPUT, "BYTES", (BATCH_DIM,)),)
         return self.process.inputs if self.process and self.process.inputs else self.inputs
 
     @property
     def served_outputs(self) -> tuple[TensorSpec, ...]:
+        if self.text:
+            return text_outputs(self)
         return self.process.outputs if self.process and self.process.outputs else self.outputs
 
     def to_dict(self) -> dict:
@@ -122,7 +152,65 @@ class Signature:
                 if self.process
                 else {}
             ),
+            **({"text": {**asdict(self.text), "labels": list(self.text.labels)}} if self.text else {}),
         }
+
+
+def text_outputs(sig: Signature) -> tuple[TensorSpec, ...]:
+    """A text model's answer by task: probabilities and a label; an embedding (the network's first output's last
+    dimension); or each row's labelled tokens as JSON (Hugging Face's token-classification pipeline's entries)."""
+    task = sig.text.task
+    if task == "classify":
+        n = len(sig.text.labels) or sig.outputs[0].shape[-1]
+        return (TensorSpec("probabilities", "FP32", (BATCH_DIM, n)), TensorSpec("label", "BYTES", (BATCH_DIM,)))
+    if task == "embed":
+        return (TensorSpec(EMBEDDING, "FP32", (BATCH_DIM, sig.outputs[0].shape[-1])),)
+    return (TensorSpec("entities", "BYTES", (BATCH_DIM,)),)
+
+
+def validate_text(sig: Signature) -> None:
+    """A text model's network takes the tokenizer's tensors along one padded dimension; its first output is what
+    the task reads."""
+    text = sig.text
+
+    def need(ok: bool, name: str, message: str) -> None:
+        if not ok:
+            raise CardError(f"signature.text.{name}", message)
+
+    need(text.task in TEXT_TASKS, "task", f"{text.task!r} is not one of {', '.join(TEXT_TASKS)}")
+    need(text.pooling in POOLINGS, "pooling", f"{text.pooling!r} is not one of {', '.join(POOLINGS)}")
+    need(not sig.process, "process", "a text model's step is its tokenizer: it takes no step file besides")
+    names = [t.name for t in sig.inputs]
+    need(
+        "input_ids" in names and set(names) <= set(TOKEN_INPUTS),
+        "inputs",
+        f"a text model's network takes input_ids (and attention_mask, token_type_ids), got {names}",
+    )
+    seqs = {t.dynamic for t in sig.inputs}
+    need(
+        all(t.datatype in ("INT64", "INT32") and len(t.shape) == 2 and t.pad is not None for t in sig.inputs)
+        and len(seqs) == 1
+        and len(next(iter(seqs))) == 1,
+        "inputs",
+        "each token input is INT64 or INT32 [batch, sequence], one named sequence for all, with a pad value",
+    )
+    first = sig.outputs[0]
+    last = first.shape[-1]
+    want = {"classify": 2, "embed": (2, 3), "tokens": 3}[text.task]
+    need(
+        len(first.shape) in (want if isinstance(want, tuple) else (want,))
+        and isinstance(last, int)
+        and first.datatype.startswith("FP"),
+        "task",
+        f"{text.task} reads the first output as floats [batch, {'sequence, ' if want == 3 else ''}n] with n a "
+        f"number, got {first.name} {first.datatype} {list(first.shape)}",
+    )
+    if text.labels or text.task != "embed":
+        need(
+            len(text.labels) == last,
+            "labels",
+            f"{len(text.labels)} label(s) for the {last} values of output '{first.name}'",
+        )
 
 
 def validate_signature(sig: Signature) -> None:
@@ -143,6 +231,8 @@ def validate_signature(sig: Signature) -> None:
             f"dims.{name}",
             f"expected [min, max] with 1 <= min <= max <= {MAX_DIM}, got {list(sig.dims[name])}",
         )
+    if sig.text:
+        validate_text(sig)
     step = sig.process or Step()
     sides = [("inputs", sig.inputs, SIGNATURE_DATATYPES), ("outputs", sig.outputs, SIGNATURE_DATATYPES)]
     sides += [

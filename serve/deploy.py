@@ -196,6 +196,7 @@ def requirements() -> str:
             "uvloop",
             "orjson",
             "prometheus_client",
+            "tokenizers",
         )
     ]
     return "# The OIP server without the training stack: no torch.\n" + "\n".join(pins) + "\n"

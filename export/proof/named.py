@@ -5,7 +5,9 @@ batch answers what each row alone does (the servers' batching relies on it)."""
 from __future__ import annotations
 
 import copy
+import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from torchship.export.proof.checks import BATCH_SIZES, backends, load_for_proof
 from torchship.export.proof.report import Check, Report, eager_reference
 from torchship.export.proof.tolerance import compare, tolerance
 from torchship.handlers.model import named, runners, steps
-from torchship.handlers.signature import Signature, TensorSpec
+from torchship.handlers.signature import TEXT_INPUT, Signature, TensorSpec
 
 ROWS = 16  # examples per length: batch sizes 1, 2, 7 and 16
 PADDED_ROWS = 6
@@ -70,7 +72,7 @@ def _mismatch(ref: np.ndarray) -> dict:
         "p99_rel": None,
         "min_atol": float("inf"),
         "min_rtol": float("inf"),
-        "worst": {"index": [0] * ref.ndim, "got": float("nan"), "expected": float(ref.flat[0])},
+        "worst": {"index": [0] * ref.ndim, "got": float("nan"), "expected": float(ref.flat[0]) if ref.size else None},
     }
 
 
@@ -131,6 +133,8 @@ def verify_named(export_dir: Path, atol: float, rtol: float, source, batch_sizes
                     )
     if sig.process:
         checks += _step_checks(Path(export_dir), sig, fns, reference, atol=atol, rtol=rtol)
+    if sig.text:
+        checks += _text_checks(Path(export_dir), sig, fns, reference, atol=atol, rtol=rtol)
     inputs = {
         "named": True,
         "rows": ROWS,
@@ -170,6 +174,130 @@ def _step_checks(export_dir: Path, sig: Signature, fns: dict, reference, *, atol
                 else:
                     checks.append(_check(backend, len(rows), t, dims, got[t.name], ref[t.name], atol=atol, rtol=rtol))
     return checks
+
+
+TEXTS = (  # short, unicode, empty, and one past any sequence's longest (truncated, or refused: then left out)
+    "torchship serves models",
+    "Na\u00efve caf\u00e9 \u2014 \u6771\u4eac, \U0001f642 and CAPITALS!",
+    "",
+    "train export serve " * 400,
+)
+
+
+def _text_checks(export_dir: Path, sig: Signature, fns: dict, reference, *, atol: float, rtol: float) -> list[Check]:
+    """The served path of a text model against a reference built without it: transformers' own tokenizer on each
+    text alone, float64 eager PyTorch, the task's answer computed here in float64; every format through the export's
+    tokenizer and task (model/text.py), all texts in one padded batch. The token ids must agree exactly."""
+    from transformers import PreTrainedTokenizerFast  # seconds of imports, for text models' proofs alone
+
+    text = sig.text
+    step = steps.load(sig, export_dir)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(export_dir / text.tokenizer))
+    seq = sig.inputs[0].dynamic[0]
+    low, high = sig.dims[seq]
+    texts = [t for t in TEXTS if text.truncate or len(hf(t)["input_ids"]) <= high]
+    rows = step.check({TEXT_INPUT: ("BYTES", (len(texts),), np.array([t.encode() for t in texts], object))})
+    checks, refs = [], []
+    for i, t in enumerate(texts):
+        enc = hf(
+            t, truncation=text.truncate, max_length=high, return_offsets_mapping=True, return_special_tokens_mask=True
+        )
+        n = len(enc["input_ids"])
+        ids = rows.arrays["input_ids"][i, :n]
+        same = (
+            list(ids) == list(enc["input_ids"])
+            and int(rows.arrays.get("attention_mask", np.ones_like(rows.arrays["input_ids"]))[i].sum()) == n
+        )
+        stats = _mismatch(np.zeros(n)) | {
+            "failures": 0 if same else n,
+            "elements": n,
+            "max_abs": 0.0,
+            "mean_abs": 0.0,
+            "p99_abs": 0.0,
+            "min_atol": 0.0,
+            "min_rtol": 0.0,
+            "worst": {},
+        }
+        checks.append(
+            Check(
+                "tokenizer",
+                1,
+                0.0,
+                0.0,
+                same,
+                True,
+                True,
+                top1_agreement=None,
+                output="input_ids",
+                dims={"text": i, seq: n},
+                **stats,
+            )
+        )
+        feeds = {s.name: np.asarray([enc[s.name]], named.NUMPY[s.datatype]) for s in sig.inputs if s.name in enc}
+        y = reference(feeds)[sig.outputs[0].name].astype(np.float64)
+        refs.append(_text_answer(text, y, enc))
+    for backend, fn in fns.items():
+        got = step.outputs(fn(rows.arrays), rows)
+        for i, ref in enumerate(refs):
+            dims = {"text": i}
+            for name, want in ref.items():
+                spec = next(s for s in sig.served_outputs if s.name == name)
+                have = got[name][i : i + 1]
+                if spec.datatype == "BYTES" and name == "entities":
+                    have, want = _entity_arrays(have[0]), _entity_arrays(want[0])
+                    checks.append(_bytes_check(backend, len(texts), spec, dims, have[0], want[0]))
+                    if have[1].size != want[1].size or not want[1].size:
+                        continue  # a differing set of tokens fails above; no tokens, no scores
+                    checks.append(
+                        _check(
+                            backend,
+                            len(texts),
+                            replace(spec, datatype="FP32"),
+                            dims,
+                            have[1],
+                            want[1],
+                            atol=atol,
+                            rtol=rtol,
+                        )
+                    )
+                elif spec.datatype == "BYTES":
+                    checks.append(_bytes_check(backend, len(texts), spec, dims, have, want))
+                else:
+                    checks.append(_check(backend, len(texts), spec, dims, have, want, atol=atol, rtol=rtol))
+    return checks
+
+
+def _text_answer(text, y: np.ndarray, enc) -> dict:
+    """The task's answer for one text (y: the network's first output for it alone), in float64."""
+    if text.task == "classify":
+        p = np.exp(y - y.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return {
+            "probabilities": p.astype(np.float32),
+            "label": np.array([text.labels[int(p[0].argmax())].encode()], object),
+        }
+    if text.task == "embed":
+        if y.ndim == 3:
+            y = y[:, 0] if text.pooling == "cls" else y.mean(1)  # one text alone: every token is in its mask
+        if text.normalize:
+            y = y / np.maximum(np.linalg.norm(y, axis=-1, keepdims=True), 1e-12)
+        return {"embedding": y.astype(np.float32)}
+    p = np.exp(y - y.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    found = []
+    for j, k in enumerate(p[0].argmax(-1)):
+        if enc["special_tokens_mask"][j] or text.labels[k] == "O":
+            continue
+        start, end = enc["offset_mapping"][j]
+        found.append({"entity": text.labels[k], "score": float(p[0, j, k]), "index": j, "start": start, "end": end})
+    return {"entities": np.array([json.dumps(found).encode()], object)}
+
+
+def _entity_arrays(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A row's entities as what must agree exactly (label, index, offsets) and their scores."""
+    found = json.loads(blob)
+    keys = np.array([f"{e['entity']}:{e['index']}:{e['start']}:{e['end']}".encode() for e in found], object)
+    return keys, np.array([e["score"] for e in found], np.float32)
 
 
 def _datatype(sig: Signature, name: str, x: np.ndarray) -> str:

@@ -71,7 +71,8 @@ class KServeModel(kserve.Model):
         outputs = []
         binary = payload.from_grpc or payload.use_binary_outputs  # gRPC: raw contents, or tritonclient reads []
         raw = self.runner.run(x.arrays if self.card.named else x)
-        for t in model_io.model_outputs(self.card, batch_outputs(self.card, raw), self.steps):
+        inputs = x if self.card.named else None
+        for t in model_io.model_outputs(self.card, batch_outputs(self.card, raw), self.steps, inputs):
             out = InferOutput(name=t.name, shape=list(t.shape), datatype=t.datatype)
             out.set_data_from_numpy(t.data, binary_data=binary)
             outputs.append(out)

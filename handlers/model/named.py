@@ -40,6 +40,7 @@ class Rows:
     arrays: dict[str, np.ndarray]
     n: int
     dims: dict[str, int]
+    context: object = None  # what a model's own step keeps from a request for its answer (a text's tokens)
 
     def __len__(self) -> int:
         return self.n

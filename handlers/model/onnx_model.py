@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..card import ONNX_METADATA_KEY, CardError, ModelCard
+from ..signature import TEXT_INPUT
 from . import named, steps
 from .errors import InputError
 from .images import Preprocessor
@@ -55,11 +56,16 @@ class OnnxModel:
 
     def predict(self, images, topk: int = DEFAULT_TOPK):
         """One image (path, bytes, PIL image, array) gives one result; a list gives a list, in one forward pass.
+        A text model takes a string (its outputs by name, one row each) or a list (each output a batch).
         A tensor model takes rows instead: one example (a number, or an array of the card's shape) gives one result;
         an array (N, *shape) or a list of rows gives a list.
 
         Raises images.InputError (with .status and .message) for input that is not a usable image or row.
         """
+        if self.card.named and self.card.signature.text and isinstance(images, (str, bytes, list, tuple)):
+            single = isinstance(images, (str, bytes))  # a text model: one text, or a list of them
+            out = self.predict_named({TEXT_INPUT: np.array([images] if single else list(images), dtype=object)})
+            return {k: v[0] for k, v in out.items()} if single else out
         if self.card.named:
             return self.predict_named(images)
         if not self.card.image:
@@ -91,7 +97,7 @@ class OnnxModel:
             given[name] = (datatype, x.shape, x.reshape(-1))
         rows = self.steps.check(given)
         names = [o.name for o in self.session.get_outputs()]
-        return self.steps.outputs(dict(zip(names, self.session.run(None, rows.arrays))))
+        return self.steps.outputs(dict(zip(names, self.session.run(None, rows.arrays))), rows)
 
     def predict_rows(self, rows, topk: int = DEFAULT_TOPK):
         shape = self.card.input_shape

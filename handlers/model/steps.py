@@ -9,14 +9,14 @@ import hashlib
 import importlib.util
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..fields import CardError
 from ..signature import STEP_FUNCTIONS, Signature
-from . import named
+from . import named, text
 from .errors import InputError, SignatureError
 
 
@@ -29,7 +29,9 @@ class StepError(InputError):
 
 @dataclass(frozen=True)
 class Steps:
-    """A signature and the step functions that go with it; without a step, requests reach the network as sent."""
+    """A signature and the step functions that go with it; without a step, requests reach the network as sent.
+    PREPROCESS(arrays) -> (the network's arrays, a context kept with the request); POSTPROCESS(outputs, rows): rows
+    are the request's network rows, their context with them (user_step wraps a step file's plainer functions)."""
 
     sig: Signature
     preprocess: Callable | None = None
@@ -41,7 +43,7 @@ class Steps:
         rows = named.check(self.sig, given, self.sig.served_inputs)
         if self.preprocess is None:
             return rows
-        out = _call(self.preprocess, "preprocess", dict(rows.arrays))
+        out, context = _call(self.preprocess, "preprocess", dict(rows.arrays))
         try:
             arrays = {t.name: np.asarray(out[t.name]) for t in self.sig.inputs}
         except (KeyError, TypeError):
@@ -57,15 +59,16 @@ class Steps:
             raise StepError(f"the model's preprocess gave what the network does not take: {e.message}") from None
         if checked.n != rows.n:
             raise StepError(f"the model's preprocess turned {rows.n} row(s) into {checked.n}")
-        return checked
+        return replace(checked, context=context)
 
-    def outputs(self, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A request's rows of the network's outputs, through postprocess, to what clients get."""
+    def outputs(self, raw: Mapping[str, np.ndarray], rows: named.Rows | None = None) -> dict[str, np.ndarray]:
+        """A request's rows of the network's outputs, through postprocess, to what clients get. ROWS: the request's
+        network rows (None: a warm-up's, or a caller that has none; a step must answer without them)."""
         out = named.outputs(self.sig, raw)
         if self.postprocess is None:
             return out
         n = len(next(iter(out.values())))
-        answer = _call(self.postprocess, "postprocess", out)
+        answer = _call(self.postprocess, "postprocess", out, rows)
         missing = [t.name for t in self.sig.served_outputs if not isinstance(answer, Mapping) or t.name not in answer]
         if missing:
             raise StepError(f"the model's postprocess gave {_names(answer)}, without {missing}")
@@ -79,9 +82,9 @@ class Steps:
         return answer
 
 
-def _call(fn: Callable, step: str, arrays: dict):
+def _call(fn: Callable, step: str, *args):
     try:
-        return fn(arrays)
+        return fn(*args)
     except InputError:
         raise
     except ValueError as e:  # the step's word that the input is wrong
@@ -106,6 +109,8 @@ def load(sig: Signature | None, folder: str | Path) -> Steps | None:
     its card recorded; None for other models."""
     if sig is None:
         return None
+    if sig.text:
+        return Steps(sig, *text.steps(sig, Path(folder)))
     step = sig.process
     if step is None:
         return Steps(sig)
@@ -127,7 +132,13 @@ def load(sig: Signature | None, folder: str | Path) -> Steps | None:
                 f"{'takes' if side == 'inputs' else 'gives'}",
             )
     examples = getattr(module, "examples", None)
-    return Steps(sig, functions["preprocess"], functions["postprocess"], examples if callable(examples) else None)
+    pre, post = functions["preprocess"], functions["postprocess"]
+    return Steps(
+        sig,
+        (lambda arrays: (pre(arrays), None)) if pre else None,
+        (lambda outputs, rows: post(outputs)) if post else None,
+        examples if callable(examples) else None,
+    )
 
 
 def import_file(path: Path):

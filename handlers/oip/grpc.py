@@ -150,7 +150,7 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
             if isinstance(rows, asyncio.Future):
                 rows = await rows
             flight.request_id = request.id[:128]
-            outputs = served.encode(await flight.enqueue(rows))
+            outputs = served.encode(await flight.enqueue(rows), rows)
             shm = pipeline.shm
             response = v2_grpc.infer_response(served.name, served.version, request, outputs, served.labels, shm)
             status = 200

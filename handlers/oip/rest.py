@@ -8,10 +8,13 @@ import asyncio
 import logging
 import re
 
+import numpy as np
+
 from ..model.responses import answers
 from ..model.tensors import rows_from_instances, standardize
-from ..protocol import v2
+from ..protocol import openai, v2
 from ..protocol.v1 import instances
+from ..signature import EMBEDDING, TEXT_INPUT
 from . import compression
 from .batching import Overloaded
 from .http11 import Request, Response
@@ -75,6 +78,10 @@ class RestApp:
             if method != "POST":
                 return reply(error(405, f"{path[:200]} takes POST"))
             return self.predict_v1(request, reply, v1.group(1))
+        if path == openai.EMBEDDINGS_ROUTE:
+            if method != "POST":
+                return reply(self.openai_error(405, f"{path} takes POST"))
+            return self.embeddings(request, reply)
         if CUDA_SHM_ROUTE.match(path):
             return reply(error(501, CUDA_SHM))
         shm = SHM_ROUTE.match(path)
@@ -206,7 +213,7 @@ class RestApp:
                 pending = flight.enqueue(rows, prompt=prompt)
             except (Overloaded, v2.ProtocolError) as e:  # a full queue, or more rows than the model takes
                 return answer(failure(e))
-            pending.add_done_callback(lambda done: answer(encode(flight, done, header, want)))
+            pending.add_done_callback(lambda done: answer(encode(flight, done, header, want, rows)))
 
         def decoded(done: asyncio.Future) -> None:
             if flight.done:  # abandoned while it was decoded
@@ -229,6 +236,49 @@ class RestApp:
             prepared.add_done_callback(decoded)
         else:
             predict(prepared, True)  # decoded in the turn its bytes arrived
+        return flight.abandon
+
+    @staticmethod
+    def openai_error(status: int, message: str) -> Response:
+        return Response(status, dumps(openai.error_body(status, message)), JSON)
+
+    def embeddings(self, request: Request, reply):
+        """OpenAI's embeddings call on a text model that embeds: its texts as one request of the model's rows."""
+        try:
+            texts, model, fmt, dimensions = openai.embeddings_request(v2.loads(request.body))
+            flight = self.begin("rest-openai", request, model, None)
+        except (v2.ProtocolError, RepositoryError) as e:
+            return reply(self.openai_error(e.status, str(e)))
+        answer = answering(flight, reply)
+        served = flight.served
+        sig = served.card.signature if served.card.named else None
+        if sig is None or not sig.text or sig.text.task != "embed":
+            why = f"{served.name} answers no embeddings: serve a text model exported with --text-task embed"
+            return answer(self.openai_error(400, why))
+
+        def go(rows, prompt: bool) -> None:
+            try:
+                pending = flight.enqueue(rows, prompt=prompt)
+            except Exception as e:
+                return answer(self.openai_error(*refusal(e)))
+            pending.add_done_callback(lambda done: answer(embedded(flight, done, rows, fmt, dimensions)))
+
+        def decoded(done: asyncio.Future) -> None:
+            if flight.done:  # abandoned while it was tokenized
+                return
+            if done.exception() is not None:
+                return answer(self.openai_error(*refusal(done.exception())))
+            go(done.result(), False)
+
+        tensor = v2.Tensor(TEXT_INPUT, "BYTES", (len(texts),), np.array(texts, dtype=object))
+        try:
+            rows = flight.decode(served.decode, [tensor])
+        except Exception as e:
+            return answer(self.openai_error(*refusal(e)))
+        if isinstance(rows, asyncio.Future):
+            rows.add_done_callback(decoded)
+        else:
+            go(rows, True)
         return flight.abandon
 
     def predict_v1(self, request: Request, reply, model: str):
@@ -256,6 +306,21 @@ class RestApp:
 
         pending.add_done_callback(lambda done: answer(encoded(done)))
         return flight.abandon
+
+
+def embedded(flight: Flight, done: asyncio.Future, rows, fmt: str, dimensions) -> Response:
+    if done.cancelled():
+        return Response(ABANDONED, b"")
+    try:
+        if done.exception() is not None:
+            raise done.exception()
+        served = flight.served
+        (vectors,) = [t.data for t in served.encode(done.result(), rows) if t.name == EMBEDDING]
+        tokens = int(sum(len(e.ids) for e in rows.context)) if rows.context else 0
+        body = openai.embeddings_response(served.name, vectors, tokens, fmt, dimensions)
+    except Exception as e:
+        return RestApp.openai_error(*refusal(e))
+    return Response(200, dumps(body), JSON)
 
 
 def compressed(response: Response, coding: str) -> Response:
@@ -287,13 +352,13 @@ def prepare(
     return header, v2.wanted(header, served.outputs), served.decode(tensors)
 
 
-def encode(flight: Flight, done: asyncio.Future, header: dict, want: list) -> Response:
+def encode(flight: Flight, done: asyncio.Future, header: dict, want: list, rows=None) -> Response:
     if done.cancelled():
         return Response(ABANDONED, b"")
     if done.exception() is not None:
         return failure(done.exception())
     served = flight.served
-    outputs = served.encode(done.result())
+    outputs = served.encode(done.result(), rows)
     try:
         shm = flight.pipeline.shm
         body, json_length = v2.response_http(served.name, header, outputs, want, served.version, served.labels, shm)

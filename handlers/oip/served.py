@@ -70,9 +70,9 @@ class Served:
         """A request's v2 input tensors to the model's rows (a ProtocolError for anything it cannot take)."""
         return model_io.model_inputs(self.card, self.preprocessor, tensors, self.images, self.steps)
 
-    def encode(self, rows) -> list[v2.Tensor]:
-        """A request's rows of the batch's outputs to its v2 output tensors."""
-        return [t for t in model_io.model_outputs(self.card, rows, self.steps) if t.name in self.outputs]
+    def encode(self, rows, inputs: named.Rows | None = None) -> list[v2.Tensor]:
+        """A request's rows of the batch's outputs to its v2 output tensors (INPUTS: its decoded rows)."""
+        return [t for t in model_io.model_outputs(self.card, rows, self.steps, inputs) if t.name in self.outputs]
 
     async def retire(self, grace_s: float = 30) -> None:
         """Answer what this version holds, then free it: it takes no new requests once no route leads here."""

@@ -187,10 +187,11 @@ def _steps(card: ModelCard, steps: Steps | None) -> Steps:
     return steps or Steps(card.signature)
 
 
-def model_outputs(card: ModelCard, rows, steps: Steps | None = None) -> list[Tensor]:
-    """A request's v2 output tensors from its rows of responses.batch_outputs (a classifier's probabilities)."""
+def model_outputs(card: ModelCard, rows, steps: Steps | None = None, inputs: named.Rows | None = None) -> list[Tensor]:
+    """A request's v2 output tensors from its rows of responses.batch_outputs (a classifier's probabilities). INPUTS:
+    a named-input request's own rows, which a model's own step may read (a text's tokens)."""
     if card.named:
-        out = _steps(card, steps).outputs(rows)
+        out = _steps(card, steps).outputs(rows, inputs)
         return [Tensor(t.name, t.datatype, out[t.name].shape, out[t.name]) for t in card.signature.served_outputs]
     if card.task == "regress":
         out = np.asarray(rows, np.float32).reshape(len(rows), card.outputs)

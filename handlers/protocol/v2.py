@@ -277,6 +277,9 @@ def classify(t: Tensor, k: int, labels=None) -> Tensor:
 def json_values(x: np.ndarray):
     """An array as JSON's nested lists, BYTES elements as UTF-8 text (what is not UTF-8 shows as U+FFFD: ask for
     the output as binary to get its bytes)."""
+    if isinstance(x, (bytes, bytearray, np.bytes_)):  # one element of a BYTES row
+        return bytes(x).decode("utf-8", "replace")
+    x = np.asarray(x)
     if x.dtype != object:
         return x.tolist()
     return np.vectorize(lambda b: bytes(b).decode("utf-8", "replace"), otypes=[object])(x).tolist() if x.size else []

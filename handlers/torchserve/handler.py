@@ -17,6 +17,7 @@ from ..model.responses import answers, batch_outputs
 from ..model.tensors import rows_from_instances, standardize
 from ..protocol import model_io, v2
 from ..protocol.v1 import instances
+from ..signature import TEXT_INPUT
 from .request import Batch, Part, decode_row
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ class ModelHandler(BaseHandler):
         """One request's images or rows, normalised, and how to answer it; raises InputError or ProtocolError."""
         row = row if isinstance(row, dict) else {"body": row}
         body, length = row.get("body", row.get("data")), self.header(i, v2.HEADER_LENGTH)
+        plain = (self.header(i, "content-type") or "").split(";")[0].strip().lower() == "text/plain"
+        if self.card.named and self.card.signature.text and plain:  # TorchServe's text_classifier: the body is the text
+            text = body if isinstance(body, (bytes, bytearray)) else str(body).encode()
+            return self.named_row({TEXT_INPUT: bytes(text)}), {"named": True}
         if self.card.named and length is None and isinstance(body, (bytes, bytearray)):
             try:
                 body = json.loads(body)
@@ -86,7 +91,7 @@ class ModelHandler(BaseHandler):
         given = {}
         for name, value in inputs.items():
             strings = types.get(name) == "BYTES"
-            ok = (list, str) if strings else (list, int, float, bool)
+            ok = (list, str, bytes) if strings else (list, int, float, bool)
             x = np.asarray(value, object if strings else None) if isinstance(value, ok) else None
             if x is None or (x.dtype == object and not strings):
                 what = "strings" if strings else "numbers"
@@ -124,21 +129,30 @@ class ModelHandler(BaseHandler):
 
     def postprocess(self, data: Batch) -> list[str]:
         responses = [""] * data.size
+        for k, part in enumerate(data.parts):
+            try:
+                responses[part.index] = json.dumps(self.answer(data, k, part))
+            except InputError as e:  # a model's own step that failed on this request alone (model/steps.py)
+                data.errors[part.index] = e
+            except Exception as e:
+                logger.exception("request %d of the batch could not be answered", part.index)
+                data.errors[part.index] = InputError(500, f"could not answer: {type(e).__name__}")
         for i, e in data.errors.items():
             responses[i] = json.dumps({"error": e.message, "status": e.status})
-        for k, part in enumerate(data.parts):
-            out = data.outputs[k] if self.card.named else data.outputs[part.start : part.stop]
-            if part.named:
-                answer = self.steps.outputs(out)
-                body = {"outputs": {name: v2.json_values(y[0]) for name, y in answer.items()}}
-            elif part.v2 is not None:
-                body = v2.response_json(self.model_name, part.v2, model_io.model_outputs(self.card, out, self.steps))
-            elif part.v1:
-                body = {"predictions": answers(self.card, out, [part.topk] * len(out))}
-            else:
-                body = answers(self.card, out, [part.topk])[0]
-            responses[part.index] = json.dumps(body)
         return responses
+
+    def answer(self, data: Batch, k: int, part: Part) -> dict:
+        """The body of the batch's K-th good request."""
+        out = data.outputs[k] if self.card.named else data.outputs[part.start : part.stop]
+        if part.named:
+            answer = self.steps.outputs(out, data.inputs[k])
+            return {"outputs": {name: v2.json_values(y[0]) for name, y in answer.items()}}
+        if part.v2 is not None:
+            rows = data.inputs[k] if self.card.named else None
+            return v2.response_json(self.model_name, part.v2, model_io.model_outputs(self.card, out, self.steps, rows))
+        if part.v1:
+            return {"predictions": answers(self.card, out, [part.topk] * len(out))}
+        return answers(self.card, out, [part.topk])[0]
 
     def handle(self, data: list[dict], context) -> list[str]:
         self.context = context

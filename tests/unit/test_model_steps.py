@@ -100,3 +100,36 @@ def test_bytes_belong_to_a_step_never_to_the_network():
     )
     with pytest.raises(CardError, match="strings go through a model's own step"):
         validate_signature(sig)
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_a_text_past_the_longest_sequence_is_cut_or_refused_as_the_card_says(tmp_path, truncate):
+    from text_models import build_tokenizer
+
+    from torchship.handlers.signature import Text
+
+    path = build_tokenizer(tmp_path / "tokenizer.json")
+    token = {"datatype": "INT64", "shape": ["batch", "sequence"], "pad": 0}
+    sig = Signature(
+        inputs=[{"name": "input_ids", **token}, {"name": "attention_mask", **token, "mask": True}],
+        outputs=[{"name": "logits", "datatype": "FP32", "shape": ["batch", 2]}],
+        dims={"sequence": [1, 8]},
+        text=Text(
+            task="classify",
+            labels=("no", "yes"),
+            truncate=truncate,
+            sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        ),
+    )
+    validate_signature(sig)
+    step = steps.load(sig, tmp_path)
+    text = "train export serve " * 10
+    if not truncate:
+        with pytest.raises(InputError) as e:
+            step.check({"text": ("BYTES", (2,), np.array([b"short", text.encode()], object))})
+        assert e.value.status == 413 and "row 1: 32 tokens, more than the 8 this model takes" in e.value.message
+        return
+    rows = step.check({"text": ("BYTES", (2,), np.array([b"short", text.encode()], object))})
+    ids, mask = rows.arrays["input_ids"], rows.arrays["attention_mask"]
+    assert ids.shape == (2, 8) and mask[1].tolist() == [1] * 8  # the long one cut to 8, [CLS] ... [SEP]
+    assert mask[0].sum() < 8 and (ids[0][mask[0] == 0] == 0).all()  # the short one padded with [PAD], masked

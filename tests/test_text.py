@@ -1,0 +1,264 @@
+"""Text in, answers out (`torchship export --tokenizer`): the three text models of tests/text_models.py served by the
+OIP server (v2 BYTES over REST and gRPC with tritonclient, OpenAI's embeddings call with the openai client), by
+TorchServe (text/plain, as its text_classifier takes it) and embedded without torch; each answer held to a reference
+built without torchship's text code: transformers' tokenizer on the text alone and the eager PyTorch model."""
+
+import json
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.utils import InferenceServerException
+
+from torchship.serve import oip, torchserve
+from torchship.serve.shipping import copy_runtime
+
+from helpers import no_torch, torchserve_of
+
+CLIENTS = {"http": thttp, "grpc": tgrpc}
+TEXTS = [
+    "torchship exports the model and serves it",
+    "Caf\u00e9 in T\u014dky\u014d \u2014 \U0001f642",
+    "short",
+    "the server batches requests of different lengths " * 6,
+]
+
+
+@pytest.fixture(scope="module")
+def eager(text_exports):
+    """name -> the eager model and transformers' tokenizer, rebuilt from the files the export was made from."""
+    from text_models import TEXT
+    from transformers import PreTrainedTokenizerFast
+
+    folder = next(iter(text_exports.values())).parent
+    namespace: dict = {}
+    exec(compile((folder / "models.py").read_text(), str(folder / "models.py"), "exec"), namespace)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    out = {}
+    for name, (factory, _, _) in TEXT.items():
+        model = namespace[factory]()
+        model.load_state_dict(torch.load(folder / f"{name}.pt"))
+        out[name] = model.eval()
+    return out, tokenizer
+
+
+def reference(eager, name: str, text: str) -> dict:
+    """The answer for one text alone: transformers' tokens, the eager model, the task's arithmetic here."""
+    models, tokenizer = eager
+    enc = tokenizer(
+        text,
+        truncation=True,
+        max_length=128,
+        return_tensors="pt",
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
+    with torch.no_grad():
+        out = models[name](input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    if name == "sentiment":
+        p = torch.softmax(out.logits.double(), -1)[0].numpy()
+        return {"probabilities": p, "label": ["negative", "neutral", "positive"][int(p.argmax())]}
+    if name == "sentences":
+        v = out.last_hidden_state.double()[0].mean(0).numpy()
+        return {"embedding": v / np.linalg.norm(v)}
+    p = torch.softmax(out.logits.double(), -1)[0].numpy()
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    special, offsets = enc["special_tokens_mask"][0].tolist(), enc["offset_mapping"][0].tolist()
+    return {
+        "entities": [
+            (labels[int(p[j].argmax())], j, *offsets[j], float(p[j].max()))
+            for j in range(len(special))
+            if not special[j] and labels[int(p[j].argmax())] != "O"
+        ],
+        "probabilities": p,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, text_exports):
+    state = tmp_path_factory.mktemp("text-oip")
+    first, *more = text_exports.values()
+    cfg = oip.OIPConfig.on_free_ports(
+        str(first.parent),
+        first.name,
+        str(state),
+        extra_exports=tuple(map(str, more)),
+        workers=1,
+        max_batch=16,
+        max_batch_delay_ms=20,
+        threads=1,
+    )
+    cfg = oip.start(cfg, timeout=180)
+    yield cfg
+    oip.stop(state)
+
+
+def client(cfg, kind):
+    return CLIENTS[kind].InferenceServerClient(f"127.0.0.1:{cfg.http_port if kind == 'http' else cfg.grpc_port}")
+
+
+def infer(c, kind: str, model: str, texts: list, binary: bool = True):
+    x = CLIENTS[kind].InferInput("text", [len(texts)], "BYTES")
+    data = np.array([t.encode() if isinstance(t, str) else t for t in texts], dtype=object)
+    x.set_data_from_numpy(data, **({"binary_data": binary} if kind == "http" else {}))
+    return c.infer(model, [x])
+
+
+def assert_far_from_ties(p: np.ndarray) -> None:
+    """What an exact label comparison relies on: the best class clear of the second (the heads were scaled)."""
+    top = np.sort(p, axis=-1)
+    assert (top[..., -1] - top[..., -2] > 1e-3).all(), top
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_each_task_answers_text_as_transformers_and_the_eager_model_do(server, eager, kind):
+    c = client(server, kind)
+    meta = c.get_model_metadata("sentiment", as_json=True) if kind == "grpc" else c.get_model_metadata("sentiment")
+    assert [(t["name"], t["datatype"]) for t in meta["inputs"]] == [("text", "BYTES")]
+    assert [t["name"] for t in meta["outputs"]] == ["probabilities", "label"]
+    got = infer(c, kind, "sentiment", TEXTS)
+    probs, labels = got.as_numpy("probabilities"), got.as_numpy("label")
+    for i, text in enumerate(TEXTS):
+        want = reference(eager, "sentiment", text)
+        assert_far_from_ties(want["probabilities"])
+        np.testing.assert_allclose(probs[i], want["probabilities"], atol=1e-5)
+        assert labels[i].decode() == want["label"]
+    vectors = infer(c, kind, "sentences", TEXTS).as_numpy("embedding")
+    for i, text in enumerate(TEXTS):
+        np.testing.assert_allclose(vectors[i], reference(eager, "sentences", text)["embedding"], atol=1e-5)
+    rows = infer(c, kind, "entities", TEXTS).as_numpy("entities")
+    found_any = False
+    for i, text in enumerate(TEXTS):
+        want = reference(eager, "entities", text)
+        assert_far_from_ties(want["probabilities"])
+        got = [(e["entity"], e["index"], e["start"], e["end"], e["score"]) for e in json.loads(rows[i])]
+        assert [g[:4] for g in got] == [w[:4] for w in want["entities"]]
+        np.testing.assert_allclose([g[4] for g in got], [w[4] for w in want["entities"]], atol=1e-5)
+        assert all(text[s:e] for _, _, s, e, _ in got)  # offsets into the text itself
+        found_any |= bool(got)
+    assert found_any  # the tagger labels some tokens: the comparison above compared something
+
+
+def test_sixteen_concurrent_texts_of_mixed_lengths_each_answer_as_alone(server):
+    """The batcher pads requests of different token counts into shared passes (shown by the statistics) and cuts each
+    answer back: every one equals the same text sent alone."""
+    texts = [("word " * (1 + 7 * k)).strip() for k in range(16)]
+    alone = [client(server, "http").infer("sentences", _text(t)).as_numpy("embedding")[0] for t in texts]
+    before = _passes(server)
+
+    def one(t):
+        return client(server, "http").infer("sentences", _text(t)).as_numpy("embedding")[0]
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(one, texts))
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    passes, requests = (after - b for after, b in zip(_passes(server), before))
+    assert requests == 16 and passes < 16, (passes, requests)  # some passes held several texts
+
+
+def _text(t: str) -> list:
+    x = thttp.InferInput("text", [1], "BYTES")
+    x.set_data_from_numpy(np.array([t.encode()], dtype=object))
+    return [x]
+
+
+def _passes(server) -> tuple[int, int]:
+    stats = client(server, "http").get_inference_statistics("sentences")["model_stats"][0]
+    return stats["execution_count"], stats["inference_stats"]["success"]["count"]
+
+
+def test_openai_embeddings_through_the_openai_client(server, eager):
+    """POST /v1/embeddings as apps make it: the openai client's default (base64) and floats, one text or a list;
+    a model that answers no embeddings is refused in OpenAI's error shape."""
+    import openai
+
+    c = openai.OpenAI(base_url=f"{server.inference_url}/v1", api_key="none")
+    r = c.embeddings.create(model="sentences", input=TEXTS[:2])
+    assert [d.index for d in r.data] == [0, 1] and r.model == "sentences" and r.usage.prompt_tokens > 2
+    for d, text in zip(r.data, TEXTS):
+        np.testing.assert_allclose(d.embedding, reference(eager, "sentences", text)["embedding"], atol=1e-5)
+    one = c.embeddings.create(model="sentences", input=TEXTS[2], encoding_format="float")
+    np.testing.assert_allclose(one.data[0].embedding, reference(eager, "sentences", TEXTS[2])["embedding"], atol=1e-5)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.embeddings.create(model="sentiment", input="x")
+    assert "sentiment answers no embeddings" in str(e.value)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.embeddings.create(model="nothing", input="x")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.embeddings.create(model="sentences", input=[])
+    assert "non-empty list" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_bad_text_is_a_4xx_naming_the_input_and_the_row(server, kind):
+    c = client(server, kind)
+    cases = [
+        (["fine", b"\xff\xfe"], "input 'text' row 1: not UTF-8"),
+        (["fine", "x" * 70000], "input 'text' row 1: 70000 bytes, more than the 65536"),
+    ]
+    for texts, message in cases:
+        with pytest.raises(InferenceServerException) as e:
+            infer(c, kind, "sentiment", texts)
+        assert message in e.value.message(), e.value.message()
+    empty = CLIENTS[kind].InferInput("text", [0], "BYTES")
+    empty.set_data_from_numpy(np.array([], dtype=object))
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("sentiment", [empty])
+    assert "input 'text': batch size 0" in e.value.message()
+    if kind == "http":  # JSON can carry a number where a string belongs
+        import urllib.request
+
+        body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a", 7]}]})
+        req = urllib.request.Request(f"{server.inference_url}/v2/models/sentiment/infer", body.encode(), method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 400 and "element 1" in json.loads(e.value.read())["error"]
+
+
+def test_torchserve_takes_plain_text_and_json(tmp_path_factory, text_exports, eager, bare_python):
+    """TorchServe's text_classifier way (the body is the text) and our JSON of one example, from the archive, under
+    a Python without torchship."""
+    import http.client
+
+    with torchserve_of(tmp_path_factory, {"sentiment": text_exports["sentiment"]}, bare_python) as cfg:
+        headers = torchserve.headers(cfg.state_dir)
+        for body, kind in (
+            (TEXTS[1].encode(), "text/plain; charset=utf-8"),
+            (json.dumps({"inputs": {"text": TEXTS[1]}}).encode(), "application/json"),
+        ):
+            conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
+            conn.request("POST", "/predictions/sentiment", body, {"Content-Type": kind, **headers})
+            r = conn.getresponse()
+            answer = json.loads(r.read())
+            conn.close()
+            assert r.status == 200, answer
+            want = reference(eager, "sentiment", TEXTS[1])
+            assert answer["outputs"]["label"] == want["label"]
+            np.testing.assert_allclose(answer["outputs"]["probabilities"], want["probabilities"], atol=1e-5)
+
+
+def test_an_app_without_torch_embeds_the_text_models(text_exports, eager, bare_python, tmp_path):
+    app = tmp_path / "app"
+    copy_runtime(app)
+    code = f"""
+import json
+from torchship_handlers.model.onnx_model import load
+s = load({str(text_exports["sentiment"] / "model.onnx")!r}).predict({TEXTS[0]!r})
+e = load({str(text_exports["sentences"] / "model.onnx")!r}).predict({TEXTS[:2]!r})
+print(json.dumps({{"label": s["label"].decode(), "p": s["probabilities"].tolist(), "e": e["embedding"].tolist()}}))
+"""
+    env = {**os.environ, "PYTHONPATH": f"{no_torch(tmp_path / 'blocker')}{os.pathsep}{app}"}
+    r = subprocess.run([bare_python, "-c", code], capture_output=True, text=True, cwd=app, env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    want = reference(eager, "sentiment", TEXTS[0])
+    assert out["label"] == want["label"]
+    np.testing.assert_allclose(out["p"], want["probabilities"], atol=1e-5)
+    for v, text in zip(out["e"], TEXTS[:2]):
+        np.testing.assert_allclose(v, reference(eager, "sentences", text)["embedding"], atol=1e-5)

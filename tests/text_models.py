@@ -1,0 +1,125 @@
+"""The text models the tests serve, built offline as a user would bring them: a WordPiece tokenizer trained with
+`tokenizers` on this repository's own docs (saved as tokenizer.json, which transformers' PreTrainedTokenizerFast
+loads), and three 2-layer BERTs from their configs with fixed seeds: a sequence classifier (3 labels), a token
+classifier (5 labels) and a sentence encoder (mean pooling, in the export). Each head's weights are scaled up so that
+its answers are far from ties (the tests show the gap they rely on)."""
+
+import subprocess
+from pathlib import Path
+
+from helpers import ROOT, TORCHSHIP
+
+VOCAB = 600
+MODELS = f"""
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification, BertModel
+
+CONFIG = dict(vocab_size={VOCAB}, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+              max_position_embeddings=128)
+SENTIMENT = ["negative", "neutral", "positive"]
+ENTITIES = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+
+
+def labelled(names):
+    return dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={{n: i for i, n in enumerate(names)}})
+
+
+def classifier():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**CONFIG, **labelled(SENTIMENT)))
+    model.classifier.weight.data *= 30  # answers far from ties
+    return model
+
+
+def tagger():
+    torch.manual_seed(1)
+    model = BertForTokenClassification(BertConfig(**CONFIG, **labelled(ENTITIES)))
+    model.classifier.weight.data *= 30
+    return model
+
+
+def encoder():
+    torch.manual_seed(2)
+    return BertModel(BertConfig(**CONFIG), add_pooling_layer=False)
+
+
+TOKENS = [
+    {{"name": "input_ids", "datatype": "INT64", "shape": ["batch", "sequence"], "range": [0, {VOCAB - 1}], "pad": 0}},
+    {{"name": "attention_mask", "datatype": "INT64", "shape": ["batch", "sequence"], "range": [0, 1], "pad": 0,
+     "mask": True}},
+]
+CLASSIFY = {{"inputs": TOKENS, "outputs": [{{"name": "logits", "datatype": "FP32", "shape": ["batch", 3]}}],
+            "dims": {{"sequence": [1, 128]}}}}
+TAG = {{"inputs": TOKENS, "outputs": [{{"name": "logits", "datatype": "FP32", "shape": ["batch", "sequence", 5]}}],
+       "dims": {{"sequence": [1, 128]}}}}
+EMBED = {{"inputs": TOKENS,
+         "outputs": [{{"name": "last_hidden_state", "datatype": "FP32", "shape": ["batch", "sequence", 32]}}],
+         "dims": {{"sequence": [1, 128]}}}}
+"""
+TEXT = {  # name -> factory, signature, --text-task
+    "sentiment": ("classifier", "CLASSIFY", "classify"),
+    "entities": ("tagger", "TAG", "tokens"),
+    "sentences": ("encoder", "EMBED", "embed"),
+}
+
+
+def build_tokenizer(path: Path) -> Path:
+    """A BERT-style WordPiece tokenizer (lower-casing, [CLS] text [SEP]) trained on the repository's docs."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train(
+        [str(p) for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]],
+        trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials),
+    )
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tok.decoder = decoders.WordPiece()
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")  # what transformers reads as the pad token
+    tok.save(str(path))
+    return path
+
+
+def export(folder: Path, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`torchship export --tokenizer` of one of them (its weights saved as a user would)."""
+    import torch
+
+    factory, sig, task = TEXT[name]
+    (folder / "models.py").write_text(MODELS)
+    tokenizer = folder / "tokenizer.json"
+    if not tokenizer.is_file():
+        build_tokenizer(tokenizer)
+    namespace: dict = {}
+    exec(compile(MODELS, str(folder / "models.py"), "exec"), namespace)
+    torch.save(namespace[factory]().state_dict(), folder / f"{name}.pt")
+    out = folder / name
+    r = subprocess.run(
+        [
+            *TORCHSHIP,
+            "export",
+            "--model",
+            f"{folder / 'models.py'}:{factory}",
+            "--weights",
+            folder / f"{name}.pt",
+            "--signature",
+            f"{folder / 'models.py'}:{sig}",
+            "--tokenizer",
+            tokenizer,
+            "--text-task",
+            task,
+            "--name",
+            name,
+            "--out",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=folder,
+    )
+    return r, out
