@@ -197,6 +197,7 @@ def start_with(o: StartOptions) -> OIPConfig:
         "workers": o.workers,
         "max_batch": o.max_batch,
         "max_batch_delay_ms": o.max_batch_delay_ms,
+        "max_batch_tokens": o.max_batch_tokens,
         "access_log": o.access_log,
         "loopback_admin": o.loopback_admin,
         "allow_client_shm": o.allow_client_shm,

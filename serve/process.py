@@ -40,6 +40,7 @@ class StartOptions:
     workers: int | None = None  # OIP (TorchServe's come from `torchship archive`)
     max_batch: int | None = None  # OIP
     max_batch_delay_ms: float | None = None  # OIP
+    max_batch_tokens: int | None = None  # OIP: text models' padded tokens a pass
     access_log: bool = False  # OIP: a line per inference request
     loopback_admin: bool = False  # OIP: the repository calls need no token from this machine
     allow_client_shm: bool = False  # OIP: clients on this machine may register shared memory regions

@@ -116,8 +116,9 @@ def test_the_embedding_answers_every_output_by_name(models):
         bert.predict({"input_ids": np.array([[5, 6]]), "attention_mask": np.array([[0, 0]])})
 
 
-def test_a_batch_of_different_lengths_answers_what_each_request_alone_does():
-    """The batcher pads three queued requests of lengths 2, 9 and 30 into one pass and cuts each answer back out."""
+def masked_mean():
+    """A model of two padded inputs (floats and their mask) and two outputs (a masked mean, and each element twice):
+    its card, a runner, and a request of length N."""
     from torchship.handlers.model import runners
 
     sig = Signature(
@@ -152,37 +153,57 @@ def test_a_batch_of_different_lengths_answers_what_each_request_alone_does():
         input_kind="named",
         signature=sig,
     )
-    run = runners.named_torch_runner(MaskedMean(), sig)
-    passes = []
     rng = np.random.default_rng(0)
-    requests = [
-        named.check(
-            sig,
-            {
-                "x": ("FP32", (1, n), rng.standard_normal(n).astype(np.float32)),
-                "m": ("INT64", (1, n), np.ones(n, np.int64)),
-            },
-        )
-        for n in (2, 9, 30)
-    ]
+
+    def request(n: int) -> named.Rows:
+        x = rng.standard_normal(n).astype(np.float32)
+        return named.check(sig, {"x": ("FP32", (1, n), x), "m": ("INT64", (1, n), np.ones(n, np.int64))})
+
+    return card, runners.named_torch_runner(MaskedMean(), sig), request
+
+
+def batched(card, run, requests, **settings) -> tuple[list, list]:
+    """Every request queued before the batcher's first pass; the passes it made and each request's answer."""
+    passes = []
 
     async def go():
         batcher = Batcher(
-            run, max_batch=8, max_batch_delay_ms=0, max_queue=8, on_pass=passes.append, stacking=stacking(card)
+            run, max_batch_delay_ms=0, max_queue=8, on_pass=passes.append, stacking=stacking(card), **settings
         )
-        futures = [batcher.enqueue(r) for r in requests]  # all queued before the batcher's first pass
+        futures = [batcher.enqueue(r) for r in requests]
         batcher.start()
         answers = await asyncio.gather(*futures)
         await batcher.stop()
         return answers
 
-    answers = asyncio.run(go())
+    return passes, asyncio.run(go())
+
+
+def test_a_batch_of_different_lengths_answers_what_each_request_alone_does():
+    """The batcher pads three queued requests of lengths 2, 9 and 30 into one pass and cuts each answer back out."""
+    card, run, request = masked_mean()
+    requests = [request(n) for n in (2, 9, 30)]
+    passes, answers = batched(card, run, requests, max_batch=8)
     assert [p.rows for p in passes] == [3]  # one pass held all three
     for r, a in zip(requests, answers):
         alone = run(r.arrays)
         assert a["each"].shape == alone["each"].shape == (1, r.dims["t"])
         np.testing.assert_array_equal(a["each"], alone["each"])
         np.testing.assert_allclose(a["mean"], alone["mean"], rtol=1e-6)
+
+
+def test_a_token_budget_gathers_requests_of_similar_lengths_and_keeps_long_ones_apart():
+    """max_batch_tokens 130: the oldest (60) shares its pass with the closest length (58: 2 x 60 = 120), not with the
+    short ones (3 x 60 > 130), which then share one pass (4 x 5); without a budget all six share one, padded to 60."""
+    card, run, request = masked_mean()
+    requests = [request(n) for n in (60, 2, 3, 58, 4, 5)]
+    passes, answers = batched(card, run, requests, max_batch=8, max_batch_tokens=130)
+    assert [p.rows for p in passes] == [2, 4]
+    for r, a in zip(requests, answers):
+        np.testing.assert_allclose(a["mean"], run(r.arrays)["mean"], rtol=1e-6)
+        assert a["each"].shape == (1, r.dims["t"])
+    passes, _ = batched(card, run, requests, max_batch=8, max_batch_tokens=0)
+    assert [p.rows for p in passes] == [6]
 
 
 @pytest.fixture(scope="module")

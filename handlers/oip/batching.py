@@ -53,6 +53,7 @@ class Stacking:
     merge: Callable[[list], object]
     split: Callable[[object, int, object], object]  # (the pass's output, the request's first row, its rows)
     key: Callable[[object], object]
+    width: Callable[[object], int] | None = None  # a request's padded length (its tokens); None: rows alone count
 
 
 ARRAYS = Stacking(
@@ -70,9 +71,11 @@ class Batcher:
         max_queue: int,
         on_pass: Callable[[Pass], None] | None = None,
         stacking: Stacking | None = None,
+        max_batch_tokens: int = 0,
     ):
         """The server's settings under their Config names (config.py); STACKING None: arrays concatenate."""
         self.run, self.max_batch, self.max_queue = run, max_batch, max_queue
+        self.max_batch_tokens = max_batch_tokens if stacking is not None and stacking.width else 0
         self.max_batch_delay_ms = max_batch_delay_ms
         self.on_pass = on_pass or (lambda p: None)
         self.stacking = stacking or ARRAYS
@@ -137,21 +140,30 @@ class Batcher:
         return taken
 
     def _take_matching(self) -> list[Job]:
-        """The oldest request and those after it that may share its pass; the others keep their places."""
-        taken, kept, rows, first = [], deque(), 0, None
-        while self.jobs:
-            job = self.jobs.popleft()
-            if job.future.cancelled():
-                continue
-            k = self.stacking.key(job.rows)
-            if not taken:
-                first = k
-            if taken and (k != first or rows + len(job.rows) > self.max_batch):
-                kept.append(job)
+        """The oldest request and those that may share its pass; the others keep their places. With a token budget,
+        the candidates closest to the oldest's padded length go first, and a pass's longest row times its rows stays
+        within max_batch_tokens: one long request does not pad many short ones to its length (TEI's
+        --max-batch-tokens; measured in bench/NOTES.md, issue 34)."""
+        jobs = [j for j in self.jobs if not j.future.cancelled()]
+        if not jobs:
+            self.jobs = deque()
+            return []
+        key, width, budget = self.stacking.key, self.stacking.width, self.max_batch_tokens
+        first, others = jobs[0], jobs[1:]
+        if budget:
+            w0 = width(first.rows)
+            others = sorted(others, key=lambda j: abs(width(j.rows) - w0))
+        k, taken, rows, longest = key(first.rows), [], 0, 0
+        for job in (first, *others):
+            n, w = len(job.rows), width(job.rows) if budget else 0
+            if taken and (
+                key(job.rows) != k or rows + n > self.max_batch or (budget and max(longest, w) * (rows + n) > budget)
+            ):
                 continue
             taken.append(job)
-            rows += len(job.rows)
-        self.jobs = kept
+            rows, longest = rows + n, max(longest, w)
+        chosen = {id(j) for j in taken}
+        self.jobs = deque(j for j in jobs if id(j) not in chosen)
         return taken
 
     async def _serve(self) -> None:

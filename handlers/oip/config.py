@@ -58,6 +58,8 @@ class Config:
     workers: int = 0
     max_batch: int = 0  # rows in one forward pass
     max_batch_delay_ms: float = -1  # how long a pass waits for company already on its way
+    # models whose requests pad to a length (text): a pass's longest row times its rows at most this; 0: rows alone
+    max_batch_tokens: int = 16384
     threads: int = 0  # intra-op threads per worker
     max_queue: int = 0  # queued requests per worker before 503  [0: sizing.queue_size()]
     max_pixels: int = 0  # the largest decoded image  [0: the card's]
@@ -87,7 +89,7 @@ class Config:
                 raise ConfigError(f"{name} must be a port number (1-65535), got {getattr(self, name)}")
         if self.http_port == self.grpc_port:
             raise ConfigError(f"http_port and grpc_port are both {self.http_port}: REST and gRPC need one each")
-        for name in ("workers", "max_batch", "threads", "max_queue", "max_pixels"):
+        for name in ("workers", "max_batch", "threads", "max_queue", "max_pixels", "max_batch_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (decided at start) or more, got {getattr(self, name)}")
         if self.max_batch_delay_ms < 0 and self.max_batch_delay_ms != -1:

@@ -47,6 +47,8 @@ HELP = {
     "server then reads inputs from and writes outputs to, as Triton's --allow-client-shm; off by default",
     "triton_images": "serve image classifiers as Triton's image examples and perf_analyzer's shared memory need them: "
     "the FP32 NCHW input alone (FORMAT_NCHW) and the probabilities alone (classification names the labels)",
+    "max_batch_tokens": "for models whose requests pad to a length (text): the most padded tokens one pass holds, its "
+    "longest row times its rows, requests of similar lengths gathered first (TEI's --max-batch-tokens); 0: rows alone",
     "access_log": "a line per inference request (protocol, client, model version, status, ms, request id) in the "
     "log; off by default: ~10 us a request",
 }

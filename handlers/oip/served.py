@@ -109,6 +109,7 @@ def load(model_dir: str, config: Config, *, name: str | None = None, overrides: 
         max_queue=config.max_queue,
         on_pass=metrics.ran,
         stacking=stacking(card),
+        max_batch_tokens=config.max_batch_tokens,
     )
     preprocessor = Preprocessor(card, config.max_pixels)
     version = Served(name, card, preprocessor, batcher, metrics, runner.backend, card.version, str(model_dir))
@@ -121,11 +122,12 @@ def stacking(card: ModelCard) -> Stacking | None:
     """Named inputs pad and group (model/named.py); one batch concatenates (the batcher's default, None)."""
     if not card.named:
         return None
-    sig = card.signature
+    sig, padded = card.signature, named.padded_dims(card.signature)
     return Stacking(
         merge=lambda jobs: named.merge(sig, jobs),
         split=lambda out, start, rows: named.split(sig, out, start, rows),
         key=lambda rows: named.key(sig, rows),
+        width=(lambda rows: math.prod(rows.dims.get(d, 1) for d in padded)) if padded else None,
     )
 
 

@@ -128,6 +128,13 @@ def serve_group():
     help=f"{OIP} only: ms a batch waits for requests already on their way  [default: measured]",
 )
 @click.option(
+    "--max-batch-tokens",
+    type=click.IntRange(0),
+    default=None,
+    help=f"{OIP} only: for text models, the most padded tokens one pass holds (its longest row times its rows), "
+    "requests of similar lengths gathered first; 0: rows alone  [default: 16384]",
+)
+@click.option(
     "--loopback-admin",
     is_flag=True,
     help=f"{OIP} only: clients on this machine may call the repository API (load, unload) without the admin token, "
@@ -172,6 +179,7 @@ def start_command(
     workers,
     max_batch,
     max_batch_delay_ms,
+    max_batch_tokens,
     loopback_admin,
     allow_client_shm,
     triton_images,
@@ -204,6 +212,7 @@ def start_command(
         workers=workers,
         max_batch=max_batch,
         max_batch_delay_ms=max_batch_delay_ms,
+        max_batch_tokens=max_batch_tokens,
         access_log=access_log,
         loopback_admin=loopback_admin,
         allow_client_shm=allow_client_shm,
