@@ -18,13 +18,13 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from bench import ab, inference, lifecycle, peer_setup, serving, training, triton_tools
+from bench import ab, inference, lifecycle, peer_setup, serving, text, training, triton_tools
 from torchship.handlers.formats import FORMAT_BY_NAME
 from torchship.serve.archive import ModelConfig
 from torchship.train.presets import DEFAULT_PRESET
 
 RESULTS = Path(__file__).with_name("results.json")
-PARTS = ("inference", "resnet18", "serving", "triton", "lifecycle", "formats", "workers", "training", "ddp")
+PARTS = ("inference", "resnet18", "serving", "triton", "text", "lifecycle", "formats", "workers", "training", "ddp")
 
 
 def machine() -> dict:
@@ -323,6 +323,8 @@ def table(r: dict) -> str:
         lines += ["", *serving_table(r["serving"])]
     if "triton" in r:
         lines += ["", *triton_tools.table(r["triton"])]
+    if "text" in r:
+        lines += ["", *text.table(r["text"])]
     if "lifecycle" in r:
         lines += ["", *lifecycle.table(r["lifecycle"])]
     if "ab" in r:
@@ -496,6 +498,9 @@ def main() -> None:
             r["triton"] = triton_tools.run(
                 export_dir, Path(tmp) / "triton", min(args.duration, 5), peers=not args.no_peers
             )
+        if "text" in parts:
+            print("a sentence-embedding model: passes by rows and by tokens, and the tokenizer's share ...", flush=True)
+            r["text"] = text.run(Path(tmp) / "text", min(args.duration, 5))
         if "lifecycle" in parts:
             print("a version swapped in under 64 clients; tracing off and on ...", flush=True)
             r["lifecycle"] = lifecycle.run(export_dir, Path(tmp) / "lifecycle", data_dir, args.duration)

@@ -7,9 +7,10 @@ its answers are far from ties (the tests show the gap they rely on)."""
 import subprocess
 from pathlib import Path
 
-from helpers import ROOT, TORCHSHIP
+from bench.text import VOCAB, build_tokenizer
 
-VOCAB = 600
+from helpers import TORCHSHIP
+
 MODELS = f"""
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification, BertModel
@@ -61,28 +62,6 @@ TEXT = {  # name -> factory, signature, --text-task
     "entities": ("tagger", "TAG", "tokens"),
     "sentences": ("encoder", "EMBED", "embed"),
 }
-
-
-def build_tokenizer(path: Path) -> Path:
-    """A BERT-style WordPiece tokenizer (lower-casing, [CLS] text [SEP]) trained on the repository's docs."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train(
-        [str(p) for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]],
-        trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials),
-    )
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    tok.decoder = decoders.WordPiece()
-    tok.enable_padding(pad_id=0, pad_token="[PAD]")  # what transformers reads as the pad token
-    tok.save(str(path))
-    return path
 
 
 def export(folder: Path, name: str) -> tuple[subprocess.CompletedProcess, Path]:
