@@ -186,6 +186,12 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
     help="With --text-task embed: embeddings of unit L2 length.",
 )
 @click.option(
+    "--text-pairs",
+    is_flag=True,
+    help="With --tokenizer: each row is two texts, `text` and `text_pair`, through the tokenizer's pair template "
+    "(entailment, reranking, question answering's context).",
+)
+@click.option(
     "--truncate/--refuse-long",
     default=True,
     show_default=True,
@@ -273,6 +279,7 @@ def export_command(
     text_task,
     pooling,
     normalize,
+    text_pairs,
     truncate,
     task,
     output_names,
@@ -357,7 +364,9 @@ def export_command(
     if tokenizer is not None:
         names = Path(labels).read_text().split("\n") if labels and Path(labels).is_file() else (labels or "").split(",")
         names = tuple(n.strip() for n in names if n.strip())
-        text = Text(task=text_task, labels=names, pooling=pooling, normalize=normalize, truncate=truncate)
+        text = Text(
+            task=text_task, labels=names, pooling=pooling, normalize=normalize, truncate=truncate, pairs=text_pairs
+        )
     options = Options(
         data_dir=data_dir, calibration=calibration, process=process, tokenizer=tokenizer and tokenizer_file(tokenizer)
     )

@@ -20,6 +20,7 @@ STEP_FUNCTIONS = ("preprocess", "postprocess")  # what a step file may define (m
 # A text model's answers (model/text.py): a label and probabilities, an embedding, or labels per token
 TEXT_TASKS = ("classify", "embed", "tokens")
 TEXT_INPUT = "text"  # what a text model takes: BYTES [batch], one UTF-8 string a row
+TEXT_PAIR_INPUT = "text_pair"  # and a pair task's second text (Text.pairs), as Hugging Face names it
 EMBEDDING = "embedding"  # what an embedding model answers: FP32 [batch, n]
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a tokenizer gives, by Hugging Face's names
 POOLINGS = ("mean", "cls")
@@ -82,6 +83,7 @@ class Text:
     pooling: str = "mean"  # embed: over the attention mask, or the first ([CLS]) token
     normalize: bool = True  # embed: to unit L2 length
     truncate: bool = True  # a text longer than the sequence's longest is cut (False: refused, 413)
+    pairs: bool = False  # each row two texts (text, text_pair) through the tokenizer's pair template (NLI, reranking)
 
     def __post_init__(self):
         object.__setattr__(self, "labels", sequence("text.labels", self.labels))
@@ -116,7 +118,8 @@ class Signature:
     def served_inputs(self) -> tuple[TensorSpec, ...]:
         """What clients send: text, or the step's preprocess inputs where it has one, else the network's."""
         if self.text:
-            return (TensorSpec(TEXT_INPUT, "BYTES", (BATCH_DIM,)),)
+            names = (TEXT_INPUT, TEXT_PAIR_INPUT) if self.text.pairs else (TEXT_INPUT,)
+            return tuple(TensorSpec(n, "BYTES", (BATCH_DIM,)) for n in names)
         return self.process.inputs if self.process and self.process.inputs else self.inputs
 
     @property

@@ -414,3 +414,17 @@ def test_a_model_with_its_own_step_says_the_browser_cannot_run_it(browser, tmp_p
         assert browser.execute_script("return torchship.errors") == []
     finally:
         httpd.shutdown()
+
+
+def test_a_text_model_says_where_to_send_its_text(browser, tmp_path, text_exports):
+    from selenium.webdriver.common.by import By
+
+    write_page(text_exports["nli"], tmp_path / "page")
+    httpd = serve(tmp_path / "page", 0)
+    try:
+        open_page(browser, f"http://127.0.0.1:{httpd.server_address[1]}/")
+        text = browser.find_element(By.ID, "local").find_element(By.CLASS_NAME, "result").text
+        assert "its tokenizer (tokenizer.json)" in text and "text (BYTES), text_pair (BYTES)" in text, text
+        assert browser.execute_script("return torchship.errors") == []
+    finally:
+        httpd.shutdown()

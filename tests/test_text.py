@@ -109,6 +109,28 @@ def infer(c, kind: str, model: str, texts: list, binary: bool = True):
     return c.infer(model, [x])
 
 
+@pytest.mark.parametrize("kind", list(CLIENTS))
+def test_pairs_of_texts_go_through_the_tokenizers_pair_template(server, eager, kind):
+    """nli (--text-pairs): `text` and `text_pair`, [CLS] a [SEP] b [SEP] with token type ids 0 then 1, as
+    transformers' tokenizer makes them for the eager model."""
+    models, tokenizer = eager
+    firsts, seconds = [TEXTS[0], TEXTS[2], TEXTS[3]], [TEXTS[1], TEXTS[0], TEXTS[3]]
+    inputs = []
+    for name, values in (("text", firsts), ("text_pair", seconds)):
+        x = CLIENTS[kind].InferInput(name, [len(values)], "BYTES")
+        x.set_data_from_numpy(np.array([v.encode() for v in values], dtype=object))
+        inputs.append(x)
+    got = client(server, kind).infer("nli", inputs)
+    for i, (a, b) in enumerate(zip(firsts, seconds)):
+        enc = tokenizer(a, b, truncation=True, max_length=128, return_tensors="pt", return_token_type_ids=True)
+        assert enc["token_type_ids"].max() == 1  # the second text is told apart: what the comparison relies on
+        with torch.no_grad():
+            p = torch.softmax(models["nli"](**enc).logits.double(), -1)[0].numpy()
+        assert_far_from_ties(p)
+        np.testing.assert_allclose(got.as_numpy("probabilities")[i], p, atol=1e-5)
+        assert got.as_numpy("label")[i].decode() == ["entailment", "neutral", "contradiction"][int(p.argmax())]
+
+
 def assert_far_from_ties(p: np.ndarray) -> None:
     """What an exact label comparison relies on: the best class clear of the second (the heads were scaled)."""
     top = np.sort(p, axis=-1)
@@ -222,25 +244,44 @@ def test_bad_text_is_a_4xx_naming_the_input_and_the_row(server, kind):
 
 
 def test_torchserve_takes_plain_text_and_json(tmp_path_factory, text_exports, eager, bare_python):
-    """TorchServe's text_classifier way (the body is the text) and our JSON of one example, from the archive, under
-    a Python without torchship."""
+    """TorchServe's text_classifier way (the body is the text) and our JSON of one example, from the archives, under
+    a Python without torchship: every task, and a pair as JSON."""
     import http.client
 
-    with torchserve_of(tmp_path_factory, {"sentiment": text_exports["sentiment"]}, bare_python) as cfg:
+    models, tokenizer = eager
+
+    def post(model: str, body: bytes, kind: str) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
+        conn.request("POST", f"/predictions/{model}", body, {"Content-Type": kind, **headers})
+        r = conn.getresponse()
+        answer = json.loads(r.read())
+        conn.close()
+        assert r.status == 200, answer
+        return answer["outputs"]
+
+    with torchserve_of(tmp_path_factory, text_exports, bare_python) as cfg:
         headers = torchserve.headers(cfg.state_dir)
+        want = reference(eager, "sentiment", TEXTS[1])
         for body, kind in (
             (TEXTS[1].encode(), "text/plain; charset=utf-8"),
             (json.dumps({"inputs": {"text": TEXTS[1]}}).encode(), "application/json"),
         ):
-            conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
-            conn.request("POST", "/predictions/sentiment", body, {"Content-Type": kind, **headers})
-            r = conn.getresponse()
-            answer = json.loads(r.read())
-            conn.close()
-            assert r.status == 200, answer
-            want = reference(eager, "sentiment", TEXTS[1])
-            assert answer["outputs"]["label"] == want["label"]
-            np.testing.assert_allclose(answer["outputs"]["probabilities"], want["probabilities"], atol=1e-5)
+            got = post("sentiment", body, kind)
+            assert got["label"] == want["label"]
+            np.testing.assert_allclose(got["probabilities"], want["probabilities"], atol=1e-5)
+        got = post("sentences", TEXTS[0].encode(), "text/plain")
+        np.testing.assert_allclose(got["embedding"], reference(eager, "sentences", TEXTS[0])["embedding"], atol=1e-5)
+        found = json.loads(post("entities", TEXTS[1].encode(), "text/plain")["entities"])
+        assert [(e["entity"], e["index"], e["start"], e["end"]) for e in found] == [
+            w[:4] for w in reference(eager, "entities", TEXTS[1])["entities"]
+        ]
+        got = post(
+            "nli", json.dumps({"inputs": {"text": TEXTS[0], "text_pair": TEXTS[1]}}).encode(), "application/json"
+        )
+        enc = tokenizer(TEXTS[0], TEXTS[1], return_tensors="pt", return_token_type_ids=True)
+        with torch.no_grad():
+            p = torch.softmax(models["nli"](**enc).logits.double(), -1)[0].numpy()
+        np.testing.assert_allclose(got["probabilities"], p, atol=1e-5)
 
 
 def test_an_app_without_torch_embeds_the_text_models(text_exports, eager, bare_python, tmp_path):

@@ -44,6 +44,13 @@ def encoder():
     return BertModel(BertConfig(**CONFIG), add_pooling_layer=False)
 
 
+def judge():  # entailment of a pair of texts: token type ids tell the two apart
+    torch.manual_seed(3)
+    model = BertForSequenceClassification(BertConfig(**CONFIG, **labelled(["entailment", "neutral", "contradiction"])))
+    model.classifier.weight.data *= 30
+    return model
+
+
 TOKENS = [
     {{"name": "input_ids", "datatype": "INT64", "shape": ["batch", "sequence"], "range": [0, {VOCAB - 1}], "pad": 0}},
     {{"name": "attention_mask", "datatype": "INT64", "shape": ["batch", "sequence"], "range": [0, 1], "pad": 0,
@@ -56,11 +63,16 @@ TAG = {{"inputs": TOKENS, "outputs": [{{"name": "logits", "datatype": "FP32", "s
 EMBED = {{"inputs": TOKENS,
          "outputs": [{{"name": "last_hidden_state", "datatype": "FP32", "shape": ["batch", "sequence", 32]}}],
          "dims": {{"sequence": [1, 128]}}}}
+PAIRS = {{"inputs": [*TOKENS, {{"name": "token_type_ids", "datatype": "INT64", "shape": ["batch", "sequence"],
+                               "range": [0, 1], "pad": 0}}],
+         "outputs": [{{"name": "logits", "datatype": "FP32", "shape": ["batch", 3]}}],
+         "dims": {{"sequence": [1, 128]}}}}
 """
-TEXT = {  # name -> factory, signature, --text-task
-    "sentiment": ("classifier", "CLASSIFY", "classify"),
-    "entities": ("tagger", "TAG", "tokens"),
-    "sentences": ("encoder", "EMBED", "embed"),
+TEXT = {  # name -> factory, signature, the text options
+    "sentiment": ("classifier", "CLASSIFY", ["--text-task", "classify"]),
+    "entities": ("tagger", "TAG", ["--text-task", "tokens"]),
+    "sentences": ("encoder", "EMBED", ["--text-task", "embed"]),
+    "nli": ("judge", "PAIRS", ["--text-task", "classify", "--text-pairs"]),
 }
 
 
@@ -68,7 +80,7 @@ def export(folder: Path, name: str) -> tuple[subprocess.CompletedProcess, Path]:
     """`torchship export --tokenizer` of one of them (its weights saved as a user would)."""
     import torch
 
-    factory, sig, task = TEXT[name]
+    factory, sig, options = TEXT[name]
     (folder / "models.py").write_text(MODELS)
     tokenizer = folder / "tokenizer.json"
     if not tokenizer.is_file():
@@ -89,8 +101,7 @@ def export(folder: Path, name: str) -> tuple[subprocess.CompletedProcess, Path]:
             f"{folder / 'models.py'}:{sig}",
             "--tokenizer",
             tokenizer,
-            "--text-task",
-            task,
+            *options,
             "--name",
             name,
             "--out",

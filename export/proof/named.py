@@ -18,7 +18,7 @@ from torchship.export.proof.checks import BATCH_SIZES, backends, load_for_proof
 from torchship.export.proof.report import Check, Report, eager_reference
 from torchship.export.proof.tolerance import compare, tolerance
 from torchship.handlers.model import named, runners, steps
-from torchship.handlers.signature import TEXT_INPUT, Signature, TensorSpec
+from torchship.handlers.signature import TEXT_INPUT, TEXT_PAIR_INPUT, Signature, TensorSpec
 
 ROWS = 16  # examples per length: batch sizes 1, 2, 7 and 16
 PADDED_ROWS = 6
@@ -195,17 +195,30 @@ def _text_checks(export_dir: Path, sig: Signature, fns: dict, reference, *, atol
     hf = PreTrainedTokenizerFast(tokenizer_file=str(export_dir / text.tokenizer))
     seq = sig.inputs[0].dynamic[0]
     low, high = sig.dims[seq]
-    texts = [t for t in TEXTS if text.truncate or len(hf(t)["input_ids"]) <= high]
-    rows = step.check({TEXT_INPUT: ("BYTES", (len(texts),), np.array([t.encode() for t in texts], object))})
+    cases = [(t, p) for t, p in zip(TEXTS, TEXTS[1:] + TEXTS[:1])] if text.pairs else [(t,) for t in TEXTS]
+    cases = [c for c in cases if text.truncate or len(hf(*c)["input_ids"]) <= high]
+    names = (TEXT_INPUT, TEXT_PAIR_INPUT)[: len(cases[0])]
+    rows = step.check(
+        {n: ("BYTES", (len(cases),), np.array([c[k].encode() for c in cases], object)) for k, n in enumerate(names)}
+    )
+    texts = [c[0] for c in cases]
     checks, refs = [], []
-    for i, t in enumerate(texts):
+    for i, case in enumerate(cases):
         enc = hf(
-            t, truncation=text.truncate, max_length=high, return_offsets_mapping=True, return_special_tokens_mask=True
+            *case,
+            truncation=text.truncate,
+            max_length=high,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            return_token_type_ids="token_type_ids" in rows.arrays,
         )
         n = len(enc["input_ids"])
-        ids = rows.arrays["input_ids"][i, :n]
         same = (
-            list(ids) == list(enc["input_ids"])
+            all(
+                list(rows.arrays[name][i, :n]) == list(enc[name])
+                for name in ("input_ids", "token_type_ids")
+                if name in rows.arrays
+            )
             and int(rows.arrays.get("attention_mask", np.ones_like(rows.arrays["input_ids"]))[i].sum()) == n
         )
         stats = _mismatch(np.zeros(n)) | {

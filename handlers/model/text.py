@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from ..fields import CardError
 from ..limits import MAX_TEXT_BYTES
-from ..signature import EMBEDDING, TEXT_INPUT, Signature
+from ..signature import EMBEDDING, TEXT_INPUT, TEXT_PAIR_INPUT, Signature
 from . import named
 from .errors import InputError
 
@@ -33,8 +33,11 @@ def tokenizer(sig: Signature, folder: Path) -> Tokenizer:
         raise CardError("signature.text.tokenizer", f"{path} is not the file that was exported (its sha256 differs)")
     try:
         tok = Tokenizer.from_str(data.decode("utf-8"))
+        post = json.loads(data).get("post_processor") or {}
     except Exception as e:
         raise CardError("signature.text.tokenizer", f"{path} is not a tokenizer.json: {str(e)[:200]}") from None
+    if text.pairs and not (post.get("pair") or post.get("type") in ("BertProcessing", "RobertaProcessing")):
+        raise CardError("signature.text.pairs", f"{path} has no template for pairs of texts (its post_processor's)")
     tok.no_padding()  # padding is the batch's (model/named.py), to its longest row
     tok.no_truncation()
     if text.truncate:
@@ -56,19 +59,9 @@ def steps(sig: Signature, folder: Path) -> tuple[Callable, Callable]:
     first = sig.outputs[0].name
 
     def preprocess(arrays: dict) -> tuple[dict, list]:
-        rows = []
-        for i, b in enumerate(arrays[TEXT_INPUT].reshape(-1)):
-            if len(b) > MAX_TEXT_BYTES:
-                raise InputError(
-                    413,
-                    f"input '{TEXT_INPUT}' row {i}: {len(b)} bytes, more than the {MAX_TEXT_BYTES} one text may hold",
-                )
-            try:
-                rows.append(bytes(b).decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise InputError(
-                    400, f"input '{TEXT_INPUT}' row {i}: not UTF-8 ({e.reason} at byte {e.start})"
-                ) from None
+        rows = decoded(arrays, TEXT_INPUT)
+        if text.pairs:  # the tokenizer's pair template: [CLS] text [SEP] text_pair [SEP], type ids 0 then 1
+            rows = list(zip(rows, decoded(arrays, TEXT_PAIR_INPUT)))
         encodings = tok.encode_batch(rows)
         for i, e in enumerate(encodings):
             if len(e.ids) > high:
@@ -99,6 +92,21 @@ def steps(sig: Signature, folder: Path) -> tuple[Callable, Callable]:
         return {"entities": entities(softmax(y), rows, text.labels)}
 
     return preprocess, postprocess
+
+
+def decoded(arrays: dict, name: str) -> list[str]:
+    """A BYTES input's rows as text: each within MAX_TEXT_BYTES, each UTF-8."""
+    rows = []
+    for i, b in enumerate(arrays[name].reshape(-1)):
+        if len(b) > MAX_TEXT_BYTES:
+            raise InputError(
+                413, f"input '{name}' row {i}: {len(b)} bytes, more than the {MAX_TEXT_BYTES} one text may hold"
+            )
+        try:
+            rows.append(bytes(b).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InputError(400, f"input '{name}' row {i}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    return rows
 
 
 def softmax(y: np.ndarray) -> np.ndarray:

@@ -440,14 +440,16 @@ async function runNamed(inputs) {
 
 function namedInputs() {
   const sig = state.card.signature;
-  if (sig.process) {
-    // the model's own step is Python (docs/export.md: A model's own step): no browser runs it, so none runs here
+  if (sig.process || sig.text) {
+    // the model's own step, or its tokenizer, is Python (docs/export.md): no browser runs it, so none runs here
     show("image-try", false);
     show("tensor-try", false);
     show("server", false);
-    const takes = sig.process.inputs.length ? sig.process.inputs : sig.inputs;
+    const takes = sig.text ? [{ name: "text", datatype: "BYTES" }, ...(sig.text.pairs ? [{ name: "text_pair", datatype: "BYTES" }] : [])]
+      : sig.process.inputs.length ? sig.process.inputs : sig.inputs;
+    const step = sig.text ? `its tokenizer (${sig.text.tokenizer})` : `its own step (${sig.process.file})`;
     $("local").querySelector(".result").textContent =
-      `This model runs its own step (${sig.process.file}) in Python around the network, which a browser cannot: ` +
+      `This model runs ${step} in Python around the network, which a browser cannot: ` +
       `send ${takes.map((t) => `${t.name} (${t.datatype})`).join(", ")} to the OIP server (torchship serve start --runtime oip).`;
     return;
   }
