@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -197,3 +200,31 @@ def paper(digit: np.ndarray, size: int, box: int, top: int, left: int) -> np.nda
     page = np.zeros((size, size), np.uint8)
     page[top : top + box, left : left + box] = big
     return 255 - page
+
+
+def post_json(port: int, path: str, body: dict, headers: dict) -> tuple[int, dict]:
+    """A JSON POST to this machine: its status and its JSON answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json", **headers})
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read() or b"null")
+    conn.close()
+    return out
+
+
+def export_user_model(folder: Path, source: str, name: str, factory: str, sig: str, *options) -> tuple:
+    """`torchship export` of a model a user wrote in FOLDER/models.py (SOURCE), its weights saved as a user would
+    (built by FACTORY, its state dict), its signature the file's SIG: the process's result and the export folder."""
+    import torch
+
+    (folder / "models.py").write_text(source)
+    namespace: dict = {}
+    exec(compile(source, str(folder / "models.py"), "exec"), namespace)
+    torch.save(namespace[factory]().state_dict(), folder / f"{name}.pt")
+    out = folder / name
+    spec, signature = f"{folder / 'models.py'}:{factory}", f"{folder / 'models.py'}:{sig}"
+    command = [*TORCHSHIP, "export", "--model", spec, "--weights", folder / f"{name}.pt", "--signature", signature]
+    r = subprocess.run(
+        [*command, *options, "--name", name, "--out", out], capture_output=True, text=True, timeout=600, cwd=folder
+    )
+    return r, out

@@ -217,3 +217,33 @@ def test_a_bundle_of_a_model_with_named_inputs_serves_every_output_by_name(tmp_p
         result = client.infer("shop", inputs)
         for name, y in want.items():
             assert np.allclose(result.as_numpy(name), y, rtol=1e-5, atol=1e-6), name
+
+
+def test_bundles_carry_a_tokenizer_and_a_step_that_their_containers_run(
+    tmp_path, bare_python, text_exports, triton_exports
+):
+    """A text model's tokenizer.json and a model's own process.py go into the bundle's model folder, and the
+    container (a Python without torchship) answers text and strings with them."""
+    import tritonclient.http as thttp
+
+    sentences = text_exports["sentences"]
+    out = tmp_path / "text-bundle"
+    run = deploy(sentences, out, "--runtime", "kserve")
+    assert run.returncode == 0, run.stderr
+    assert (out / "model" / "tokenizer.json").read_bytes() == (sentences / "tokenizer.json").read_bytes()
+    want = load_onnx(sentences / "model.onnx").predict(["a text to embed", "and another"])["embedding"]
+    with container(out, tmp_path / "text", bare_python, "sentences") as client:
+        x = thttp.InferInput("text", [2], "BYTES")
+        x.set_data_from_numpy(np.array([b"a text to embed", b"and another"], dtype=object))
+        np.testing.assert_allclose(client.infer("sentences", [x]).as_numpy("embedding"), want, atol=1e-6)
+    simple_string = triton_exports("simple_string")
+    out = tmp_path / "step-bundle"
+    run = deploy(simple_string, out, "--runtime", "kserve")
+    assert run.returncode == 0, run.stderr
+    assert (out / "model" / "process.py").read_bytes() == (simple_string / "process.py").read_bytes()
+    with container(out, tmp_path / "step", bare_python, "simple_string") as client:
+        inputs = [thttp.InferInput(n, [1, 16], "BYTES") for n in ("INPUT0", "INPUT1")]
+        inputs[0].set_data_from_numpy(np.array([[str(i).encode() for i in range(16)]], dtype=object))
+        inputs[1].set_data_from_numpy(np.array([[b"3"] * 16], dtype=object))
+        got = client.infer("simple_string", inputs).as_numpy("OUTPUT0")
+        assert [int(v) for v in got.reshape(-1)] == [i + 3 for i in range(16)]

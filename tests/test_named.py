@@ -4,7 +4,6 @@ several outputs. Each goes through `torchship export --model --signature`, its p
 server (tritonclient over HTTP and gRPC), TorchServe's JSON and the embedding."""
 
 import asyncio
-import http.client
 import json
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from torchship.serve import oip, torchserve
 from torchship.serve.archive import ModelConfig
 
 from helpers import TORCHSHIP, corrupt_onnx, named_proof_feeds, torchserve_of
+from helpers import post_json as post
 
 
 @pytest.fixture(scope="module")
@@ -302,15 +302,6 @@ def test_several_outputs_answer_by_name_and_bad_inputs_name_the_input(oip_server
     with pytest.raises(InferenceServerException) as e:
         infer(kind, oip_server["bert"], "bert", long)
     assert "sequence 129 is out of 1..128" in str(e.value)
-
-
-def post(port: int, path: str, body: dict, headers: dict):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json", **headers})
-    r = conn.getresponse()
-    out = r.status, json.loads(r.read() or b"null")
-    conn.close()
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 their archives, and embedded in an app with onnxruntime alone; the export's refusals. (The OIP server's side is
 tests/test_triton_clients.py, with tritonclient.)"""
 
-import http.client
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from torchship.serve import torchserve
 from torchship.serve.shipping import copy_runtime
 
 from helpers import cli_error, no_torch, torchserve_of
+from helpers import post_json as post
 
 STRING_MODELS = ("simple_string", "simple_identity")
 
@@ -20,15 +20,6 @@ STRING_MODELS = ("simple_string", "simple_identity")
 @pytest.fixture(scope="module")
 def exports(triton_exports):
     return {name: triton_exports(name) for name in STRING_MODELS}
-
-
-def post(port: int, path: str, body: dict, headers: dict) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json", **headers})
-    r = conn.getresponse()
-    out = r.status, json.loads(r.read() or b"null")
-    conn.close()
-    return out
 
 
 def test_torchserve_runs_the_step_from_the_archive_on_json_and_v2_requests(tmp_path_factory, exports, bare_python):
@@ -103,3 +94,48 @@ def test_export_refuses_a_step_the_signature_does_not_declare_and_a_declared_ste
     )
     assert code == 1 and "does not load: ModuleNotFoundError" in errors[0], errors
     assert not (tmp_path / "o").exists()
+
+
+WARM_UP_FAILS = """
+import numpy as np
+
+
+def postprocess(outputs):
+    y = outputs["y"]
+    if not y.any():  # the warm-up's zeros: a step with a bug that only the warm-up's input meets
+        raise RuntimeError("cannot answer zeros")
+    return {"words": np.array([" ".join(map(str, row)).encode() for row in y], dtype=object)}
+
+
+def examples():
+    return [{"x": np.array([[1.0, 2.0]], np.float32)}]
+"""
+
+
+def test_a_step_that_fails_its_warm_up_fails_the_start_saying_so(tmp_path):
+    """The server warms every model up (a full batch of zeros through the network and the step) before it says it is
+    ready: a step that fails there stops the start with its error, rather than a server that fails every request."""
+    from torchship.serve import oip
+    from torchship.serve.process import ServerError
+
+    from helpers import export_user_model
+
+    (tmp_path / "step.py").write_text(WARM_UP_FAILS)
+    source = (
+        "import torch\n"
+        "class Double(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x * 2\n"
+        'SIG = {"inputs": [{"name": "x", "datatype": "FP32", "shape": ["batch", 2]}],\n'
+        '       "outputs": [{"name": "y", "datatype": "FP32", "shape": ["batch", 2]}],\n'
+        '       "process": {"outputs": [{"name": "words", "datatype": "BYTES", "shape": ["batch"]}]}}\n'
+    )
+    r, out = export_user_model(tmp_path, source, "double", "Double", "SIG", "--process", tmp_path / "step.py")
+    assert r.returncode == 0, r.stderr[-2000:]  # the proof's examples pass through the step
+    cfg = oip.OIPConfig.on_free_ports(str(out), "double", str(tmp_path / "state"), workers=1, max_batch=4, threads=1)
+    try:
+        with pytest.raises(ServerError) as e:
+            oip.start(cfg, timeout=120)
+        assert "postprocess failed: RuntimeError: cannot answer zeros" in str(e.value), str(e.value)[-2000:]
+    finally:
+        oip.stop(tmp_path / "state")

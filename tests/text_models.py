@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.text import VOCAB, build_tokenizer
 
-from helpers import TORCHSHIP
+from helpers import export_user_model
 
 MODELS = f"""
 import torch
@@ -78,38 +78,8 @@ TEXT = {  # name -> factory, signature, the text options
 
 def export(folder: Path, name: str) -> tuple[subprocess.CompletedProcess, Path]:
     """`torchship export --tokenizer` of one of them (its weights saved as a user would)."""
-    import torch
-
     factory, sig, options = TEXT[name]
-    (folder / "models.py").write_text(MODELS)
     tokenizer = folder / "tokenizer.json"
     if not tokenizer.is_file():
         build_tokenizer(tokenizer)
-    namespace: dict = {}
-    exec(compile(MODELS, str(folder / "models.py"), "exec"), namespace)
-    torch.save(namespace[factory]().state_dict(), folder / f"{name}.pt")
-    out = folder / name
-    r = subprocess.run(
-        [
-            *TORCHSHIP,
-            "export",
-            "--model",
-            f"{folder / 'models.py'}:{factory}",
-            "--weights",
-            folder / f"{name}.pt",
-            "--signature",
-            f"{folder / 'models.py'}:{sig}",
-            "--tokenizer",
-            tokenizer,
-            *options,
-            "--name",
-            name,
-            "--out",
-            out,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=folder,
-    )
-    return r, out
+    return export_user_model(folder, MODELS, name, factory, sig, "--tokenizer", tokenizer, *options)

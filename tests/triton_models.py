@@ -4,9 +4,7 @@ write them for torchship: a torch module in a file of their own and a signature,
 
 import subprocess
 
-import torch
-
-from helpers import TORCHSHIP
+from helpers import export_user_model
 
 MODELS = '''
 import torch
@@ -152,33 +150,8 @@ def examples():
 def export(folder, name: str) -> tuple[subprocess.CompletedProcess, object]:
     """`torchship export` of one of them, its weights saved as a user would (an empty state dict for `simple`)."""
     factory, sig = TRITON[name]
-    (folder / "models.py").write_text(MODELS)
     step = []
     if name in STEPS:
         (folder / f"{name}_step.py").write_text(STEPS[name])
         step = ["--process", folder / f"{name}_step.py"]
-    namespace: dict = {}
-    exec(compile(MODELS, str(folder / "models.py"), "exec"), namespace)
-    torch.save(namespace[factory]().state_dict(), folder / f"{name}.pt")
-    out = folder / name
-    r = subprocess.run(
-        [
-            *TORCHSHIP,
-            "export",
-            "--model",
-            f"{folder / 'models.py'}:{factory}",
-            "--weights",
-            folder / f"{name}.pt",
-            "--signature",
-            f"{folder / 'models.py'}:{sig}",
-            "--name",
-            name,
-            "--out",
-            out,
-            *step,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return r, out
+    return export_user_model(folder, MODELS, name, factory, sig, *step)
