@@ -1,7 +1,8 @@
 """make bench's text row (issue 34): a sentence-embedding model served by the OIP server at c=1 and c=16 on texts of
 8 to 128 tokens, its passes formed by rows alone and by a token budget (--max_batch_tokens), and the tokenizer's
 share of a request's time in-process. The model is a 4-layer BERT from its config (hidden 128, fixed seed) with mean
-pooling; the tokenizer a WordPiece trained on this repository's docs (both built here: nothing is downloaded)."""
+pooling; the tokenizer a WordPiece trained on a copy of this repository's docs (both built here: nothing is
+downloaded)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torchship.serve import oip
 from torchship.serve.client import Target
 from torchship.serve.loadtest import Payload, run_level
 
-ROOT = Path(__file__).resolve().parent.parent
+CORPUS = Path(__file__).with_name("corpus.txt")  # README.md, docs/export.md and docs/serving.md of 2026-12-02
 VOCAB = 600
 LENGTHS = (8, 128)  # tokens a text, [CLS] and [SEP] included, drawn uniformly
 BUDGETS = {"rows": 0, "tokens": 1024}  # rows alone, or a pass's longest row x its rows within 1,024 tokens
@@ -25,16 +26,16 @@ ROUNDS = 3  # both servers up, measured in turns: this machine drifts by tens of
 
 
 def build_tokenizer(path: Path) -> Path:
-    """A BERT-style WordPiece tokenizer (lower-casing, [CLS] text [SEP]) trained on the repository's docs; saved with
-    its padding so that transformers reads the pad token from it (the tests' text models use it too)."""
+    """A BERT-style WordPiece tokenizer (lower-casing, [CLS] text [SEP]) trained on CORPUS (the docs as they were when
+    it was made: the vocabulary stays put while the docs change); saved with its padding so that transformers reads
+    the pad token from it (the tests' text models use it too)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    files = [str(p) for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]]
-    tok.train(files, trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials))
+    tok.train([str(CORPUS)], trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]

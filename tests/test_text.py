@@ -168,8 +168,10 @@ def test_each_task_answers_text_as_transformers_and_the_eager_model_do(server, e
 
 @pytest.mark.parametrize("model", ["sentiment", "entities", "sentences"])
 def test_sixteen_concurrent_texts_of_mixed_lengths_each_answer_as_alone(server, model):
-    """The batcher pads requests of different token counts into shared passes (shown by the statistics) and cuts each
-    answer back: every one equals the same text sent alone (entities: the same tokens, scores within 1e-5)."""
+    """The batcher pads requests of different token counts into shared passes and cuts each answer back: every one
+    equals the same text sent alone (entities: the same tokens, scores within 1e-5). Whether concurrent requests
+    meet in a pass is up to the machine's timing: bursts are sent until the statistics show one that did (at most
+    eight), and one request of all sixteen texts, padded together for certain, is held to the same rule."""
     texts = [("word " * (1 + 7 * k)).strip() for k in range(16)]
 
     def one(t):
@@ -177,9 +179,23 @@ def test_sixteen_concurrent_texts_of_mixed_lengths_each_answer_as_alone(server, 
         return {o["name"]: result.as_numpy(o["name"])[0] for o in result.get_response()["outputs"]}
 
     alone = [one(t) for t in texts]
-    before = _passes(server, model)
-    with ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(one, texts))
+    shared = False
+    for _ in range(8):
+        before = _passes(server, model)
+        with ThreadPoolExecutor(16) as pool:
+            same_as_alone(alone, list(pool.map(one, texts)))
+        passes, requests = (after - b for after, b in zip(_passes(server, model), before))
+        assert requests == 16, requests
+        if passes < requests:
+            shared = True
+            break
+    assert shared, "no burst of sixteen concurrent requests shared a pass"
+    result = client(server, "http").infer(model, _text(*texts))
+    names = [o["name"] for o in result.get_response()["outputs"]]
+    same_as_alone(alone, [{n: result.as_numpy(n)[i] for n in names} for i in range(len(texts))])
+
+
+def same_as_alone(alone: list[dict], together: list[dict]) -> None:
     for a, b in zip(alone, together):
         assert a.keys() == b.keys()
         for name in a:
@@ -193,13 +209,11 @@ def test_sixteen_concurrent_texts_of_mixed_lengths_each_answer_as_alone(server, 
                 assert a[name] == b[name]
             else:
                 np.testing.assert_allclose(b[name], a[name], atol=1e-5)
-    passes, requests = (after - b for after, b in zip(_passes(server, model), before))
-    assert requests == 16 and passes < 16, (passes, requests)  # some passes held several texts
 
 
-def _text(t: str) -> list:
-    x = thttp.InferInput("text", [1], "BYTES")
-    x.set_data_from_numpy(np.array([t.encode()], dtype=object))
+def _text(*texts: str) -> list:
+    x = thttp.InferInput("text", [len(texts)], "BYTES")
+    x.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
     return [x]
 
 

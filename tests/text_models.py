@@ -1,8 +1,9 @@
 """The text models the tests serve, built offline as a user would bring them: a WordPiece tokenizer trained with
-`tokenizers` on this repository's own docs (saved as tokenizer.json, which transformers' PreTrainedTokenizerFast
-loads), and three 2-layer BERTs from their configs with fixed seeds: a sequence classifier (3 labels), a token
-classifier (5 labels) and a sentence encoder (mean pooling, in the export). Each head's weights are scaled up so that
-its answers are far from ties (the tests show the gap they rely on)."""
+`tokenizers` on a copy of this repository's docs (bench/corpus.txt), saved as tokenizer.json, which transformers'
+PreTrainedTokenizerFast loads; and 2-layer BERTs from their configs with fixed seeds: a sequence classifier (3
+labels), a token classifier (5 labels), a sentence encoder (mean pooling, in the export) and a classifier of pairs
+of texts. Each head's weights are scaled up so that its answers are far from ties (the tests show the gap they rely
+on)."""
 
 import subprocess
 from pathlib import Path
@@ -35,7 +36,7 @@ def classifier():
 def tagger():
     torch.manual_seed(1)
     model = BertForTokenClassification(BertConfig(**CONFIG, **labelled(ENTITIES)))
-    model.classifier.weight.data *= 30
+    model.classifier.weight.data *= 300  # one answer a token: no ties among the many tokens of the tests' texts
     return model
 
 
