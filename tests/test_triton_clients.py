@@ -754,3 +754,37 @@ def test_image_client_checks_pass_and_its_classes_are_the_embeddings(images_serv
     files.set_data_from_numpy(np.array([png(digits[0])], dtype=object))
     with pytest.raises(InferenceServerException, match="triton_images"):  # image files: not on this server
         c.infer("digits", [files])
+
+
+def test_a_model_infer_message_that_is_not_protobuf_is_an_invalid_argument_naming_why(server):
+    """Bytes that are not a ModelInferRequest (a field cut short, a wire type that does not exist) get
+    INVALID_ARGUMENT saying what they are not (grpcio's own answer was UNKNOWN "Unexpected DecodeError"); the server
+    goes on answering, unary and streaming."""
+    import grpc
+    from google.protobuf.message import DecodeError
+    from tritonclient.grpc import service_pb2
+
+    bad = [b"\x0a\x05sim", b"\x07"]
+    for data in bad:  # what the test relies on: protobuf itself refuses these bytes
+        with pytest.raises(DecodeError):
+            service_pb2.ModelInferRequest.FromString(data)
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        raw = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        for data in bad:
+            with pytest.raises(grpc.RpcError) as e:
+                raw(data, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid ModelInferRequest message" in e.value.details(), e.value.details()
+        stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        answers = list(stream(iter([bad[0]]), timeout=30))
+        assert len(answers) == 1 and b"not a valid ModelInferRequest message" in answers[0]
+    a = np.arange(16, dtype=np.int32)[None]
+    assert (client(server, "grpc").infer("simple", simple_inputs("grpc", a, a)).as_numpy("OUTPUT0") == 2 * a).all()

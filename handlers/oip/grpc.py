@@ -5,8 +5,10 @@ client talk to it. Messages to the pipeline (pipeline.py) and its answers back t
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ..protocol import triton, v2_grpc
 from .config import Config, Limits
@@ -180,6 +182,11 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
         writing, running = asyncio.Lock(), set()
 
         async def one(request) -> None:
+            if isinstance(request, Undecodable):  # answered on the stream, which goes on
+                answer = v2_grpc.stream_response(error=request.message, request_id="")
+                async with writing:
+                    await context.write(answer)
+                return
             try:
                 answer = v2_grpc.stream_response(await infer(request, peer, traceparent, "grpc-stream"))
             except asyncio.CancelledError:
@@ -223,7 +230,7 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
-            fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+            guarded(fn), request_deserializer=parsing(req), response_serializer=resp.SerializeToString
         )
         for name, (fn, req, resp) in methods.items()
     }
@@ -236,9 +243,41 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
             cuda_shm, request_deserializer=lambda _: None, response_serializer=bytes
         )
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-        model_stream_infer, request_deserializer=pb.ModelInferRequest.FromString, response_serializer=bytes
+        model_stream_infer, request_deserializer=parsing(pb.ModelInferRequest), response_serializer=bytes
     )
     return grpc.method_handlers_generic_handler(v2_grpc.SERVICE, handlers)
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What came instead of a message: bytes that are not one (a truncated or corrupted request)."""
+
+    message: str
+
+
+def parsing(message_type):
+    """A deserializer that turns bytes that are not MESSAGE_TYPE into an Undecodable, where grpcio would answer
+    UNKNOWN "Unexpected <class 'DecodeError'>" (found by feeding the server mutated messages: issue 36)."""
+    name = message_type.DESCRIPTOR.name
+
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return Undecodable(f"the request is not a valid {name} message ({len(data)} bytes): {str(e)[:200]}")
+
+    return parse
+
+
+def guarded(fn):
+    """FN, unless its request could not be read: then INVALID_ARGUMENT saying why."""
+
+    async def call(request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await fn(request, context)
+
+    return call
 
 
 def decode(to_rows, limit, request, shm=None):
