@@ -52,7 +52,7 @@ def build(work: Path) -> Path:
     from transformers import BertConfig, BertModel
 
     from torchship.export.formats import Options, export_model, stamp
-    from torchship.export.user_model import named_model
+    from torchship.export.named_model import named_model
     from torchship.handlers.signature import Signature, Text
 
     work.mkdir(parents=True, exist_ok=True)

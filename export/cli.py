@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from torchship.export.cli_values import floats, format_list, names, shape, value_range
 from torchship.export.proof.tolerance import ATOL, RTOL
 from torchship.handlers.card import VERSION_PATTERN, CardError, safe_name
 from torchship.handlers.formats import DEFAULT_FORMATS, FORMAT_BY_NAME
@@ -29,60 +30,6 @@ def tolerances(f):
     for option in reversed(TOLERANCES):
         f = option(f)
     return f
-
-
-def floats(_ctx, param, value: str | None):
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"one number or one per channel, comma-separated; got {value!r}") from None
-
-
-def shape(_ctx, _param, value: str | None):
-    """C,H,W for an image model; one example's shape for a tensor one (13, or 3,128): checked against the kind below."""
-    if value is None:
-        return None
-    try:
-        dims = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        dims = ()
-    if not 1 <= len(dims) <= 4 or min(dims) < 1:
-        raise click.BadParameter(
-            f"comma-separated positive integers: C,H,W for images (3,224,224), one example's "
-            f"shape for tensors (13); got {value!r}"
-        )
-    return dims
-
-
-def names(_ctx, _param, value: str | None):
-    if value is None:
-        return None
-    found = tuple(v.strip() for v in value.split(",") if v.strip())
-    if not found:
-        raise click.BadParameter(f"comma-separated names, e.g. y or price,volume; got {value!r}")
-    return found
-
-
-def value_range(_ctx, _param, value: str | None):
-    if value is None:
-        return None
-    try:
-        low, high = (float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"MIN,MAX, e.g. 0,1; got {value!r}") from None
-    if not low < high:
-        raise click.BadParameter(f"MIN must be below MAX; got {value!r}")
-    return low, high
-
-
-def format_list(_ctx, _param, value: str):
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in FORMAT_BY_NAME]
-    if unknown or not names:
-        raise click.BadParameter(f"choose from {', '.join(FORMAT_BY_NAME)}; got {value!r}")
-    return tuple(dict.fromkeys(names))
 
 
 def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
@@ -302,14 +249,8 @@ def export_command(
     """Export CHECKPOINT (or --model SPEC --weights FILE) to every format, then prove each matches the eager model."""
     # torch only when a command runs: `torchship --help` and a bad option answer in a fraction of a second
     from torchship.export.formats import ExportError, Options, export_checkpoint, export_model, next_version, stamp
-    from torchship.export.user_model import (
-        ModelLoadError,
-        named_model,
-        parse_kwargs,
-        read_signature,
-        tokenizer_file,
-        user_model,
-    )
+    from torchship.export.named_model import named_model, read_signature, tokenizer_file
+    from torchship.export.user_model import ModelLoadError, parse_kwargs, read_labels, user_model
     from torchship.train.checkpoint import CheckpointError  # torch too, as the two above
 
     if (checkpoint is None) == (spec is None):
@@ -362,10 +303,13 @@ def export_command(
     progress = lambda m: click.echo(m + " ...", err=True)  # noqa: E731
     text = None
     if tokenizer is not None:
-        names = Path(labels).read_text().split("\n") if labels and Path(labels).is_file() else (labels or "").split(",")
-        names = tuple(n.strip() for n in names if n.strip())
         text = Text(
-            task=text_task, labels=names, pooling=pooling, normalize=normalize, truncate=truncate, pairs=text_pairs
+            task=text_task,
+            labels=read_labels(labels, None),
+            pooling=pooling,
+            normalize=normalize,
+            truncate=truncate,
+            pairs=text_pairs,
         )
     options = Options(
         data_dir=data_dir, calibration=calibration, process=process, tokenizer=tokenizer and tokenizer_file(tokenizer)

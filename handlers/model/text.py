@@ -109,6 +109,11 @@ def decoded(arrays: dict, name: str) -> list[str]:
     return rows
 
 
+def token_count(rows: named.Rows) -> int:
+    """The tokens a text request's rows hold, as the tokenizer made them (OpenAI's usage counts them)."""
+    return sum(len(e.ids) for e in rows.context) if rows.context else int(rows.arrays["input_ids"].size)
+
+
 def softmax(y: np.ndarray) -> np.ndarray:
     z = np.exp(y - y.max(-1, keepdims=True))
     return z / z.sum(-1, keepdims=True)

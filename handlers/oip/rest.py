@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 
+from ..model import text
 from ..model.responses import answers
 from ..model.tensors import rows_from_instances, standardize
 from ..protocol import openai, v2
@@ -316,7 +317,7 @@ def embedded(flight: Flight, done: asyncio.Future, rows, fmt: str, dimensions) -
             raise done.exception()
         served = flight.served
         (vectors,) = [t.data for t in served.encode(done.result(), rows) if t.name == EMBEDDING]
-        tokens = int(sum(len(e.ids) for e in rows.context)) if rows.context else 0
+        tokens = text.token_count(rows)
         body = openai.embeddings_response(served.name, vectors, tokens, fmt, dimensions)
     except Exception as e:
         return RestApp.openai_error(*refusal(e))
