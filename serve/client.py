@@ -92,10 +92,11 @@ class Target:
 
 
 class Connection:
-    """One keep-alive HTTP/1.1 connection; reconnects once after an error (status 0 when that fails too)."""
+    """One keep-alive HTTP/1.1 connection; reconnects once after an error (status 0 when that fails too). FRESH: a
+    new connection for every request and no second try, as a client that does not keep connections sees a server."""
 
-    def __init__(self, target: Target, timeout: float = 30):
-        self.target, self.timeout = target, timeout
+    def __init__(self, target: Target, timeout: float = 30, *, fresh: bool = False):
+        self.target, self.timeout, self.fresh = target, timeout, fresh
         self.reader = self.writer = None
 
     async def close(self) -> None:
@@ -129,7 +130,7 @@ class Connection:
                     )
                 self.writer.write(request)
                 status, reply, keep = await asyncio.wait_for(self._read(), self.timeout)
-                if not keep:
+                if not keep or self.fresh:
                     await self.close()
                 return status, reply
             except (
@@ -141,7 +142,7 @@ class Connection:
                 TimeoutError,
             ):
                 await self.close()
-                if attempt:
+                if attempt or self.fresh:
                     return 0, b""
         return 0, b""
 

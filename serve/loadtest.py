@@ -96,11 +96,13 @@ def run_level(
     rate: float | None = None,
     samples: list[float] | None = None,
     timeline: list[tuple[float, float, int]] | None = None,
+    fresh: bool = False,
 ) -> Level:
     """Closed loop: `concurrency` clients back to back. Open loop (rate): sends on a fixed schedule and times
-    each request from its intended send time, so a stalled server cannot hide its queue (no coordinated omission)."""
+    each request from its intended send time, so a stalled server cannot hide its queue (no coordinated omission).
+    FRESH: each request on a connection of its own."""
     before = server_metrics(target.metrics_url)
-    level = run(_level(target, bodies, concurrency, duration, max_requests, rate, samples, timeline))
+    level = run(_level(target, bodies, concurrency, duration, max_requests, rate, samples, timeline, fresh))
     level.server = server_delta(target, before, server_metrics(target.metrics_url))
     return level
 
@@ -115,7 +117,7 @@ def run(coroutine):
         return asyncio.run(coroutine)
 
 
-async def _level(target, bodies, concurrency, duration, max_requests, rate, samples, timeline) -> Level:
+async def _level(target, bodies, concurrency, duration, max_requests, rate, samples, timeline, fresh) -> Level:
     latencies, statuses, tally = [], Counter(), {"correct": 0, "judged": 0}
     answers = [-1] * len(bodies)
     requests = [target.request(p.body, p.content_type) for p in bodies]
@@ -124,7 +126,7 @@ async def _level(target, bodies, concurrency, duration, max_requests, rate, samp
     deadline = t0 + duration
 
     async def client() -> None:
-        conn = Connection(target)
+        conn = Connection(target, fresh=fresh)
         try:
             while (i := next(counter, None)) is not None:
                 intended = t0 + i / rate if rate else None
@@ -195,9 +197,7 @@ class Disruption:
     requests: int
     failed: dict[str, int]  # status -> count, over the whole run
     failed_sent_after_kill: int  # requests that failed although sent after the kill (see failed_after_seen)
-    failed_after_seen: int  # failed although sent after the clients saw the first failure (ideally none): by then
-    # the dead process's sockets are closed; before, new connections the kernel already queued on a dying worker's
-    # own SO_REUSEPORT socket are reset with it (TorchServe's one frontend socket has no such window)
+    failed_after_seen: int  # failed although sent after the clients saw the first failure
     in_flight_at_kill: int  # requests sent before and answered after the kill
     failed_in_flight: int  # of those, the ones that failed: what the dead worker held
     recovery_s: float  # from the kill to the first success of a request sent after it
@@ -213,12 +213,16 @@ def kill_worker_under_load(
     max_requests: int = 4000,
     duration: float = 60,
     kill_at: float = 0.3,
+    fresh: bool = False,
 ) -> tuple[Level, Disruption]:
-    """SIGKILL one worker once `kill_at` of the requests are answered, and measure the outage from the clients."""
+    """SIGKILL one worker once `kill_at` of the requests are answered, and measure the outage from the clients (FRESH:
+    each request on a new connection, as run_level)."""
     timeline: list[tuple[float, float, int]] = []
     result: list[Level] = []
     runner = threading.Thread(
-        target=lambda: result.append(run_level(target, bodies, concurrency, duration, max_requests, timeline=timeline)),
+        target=lambda: result.append(
+            run_level(target, bodies, concurrency, duration, max_requests, timeline=timeline, fresh=fresh)
+        ),
         daemon=True,
     )
     runner.start()

@@ -161,6 +161,7 @@ class Assignment:
     state_file: str
     control: str | None = None
     ready_fd: int = -1
+    http_fd: int = -1  # the REST listening socket the supervisor shares with every worker
 
     def to_json(self) -> str:
         return json.dumps({**self.__dict__, "config": self.config.to_dict()})

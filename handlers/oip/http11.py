@@ -26,6 +26,7 @@ import httptools
 from .config import Limits
 from .deadlines import BODY, HEAD, IDLE, SEND, Deadline
 from .flow_control import FlowControl, Tally
+from .sockets import Acceptor
 
 logger = logging.getLogger(__name__)
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -381,10 +382,7 @@ class Connection(asyncio.Protocol):
         return True
 
 
-async def serve(
-    app: App, error: Error, sock, limits: Limits = Limits(), tally: Tally | None = None
-) -> asyncio.AbstractServer:
-    """Start answering on a bound socket (listening starts here); stop with server.close()."""
-    loop = asyncio.get_running_loop()
+def serve(app: App, error: Error, sock, limits: Limits = Limits(), tally: Tally | None = None) -> Acceptor:
+    """Start answering on a listening socket, shared with other workers or not; stop accepting with .close()."""
     tally = tally or Tally()  # this worker's, shared by its connections
-    return await loop.create_server(lambda: Connection(app, error, limits, tally), sock=sock, backlog=2048)
+    return Acceptor(sock, lambda: Connection(app, error, limits, tally))

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
@@ -22,7 +23,6 @@ from .pipeline import Pipeline
 from .repository import Model, Repository, State
 from .rest import RestApp, error
 from .shm import Regions
-from .sockets import listening_socket
 
 logger = logging.getLogger("torchship.oip")
 STOP_GRACE_S = 10  # a stopping worker answers what it holds for at most half of this, the supervisor waits the rest
@@ -56,10 +56,11 @@ def repository(state: State, load: Callable) -> Repository:
     return repo
 
 
-def serve(repo: Repository, config: Config, load: Callable, announce: Callable[[], object], control: str | None) -> int:
+def serve(repo: Repository, job: Assignment, load: Callable, announce: Callable[[], object]) -> int:
     """REST and gRPC over a loaded, warm repository until SIGTERM, following the supervisor's changes to it (CONTROL:
     its socket); `announce` once both listen."""
-    http = listening_socket(config.host, config.http_port)
+    config, control = job.config, job.control
+    http = socket.socket(fileno=job.http_fd)  # the supervisor's listening socket, shared by every worker
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -72,7 +73,7 @@ def serve(repo: Repository, config: Config, load: Callable, announce: Callable[[
         pipeline = Pipeline(repo, config, Admin(read_token(config.admin_token_file), control), regions)
         grpc = grpc_server(pipeline, config)
         await grpc.start()
-        server = await http11.serve(RestApp(pipeline), error, http, config.limits, http11.Tally(metrics.connections))
+        server = http11.serve(RestApp(pipeline), error, http, config.limits, http11.Tally(metrics.connections))
         if control:
             following = loop.create_task(follow(control, repo, load, regions))
             following.add_done_callback(lambda t: t.cancelled() or t.exception() and stop.set())
@@ -181,7 +182,7 @@ def main(argv: list[str]) -> int:
         logger.error("%s; this worker will not serve", str(e).splitlines()[0][:400] if str(e) else type(e).__name__)
         return 3
     ready = json.dumps({"pid": os.getpid(), "warmup": next(s.warmup for s in repo.served())}) + "\n"
-    return serve(repo, config, load, lambda: os.write(job.ready_fd, ready.encode()), job.control)
+    return serve(repo, job, load, lambda: os.write(job.ready_fd, ready.encode()))
 
 
 if __name__ == "__main__":
