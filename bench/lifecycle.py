@@ -95,14 +95,28 @@ def swap(export_dir: Path, work: Path, data_dir: Path, seconds: float = 10, log=
     }
 
 
+TRACING = {"traces off": None, "traces 10 %": "0.1", "traces 100 %": "1.0"}  # OTEL_TRACES_SAMPLER_ARG
+TRACING_GOALS = {"traces 10 %": 0.9, "traces 100 %": 0.7}  # c=16 throughput against tracing off, at least (issue 36)
+
+
 def tracing_cost(export_dir: Path, work: Path, duration: float = 10, log=print) -> dict:
-    """The OIP server with tracing off (no OTEL_* variable) and on (exporting every span to a local collector),
+    """The OIP server with tracing off (no OTEL_* variable) and on at 10 % and 100 % sampling (a root sampler by
+    ratio), exporting to a local receiver that takes the spans without parsing them (a collector is elsewhere),
     measured like every serving setup."""
     sink = OtlpSink(keep=False)
     try:
         setups = {
-            "traces off": serving.Setup("oip"),
-            "traces on": serving.Setup("oip", env=(("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint),)),
+            name: serving.Setup(
+                "oip",
+                env=()
+                if ratio is None
+                else (
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint),
+                    ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                    ("OTEL_TRACES_SAMPLER_ARG", ratio),
+                ),
+            )
+            for name, ratio in TRACING.items()
         }
         return serving.compare(export_dir, work, setups, duration, rounds=6, log=log)
     finally:
@@ -131,7 +145,7 @@ def table(section: dict) -> list[str]:
         + "; ".join(
             f"{name}: c=1 p50 {serving_level(t[name], 1)['latency_ms']['p50']:.2f} ms, c=16 "
             f"{serving_level(t[name], 16)['throughput']:.0f} req/s"
-            for name in ("traces off", "traces on")
+            for name in TRACING
             if "levels" in t.get(name, {})
         )
     )

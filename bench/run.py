@@ -138,6 +138,12 @@ def targets(r: dict) -> list[dict]:
         sw = r["lifecycle"]["swap"]
         check("swap under 64 clients: p99 during / steady", round(sw["ratio"], 2), "<= 2", sw["ratio"] <= 2)
         check("swap under 64 clients: failed requests", sum(sw["errors"].values()), "0", not sw["errors"])
+        t = r["lifecycle"]["tracing"]
+        off = t.get("traces off", {})
+        for name, goal in lifecycle.TRACING_GOALS.items():
+            if "levels" in off and "levels" in t.get(name, {}):
+                ratio = level(t[name], 16)["throughput"] / level(off, 16)["throughput"]
+                check(f"{name} sampled: c=16 throughput / tracing off", round(ratio, 2), f">= {goal}", ratio >= goal)
     if "workers" in r:
         two = r["workers"]["2 workers"]["disruption"]
         check("2 workers: no answer for at most (s)", round(two["longest_gap_s"], 2), "<= 2", two["longest_gap_s"] <= 2)

@@ -196,7 +196,8 @@ class Disruption:
     killed_pid: int
     requests: int
     failed: dict[str, int]  # status -> count, over the whole run
-    failed_sent_after_kill: int  # requests that failed although sent after the kill (see failed_after_seen)
+    sent_after_kill: int
+    failed_sent_after_kill: int  # requests that failed although sent after the kill
     failed_after_seen: int  # failed although sent after the clients saw the first failure
     in_flight_at_kill: int  # requests sent before and answered after the kill
     failed_in_flight: int  # of those, the ones that failed: what the dead worker held
@@ -241,6 +242,7 @@ def kill_worker_under_load(
         killed_pid=worker_pid,
         requests=len(events),
         failed=dict(failed),
+        sent_after_kill=sum(1 for start, _, _ in events if start >= t_kill),
         failed_sent_after_kill=sum(1 for start, _, status in events if status != 200 and start >= t_kill),
         failed_after_seen=sum(1 for start, _, status in events if status != 200 and start >= seen),
         in_flight_at_kill=sum(1 for start, end, _ in events if start < t_kill <= end),

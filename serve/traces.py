@@ -11,12 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class OtlpSink:
     def __init__(self, port: int = 0, keep: bool = True, on_span=None):
         self.spans: list = []  # opentelemetry.proto.trace.v1.trace_pb2.Span, in arrival order
-        sink, on_span = self, on_span or (lambda span: None)
+        sink, watching, on_span = self, on_span is not None, on_span or (lambda span: None)
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path == "/v1/traces":
+                if self.path == "/v1/traces" and (keep or watching):
                     # lazily: OpenTelemetry is optional (torchship[tracing]), needed once traces arrive
                     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 

@@ -540,26 +540,31 @@ def test_a_grpc_message_over_the_limit_is_resource_exhausted(server):
     assert text(c.infer("mnist", [images_input("grpc", [DIGIT])]).as_numpy("label")) == ["0"]
 
 
-def test_kill_9_of_a_worker_under_load_costs_at_most_its_own_requests(server, convnet_export):
-    before = oip.status(server.state_dir)
-    victim = before["workers"][0]["pid"]
-    level, d = kill_worker_under_load(oip.load_target(server.state_dir), victim, expected(convnet_export), 64, 3000)
-    assert d.requests == 3000 and d.failed_after_seen == 0  # once the worker's sockets are gone, nothing fails
-    # each client loses at most the one request the dead worker held (in flight, or a connection its own listening
-    # socket had queued while it died), and none if it held nothing at that instant: the other worker's share of the
-    # 64 in flight is answered
-    assert sum(d.failed.values()) < d.in_flight_at_kill <= 64
-    after = wait_for(
-        lambda: (
-            (s := oip.status(server.state_dir))
-            and len(s["workers"]) == len(before["workers"])
-            and all(w["ready"] for w in s["workers"])
-            and s
-        ),
-        60,
-        "the worker's replacement",
-    )
-    assert victim not in [w["pid"] for w in after["workers"]] and after["restarts"] == before["restarts"] + 1
+@pytest.mark.parametrize("fresh", [True, False], ids=["a-connection-per-request", "keep-alive"])
+def test_kill_9_of_a_worker_under_load_costs_at_most_its_own_requests(server, convnet_export, fresh):
+    """Five kills, each mid-load: no request sent after the kill fails, on a new connection (queued on the listening
+    socket every worker shares) or on a kept one (the client's one reconnect lands there too); only what the dead
+    worker held in flight may."""
+    bodies = expected(convnet_export, n=200)
+    for _ in range(5 if fresh else 2):
+        before = oip.status(server.state_dir)
+        victim = before["workers"][0]["pid"]
+        target = oip.load_target(server.state_dir)
+        level, d = kill_worker_under_load(target, victim, bodies, 16, 2000, fresh=fresh)
+        assert d.requests == 2000 and d.sent_after_kill > 500 and d.in_flight_at_kill > 0  # killed mid-load
+        assert d.failed_sent_after_kill == 0, d
+        assert sum(d.failed.values()) == d.failed_in_flight <= d.in_flight_at_kill <= 16
+        after = wait_for(
+            lambda n=len(before["workers"]): (
+                (s := oip.status(server.state_dir))
+                and len(s["workers"]) == n
+                and all(w["ready"] for w in s["workers"])
+                and s
+            ),
+            60,
+            "the worker's replacement",
+        )
+        assert victim not in [w["pid"] for w in after["workers"]] and after["restarts"] == before["restarts"] + 1
 
 
 def test_a_public_bind_without_auth_in_front_is_refused(convnet_export, tmp_path):

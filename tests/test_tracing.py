@@ -67,10 +67,59 @@ def test_a_requests_stages_become_child_spans_of_the_clients_trace(convnet_expor
     assert root.start_time <= order[0].start_time and order[-1].end_time <= root.end_time
 
 
+def sampled_ids(sampler: str, arg: str | None, traceparents: list[str | None], monkeypatch) -> tuple[list, list]:
+    """Under SAMPLER (and ARG): the trace ids of the requests sampled when they arrived, and of the roots exported."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    if arg is not None:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", arg)
+    exporter = InMemorySpanExporter()
+    tracing.configure(SimpleSpanProcessor(exporter))
+    try:
+        started = []
+        for header in traceparents:
+            if (trace := tracing.start(header, "rest")) is not None:
+                trace.mark_decoded()
+                trace.finish("m", "1", 200)
+                started.append(trace.trace_id)
+    finally:
+        tracing.ENABLED = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    roots = [s.context.trace_id for s in exporter.get_finished_spans() if s.name == "infer m"]
+    return started, roots
+
+
+def test_the_standard_sampler_variables_decide_when_a_request_arrives(monkeypatch):
+    bound = 1 << 62  # a ratio of 0.25 samples the trace ids whose low 64 bits are below 2**62 (the SDK's rule)
+    low = [(i << 64) | (bound - 1 - i) for i in range(1, 21)]
+    high = [(i << 64) | (bound + i) for i in range(1, 21)]
+    header = lambda trace_id, flags: f"00-{trace_id:032x}-{secrets.token_hex(8)}-{flags}"  # noqa: E731
+    # traceidratio: by the trace id alone, whatever the parent says
+    started, roots = sampled_ids("traceidratio", "0.25", [header(t, "01") for t in low + high], monkeypatch)
+    assert started == roots == low
+    # parent-based: the parent's sampled flag decides; without a parent, the root sampler (here: never)
+    mixed = [header(low[0], "01"), header(low[1], "00"), None, None]
+    assert sampled_ids("parentbased_always_off", None, mixed, monkeypatch) == ([low[0]], [low[0]])
+    assert sampled_ids("parentbased_traceidratio", "0", mixed, monkeypatch) == ([low[0]], [low[0]])
+    assert sampled_ids("always_off", None, mixed, monkeypatch) == ([], [])
+    # the default (parentbased_always_on): every request but those whose parent was not sampled
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER_ARG")
+    started, roots = sampled_ids("parentbased_always_on", None, mixed, monkeypatch)
+    assert len(started) == 3 and started[0] == low[0] and started == roots
+    # a root's own trace id: the span carries the id the request was sampled on, so the SDK, asking the ratio sampler
+    # again, keeps every trace the request's decision kept (with fresh ids it would drop about half of them)
+    started, roots = sampled_ids("traceidratio", "0.5", [None] * 400, monkeypatch)
+    assert 0 < len(started) < 400 and roots == started
+
+
 def test_rest_and_grpc_requests_export_their_traces_over_otlp(convnet_export, tmp_path, monkeypatch):
+    """Under parentbased_always_off: the client's sampled traces continue; a request without one, or whose parent
+    was not sampled, makes no span (sent first: the exporter sends spans in the order they end)."""
     sink = OtlpSink()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint)
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export every 0.1 s instead of 5
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_off")
     cfg = oip.start(
         oip.OIPConfig.on_free_ports(
             str(convnet_export.directory),
@@ -91,6 +140,8 @@ def test_rest_and_grpc_requests_export_their_traces_over_otlp(convnet_export, tm
             inp = module.InferInput("images", [1], "BYTES")
             inp.set_data_from_numpy(np.array([DIGIT], dtype=object))
             client = module.InferenceServerClient(f"127.0.0.1:{port}")
+            client.infer("mnist", [inp])
+            client.infer("mnist", [inp], headers={"traceparent": header[:-2] + "00"})
             client.infer("mnist", [inp], request_id=f"req-{kind}", headers={"traceparent": header})
             sent[kind] = (trace_id, span_id)
         for kind, (trace_id, span_id) in sent.items():
@@ -106,6 +157,7 @@ def test_rest_and_grpc_requests_export_their_traces_over_otlp(convnet_export, tm
             assert forward["torchship.batch_size"].int_value == 1
             line = rf" {kind} \S+ mnist/1 200 \S+ms id=req-{kind}$"  # the same request id in the access log
             wait_for(lambda p=line: re.search(p, access_log(tmp_path), re.M), 30, f"the {kind} request's log line")
+        assert len(sink.spans) == 10  # the sampled requests' spans alone
     finally:
         oip.stop(tmp_path)
         sink.close()

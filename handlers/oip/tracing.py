@@ -6,26 +6,46 @@ the other OTEL_* variables configure it as they do everywhere); then opentelemet
 be installed (`pip install 'torchship[tracing]'`). Off, nothing of OpenTelemetry is imported and a request pays one
 test of a module constant (measured in bench/NOTES.md). Stages are timed as they happen and the spans are made when
 the request ends, so the hot path only reads the clock.
+
+Sampling is decided once, when the request arrives, by the sampler the standard variables name (OTEL_TRACES_SAMPLER,
+OTEL_TRACES_SAMPLER_ARG; parentbased_always_on by default, as the SDK's): a request left out is not timed and makes
+no span at all (bench/NOTES.md, lever 58). The root span then gets the trace id the decision was taken on, so a
+ratio sampler asked again by the SDK decides the same.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
 
 ENABLED = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 SERVICE = "torchship"
-_tracer = None
+_tracer = _sampler = _ids = _propagator = None
 
 
 def configure(processor=None) -> None:
     """The tracer, exporting over OTLP/HTTP (or into PROCESSOR: a test's in-memory exporter). Turns tracing on."""
-    global _tracer, ENABLED
+    global _tracer, _sampler, _ids, _propagator, ENABLED
     # lazily, here and below: OpenTelemetry is optional (torchship[tracing]), imported only when tracing is on
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVICE)}))
+    class DecidedIds(RandomIdGenerator):
+        """A root span's trace id: the one its request was sampled on."""
+
+        decided = 0
+
+        def generate_trace_id(self) -> int:
+            return self.decided or super().generate_trace_id()
+
+    _ids, _propagator = DecidedIds(), TraceContextTextMapPropagator()
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVICE)}), id_generator=_ids
+    )  # its sampler: the one OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG name
+    _sampler = provider.sampler
     if processor is None:
         # lazily: optional, see configure
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -47,23 +67,31 @@ def shutdown() -> None:
 
 
 def start(traceparent, protocol: str) -> Trace | None:
-    """A request's trace, or None when tracing is off (the callers test for None and do nothing more)."""
+    """A request's trace, or None when tracing is off or the sampler leaves it out (the callers test for None and do
+    nothing more)."""
     if not ENABLED:
         return None
     if _tracer is None:
         configure()
-    return Trace(traceparent, protocol)
+    from opentelemetry.trace import get_current_span  # lazily: optional, see configure
+
+    if isinstance(traceparent, bytes):
+        traceparent = traceparent.decode("latin-1")
+    parent = _propagator.extract({"traceparent": traceparent}) if traceparent else None
+    span = get_current_span(parent).get_span_context() if parent is not None else None
+    trace_id = span.trace_id if span is not None and span.is_valid else random.getrandbits(128) or 1
+    if not _sampler.should_sample(parent, trace_id, "infer").decision.is_sampled():
+        return None
+    return Trace(parent, trace_id, protocol)
 
 
 class Trace:
     """One request's stages, timed with the wall clock in nanoseconds, made into spans by finish()."""
 
-    __slots__ = ("traceparent", "protocol", "t0", "decoded", "started", "ran", "batch", "request_id")
+    __slots__ = ("parent", "trace_id", "protocol", "t0", "decoded", "started", "ran", "batch", "request_id")
 
-    def __init__(self, traceparent, protocol: str):
-        if isinstance(traceparent, bytes):
-            traceparent = traceparent.decode("latin-1")
-        self.traceparent, self.protocol, self.t0 = traceparent, protocol, time.time_ns()
+    def __init__(self, parent, trace_id: int, protocol: str):
+        self.parent, self.trace_id, self.protocol, self.t0 = parent, trace_id, protocol, time.time_ns()
         self.decoded = self.started = self.ran = self.batch = 0
         self.request_id = ""
 
@@ -78,15 +106,12 @@ class Trace:
         # lazily: optional, see configure
         from opentelemetry import trace
         from opentelemetry.trace import SpanKind, Status, StatusCode
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        parent = (
-            TraceContextTextMapPropagator().extract({"traceparent": self.traceparent}) if self.traceparent else None
-        )
         end = time.time_ns()
+        _ids.decided = self.trace_id  # a root span: the id it was sampled on (the loop's thread makes every span)
         root = _tracer.start_span(
             f"infer {model}",
-            context=parent,
+            context=self.parent,
             kind=SpanKind.SERVER,
             start_time=self.t0,
             attributes={
@@ -97,6 +122,7 @@ class Trace:
                 "torchship.request_id": self.request_id,
             },
         )
+        _ids.decided = 0
         if status >= 400:
             root.set_status(Status(StatusCode.ERROR, f"status {status}"))
         inside = trace.set_span_in_context(root)
