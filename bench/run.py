@@ -18,13 +18,25 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from bench import ab, inference, lifecycle, peer_setup, serving, text, training, triton_tools
+from bench import ab, heavy, inference, lifecycle, peer_setup, serving, text, training, triton_tools
 from torchship.handlers.formats import FORMAT_BY_NAME
 from torchship.serve.archive import ModelConfig
 from torchship.train.presets import DEFAULT_PRESET
 
 RESULTS = Path(__file__).with_name("results.json")
-PARTS = ("inference", "resnet18", "serving", "triton", "text", "lifecycle", "formats", "workers", "training", "ddp")
+PARTS = (
+    "inference",
+    "resnet18",
+    "serving",
+    "triton",
+    "text",
+    "heavy",
+    "lifecycle",
+    "formats",
+    "workers",
+    "training",
+    "ddp",
+)
 
 
 def machine() -> dict:
@@ -134,6 +146,9 @@ def targets(r: dict) -> list[dict]:
                 check(f"OIP ({sends}) c=1 p50 / best peer ({b['name1']})", round(vs1, 2), "<= 0.3", vs1 <= 0.3)
             agree = min(lv["accuracy"] for lv in s[name]["levels"])
             check(f"OIP ({sends}) agreement with in-process ONNX Runtime", round(agree, 4), "1.0", agree == 1.0)
+    if "heavy" in r:
+        for name, value, goal, ok in heavy.targets(r["heavy"]):
+            check(name, round(value, 2), goal, ok)
     if "lifecycle" in r:
         sw = r["lifecycle"]["swap"]
         check("swap under 64 clients: p99 during / steady", round(sw["ratio"], 2), "<= 2", sw["ratio"] <= 2)
@@ -331,6 +346,8 @@ def table(r: dict) -> str:
         lines += ["", *triton_tools.table(r["triton"])]
     if "text" in r:
         lines += ["", *text.table(r["text"])]
+    if "heavy" in r:
+        lines += ["", *heavy.table(r["heavy"])]
     if "lifecycle" in r:
         lines += ["", *lifecycle.table(r["lifecycle"])]
     if "ab" in r:
@@ -507,6 +524,9 @@ def main() -> None:
         if "text" in parts:
             print("a sentence-embedding model: passes by rows and by tokens, and the tokenizer's share ...", flush=True)
             r["text"] = text.run(Path(tmp) / "text", min(args.duration, 5))
+        if "heavy" in parts:
+            print("real-sized models: ResNet-50 and BERT-base against their in-process ceiling ...", flush=True)
+            r["heavy"] = heavy.run(Path(tmp) / "heavy", args.duration)
         if "lifecycle" in parts:
             print("a version swapped in under 64 clients; tracing off and on ...", flush=True)
             r["lifecycle"] = lifecycle.run(export_dir, Path(tmp) / "lifecycle", data_dir, args.duration)

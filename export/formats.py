@@ -226,10 +226,7 @@ def export_int8(model: torch.nn.Module, card: ModelCard, path: Path, options: Op
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if card.named:
-        raise ExportError(
-            "int8 calibrates one input on images or rows; a model with named inputs has no such set: "
-            "export ts, onnx or pt2"
-        )
+        return export_int8_dynamic(model, card, path, options)
     if card.task != "classify":
         raise ExportError(
             f"int8 is for classifiers (it is judged by top-1 agreement); {card.name} is a {card.task} model"
@@ -258,8 +255,40 @@ def export_int8(model: torch.nn.Module, card: ModelCard, path: Path, options: Op
             nodes_to_exclude=head,
         )
         proto = onnx.load(str(tmp / "int8.onnx"))
+    write_onnx_with_card(proto, card, path, source)
+
+
+def export_int8_dynamic(model: torch.nn.Module, card: ModelCard, path: Path, options: Options) -> None:
+    """A text classifier (named inputs, a tokenizer): ONNX Runtime's dynamic quantization, as its docs advise for
+    transformers: int8 weights per channel, activations quantized per call from their own range, so nothing is
+    calibrated; reduce_range for CPUs without VNNI, as the static path. Judged by top-1 agreement
+    (proof/agreement.py)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # lazily: paid only by an int8 export
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # lazily: as the line above
+
+    if not (card.signature.text and card.signature.text.task == "classify"):
+        raise ExportError(
+            "int8 of a model with named inputs is for text classifiers (--tokenizer --text-task classify: it is judged "
+            "by top-1 agreement); export ts, onnx or pt2"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        float_model = path.with_name(FORMAT_BY_NAME["onnx"].file)
+        if not float_model.is_file():
+            float_model = tmp / "float.onnx"
+            export_onnx(model, card, float_model, options)
+        prepared = tmp / "prepared.onnx"
+        quant_pre_process(str(float_model), str(prepared))
+        quantize_dynamic(
+            str(prepared), str(tmp / "int8.onnx"), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True
+        )
+        proto = onnx.load(str(tmp / "int8.onnx"))
+    write_onnx_with_card(proto, card, path, "dynamic: int8 weights per channel, activations per call (no calibration)")
+
+
+def write_onnx_with_card(proto, card: ModelCard, path: Path, calibration: str) -> None:
     del proto.metadata_props[:]
-    for key, value in ((ONNX_METADATA_KEY, card.to_json(indent=None)), ("torchship_calibration", source)):
+    for key, value in ((ONNX_METADATA_KEY, card.to_json(indent=None)), ("torchship_calibration", calibration)):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "torchship"

@@ -11,7 +11,9 @@ import threading
 from dataclasses import replace
 
 from torchship.handlers.oip import main, supervisor, worker
+from torchship.handlers.oip.config import Assignment
 from torchship.handlers.oip.control import initial_state
+from torchship.handlers.oip.sockets import shared_listener
 
 
 def gated_main(argv: list[str]) -> int:
@@ -33,7 +35,9 @@ def gated_main(argv: list[str]) -> int:
 
         served.batcher.run = gated
         served.batcher.inline = False  # a pass that waits stands for a long one: long passes run on their thread
-    return worker.serve(repo, config, load, lambda: print("ready", flush=True), None)
+    listener = shared_listener(config.host, config.http_port, "REST")  # what the supervisor would hand it
+    job = Assignment(config, state_file="", http_fd=listener.fileno())
+    return worker.serve(repo, job, load, lambda: print("ready", flush=True))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 from torchship.serve import oip, torchserve
 from torchship.serve.shipping import copy_runtime
 
-from helpers import no_torch, torchserve_of
+from helpers import TORCHSHIP, no_torch, torchserve_of
 
 CLIENTS = {"http": thttp, "grpc": tgrpc}
 TEXTS = [
@@ -334,3 +334,70 @@ print(json.dumps({{"label": s["label"].decode(), "p": s["probabilities"].tolist(
         np.testing.assert_allclose(v, reference(eager, "sentences", text)["embedding"], atol=1e-5)
     want = reference(eager, "entities", TEXTS[1])["entities"]
     assert want and [(e["entity"], e["index"], e["start"], e["end"]) for e in out["t"]] == [w[:4] for w in want]
+
+
+def int8_proof(export) -> dict:
+    report = json.loads((export / "equivalence.json").read_text())
+    return next(a for a in report["approximations"] if a["backend"] == "onnx-int8")
+
+
+def test_int8_of_a_text_classifier_is_proven_by_agreement_and_served(text_exports, eager, tmp_path):
+    """ONNX Runtime's dynamic quantization: judged by top-1 agreement with eager float32 on a fixed, drawn set; served
+    by the OIP server as its own backend, answering each text's label as eager does where the label's margin is wider
+    than the largest logit difference the proof saw."""
+    export = text_exports["sentiment"]
+    a = int8_proof(export)
+    assert a["passed"] and a["agreement"] >= 0.99 and a["images"] >= 100 and a["calibration"].startswith("dynamic")
+    cfg = oip.start(
+        oip.OIPConfig.on_free_ports(
+            str(export), "sentiment", str(tmp_path / "state"), backend="onnx-int8", workers=1, max_batch=4, threads=1
+        ),
+        timeout=180,
+    )
+    try:
+        c = client(cfg, "http")
+        assert c.get_model_metadata("sentiment")["platform"] == "onnxruntime_onnx"
+        answer = infer(c, "http", "sentiment", TEXTS)
+        models, tokenizer = eager
+        for text, label in zip(TEXTS, answer.as_numpy("label")):
+            enc = tokenizer(text, truncation=True, max_length=128, return_tensors="pt")
+            with torch.no_grad():
+                logits = models["sentiment"](**enc).logits[0].double().numpy()
+            top2 = np.sort(logits)[-2:]
+            assert top2[1] - top2[0] > 2 * a["max_abs"]  # wide enough that int8's error cannot flip it
+            assert label.decode() == reference(eager, "sentiment", text)["label"]
+    finally:
+        oip.stop(tmp_path / "state")
+
+
+def test_a_corrupted_int8_classifier_fails_its_agreement(text_exports, tmp_path):
+    """The last quantized layer's weights negated (the damage shown first to change answers): verify fails, naming
+    int8."""
+    import shutil
+
+    import onnx
+    import onnxruntime as ort
+
+    from torchship.export.inputs import draw, example_dims
+    from torchship.handlers.card import ModelCard
+
+    copy = tmp_path / "sentiment"
+    shutil.copytree(text_exports["sentiment"], copy)
+    path = copy / "model.int8.onnx"
+    model = onnx.load(str(path))
+    last = [n for n in model.graph.node if n.op_type == "MatMulInteger"][-1]  # the quantized layer nearest the output
+    head = next(i for i in model.graph.initializer if i.name == last.input[1])
+    w = onnx.numpy_helper.to_array(head)
+    head.CopyFrom(onnx.numpy_helper.from_array((-w.astype(np.int16)).clip(-127, 127).astype(np.int8), head.name))
+    sig = ModelCard.load(copy).signature
+    feeds = draw(sig, 32, example_dims(sig), seed=1000)
+
+    def labels(m) -> np.ndarray:
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(["logits"], feeds)[0].argmax(1)
+
+    before = labels(onnx.load(str(path)))
+    assert (labels(model) != before).mean() > 0.1  # the damage changes answers
+    onnx.save(model, str(path))
+    r = subprocess.run([*TORCHSHIP, "verify", str(copy)], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "onnx-int8" in r.stderr + r.stdout and "agreement" in r.stderr + r.stdout, r.stderr

@@ -70,7 +70,7 @@ PAIRS = {{"inputs": [*TOKENS, {{"name": "token_type_ids", "datatype": "INT64", "
          "dims": {{"sequence": [1, 128]}}}}
 """
 TEXT = {  # name -> factory, signature, the text options
-    "sentiment": ("classifier", "CLASSIFY", ["--text-task", "classify"]),
+    "sentiment": ("classifier", "CLASSIFY", ["--text-task", "classify", "--formats", "ts,onnx,int8"]),
     "entities": ("tagger", "TAG", ["--text-task", "tokens"]),
     "sentences": ("encoder", "EMBED", ["--text-task", "embed"]),
     "nli": ("judge", "PAIRS", ["--text-task", "classify", "--text-pairs"]),

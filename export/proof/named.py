@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from torchship.export.inputs import draw, example_dims, lengths
+from torchship.export.proof.agreement import approximate_named
 from torchship.export.proof.checks import BATCH_SIZES, backends, load_for_proof
 from torchship.export.proof.report import Check, Report, eager_reference
 from torchship.export.proof.tolerance import compare, tolerance
@@ -142,7 +143,17 @@ def verify_named(export_dir: Path, atol: float, rtol: float, source, batch_sizes
         "padded": padded,
         "inputs": [{"name": t.name, "datatype": t.datatype, "range": list(t.range) or None} for t in sig.inputs],
     }
-    return Report(str(export_dir), atol, rtol, eager_reference(card.name), inputs, checks, tolerance_note=note)
+    approximations = approximate_named(Path(export_dir), card, model, formats)
+    return Report(
+        str(export_dir),
+        atol,
+        rtol,
+        eager_reference(card.name),
+        inputs,
+        checks,
+        tolerance_note=note,
+        approximations=approximations,
+    )
 
 
 def _step_checks(export_dir: Path, sig: Signature, fns: dict, reference, *, atol: float, rtol: float) -> list[Check]:

@@ -1,0 +1,386 @@
+"""make bench's real-sized models (issue 36): ResNet-50 (3x224x224, torchvision's architecture) and a BERT-base-shaped
+sequence classifier (12 layers, hidden 768, 128 tokens), each with fixed-seed weights, served by the OIP server at
+c=1, 4 and 16 beside the model's ceiling on this machine: the best throughput of in-process ONNX Runtime over batch
+sizes and thread layouts that use every core, and its best batch-1 latency. The settings the server picks by itself
+(handlers/sizing.py) are checked against a small grid of workers x threads x batch run here. BERT is also served as
+int8 (ONNX Runtime's dynamic quantization, proven by top-1 agreement).
+
+python -m bench.run --only heavy [--duration S]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from torchship.handlers import sizing
+from torchship.handlers.card import ModelCard
+from torchship.serve import oip
+from torchship.serve.client import Target
+from torchship.serve.loadtest import Payload, run_level
+
+CONCURRENCY = (1, 4, 16)
+BATCHES = (1, 2, 4, 8)  # the ceiling's batch sizes (a ResNet-50 pass of 8 on one thread takes ~1.5 s here)
+GRID_BATCHES = (1, 8)  # the served grid's largest batches
+SEQUENCE = 128
+RUNS = 3  # the ceiling and the chosen setting's levels, measured this many times: the machine drifts
+MODELS = Path(__file__).with_name("models")  # the two exports, built once (minutes) and kept (git-ignored)
+
+
+def grid_layouts() -> list[tuple[int, int]]:
+    """(workers, intra-op threads a worker) that use every core: one worker with all of them, one worker a core, and
+    two workers with all of them each (oversubscribed while both run, all cores for a lone request)."""
+    n = sizing.cores()
+    return list(dict.fromkeys([(1, n), (n, 1), (2, n)]))
+
+
+def build_resnet(work: Path) -> Path:
+    """`torchship export` of torchvision's ResNet-50 with fixed-seed weights (nothing downloaded), ONNX only."""
+    import torch
+    import torchvision
+
+    out = work / "resnet50"
+    if (out / "equivalence.json").is_file():
+        return out
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), work / "resnet50.pt")
+    # the CLI as a user runs it; ImageNet's normalisation
+    command = [str(Path(sys.executable).with_name("torchship")), "export", "--model", "torchvision.models:resnet50"]
+    command += ["--weights", str(work / "resnet50.pt"), "--input-shape", "3,224,224", "--formats", "onnx"]
+    command += ["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--name", "resnet50", "--out", str(out)]
+    r = subprocess.run(command, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"exporting ResNet-50 failed: {(r.stderr or r.stdout)[-600:]}")
+    return out
+
+
+def build_bert(work: Path) -> Path:
+    """BERT-base's shape (from BertConfig's defaults: 12 layers, hidden 768, 12 heads) as a 3-label sequence classifier
+    with fixed-seed weights and bench/text.py's WordPiece tokenizer, exported ONNX and int8 through the API `torchship
+    export --tokenizer --text-task classify` calls."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from bench.text import VOCAB, build_tokenizer
+    from torchship.export.formats import Options, export_model, stamp
+    from torchship.export.named_model import named_model
+    from torchship.handlers.signature import Signature, Text
+
+    out = work / "bert-base"
+    if (out / "equivalence.json").is_file():
+        return out
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(work / "tokenizer.json")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, num_labels=3, max_position_embeddings=512)
+    (work / "bert.py").write_text(
+        "from transformers import BertConfig, BertForSequenceClassification\n\n\n"
+        f"def classifier():\n    return BertForSequenceClassification(BertConfig(**{config.to_diff_dict()!r}))\n"
+    )
+    torch.save(BertForSequenceClassification(config).state_dict(), work / "bert.pt")
+    token = {"datatype": "INT64", "shape": ["batch", "sequence"], "pad": 0}
+    sig = Signature(
+        inputs=[
+            {"name": "input_ids", **token, "range": [0, VOCAB - 1]},
+            {"name": "attention_mask", **token, "range": [0, 1], "mask": True},
+        ],
+        outputs=[{"name": "logits", "datatype": "FP32", "shape": ["batch", 3]}],
+        dims={"sequence": [1, SEQUENCE]},
+    )
+    model, card = named_model(
+        f"{work / 'bert.py'}:classifier",
+        work / "bert.pt",
+        sig=sig,
+        name="bert",
+        text=Text(task="classify"),
+        tokenizer=tokenizer,
+    )
+    card = stamp(card, work / "bert.pt", version="1")
+    return export_model(model, card, out, ("onnx", "int8"), options=Options(tokenizer=tokenizer)).directory
+
+
+def images(n: int = 64) -> list[Payload]:
+    """224x224 crops of scikit-learn's two bundled photos, as JPEG: real pictures, nothing downloaded."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    rng, out = np.random.default_rng(0), []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        x, y = int(rng.integers(0, photo.width - 224)), int(rng.integers(0, photo.height - 224))
+        buf = io.BytesIO()
+        photo.crop((x, y, x + 224, y + 224)).save(buf, "JPEG", quality=90)
+        out.append(Payload(buf.getvalue(), None, "image/jpeg"))
+    return out
+
+
+def texts(tokenizer_path: Path, n: int = 64, seed: int = 0) -> list[str]:
+    """Texts of at least SEQUENCE tokens, so every request is a full 128-token sequence (the tokenizer truncates)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    words = [w for w in tok.get_vocab() if w.isalpha() and not w.startswith("##") and len(w) > 2]
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words, size=SEQUENCE)) for _ in range(n)]
+
+
+def text_payloads(sample: list[str]) -> list[Payload]:
+    return [
+        Payload(
+            json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [t]}]}).encode(),
+            None,
+            "application/json",
+        )
+        for t in sample
+    ]
+
+
+def model_inputs(export: Path, card: ModelCard, bodies: list[Payload], kind: str) -> list[dict]:
+    """What the model file takes for each body, prepared by the export's own runtime (decode or tokenizer)."""
+    if kind == "image":
+        from torchship.handlers.model.onnx_model import load as load_onnx
+
+        model = load_onnx(str(export / "model.onnx"))
+        return [{card.input_name: model.prepare(p.body)[None]} for p in bodies]
+    from torchship.handlers.model import steps
+
+    step = steps.load(card.signature, export)
+    out = []
+    for p in bodies:
+        text = json.loads(p.body)["inputs"][0]["data"][0]
+        out.append(step.check({"text": ("BYTES", (1,), np.array([text.encode()], dtype=object))}).arrays)
+    return out
+
+
+def stacked(rows: list[dict], batch: int) -> dict:
+    return {k: np.concatenate([r[k] for r in rows[:batch]]) for k in rows[0]}
+
+
+def ceiling(model_file: Path, rows: list[dict], seconds: float) -> dict:
+    """In-process ONNX Runtime (its defaults, intra-op threads set) on every core: S sessions x T threads (S x T =
+    cores, the sessions run at once on threads of their own) at each batch; the best items/s, and the best batch-1
+    latency over thread counts."""
+    import onnxruntime as ort
+
+    cores = sizing.cores()
+
+    def session(threads: int):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+    def timed(s, x, until: float) -> list[float]:
+        s.run(None, x)  # warm
+        times = []
+        while len(times) < 2 or time.perf_counter() < until:
+            t = time.perf_counter()
+            s.run(None, x)
+            times.append(time.perf_counter() - t)
+        return times
+
+    def pass_rate(made: list, x: dict, b: int) -> float:
+        """Items/s of SESSIONS running at once, each on a thread of its own."""
+        results: list[list[float]] = [[] for _ in made]
+        until = time.perf_counter() + seconds
+        workers = [
+            threading.Thread(target=lambda s=s, r=r: r.extend(timed(s, x, until))) for s, r in zip(made, results)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return sum(b / statistics.median(r) for r in results)
+
+    grid = []
+    for sessions, threads in dict.fromkeys([(1, cores), (cores, 1)]):
+        made = [session(threads) for _ in range(sessions)]
+        for b in BATCHES:
+            rate = pass_rate(made, stacked(rows, b), b)
+            grid.append({"sessions": sessions, "threads": threads, "batch": b, "items_per_s": rate})
+    latency = {}
+    for threads in sorted({1, cores}):
+        latency[threads] = (
+            statistics.median(timed(session(threads), stacked(rows, 1), time.perf_counter() + seconds)) * 1000
+        )
+    best = max(grid, key=lambda g: g["items_per_s"])
+    return {"grid": grid, "best": best, "batch1_ms": latency, "best_batch1_ms": min(latency.values())}
+
+
+def serve(export: Path, name: str, state: Path, settings: dict):
+    cfg = oip.OIPConfig.on_free_ports(str(export), name, str(state), **settings)
+    return oip.start(cfg, timeout=600)
+
+
+def target(cfg, name: str, kind: str) -> Target:
+    if kind == "image":
+        return Target("127.0.0.1", cfg.http_port, name, protocol="v2", outputs="label")
+    return Target("127.0.0.1", cfg.http_port, name, protocol="raw", path=f"/v2/models/{name}/infer")
+
+
+def level_dict(lv) -> dict:
+    return {
+        "concurrency": lv.concurrency,
+        "throughput": lv.throughput,
+        "p50_ms": lv.latency_ms["p50"],
+        "p99_ms": lv.latency_ms["p99"],
+        "requests": lv.requests,
+        "errors": lv.errors,
+    }
+
+
+def chosen_settings(export: Path) -> dict:
+    """What the server decides when given nothing (the supervisor's rule in handlers/sizing.py)."""
+    card = ModelCard.load(export)
+    cost = sizing.measure(export, "onnx", card)
+    s = sizing.sized(cost)
+    return {
+        "workers": s.workers,
+        "threads": s.threads,
+        "max_batch": s.max_batch,
+        "max_batch_delay_ms": s.max_batch_delay_ms,
+    }
+
+
+def served_levels(export, name, kind, bodies, state, settings, seconds, levels=CONCURRENCY) -> list[dict]:
+    cfg = serve(export, name, state, settings)
+    try:
+        t = target(cfg, name, kind)
+        run_level(t, bodies, 4, min(seconds, 3), 10**6)  # warm: JIT, caches, the first passes at every batch
+        out = []
+        for c in levels:
+            lv = run_level(t, bodies, c, seconds, 10**6)
+            out.append(level_dict(lv))
+        return out
+    finally:
+        oip.stop(state)
+
+
+def one_model(export: Path, name: str, kind: str, bodies: list[Payload], work: Path, seconds: float, log) -> dict:
+    card = ModelCard.load(export)
+    rows = model_inputs(export, card, bodies, kind)
+    chosen = chosen_settings(export)
+    log(f"  {name}: the server's own choice {chosen}")
+    grid = []
+    for workers, threads in grid_layouts():
+        for batch in GRID_BATCHES:
+            settings = {"workers": workers, "threads": threads, "max_batch": batch, "max_batch_delay_ms": 2}
+            log(f"  {name}: grid {settings} at c=16 ...")
+            lv = served_levels(export, name, kind, bodies, work / "state", settings, seconds, levels=(16,))[0]
+            grid.append({**settings, **lv})
+    runs = []
+    for r in range(RUNS):
+        log(f"  {name}: run {r + 1} of {RUNS}: the ceiling, then the chosen setting at c={CONCURRENCY} ...")
+        top = ceiling(export / "model.onnx", rows, seconds=min(seconds, 4))
+        levels = served_levels(export, name, kind, bodies, work / "state", chosen, seconds)
+        runs.append({"ceiling": top, "levels": levels})
+    return {"model": name, "chosen": chosen, "grid": grid, "runs": runs}
+
+
+def int8_row(export: Path, name: str, bodies: list[Payload], work: Path, seconds: float, chosen: dict, log) -> dict:
+    """BERT's int8 file served as its own export (the same folder, backend int8), against its own ceiling."""
+    card = ModelCard.load(export)
+    rows = model_inputs(export, card, bodies, "text")
+    runs = []
+    for r in range(RUNS):
+        log(f"  {name} int8: run {r + 1} of {RUNS} ...")
+        top = ceiling(export / "model.int8.onnx", rows, seconds=min(seconds, 4))
+        levels = served_levels(
+            export,
+            name,
+            "text",
+            bodies,
+            work / "state-int8",
+            {**chosen, "backend": "onnx-int8"},
+            seconds,
+            levels=(1, 16),
+        )
+        runs.append({"ceiling": top, "levels": levels})
+    proof = json.loads((export / "equivalence.json").read_text())
+    return {"runs": runs, "approximations": proof.get("approximations", [])}
+
+
+def run(work: Path, seconds: float = 10, log=print) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"  ResNet-50 and BERT-base, fixed seeds (built once into {MODELS}) ...")
+    resnet, bert = build_resnet(MODELS), build_bert(MODELS)
+    out = {"machine": {"cores": sizing.cores()}, "seconds": seconds, "runs": RUNS}
+    out["resnet50"] = one_model(resnet, "resnet50", "image", images(), work / "resnet50", seconds, log)
+    bodies = text_payloads(texts(bert / "tokenizer.json"))
+    out["bert-base"] = one_model(bert, "bert", "text", bodies, work / "bert", seconds, log)
+    out["bert-base int8"] = int8_row(bert, "bert", bodies, work / "bert", seconds, out["bert-base"]["chosen"], log)
+    return out
+
+
+def spread(values: list[float], form: str = "{:,.1f}") -> str:
+    return f"{form.format(statistics.median(values))} [{form.format(min(values))}-{form.format(max(values))}]"
+
+
+def targets(section: dict) -> list[tuple[str, float, str, bool]]:
+    """(name, worst value over the runs, goal, met in every run)."""
+    out = []
+    for model in ("resnet50", "bert-base"):
+        m = section.get(model)
+        if not m:
+            continue
+        c16 = [
+            next(x for x in r["levels"] if x["concurrency"] == 16)["throughput"] / r["ceiling"]["best"]["items_per_s"]
+            for r in m["runs"]
+        ]
+        c1 = [
+            next(x for x in r["levels"] if x["concurrency"] == 1)["p50_ms"] / r["ceiling"]["best_batch1_ms"]
+            for r in m["runs"]
+        ]
+        out.append((f"{model}: OIP c=16 / in-process ceiling", min(c16), ">= 0.9", min(c16) >= 0.9))
+        out.append((f"{model}: OIP c=1 p50 / in-process batch-1 latency", max(c1), "<= 1.1", max(c1) <= 1.1))
+        best = max(g["throughput"] for g in m["grid"])
+        chosen = [g for g in m["grid"] if all(g[k] == m["chosen"][k] for k in ("workers", "threads", "max_batch"))]
+        mine = (
+            statistics.median(next(x for x in r["levels"] if x["concurrency"] == 16)["throughput"] for r in m["runs"])
+            if not chosen
+            else chosen[0]["throughput"]
+        )
+        out.append((f"{model}: chosen setting c=16 / best of the grid", mine / best, ">= 0.9", mine / best >= 0.9))
+    return out
+
+
+def table(section: dict) -> list[str]:
+    lines = [f"Real-sized models ({section['runs']} runs, {section['seconds']:.0f} s levels; median [min-max])"]
+    for model in ("resnet50", "bert-base", "bert-base int8"):
+        m = section.get(model)
+        if not m:
+            continue
+        top = [r["ceiling"]["best"]["items_per_s"] for r in m["runs"]]
+        lat = [r["ceiling"]["best_batch1_ms"] for r in m["runs"]]
+        best = m["runs"][0]["ceiling"]["best"]
+        lines.append(
+            f"  {model}: ceiling {spread(top)}/s ({best['sessions']} session(s) x {best['threads']} thread(s), batch "
+            f"{best['batch']}), batch-1 latency {spread(lat, '{:.1f}')} ms"
+        )
+        for c in sorted({x["concurrency"] for r in m["runs"] for x in r["levels"]}):
+            ls = [next(x for x in r["levels"] if x["concurrency"] == c) for r in m["runs"]]
+            lines.append(
+                f"    OIP c={c:<2} {spread([x['throughput'] for x in ls])} req/s, p50 "
+                f"{spread([x['p50_ms'] for x in ls], '{:.1f}')} ms, errors {sum(sum(x['errors'].values()) for x in ls)}"
+            )
+        if "chosen" in m:
+            lines.append(f"    chosen by the server: {m['chosen']}")
+            for g in m["grid"]:
+                lines.append(
+                    f"    grid: {g['workers']} worker(s) x {g['threads']} thread(s), batch {g['max_batch']}: "
+                    f"c=16 {g['throughput']:,.1f} req/s"
+                )
+        for a in m.get("approximations", []):
+            lines.append(f"    int8 proof: {json.dumps(a)[:200]}")
+    for name, value, goal, ok in targets(section):
+        lines.append(f"  {'PASS' if ok else 'FAIL'} {name}: {value:.2f} (goal {goal})")
+    return lines
