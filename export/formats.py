@@ -278,7 +278,9 @@ def export_int8_dynamic(model: torch.nn.Module, card: ModelCard, path: Path, opt
             float_model = tmp / "float.onnx"
             export_onnx(model, card, float_model, options)
         prepared = tmp / "prepared.onnx"
-        quant_pre_process(str(float_model), str(prepared))
+        # the symbolic shape pass fails on torch's dynamo graphs of transformers ("Incomplete symbolic shape
+        # inference"); ONNX's own shape inference and the graph optimisation still run
+        quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
         quantize_dynamic(
             str(prepared), str(tmp / "int8.onnx"), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True
         )

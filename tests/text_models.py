@@ -6,11 +6,13 @@ of texts. Each head's weights are scaled up so that its answers are far from tie
 on)."""
 
 import subprocess
+import sys
 from pathlib import Path
 
-from bench.text import VOCAB, build_tokenizer
+from helpers import ROOT, export_user_model
 
-from helpers import export_user_model
+sys.path.insert(0, str(ROOT))  # bench/ belongs to the repository, not the package (as in test_bench_report.py)
+from bench.text import VOCAB, build_tokenizer  # noqa: E402 - after the line above
 
 MODELS = f"""
 import torch

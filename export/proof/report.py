@@ -121,12 +121,19 @@ def table(report: Report) -> str:
         f"* relative error over elements with |reference| >= atol/rtol = {report.atol / report.rtol:g}, "
         "where rtol decides; nearer zero, atol decides. An element fails only if it exceeds both."
     )
+    lines += approximation_lines(report)
+    return "\n".join(lines)
+
+
+def approximation_lines(report: Report) -> list[str]:
+    """The approximate formats' table, and the verdict line of the whole report."""
+    lines = []
     if report.approximations:
         lines += [
             "",
             f"approximate formats: judged by top-1 agreement >= {MIN_AGREEMENT} with eager float32 and an "
             f"accuracy change >= -{MAX_ACCURACY_DROP} points; element error reported, not judged",
-            f"{'backend':<12} {'images':>6} {'agreement':>9} {'float acc':>9} {'acc':>7} {'change':>7} "
+            f"{'backend':<12} {'inputs':>6} {'agreement':>9} {'float acc':>9} {'acc':>7} {'change':>7} "
             f"{'max abs':>9} {'p99 abs':>9}  result",
         ]
         for a in report.approximations:
@@ -139,7 +146,7 @@ def table(report: Report) -> str:
             lines.append(f"  on {a.inputs}; calibrated on {a.calibration or 'unknown images'}")
     bad = len(report.failures()) + sum(not a.passed for a in report.approximations)
     lines.append("all checks pass" if report.passed else f"{bad} check(s) FAILED")
-    return "\n".join(lines)
+    return lines
 
 
 def named_table(report: Report) -> str:
@@ -173,20 +180,28 @@ def named_table(report: Report) -> str:
             f"{max(c.min_atol for c in cs):>9.2e} {sum(c.failures for c in cs):>6}  "
             f"{'PASS' if ok else 'FAIL'}"
         )
-    lines.append("all checks pass" if report.passed else f"{len(report.failures())} check(s) FAILED")
+    lines += approximation_lines(report)
     return "\n".join(lines)
+
+
+def approximation_failure(report: Report) -> str:
+    a = next(a for a in report.approximations if not a.passed)
+    change = (
+        f", accuracy {a.accuracy_change_points:+.2f} points (needs >= -{MAX_ACCURACY_DROP})"
+        if a.accuracy_change_points is not None
+        else ""
+    )
+    return (
+        f"{a.backend} is too far from the float model: top-1 agreement {a.agreement:.4f} (needs "
+        f"{MIN_AGREEMENT}){change} on {a.inputs}"
+    )
 
 
 def failure_message(report: Report) -> str:
     if report.inputs.get("named"):
         return named_failure(report)
     if not report.failures():
-        a = next(a for a in report.approximations if not a.passed)
-        change = f", accuracy {a.accuracy_change_points:+.2f} points" if a.accuracy_change_points is not None else ""
-        return (
-            f"{a.backend} is too far from the float model: top-1 agreement {a.agreement:.4f} (needs "
-            f"{MIN_AGREEMENT}){change} (needs >= -{MAX_ACCURACY_DROP}) on {a.inputs}"
-        )
+        return approximation_failure(report)
     c = max(report.failures(), key=lambda c: c.max_abs)
     w = c.worst
     what = "shape or dtype differs; " if not (c.shape_ok and c.dtype_ok) else ""
@@ -209,7 +224,7 @@ def write_report(report: Report, export_dir: Path | str) -> Path:
 def named_failure(report: Report) -> str | None:
     """What failed, naming the output, the lengths and the element; None when nothing did."""
     if not report.failures():
-        return None
+        return approximation_failure(report) if not report.passed else None
     c = max(report.failures(), key=lambda c: c.max_abs)
     w = c.worst
     what = "shape or dtype differs; " if not (c.shape_ok and c.dtype_ok) else ""
