@@ -105,7 +105,18 @@ def build_bert(work: Path) -> Path:
         tokenizer=tokenizer,
     )
     card = stamp(card, work / "bert.pt", version="1")
-    return export_model(model, card, out, ("onnx", "int8"), options=Options(tokenizer=tokenizer)).directory
+    export_model(model, card, out, ("onnx", "int8"), options=Options(tokenizer=tokenizer))
+    prove(out)
+    return out
+
+
+def prove(export: Path) -> None:
+    """`torchship verify`, as after any export: int8's agreement is the row's proof."""
+    r = subprocess.run(
+        [str(Path(sys.executable).with_name("torchship")), "verify", str(export)], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"the proof of {export} failed: {(r.stderr or r.stdout)[-600:]}")
 
 
 def images(n: int = 64) -> list[Payload]:
@@ -315,10 +326,17 @@ def run(work: Path, seconds: float = 10, log=print) -> dict:
     resnet, bert = build_resnet(MODELS), build_bert(MODELS)
     out = {"machine": {"cores": sizing.cores()}, "seconds": seconds, "runs": RUNS}
     out["resnet50"] = one_model(resnet, "resnet50", "image", images(), work / "resnet50", seconds, log)
+    save(out)
     bodies = text_payloads(texts(bert / "tokenizer.json"))
     out["bert-base"] = one_model(bert, "bert", "text", bodies, work / "bert", seconds, log)
+    save(out)
     out["bert-base int8"] = int8_row(bert, "bert", bodies, work / "bert", seconds, out["bert-base"]["chosen"], log)
     return out
+
+
+def save(partial: dict) -> None:
+    """What is measured so far, beside the models: half an hour of measuring is not lost to a later failure."""
+    (MODELS / "partial-results.json").write_text(json.dumps(partial, indent=1))
 
 
 def spread(values: list[float], form: str = "{:,.1f}") -> str:
