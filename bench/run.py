@@ -463,6 +463,9 @@ def main() -> None:
     )
     ap.add_argument("--duration", type=float, default=10, help="seconds per load level")
     ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument(
+        "--runs", type=int, default=1, help="measure everything this many times, then print each target's range"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the table of an existing results file and exit")
     ap.add_argument(
@@ -497,61 +500,85 @@ def main() -> None:
         ensure_export(run_dir, export_dir, data_dir)
     elif "ab" in parts:  # the servers run the ONNX model only: no compiler needed
         ensure_export(run_dir, export_dir, data_dir, ("ts", "onnx"))
-    r: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with tempfile.TemporaryDirectory(prefix="torchship-bench-") as tmp:
-        if "inference" in parts:
-            print("in-process inference ...", flush=True)
-            r["inference"] = inference.run(export_dir)
-        if "resnet18" in parts:
-            print("in-process inference, ResNet-18 ...", flush=True)
-            r["resnet18"] = inference.run(resnet18_export(Path(tmp)), batch_sizes=(1, 16), rounds=3, min_seconds=1)
-        if "serving" in parts:
-            print("serving: stock and our TorchServe, our OIP server, the peers, the ceiling ...", flush=True)
-            d = ModelConfig()
-            workers = args.workers or d.minWorkers
-            ours = ModelConfig(
-                minWorkers=workers,
-                maxWorkers=workers,
-                batchSize=args.batch_size or d.batchSize,
-                maxBatchDelay=args.max_batch_delay_ms or d.maxBatchDelay,
-            )
-            r["serving"] = serving.run(export_dir, Path(tmp), args.duration, ours)
-        if "triton" in parts:
-            print("Triton's perf_analyzer against our OIP server and PyTriton ...", flush=True)
-            r["triton"] = triton_tools.run(
-                export_dir, Path(tmp) / "triton", min(args.duration, 5), peers=not args.no_peers
-            )
-        if "text" in parts:
-            print("a sentence-embedding model: passes by rows and by tokens, and the tokenizer's share ...", flush=True)
-            r["text"] = text.run(Path(tmp) / "text", min(args.duration, 5))
-        if "heavy" in parts:
-            print("real-sized models: ResNet-50 and BERT-base against their in-process ceiling ...", flush=True)
-            r["heavy"] = heavy.run(Path(tmp) / "heavy", args.duration)
-        if "lifecycle" in parts:
-            print("a version swapped in under 64 clients; tracing off and on ...", flush=True)
-            r["lifecycle"] = lifecycle.run(export_dir, Path(tmp) / "lifecycle", data_dir, args.duration)
-        if "formats" in parts:
-            inf = r.get("inference") or inference.run(export_dir, rounds=3)
-            fastest = fastest_two(inf)
-            print(f"serving the two fastest formats in-process at batch 1: {', '.join(fastest)} ...", flush=True)
-            setups = {b: serving.Setup("torchserve", b, ModelConfig()) for b in fastest}
-            r["formats"] = serving.compare(export_dir, Path(tmp), setups, args.duration, rounds=6, concurrency=(16,))
-        if "workers" in parts:
-            print("serving: 1 worker vs 2, c=1 in alternating rounds, then a worker killed under load ...", flush=True)
-            r["workers"] = serving.workers(export_dir, Path(tmp), args.duration)
-        if "ab" in parts:
-            print(f"the OIP server at {args.baseline} against the working tree's, side by side ...", flush=True)
-            r["ab"] = ab.run(export_dir, Path(tmp) / "ab", args.baseline, seconds=min(args.duration, 5))
-        if "ddp" in parts:
-            print("training with 1 and 2 processes (torchrun, gloo) ...", flush=True)
-            r["ddp"] = training.processes(data_dir, Path(tmp))
-        if "training" in parts:
-            print("training: ours, then the tutorial loop ...", flush=True)
-            r["training"] = training.run(data_dir, Path(tmp), args.epochs, "cpu")
-    r["targets"] = targets(r)
-    args.out.write_text(json.dumps(r, indent=2))
-    print(table(r))
-    print(f"wrote {args.out}")
+
+    def one_run() -> dict:
+        """Every part asked for, once, on this machine as it is now."""
+        r: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        with tempfile.TemporaryDirectory(prefix="torchship-bench-") as tmp:
+            if "inference" in parts:
+                print("in-process inference ...", flush=True)
+                r["inference"] = inference.run(export_dir)
+            if "resnet18" in parts:
+                print("in-process inference, ResNet-18 ...", flush=True)
+                r["resnet18"] = inference.run(resnet18_export(Path(tmp)), batch_sizes=(1, 16), rounds=3, min_seconds=1)
+            if "serving" in parts:
+                print("serving: stock and our TorchServe, our OIP server, the peers, the ceiling ...", flush=True)
+                d = ModelConfig()
+                workers = args.workers or d.minWorkers
+                ours = ModelConfig(
+                    minWorkers=workers,
+                    maxWorkers=workers,
+                    batchSize=args.batch_size or d.batchSize,
+                    maxBatchDelay=args.max_batch_delay_ms or d.maxBatchDelay,
+                )
+                r["serving"] = serving.run(export_dir, Path(tmp), args.duration, ours)
+            if "triton" in parts:
+                print("Triton's perf_analyzer against our OIP server and PyTriton ...", flush=True)
+                r["triton"] = triton_tools.run(
+                    export_dir, Path(tmp) / "triton", min(args.duration, 5), peers=not args.no_peers
+                )
+            if "text" in parts:
+                print(
+                    "a sentence-embedding model: passes by rows and by tokens, and the tokenizer's share ...",
+                    flush=True,
+                )
+                r["text"] = text.run(Path(tmp) / "text", min(args.duration, 5))
+            if "heavy" in parts:
+                print("real-sized models: ResNet-50 and BERT-base against their in-process ceiling ...", flush=True)
+                r["heavy"] = heavy.run(Path(tmp) / "heavy", args.duration, runs=heavy.RUNS if args.runs == 1 else 1)
+            if "lifecycle" in parts:
+                print("a version swapped in under 64 clients; tracing off and on ...", flush=True)
+                r["lifecycle"] = lifecycle.run(export_dir, Path(tmp) / "lifecycle", data_dir, args.duration)
+            if "formats" in parts:
+                inf = r.get("inference") or inference.run(export_dir, rounds=3)
+                fastest = fastest_two(inf)
+                print(f"serving the two fastest formats in-process at batch 1: {', '.join(fastest)} ...", flush=True)
+                setups = {b: serving.Setup("torchserve", b, ModelConfig()) for b in fastest}
+                r["formats"] = serving.compare(
+                    export_dir, Path(tmp), setups, args.duration, rounds=6, concurrency=(16,)
+                )
+            if "workers" in parts:
+                print(
+                    "serving: 1 worker vs 2, c=1 in alternating rounds, then a worker killed under load ...", flush=True
+                )
+                r["workers"] = serving.workers(export_dir, Path(tmp), args.duration)
+            if "ab" in parts:
+                print(f"the OIP server at {args.baseline} against the working tree's, side by side ...", flush=True)
+                r["ab"] = ab.run(export_dir, Path(tmp) / "ab", args.baseline, seconds=min(args.duration, 5))
+            if "ddp" in parts:
+                print("training with 1 and 2 processes (torchrun, gloo) ...", flush=True)
+                r["ddp"] = training.processes(data_dir, Path(tmp))
+            if "training" in parts:
+                print("training: ours, then the tutorial loop ...", flush=True)
+                r["training"] = training.run(data_dir, Path(tmp), args.epochs, "cpu")
+        r["targets"] = targets(r)
+        return r
+
+    if args.runs == 1:
+        r = one_run()
+        args.out.write_text(json.dumps(r, indent=2))
+        print(table(r))
+        print(f"wrote {args.out}")
+        return
+    runs = []
+    for k in range(1, args.runs + 1):
+        print(f"run {k} of {args.runs} ...", flush=True)
+        runs.append(one_run())
+        path = args.out.with_name(f"{args.out.stem}-{k}{args.out.suffix}")
+        path.write_text(json.dumps(runs[-1], indent=2))
+        print(table(runs[-1]))
+        print(f"wrote {path}")
+    print(range_table(runs))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ from .model import runners
 from .model.named import zeros
 
 BATCH_BUDGET_MS = 50  # a full batch should take about this long, so a queued request waits at most ~2 of them
+# A model this slow at batch 1 on one thread is heavy: the server's own ~1 ms a request is under 5 % of it, and what
+# counts is keeping every core in each pass (bench/NOTES.md, lever 59)
+HEAVY_MS = 20
 MAX_BATCH = 8  # beyond this a 2-core machine gains nothing (bench/NOTES.md, lever 5)
 MAX_QUEUE = 1024
 
@@ -70,6 +73,7 @@ class Sizing:
     max_batch_delay_ms: int  # the longest a batch waits for company that is on its way
     threads: int  # intra-op threads per worker
     timeout_s: int  # a request that waits longer has failed
+    pass_slots: int = 0  # forward passes at once over all workers (oip/slots.py); the workers' count: no limit
 
 
 def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float = 0.5) -> Cost:
@@ -89,11 +93,19 @@ def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float
 
 
 def sized(cost: Cost, workers: int | None = None) -> Sizing:
-    """Batching, delay, timeout and threads from the model's measured cost instead of the digit model's."""
+    """Batching, delay, timeout and threads from the model's measured cost instead of the digit model's. A heavy
+    model: every core in each pass, one pass at a time per that many cores (the workers take turns), batches up to
+    MAX_BATCH (ResNet-50 here: batch 4-8 gives 3-5 % more images a second than 1). Otherwise a thread per worker
+    and batches that take about BATCH_BUDGET_MS."""
     workers = workers or default_workers()
-    batch = int(np.clip(BATCH_BUDGET_MS // max(cost.per_image_batched_ms, 1e-3), 1, MAX_BATCH))
     delay = int(np.clip(round(cost.batch1_ms / 10), 1, 20))  # waiting for company costs at most a tenth of a pass
-    # Threads help a model whose single pass is long; the tiny digit models only pay fork/join for them.
-    threads = max(1, cores() // workers) if cost.batch1_ms > 10 else 1
+    if cost.batch1_ms >= HEAVY_MS:
+        threads, batch = cores(), MAX_BATCH
+        slots = max(1, cores() // threads)
+    else:  # the fast models only pay fork/join for more threads (bench/NOTES.md, lever 25)
+        threads, slots = 1, workers
+        batch = int(np.clip(BATCH_BUDGET_MS // max(cost.per_image_batched_ms, 1e-3), 1, MAX_BATCH))
     timeout = max(30, math.ceil(cost.batch1_ms * batch * 20 / 1000))
-    return Sizing(workers=workers, max_batch=batch, max_batch_delay_ms=delay, threads=threads, timeout_s=timeout)
+    return Sizing(
+        workers=workers, max_batch=batch, max_batch_delay_ms=delay, threads=threads, timeout_s=timeout, pass_slots=slots
+    )

@@ -268,7 +268,7 @@ def test_loadtest_sends_your_own_images_and_scores_labelled_ones(user_exports, s
 
 
 def test_sizing_follows_the_models_measured_cost(user_exports):
-    from torchship.handlers.sizing import Cost, measure, sized
+    from torchship.handlers.sizing import Cost, cores, measure, sized
     from torchship.serve.archive import model_config
 
     work, _ = user_exports
@@ -277,9 +277,13 @@ def test_sizing_follows_the_models_measured_cost(user_exports):
     assert cost.batch8_ms > cost.batch1_ms > 0
     tiny, slow = sized(Cost(0.1, 0.4)), sized(Cost(40.0, 320.0))
     assert tiny.max_batch == 8 and tiny.max_batch_delay_ms == 1 and tiny.threads == 1
-    assert slow.max_batch == 1 and slow.max_batch_delay_ms == 4 and slow.timeout_s >= 30
-    yaml = model_config(slow).yaml()  # TorchServe's spelling of the same rule
-    assert "batchSize: 1" in yaml and "maxBatchDelay: 4" in yaml
+    assert tiny.pass_slots == tiny.workers  # a fast model's passes never wait for another worker's
+    # a heavy one: every core in each pass, the workers taking turns, batches of up to 8 (bench/NOTES.md, lever 59)
+    assert slow.threads == cores() and slow.pass_slots == 1 < slow.workers
+    assert slow.max_batch == 8 and slow.max_batch_delay_ms == 4 and slow.timeout_s >= 30
+    yaml = model_config(slow).yaml()  # TorchServe's spelling of the same rule: its workers split the cores instead
+    assert "batchSize: 8" in yaml and "maxBatchDelay: 4" in yaml
+    assert f"threads: {max(1, cores() // slow.workers)}" in yaml
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,7 @@ class Config:
     # models whose requests pad to a length (text): a pass's longest row times its rows at most this; 0: rows alone
     max_batch_tokens: int = 16384
     threads: int = 0  # intra-op threads per worker
+    pass_slots: int = 0  # forward passes at once over all workers (slots.py)  [0: decided; workers or more: no limit]
     max_queue: int = 0  # queued requests per worker before 503  [0: sizing.queue_size()]
     max_pixels: int = 0  # the largest decoded image  [0: the card's]
     limits: Limits = field(default_factory=Limits)
@@ -89,7 +90,7 @@ class Config:
                 raise ConfigError(f"{name} must be a port number (1-65535), got {getattr(self, name)}")
         if self.http_port == self.grpc_port:
             raise ConfigError(f"http_port and grpc_port are both {self.http_port}: REST and gRPC need one each")
-        for name in ("workers", "max_batch", "threads", "max_queue", "max_pixels", "max_batch_tokens"):
+        for name in ("workers", "max_batch", "threads", "pass_slots", "max_queue", "max_pixels", "max_batch_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (decided at start) or more, got {getattr(self, name)}")
         if self.max_batch_delay_ms < 0 and self.max_batch_delay_ms != -1:
@@ -100,7 +101,7 @@ class Config:
     @property
     def decided(self) -> bool:
         """Nothing is left for the supervisor to measure."""
-        return self.max_batch > 0 and self.max_batch_delay_ms >= 0 and self.threads > 0
+        return self.max_batch > 0 and self.max_batch_delay_ms >= 0 and self.threads > 0 and self.pass_slots > 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -143,12 +144,17 @@ class Config:
         tmp.write_text(json.dumps(self.to_dict(), indent=2))
         tmp.replace(path)
 
+    def turns(self) -> str:
+        if 0 < self.pass_slots < self.workers:
+            return f", {self.pass_slots} forward pass(es) at a time over all workers"
+        return ""
+
     def summary(self) -> str:
         """The settings every worker runs with, in one line (the startup log's)."""
         return (
             f"{self.workers} workers, batches of up to {self.max_batch} rows (max_batch_delay_ms "
-            f"{self.max_batch_delay_ms:g}), {self.threads} thread(s) each, {self.max_queue} requests queued per worker "
-            f"at most, backend {self.backend}"
+            f"{self.max_batch_delay_ms:g}), {self.threads} thread(s) each{self.turns()}, {self.max_queue} requests "
+            f"queued per worker at most, backend {self.backend}"
         )
 
 

@@ -36,6 +36,8 @@ HELP = {
     "max_batch": "rows in one forward pass  [default: measured]",
     "max_batch_delay_ms": "how long a pass waits for company already on its way  [default: measured]",
     "threads": "intra-op threads per worker  [default: measured]",
+    "pass_slots": "forward passes at once over all workers: a heavy model's workers each use every core and take "
+    "turns  [default: measured; the number of workers or more: no limit]",
     "max_queue": "queued requests per worker before 503  [default: sizing.queue_size()]",
     "max_pixels": "largest decoded image  [default: the card's]",
     "admin_token_file": "the token the repository calls need: read from here, or written here when the file does "

@@ -22,6 +22,7 @@ from ..protocol import model_io, v2
 from .batching import Batcher, Stacking
 from .config import Config
 from .metrics import Metrics
+from .slots import NONE, Slots
 
 INLINE_PASS_MS = 5.0  # a warm pass at the largest batch no longer than Python's GIL switch interval: passes run on the
 # loop itself, since handing them to a thread costs more than it overlaps (bench/NOTES.md levers 52, 55)
@@ -83,7 +84,9 @@ class Served:
         await self.batcher.stop()
 
 
-def load(model_dir: str, config: Config, *, name: str | None = None, overrides: dict | None = None) -> Served:
+def load(
+    model_dir: str, config: Config, *, name: str | None = None, overrides: dict | None = None, slots: Slots = NONE
+) -> Served:
     """One export ready to serve, not yet warm; its batcher starts with the worker's event loop (or at start()).
     OVERRIDES (a load's configuration): max_batch_size caps both a request's rows and a pass's; max_batch_delay_ms."""
     overrides = overrides or {}
@@ -100,7 +103,9 @@ def load(model_dir: str, config: Config, *, name: str | None = None, overrides: 
     metrics = Metrics(name, card.version)
 
     def run(x):  # once per forward pass: the model, then what all its requests' answers share
-        return batch_outputs(card, runner.run(x))
+        with slots.taken():
+            out = runner.run(x)
+        return batch_outputs(card, out)
 
     batcher = Batcher(
         run,

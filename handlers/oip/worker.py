@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from . import http11, metrics, served, tracing
 from .admin import Admin, read_token
@@ -23,17 +24,18 @@ from .pipeline import Pipeline
 from .repository import Model, Repository, State
 from .rest import RestApp, error
 from .shm import Regions
+from .slots import NONE, Slots
 
 logger = logging.getLogger("torchship.oip")
 STOP_GRACE_S = 10  # a stopping worker answers what it holds for at most half of this, the supervisor waits the rest
 
 
-def loader(config: Config) -> Callable:
+def loader(config: Config, slots: Slots = NONE) -> Callable:
     """(name, export directory, the model's overrides) -> the version loaded and warm at the largest batch, or the
-    error that stops it."""
+    error that stops it. SLOTS: the server's forward passes at once, which every model's passes take."""
 
     def load(name: str, directory: str, overrides: dict | None = None) -> served.Served:
-        version = served.load(directory, config, name=name, overrides=overrides or {})
+        version = served.load(directory, config, name=name, overrides=overrides or {}, slots=slots)
         try:
             served.warm_up(version)
         except Exception as e:  # a model that cannot run a full batch must never take traffic
@@ -175,7 +177,9 @@ def main(argv: list[str]) -> int:
     config = job.config
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT, stream=sys.stdout)
     logging.getLogger("torchship.access").setLevel(logging.INFO if config.access_log else logging.WARNING)
-    load = loader(config)
+    limited = 0 < config.pass_slots < config.workers  # else every worker always finds a slot: no lock at all
+    slots = Slots(Path(job.state_file).with_name("pass-slot"), config.pass_slots) if limited else NONE
+    load = loader(config, slots)
     try:
         repo = repository(State.load(job.state_file), load)
     except Exception as e:

@@ -1,0 +1,86 @@
+"""The server's pass slots (handlers/oip/slots.py): processes that share one slot never run a pass at the same time,
+and a process killed while it holds the slot does not keep it."""
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+
+from torchship.handlers import sizing
+from torchship.handlers.oip.config import Config
+from torchship.handlers.oip.slots import NONE, Slots
+from torchship.handlers.oip.supervisor import complete
+
+HOLDER = """
+import sys, time
+from torchship.handlers.oip.slots import Slots
+slots = Slots(sys.argv[1], 1)
+spans = []
+for _ in range(int(sys.argv[2])):
+    with slots.taken():
+        start = time.monotonic_ns()
+        sum(range(20000))  # a pass's worth of work inside the slot
+        spans.append((start, time.monotonic_ns()))
+    if sys.argv[3] == "hold":
+        print("holding", flush=True)
+        held = slots.taken()
+        held.__enter__()
+        time.sleep(600)
+print(" ".join(f"{a},{b}" for a, b in spans))
+"""
+
+
+def holders(prefix, n: int, passes: int) -> list[list[tuple[int, int]]]:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(prefix), str(passes), "go"], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(n)
+    ]
+    out = []
+    for p in procs:
+        line = p.communicate(timeout=120)[0].split()
+        out.append([tuple(map(int, s.split(","))) for s in line])
+    return out
+
+
+def test_processes_sharing_one_slot_never_run_a_pass_at_once(tmp_path):
+    spans = sorted(s for proc in holders(tmp_path / "slot", 3, 200) for s in proc)
+    assert len(spans) == 600
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))  # one after the other
+
+
+def test_a_killed_holder_frees_its_slot(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "slot"), "1", "hold"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        slots = Slots(tmp_path / "slot", 1)
+        try:  # shown first: the slot is taken while the holder lives
+            fcntl.flock(slots.fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            raise AssertionError("the slot was free while its holder lived")
+        except BlockingIOError:
+            pass
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(30)
+        with slots.taken():  # blocks forever if the kernel had not freed it
+            pass
+        slots.close()
+    finally:
+        holder.kill()
+
+
+def test_no_slots_never_wait():
+    with NONE.taken(), NONE.taken():  # nested: no lock at all
+        pass
+
+
+def test_the_supervisor_makes_oversubscribed_workers_take_turns():
+    given = Config(("unused",), workers=2, max_batch=8, max_batch_delay_ms=2, threads=sizing.cores(), max_queue=8)
+    done = complete(given, state=None)
+    assert done.pass_slots == max(1, sizing.cores() // sizing.cores()) == 1 < done.workers
+    one_thread = complete(replace(given, threads=1, workers=sizing.cores()), state=None)
+    assert one_thread.pass_slots == one_thread.workers  # cores enough for every worker's pass: no turns
