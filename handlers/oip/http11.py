@@ -26,7 +26,7 @@ import httptools
 from .config import Limits
 from .deadlines import BODY, HEAD, IDLE, SEND, Deadline
 from .flow_control import FlowControl, Tally
-from .sockets import Acceptor
+from .sockets import Acceptor, Shares
 
 logger = logging.getLogger(__name__)
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -382,7 +382,10 @@ class Connection(asyncio.Protocol):
         return True
 
 
-def serve(app: App, error: Error, sock, limits: Limits = Limits(), tally: Tally | None = None) -> Acceptor:
-    """Start answering on a listening socket, shared with other workers or not; stop accepting with .close()."""
+def serve(
+    app: App, error: Error, sock, limits: Limits = Limits(), tally: Tally | None = None, shares: Shares | None = None
+) -> Acceptor:
+    """Start answering on a listening socket, shared with other workers (SHARES: their connection counts) or not;
+    stop accepting with .close()."""
     tally = tally or Tally()  # this worker's, shared by its connections
-    return Acceptor(sock, lambda: Connection(app, error, limits, tally))
+    return Acceptor(sock, lambda: Connection(app, error, limits, tally), shares, lambda: tally.open)

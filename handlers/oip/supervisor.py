@@ -24,7 +24,7 @@ from .admin import write_token
 from .config import Assignment, Config
 from .control import ControlPlane, initial_state
 from .repository import RepositoryError, State, exports_below
-from .sockets import hold_port, shared_listener
+from .sockets import GONE, SHARES, Shares, hold_port, shared_listener
 
 logger = logging.getLogger("torchship.oip")
 GIVE_UP_AFTER = 3  # a worker that dies this many times in a row before it is ready will not come up: stop
@@ -76,6 +76,7 @@ def complete(config: Config, state: State) -> Config:
 class Worker:
     proc: subprocess.Popen
     ready_pipe: int
+    index: int  # its place in the connection counts, taken over by its replacement
     started: float = field(default_factory=time.time)
     ready: bool = False
     warmup: dict = field(default_factory=dict)
@@ -86,6 +87,7 @@ class Supervisor:
         self.config, self.workers, self.stopping, self.restarts, self.failures = config, [], False, 0, 0
         # the ports first: a taken one fails before a second is spent measuring
         self.http = shared_listener(config.host, config.http_port, "REST")
+        self.shares: Shares | None = None  # each worker's REST connections, once the worker count is decided
         self.grpc_guard = hold_port(config.host, config.grpc_port, "gRPC")
         self.work_dir = tempfile.mkdtemp(prefix="torchship-oip-")  # metrics, the saved state, the control socket
         self.state_file = str(Path(self.work_dir) / "repository.json")
@@ -119,15 +121,15 @@ class Supervisor:
         )
         return state
 
-    def spawn(self) -> Worker:
+    def spawn(self, index: int) -> Worker:
         read, write = os.pipe()
-        job = Assignment(self.config, self.state_file, self.control_path, write, self.http.fileno())
+        job = Assignment(self.config, self.state_file, self.control_path, write, self.http.fileno(), index)
         argv = [sys.executable, "-m", f"{__package__}.worker", job.to_json()]
         env = {**os.environ, metrics.MULTIPROCESS_ENV: self.work_dir}
         proc = subprocess.Popen(argv, pass_fds=(write, self.http.fileno()), env=env, stdin=subprocess.DEVNULL)
         os.close(write)
         os.set_blocking(read, False)
-        w = Worker(proc, read)
+        w = Worker(proc, read, index)
         self.selector.register(read, selectors.EVENT_READ, w)
         self.workers.append(w)
         return w
@@ -136,6 +138,8 @@ class Supervisor:
         self.selector.unregister(w.ready_pipe)
         os.close(w.ready_pipe)
         self.workers.remove(w)
+        if self.shares is not None:
+            self.shares.set(GONE, w.index)  # until its replacement counts its own
         metrics.forget(w.proc.pid, self.work_dir)
         if self.control:
             self.control.forget(w.proc.pid)
@@ -177,8 +181,10 @@ class Supervisor:
         logger.info("serving %s from %s: %s", models, ", ".join(config.model_dirs), config.summary())
         logger.info("configuration: %s", config.to_json())
         logger.info("the repository calls' admin token is in %s", config.admin_token_file)
-        for _ in range(config.workers):
-            self.spawn()
+        self.shares = Shares(Path(self.work_dir) / SHARES, config.workers)
+        for i in range(config.workers):
+            self.shares.set(GONE, i)  # until the worker counts its own: none defers to one not yet serving
+            self.spawn(i)
         self.write_status()
         announced = False
         while not self.stopping:
@@ -216,7 +222,7 @@ class Supervisor:
                     return 3
                 self.restarts += 1
                 logger.warning("worker %d exited with %s: starting another", w.proc.pid, code)
-                self.spawn()
+                self.spawn(w.index)
                 self.write_status()
         return 0
 

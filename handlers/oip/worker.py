@@ -25,6 +25,7 @@ from .repository import Model, Repository, State
 from .rest import RestApp, error
 from .shm import Regions
 from .slots import NONE, Slots
+from .sockets import SHARES, Shares
 
 logger = logging.getLogger("torchship.oip")
 STOP_GRACE_S = 10  # a stopping worker answers what it holds for at most half of this, the supervisor waits the rest
@@ -75,7 +76,14 @@ def serve(repo: Repository, job: Assignment, load: Callable, announce: Callable[
         pipeline = Pipeline(repo, config, Admin(read_token(config.admin_token_file), control), regions)
         grpc = grpc_server(pipeline, config)
         await grpc.start()
-        server = http11.serve(RestApp(pipeline), error, http, config.limits, http11.Tally(metrics.connections))
+        shares = Shares(Path(job.state_file).with_name(SHARES), config.workers, job.index) if job.state_file else None
+
+        def counted(open_: int, paused: int) -> None:
+            metrics.connections(open_, paused)
+            if shares is not None:
+                shares.set(open_)
+
+        server = http11.serve(RestApp(pipeline), error, http, config.limits, http11.Tally(counted), shares)
         if control:
             following = loop.create_task(follow(control, repo, load, regions))
             following.add_done_callback(lambda t: t.cancelled() or t.exception() and stop.set())
