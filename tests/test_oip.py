@@ -540,6 +540,31 @@ def test_a_grpc_message_over_the_limit_is_resource_exhausted(server):
     assert text(c.infer("mnist", [images_input("grpc", [DIGIT])]).as_numpy("label")) == ["0"]
 
 
+def test_a_burst_of_keep_alive_clients_is_spread_over_the_workers(server):
+    """16 connections opened at once on the one listening socket the workers share: each worker holds some (before
+    the counts were shared, the first worker awake took all 16 in most tries)."""
+    pids = [w["pid"] for w in oip.status(server.state_dir)["workers"]]
+    assert len(pids) == 2
+    clients = [socket.create_connection(("127.0.0.1", server.http_port), timeout=30) for _ in range(16)]
+    try:
+        for c in clients:  # each one answered, so each is accepted by some worker
+            c.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        for c in clients:
+            assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        held = [
+            sum(
+                1
+                for k in psutil.Process(pid).connections(kind="tcp")
+                if k.laddr.port == server.http_port and k.status == psutil.CONN_ESTABLISHED
+            )
+            for pid in pids
+        ]
+        assert sum(held) == 16 and min(held) >= 4, held
+    finally:
+        for c in clients:
+            c.close()
+
+
 @pytest.mark.parametrize("fresh", [True, False], ids=["a-connection-per-request", "keep-alive"])
 def test_kill_9_of_a_worker_under_load_costs_at_most_its_own_requests(server, convnet_export, fresh):
     """Five kills, each mid-load: no request sent after the kill fails, on a new connection (queued on the listening
