@@ -302,6 +302,20 @@ def one_model(
     return {"model": name, "chosen": chosen, "grid": grid, "runs": measured}
 
 
+def with_peers(export: Path, work: Path, seconds: float, log) -> dict:
+    """ResNet-50 served by the OIP server (its own choice of settings) and by each peer as bench/peer_setup.py sets it
+    up for the digit model (2 workers, one ONNX Runtime thread each, batches up to 8), on the same JPEGs, each answer
+    checked against in-process ONNX Runtime; measured as `make bench`'s serving rows are, with shorter rounds."""
+    from bench import peer_setup, serving
+    from torchship.handlers.model.onnx_model import load as load_onnx
+
+    bodies = images()
+    labels = [r["label"] for r in load_onnx(str(export / "model.onnx")).predict([p.body for p in bodies])]
+    bodies = [Payload(p.body, label, p.content_type) for p, label in zip(bodies, labels)]
+    setups = {"oip": serving.Setup("oip"), **{name: serving.Setup("peer", peer=name) for name in peer_setup.PEERS}}
+    return serving.compare(export, work, setups, seconds, rounds=2, bodies=bodies, warmup=48, log=log)
+
+
 def int8_row(
     export: Path, name: str, bodies: list[Payload], work: Path, seconds: float, chosen: dict, log, runs: int
 ) -> dict:
@@ -327,13 +341,16 @@ def int8_row(
     return {"runs": measured, "approximations": proof.get("approximations", [])}
 
 
-def run(work: Path, seconds: float = 10, log=print, runs: int = RUNS) -> dict:
+def run(work: Path, seconds: float = 10, log=print, runs: int = RUNS, peers: bool = True) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     log(f"  ResNet-50 and BERT-base, fixed seeds (built once into {MODELS}) ...")
     resnet, bert = build_resnet(MODELS), build_bert(MODELS)
     out = {"machine": {"cores": sizing.cores()}, "seconds": seconds, "runs": runs}
     out["resnet50"] = one_model(resnet, "resnet50", "image", images(), work / "resnet50", seconds, log, runs)
     save(out)
+    if peers:
+        out["resnet50 peers"] = with_peers(resnet, work / "peers", seconds, log)
+        save(out)
     bodies = text_payloads(texts(bert / "tokenizer.json"))
     out["bert-base"] = one_model(bert, "bert", "text", bodies, work / "bert", seconds, log, runs)
     save(out)
@@ -378,6 +395,13 @@ def targets(section: dict) -> list[tuple[str, float, str, bool]]:
             else chosen[0]["throughput"]
         )
         out.append((f"{model}: chosen setting c=16 / best of the grid", mine / best, ">= 0.9", mine / best >= 0.9))
+    p = section.get("resnet50 peers", {})
+    ran = {k: v for k, v in p.items() if isinstance(v, dict) and "levels" in v}
+    if "oip" in ran and len(ran) > 1:
+        c16 = {k: next(lv for lv in v["levels"] if lv["concurrency"] == 16)["throughput"] for k, v in ran.items()}
+        best = max((k for k in c16 if k != "oip"), key=c16.get)
+        ratio = c16["oip"] / c16[best]
+        out.append((f"resnet50: OIP c=16 / best peer ({best})", ratio, ">= 1", ratio >= 1))
     return out
 
 
@@ -410,6 +434,22 @@ def table(section: dict) -> list[str]:
                 )
         for a in m.get("approximations", []):
             lines.append(f"    int8 proof: {json.dumps(a)[:200]}")
+    p = section.get("resnet50 peers")
+    if p:
+        lines.append("  resnet50 served (c=1 p50 ms; c=4, c=16 req/s; agreement with in-process ONNX Runtime):")
+        for name, s in p.items():
+            if not isinstance(s, dict) or "kind" not in s:
+                continue
+            if "levels" not in s:
+                lines.append(f"    {name:<10} could not run: {s.get('error', '?')[:100]}")
+                continue
+            by_c = {lv["concurrency"]: lv for lv in s["levels"]}
+            errors = sum(sum(lv["errors"].values()) for lv in s["levels"])
+            lines.append(
+                f"    {name:<10} c=1 {by_c[1]['latency_ms']['p50']:7.1f} ms  c=4 {by_c[4]['throughput']:6.1f}  c=16 "
+                f"{by_c[16]['throughput']:6.1f}  agreement {min(lv['accuracy'] for lv in s['levels']):.3f}  "
+                f"errors {errors}"
+            )
     for name, value, goal, ok in targets(section):
         lines.append(f"  {'PASS' if ok else 'FAIL'} {name}: {value:.2f} (goal {goal})")
     return lines

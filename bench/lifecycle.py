@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ import numpy as np
 from bench import serving
 from torchship.serve import oip
 from torchship.serve.loadtest import run_level
-from torchship.serve.traces import OtlpSink
+from torchship.serve.process import free_ports
 
 CLIENTS = 64
 
@@ -95,6 +97,10 @@ def swap(export_dir: Path, work: Path, data_dir: Path, seconds: float = 10, log=
     }
 
 
+SINK = (  # a receiver that takes the spans without parsing them, in a process of its own
+    "import sys, time; from torchship.serve.traces import OtlpSink; OtlpSink(int(sys.argv[1]), keep=False); "
+    "time.sleep(1e9)"
+)
 TRACING = {"traces off": None, "traces 10 %": "0.1", "traces 100 %": "1.0"}  # OTEL_TRACES_SAMPLER_ARG
 TRACING_GOALS = {"traces 10 %": 0.9, "traces 100 %": 0.7}  # c=16 throughput against tracing off, at least (issue 36)
 
@@ -102,8 +108,11 @@ TRACING_GOALS = {"traces 10 %": 0.9, "traces 100 %": 0.7}  # c=16 throughput aga
 def tracing_cost(export_dir: Path, work: Path, duration: float = 10, log=print) -> dict:
     """The OIP server with tracing off (no OTEL_* variable) and on at 10 % and 100 % sampling (a root sampler by
     ratio), exporting to a local receiver that takes the spans without parsing them (a collector is elsewhere),
-    measured like every serving setup."""
-    sink = OtlpSink(keep=False)
+    measured like every serving setup. The receiver is a process of its own: in the load client's, its threads took
+    the client's GIL and the client's slowdown read as the server's."""
+    (port,) = free_ports(1)
+    sink = subprocess.Popen([sys.executable, "-c", SINK, str(port)], stdin=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
     try:
         setups = {
             name: serving.Setup(
@@ -111,7 +120,7 @@ def tracing_cost(export_dir: Path, work: Path, duration: float = 10, log=print) 
                 env=()
                 if ratio is None
                 else (
-                    ("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint),
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
                     ("OTEL_TRACES_SAMPLER", "traceidratio"),
                     ("OTEL_TRACES_SAMPLER_ARG", ratio),
                 ),
@@ -120,7 +129,8 @@ def tracing_cost(export_dir: Path, work: Path, duration: float = 10, log=print) 
         }
         return serving.compare(export_dir, work, setups, duration, rounds=6, log=log)
     finally:
-        sink.close()
+        sink.terminate()
+        sink.wait(30)
 
 
 def run(export_dir: Path, work: Path, data_dir: Path, duration: float = 10, log=print) -> dict:

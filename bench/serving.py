@@ -241,13 +241,15 @@ def compare(
     concurrency=(4, 16),
     after=None,
     log=print,
+    bodies: list[Payload] | None = None,
+    warmup: int = WARMUP,
 ) -> dict:
     """Every setup started, then measured one at a time (the rest paused): c=1 in alternating rounds, then the
     loaded levels in alternating rounds too, since this machine's speed drifts by tens of percent within minutes.
 
     A setup that cannot start is a result that says why. `after(name, target, state_dir)` runs on each setup while
-    its server is still up (the worker-kill test)."""
-    bodies = agreed(export_dir)
+    its server is still up (the worker-kill test). BODIES: labelled requests (default: the held-out digits)."""
+    bodies = bodies or agreed(export_dir)
     levels: dict[str, list[Level]] = {}
     info, failed, extra = {}, {}, {}
     with ExitStack() as stack:
@@ -274,7 +276,7 @@ def compare(
 
         for name in names:
             info[name]["idle_cpu_percent"] = alone(name, procs[name].idle_cpu)
-            alone(name, lambda n=name: run_level(targets[n], bodies, 4, 60, WARMUP))
+            alone(name, lambda n=name: run_level(targets[n], bodies, 4, 60, warmup))
         rounds_c1: dict[str, list[Level]] = {name: [] for name in names}
         samples: dict[str, list[float]] = {name: [] for name in names}
         log(f"  c=1 in {rounds} alternating rounds of {duration / 2:g} s ...")

@@ -9,8 +9,7 @@ the request ends, so the hot path only reads the clock.
 
 Sampling is decided once, when the request arrives, by the sampler the standard variables name (OTEL_TRACES_SAMPLER,
 OTEL_TRACES_SAMPLER_ARG; parentbased_always_on by default, as the SDK's): a request left out is not timed and makes
-no span at all (bench/NOTES.md, lever 58). The root span then gets the trace id the decision was taken on, so a
-ratio sampler asked again by the SDK decides the same.
+no span at all (bench/NOTES.md, lever 58); the spans of one it keeps carry the trace id the decision was taken on.
 """
 
 from __future__ import annotations
@@ -21,49 +20,58 @@ import time
 
 ENABLED = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 SERVICE = "torchship"
-_tracer = _sampler = _ids = _propagator = None
+_provider = _processor = _sampler = _propagator = _made = None  # configure() sets them
 
 
 def configure(processor=None) -> None:
-    """The tracer, exporting over OTLP/HTTP (or into PROCESSOR: a test's in-memory exporter). Turns tracing on."""
-    global _tracer, _sampler, _ids, _propagator, ENABLED
+    """The provider, exporting over OTLP/HTTP (or into PROCESSOR: a test's in-memory exporter). Turns tracing on."""
+    global _provider, _processor, _sampler, _propagator, _made, ENABLED
     # lazily, here and below: OpenTelemetry is optional (torchship[tracing]), imported only when tracing is on
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    class DecidedIds(RandomIdGenerator):
-        """A root span's trace id: the one its request was sampled on."""
-
-        decided = 0
-
-        def generate_trace_id(self) -> int:
-            return self.decided or super().generate_trace_id()
-
-    _ids, _propagator = DecidedIds(), TraceContextTextMapPropagator()
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVICE)}), id_generator=_ids
-    )  # its sampler: the one OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG name
-    _sampler = provider.sampler
+    _propagator = TraceContextTextMapPropagator()
+    _provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVICE)}))
+    _sampler = _provider.sampler  # the one OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG name
     if processor is None:
         # lazily: optional, see configure
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         processor = BatchSpanProcessor(OTLPSpanExporter())
-    provider.add_span_processor(processor)
-    _tracer = provider.get_tracer("torchship.handlers")
+    _provider.add_span_processor(processor)
+    _processor = processor
+    scope, resource, sampled = InstrumentationScope("torchship.handlers"), _provider.resource, TraceFlags(1)
+    error, unset = StatusCode.ERROR, Status()
+
+    def made(name, trace_id, span_id, parent, start, end, attributes, kind=SpanKind.INTERNAL, failed=""):
+        """A finished span, built whole: the SDK's start_span/end would re-sample, lock and validate each of a
+        request's five spans again (bench/NOTES.md, lever 58)."""
+        state = parent.trace_state if parent is not None else None
+        return ReadableSpan(
+            name,
+            SpanContext(trace_id, span_id, is_remote=False, trace_flags=sampled, trace_state=state),
+            parent,
+            resource,
+            attributes,
+            kind=kind,
+            status=Status(error, failed) if failed else unset,
+            start_time=start,
+            end_time=end,
+            instrumentation_scope=scope,
+        )
+
+    _made = (made, SpanKind.SERVER)
     ENABLED = True
 
 
 def shutdown() -> None:
     """Send what is still buffered (a worker stopping)."""
-    if _tracer is not None:
-        from opentelemetry import trace  # lazily: optional, see configure
-
-        provider = getattr(_tracer, "_tracer_provider", None) or trace.get_tracer_provider()
-        getattr(provider, "shutdown", lambda: None)()
+    if _provider is not None:
+        _provider.shutdown()
 
 
 def start(traceparent, protocol: str) -> Trace | None:
@@ -71,16 +79,17 @@ def start(traceparent, protocol: str) -> Trace | None:
     nothing more)."""
     if not ENABLED:
         return None
-    if _tracer is None:
+    if _provider is None:
         configure()
     from opentelemetry.trace import get_current_span  # lazily: optional, see configure
 
     if isinstance(traceparent, bytes):
         traceparent = traceparent.decode("latin-1")
-    parent = _propagator.extract({"traceparent": traceparent}) if traceparent else None
-    span = get_current_span(parent).get_span_context() if parent is not None else None
-    trace_id = span.trace_id if span is not None and span.is_valid else random.getrandbits(128) or 1
-    if not _sampler.should_sample(parent, trace_id, "infer").decision.is_sampled():
+    context = _propagator.extract({"traceparent": traceparent}) if traceparent else None
+    parent = get_current_span(context).get_span_context() if context is not None else None
+    parent = parent if parent is not None and parent.is_valid else None
+    trace_id = parent.trace_id if parent is not None else random.getrandbits(128) or 1
+    if not _sampler.should_sample(context, trace_id, "infer").decision.is_sampled():
         return None
     return Trace(parent, trace_id, protocol)
 
@@ -103,29 +112,19 @@ class Trace:
         self.started, self.ran, self.batch = started_ns, ended_ns, rows
 
     def finish(self, model: str, version: str, status: int) -> None:
-        # lazily: optional, see configure
-        from opentelemetry import trace
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-
-        end = time.time_ns()
-        _ids.decided = self.trace_id  # a root span: the id it was sampled on (the loop's thread makes every span)
-        root = _tracer.start_span(
-            f"infer {model}",
-            context=self.parent,
-            kind=SpanKind.SERVER,
-            start_time=self.t0,
-            attributes={
-                "torchship.model": model,
-                "torchship.version": version,
-                "torchship.protocol": self.protocol,
-                "torchship.status": status,
-                "torchship.request_id": self.request_id,
-            },
-        )
-        _ids.decided = 0
-        if status >= 400:
-            root.set_status(Status(StatusCode.ERROR, f"status {status}"))
-        inside = trace.set_span_in_context(root)
+        made, server = _made
+        end, trace_id = time.time_ns(), self.trace_id
+        root_id = random.getrandbits(64) or 1
+        attributes = {
+            "torchship.model": model,
+            "torchship.version": version,
+            "torchship.protocol": self.protocol,
+            "torchship.status": status,
+            "torchship.request_id": self.request_id,
+        }
+        failed = f"status {status}" if status >= 400 else ""
+        root = made(f"infer {model}", trace_id, root_id, self.parent, self.t0, end, attributes, server, failed)
+        inside = root.context
         stages = [("decode", self.t0, self.decoded or end, {})]
         if self.ran:
             stages += [
@@ -133,7 +132,7 @@ class Trace:
                 ("forward", self.started, self.ran, {"torchship.batch_size": self.batch}),
                 ("encode", self.ran, end, {}),
             ]
-        for name, begin, finish, attributes in stages:
+        for name, begin, finish, extra in stages:
             if begin and finish:
-                _tracer.start_span(name, context=inside, start_time=begin, attributes=attributes).end(end_time=finish)
-        root.end(end_time=end)
+                _processor.on_end(made(name, trace_id, random.getrandbits(64) or 1, inside, begin, finish, extra))
+        _processor.on_end(root)
