@@ -71,10 +71,10 @@ def build_bert(work: Path) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from bench.text import VOCAB, build_tokenizer
+    from bench.text import VOCAB, bert_signature, build_tokenizer
     from torchship.export.formats import Options, export_model, stamp
     from torchship.export.named_model import named_model
-    from torchship.handlers.signature import Signature, Text
+    from torchship.handlers.signature import Text
 
     out = work / "bert-base"
     if (out / "equivalence.json").is_file():
@@ -88,15 +88,7 @@ def build_bert(work: Path) -> Path:
         f"def classifier():\n    return BertForSequenceClassification(BertConfig(**{config.to_diff_dict()!r}))\n"
     )
     torch.save(BertForSequenceClassification(config).state_dict(), work / "bert.pt")
-    token = {"datatype": "INT64", "shape": ["batch", "sequence"], "pad": 0}
-    sig = Signature(
-        inputs=[
-            {"name": "input_ids", **token, "range": [0, VOCAB - 1]},
-            {"name": "attention_mask", **token, "range": [0, 1], "mask": True},
-        ],
-        outputs=[{"name": "logits", "datatype": "FP32", "shape": ["batch", 3]}],
-        dims={"sequence": [1, SEQUENCE]},
-    )
+    sig = bert_signature({"name": "logits", "datatype": "FP32", "shape": ["batch", 3]}, SEQUENCE)
     model, card = named_model(
         f"{work / 'bert.py'}:classifier",
         work / "bert.pt",

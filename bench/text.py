@@ -53,7 +53,7 @@ def build(work: Path) -> Path:
 
     from torchship.export.formats import Options, export_model, stamp
     from torchship.export.named_model import named_model
-    from torchship.handlers.signature import Signature, Text
+    from torchship.handlers.signature import Text
 
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(work / "tokenizer.json")
@@ -71,15 +71,7 @@ def build(work: Path) -> Path:
         f"def encoder():\n    return BertModel(BertConfig(**{config.to_diff_dict()!r}), add_pooling_layer=False)\n"
     )
     torch.save(BertModel(config, add_pooling_layer=False).state_dict(), work / "encoder.pt")
-    token = {"datatype": "INT64", "shape": ["batch", "sequence"], "pad": 0}
-    sig = Signature(
-        inputs=[
-            {"name": "input_ids", **token, "range": [0, VOCAB - 1]},
-            {"name": "attention_mask", **token, "range": [0, 1], "mask": True},
-        ],
-        outputs=[{"name": "last_hidden_state", "datatype": "FP32", "shape": ["batch", "sequence", 128]}],
-        dims={"sequence": [1, 128]},
-    )
+    sig = bert_signature({"name": "last_hidden_state", "datatype": "FP32", "shape": ["batch", "sequence", 128]})
     model, card = named_model(
         f"{work / 'encoder.py'}:encoder",
         work / "encoder.pt",
@@ -90,6 +82,21 @@ def build(work: Path) -> Path:
     )
     card = stamp(card, work / "encoder.pt", version="1")
     return export_model(model, card, work / "sentences", ("onnx",), options=Options(tokenizer=tokenizer)).directory
+
+
+def bert_signature(output: dict, longest: int = 128):
+    """A BERT's two padded token inputs over this tokenizer's vocabulary, up to LONGEST tokens, and its OUTPUT."""
+    from torchship.handlers.signature import Signature
+
+    token = {"datatype": "INT64", "shape": ["batch", "sequence"], "pad": 0}
+    return Signature(
+        inputs=[
+            {"name": "input_ids", **token, "range": [0, VOCAB - 1]},
+            {"name": "attention_mask", **token, "range": [0, 1], "mask": True},
+        ],
+        outputs=[output],
+        dims={"sequence": [1, longest]},
+    )
 
 
 def texts(tokenizer_path: Path, n: int = 400, seed: int = 0) -> list[str]:

@@ -223,7 +223,6 @@ def export_int8(model: torch.nn.Module, card: ModelCard, path: Path, options: Op
     decides between them (bench/NOTES.md, int8)."""
     # lazily: 0.4 s, paid only by an int8 export
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if card.named:
         return export_int8_dynamic(model, card, path, options)
@@ -233,12 +232,7 @@ def export_int8(model: torch.nn.Module, card: ModelCard, path: Path, options: Op
         )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        float_model = path.with_name(FORMAT_BY_NAME["onnx"].file)
-        if not float_model.is_file():
-            float_model = tmp / "float.onnx"
-            export_onnx(model, card, float_model, options)
-        prepared = tmp / "prepared.onnx"
-        quant_pre_process(str(float_model), str(prepared))
+        prepared = prepared_float(model, card, path, options, tmp)
         graph = onnx.load(str(prepared)).graph
         head = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")][-1:]
         reader, source = int8_calibration(card, options)
@@ -258,13 +252,28 @@ def export_int8(model: torch.nn.Module, card: ModelCard, path: Path, options: Op
     write_onnx_with_card(proto, card, path, source)
 
 
+def prepared_float(
+    model: torch.nn.Module, card: ModelCard, path: Path, options: Options, tmp: Path, *, symbolic: bool = True
+) -> Path:
+    """The float ONNX model written beside PATH (or exported into TMP when it was not asked for), through ONNX
+    Runtime's pre-processing for quantization."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # lazily: paid only by an int8 export
+
+    float_model = path.with_name(FORMAT_BY_NAME["onnx"].file)
+    if not float_model.is_file():
+        float_model = tmp / "float.onnx"
+        export_onnx(model, card, float_model, options)
+    prepared = tmp / "prepared.onnx"
+    quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=not symbolic)
+    return prepared
+
+
 def export_int8_dynamic(model: torch.nn.Module, card: ModelCard, path: Path, options: Options) -> None:
     """A text classifier (named inputs, a tokenizer): ONNX Runtime's dynamic quantization, as its docs advise for
     transformers: int8 weights per channel, activations quantized per call from their own range, so nothing is
     calibrated; reduce_range for CPUs without VNNI, as the static path. Judged by top-1 agreement
     (proof/agreement.py)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic  # lazily: paid only by an int8 export
-    from onnxruntime.quantization.shape_inference import quant_pre_process  # lazily: as the line above
 
     if not (card.signature.text and card.signature.text.task == "classify"):
         raise ExportError(
@@ -273,14 +282,9 @@ def export_int8_dynamic(model: torch.nn.Module, card: ModelCard, path: Path, opt
         )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        float_model = path.with_name(FORMAT_BY_NAME["onnx"].file)
-        if not float_model.is_file():
-            float_model = tmp / "float.onnx"
-            export_onnx(model, card, float_model, options)
-        prepared = tmp / "prepared.onnx"
         # the symbolic shape pass fails on torch's dynamo graphs of transformers ("Incomplete symbolic shape
         # inference"); ONNX's own shape inference and the graph optimisation still run
-        quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
+        prepared = prepared_float(model, card, path, options, tmp, symbolic=False)
         quantize_dynamic(
             str(prepared), str(tmp / "int8.onnx"), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True
         )
