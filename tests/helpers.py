@@ -57,11 +57,13 @@ def bare_site_packages(venv: Path, source: Path) -> Path:
     return target
 
 
-def no_torch(directory: Path) -> Path:
-    """A folder that, put first on PYTHONPATH, makes `import torch` fail the way a torch-free image does."""
-    blocker = directory / "torch"
-    blocker.mkdir(parents=True, exist_ok=True)
-    (blocker / "__init__.py").write_text("raise ImportError('torch is not installed here')\n")
+def no_torch(directory: Path, without: tuple[str, ...] = ("torch",)) -> Path:
+    """A folder that, put first on PYTHONPATH, makes `import torch` (and each of WITHOUT) fail the way a torch-free
+    image does."""
+    for name in without:
+        blocker = directory / name
+        blocker.mkdir(parents=True, exist_ok=True)
+        (blocker / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
     return directory
 
 

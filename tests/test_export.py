@@ -142,7 +142,8 @@ def test_verify_refuses_an_export_whose_checkpoint_changed(exports, tmp_path, da
 
 def test_onnx_embedding_needs_the_runtime_folder_and_no_torch(exports, data_dir, bare_python, tmp_path):
     """An app with a copy of the runtime folder, onnxruntime, numpy and Pillow (no torchship installed, `import torch`
-    failing): load, predict every held-out digit, and agree with eager PyTorch."""
+    and `import tokenizers` failing: an image model needs neither): load, predict every held-out digit, and agree
+    with eager PyTorch."""
     exp = exports["mnist-convnet"]
     app = tmp_path / "app"
     copy_runtime(app)
@@ -153,6 +154,10 @@ try:
     import torch
 except ImportError:
     torch = None
+try:
+    import tokenizers
+except ImportError:
+    tokenizers = None
 from torchship_handlers.model.onnx_model import load
 model = load({str(exp.onnx)!r})
 raw = {str(data_dir / "mnist-5k" / "MNIST" / "raw")!r}
@@ -161,13 +166,14 @@ labels = [r["label"] for r in model.predict(list(images))]
 one = model.predict(images[0])
 assert one["label"] == labels[0] and len(one["topk"]) == 3
 assert model.predict([]) == []  # a list in, a list out: no images, no forward pass
-print(json.dumps({{"labels": labels, "torch": torch is not None}}))
+print(json.dumps({{"labels": labels, "torch": torch is not None, "tokenizers": tokenizers is not None}}))
 """
-    env = {**os.environ, "PYTHONPATH": f"{no_torch(tmp_path / 'blocker')}{os.pathsep}{app}"}
+    blocker = no_torch(tmp_path / "blocker", without=("torch", "tokenizers"))
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{app}"}
     r = subprocess.run([bare_python, "-c", code], capture_output=True, text=True, cwd=app, env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["torch"] is False
+    assert out["torch"] is False and out["tokenizers"] is False
     from torchship.train.checkpoint import load as load_checkpoint
 
     ckpt = load_checkpoint(exp.card.provenance.source)

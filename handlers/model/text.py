@@ -10,15 +10,18 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from ..fields import CardError
 from ..limits import MAX_TEXT_BYTES
 from ..signature import EMBEDDING, TEXT_INPUT, TEXT_PAIR_INPUT, Signature
 from . import named
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 def tokenizer(sig: Signature, folder: Path) -> Tokenizer:
@@ -31,6 +34,8 @@ def tokenizer(sig: Signature, folder: Path) -> Tokenizer:
         raise CardError("signature.text.tokenizer", f"cannot read {path}: {e.strerror or e}") from None
     if text.sha256 and hashlib.sha256(data).hexdigest() != text.sha256:
         raise CardError("signature.text.tokenizer", f"{path} is not the file that was exported (its sha256 differs)")
+    from tokenizers import Tokenizer  # lazily: an image model's embedding needs onnxruntime, numpy, Pillow alone
+
     try:
         tok = Tokenizer.from_str(data.decode("utf-8"))
         post = json.loads(data).get("post_processor") or {}

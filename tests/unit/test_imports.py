@@ -24,7 +24,7 @@ FOLDERS = {
 LAZY = (
     *("torch", "torch._inductor", "torchvision", "onnx", "onnxruntime", "onnxruntime.quantization", "onnxscript"),
     *("matplotlib", "kserve", "kubernetes", "opentelemetry", "uvloop", "mlxtend", "transformers", "ts"),
-    "model_archiver",
+    *("model_archiver", "tokenizers"),
 )
 
 
@@ -54,15 +54,21 @@ def imported(name: str, node: ast.AST) -> list[str]:
 
 @functools.cache
 def imports(name: str) -> tuple[tuple[str, int, bool], ...]:
-    """(module, line, at module level) for every import in NAME."""
+    """(module, line, at module level) for every import in NAME that runs (those under `if TYPE_CHECKING:` never do)."""
     tree = ast.parse(modules()[name].read_text())
     local = {
         id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)
     }
+    typing_only = {
+        id(n)
+        for f in ast.walk(tree)
+        if isinstance(f, ast.If) and isinstance(f.test, ast.Name) and f.test.id == "TYPE_CHECKING"
+        for n in ast.walk(f)
+    }
     return tuple(
         (m, node.lineno, id(node) not in local)
         for node in ast.walk(tree)
-        if isinstance(node, (ast.Import, ast.ImportFrom))
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in typing_only
         for m in imported(name, node)
     )
 

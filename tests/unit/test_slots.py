@@ -24,9 +24,9 @@ for _ in range(int(sys.argv[2])):
         sum(range(20000))  # a pass's worth of work inside the slot
         spans.append((start, time.monotonic_ns()))
     if sys.argv[3] == "hold":
-        print("holding", flush=True)
         held = slots.taken()
         held.__enter__()
+        print("holding", flush=True)
         time.sleep(600)
 print(" ".join(f"{a},{b}" for a, b in spans))
 """
