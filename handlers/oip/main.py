@@ -6,11 +6,11 @@ python -m torchship.handlers.oip --model_dir EXPORT_OR_FOLDER [--model_dir ...] 
 python -m torchship.handlers.oip --config CONFIG.json   (what `torchship serve start --runtime oip` runs)
 (the deploy bundle's container runs the same as torchship_handlers.oip)
 
-Every worker listens on both ports with SO_REUSEPORT, so the kernel spreads connections over the workers (one socket
-shared by all let whichever woke first take every waiting connection: 16 clients on one worker, none on the other;
-bench/NOTES.md, lever 39). The supervisor holds both ports meanwhile, so no other server can take them. A worker
-listens only after its warm-up pass at the largest batch succeeded: until one is warm, the ports refuse connections,
-so readiness is true only for a model that has answered.
+REST: the supervisor listens and every worker accepts from that one socket, balanced by their shared connection
+counts, so a connection waiting to be accepted outlives any worker (bench/NOTES.md, levers 39 and 57). gRPC: each
+worker binds the port with SO_REUSEPORT while the supervisor holds it, so no other server can take it. A worker
+accepts only after its warm-up pass at the largest batch succeeded: until one is warm, REST connections wait in the
+queue and the gRPC port refuses them, so readiness is true only for a model that has answered.
 """
 
 from __future__ import annotations
