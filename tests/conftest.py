@@ -138,14 +138,13 @@ def triton_exports(tmp_path_factory):
 def text_exports(tmp_path_factory) -> dict:
     """name -> the export folder of each text model (tests/text_models.py), built once: one tokenizer for all three,
     each export's output beside it; an export that fails fails every test that asks for it, with its log."""
-    from text_models import TEXT, export
+    from text_models import TEXT, export_all
 
     def build(out: Path) -> None:
-        for name in TEXT:
-            r, _ = export(out, name)
-            (out / f"{name}.log").write_text(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+        r = export_all(out)
+        (out / "exports.log").write_text(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
 
     folder = built_once(tmp_path_factory, "text-models", build)
     for name in TEXT:
-        assert (folder / name / "equivalence.json").is_file(), (folder / f"{name}.log").read_text()[-3000:]
+        assert (folder / name / "equivalence.json").is_file(), (folder / "exports.log").read_text()[-3000:]
     return {name: folder / name for name in TEXT}

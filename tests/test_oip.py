@@ -571,7 +571,7 @@ def test_kill_9_of_a_worker_under_load_costs_at_most_its_own_requests(server, co
     socket every worker shares) or on a kept one (the client's one reconnect lands there too); only what the dead
     worker held in flight may."""
     bodies = expected(convnet_export, n=200)
-    for _ in range(5 if fresh else 2):
+    for _ in range(5 if fresh else 1):
         before = oip.status(server.state_dir)
         victim = before["workers"][0]["pid"]
         target = oip.load_target(server.state_dir)
