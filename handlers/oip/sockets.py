@@ -64,13 +64,6 @@ def shared_listener(host: str, port: int, what: str) -> socket.socket:
     return sock
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A worker's own socket in the port's SO_REUSEPORT group (gRPC's, bound by grpcio the same way)."""
-    sock = tcp_socket(host, share=True)
-    sock.bind((host, port))
-    return sock
-
-
 class Shares:
     """Each worker's open REST connections, in a small file every worker maps (the supervisor's work folder): what
     a worker reads before it takes a connection from the shared socket."""
