@@ -179,3 +179,17 @@ def model_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f"weights do not fit architecture {arch.spec}: {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def rng_state(device: torch.device) -> dict:
+    """The random state a resumed run continues from, saved in every checkpoint."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import platform
 import time
@@ -15,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from torchship.handlers.card import BUILTIN_ARCHITECTURES, Architecture, ModelCard, Provenance
-from torchship.train import checkpoint, data, distributed
+from torchship.train import checkpoint, data, distributed, record
 from torchship.train.device import pick_device
 from torchship.train.distributed import Ranks
-from torchship.train.models import OUTPUT_KIND, build_model
+from torchship.train.models import build_model
 from torchship.train.plots import plot_curves, plot_line
 from torchship.train.presets import Preset
 
@@ -216,57 +214,6 @@ def evaluate(loop: Loop, xy, batch_size: int = 1000) -> tuple[Meter, list[float]
     return meter, per_class
 
 
-def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def build_card(preset: Preset, prep: Prepared, metrics: dict) -> ModelCard:
-    """What export, serving and apps need to know about the model, and nothing about how it was trained."""
-    tensor = preset.input_kind == "tensor"
-    x = prep.train[0]
-    spread = x.reshape(len(x), x.shape[1], -1).transpose(0, 1).reshape(x.shape[1], -1) if tensor else None
-    return ModelCard(
-        name=preset.name,
-        task=preset.task,
-        input_kind=preset.input_kind,
-        input_shape=tuple(preset.input_shape),
-        output_names=tuple(preset.output_names),
-        input_range=tuple((float(r.min()), float(r.max())) for r in spread) if tensor else (),
-        mean=prep.mean,
-        std=prep.std,
-        labels=tuple(preset.labels),
-        preprocess=preset.preprocess,
-        output_kind=OUTPUT_KIND[preset.arch],
-        architecture=Architecture(BUILTIN_ARCHITECTURES[preset.arch], dict(preset.arch_kwargs)),
-        provenance=Provenance(torch=str(torch.__version__), created_at=now()),
-        dataset=preset.dataset,
-        metrics=metrics,
-    )
-
-
-def training_facts(preset: Preset, device: torch.device) -> dict:
-    """How the model was trained, for a reader of the checkpoint (the model's own facts are on its card)."""
-    return {
-        "hparams": preset.to_dict(),
-        "seed": preset.seed,
-        "device": str(device),
-        "torch_version": str(torch.__version__),
-    }
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 COMMUNICATION_FAILURES = ("Connection closed", "Connection reset", "connection", "gloo", "NCCL", "timed out")
 
 
@@ -332,7 +279,7 @@ def run(
         model.load_state_dict(ckpt.model)
         opt.load_state_dict(ckpt.optimizer)
         sched.load_state_dict(ckpt.scheduler)
-        set_rng_state(ckpt.rng, dev)
+        checkpoint.set_rng_state(ckpt.rng, dev)
         start, history = ckpt.epoch + 1, list(ckpt.history)
         best = min((h.val_loss for h in history), default=float("inf"))
     if ranks.rank:
@@ -388,16 +335,16 @@ def run(
         if ranks.main and kept:
             metrics = {"val_loss": va.loss, **({"val_accuracy": va.accuracy} if loop.classify else {})}
             state = checkpoint.Checkpoint(
-                card=build_card(preset, prep, metrics),
+                card=record.build_card(preset, prep, metrics),
                 epoch=epoch,
                 model=model.state_dict(),  # unwrapped
                 optimizer=opt.state_dict(),
                 scheduler=sched.state_dict(),
                 history=tuple(history),
-                rng=rng_state(dev),
+                rng=checkpoint.rng_state(dev),
                 world_size=ranks.world_size,
                 preset=preset.name,
-                training=training_facts(preset, dev),
+                training=record.training_facts(preset, dev),
             ).to_dict()
             if va.loss < best or preset.keep == "last":
                 checkpoint.save_atomic(state, out / "best.pt")
@@ -427,7 +374,7 @@ def finish(preset: Preset, out: Path, prep: Prepared, loop: Loop, model, history
         "history": [asdict(h) for h in history],
     }
     if preset.arch == "linear":
-        metrics["fit"] = line_fit(model, prep.train)
+        metrics["fit"] = record.line_fit(model, prep.train)
     ranks.barrier()  # every rank has read best.pt before rank 0 rewrites it
     if ranks.main:
         scores = {"test_loss": te.loss, **({"test_accuracy": te.accuracy} if loop.classify else {})}
@@ -449,23 +396,3 @@ def finish(preset: Preset, out: Path, prep: Prepared, loop: Loop, model, history
             )
     ranks.barrier()
     return metrics
-
-
-def line_fit(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    """The fitted y = a + b x against the least-squares solution of the same training points (float64)."""
-    linear = model.linear
-    x, y = (t.double().cpu() for t in train)
-    design = torch.cat([torch.ones(len(x), 1, dtype=torch.float64), x], 1)
-    solution = torch.linalg.lstsq(design, y).solution  # rows: intercept, then one per input
-    fitted = torch.cat([linear.bias.detach().double().cpu()[None], linear.weight.detach().double().cpu().T])
-
-    def shaped(m: torch.Tensor) -> dict:
-        a, b = m[0], m[1:]
-        one = a.numel() == 1 and b.numel() == 1
-        return {"a": round(a.item(), 6) if one else a.tolist(), "b": round(b.item(), 6) if one else b.tolist()}
-
-    return {
-        "fitted": shaped(fitted),
-        "least_squares": shaped(solution),
-        "max_difference": float((fitted - solution).abs().max()),
-    }
