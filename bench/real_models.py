@@ -47,34 +47,29 @@ def build_bert(work: Path) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from bench.text import VOCAB, bert_signature, build_tokenizer
-    from torchship.export.formats import Options, export_model, stamp
-    from torchship.export.named_model import named_model
-    from torchship.handlers.signature import Text
+    from bench.text import VOCAB, export_bert
 
     out = work / "bert-base"
     if (out / "equivalence.json").is_file():
         return out
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(work / "tokenizer.json")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=VOCAB, num_labels=3, max_position_embeddings=512)
-    (work / "bert.py").write_text(
+    source = (
         "from transformers import BertConfig, BertForSequenceClassification\n\n\n"
         f"def classifier():\n    return BertForSequenceClassification(BertConfig(**{config.to_diff_dict()!r}))\n"
     )
-    torch.save(BertForSequenceClassification(config).state_dict(), work / "bert.pt")
-    sig = bert_signature({"name": "logits", "datatype": "FP32", "shape": ["batch", 3]}, SEQUENCE)
-    model, card = named_model(
-        f"{work / 'bert.py'}:classifier",
-        work / "bert.pt",
-        sig=sig,
-        name="bert",
-        text=Text(task="classify"),
-        tokenizer=tokenizer,
+    out = export_bert(
+        work,
+        source,
+        "classifier",
+        BertForSequenceClassification(config),
+        output={"name": "logits", "datatype": "FP32", "shape": ["batch", 3]},
+        name="bert-base",
+        task="classify",
+        formats=("onnx", "int8"),
+        longest=SEQUENCE,
     )
-    card = stamp(card, work / "bert.pt", version="1")
-    export_model(model, card, out, ("onnx", "int8"), options=Options(tokenizer=tokenizer))
     prove(out)
     return out
 

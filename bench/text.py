@@ -51,12 +51,7 @@ def build(work: Path) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from torchship.export.formats import Options, export_model, stamp
-    from torchship.export.named_model import named_model
-    from torchship.handlers.signature import Text
-
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(work / "tokenizer.json")
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=VOCAB,
@@ -66,30 +61,39 @@ def build(work: Path) -> Path:
         intermediate_size=512,
         max_position_embeddings=128,
     )
-    (work / "encoder.py").write_text(
+    source = (
         "from transformers import BertConfig, BertModel\n\n\n"
         f"def encoder():\n    return BertModel(BertConfig(**{config.to_diff_dict()!r}), add_pooling_layer=False)\n"
     )
-    torch.save(BertModel(config, add_pooling_layer=False).state_dict(), work / "encoder.pt")
-    sig = bert_signature({"name": "last_hidden_state", "datatype": "FP32", "shape": ["batch", "sequence", 128]})
-    model, card = named_model(
-        f"{work / 'encoder.py'}:encoder",
-        work / "encoder.pt",
-        sig=sig,
+    return export_bert(
+        work,
+        source,
+        "encoder",
+        BertModel(config, add_pooling_layer=False),
+        output={"name": "last_hidden_state", "datatype": "FP32", "shape": ["batch", "sequence", 128]},
         name="sentences",
-        text=Text(task="embed"),
-        tokenizer=tokenizer,
+        task="embed",
+        formats=("onnx",),
     )
-    card = stamp(card, work / "encoder.pt", version="1")
-    return export_model(model, card, work / "sentences", ("onnx",), options=Options(tokenizer=tokenizer)).directory
 
 
-def bert_signature(output: dict, longest: int = 128):
-    """A BERT's two padded token inputs over this tokenizer's vocabulary, up to LONGEST tokens, and its OUTPUT."""
-    from torchship.handlers.signature import Signature
+def export_bert(
+    work: Path, source: str, factory: str, module, *, output: dict, name: str, task: str, formats: tuple, longest=128
+) -> Path:
+    """A BERT written as a user brings one (SOURCE's FACTORY, MODULE's weights as a state dict) with this tokenizer,
+    exported to WORK/NAME through the API `torchship export --tokenizer --text-task TASK` calls; the signature: the
+    two padded token inputs up to LONGEST tokens, and OUTPUT."""
+    import torch
 
+    from torchship.export.formats import Options, export_model, stamp
+    from torchship.export.named_model import named_model
+    from torchship.handlers.signature import Signature, Text
+
+    tokenizer = build_tokenizer(work / "tokenizer.json")
+    (work / f"{name}_model.py").write_text(source)
+    torch.save(module.state_dict(), work / f"{name}.pt")
     token = {"datatype": "INT64", "shape": ["batch", "sequence"], "pad": 0}
-    return Signature(
+    sig = Signature(
         inputs=[
             {"name": "input_ids", **token, "range": [0, VOCAB - 1]},
             {"name": "attention_mask", **token, "range": [0, 1], "mask": True},
@@ -97,6 +101,10 @@ def bert_signature(output: dict, longest: int = 128):
         outputs=[output],
         dims={"sequence": [1, longest]},
     )
+    spec = f"{work / f'{name}_model.py'}:{factory}"
+    model, card = named_model(spec, work / f"{name}.pt", sig=sig, name=name, text=Text(task=task), tokenizer=tokenizer)
+    card = stamp(card, work / f"{name}.pt", version="1")
+    return export_model(model, card, work / name, formats, options=Options(tokenizer=tokenizer)).directory
 
 
 def texts(tokenizer_path: Path, n: int = 400, seed: int = 0) -> list[str]:

@@ -101,11 +101,22 @@ def sized(cost: Cost, workers: int | None = None) -> Sizing:
     delay = int(np.clip(round(cost.batch1_ms / 10), 1, 20))  # waiting for company costs at most a tenth of a pass
     if cost.batch1_ms >= HEAVY_MS:
         threads, batch = cores(), MAX_BATCH
-        slots = max(1, cores() // threads)
     else:  # the fast models only pay fork/join for more threads (bench/NOTES.md, lever 25)
-        threads, slots = 1, workers
+        threads = 1
         batch = int(np.clip(BATCH_BUDGET_MS // max(cost.per_image_batched_ms, 1e-3), 1, MAX_BATCH))
     timeout = max(30, math.ceil(cost.batch1_ms * batch * 20 / 1000))
     return Sizing(
-        workers=workers, max_batch=batch, max_batch_delay_ms=delay, threads=threads, timeout_s=timeout, pass_slots=slots
+        workers=workers,
+        max_batch=batch,
+        max_batch_delay_ms=delay,
+        threads=threads,
+        timeout_s=timeout,
+        pass_slots=pass_slots(workers, threads),
     )
+
+
+def pass_slots(workers: int, threads: int) -> int:
+    """Forward passes at once over all workers: as many as the cores hold at THREADS each, where workers of several
+    threads would otherwise oversubscribe them (12 % fewer ResNet-50 images a second: bench/NOTES.md, lever 59); else
+    every worker's (no turns: single-threaded workers were measured without them)."""
+    return max(1, cores() // threads) if threads > 1 and threads * workers > cores() else workers

@@ -61,7 +61,7 @@ class Config:
     # models whose requests pad to a length (text): a pass's longest row times its rows at most this; 0: rows alone
     max_batch_tokens: int = 16384
     threads: int = 0  # intra-op threads per worker
-    pass_slots: int = 0  # forward passes at once over all workers (slots.py)  [0: decided; workers or more: no limit]
+    pass_slots: int = 0  # forward passes at once over all workers (slots.py)  [0: sizing.pass_slots; workers: no limit]
     max_queue: int = 0  # queued requests per worker before 503  [0: sizing.queue_size()]
     max_pixels: int = 0  # the largest decoded image  [0: the card's]
     limits: Limits = field(default_factory=Limits)
@@ -101,7 +101,7 @@ class Config:
     @property
     def decided(self) -> bool:
         """Nothing is left for the supervisor to measure."""
-        return self.max_batch > 0 and self.max_batch_delay_ms >= 0 and self.threads > 0 and self.pass_slots > 0
+        return self.max_batch > 0 and self.max_batch_delay_ms >= 0 and self.threads > 0
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -102,10 +102,10 @@ def load(
     runner = runners.load(model_dir, config.backend, threads=config.threads, card=card)
     metrics = Metrics(name, card.version)
 
+    forward = slots.around(runner.run)  # a heavy model's workers take turns (slots.py)
+
     def run(x):  # once per forward pass: the model, then what all its requests' answers share
-        with slots.taken():
-            out = runner.run(x)
-        return batch_outputs(card, out)
+        return batch_outputs(card, forward(x))
 
     batcher = Batcher(
         run,

@@ -45,12 +45,8 @@ def complete(config: Config, state: State) -> Config:
     """Every choice the configuration leaves open, decided once by the shared sizing rule from a measured pass."""
     workers = config.workers or sizing.default_workers()
     config = replace(config, workers=workers, max_queue=config.max_queue or sizing.queue_size(config.limits.max_body))
-    if config.max_batch > 0 and config.max_batch_delay_ms >= 0 and config.threads > 0 and not config.pass_slots:
-        # everything but the slots given: the rule's own split of the cores, without a measurement
-        slots = max(1, sizing.cores() // config.threads) if config.threads * workers > sizing.cores() else workers
-        config = replace(config, pass_slots=slots)
     if config.decided:
-        return config
+        return replace(config, pass_slots=config.pass_slots or sizing.pass_slots(workers, config.threads))
     first = next(iter(state.models.values()))  # one setting for every model: the first one's measured cost
     export = first.versions[first.route.default].directory
     try:
@@ -63,12 +59,13 @@ def complete(config: Config, state: State) -> Config:
         ) from None
     sized = sizing.sized(cost, workers)
     logger.info("measured %s: %.2f ms at batch 1, %.2f at batch 8 (one thread)", export, cost.batch1_ms, cost.batch8_ms)
+    threads = config.threads or sized.threads
     return replace(
         config,
         max_batch=config.max_batch or sized.max_batch,
         max_batch_delay_ms=config.max_batch_delay_ms if config.max_batch_delay_ms >= 0 else sized.max_batch_delay_ms,
-        threads=config.threads or sized.threads,
-        pass_slots=config.pass_slots or sized.pass_slots,
+        threads=threads,
+        pass_slots=config.pass_slots or sizing.pass_slots(workers, threads),
     )
 
 

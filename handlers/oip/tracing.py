@@ -20,20 +20,20 @@ import time
 
 ENABLED = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 SERVICE = "torchship"
-_provider = _processor = _sampler = _propagator = _made = None  # configure() sets them
+_provider = _processor = _sampler = _propagator = _made = _span_of = None  # configure() sets them
 
 
 def configure(processor=None) -> None:
     """The provider, exporting over OTLP/HTTP (or into PROCESSOR: a test's in-memory exporter). Turns tracing on."""
-    global _provider, _processor, _sampler, _propagator, _made, ENABLED
+    global _provider, _processor, _sampler, _propagator, _made, _span_of, ENABLED
     # lazily, here and below: OpenTelemetry is optional (torchship[tracing]), imported only when tracing is on
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, get_current_span
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    _propagator = TraceContextTextMapPropagator()
+    _propagator, _span_of = TraceContextTextMapPropagator(), get_current_span
     _provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVICE)}))
     _sampler = _provider.sampler  # the one OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG name
     if processor is None:
@@ -81,12 +81,10 @@ def start(traceparent, protocol: str) -> Trace | None:
         return None
     if _provider is None:
         configure()
-    from opentelemetry.trace import get_current_span  # lazily: optional, see configure
-
     if isinstance(traceparent, bytes):
         traceparent = traceparent.decode("latin-1")
     context = _propagator.extract({"traceparent": traceparent}) if traceparent else None
-    parent = get_current_span(context).get_span_context() if context is not None else None
+    parent = _span_of(context).get_span_context() if context is not None else None
     parent = parent if parent is not None and parent.is_valid else None
     trace_id = parent.trace_id if parent is not None else random.getrandbits(128) or 1
     if not _sampler.should_sample(context, trace_id, "infer").decision.is_sampled():

@@ -73,14 +73,19 @@ def test_a_killed_holder_frees_its_slot(tmp_path):
         holder.kill()
 
 
-def test_no_slots_never_wait():
+def test_no_slots_never_wait_and_cost_nothing(tmp_path):
     with NONE.taken(), NONE.taken():  # nested: no lock at all
         pass
+    assert NONE.around(len) is len  # a fast model's pass is the runner's own call, unwrapped
+    one = Slots(tmp_path / "slot", 1)
+    assert one.around(len) is not len and one.around(len)([1, 2]) == 2
+    one.close()
 
 
 def test_the_supervisor_makes_oversubscribed_workers_take_turns():
-    given = Config(("unused",), workers=2, max_batch=8, max_batch_delay_ms=2, threads=sizing.cores(), max_queue=8)
+    threads = max(2, sizing.cores())  # every core, and more than one thread: two such workers oversubscribe them
+    given = Config(("unused",), workers=2, max_batch=8, max_batch_delay_ms=2, threads=threads, max_queue=8)
     done = complete(given, state=None)
-    assert done.pass_slots == max(1, sizing.cores() // sizing.cores()) == 1 < done.workers
+    assert done.pass_slots == max(1, sizing.cores() // threads) == 1 < done.workers
     one_thread = complete(replace(given, threads=1, workers=sizing.cores()), state=None)
     assert one_thread.pass_slots == one_thread.workers  # cores enough for every worker's pass: no turns
