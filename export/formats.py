@@ -22,6 +22,7 @@ from torchship.handlers.card import CARD_FILE, ONNX_METADATA_KEY, TORCHSCRIPT_EX
 from torchship.handlers.formats import DEFAULT_FORMATS, FORMAT_BY_NAME, digest
 
 OPSET = 20
+TRACED_OPSET = 17  # the TorchScript-based exporter's newest opset
 MAX_BATCH = 1024  # the dynamic batch dimension's upper bound in every format
 
 
@@ -89,7 +90,8 @@ def stamp(card: ModelCard, source: Path | None, epoch: int | None = None, versio
 
 
 def example_input(card: ModelCard, n: int = 2) -> torch.Tensor:
-    """Batch sizes 0 and 1 would be specialised by torch.export: trace with 2."""
+    """Batch sizes 0 and 1 would be specialised by torch.export: trace with 2 (a detector takes one image a pass)."""
+    n = 1 if card.task == "detect" else n
     return torch.randn(n, *card.input_shape, generator=torch.Generator().manual_seed(0))
 
 
@@ -130,7 +132,12 @@ def named_shapes(card: ModelCard, batch: torch.export.Dim) -> tuple[dict, ...]:
     )
 
 
+DETECTOR_OUTPUTS = ["boxes", "scores", "labels"]  # one image's, n of each (export/vision.py Detector)
+
+
 def io_names(card: ModelCard) -> tuple[list[str], list[str]]:
+    if card.task == "detect":
+        return [card.input_name], DETECTOR_OUTPUTS
     if card.named:
         return [t.name for t in card.signature.inputs], [t.name for t in card.signature.outputs]
     return [card.input_name], [card.output_name]
@@ -152,6 +159,8 @@ def export_torchscript(model: torch.nn.Module, card: ModelCard, path: Path, opti
 def export_onnx(model: torch.nn.Module, card: ModelCard, path: Path, options: Options) -> None:
     """The dynamo exporter with a dynamic batch dimension; checked in full before it is written."""
     inputs, outputs = io_names(card)
+    if card.task == "detect":
+        return export_onnx_traced(model, card, path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -173,6 +182,31 @@ def export_onnx(model: torch.nn.Module, card: ModelCard, path: Path, options: Op
     onnx.save(proto, str(path))
 
 
+def export_onnx_traced(model: torch.nn.Module, card: ModelCard, path: Path) -> None:
+    """A detector by the TorchScript-based exporter, as PyTorch's own ONNX Runtime tests export torchvision's: the
+    dynamo exporter cannot trace non-maximum suppression's data-dependent sizes (pytorch/vision#9306, #9462). One
+    image of the card's size in; n boxes, scores and labels out, n dynamic."""
+    inputs, outputs = io_names(card)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example_input(card),),
+            str(Path(tmp) / "model.onnx"),
+            dynamo=False,
+            input_names=inputs,
+            output_names=outputs,
+            opset_version=TRACED_OPSET,
+            dynamic_axes={name: {0: "detections"} for name in outputs},
+        )
+        proto = onnx.load(str(Path(tmp) / "model.onnx"))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, card.to_json(indent=None)
+    proto.producer_name = "torchship"
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
 def batch_dim() -> torch.export.Dim:
     return torch.export.Dim("batch", min=1, max=MAX_BATCH)
 
@@ -184,6 +218,11 @@ def export_pt2(model: torch.nn.Module, card: ModelCard, path: Path, options: Opt
     kind of machine that will run it."""
     import torch._inductor  # lazily: 2 s over torch, paid only by a pt2 export
 
+    if card.task == "detect":
+        raise ExportError(
+            "pt2 cannot hold a detector: torch.export cannot trace non-maximum suppression's data-dependent sizes "
+            "(pytorch/vision#9306); export ts and onnx"
+        )
     if not (shutil.which("g++") or shutil.which("c++")):
         raise ExportError("pt2 needs a C++ compiler (g++) at export time, and none is on PATH")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime": not news on a CPU

@@ -1,4 +1,5 @@
-"""Where a model enters export: a torchship checkpoint, or any image classifier a user names by SPEC and weights."""
+"""Where a model enters export: a torchship checkpoint, or any image classifier, detector or segmenter (vision.py) a
+user names by SPEC and weights."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from torchship.export import vision
 from torchship.handlers.card import BUILTIN_ARCHITECTURES, Architecture, CardError, ModelCard
-from torchship.handlers.recipes import GREY_RECIPES
+from torchship.handlers.recipes import FRAMED_RECIPE, GREY_RECIPES
 from torchship.handlers.signature import Signature
 from torchship.train import checkpoint
 from torchship.train.models import build_builtin
@@ -154,6 +156,8 @@ def rebuild(card: ModelCard, source: Path | str | None = None) -> torch.nn.Modul
         ckpt = checkpoint.load(source)
         return checkpoint.model_from_checkpoint(ckpt)
     model = load_weights(build(card.architecture.spec, card.architecture.kwargs), read_state_dict(source), source)
+    if card.task in ("detect", "segment"):
+        return vision.wrap(model, card.task)
     return Signed(model, card.signature).eval() if card.named else model
 
 
@@ -251,6 +255,30 @@ def user_model(
         raise ModelLoadError(
             f"the model does not run on a (2, {', '.join(map(str, input_shape))}) batch: {type(e).__name__}: {first}"
         ) from None
+    found = vision.kind_of(out) if image else None
+    if found:
+        if preprocess not in (None, FRAMED_RECIPE) or task or output:
+            raise ModelLoadError(
+                f"a {found} model's images are letterboxed and its answer is its own: drop --preprocess, --task and "
+                "--output-kind"
+            )
+        try:
+            card = vision.vision_card(
+                model,
+                found,
+                out,
+                spec=spec,
+                kwargs=kwargs,
+                name=name or slug(spec.rpartition(":")[2].split(".")[-1]),
+                input_shape=input_shape,
+                labels=read_labels(labels, None),
+                mean=mean,
+                std=std,
+                dataset=dataset,
+            )
+        except (CardError, ValueError) as e:
+            raise ModelLoadError(str(e)) from None
+        return vision.wrap(model, found), card
     if isinstance(out, (list, tuple)):
         raise ModelLoadError(f"the model returns a {type(out).__name__}; torchship exports models with one output")
     reconstruct = image and tuple(out.shape) == (2, *input_shape)

@@ -15,23 +15,27 @@ from .fields import CardError, is_number, sequence, sub
 from .recipes import CROP_RATIO, NO_RECIPE, validate_single
 from .signature import Signature, validate_signature
 
-SCHEMA_VERSION = 4  # 2: tensor inputs and regression (input_kind, output_names, units, input_range); 3: version;
-# 4: named inputs and outputs (signature)
+SCHEMA_VERSION = 5  # 2: tensor inputs and regression (input_kind, output_names, units, input_range); 3: version;
+# 4: named inputs and outputs (signature); 5: detectors and segmenters (thresholds)
 CARD_FILE = "meta.json"  # beside the model files of an export, and inside every archive
 ONNX_METADATA_KEY = "torchship"  # ONNX metadata_props entry holding the card's JSON
 TORCHSCRIPT_EXTRA_FILE = "meta.json"  # TorchScript extra file holding the card's JSON
 
-TASKS = ("classify", "reconstruct", "regress", "tensors")  # tensors: every output answered by name, as computed
+TASKS = ("classify", "reconstruct", "regress", "tensors", "detect", "segment")  # tensors: every output answered by
+# name, as computed; detect: boxes, scores and labels per image (model/vision.py); segment: a class per pixel
 # An image file; a fixed-shape array of numbers per example (tensors.py); or several named tensors (signature.py).
 INPUT_KINDS = ("image", "tensor", "named")
-OUTPUT_KINDS = ("logits", "log-probabilities", "probabilities", "image", "values", "tensors")
+OUTPUT_KINDS = ("logits", "log-probabilities", "probabilities", "image", "values", "tensors", "detections")
 OUTPUT_NAMES = {
     "logits": "logits",
     "log-probabilities": "log_probs",
     "probabilities": "probabilities",
     "image": "reconstruction",
     "values": "values",
+    "detections": "boxes",
 }
+# A detector's thresholds, as the card records them and every format applies them (inside the exported graph)
+THRESHOLD_KEYS = ("score", "iou", "detections")
 INPUT_NAMES = {"image": "images", "tensor": "input"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,17}$")  # Triton's: a positive integer, as text (URLs, gRPC, tritonclient)
@@ -93,6 +97,7 @@ class ModelCard:
     input_range: tuple = ()  # tensors: (min, max) seen in training per entry of the first axis, for the proof
     version: str = "1"  # which export of this model: /v2/models/NAME/versions/VERSION (cards before schema 3: "1")
     signature: Signature | None = None  # input_kind "named": every input and output (the fields above stay empty)
+    thresholds: Mapping = field(default_factory=dict)  # detect: score, iou (NMS) and detections (per image, at most)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -146,6 +151,7 @@ class ModelCard:
             d[k] = list(d[k])
         d["input_range"] = [list(r) for r in self.input_range]
         d["metrics"] = dict(self.metrics)
+        d["thresholds"] = dict(self.thresholds)
         d["signature"] = self.signature.to_dict() if self.signature else None
         return d
 
@@ -240,6 +246,27 @@ def validate(card: ModelCard) -> None:
         "output_kind",
         f"a {card.task} model cannot output {card.output_kind!r}",
     )
+    need(
+        (card.task == "detect") == (card.output_kind == "detections"),
+        "output_kind",
+        f"a {card.task} model cannot output {card.output_kind!r}",
+    )
+    need(card.task != "segment" or card.output_kind == "logits", "output_kind", "a segmenter outputs logits")
+    need(isinstance(card.thresholds, Mapping), "thresholds", "expected an object")
+    if card.task == "detect":
+        t = card.thresholds
+        need(
+            sorted(t) == sorted(THRESHOLD_KEYS)
+            and all(is_number(t[k]) for k in THRESHOLD_KEYS)
+            and 0 <= t["score"] <= 1
+            and 0 <= t["iou"] <= 1
+            and isinstance(t["detections"], int)
+            and 1 <= t["detections"] <= 1000,
+            "thresholds",
+            f"a detector records score and iou in [0, 1] and detections 1..1000, got {dict(t)}",
+        )
+    else:
+        need(not card.thresholds, "thresholds", "thresholds are a detector's")
     need(card.input_kind in INPUT_KINDS, "input_kind", f"{card.input_kind!r} is not one of {', '.join(INPUT_KINDS)}")
     need(card.named == (card.signature is not None), "signature", "a named-input card has a signature; others none")
     need(

@@ -10,7 +10,9 @@ from .fields import is_number
 from .signature import TENSOR_NAME
 
 # How an image someone sends is brought to the model's input (model/images.py implements each).
-IMAGE_RECIPES = ("mnist-digit", "fashion", "resize", "resize-crop")
+IMAGE_RECIPES = ("mnist-digit", "fashion", "resize", "resize-crop", "letterbox")
+# The recipe whose answers (boxes, masks) are given back in the sent image's own pixels: detectors' and segmenters'
+FRAMED_RECIPE = "letterbox"
 NO_RECIPE = "none"  # named inputs: the model takes what the client sends, checked against the signature
 TENSOR_RECIPE = "standardize"  # (x - mean) / std per entry of the first axis; mean 0, std 1 leaves x as it is
 RECIPES = (*IMAGE_RECIPES, TENSOR_RECIPE)
@@ -77,7 +79,20 @@ def validate_single(card, need: Callable[[bool, str, str], None]) -> None:
         "labels",
         "each label must be a non-empty string of at most 200 characters",
     )
-    if card.task == "classify":
+    if card.task in ("detect", "segment"):
+        need(
+            card.image and card.preprocess == FRAMED_RECIPE,
+            "preprocess",
+            f"a {card.task} model's images are "
+            f"prepared by {FRAMED_RECIPE!r} (its answers are mapped back to the sent image), not {card.preprocess!r}",
+        )
+        need(
+            2 <= len(card.labels) <= (256 if card.task == "segment" else 10_000),
+            "labels",
+            f"a {card.task} model names every class it answers, background first (a segmenter at most 256: its mask "
+            "is one byte a pixel)",
+        )
+    if card.task in ("classify", "detect", "segment"):
         need(len(card.labels) >= 1, "labels", "a classifier needs at least one label")
         dup = sorted({x for x in card.labels if card.labels.count(x) > 1})
         need(not dup, "labels", f"duplicate labels: {dup[:3]}")

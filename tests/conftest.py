@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from helpers import bare_site_packages, quick
+from helpers import ROOT, TORCHSHIP, bare_site_packages, quick
 
 
 @pytest.fixture(scope="session")
@@ -148,3 +148,32 @@ def text_exports(tmp_path_factory) -> dict:
     for name in TEXT:
         assert (folder / name / "equivalence.json").is_file(), (folder / "exports.log").read_text()[-3000:]
     return {name: folder / name for name in TEXT}
+
+
+@pytest.fixture(scope="session")
+def vision_exports(tmp_path_factory) -> dict:
+    """detector and segmenter -> their export folders (tests/vision_models.py: trained on synthetic scenes for a
+    few seconds, exported as a user would with `torchship export --model FILE:fn`), built once."""
+    from vision_models import LABELS, SIZE
+
+    def build(out: Path) -> None:
+        log = [
+            subprocess.run(
+                [sys.executable, str(ROOT / "tests" / "vision_models.py"), str(out)], capture_output=True, text=True
+            )
+        ]
+        for name in ("detector", "segmenter"):
+            log.append(
+                subprocess.run(
+                    [*TORCHSHIP, "export", "--model", f"{ROOT / 'tests' / 'vision_models.py'}:{name}", "--weights",
+                     str(out / f"{name}.pt"), "--input-shape", f"3,{SIZE},{SIZE}", "--labels", ",".join(LABELS),
+                     "--out", str(out / name)],
+                    capture_output=True, text=True, cwd=out,
+                )
+            )  # fmt: skip
+        (out / "exports.log").write_text("\n".join(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}" for r in log))
+
+    folder = built_once(tmp_path_factory, "vision-models", build)
+    for name in ("detector", "segmenter"):
+        assert (folder / name / "equivalence.json").is_file(), (folder / "exports.log").read_text()[-3000:]
+    return {name: folder / name for name in ("detector", "segmenter")}

@@ -51,11 +51,24 @@ def run_batched(fn, x: np.ndarray, batch_size: int, out_shape: tuple) -> tuple[n
         return np.full((len(x), *out_shape), np.nan, np.float32), False, dtype_ok
 
 
-def check(backend: str, bs: int, got, shape_ok, dtype_ok, ref, *, atol, rtol, classify: bool) -> Check:
+MIN_PIXEL_AGREEMENT = 0.999  # a segmenter's class per pixel, ties left out
+
+
+def check(
+    backend: str, bs: int, got, shape_ok, dtype_ok, ref, *, atol, rtol, classify: bool, pixels: bool = False
+) -> Check:
+    """PIXELS: a segmenter's logits (N, classes, H, W), whose class per pixel must also agree where the reference's
+    best two classes are further apart than the tolerance (nearer: a tie, counted and left out)."""
     stats = compare(got, ref, atol, rtol)
     top1 = float((got.argmax(1) == ref.argmax(1)).mean()) if classify else None
-    passed = shape_ok and dtype_ok and stats["failures"] == 0
-    return Check(backend, bs, atol, rtol, passed, shape_ok, dtype_ok, top1_agreement=top1, **stats)
+    ties = None
+    if pixels and shape_ok:
+        top2 = np.sort(ref, axis=1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) > 2 * (atol + rtol * np.abs(top2[:, 1]))
+        ties = int((~clear).sum())
+        top1 = float((got.argmax(1) == ref.argmax(1))[clear].mean()) if clear.any() else 1.0
+    passed = shape_ok and dtype_ok and stats["failures"] == 0 and (not pixels or top1 >= MIN_PIXEL_AGREEMENT)
+    return Check(backend, bs, atol, rtol, passed, shape_ok, dtype_ok, top1_agreement=top1, ties=ties, **stats)
 
 
 def load_for_proof(export_dir: Path, source: Path | str | None) -> tuple[ModelCard, torch.nn.Module, list[str]]:

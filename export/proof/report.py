@@ -44,6 +44,7 @@ class Check:
     worst: dict = field(default_factory=dict)
     output: str | None = None  # named outputs: which one
     dims: dict | None = None  # named inputs: the length of each named dimension
+    ties: int | None = None  # a segmenter: pixels whose best two classes tie within the tolerance, left out of top-1
 
 
 MIN_AGREEMENT = 0.99  # an approximate format's top-1 must match eager float32's this often
@@ -100,6 +101,10 @@ def table(report: Report) -> str:
     i = report.inputs
     if i.get("named"):
         return named_table(report)
+    if i.get("detect"):
+        from torchship.export.proof.detections import detection_table  # it builds on this module
+
+        return detection_table(report)
     if "ranged" in i:  # a tensor model's rows
         drawn = f"{i['ranged']} rows drawn uniformly over {'the training range' if i.get('range') else 'mean +- 2 std'}"
         inputs = (f"{i['real']} held-out {i.get('dataset')} rows + " if i["real"] else "") + f"{drawn}, {i['shape']}"
@@ -116,6 +121,12 @@ def table(report: Report) -> str:
         lines.append(
             f"{c.backend:<12} {c.batch_size:>5} {c.max_abs:>9.2e} {c.p99_abs:>9.2e} {_sci(c.max_rel):>9} "
             f"{c.min_atol:>9.2e} {top1:>7} {c.failures:>6}  {'PASS' if c.passed else 'FAIL'}{flags}"
+        )
+    ties = [c.ties for c in report.checks if c.ties is not None]
+    if ties:
+        lines.append(
+            f"top-1: the class of each pixel, which must agree on >= 99.9 % of them; pixels whose best two classes "
+            f"tie within the tolerance are left out ({min(ties)}-{max(ties)} a run)"
         )
     lines.append(
         f"* relative error over elements with |reference| >= atol/rtol = {report.atol / report.rtol:g}, "
@@ -200,11 +211,20 @@ def approximation_failure(report: Report) -> str:
 def failure_message(report: Report) -> str:
     if report.inputs.get("named"):
         return named_failure(report)
+    if report.inputs.get("detect"):
+        from torchship.export.proof.detections import detection_failure  # it builds on this module
+
+        return detection_failure(report)
     if not report.failures():
         return approximation_failure(report)
     c = max(report.failures(), key=lambda c: c.max_abs)
     w = c.worst
     what = "shape or dtype differs; " if not (c.shape_ok and c.dtype_ok) else ""
+    if c.ties is not None and not c.failures and c.shape_ok and c.dtype_ok:
+        return (
+            f"{c.backend} at batch size {c.batch_size} gives another class than eager PyTorch to "
+            f"{1 - c.top1_agreement:.2%} of the pixels clear of ties (at most 0.1 %)"
+        )
     return (
         f"{c.backend} at batch size {c.batch_size} does not match eager PyTorch: {what}{c.failures} of {c.elements} "
         f"elements off (atol {c.atol:g}, rtol {c.rtol:g}); worst at input {w['index'][0]}, "

@@ -20,6 +20,7 @@ from torchship.export.proof.checks import (
     read_card_or_none,
     run_batched,
 )
+from torchship.export.proof.detections import verify_detections
 from torchship.export.proof.named import verify_named
 from torchship.export.proof.report import MAX_ACCURACY_DROP, MIN_AGREEMENT, Approximation, Report, eager_reference
 from torchship.export.proof.tolerance import ATOL, FORMAT_LOOSENING, RTOL, tolerance
@@ -132,8 +133,11 @@ def verify(
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
 ) -> Report:
     export_dir, requested_atol = Path(export_dir), atol
-    if getattr(read_card_or_none(export_dir), "named", False):
+    card = read_card_or_none(export_dir)
+    if getattr(card, "named", False):
         return verify_named(export_dir, atol, rtol, source, batch_sizes)
+    if getattr(card, "task", None) == "detect":
+        return verify_detections(export_dir, source)
     card, model, formats = load_for_proof(export_dir, source)
     fns = backends(export_dir, model, formats)
     x, inputs = proof_set(card, model, formats, data_dir, batch_sizes)
@@ -142,7 +146,7 @@ def verify(
     with torch.inference_mode():
         ref = reference_model(torch.from_numpy(x).double()).numpy()
     out_shape = ref.shape[1:]
-    classify = card.task == "classify"
+    classify, pixels = card.task in ("classify", "segment"), card.task == "segment"
     runs = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -153,12 +157,22 @@ def verify(
     checks, notes = [], [note] if note else []
     for backend in fns:
         rows = [
-            check(backend, bs, *runs[backend, bs], ref, atol=atol, rtol=rtol, classify=classify) for bs in batch_sizes
+            check(backend, bs, *runs[backend, bs], ref, atol=atol, rtol=rtol, classify=classify, pixels=pixels)
+            for bs in batch_sizes
         ]
         if backend in FORMAT_LOOSENING and not all(c.passed for c in rows):
             factor, why = FORMAT_LOOSENING[backend]
             relaxed = [
-                check(backend, bs, *runs[backend, bs], ref, atol=atol * factor, rtol=rtol * factor, classify=classify)
+                check(
+                    backend,
+                    bs,
+                    *runs[backend, bs],
+                    ref,
+                    atol=atol * factor,
+                    rtol=rtol * factor,
+                    classify=classify,
+                    pixels=pixels,
+                )
                 for bs in batch_sizes
             ]
             if all(c.passed for c in relaxed):
@@ -166,7 +180,7 @@ def verify(
                 notes.append(f"{backend} held to atol {atol * factor:g}, rtol {rtol * factor:g} ({factor}x): {why}")
         checks += rows
     note = "; ".join(notes) or None
-    approximations = approximate(export_dir, card, model, formats, x, data_dir) if classify else []
+    approximations = approximate(export_dir, card, model, formats, x, data_dir) if card.task == "classify" else []
     return Report(
         str(export_dir), atol, rtol, eager_reference(card.name), inputs, checks, note, requested_atol, approximations
     )

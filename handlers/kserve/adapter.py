@@ -71,7 +71,7 @@ class KServeModel(kserve.Model):
         outputs = []
         binary = payload.from_grpc or payload.use_binary_outputs  # gRPC: raw contents, or tritonclient reads []
         raw = self.runner.run(x.arrays if self.card.named else x)
-        inputs = x if self.card.named else None
+        inputs = x  # a named request's rows (its own step reads them), an image batch's sizes (boxes, masks)
         for t in model_io.model_outputs(self.card, batch_outputs(self.card, raw), self.steps, inputs):
             out = InferOutput(name=t.name, shape=list(t.shape), datatype=t.datatype)
             out.set_data_from_numpy(t.data, binary_data=binary)

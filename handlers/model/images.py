@@ -6,7 +6,9 @@ test, so all of them see exactly the same pixels. Each recipe in the card's `pre
   side keeping its aspect, centred by centre of mass (MNIST's own recipe);
 - fashion: light background inverted, plainly resized (FashionMNIST);
 - resize: straight to H x W;
-- resize-crop: shorter side to `card.resize`, centre crop to H x W (torchvision's classification preset).
+- resize-crop: shorter side to `card.resize`, centre crop to H x W (torchvision's classification preset);
+- letterbox: fitted into H x W keeping its aspect, at the top left, the rest black; the batch remembers each image's
+  own size (Framed), so a detector's boxes and a segmenter's mask are answered in the sent image's pixels.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..card import ModelCard
-from ..recipes import GREY_RECIPES
+from ..recipes import FRAMED_RECIPE, GREY_RECIPES
 from .errors import InputError
 
 # Only these decoders ever see request bytes: Pillow's other plugins (EPS runs Ghostscript) are never tried.
@@ -167,6 +169,48 @@ def resize_crop(pixels: np.ndarray, height: int, width: int, short: int) -> np.n
     return pixels[top : top + height, left : left + width]
 
 
+def letterbox(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Fitted into H x W keeping its aspect (bilinear), placed at the top left on black: undone by fitted_size."""
+    h, w = pixels.shape[:2]
+    nh, nw = fitted_size(h, w, height, width)
+    if (nh, nw) != (h, w):
+        pixels = np.asarray(Image.fromarray(pixels).resize((nw, nh), Image.Resampling.BILINEAR))
+    if (nh, nw) == (height, width):
+        return pixels
+    out = np.zeros((height, width, *pixels.shape[2:]), np.uint8)
+    out[:nh, :nw] = pixels
+    return out
+
+
+def fitted_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
+    """Where an h x w image lies inside the letterbox: its top-left nh x nw."""
+    scale = min(height / h, width / w)
+    return min(height, max(1, round(h * scale))), min(width, max(1, round(w * scale)))
+
+
+class Framed(np.ndarray):
+    """A letterboxed batch that remembers each image's own (height, width); a plain array is at the model's size."""
+
+    sizes: tuple = ()
+
+
+def framed(arrays: list[np.ndarray]) -> np.ndarray:
+    """One batch of (C, H, W) or (N, C, H, W) arrays, each Framed one's sizes kept in order."""
+    batch = np.stack(arrays) if arrays[0].ndim == 3 else np.concatenate(arrays)
+    if not any(isinstance(a, Framed) for a in arrays):
+        return batch
+    out = batch.view(Framed)
+    out.sizes = tuple(s for a in arrays for s in sizes_of(a, 1 if a.ndim == 3 else len(a)))
+    return out
+
+
+def sizes_of(x: np.ndarray, n: int | None = None) -> tuple[tuple[int, int], ...]:
+    """Each image's own (height, width): a Framed batch's, else the model's input size for all N."""
+    found = getattr(x, "sizes", ())
+    n = len(x) if n is None else n
+    return tuple(found) if len(found) == n else (tuple(x.shape[-2:]),) * n
+
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Ancillary chunks Pillow does not apply to the pixels; any other (tRNS, eXIf, PLTE...) takes the general path.
 INERT_CHUNKS = frozenset((b"tEXt", b"zTXt", b"iTXt", b"pHYs", b"tIME", b"gAMA", b"cHRM", b"sRGB"))
@@ -228,9 +272,12 @@ class Preprocessor:
         object.__setattr__(self, "tables", tables)
 
     @property
-    def draft(self) -> tuple[int, int]:
-        """The size a JPEG may be decoded down to and still hold everything the recipe needs."""
+    def draft(self) -> tuple[int, int] | None:
+        """The size a JPEG may be decoded down to and still hold everything the recipe needs; None: its own size (a
+        letterboxed image's answer is in the pixels it was sent with)."""
         c = self.card
+        if c.preprocess == FRAMED_RECIPE:
+            return None
         if c.preprocess in GREY_RECIPES:
             return (WORKING_SIDE // 2, WORKING_SIDE // 2)
         side = c.resize if c.preprocess == "resize-crop" else max(c.input_shape[1:])
@@ -262,6 +309,10 @@ class Preprocessor:
             return self.normalise(recipe(pixels, height, width))
         if c.preprocess == "resize":
             return self.lookup(resize(pixels, height, width))
+        if c.preprocess == FRAMED_RECIPE:
+            x = self.lookup(letterbox(pixels, height, width)).view(Framed)
+            x.sizes = (pixels.shape[:2],)
+            return x
         return self.lookup(resize_crop(pixels, height, width, c.resize))
 
     def from_image(self, img: Image.Image) -> np.ndarray:

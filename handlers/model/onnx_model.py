@@ -21,11 +21,12 @@ from ..card import ONNX_METADATA_KEY, CardError, ModelCard
 from ..signature import TEXT_INPUT
 from . import named, steps
 from .errors import InputError
-from .images import Preprocessor
+from .images import Preprocessor, framed, sizes_of
 from .responses import DEFAULT_TOPK, respond
 from .runners import session_options
 from .steps import Steps
 from .tensors import rows_from_array, rows_from_instances, standardize
+from .vision import detect_runner
 
 
 @dataclass
@@ -52,7 +53,10 @@ class OnnxModel:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Raw model output for a normalised (N, C, H, W) float32 batch."""
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        feed = lambda x: self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})  # noqa: E731
+        if self.card.task == "detect":  # packed (N, K, 6): model/vision.py
+            return detect_runner(feed, self.card.thresholds["detections"])(batch)
+        return feed(batch)[0]
 
     def predict(self, images, topk: int = DEFAULT_TOPK):
         """One image (path, bytes, PIL image, array) gives one result; a list gives a list, in one forward pass.
@@ -76,8 +80,8 @@ class OnnxModel:
             return []
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
             raise ValueError(f"topk must be a positive integer, got {topk!r}")
-        out = self.run(np.stack([self.prepare(i) for i in items]))
-        results = respond(self.card, out, [topk] * len(items))
+        x = framed([self.prepare(i) for i in items])
+        results = respond(self.card, self.run(x), [topk] * len(items), sizes_of(x))
         return results[0] if single else results
 
     def predict_named(self, inputs: dict) -> dict[str, np.ndarray]:

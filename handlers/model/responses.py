@@ -1,4 +1,5 @@
-"""What a model's raw output means to a client: probabilities, top-k labels, a reconstruction PNG, values.
+"""What a model's raw output means to a client: probabilities, top-k labels, a reconstruction PNG, values; boxes and
+masks (vision.py).
 
 One implementation for every runtime (TorchServe, KServe, the ONNX embedding); numpy and Pillow only.
 """
@@ -6,12 +7,12 @@ One implementation for every runtime (TorchServe, KServe, the ONNX embedding); n
 from __future__ import annotations
 
 import base64
-import io
 
 import numpy as np
-from PIL import Image
 
 from ..card import ModelCard
+from . import vision
+from .vision import png
 
 DEFAULT_TOPK = 3
 
@@ -52,12 +53,6 @@ def to_pixels(card: ModelCard, image: np.ndarray) -> np.ndarray:
     return x[0] if c == 1 else x.transpose(1, 2, 0)
 
 
-def png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def values(card: ModelCard, outputs: np.ndarray) -> list:
     """A regressor's answer per row: its one value, or {name: value} when it has several."""
     rows = np.asarray(outputs, np.float64).reshape(len(outputs), -1).tolist()
@@ -69,16 +64,22 @@ def values(card: ModelCard, outputs: np.ndarray) -> list:
 def batch_outputs(card: ModelCard, raw):
     """What one forward pass's raw output becomes before its requests' rows are split off: a classifier's
     probabilities, so the softmax runs once per pass, not once per request (bench/NOTES.md lever 54)."""
+    if card.task == "segment":
+        return vision.class_maps(raw)
     return probabilities(card, raw) if card.task == "classify" else raw
 
 
-def respond(card: ModelCard, outputs: np.ndarray, topk: list[int] | None = None) -> list:
+def respond(card: ModelCard, outputs: np.ndarray, topk: list[int] | None = None, sizes=None) -> list:
     """One JSON-ready answer per row of a batch's raw output."""
-    return answers(card, batch_outputs(card, outputs), topk)
+    return answers(card, batch_outputs(card, outputs), topk, sizes)
 
 
-def answers(card: ModelCard, outputs: np.ndarray, topk: list[int] | None = None) -> list:
-    """One JSON-ready answer per row of batch_outputs."""
+def answers(card: ModelCard, outputs: np.ndarray, topk: list[int] | None = None, sizes=None) -> list:
+    """One JSON-ready answer per row of batch_outputs. SIZES: each image's own (height, width) for a detector's boxes
+    and a segmenter's mask (images.sizes_of); None: the model's input size."""
+    if card.task in ("detect", "segment"):
+        sizes = sizes or (tuple(card.input_shape[1:]),) * len(outputs)
+        return (vision.detection_answers if card.task == "detect" else vision.segment_answers)(card, outputs, sizes)
     if card.task == "regress":
         return values(card, outputs)
     if card.task == "reconstruct":

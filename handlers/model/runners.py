@@ -13,6 +13,7 @@ import numpy as np
 from ..card import ModelCard
 from ..formats import FORMAT_BY_BACKEND, FORMATS
 from ..signature import Signature
+from .vision import detect_runner
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def session_options(threads: int = 1, optimization: str = "all", spinning: bool 
     return options
 
 
-def onnx_runner(path: Path, threads: int, sig: Signature | None = None) -> Callable:
+def onnx_runner(path: Path, threads: int, sig: Signature | None = None, all_outputs: bool = False) -> Callable:
     import onnxruntime as ort  # lazily: an archive of TorchScript or pt2 runs without it
 
     session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
@@ -61,6 +62,8 @@ def onnx_runner(path: Path, threads: int, sig: Signature | None = None) -> Calla
         names = [o.name for o in session.get_outputs()]
         return lambda feeds: dict(zip(names, session.run(None, {t.name: feeds[t.name] for t in sig.inputs})))
     name = session.get_inputs()[0].name
+    if all_outputs:  # a detector's boxes, scores and labels
+        return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})
     return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
@@ -77,12 +80,15 @@ def named_torch_runner(module, sig: Signature) -> Callable:
     return run
 
 
-def torch_runner(module) -> Callable:
+def torch_runner(module, all_outputs: bool = False) -> Callable:
+    """ALL_OUTPUTS: every output as numpy (a detector's boxes, scores and labels); else the first, as float32."""
     import torch  # lazily: the torch-free runtime imports torch only for a TorchScript or pt2 model
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             out = module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        if all_outputs:
+            return [y.numpy() for y in out]
         if isinstance(out, (list, tuple)):  # AOTInductor packages return a list of outputs
             out = out[0]
         return out.float().numpy()
@@ -93,17 +99,26 @@ def torch_runner(module) -> Callable:
 def load(
     model_dir: str | os.PathLike, backend: str | None = None, threads: int = 1, card: ModelCard | None = None
 ) -> Runner:
-    """The card says whether the model takes one batch or named inputs; without it, one batch."""
+    """The card says whether the model takes one batch, named inputs or an image a pass (a detector); without it, one
+    batch."""
+    runner = _load(model_dir, backend, threads, card)
+    if card is not None and card.task == "detect":
+        return Runner(runner.backend, runner.path, detect_runner(runner.run, card.thresholds["detections"]))
+    return runner
+
+
+def _load(model_dir, backend: str | None, threads: int, card: ModelCard | None) -> Runner:
     backend = backend or find(model_dir)
     sig = card.signature if card is not None else None
-    wrap = (lambda m: named_torch_runner(m, sig)) if sig is not None else torch_runner
+    detect = card is not None and card.task == "detect"
+    wrap = (lambda m: named_torch_runner(m, sig)) if sig is not None else (lambda m: torch_runner(m, detect))
     if backend not in FORMAT_BY_BACKEND:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(FORMAT_BY_BACKEND)}")
     path = Path(model_dir) / FORMAT_BY_BACKEND[backend].file
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: export it first (`torchship export --formats ...`)")
     if backend in ("onnx", "onnx-int8"):
-        return Runner(backend, path, onnx_runner(path, threads, sig))
+        return Runner(backend, path, onnx_runner(path, threads, sig, all_outputs=detect))
     import torch  # lazily: the torch-free runtime imports torch only for a TorchScript or pt2 model
 
     torch.set_num_threads(threads)  # one per worker: workers must not fight over the cores

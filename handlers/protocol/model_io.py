@@ -3,7 +3,8 @@ input tensors to the model's batch, and the model's rows to output tensors; nump
 BYTES [N], each element an encoded image file; or `input`, FP32 [N, C, H, W], already normalised. Tensor models:
 `input`, FP32 [N, *shape] of raw numbers. Named-input models: their signature's tensors. Outputs: `probabilities`
 FP32 [N, classes] and `label` BYTES [N] for classifiers, `reconstruction` FP32 [N, C, H, W] for the autoencoder, the
-card's output name for a regressor, the signature's outputs by name.
+card's output name for a regressor, the signature's outputs by name; a detector's and a segmenter's in
+model/vision.py (detection_tensors, segment_tensors), in the sent images' pixels.
 
 One implementation for the OIP server (REST and gRPC), the kserve.Model adapter and the TorchServe handler.
 """
@@ -19,9 +20,9 @@ import numpy as np
 
 from ..card import ModelCard
 from ..limits import MAX_BATCH_ITEMS
-from ..model import named
+from ..model import named, vision
 from ..model.errors import InputError
-from ..model.images import Preprocessor
+from ..model.images import Preprocessor, framed, sizes_of
 from ..model.steps import StepError, Steps
 from ..model.tensors import rows_from_array, standardize
 from .v2 import ProtocolError, Tensor
@@ -48,6 +49,20 @@ def output_types(card: ModelCard, label: bool = True) -> list[dict]:
 def _output_types(card: ModelCard) -> list[dict]:
     if card.named:
         return named.types(card.signature.served_outputs)
+    if card.task == "detect":
+        k = card.thresholds["detections"]
+        return [
+            {"name": "boxes", "datatype": "FP32", "shape": [-1, k, 4]},
+            {"name": "scores", "datatype": "FP32", "shape": [-1, k]},
+            {"name": "labels", "datatype": "INT32", "shape": [-1, k]},
+            {"name": "names", "datatype": "BYTES", "shape": [-1, k]},
+            {"name": "count", "datatype": "INT32", "shape": [-1]},
+        ]
+    if card.task == "segment":
+        return [
+            {"name": "mask", "datatype": "UINT8", "shape": [-1, -1, -1]},
+            {"name": "counts", "datatype": "INT32", "shape": [-1, card.classes]},
+        ]
     if card.task == "regress":
         return [{"name": card.output_name, "datatype": "FP32", "shape": [-1, card.outputs]}]
     if card.task == "reconstruct":
@@ -128,7 +143,13 @@ def model_inputs(
                 raise ProtocolError(
                     f"input '{IMAGES}' element {i}: could not process the image: {str(e)[:200]}", 422
                 ) from None
-        return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+        batch = framed(arrays)
+        if card.task == "segment" and len(set(sizes_of(batch))) > 1:
+            raise ProtocolError(
+                f"input '{IMAGES}': images of different sizes ({', '.join(f'{w}x{h}' for h, w in sizes_of(batch))}) "
+                "cannot share one mask tensor: send them in separate requests"
+            )
+        return batch
     if t.datatype != "FP32":
         raise ProtocolError(f"input '{ARRAY}' must be FP32, not {t.datatype}")
     want = (t.shape[0], *card.input_shape) if t.shape else ()
@@ -193,6 +214,10 @@ def model_outputs(card: ModelCard, rows, steps: Steps | None = None, inputs: nam
     if card.named:
         out = _steps(card, steps).outputs(rows, inputs)
         return [Tensor(t.name, t.datatype, out[t.name].shape, out[t.name]) for t in card.signature.served_outputs]
+    if card.task in ("detect", "segment"):
+        sizes = sizes_of(inputs) if inputs is not None else (tuple(card.input_shape[1:]),) * len(rows)
+        out = (vision.detection_tensors if card.task == "detect" else vision.segment_tensors)(card, rows, sizes)
+        return [Tensor(t["name"], t["datatype"], out[t["name"]].shape, out[t["name"]]) for t in _output_types(card)]
     if card.task == "regress":
         out = np.asarray(rows, np.float32).reshape(len(rows), card.outputs)
         return [Tensor(card.output_name, "FP32", out.shape, out)]

@@ -12,7 +12,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from ..card import ModelCard
 from ..model import named, runners, steps
 from ..model.errors import InputError
-from ..model.images import Preprocessor
+from ..model.images import Framed, Preprocessor, framed, sizes_of
 from ..model.responses import answers, batch_outputs
 from ..model.tensors import rows_from_instances, standardize
 from ..protocol import model_io, v2
@@ -81,7 +81,7 @@ class ModelHandler(BaseHandler):
         if not self.card.image:  # KServe v1 / TF Serving JSON: {"instances": [[...], ...]}
             return standardize(self.card, rows_from_instances(self.card, instances(body))), {"v1": True}
         req = decode_row(row, self.card.classes, self.header(i, "x-topk"), self.header(i, "content-type"))
-        return self.preprocessor.from_bytes(req.image)[None], {"topk": req.topk}
+        return framed([self.preprocessor.from_bytes(req.image)]), {"topk": req.topk}
 
     NAMED_HOW = 'send {"inputs": {"NAME": [...], ...}} (one example) or a v2 request {"inputs": [{...}, ...]}'
 
@@ -116,7 +116,7 @@ class ModelHandler(BaseHandler):
             except Exception as e:  # an image Pillow opened but could not convert: still this row's fault
                 batch.errors[i] = InputError(422, f"could not process the image: {str(e)[:200]}")
         if arrays:
-            batch.inputs = arrays if self.card.named else np.concatenate(arrays)
+            batch.inputs = arrays if self.card.named else framed(arrays)
         return batch
 
     def inference(self, data: Batch, *args, **kwargs) -> Batch:
@@ -147,12 +147,16 @@ class ModelHandler(BaseHandler):
         if part.named:
             answer = self.steps.outputs(out, data.inputs[k])
             return {"outputs": {name: v2.json_values(y[0]) for name, y in answer.items()}}
+        sizes = None if self.card.named else sizes_of(data.inputs)[part.start : part.stop]
         if part.v2 is not None:
-            rows = data.inputs[k] if self.card.named else None
+            rows = data.inputs[k] if self.card.named else data.inputs[part.start : part.stop]
+            if not self.card.named:  # the part's own images' sizes (boxes, masks in their pixels)
+                rows = rows.view(Framed)
+                rows.sizes = sizes
             return v2.response_json(self.model_name, part.v2, model_io.model_outputs(self.card, out, self.steps, rows))
         if part.v1:
-            return {"predictions": answers(self.card, out, [part.topk] * len(out))}
-        return answers(self.card, out, [part.topk])[0]
+            return {"predictions": answers(self.card, out, [part.topk] * len(out), sizes)}
+        return answers(self.card, out, [part.topk], sizes)[0]
 
     def handle(self, data: list[dict], context) -> list[str]:
         self.context = context
