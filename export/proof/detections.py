@@ -127,6 +127,7 @@ def verify_detections(export_dir: Path, source: Path | str | None) -> Report:
         "shape": list(x.shape[1:]),
         "thresholds": dict(card.thresholds),
         "rules": f"same label, IoU >= {MIN_IOU}, score within {SCORE_TOL}; at least {MIN_JUDGED} judged",
+        "min_judged": MIN_JUDGED,
     }
     return Report(str(export_dir), SCORE_TOL, 0.0, f"eager PyTorch, float32 ({card.name})", inputs, checks)
 
@@ -156,44 +157,4 @@ def detection_check(backend: str, ref: np.ndarray, got: np.ndarray, threshold: f
         min_rtol=0.0,
         top1_agreement=found["matched"] / found["judged"] if found.get("judged") else None,
         worst=found,
-    )
-
-
-def detection_table(report: Report) -> str:
-    i = report.inputs
-    lines = [
-        f"reference: {report.reference}; {i['rules']}",
-        f"inputs: {i['total']} drawn scenes ({', '.join(i['sizes'])}), letterboxed to {i['shape']}; eager finds "
-        f"{i['detections']} detections, {i['empty']} scenes with none; thresholds {i['thresholds']}",
-    ]
-    head = f"{'backend':<12} {'judged':>6} {'matched':>7} {'left out':>8} {'missing':>7} {'extra':>5} "
-    head += f"{'box err px':>10} {'score err':>9}  result"
-    lines += [head, "-" * len(head)]
-    for c in report.checks:
-        w = c.worst
-        lines.append(
-            f"{c.backend:<12} {w['judged']:>6} {w.get('matched', 0):>7} {w.get('excluded', 0):>8} "
-            f"{len(w['missing']):>7} {len(w['extra']):>5} {c.max_abs:>10.2e} {c.mean_abs:>9.2e}  "
-            f"{'PASS' if c.passed else 'FAIL'}{'' if c.shape_ok and c.dtype_ok else ' (shape/dtype)'}"
-        )
-    lines.append("all checks pass" if report.passed else f"{len(report.failures())} check(s) FAILED")
-    return "\n".join(lines)
-
-
-def detection_failure(report: Report) -> str:
-    c = report.failures()[0]
-    w = c.worst
-    if w["missing"] or w["extra"]:
-        first = (w["missing"] or w["extra"])[0]
-        what = "misses" if w["missing"] else "adds"
-        return (
-            f"{c.backend} does not answer eager PyTorch's detections: {len(w['missing'])} missing, "
-            f"{len(w['extra'])} extra of {w['judged']} judged; it {what} label {first['label']} score "
-            f"{first['score']:.4f} box {[round(v, 1) for v in first['box']]} in scene {first['image']}"
-        )
-    if not (c.shape_ok and c.dtype_ok):
-        return f"{c.backend} answers another shape or dtype than eager PyTorch"
-    return (
-        f"{c.backend}: only {w['judged']} detections clear of the threshold and of ties to judge (needs "
-        f"{MIN_JUDGED}): the proof cannot tell; lower the score threshold or give the model images it finds things in"
     )

@@ -102,8 +102,6 @@ def table(report: Report) -> str:
     if i.get("named"):
         return named_table(report)
     if i.get("detect"):
-        from torchship.export.proof.detections import detection_table  # it builds on this module
-
         return detection_table(report)
     if "ranged" in i:  # a tensor model's rows
         drawn = f"{i['ranged']} rows drawn uniformly over {'the training range' if i.get('range') else 'mean +- 2 std'}"
@@ -212,8 +210,6 @@ def failure_message(report: Report) -> str:
     if report.inputs.get("named"):
         return named_failure(report)
     if report.inputs.get("detect"):
-        from torchship.export.proof.detections import detection_failure  # it builds on this module
-
         return detection_failure(report)
     if not report.failures():
         return approximation_failure(report)
@@ -254,4 +250,45 @@ def named_failure(report: Report) -> str | None:
         f"not match eager PyTorch: {what}{c.failures} of {c.elements} elements off (atol {c.atol:g}, rtol "
         f"{c.rtol:g}); worst at row {w['index'][0]}, element {w['index'][1:]}: got {w['got']:.6g}, expected "
         f"{w['expected']:.6g}"
+    )
+
+
+def detection_table(report: Report) -> str:
+    """A detector's proof (proof/detections.py): one line per format."""
+    i = report.inputs
+    lines = [
+        f"reference: {report.reference}; {i['rules']}",
+        f"inputs: {i['total']} drawn scenes ({', '.join(i['sizes'])}), letterboxed to {i['shape']}; eager finds "
+        f"{i['detections']} detections, {i['empty']} scenes with none; thresholds {i['thresholds']}",
+    ]
+    head = f"{'backend':<12} {'judged':>6} {'matched':>7} {'left out':>8} {'missing':>7} {'extra':>5} "
+    head += f"{'box err px':>10} {'score err':>9}  result"
+    lines += [head, "-" * len(head)]
+    for c in report.checks:
+        w = c.worst
+        lines.append(
+            f"{c.backend:<12} {w['judged']:>6} {w.get('matched', 0):>7} {w.get('excluded', 0):>8} "
+            f"{len(w['missing']):>7} {len(w['extra']):>5} {c.max_abs:>10.2e} {c.mean_abs:>9.2e}  "
+            f"{'PASS' if c.passed else 'FAIL'}{'' if c.shape_ok and c.dtype_ok else ' (shape/dtype)'}"
+        )
+    lines.append("all checks pass" if report.passed else f"{len(report.failures())} check(s) FAILED")
+    return "\n".join(lines)
+
+
+def detection_failure(report: Report) -> str:
+    c = report.failures()[0]
+    w = c.worst
+    if w["missing"] or w["extra"]:
+        first = (w["missing"] or w["extra"])[0]
+        what = "misses" if w["missing"] else "adds"
+        return (
+            f"{c.backend} does not answer eager PyTorch's detections: {len(w['missing'])} missing, "
+            f"{len(w['extra'])} extra of {w['judged']} judged; it {what} label {first['label']} score "
+            f"{first['score']:.4f} box {[round(v, 1) for v in first['box']]} in scene {first['image']}"
+        )
+    if not (c.shape_ok and c.dtype_ok):
+        return f"{c.backend} answers another shape or dtype than eager PyTorch"
+    return (
+        f"{c.backend}: only {w['judged']} detections clear of the threshold and of ties to judge (needs "
+        f"{report.inputs['min_judged']}): the proof cannot tell; a lower score threshold (--model-kwarg) finds more"
     )
