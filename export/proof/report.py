@@ -290,5 +290,6 @@ def detection_failure(report: Report) -> str:
         return f"{c.backend} answers another shape or dtype than eager PyTorch"
     return (
         f"{c.backend}: only {w['judged']} detections clear of the threshold and of ties to judge (needs "
-        f"{report.inputs['min_judged']}): the proof cannot tell; a lower score threshold (--model-kwarg) finds more"
+        f"{report.inputs['min_judged']}; {w['excluded']} left out): the proof cannot tell. Untrained weights answer "
+        "one score for every box; trained ones with too high a score threshold find too little (--model-kwarg)"
     )
