@@ -266,3 +266,42 @@ print(json.dumps({{"d": d, "s": s}}))
     assert mask.shape == (300, 150) and out["s"]["size"] == [300, 150]
     counts = np.bincount(mask.ravel(), minlength=3)
     assert out["s"]["counts"] == {label: int(c) for label, c in zip(card.labels, counts) if c}
+
+
+def test_torchserve_answers_as_its_object_detector_and_image_segmenter(
+    tmp_path_factory, vision_exports, eager, bare_python
+):
+    """From the archives, under a Python without torchship: a list of {label: [x1, y1, x2, y2], "score": s} per
+    image (TorchServe's object_detector), and the mask of the image's own size."""
+    import base64
+    import http.client
+
+    from torchship.serve import torchserve
+
+    from helpers import torchserve_of
+
+    def post(model: str, body: bytes) -> tuple[int, object]:
+        conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
+        conn.request("POST", f"/predictions/{model}", body, {"Content-Type": "image/png", **headers})
+        r = conn.getresponse()
+        answer = json.loads(r.read())
+        conn.close()
+        return r.status, answer
+
+    _, card = eager["detector"]
+    with torchserve_of(tmp_path_factory, vision_exports, bare_python) as cfg:
+        headers = torchserve.headers(cfg.state_dir)
+        for name in ("two", "empty"):
+            status, got = post("detector", png(SCENES[name]))
+            assert status == 200, got
+            w = eager_detections(eager, SCENES[name])
+            assert [next(k for k in g if k != "score") for g in got] == [card.labels[j] for j in w["labels"]]
+            boxes = [next(v for k, v in g.items() if k != "score") for g in got]
+            np.testing.assert_allclose(np.reshape(boxes, (-1, 4)), w["boxes"], atol=0.01)
+            np.testing.assert_allclose([g["score"] for g in got], w["scores"], atol=1e-4)
+        status, got = post("segmenter", png(SCENES["tall"]))
+        assert status == 200, got
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(got["mask_png_base64"]))))
+        assert mask.shape == (300, 150) and sum(got["counts"].values()) == 300 * 150
+        status, got = post("detector", png(np.zeros((4000, 4000, 3), np.uint8)))
+        assert status == 413 and "4000x4000" in got["error"], got
