@@ -64,6 +64,14 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
     help="With --model: a state dict file (torch.save(model.state_dict(), FILE)).",
 )
 @click.option(
+    "--weights-enum",
+    default=None,
+    metavar="module:Enum.MEMBER",
+    help="With --model: the torchvision weights enum your weights were trained as (e.g. "
+    "torchvision.models:ResNet50_Weights.IMAGENET1K_V2): the card takes its mean, std, resize, crop and categories "
+    "(nothing is downloaded).",
+)
+@click.option(
     "--model-kwarg",
     "kwargs",
     multiple=True,
@@ -217,6 +225,7 @@ def export_command(
     checkpoint,
     spec,
     weights,
+    weights_enum,
     kwargs,
     input_shape,
     input_kind,
@@ -257,6 +266,7 @@ def export_command(
         raise click.UsageError("give either a torchship CHECKPOINT or --model SPEC --weights FILE")
     user_only = {
         "--weights": weights,
+        "--weights-enum": weights_enum,
         "--model-kwarg": kwargs,
         "--input-shape": input_shape,
         "--labels": labels,
@@ -285,7 +295,20 @@ def export_command(
             given = [k for k, v in named_only.items() if v]
             raise click.UsageError(f"{', '.join(given)} describe one input; a signature describes every input")
         input_kind = "named"
-    elif spec is not None and (weights is None or input_shape is None):
+    preset = None
+    if weights_enum is not None and input_kind == "image":
+        from torchship.export.weights_enum import WeightsEnumError, read
+
+        given = [k for k, v in {"--mean": mean, "--std": std, "--labels": labels}.items() if v]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: --weights-enum states them")
+        try:
+            preset = read(weights_enum)
+        except WeightsEnumError as e:
+            raise click.BadParameter(str(e), param_hint="--weights-enum") from None
+        side = preset.crop or preset.resize
+        input_shape = input_shape or ((3, side, side) if side else None)
+    if spec is not None and input_kind != "named" and (weights is None or input_shape is None):
         raise click.UsageError("--model needs --weights FILE and --input-shape (C,H,W for images, e.g. 13 for rows)")
     if spec is not None and input_kind == "image" and len(input_shape) != 3:
         raise click.BadParameter(
@@ -351,6 +374,7 @@ def export_command(
                     task=task,
                     output_names=output_names,
                     input_range=input_range,
+                    preset=preset,
                 )
             source = Path(weights)
             out = Path(out_dir or f"exports/{card.name}")

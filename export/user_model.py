@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from torchship.export import vision
+from torchship.export.weights_enum import Preset
 from torchship.handlers.card import BUILTIN_ARCHITECTURES, Architecture, CardError, ModelCard
 from torchship.handlers.recipes import FRAMED_RECIPE, GREY_RECIPES
 from torchship.handlers.signature import Signature
@@ -204,18 +205,22 @@ def output_kind(out: torch.Tensor) -> str:
     return "logits"
 
 
-def read_labels(value: str | None, classes: int | None) -> tuple[str, ...]:
-    """A file with one label a line, or a comma-separated list; default: the class indices. CLASSES None: as many as
-    given (a text model's labels, checked against its output by the signature)."""
+def read_labels(value: str | Sequence[str] | None, classes: int | None) -> tuple[str, ...]:
+    """A file with one label a line, a comma-separated list, or a weights enum's categories; default: the class
+    indices. CLASSES None: as many as given (a text model's labels, checked against its output by the signature)."""
     if not value:
         return tuple(str(i) for i in range(classes or 0))
-    path = Path(value)
-    if path.is_file():
-        labels = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    if not isinstance(value, str):
+        labels, what = [str(x) for x in value], "the weights enum names"
+    elif Path(value).is_file():
+        labels, what = (
+            [x.strip() for x in Path(value).read_text(errors="replace").splitlines() if x.strip()],
+            "--labels gives",
+        )
     else:
-        labels = [x.strip() for x in value.split(",")]
+        labels, what = [x.strip() for x in value.split(",")], "--labels gives"
     if classes is not None and len(labels) != classes:
-        raise ModelLoadError(f"--labels gives {len(labels)} labels but the model outputs {classes} classes")
+        raise ModelLoadError(f"{what} {len(labels)} labels but the model outputs {classes} classes")
     return tuple(labels)
 
 
@@ -241,9 +246,14 @@ def user_model(
     task: str | None = None,
     output_names: Sequence[str] | None = None,
     input_range: tuple[float, float] | None = None,
+    preset: Preset | None = None,
 ) -> tuple[torch.nn.Module, ModelCard]:
-    """Build the model, load its weights, run it once on a real batch, and write down what it is."""
+    """Build the model, load its weights, run it once on a real batch, and write down what it is. PRESET: what a
+    torchvision weights enum says (mean, std, resize, labels), over MEAN, STD and LABELS."""
     kwargs = dict(kwargs or {})
+    if preset is not None:
+        mean, std = preset.mean or mean, preset.std or std
+        labels = preset.labels or labels
     model = load_weights(build(spec, kwargs), read_state_dict(weights), weights)
     image = input_kind == "image"
     c = input_shape[0]
@@ -305,6 +315,7 @@ def user_model(
             labels=read_labels(labels, out.shape[1]) if task == "classify" else (),
             output_names=tuple(output_names) if task == "regress" else (),
             preprocess=preprocess or ("standardize" if not image else "resize-crop" if c == 3 else "resize"),
+            resize=preset.resize if preset and preset.crop and (preprocess or "resize-crop") == "resize-crop" else None,
             output_kind={"reconstruct": "image", "regress": "values"}.get(task) or output or output_kind(out),
             architecture=Architecture(spec, kwargs),
             dataset=dataset,

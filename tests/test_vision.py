@@ -305,3 +305,58 @@ def test_torchserve_answers_as_its_object_detector_and_image_segmenter(
         assert mask.shape == (300, 150) and sum(got["counts"].values()) == 300 * 150
         status, got = post("detector", png(np.zeros((4000, 4000, 3), np.uint8)))
         assert status == 413 and "4000x4000" in got["error"], got
+
+
+@pytest.mark.parametrize(
+    "spec, enum, kwargs",
+    [
+        ("torchvision.models:mobilenet_v3_small", "torchvision.models:MobileNet_V3_Small_Weights.IMAGENET1K_V1", {}),
+        (
+            "torchvision.models.segmentation:lraspp_mobilenet_v3_large",
+            "torchvision.models.segmentation:LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1",
+            {"num_classes": 21, "weights_backbone": None},
+        ),
+        (
+            "torchvision.models.detection:fasterrcnn_mobilenet_v3_large_320_fpn",
+            "torchvision.models.detection:FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1",
+            {"num_classes": 91, "weights_backbone": None},
+        ),
+    ],
+)
+def test_a_weights_enum_gives_the_card_its_preset_and_categories(tmp_path, spec, enum, kwargs):
+    """The enum's architecture with weights of our own (nothing can be downloaded here): the card's mean, std,
+    sizes and labels are the enum's own transforms' and categories."""
+    from torchship.export.user_model import build, user_model
+    from torchship.export.weights_enum import read
+
+    module, _, member = enum.rpartition(":")
+    weights = getattr(getattr(__import__(module, fromlist=["x"]), member.split(".")[0]), member.split(".")[1])
+    transform = weights.transforms()
+    torch.save(build(spec, kwargs).state_dict(), tmp_path / "w.pt")
+    preset = read(enum)
+    side = preset.crop or preset.resize or 320
+    _, card = user_model(spec, tmp_path / "w.pt", kwargs=kwargs, input_shape=(3, side, side), preset=preset)
+    assert card.labels == tuple(weights.meta["categories"])
+    if card.task == "detect":  # torchvision's detectors normalise inside the model: its transforms state nothing
+        assert card.mean == (0.0,) * 3 and card.std == (1.0,) * 3 and not hasattr(transform, "mean")
+        return
+    assert card.mean == tuple(transform.mean) and card.std == tuple(transform.std)
+    if card.task == "classify":
+        assert card.input_shape == (3, *transform.crop_size * 2) and card.resize == transform.resize_size[0]
+    else:
+        assert card.task == "segment" and card.input_shape == (3, *transform.resize_size * 2)
+
+
+def test_a_weights_enum_and_its_own_facts_cannot_both_be_given(monkeypatch, tmp_path):
+    from helpers import cli_error
+
+    code, lines, _ = cli_error(
+        monkeypatch, tmp_path, "export", "--model", "torchvision.models:resnet18", "--weights", "w.pt",
+        "--weights-enum", "torchvision.models:ResNet18_Weights.IMAGENET1K_V1", "--mean", "0.5",
+    )  # fmt: skip
+    assert code == 2 and "--mean: --weights-enum states them" in lines[-1]
+    code, lines, _ = cli_error(
+        monkeypatch, tmp_path, "export", "--model", "torchvision.models:resnet18", "--weights", "w.pt",
+        "--weights-enum", "torchvision.models:ResNet18_Weights.NOPE",
+    )  # fmt: skip
+    assert code == 2 and "has no ResNet18_Weights.NOPE" in lines[-1]
