@@ -8,6 +8,7 @@ import click
 
 from torchship.export.cli_values import floats, format_list, names, shape, value_range
 from torchship.export.proof.tolerance import ATOL, RTOL
+from torchship.export.weights_enum import WeightsEnumError, read
 from torchship.handlers.card import VERSION_PATTERN, CardError, safe_name
 from torchship.handlers.formats import DEFAULT_FORMATS, FORMAT_BY_NAME
 from torchship.handlers.recipes import RECIPES
@@ -297,8 +298,6 @@ def export_command(
         input_kind = "named"
     preset = None
     if weights_enum is not None and input_kind == "image":
-        from torchship.export.weights_enum import WeightsEnumError, read
-
         given = [k for k, v in {"--mean": mean, "--std": std, "--labels": labels}.items() if v]
         if given:
             raise click.UsageError(f"{', '.join(given)}: --weights-enum states them")

@@ -9,6 +9,7 @@ it across origins while token auth is on.
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import threading
@@ -24,12 +25,13 @@ from torchship.handlers.card import CARD_FILE, CardError, ModelCard
 from torchship.handlers.formats import FORMAT_BY_BACKEND
 from torchship.handlers.limits import MAX_REQUEST_BYTES
 from torchship.handlers.model.responses import DEFAULT_TOPK, top_k
+from torchship.handlers.model.vision import png
 from torchship.serve import runtimes
 from torchship.serve.process import ServerError
 from torchship.serve.settings import LOOPBACK
 
 WEB = Path(__file__).with_name("web")
-STATIC = ("index.html", "page.css", "images.js", "page.js")
+STATIC = ("index.html", "page.css", "images.js", "vision.js", "page.js")
 # onnxruntime-web: npm fetches it (package.json pins the version), vendored() copies the three files the page loads
 # into web/vendor/, and the wheel carries that folder.
 ORT_DIST = WEB / "node_modules" / "onnxruntime-web" / "dist"
@@ -169,17 +171,21 @@ class PageHandler(SimpleHTTPRequestHandler):
     def relay_v2(self, target, body: bytes) -> None:
         """The Open Inference Protocol server: the image as one v2 BYTES element; its probabilities back as the
         page's {label, probability, topk}, ranked by the card's labels."""
-        labels = json.loads((Path(self.directory) / "card.json").read_text())["labels"]
+        card = json.loads((Path(self.directory) / "card.json").read_text())
+        labels = card["labels"]
         raw = target.request(body, "application/octet-stream").split(b"\r\n\r\n", 1)[1]
         header_length = len(raw) - len(body) - 4
         wanted = json.loads(raw[:header_length])
-        wanted["outputs"] = [{"name": "probabilities", "parameters": {"binary_data": False}}]
+        names = VISION_OUTPUTS.get(card["task"], ("probabilities",))
+        wanted["outputs"] = [{"name": name, "parameters": {"binary_data": False}} for name in names]
         head = json.dumps(wanted).encode()
         k = int(self.headers.get("X-TopK") or DEFAULT_TOPK)
 
-        def page_answer(reply: dict) -> dict:
-            probs = next(o["data"] for o in reply["outputs"] if o["name"] == "probabilities")
-            return top_k(np.asarray(probs, np.float32), labels, k)
+        def page_answer(reply: dict) -> dict | list:
+            out = {o["name"]: o for o in reply["outputs"]}
+            if card["task"] in VISION_OUTPUTS:
+                return vision_answer(card["task"], out, labels)
+            return top_k(np.asarray(out["probabilities"]["data"], np.float32), labels, k)
 
         url = f"http://{LOOPBACK}:{target.port}/v2/models/{target.model}/infer"
         request = urllib.request.Request(
@@ -189,6 +195,25 @@ class PageHandler(SimpleHTTPRequestHandler):
             headers={"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))},
         )
         self.forward(request, page_answer)
+
+
+VISION_OUTPUTS = {"detect": ("boxes", "scores", "names", "count"), "segment": ("mask", "counts")}
+
+
+def vision_answer(task: str, out: dict, labels: list[str]) -> dict | list:
+    """The OIP server's v2 answer for one image as TorchServe's JSON, which the page draws (model/vision.py)."""
+    if task == "detect":
+        n = int(out["count"]["data"][0])
+        boxes = np.reshape(out["boxes"]["data"], (-1, 4))[:n]
+        return [
+            {name: [round(float(v), 2) for v in box], "score": round(float(score), 6)}
+            for box, score, name in zip(boxes, out["scores"]["data"][:n], out["names"]["data"][:n])
+        ]
+    h, w = out["mask"]["shape"][1:]
+    mask = np.asarray(out["mask"]["data"], np.uint8).reshape(h, w)
+    return {"mask_png_base64": base64.b64encode(png(mask)).decode("ascii"), "size": [h, w]} | {
+        "counts": {label: int(c) for label, c in zip(labels, out["counts"]["data"]) if c}
+    }
 
 
 def serve(directory: Path | str, port: int = 0, state_dir: Path | str | None = None) -> ThreadingHTTPServer:

@@ -428,3 +428,73 @@ def test_a_text_model_says_where_to_send_its_text(browser, tmp_path, text_export
         assert browser.execute_script("return torchship.errors") == []
     finally:
         httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vision_pages(tmp_path_factory, vision_exports):
+    """The detector's and the segmenter's pages, relaying to one OIP server that serves both."""
+    from torchship.serve import oip
+
+    work = tmp_path_factory.mktemp("vision-page")
+    det, seg = vision_exports["detector"], vision_exports["segmenter"]
+    cfgs = [
+        oip.start(oip.OIPConfig.on_free_ports(str(d), d.name, str(work / f"state-{d.name}"), workers=1))
+        for d in (det, seg)
+    ]
+    servers = {}
+    for d, cfg in zip((det, seg), cfgs):
+        write_page(d, work / d.name)
+        servers[d.name] = serve(work / d.name, 0, cfg.state_dir)
+    try:
+        yield {name: f"http://127.0.0.1:{h.server_address[1]}/" for name, h in servers.items()}
+    finally:
+        for h in servers.values():
+            h.shutdown()
+        for cfg in cfgs:
+            oip.stop(cfg.state_dir)
+
+
+def scene_png() -> bytes:
+    """Two rectangles on a dark noisy ground, as tests/test_vision.py draws them."""
+    pixels = (np.random.default_rng(3).random((96, 200, 3)) * 50).astype(np.uint8)
+    pixels[20:60, 30:90] = (230, 20, 20)
+    pixels[50:90, 120:180] = (20, 230, 20)
+    return png(pixels)
+
+
+def test_a_detectors_page_draws_the_embeddings_boxes_and_the_servers(browser, vision_pages, vision_exports):
+    """Boxes found in the browser are the embedding's for the same file (in its pixels); the server's too."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, vision_pages["detector"])
+    browser.find_element(By.ID, "use-server").click()
+    data = scene_png()
+    answer = drop(browser, data, "scene.png")
+    want = load_onnx(vision_exports["detector"] / "model.onnx").predict(data)
+    assert want, "the comparison relies on the detector finding something here"
+    for got in (answer["answer"]["detections"], answer["remote"]):
+        assert [[k for k in g if k != "score"] for g in got] == [[k for k in w if k != "score"] for w in want]
+        for g, w in zip(got, want):
+            label = next(k for k in w if k != "score")
+            np.testing.assert_allclose(g[label], w[label], atol=0.02)
+            assert abs(g["score"] - w["score"]) < 1e-4
+    canvas = browser.find_element(By.CSS_SELECTOR, "#local canvas.vision")
+    assert canvas.get_attribute("width") == "200"  # drawn at the image's own size
+    assert f"{len(want)} detection(s)" in browser.find_element(By.ID, "local").text
+
+
+def test_a_segmenters_page_draws_the_mask_with_the_embeddings_counts(browser, vision_pages, vision_exports):
+    """The browser's class per pixel, cut from the letterbox and sized back, counts what the embedding counts (to
+    a pixel in a thousand: a tie may fall either way in WebAssembly's float arithmetic)."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, vision_pages["segmenter"])
+    browser.find_element(By.ID, "use-server").click()
+    data = scene_png()
+    answer = drop(browser, data, "scene.png")
+    want = load_onnx(vision_exports["segmenter"] / "model.onnx").predict(data)["counts"]
+    assert len(want) == 3  # every class somewhere: what the comparison relies on
+    for got in (answer["answer"]["counts"], answer["remote"]["counts"]):
+        assert set(got) == set(want) and sum(got.values()) == 96 * 200
+        assert sum(abs(got[k] - want[k]) for k in want) <= 96 * 200 // 1000
+    assert browser.find_element(By.CSS_SELECTOR, "#remote canvas.vision").is_displayed()

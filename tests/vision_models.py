@@ -16,7 +16,7 @@ from torchvision.models.segmentation.fcn import FCN, FCNHead
 
 SIZE = 128
 LABELS = ["__background__", "red", "green"]
-STEPS = {"detector": 200, "segmenter": 150}
+STEPS = {"detector": 120, "segmenter": 80}
 
 
 def backbone() -> nn.Sequential:

@@ -31,6 +31,9 @@ from torchship.handlers.model.tensors import standardize
 
 FLOP_BUDGET = 1e11  # about 20 s of this 2-core machine for the whole proof: big models get fewer images
 MAX_IMAGES, MIN_IMAGES = 320, 24
+# Output numbers compared over the whole proof, at most: a segmenter answers 49,152 a 128 x 128 image, and 320 of
+# them took 31 s here, most of it comparing; 40 images still check 650,000 pixels' classes
+ELEMENT_BUDGET = 2_000_000
 
 
 def flops_per_image(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
@@ -56,10 +59,12 @@ def flops_per_image(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
     return total[0]
 
 
-def image_count(flops: int, backends: int, batch_sizes: int = len(BATCH_SIZES)) -> int:
-    """As many proof images as the budget allows: the float64 reference costs about three float32 passes."""
+def image_count(flops: int, backends: int, batch_sizes: int = len(BATCH_SIZES), outputs: int = 1) -> int:
+    """As many proof images as the budgets allow: the float64 reference costs about three float32 passes; OUTPUTS:
+    the numbers the model answers an image."""
     passes = 3 + backends * batch_sizes
-    return int(np.clip(FLOP_BUDGET / max(flops * passes, 1), MIN_IMAGES, MAX_IMAGES))
+    most = min(FLOP_BUDGET / max(flops * passes, 1), ELEMENT_BUDGET / max(outputs, 1))
+    return int(np.clip(most, MIN_IMAGES, MAX_IMAGES))
 
 
 def proof_set(
@@ -71,7 +76,10 @@ def proof_set(
 ) -> tuple[np.ndarray, dict]:
     """The inputs the proof of an export with these formats runs on, and what they are."""
     exact = 1 + sum(FORMAT_BY_NAME[f].exact for f in formats)  # eager float32 and every exact format
-    return proof_inputs(card, image_count(flops_per_image(model, card.input_shape), exact, len(batch_sizes)), data_dir)
+    with torch.no_grad():
+        outputs = model(torch.zeros(1, *card.input_shape)).numel()
+    n = image_count(flops_per_image(model, card.input_shape), exact, len(batch_sizes), outputs)
+    return proof_inputs(card, n, data_dir)
 
 
 def approximate(

@@ -262,6 +262,16 @@ const Images = (() => {
     return out;
   }
 
+  // handlers/model/images.py letterbox: fitted into H x W keeping its aspect, at the top left, the rest black
+  function letterbox(px, w, h, c, height, width) {
+    const scale = Math.min(height / h, width / w);
+    const nh = Math.min(height, Math.max(1, roundHalfEven(h * scale))), nw = Math.min(width, Math.max(1, roundHalfEven(w * scale)));
+    if (nh !== h || nw !== w) px = resample(px, w, h, c, nw, nh, "bilinear");
+    const out = new Uint8Array(height * width * c);
+    for (let y = 0; y < nh; y++) out.set(px.subarray(y * nw * c, (y + 1) * nw * c), y * width * c);
+    return out;
+  }
+
   function tables(card) {
     return card.mean.map((m, i) => Float32Array.from({ length: 256 }, (_, v) => f32(f32(f32(v / 255) - f32(m)) / f32(card.std[i]))));
   }
@@ -279,6 +289,7 @@ const Images = (() => {
     }
     const sized = card.preprocess === "resize"
       ? resample(px, w, h, c, width, height, "bilinear")
+      : card.preprocess === "letterbox" ? letterbox(px, w, h, c, height, width)
       : resizeCrop(px, w, h, c, height, width, card.resize);
     const t = tables(card), out = new Float32Array(c * height * width), n = height * width;
     for (let i = 0; i < n; i++) for (let ch = 0; ch < c; ch++) out[ch * n + i] = t[ch][sized[i * c + ch]];

@@ -40,6 +40,8 @@ function describe(card) {
   if (card.input_kind === "named") return describeNamed(card);
   const tensor = card.input_kind === "tensor";
   const kind = card.task === "classify" ? `classifies ${card.labels.length} labels`
+    : card.task === "detect" ? `finds ${card.labels.length - 1} kinds of object`
+    : card.task === "segment" ? `labels every pixel with one of ${card.labels.length} classes`
     : card.task === "regress" ? `predicts ${card.output_names.join(", ")}` : "reconstructs its input";
   const acc = card.metrics && card.metrics.test_accuracy != null ? `; test accuracy ${card.metrics.test_accuracy.toFixed(4)}` : "";
   const from = tensor ? `rows of ${card.input_shape.join(" x ")} number(s)` : `${card.input_shape.join("x")} images`;
@@ -73,6 +75,7 @@ function proof(report) {
   show("proof-section", true);
   const i = report.inputs;
   if (i.named) return namedProof(report);
+  if (i.detect) return detectionProof(report);
   const what = i.ranged != null ? `${i.total} rows (${i.real} held-out + ${i.ranged} drawn over the training range)`
     : `${i.total} images (${i.real ? `${i.real} held-out` : `${i.smooth} smooth`} + ${i.noise} noise)`;
   $("proof-summary").textContent = `${report.passed ? "All checks pass" : "Some checks FAIL"}: every format against a float64 copy of the eager model on ${what}, atol ${report.atol}, rtol ${report.rtol}.${report.tolerance_note ? " " + report.tolerance_note : ""}`;
@@ -91,6 +94,19 @@ function proof(report) {
     row.append(el("td", a.backend), el("td", "all"), el("td", sci(a.max_abs)), el("td", sci(a.p99_abs)),
       el("td", a.agreement.toFixed(4)), el("td", a.accuracy_change_points == null ? "" : `${a.accuracy_change_points.toFixed(2)} pts`),
       el("td", a.passed ? "PASS" : "FAIL", a.passed ? "pass" : "fail"));
+  }
+  $("proof").replaceChildren(t);
+}
+
+function detectionProof(report) {
+  const i = report.inputs;
+  $("proof-summary").textContent = `${report.passed ? "All checks pass" : "Some checks FAIL"}: every format's detections against eager PyTorch's on ${i.total} drawn scenes (${i.sizes.join(", ")}; ${i.empty} with nothing to find): ${i.rules}.`;
+  const t = el("table");
+  t.appendChild(el("tr")).append(...["backend", "judged", "matched", "left out", "missing", "extra", "result"].map((h) => el("th", h)));
+  for (const c of report.checks) {
+    const w = c.worst;
+    t.appendChild(el("tr")).append(el("td", c.backend), el("td", w.judged), el("td", w.matched ?? 0), el("td", w.excluded ?? 0),
+      el("td", w.missing.length), el("td", w.extra.length), el("td", c.passed ? "PASS" : "FAIL", c.passed ? "pass" : "fail"));
   }
   $("proof").replaceChildren(t);
 }
@@ -137,6 +153,8 @@ function respond(card, output) {
 
 function bars(answer) {
   if (answer.error) return [el("p", answer.error, "error")];
+  if (Array.isArray(answer)) return Vision.picture(state.card, { detections: answer, size: state.last.answer.size }, state.image);
+  if (answer.detections || answer.counts) return Vision.picture(state.card, answer, state.image);
   if (answer.value !== undefined || answer.predictions) return [valueOf(answer)];
   if (answer.image_png_base64 || answer.reconstruction) return [reconstruction(answer)];
   return answer.topk.map((t, i) => {
@@ -215,11 +233,15 @@ async function classify(rgba, w, h, bytes, type, source) {
     x = Images.prepare(card, rgba, w, h);
     seen(x);
     const out = await state.session.run({ [card.input_name]: new ort.Tensor("float32", x, [1, ...card.input_shape]) });
-    answer = respond(card, out[card.output_name].data);
+    answer = card.task === "detect" ? Vision.detections(card, out, h, w)
+      : card.task === "segment" ? Vision.segmentation(card, out[card.output_name].data, h, w)
+      : respond(card, out[card.output_name].data);
+    if (card.task === "detect" || card.task === "segment") state.image = await createImageBitmap(new ImageData(new Uint8ClampedArray(rgba), w, h));
   } catch (e) {
     answer = { error: e instanceof Images.InputError ? e.message : `could not run the model: ${e.message}` };
   }
-  state.last = { source, input: x ? Array.from(x) : null, answer, remote: null };
+  const kept = answer.mask ? { ...answer, mask: undefined } : answer; // tests read the answer; the mask is drawn
+  state.last = { source, input: x ? Array.from(x) : null, answer: kept, remote: null };
   render("local", answer);
   if ($("use-server").checked) await ask(bytes, type);
   state.last.done = true;
