@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import detector
 from bench.real_models import MODELS, build_bert, build_resnet, images, text_payloads, texts
 from torchship.handlers import sizing
 from torchship.handlers.card import ModelCard
@@ -60,7 +61,7 @@ def stacked(rows: list[dict], batch: int) -> dict:
     return {k: np.concatenate([r[k] for r in rows[:batch]]) for k in rows[0]}
 
 
-def ceiling(model_file: Path, rows: list[dict], seconds: float) -> dict:
+def ceiling(model_file: Path, rows: list[dict], seconds: float, batches: tuple[int, ...] = BATCHES) -> dict:
     """In-process ONNX Runtime (its defaults, intra-op threads set) on every core: S sessions x T threads (S x T =
     cores, the sessions run at once on threads of their own) at each batch; the best items/s, and the best batch-1
     latency over thread counts."""
@@ -98,7 +99,7 @@ def ceiling(model_file: Path, rows: list[dict], seconds: float) -> dict:
     grid = []
     for sessions, threads in dict.fromkeys([(1, cores), (cores, 1)]):
         made = [session(threads) for _ in range(sessions)]
-        for b in BATCHES:
+        for b in batches:
             rate = pass_rate(made, stacked(rows, b), b)
             grid.append({"sessions": sessions, "threads": threads, "batch": b, "items_per_s": rate})
     latency = {}
@@ -116,6 +117,8 @@ def serve(export: Path, name: str, state: Path, settings: dict):
 
 
 def target(cfg, name: str, kind: str) -> Target:
+    if kind == "detect":  # every output, binary: a detector has no label to ask for alone
+        return Target("127.0.0.1", cfg.http_port, name, protocol="v2")
     if kind == "image":
         return Target("127.0.0.1", cfg.http_port, name, protocol="v2", outputs="label")
     return Target("127.0.0.1", cfg.http_port, name, protocol="raw", path=f"/v2/models/{name}/infer")
@@ -239,7 +242,30 @@ def run(work: Path, seconds: float = 10, log=print, runs: int = RUNS, peers: boo
     out["bert-base int8"] = int8_row(
         bert, "bert", bodies, work / "bert", seconds, out["bert-base"]["chosen"], log, runs
     )
+    save(out)
+    out["detector"] = detector_row(work / "detector", seconds, log, runs)
     return out
+
+
+def detector_row(work: Path, seconds: float, log, runs: int) -> dict:
+    """The ceiling (one image a pass: a detector's graph takes one), the server's own choice at c=1 and c=16."""
+    export = detector.build(MODELS)
+    bodies = detector.photos()
+    rows = model_inputs(export, ModelCard.load(export), bodies, "image")
+    chosen = chosen_settings(export)
+    log(f"  detector: the server's own choice {chosen}")
+    grid = []  # what batching gives a graph that takes one image a pass: only the queueing (docs/serving.md)
+    for batch in sorted({1, chosen["max_batch"]}):
+        settings = {**chosen, "max_batch": batch}
+        lv = served_levels(export, "detector", "detect", bodies, work / "state", settings, seconds, levels=(16,))[0]
+        grid.append({**settings, **lv})
+    measured = []
+    for r in range(runs):
+        log(f"  detector: run {r + 1} of {runs}: the ceiling, then c=1 and c=16 ...")
+        top = ceiling(export / "model.onnx", rows, seconds=min(seconds, 4), batches=(1,))
+        levels = served_levels(export, "detector", "detect", bodies, work / "state", chosen, seconds, levels=(1, 16))
+        measured.append({"ceiling": top, "levels": levels})
+    return {"model": "detector", "chosen": chosen, "grid": grid, "runs": measured}
 
 
 def save(partial: dict) -> None:
@@ -254,7 +280,7 @@ def spread(values: list[float], form: str = "{:,.1f}") -> str:
 def targets(section: dict) -> list[tuple[str, float, str, bool]]:
     """(name, worst value over the runs, goal, met in every run)."""
     out = []
-    for model in ("resnet50", "bert-base"):
+    for model in ("resnet50", "bert-base", "detector"):
         m = section.get(model)
         if not m:
             continue
@@ -268,6 +294,8 @@ def targets(section: dict) -> list[tuple[str, float, str, bool]]:
         ]
         out.append((f"{model}: OIP c=16 / in-process ceiling", min(c16), ">= 0.9", min(c16) >= 0.9))
         out.append((f"{model}: OIP c=1 p50 / in-process batch-1 latency", max(c1), "<= 1.1", max(c1) <= 1.1))
+        if not m["grid"]:
+            continue
         best = max(g["throughput"] for g in m["grid"])
         keys = ("workers", "threads", "max_batch", "pass_slots")
         chosen = [g for g in m["grid"] if all(g.get(k) == m["chosen"].get(k) for k in keys)]
@@ -289,7 +317,7 @@ def targets(section: dict) -> list[tuple[str, float, str, bool]]:
 
 def table(section: dict) -> list[str]:
     lines = [f"Real-sized models ({section['runs']} runs, {section['seconds']:.0f} s levels; median [min-max])"]
-    for model in ("resnet50", "bert-base", "bert-base int8"):
+    for model in ("resnet50", "bert-base", "bert-base int8", "detector"):
         m = section.get(model)
         if not m:
             continue
