@@ -60,6 +60,9 @@ class Cost:
 
     batch1_ms: float
     batch8_ms: float
+    # False: the graph takes one image a pass (a detector: model/vision.py), so a batch only waits for company it
+    # cannot share a pass with (at c=16, batch 8 gave 0.88 of batch 1's images a second: bench/NOTES.md lever 61)
+    batches: bool = True
 
     @property
     def per_image_batched_ms(self) -> float:
@@ -89,7 +92,7 @@ def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float
             run(x)
             times.append(time.perf_counter() - t)
         out[n] = float(np.median(times)) * 1000
-    return Cost(out[1], out[8])
+    return Cost(out[1], out[8], batches=card.task != "detect")
 
 
 def sized(cost: Cost, workers: int | None = None) -> Sizing:
@@ -100,10 +103,11 @@ def sized(cost: Cost, workers: int | None = None) -> Sizing:
     workers = workers or default_workers()
     delay = int(np.clip(round(cost.batch1_ms / 10), 1, 20))  # waiting for company costs at most a tenth of a pass
     if cost.batch1_ms >= HEAVY_MS:
-        threads, batch = cores(), MAX_BATCH
+        threads, batch = cores(), MAX_BATCH if cost.batches else 1
     else:  # the fast models only pay fork/join for more threads (bench/NOTES.md, lever 25)
         threads = 1
         batch = int(np.clip(BATCH_BUDGET_MS // max(cost.per_image_batched_ms, 1e-3), 1, MAX_BATCH))
+        batch = batch if cost.batches else 1
     timeout = max(30, math.ceil(cost.batch1_ms * batch * 20 / 1000))
     return Sizing(
         workers=workers,

@@ -78,6 +78,7 @@ class Capacity:
     max_batch: int
     batch1_ms: float
     batch8_ms: float
+    batches: bool = True  # sizing.Cost.batches: False for a graph of one image a pass
 
     @property
     def concurrent(self) -> int:
@@ -96,7 +97,7 @@ def pod_capacity(export_dir: Path, card: ModelCard, backend: str, resources: Res
     """The shared sizing rule applied to the pod's CPUs and this model's measured cost."""
     workers = max(2, resources.cores // 2)
     cost = measure(export_dir, backend, card)
-    return Capacity(workers, sized(cost, workers).max_batch, cost.batch1_ms, cost.batch8_ms)
+    return Capacity(workers, sized(cost, workers).max_batch, cost.batch1_ms, cost.batch8_ms, cost.batches)
 
 
 def dns_name(name: str) -> str:
@@ -145,7 +146,8 @@ def torchserve_bundle(
     """KServe's storage layout (config/config.properties, model-store/NAME.mar) and an InferenceService."""
     capacity = pod_capacity(export_dir, card, backend, resources)
     config = model_config(
-        sized(Cost(capacity.batch1_ms, capacity.batch8_ms), capacity.workers), worker_log_level=WORKER_LOG_LEVEL
+        sized(Cost(capacity.batch1_ms, capacity.batch8_ms, capacity.batches), capacity.workers),
+        worker_log_level=WORKER_LOG_LEVEL,
     )
     mar = build_archive(export_dir, out / "model-store", name=card.name, backend=backend, config=config)
     (out / "config").mkdir(parents=True, exist_ok=True)

@@ -281,6 +281,8 @@ def test_sizing_follows_the_models_measured_cost(user_exports):
     # a heavy one: every core in each pass, the workers taking turns, batches of up to 8 (bench/NOTES.md, lever 59)
     assert slow.threads == cores() and slow.pass_slots == 1 < slow.workers
     assert slow.max_batch == 8 and slow.max_batch_delay_ms == 4 and slow.timeout_s >= 30
+    # a graph of one image a pass (a detector) gains nothing from a batch but the wait: batches of one
+    assert sized(Cost(40.0, 320.0, batches=False)).max_batch == sized(Cost(0.1, 0.4, batches=False)).max_batch == 1
     yaml = model_config(slow).yaml()  # TorchServe's spelling of the same rule: its workers split the cores instead
     assert "batchSize: 8" in yaml and "maxBatchDelay: 4" in yaml
     assert f"threads: {max(1, cores() // slow.workers)}" in yaml

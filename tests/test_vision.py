@@ -99,6 +99,10 @@ def test_the_proofs_judge_every_format_by_its_rules(vision_exports):
     assert det["inputs"]["empty"] >= 1 and len(det["inputs"]["sizes"]) >= 5
     card = ModelCard.load(vision_exports["detector"])
     assert card.thresholds == {"score": 0.3, "iou": 0.5, "detections": 100}  # as vision_models.detector sets them
+    from torchship.handlers import sizing
+
+    cost = sizing.measure(vision_exports["detector"], "onnx", card, seconds=0.1)
+    assert not cost.batches and sizing.sized(cost).max_batch == 1  # one image a pass: batches only wait
     seg = json.loads((vision_exports["segmenter"] / "equivalence.json").read_text())
     assert seg["passed"]
     assert all(c["top1_agreement"] >= 0.999 and c["ties"] is not None for c in seg["checks"])
