@@ -236,6 +236,13 @@ def test_odd_and_bad_images_get_an_answer_or_a_clear_4xx(server):
         assert status == 415 and "not an image" in body["error"], body
     status, body = post(server, "segmenter", [png(SCENES["two"]), png(SCENES["tall"])])
     assert status == 400 and "different sizes" in body["error"], body
+    from hostile import HOSTILE  # what today's image path gets: bombs, formats not on the list, a truncated file
+
+    for name, data, _, _, want, words in HOSTILE:
+        if name in ("eps reaches no ghostscript", "ico is not on the list", "rgba pixel bomb", "truncated png"):
+            for model in ("detector", "segmenter"):
+                status, body = post(server, model, [data])
+                assert status == want and words in body["error"], (name, model, body)
 
 
 def test_an_app_without_torch_embeds_the_detector_and_the_segmenter(vision_exports, eager, bare_python, tmp_path):
