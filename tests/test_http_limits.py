@@ -459,31 +459,74 @@ def test_connections_past_the_cap_get_503_and_the_others_are_still_served(capped
 # 8 again: a client that goes away while its request is queued
 
 
-@pytest.fixture
-def gated(convnet_export, tmp_path):
-    """One worker whose forward passes wait for a line on its stdin (tests/gated_worker.py)."""
+def gated_worker(export_dir, cwd, *flags: str):
+    """One worker whose forward passes wait for a line on its stdin (tests/gated_worker.py): (process, ports)."""
     http_port, grpc_port = free_ports(2)
     proc = subprocess.Popen(
         [
             sys.executable,
             str(ROOT / "tests" / "gated_worker.py"),
-            f"--model_dir={convnet_export.directory}",
+            f"--model_dir={export_dir}",
             "--model_name=mnist",
             f"--http_port={http_port}",
             f"--grpc_port={grpc_port}",
-            "--max_batch=8",
             "--max_batch_delay_ms=0",
             "--threads=1",
             "--log_level=WARNING",
+            *flags,
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        cwd=tmp_path,
+        cwd=cwd,
     )
+    assert proc.stdout.readline().strip() == "ready"
+    return proc, http_port, grpc_port
+
+
+@pytest.fixture
+def gated(convnet_export, tmp_path):
+    proc, http_port, grpc_port = gated_worker(convnet_export.directory, tmp_path, "--max_batch=8")
     try:
-        assert proc.stdout.readline().strip() == "ready"
         yield proc, http_port, grpc_port
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_past_the_queue_bound_clients_get_503_with_retry_after_never_a_hang(convnet_export, tmp_path, protocol):
+    """A holds the one pass, B fills the queue of one, so C is told when to come back (REST: 503 with Retry-After;
+    gRPC: UNAVAILABLE), the same admission rule for both (handlers/oip/pipeline.py); once the pass ends, A and B are
+    answered and a new request is too."""
+    proc, http_port, grpc_port = gated_worker(convnet_export.directory, tmp_path, "--max_batch=1", "--max_queue=1")
+    try:
+        first = Client(http_port).send(INFER)
+        assert proc.stdout.readline().strip() == "pass 1"  # A's pass has begun, and waits
+        second = Client(http_port).send(INFER)
+        wait_for(lambda: scrape(http_port, "torchship_requests_in_flight") == 2, 60, "B queued behind A's pass")
+        if protocol == "rest":
+            third = Client(http_port).send(INFER)
+            status, headers, body = third.answer()
+            third.close()
+            assert status == 503 and headers["retry-after"] == "1" and "retry" in json.loads(body)["error"]
+        else:
+            g = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+            inp = tgrpc.InferInput("images", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([DIGIT], dtype=object))
+            with pytest.raises(InferenceServerException) as e:
+                g.infer("mnist", [inp])
+            assert e.value.status() == "StatusCode.UNAVAILABLE" and "retry" in e.value.message()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert first.answer()[0] == second.answer()[0] == 200
+        first.close()
+        second.close()
+        after = Client(http_port).send(INFER)
+        assert after.answer()[0] == 200  # and once the burst is over, all is well
+        after.close()
+        protocol_label = "rest" if protocol == "rest" else "grpc"
+        assert scrape(http_port, "torchship_requests_total", status=503, protocol=protocol_label) == 1
     finally:
         proc.terminate()
         proc.wait(30)

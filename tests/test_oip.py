@@ -327,42 +327,6 @@ def test_soak_64_grpc_clients_every_answer_the_embeddings(server, convnet_export
     assert len(results) == 640 and all(r is True for r in results), [r for r in results if r is not True][:3]
 
 
-@pytest.mark.parametrize("kind", ["http", "grpc"])
-def test_past_the_queue_bound_clients_get_503_with_retry_after_never_a_hang(tmp_path, convnet_export, kind):
-    """One worker, a queue of one, batches of one: 48 clients at once overflow it, and are told when to come back
-    (REST: 503 with Retry-After; gRPC: UNAVAILABLE), the same admission rule for both (handlers/oip/pipeline.py)."""
-    cfg = oip.OIPConfig.on_free_ports(
-        str(convnet_export.directory), "mnist", str(tmp_path), workers=1, max_batch=1, max_batch_delay_ms=0, max_queue=1
-    )
-    cfg = oip.start(cfg, timeout=120)
-    request = v2_json(
-        {"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(png(DIGITS[7])).decode()]}
-    )
-
-    def one(_) -> tuple[int, str]:
-        if kind == "http":
-            status, reply, headers = post(cfg, "/v2/models/mnist/infer", request)
-            return status, (json.loads(reply)["error"] + headers.get("retry-after", "-")) if status == 503 else ""
-        try:
-            client(cfg, "grpc").infer("mnist", [images_input("grpc", [png(DIGITS[7])])])
-            return 200, ""
-        except InferenceServerException as e:
-            return (503 if e.status() == "StatusCode.UNAVAILABLE" else 500), e.message()
-
-    try:
-        with ThreadPoolExecutor(48) as pool:
-            results = list(pool.map(one, range(48)))
-        assert {s for s, _ in results} == {200, 503}, results[:3]
-        assert all("retry" in why and (kind == "grpc" or why.endswith("1")) for s, why in results if s == 503)
-        assert one(0)[0] == 200  # and once the burst is over, all is well
-        protocol = "rest" if kind == "http" else "grpc"
-        assert metric(cfg, "torchship_requests_total", status=503, protocol=protocol) == sum(
-            s == 503 for s, _ in results
-        )
-    finally:
-        oip.stop(cfg.state_dir)
-
-
 def v2_json(*inputs) -> bytes:
     return json.dumps({"inputs": list(inputs)}).encode()
 
