@@ -228,7 +228,8 @@ def main(argv: list[str]) -> None:
         cpu = sorted(x["server_cpu_us_per_call"] for x in rounds if x["kind"] == kind)
         rate = sorted(x["calls_per_s"] for x in rounds if x["kind"] == kind)
         print(
-            f"{kind:<8} server CPU {cpu[1]:6.0f} us/call [{cpu[0]:.0f}-{cpu[-1]:.0f}]  {rate[1]:6.0f} calls/s [{rate[0]:.0f}-{rate[-1]:.0f}]"
+            f"{kind:<8} server CPU {cpu[1]:6.0f} us/call [{cpu[0]:.0f}-{cpu[-1]:.0f}]  "
+            f"{rate[1]:6.0f} calls/s [{rate[0]:.0f}-{rate[-1]:.0f}]"
         )
 
 
