@@ -196,6 +196,22 @@ def torchserve_of(tmp_path_factory, exports: dict, python: Path, config=None):
         torchserve.stop(state)
 
 
+@contextlib.contextmanager
+def oip_of(tmp_path_factory, exports: list[Path], **settings):
+    """One OIP server (one worker, one thread) serving every export folder; stopped after."""
+    from torchship.serve import oip
+
+    state = tmp_path_factory.mktemp("oip")
+    first, *more = exports
+    cfg = oip.OIPConfig.on_free_ports(
+        str(first.parent), first.name, str(state), extra_exports=tuple(map(str, more)), workers=1, threads=1, **settings
+    )
+    try:
+        yield oip.start(cfg, timeout=180)
+    finally:
+        oip.stop(state)
+
+
 def paper(digit: np.ndarray, size: int, box: int, top: int, left: int) -> np.ndarray:
     """A digit drawn in dark ink on white paper, `box` pixels tall, at (top, left) of a size x size page."""
     big = np.asarray(Image.fromarray(digit).resize((box, box), Image.Resampling.BICUBIC))

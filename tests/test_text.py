@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 from torchship.serve import oip, torchserve
 from torchship.serve.shipping import copy_runtime
 
-from helpers import TORCHSHIP, no_torch, torchserve_of
+from helpers import TORCHSHIP, no_torch, oip_of, torchserve_of
 
 CLIENTS = {"http": thttp, "grpc": tgrpc}
 TEXTS = [
@@ -81,21 +81,8 @@ def reference(eager, name: str, text: str) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, text_exports):
-    state = tmp_path_factory.mktemp("text-oip")
-    first, *more = text_exports.values()
-    cfg = oip.OIPConfig.on_free_ports(
-        str(first.parent),
-        first.name,
-        str(state),
-        extra_exports=tuple(map(str, more)),
-        workers=1,
-        max_batch=16,
-        max_batch_delay_ms=20,
-        threads=1,
-    )
-    cfg = oip.start(cfg, timeout=180)
-    yield cfg
-    oip.stop(state)
+    with oip_of(tmp_path_factory, list(text_exports.values()), max_batch=16, max_batch_delay_ms=20) as cfg:
+        yield cfg
 
 
 def client(cfg, kind):

@@ -18,10 +18,9 @@ from PIL import Image
 
 from torchship.handlers.card import ModelCard
 from torchship.handlers.model.images import Preprocessor
-from torchship.serve import oip
 from torchship.serve.shipping import copy_runtime
 
-from helpers import no_torch
+from helpers import no_torch, oip_of
 
 CLIENTS = {"http": thttp, "grpc": tgrpc}
 RED, GREEN = (230, 20, 20), (20, 230, 20)
@@ -143,21 +142,9 @@ def test_a_corrupted_detector_fails_its_proof(vision_exports, tmp_path):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, vision_exports):
-    state = tmp_path_factory.mktemp("vision-oip")
-    det, seg = vision_exports["detector"], vision_exports["segmenter"]
-    cfg = oip.OIPConfig.on_free_ports(
-        str(det.parent),
-        det.name,
-        str(state),
-        extra_exports=(str(seg),),
-        workers=1,
-        max_batch=8,
-        max_batch_delay_ms=5,
-        threads=1,
-    )
-    cfg = oip.start(cfg, timeout=180)
-    yield cfg
-    oip.stop(state)
+    exports = [vision_exports["detector"], vision_exports["segmenter"]]
+    with oip_of(tmp_path_factory, exports, max_batch=8, max_batch_delay_ms=5) as cfg:
+        yield cfg
 
 
 def infer(cfg, kind: str, model: str, images: list[bytes]):
