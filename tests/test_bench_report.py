@@ -11,7 +11,7 @@ from helpers import ROOT
 
 sys.path.insert(0, str(ROOT))  # bench/ belongs to the repository, not the package: `make bench` runs it from there
 from bench.lifecycle import versions  # noqa: E402
-from bench.run import range_table, span, targets  # noqa: E402
+from bench.report import range_table, span, targets  # noqa: E402
 
 
 def lv(c: int, rps: float, p50: float) -> dict:
