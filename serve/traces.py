@@ -54,9 +54,15 @@ class OtlpSink:
 
 
 def line(span) -> str:
-    """One span as a line: its trace, its name, how long it took, its attributes."""
-    attributes = {
-        a.key: getattr(a.value, a.value.WhichOneof("value")) for a in span.attributes if a.value.WhichOneof("value")
-    }
+    """One span as a line: its trace, its name, how long it took, its attributes, and its events (a request's
+    stages, by default) at their times since the span began."""
     ms = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
-    return f"{span.trace_id.hex()[:8]} {span.name:<20} {ms:8.3f} ms  {attributes}"
+    events = "".join(
+        f"  {e.name} +{(e.time_unix_nano - span.start_time_unix_nano) / 1e6:.3f} ms{values(e.attributes) or ''}"
+        for e in span.events
+    )
+    return f"{span.trace_id.hex()[:8]} {span.name:<20} {ms:8.3f} ms  {values(span.attributes)}{events}"
+
+
+def values(attributes) -> dict:
+    return {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in attributes if a.value.WhichOneof("value")}

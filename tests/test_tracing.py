@@ -8,11 +8,12 @@ import re
 import secrets
 
 import numpy as np
+import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 
 from torchship.handlers.oip import served, tracing
-from torchship.handlers.oip.config import Config
+from torchship.handlers.oip.config import TRACE_STAGES, Config
 from torchship.serve import oip
 from torchship.serve.samples import held_out_digits, png
 from torchship.serve.traces import OtlpSink
@@ -20,7 +21,8 @@ from torchship.serve.traces import OtlpSink
 from helpers import wait_for
 
 DIGIT = png(held_out_digits()[0][0])
-STAGES = ["decode", "queue", "forward", "encode"]
+STAGES = ["decode", "queue", "forward", "encode"]  # --trace_stages spans: a child span each
+EVENTS = ["decoded", "forward", "forwarded"]  # the default: events of the request's one span
 
 
 def access_log(state) -> str:
@@ -32,13 +34,16 @@ def traceparent() -> tuple[str, str, str]:
     return f"00-{trace_id}-{span_id}-01", trace_id, span_id
 
 
-def test_a_requests_stages_become_child_spans_of_the_clients_trace(convnet_export):
-    """The batcher and the real model in this process; the spans as the SDK's in-memory exporter holds them."""
+@pytest.mark.parametrize("stages", TRACE_STAGES)
+def test_a_requests_stages_are_told_in_the_clients_trace(convnet_export, stages):
+    """The batcher and the real model in this process; the spans as the SDK's in-memory exporter holds them: by
+    default one server span whose events are the stages, with --trace_stages spans a child span each."""
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     exporter = InMemorySpanExporter()
     tracing.configure(SimpleSpanProcessor(exporter))
+    tracing.STAGES = stages
     try:
         config = Config((str(convnet_export.directory),), max_batch=8, max_batch_delay_ms=0, threads=1, max_queue=64)
         version = served.load(str(convnet_export.directory), config)
@@ -57,9 +62,16 @@ def test_a_requests_stages_become_child_spans_of_the_clients_trace(convnet_expor
         assert asyncio.run(one_request()).shape == (3, 10)
     finally:
         tracing.ENABLED = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        tracing.STAGES = Config.trace_stages
     spans = {s.name: s for s in exporter.get_finished_spans()}
     root = spans[f"infer {version.name}"]
     assert format(root.context.trace_id, "032x") == trace_id and format(root.parent.span_id, "016x") == span_id
+    if stages == "events":
+        assert list(spans) == [root.name] and [e.name for e in root.events] == EVENTS
+        assert root.events[1].attributes["torchship.batch_size"] == 3
+        times = [root.start_time, *(e.timestamp for e in root.events), root.end_time]
+        assert times == sorted(times)  # one after the other, inside the request
+        return
     assert all(spans[n].parent.span_id == root.context.span_id for n in STAGES)
     assert spans["forward"].attributes["torchship.batch_size"] == 3
     order = [spans[n] for n in STAGES]
@@ -145,26 +157,26 @@ def test_rest_and_grpc_requests_export_their_traces_over_otlp(convnet_export, tm
             client.infer("mnist", [inp], request_id=f"req-{kind}", headers={"traceparent": header})
             sent[kind] = (trace_id, span_id)
         for kind, (trace_id, span_id) in sent.items():
-            spans = wait_for(lambda t=trace_id: len(sink.trace(t)) == 5 and sink.trace(t), 60, f"the {kind} trace")
-            by_name = {s.name: s for s in spans}
-            root = by_name["infer mnist"]
+            (root,) = wait_for(lambda t=trace_id: sink.trace(t), 60, f"the {kind} trace")
+            assert root.name == "infer mnist"
             assert root.parent_span_id.hex() == span_id and root.kind == root.SPAN_KIND_SERVER
             attributes = {a.key: a.value for a in root.attributes}
             assert attributes["torchship.protocol"].string_value == kind
             assert attributes["torchship.request_id"].string_value == f"req-{kind}"
-            assert all(by_name[n].parent_span_id == root.span_id for n in STAGES)
-            forward = {a.key: a.value for a in by_name["forward"].attributes}
+            assert [e.name for e in root.events] == EVENTS
+            forward = {a.key: a.value for a in root.events[1].attributes}
             assert forward["torchship.batch_size"].int_value == 1
             line = rf" {kind} \S+ mnist/1 200 \S+ms id=req-{kind}$"  # the same request id in the access log
             wait_for(lambda p=line: re.search(p, access_log(tmp_path), re.M), 30, f"the {kind} request's log line")
-        assert len(sink.spans) == 10  # the sampled requests' spans alone
+        assert len(sink.spans) == 2  # the sampled requests' spans alone
     finally:
         oip.stop(tmp_path)
         sink.close()
 
 
 def test_serve_traces_prints_the_spans_of_a_request(convnet_export, tmp_path, monkeypatch):
-    """`torchship serve traces` itself (it printed nothing: the sink it ran kept no spans, and parsed none either)."""
+    """`torchship serve traces` itself (it printed nothing: the sink it ran kept no spans, and parsed none either), of
+    a server started with --trace_stages spans (the flag reaches the workers)."""
     import subprocess
     import threading
 
@@ -188,6 +200,7 @@ def test_serve_traces_prints_the_spans_of_a_request(convnet_export, tmp_path, mo
             max_batch=8,
             max_batch_delay_ms=1,
             threads=1,
+            trace_stages="spans",
         )
         cfg = oip.start(cfg, timeout=120)
         try:

@@ -44,6 +44,9 @@ class Limits:
                 raise ConfigError(f"{f.name} must be a positive number, got {value!r}")
 
 
+TRACE_STAGES = ("events", "spans")  # how a traced request's stages are told (tracing.py)
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the server is told. A number left at 0 (the delay at -1) is decided by the supervisor: the workers
@@ -75,6 +78,9 @@ class Config:
     # alone (FORMAT_NCHW) and the probabilities alone (its classification names the labels); else both inputs (the
     # files or the FP32 tensor, one per request) and the label output too
     triton_images: bool = False
+    # a traced request's stages (tracing.py): events of its one span (decoded, forward, forwarded), or a child span
+    # each, which its trace viewer draws as bars but costs about twice as much to build and export (lever 63)
+    trace_stages: str = "events"
 
     def __post_init__(self):
         object.__setattr__(self, "model_dirs", tuple(str(d) for d in self.model_dirs))
@@ -97,6 +103,8 @@ class Config:
             raise ConfigError(f"max_batch_delay_ms must be -1 (measured) or 0 or more, got {self.max_batch_delay_ms}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        if self.trace_stages not in TRACE_STAGES:
+            raise ConfigError(f"trace_stages {self.trace_stages!r} is not one of {', '.join(TRACE_STAGES)}")
 
     @property
     def decided(self) -> bool:

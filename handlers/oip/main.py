@@ -53,6 +53,8 @@ HELP = {
     "longest row times its rows, requests of similar lengths gathered first (TEI's --max-batch-tokens); 0: rows alone",
     "access_log": "a line per inference request (protocol, client, model version, status, ms, request id) in the "
     "log; off by default: ~10 us a request",
+    "trace_stages": "with tracing on (OTEL_EXPORTER_OTLP_ENDPOINT): a request's stages as its span's events, or as a "
+    "child span each (twice the cost)  [default: events]",
 }
 
 

@@ -1,5 +1,6 @@
-"""OpenTelemetry traces of every inference request: a server span continuing the client's W3C `traceparent`, with a
-child per stage (decode, queue, forward, with the batch's size, and encode), over REST and gRPC alike.
+"""OpenTelemetry traces of every inference request: a server span continuing the client's W3C `traceparent`, its
+stages told as that span's events (decoded; forward, with the batch's size; forwarded) or, with `--trace_stages
+spans`, as a child span each (decode, queue, forward, encode), over REST and gRPC alike.
 
 On only where the standard variables ask for an OTLP exporter (OTEL_EXPORTER_OTLP_ENDPOINT, or ..._TRACES_ENDPOINT;
 the other OTEL_* variables configure it as they do everywhere); then opentelemetry-sdk and the OTLP/HTTP exporter must
@@ -20,15 +21,16 @@ import time
 
 ENABLED = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 SERVICE = "torchship"
-_provider = _processor = _sampler = _propagator = _made = _span_of = None  # configure() sets them
+_provider = _processor = _sampler = _propagator = _made = _span_of = _event = None  # configure() sets them
+STAGES = "events"  # config.TRACE_STAGES: the worker sets its Config's trace_stages here at start
 
 
 def configure(processor=None) -> None:
     """The provider, exporting over OTLP/HTTP (or into PROCESSOR: a test's in-memory exporter). Turns tracing on."""
-    global _provider, _processor, _sampler, _propagator, _made, _span_of, ENABLED
+    global _provider, _processor, _sampler, _propagator, _made, _span_of, _event, ENABLED
     # lazily, here and below: OpenTelemetry is optional (torchship[tracing]), imported only when tracing is on
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
     from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, get_current_span
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -47,7 +49,7 @@ def configure(processor=None) -> None:
     scope, resource, sampled = InstrumentationScope("torchship.handlers"), _provider.resource, TraceFlags(1)
     error, unset = StatusCode.ERROR, Status()
 
-    def made(name, trace_id, span_id, parent, start, end, attributes, kind=SpanKind.INTERNAL, failed=""):
+    def made(name, trace_id, span_id, parent, start, end, attributes, kind=SpanKind.INTERNAL, failed="", events=()):
         """A finished span, built whole: the SDK's start_span/end would re-sample, lock and validate each of a
         request's five spans again (bench/NOTES.md, lever 58)."""
         state = parent.trace_state if parent is not None else None
@@ -62,9 +64,10 @@ def configure(processor=None) -> None:
             start_time=start,
             end_time=end,
             instrumentation_scope=scope,
+            events=events,
         )
 
-    _made = (made, SpanKind.SERVER)
+    _made, _event = (made, SpanKind.SERVER), Event
     ENABLED = True
 
 
@@ -121,6 +124,15 @@ class Trace:
             "torchship.request_id": self.request_id,
         }
         failed = f"status {status}" if status >= 400 else ""
+        if STAGES == "events":  # one span: half the cost of five to build and export (bench/NOTES.md, lever 63)
+            events = [_event("decoded", {}, self.decoded or end)]
+            if self.ran:
+                events += [_event("forward", {"torchship.batch_size": self.batch}, self.started)]
+                events += [_event("forwarded", {}, self.ran)]
+            _processor.on_end(
+                made(f"infer {model}", trace_id, root_id, self.parent, self.t0, end, attributes, server, failed, events)
+            )
+            return
         root = made(f"infer {model}", trace_id, root_id, self.parent, self.t0, end, attributes, server, failed)
         inside = root.context
         stages = [("decode", self.t0, self.decoded or end, {})]

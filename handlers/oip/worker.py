@@ -63,6 +63,7 @@ def serve(repo: Repository, job: Assignment, load: Callable, announce: Callable[
     """REST and gRPC over a loaded, warm repository until SIGTERM, following the supervisor's changes to it (CONTROL:
     its socket); `announce` once both listen."""
     config, control = job.config, job.control
+    tracing.STAGES = config.trace_stages
     http = socket.socket(fileno=job.http_fd)  # the supervisor's listening socket, shared by every worker
 
     async def main() -> None:
