@@ -97,6 +97,5 @@ def train(out_dir: Path) -> dict[str, Path]:
     return files
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(2)
+if __name__ == "__main__":  # threads as OMP_NUM_THREADS says: make test gives each of its workers one
     print(train(Path(sys.argv[1])))
