@@ -437,8 +437,9 @@ def vision_pages(tmp_path_factory, vision_exports):
 
     work = tmp_path_factory.mktemp("vision-page")
     det, seg = vision_exports["detector"], vision_exports["segmenter"]
+    settings = dict(workers=1, threads=1, max_batch=1, max_batch_delay_ms=0)  # decided: nothing to measure at start
     cfgs = [
-        oip.start(oip.OIPConfig.on_free_ports(str(d), d.name, str(work / f"state-{d.name}"), workers=1))
+        oip.start(oip.OIPConfig.on_free_ports(str(d), d.name, str(work / f"state-{d.name}"), **settings))
         for d in (det, seg)
     ]
     servers = {}
