@@ -278,9 +278,9 @@ def test_torchserve_answers_as_its_object_detector_and_image_segmenter(
 
     from helpers import torchserve_of
 
-    def post(model: str, body: bytes) -> tuple[int, object]:
+    def post(model: str, body: bytes, kind: str = "image/png") -> tuple[int, object]:
         conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
-        conn.request("POST", f"/predictions/{model}", body, {"Content-Type": "image/png", **headers})
+        conn.request("POST", f"/predictions/{model}", body, {"Content-Type": kind, **headers})
         r = conn.getresponse()
         answer = json.loads(r.read())
         conn.close()
@@ -303,6 +303,17 @@ def test_torchserve_answers_as_its_object_detector_and_image_segmenter(
         assert mask.shape == (300, 150) and sum(got["counts"].values()) == 300 * 150
         status, got = post("detector", png(np.zeros((4000, 4000, 3), np.uint8)))
         assert status == 413 and "4000x4000" in got["error"], got
+        images = [base64.b64encode(png(SCENES[n])).decode() for n in ("two", "tall")]  # v2 JSON, two sizes at once
+        request = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2], "data": images}]}
+        status, got = post("detector", json.dumps(request).encode(), "application/json")
+        assert status == 200, got
+        out = {o["name"]: o for o in got["outputs"]}
+        for i, name in enumerate(("two", "tall")):
+            w = eager_detections(eager, SCENES[name])
+            n = len(w["scores"])
+            assert out["count"]["data"][i] == n
+            boxes = np.reshape(out["boxes"]["data"], (2, -1, 4))[i, :n]
+            np.testing.assert_allclose(boxes, w["boxes"], atol=0.05)
 
 
 @pytest.mark.parametrize(
