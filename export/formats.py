@@ -16,13 +16,13 @@ import onnx
 import onnxruntime
 import torch
 
+from torchship.export import vision
 from torchship.export.inputs import calibration_images, draw, example_dims
 from torchship.export.user_model import from_checkpoint
 from torchship.handlers.card import CARD_FILE, ONNX_METADATA_KEY, TORCHSCRIPT_EXTRA_FILE, CardError, ModelCard
 from torchship.handlers.formats import DEFAULT_FORMATS, FORMAT_BY_NAME, digest
 
 OPSET = 20
-TRACED_OPSET = 17  # the TorchScript-based exporter's newest opset
 MAX_BATCH = 1024  # the dynamic batch dimension's upper bound in every format
 
 
@@ -132,12 +132,9 @@ def named_shapes(card: ModelCard, batch: torch.export.Dim) -> tuple[dict, ...]:
     )
 
 
-DETECTOR_OUTPUTS = ["boxes", "scores", "labels"]  # one image's, n of each (export/vision.py Detector)
-
-
 def io_names(card: ModelCard) -> tuple[list[str], list[str]]:
     if card.task == "detect":
-        return [card.input_name], DETECTOR_OUTPUTS
+        return [card.input_name], list(vision.DETECTOR_OUTPUTS)
     if card.named:
         return [t.name for t in card.signature.inputs], [t.name for t in card.signature.outputs]
     return [card.input_name], [card.output_name]
@@ -160,7 +157,7 @@ def export_onnx(model: torch.nn.Module, card: ModelCard, path: Path, options: Op
     """The dynamo exporter with a dynamic batch dimension; checked in full before it is written."""
     inputs, outputs = io_names(card)
     if card.task == "detect":
-        return export_onnx_traced(model, card, path)
+        return write_onnx_with_card(vision.onnx_proto(model, card), card, path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -174,37 +171,7 @@ def export_onnx(model: torch.nn.Module, card: ModelCard, path: Path, options: Op
             optimize=True,
             verbose=False,
         )
-    proto = program.model_proto
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = ONNX_METADATA_KEY, card.to_json(indent=None)
-    proto.producer_name = "torchship"
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
-
-
-def export_onnx_traced(model: torch.nn.Module, card: ModelCard, path: Path) -> None:
-    """A detector by the TorchScript-based exporter, as PyTorch's own ONNX Runtime tests export torchvision's: the
-    dynamo exporter cannot trace non-maximum suppression's data-dependent sizes (pytorch/vision#9306, #9462). One
-    image of the card's size in; n boxes, scores and labels out, n dynamic."""
-    inputs, outputs = io_names(card)
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example_input(card),),
-            str(Path(tmp) / "model.onnx"),
-            dynamo=False,
-            input_names=inputs,
-            output_names=outputs,
-            opset_version=TRACED_OPSET,
-            dynamic_axes={name: {0: "detections"} for name in outputs},
-        )
-        proto = onnx.load(str(Path(tmp) / "model.onnx"))
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = ONNX_METADATA_KEY, card.to_json(indent=None)
-    proto.producer_name = "torchship"
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
+    write_onnx_with_card(program.model_proto, card, path)
 
 
 def batch_dim() -> torch.export.Dim:
@@ -331,9 +298,16 @@ def export_int8_dynamic(model: torch.nn.Module, card: ModelCard, path: Path, opt
     write_onnx_with_card(proto, card, path, "dynamic: int8 weights per channel, activations per call (no calibration)")
 
 
-def write_onnx_with_card(proto, card: ModelCard, path: Path, calibration: str) -> None:
+def write_onnx_with_card(proto, card: ModelCard, path: Path, calibration: str | None = None) -> None:
+    """The card in the model's own metadata (and, for int8, what it was calibrated on), checked in full, written."""
+    ours = {ONNX_METADATA_KEY, "torchship_calibration"}  # a quantized copy carries its float model's: replaced
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in ours]
     del proto.metadata_props[:]
-    for key, value in ((ONNX_METADATA_KEY, card.to_json(indent=None)), ("torchship_calibration", calibration)):
+    for key, value in kept:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    extra = (("torchship_calibration", calibration),) if calibration is not None else ()
+    for key, value in ((ONNX_METADATA_KEY, card.to_json(indent=None)), *extra):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "torchship"

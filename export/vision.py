@@ -7,7 +7,10 @@ batch is one array and the answer maps back to the sent image (handlers/model/vi
 
 from __future__ import annotations
 
+import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -60,6 +63,32 @@ class Segmenter(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)["out"]
+
+
+DETECTOR_OUTPUTS = ("boxes", "scores", "labels")  # one image's, n of each (Detector)
+TRACED_OPSET = 17  # the TorchScript-based exporter's newest opset
+
+
+def onnx_proto(model: Detector, card: ModelCard):
+    """A detector by the TorchScript-based exporter, as PyTorch's own ONNX Runtime tests export torchvision's: the
+    dynamo exporter cannot trace non-maximum suppression's data-dependent sizes (pytorch/vision#9306, #9462). One
+    image of the card's size in; n boxes, scores and labels out, n dynamic. export/formats.py writes it."""
+    import onnx  # lazily: only an ONNX export of a detector reads the file back
+
+    x = torch.rand(1, *card.input_shape, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (x,),
+            str(Path(tmp) / "model.onnx"),
+            dynamo=False,
+            input_names=[card.input_name],
+            output_names=list(DETECTOR_OUTPUTS),
+            opset_version=TRACED_OPSET,
+            dynamic_axes={name: {0: "detections"} for name in DETECTOR_OUTPUTS},
+        )
+        return onnx.load(str(Path(tmp) / "model.onnx"))
 
 
 def wrap(model: torch.nn.Module, task: str) -> torch.nn.Module:

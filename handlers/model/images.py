@@ -199,8 +199,13 @@ def framed(arrays: list[np.ndarray]) -> np.ndarray:
     batch = np.stack(arrays) if arrays[0].ndim == 3 else np.concatenate(arrays)
     if not any(isinstance(a, Framed) for a in arrays):
         return batch
-    out = batch.view(Framed)
-    out.sizes = tuple(s for a in arrays for s in sizes_of(a, 1 if a.ndim == 3 else len(a)))
+    return with_sizes(batch, tuple(s for a in arrays for s in sizes_of(a, 1 if a.ndim == 3 else len(a))))
+
+
+def with_sizes(x: np.ndarray, sizes) -> Framed:
+    """X (no copy) as a Framed batch of images of these own sizes."""
+    out = x.view(Framed)
+    out.sizes = tuple(sizes)
     return out
 
 
@@ -310,9 +315,7 @@ class Preprocessor:
         if c.preprocess == "resize":
             return self.lookup(resize(pixels, height, width))
         if c.preprocess == FRAMED_RECIPE:
-            x = self.lookup(letterbox(pixels, height, width)).view(Framed)
-            x.sizes = (pixels.shape[:2],)
-            return x
+            return with_sizes(self.lookup(letterbox(pixels, height, width)), (pixels.shape[:2],))
         return self.lookup(resize_crop(pixels, height, width, c.resize))
 
     def from_image(self, img: Image.Image) -> np.ndarray:

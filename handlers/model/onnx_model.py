@@ -42,6 +42,8 @@ class OnnxModel:
         if self.steps is None and self.card.named:
             self.steps = Steps(self.card.signature)
         self.input_name = self.session.get_inputs()[0].name
+        if self.card.task == "detect":
+            self._detect = detect_runner(self._feed, self.card.thresholds["detections"])
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -53,10 +55,12 @@ class OnnxModel:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Raw model output for a normalised (N, C, H, W) float32 batch."""
-        feed = lambda x: self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})  # noqa: E731
-        if self.card.task == "detect":  # packed (N, K, 6): model/vision.py
-            return detect_runner(feed, self.card.thresholds["detections"])(batch)
-        return feed(batch)[0]
+        if self.card.task == "detect":  # one image a pass, packed (N, K, 6): model/vision.py
+            return self._detect(batch)
+        return self._feed(batch)[0]
+
+    def _feed(self, x: np.ndarray) -> list:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
 
     def predict(self, images, topk: int = DEFAULT_TOPK):
         """One image (path, bytes, PIL image, array) gives one result; a list gives a list, in one forward pass.

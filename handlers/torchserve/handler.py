@@ -12,7 +12,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from ..card import ModelCard
 from ..model import named, runners, steps
 from ..model.errors import InputError
-from ..model.images import Framed, Preprocessor, framed, sizes_of
+from ..model.images import Preprocessor, framed, sizes_of, with_sizes
 from ..model.responses import answers, batch_outputs
 from ..model.tensors import rows_from_instances, standardize
 from ..protocol import model_io, v2
@@ -149,10 +149,8 @@ class ModelHandler(BaseHandler):
             return {"outputs": {name: v2.json_values(y[0]) for name, y in answer.items()}}
         sizes = None if self.card.named else sizes_of(data.inputs)[part.start : part.stop]
         if part.v2 is not None:
-            rows = data.inputs[k] if self.card.named else data.inputs[part.start : part.stop]
-            if not self.card.named:  # the part's own images' sizes (boxes, masks in their pixels)
-                rows = rows.view(Framed)
-                rows.sizes = sizes
+            # a named request's rows; an image batch's part, with its images' own sizes (boxes, masks in their pixels)
+            rows = data.inputs[k] if self.card.named else with_sizes(data.inputs[part.start : part.stop], sizes)
             return v2.response_json(self.model_name, part.v2, model_io.model_outputs(self.card, out, self.steps, rows))
         if part.v1:
             return {"predictions": answers(self.card, out, [part.topk] * len(out), sizes)}
