@@ -11,10 +11,11 @@ VOCAB = 1000
 NAMED = {"bert": ("bert", "BERT"), "shop": ("Shop", "SHOP"), "detector": ("Detector", "DETECTOR")}  # factory, signature
 MODELS = '''
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 
 def bert():
+    from transformers import BertConfig, BertForSequenceClassification  # here: importing it costs the others ~9 s
+
     config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128, num_labels=3)
     return BertForSequenceClassification(config)

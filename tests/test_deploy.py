@@ -196,12 +196,10 @@ def test_the_containers_command_serves_the_bundle_without_torch(convnet_export, 
         assert [x.decode() for x in client.infer("mnist-convnet", [inp]).as_numpy("label")] == ["0"]
 
 
-def test_a_bundle_of_a_model_with_named_inputs_serves_every_output_by_name(tmp_path, bare_python):
+def test_a_bundle_of_a_model_with_named_inputs_serves_every_output_by_name(tmp_path, bare_python, shop_export):
     import tritonclient.http as thttp
-    from named_models import MODELS, export
 
-    (tmp_path / "models.py").write_text(MODELS)
-    directory, _ = export(tmp_path, "shop", "Shop", "SHOP")
+    directory = shop_export
     out = tmp_path / "bundle"
     run = deploy(directory, out, "--runtime", "kserve")
     assert run.returncode == 0, run.stderr
