@@ -91,7 +91,23 @@ def onnx_proto(model: Detector, card: ModelCard):
         return onnx.load(str(Path(tmp) / "model.onnx"))
 
 
+# Mask and Keypoint R-CNN's extra heads: their boxes, scores and labels are exported, their masks and keypoints are not
+UNEXPORTED_HEADS = ("mask", "keypoint")
+
+
+def unexported(out) -> list[str]:
+    """What a detector answers beyond boxes, scores and labels (Mask R-CNN's masks): not exported, and said so."""
+    return sorted(set(out[0]) - set(DETECTOR_OUTPUTS))
+
+
 def wrap(model: torch.nn.Module, task: str) -> torch.nn.Module:
+    """The model in the form every format exports; a detector's mask and keypoint heads taken off, so that no format
+    computes what none answers."""
+    heads = getattr(model, "roi_heads", None) if task == "detect" else None
+    for part in UNEXPORTED_HEADS:
+        if getattr(heads, f"{part}_roi_pool", None) is not None:
+            for role in ("roi_pool", "head", "predictor"):
+                setattr(heads, f"{part}_{role}", None)
     return (Detector if task == "detect" else Segmenter)(model).eval()
 
 
@@ -99,8 +115,8 @@ def thresholds(model: torch.nn.Module) -> dict:
     """The score threshold, NMS IoU and most detections an image the model applies, read from where torchvision
     keeps them (set them with --model-kwarg: box_score_thresh=0.5 for an R-CNN, score_thresh=0.5 for the others)."""
     for where, score, iou, count in THRESHOLD_ATTRIBUTES:
-        holder = getattr(model, where) if where else model
-        if all(hasattr(holder, a) for a in (score, iou, count)):
+        holder = getattr(model, where, None) if where else model
+        if holder is not None and all(hasattr(holder, a) for a in (score, iou, count)):
             values = (float(getattr(holder, score)), float(getattr(holder, iou)), int(getattr(holder, count)))
             return dict(zip(THRESHOLD_KEYS, values))
     raise ValueError(

@@ -22,6 +22,28 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHSHIP = [str(Path(sys.executable).with_name("torchship"))]
 
 
+IN_ONE_PROCESS = """
+import json, sys, traceback
+from torchship.cli import main
+for argv in json.loads(sys.argv[1]):
+    print(f"=== torchship {' '.join(argv)}", flush=True)
+    try:
+        main(argv, prog_name="torchship", standalone_mode=False)
+    except SystemExit as e:
+        print(f"exit {e.code}", flush=True)
+    except Exception:
+        traceback.print_exc()
+"""
+
+
+def in_one_process(commands: list[list[str]], cwd: Path) -> subprocess.CompletedProcess:
+    """Several `torchship` commands run by the command's own code in one process: each process of their own would pay
+    torch's import again (~3 s of CPU a command)."""
+    return subprocess.run(
+        [sys.executable, "-c", IN_ONE_PROCESS, json.dumps(commands)], capture_output=True, text=True, cwd=cwd
+    )
+
+
 def quick(name: str, **kw):
     """A preset cut down to seconds: the real architecture and optimiser, fewer epochs."""
     return dataclasses.replace(get_preset(name), **{"epochs": 2, **kw})

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import ROOT
+from helpers import ROOT, in_one_process
 
 sys.path.insert(0, str(ROOT))  # bench/ belongs to the repository, not the package (as in test_bench_report.py)
 from bench.text import VOCAB, build_tokenizer  # noqa: E402 - after the line above
@@ -79,26 +79,9 @@ TEXT = {  # name -> factory, signature, the text options
 }
 
 
-IN_ONE_PROCESS = """
-import json, sys, traceback
-from torchship.cli import main
-for argv in json.loads(sys.argv[1]):
-    print(f"=== torchship {' '.join(argv)}", flush=True)
-    try:
-        main(argv, prog_name="torchship", standalone_mode=False)
-    except SystemExit as e:
-        print(f"exit {e.code}", flush=True)
-    except Exception:
-        traceback.print_exc()
-"""
-
-
 def export_all(folder: Path) -> subprocess.CompletedProcess:
     """`torchship export --tokenizer` of every one of them, the command's own code run in one process (four
     processes each paid torch's and transformers' imports: ~30 s of a test worker)."""
-    import json
-    import sys
-
     import torch
 
     tokenizer = build_tokenizer(folder / "tokenizer.json")
@@ -113,6 +96,4 @@ def export_all(folder: Path) -> subprocess.CompletedProcess:
             ["export", "--model", spec, "--weights", str(folder / f"{name}.pt"), "--signature", signature]
             + ["--tokenizer", str(tokenizer), *options, "--name", name, "--out", str(folder / name)]
         )
-    return subprocess.run(
-        [sys.executable, "-c", IN_ONE_PROCESS, json.dumps(commands)], capture_output=True, text=True, cwd=folder
-    )
+    return in_one_process(commands, folder)

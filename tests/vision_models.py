@@ -5,18 +5,25 @@ detector answers its 100 boxes at one tied score (0.3383 here), which no proof c
 both and saves their state dicts: `python tests/vision_models.py OUT_DIR`."""
 
 import sys
+from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.ssdlite import SSDLiteHead
 from torchvision.models.segmentation.fcn import FCN, FCNHead
 
 SIZE = 128
 LABELS = ["__background__", "red", "green"]
 STEPS = {"detector": 120, "segmenter": 80}
+FAMILIES = ("retinanet", "fcos", "ssdlite")  # torchvision's other detector classes, each on the same backbone
+# ... trained by train_families, which also gives a Mask R-CNN the trained detector's weights
 
 
 def backbone() -> nn.Sequential:
@@ -31,8 +38,20 @@ def backbone() -> nn.Sequential:
 def detector(num_classes: int = 3, **kwargs) -> FasterRCNN:
     """A Faster R-CNN at 128 pixels: small proposal counts keep training to seconds on two cores."""
     torch.manual_seed(0)
+    return FasterRCNN(backbone(), num_classes=num_classes, **{**rcnn_settings(), **kwargs})
+
+
+def mask_rcnn(num_classes: int = 3, **kwargs) -> MaskRCNN:
+    """The same with Mask R-CNN's mask head: the tests give it the detector's trained weights, the mask head as
+    initialised (its masks are not exported)."""
+    torch.manual_seed(0)
+    return MaskRCNN(backbone(), num_classes=num_classes, **{**rcnn_settings(), **kwargs})
+
+
+def rcnn_settings() -> dict:
     anchors = AnchorGenerator(sizes=((16, 32, 64),), aspect_ratios=((0.5, 1.0, 2.0),))
-    settings = dict(
+    return dict(
+        rpn_anchor_generator=anchors,
         min_size=SIZE,
         max_size=SIZE,
         rpn_pre_nms_top_n_train=300,
@@ -43,7 +62,42 @@ def detector(num_classes: int = 3, **kwargs) -> FasterRCNN:
         box_batch_size_per_image=64,
         box_score_thresh=0.3,
     )
-    return FasterRCNN(backbone(), num_classes=num_classes, rpn_anchor_generator=anchors, **{**settings, **kwargs})
+
+
+class Features(nn.Module):
+    """The backbone as RetinaNet, FCOS and SSD take one: named feature maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.out_channels = backbone(), 32
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        return OrderedDict([("0", self.body(x))])
+
+
+def retinanet(num_classes: int = 3, **kwargs) -> RetinaNet:
+    """RetinaNet with v2's GroupNorm head: v1's head, four convolutions initialised at std 0.01, learns nothing in
+    seconds (every score stays at the prior's)."""
+    torch.manual_seed(0)
+    anchors = AnchorGenerator(sizes=((16, 32, 64),), aspect_ratios=((0.5, 1.0, 2.0),))
+    head = RetinaNetHead(32, anchors.num_anchors_per_location()[0], num_classes, norm_layer=partial(nn.GroupNorm, 8))
+    settings = dict(min_size=SIZE, max_size=SIZE, score_thresh=0.2, anchor_generator=anchors, head=head)
+    return RetinaNet(Features(), num_classes, **{**settings, **kwargs})
+
+
+def fcos(num_classes: int = 3, **kwargs) -> FCOS:
+    torch.manual_seed(0)
+    anchors = AnchorGenerator(sizes=((32,),), aspect_ratios=((1.0,),))
+    settings = dict(min_size=SIZE, max_size=SIZE, score_thresh=0.3, anchor_generator=anchors)
+    return FCOS(Features(), num_classes, **{**settings, **kwargs})
+
+
+def ssdlite(num_classes: int = 3, **kwargs) -> SSD:
+    """SSD with SSDlite's head (depthwise convolutions), as ssdlite320_mobilenet_v3_large builds it."""
+    torch.manual_seed(0)
+    anchors = DefaultBoxGenerator([[2, 3]])
+    head = SSDLiteHead([32], anchors.num_anchors_per_location(), num_classes, partial(nn.BatchNorm2d, eps=0.001))
+    return SSD(Features(), anchors, (SIZE, SIZE), num_classes, head=head, **{"score_thresh": 0.3, **kwargs})
 
 
 def segmenter(num_classes: int = 3) -> FCN:
@@ -71,18 +125,44 @@ def scene(g: torch.Generator, size: tuple[int, int] = (SIZE, SIZE), shapes: int 
     return x, target, mask
 
 
+def fit_detector(model: nn.Module, steps: int, opt: torch.optim.Optimizer, g: torch.Generator) -> nn.Module:
+    model.train()
+    for _ in range(steps):
+        images, targets, _ = zip(*(scene(g) for _ in range(4)))
+        loss = sum(model(list(images), list(targets)).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def train_families(out_dir: Path, detector_weights: Path) -> dict[str, Path]:
+    """RetinaNet, FCOS and SSDlite, trained, and a Mask R-CNN with the trained detector's weights; name -> state dict
+    file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    g, files = torch.Generator().manual_seed(0), {"mask_rcnn": out_dir / "mask_rcnn.pt"}
+    masked = mask_rcnn()
+    missing = masked.load_state_dict(torch.load(detector_weights, weights_only=True), strict=False).missing_keys
+    assert missing and all(".mask_" in k for k in missing), missing
+    torch.save(masked.state_dict(), files["mask_rcnn"])
+    for name in FAMILIES:
+        model = globals()[name]()
+        opt = (
+            torch.optim.Adam(model.parameters(), lr=0.01)
+            if name == "retinanet"
+            else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        )
+        files[name] = out_dir / f"{name}.pt"
+        torch.save(fit_detector(model, 120, opt, g).state_dict(), files[name])
+    return files
+
+
 def train(out_dir: Path) -> dict[str, Path]:
     """Both models, trained and saved; name -> state dict file."""
     out_dir.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
-    det = detector().train()
-    opt = torch.optim.SGD(det.parameters(), lr=0.02, momentum=0.9)
-    for _ in range(STEPS["detector"]):
-        images, targets, _ = zip(*(scene(g) for _ in range(4)))
-        loss = sum(det(list(images), list(targets)).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    det = detector()
+    det = fit_detector(det, STEPS["detector"], torch.optim.SGD(det.parameters(), lr=0.02, momentum=0.9), g)
     seg = segmenter().train()
     opt = torch.optim.Adam(seg.parameters(), lr=0.01)
     for _ in range(STEPS["segmenter"]):
@@ -98,4 +178,4 @@ def train(out_dir: Path) -> dict[str, Path]:
 
 
 if __name__ == "__main__":  # threads as OMP_NUM_THREADS says: make test gives each of its workers one
-    print(train(Path(sys.argv[1])))
+    print(train_families(Path(sys.argv[1]), Path(sys.argv[2])) if sys.argv[2:] else train(Path(sys.argv[1])))

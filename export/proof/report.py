@@ -259,7 +259,8 @@ def detection_table(report: Report) -> str:
     lines = [
         f"reference: {report.reference}; {i['rules']}",
         f"inputs: {i['total']} drawn scenes ({', '.join(i['sizes'])}), letterboxed to {i['shape']}; eager finds "
-        f"{i['detections']} detections, {i['empty']} scenes with none; thresholds {i['thresholds']}",
+        f"{i['detections']} detections, {i['empty']} scene{'' if i['empty'] == 1 else 's'} with none; "
+        f"thresholds {i['thresholds']}",
     ]
     head = f"{'backend':<12} {'judged':>6} {'matched':>7} {'left out':>8} {'missing':>7} {'extra':>5} "
     head += f"{'box err px':>10} {'score err':>9}  result"
