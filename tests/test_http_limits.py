@@ -558,3 +558,36 @@ def test_a_request_whose_client_went_away_leaves_the_queue_before_the_pass(gated
     assert scrape(http_port, "torchship_requests_total") == 2  # A's 200 and B's 499: nothing else
     assert scrape(http_port, "torchship_requests_total", status=200) == 1
     assert scrape(http_port, "torchship_requests_in_flight") == 0
+
+
+def named(body: bytes, output: str) -> list:
+    return next(o["data"] for o in json.loads(body)["outputs"] if o["name"] == output)
+
+
+def test_requests_that_arrive_during_a_pass_share_the_next_one_over_both_protocols(gated):
+    """A holds the one forward pass; four REST and three gRPC requests arrive meanwhile and wait; once A's pass ends,
+    the seven go through the model together, in one pass (max_batch 8), each answered as a lone request is."""
+    proc, http_port, grpc_port = gated
+    first = Client(http_port).send(INFER)
+    assert proc.stdout.readline().strip() == "pass 1"  # A's pass has begun, and waits
+    rest = [Client(http_port).send(INFER) for _ in range(4)]
+    g = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    inp = tgrpc.InferInput("images", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([DIGIT], dtype=object))
+    answers: list = []
+    calls = [g.async_infer("mnist", [inp], lambda result, error: answers.append((result, error))) for _ in range(3)]
+    wait_for(lambda: scrape(http_port, "torchship_requests_in_flight") == 8, 60, "seven queued behind A's pass")
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "pass 7"  # the seven, together
+    status, _, body = first.answer()
+    label = named(body, "label")
+    for c in rest:
+        status_c, _, body_c = c.answer()
+        assert (status_c, named(body_c, "label")) == (status, label) == (200, label)
+        c.close()
+    first.close()
+    wait_for(lambda: len(answers) == 3, 60, "the three gRPC answers")
+    assert all(error is None and result.as_numpy("label").tolist() == [label[0].encode()] for result, error in answers)
+    assert len(calls) == 3 and scrape(http_port, "torchship_batch_size_count") == 2  # A's pass and the seven's
+    g.close()
