@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -118,7 +119,11 @@ def build_archive(
             str(store),
             "--force",
         ] + (["--config-file", str(cfg)] if config else [])
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        # torch-model-archiver stages the files in $TMPDIR/<model name>, removing whatever is there first: two archives
+        # of one name at once (two CI jobs, two test workers) broke each other's ("Failed to save the model-archive")
+        private = Path(tmp) / "archiver"
+        private.mkdir()
+        result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(private)})
     if result.returncode != 0:
         raise ArchiveError(f"torch-model-archiver failed: {result.stderr.strip() or result.stdout.strip()}")
     return store / f"{name}.mar"

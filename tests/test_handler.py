@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -165,3 +166,23 @@ def test_photographed_style_digits_are_classified_as_well_as_mnist_ones(archives
         pages = [paper(DIGITS[i], size, box, top, left) for i in idx]
         acc = np.mean([r["label"] == str(LABELS[i]) for i, r in zip(idx, model.predict(pages))])
         assert acc >= raw - 0.04, (size, box, acc, raw)
+
+
+def test_an_archive_is_built_apart_from_any_other_of_the_same_name(convnet_export, tmp_path, monkeypatch):
+    """torch-model-archiver stages in $TMPDIR/<model name>, removing what is there: two archives of one name at once
+    broke each other. Here the shared temp folder holds a file by that name, which the archiver cannot remove as a
+    folder (shown first): the archive is built all the same, and the file is left as it was."""
+    shared = tmp_path / "shared-tmp"
+    shared.mkdir()
+    (shared / "mnist").write_text("another run's")
+    monkeypatch.setenv("TMPDIR", str(shared))
+    direct = subprocess.run(
+        [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", "mnist", "--version", "1",
+         "--serialized-file", str(convnet_export.directory / "model.onnx"), "--handler", str(tmp_path / "h.py"),
+         "--export-path", str(tmp_path), "--force"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert direct.returncode != 0 and "NotADirectoryError" in direct.stderr, direct.stderr[-2000:]
+    mar = build_archive(convnet_export.directory, tmp_path / "store", name="mnist", config=ModelConfig())
+    assert "model.onnx" in zipfile.ZipFile(mar).namelist()
+    assert (shared / "mnist").read_text() == "another run's" and [p.name for p in shared.iterdir()] == ["mnist"]
