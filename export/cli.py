@@ -84,7 +84,8 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
     callback=shape,
     default=None,
     metavar="SHAPE",
-    help="With --model: C,H,W for images (3,224,224); one example's shape for tensors (13, or 3,128).",
+    help="With --model: C,H,W for images (3,224,224; default for a torchvision detector: its own working size); "
+    "one example's shape for tensors (13, or 3,128).",
 )
 @click.option(
     "--input-kind",
@@ -307,9 +308,11 @@ def export_command(
             raise click.BadParameter(str(e), param_hint="--weights-enum") from None
         side = preset.crop or preset.resize
         input_shape = input_shape or ((3, side, side) if side else None)
-    if spec is not None and input_kind != "named" and (weights is None or input_shape is None):
-        raise click.UsageError("--model needs --weights FILE and --input-shape (C,H,W for images, e.g. 13 for rows)")
-    if spec is not None and input_kind == "image" and len(input_shape) != 3:
+    if spec is not None and input_kind != "named" and weights is None:
+        raise click.UsageError("--model needs --weights FILE")
+    if spec is not None and input_kind not in ("named", "image") and input_shape is None:
+        raise click.UsageError("--model needs --input-shape (the shape of one row, e.g. 13)")
+    if spec is not None and input_kind == "image" and input_shape is not None and len(input_shape) != 3:
         raise click.BadParameter(
             f"an image model's input is C,H,W, got {','.join(map(str, input_shape))} (rows of "
             "numbers? add --input-kind tensor)",

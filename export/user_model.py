@@ -234,7 +234,7 @@ def user_model(
     weights: Path | str,
     *,
     kwargs: Mapping | None = None,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None,
     labels: str | None = None,
     mean: Sequence[float] = (0.0,),
     std: Sequence[float] = (1.0,),
@@ -256,6 +256,9 @@ def user_model(
         labels = preset.labels or labels
     model = load_weights(build(spec, kwargs), read_state_dict(weights), weights)
     image = input_kind == "image"
+    input_shape = input_shape or (vision.working_shape(model) if image else None)
+    if input_shape is None:
+        raise ModelLoadError("--model needs --input-shape C,H,W: this model states no working size of its own")
     c = input_shape[0]
     try:
         with torch.no_grad():

@@ -111,6 +111,16 @@ def wrap(model: torch.nn.Module, task: str) -> torch.nn.Module:
     return (Detector if task == "detect" else Segmenter)(model).eval()
 
 
+def working_shape(model: torch.nn.Module) -> tuple[int, int, int] | None:
+    """A torchvision detector's own working size, from its transform (SSD's fixed size, else the R-CNNs', RetinaNet's
+    and FCOS's shorter side): the letterbox it gets when --input-shape is not given. None for any other model."""
+    transform = getattr(model, "transform", None)
+    fixed, shorter = getattr(transform, "fixed_size", None), getattr(transform, "min_size", None)
+    if fixed:
+        return 3, int(fixed[0]), int(fixed[1])
+    return (3, int(shorter[-1]), int(shorter[-1])) if shorter else None
+
+
 def thresholds(model: torch.nn.Module) -> dict:
     """The score threshold, NMS IoU and most detections an image the model applies, read from where torchvision
     keeps them (set them with --model-kwarg: box_score_thresh=0.5 for an R-CNN, score_thresh=0.5 for the others)."""

@@ -31,9 +31,10 @@ def families(tmp_path_factory, vision_exports):
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     names = (*FAMILIES, "mask_rcnn")
+    shape = {name: ["--input-shape", f"3,{SIZE},{SIZE}"] for name in names if name != "fcos"}  # FCOS: its own size
     commands = [
-        ["export", "--model", f"{FAMILY_FILE}:{name}", "--weights", str(out / f"{name}.pt"), "--input-shape",
-         f"3,{SIZE},{SIZE}", "--labels", ",".join(LABELS), "--out", str(out / name)]
+        ["export", "--model", f"{FAMILY_FILE}:{name}", "--weights", str(out / f"{name}.pt"), "--labels",
+         ",".join(LABELS), "--out", str(out / name), *shape.get(name, [])]
         for name in names
     ]  # fmt: skip
     run = in_one_process(commands, out)
@@ -59,6 +60,7 @@ def test_each_detector_class_exports_with_its_thresholds_and_passes_its_proof(fa
         "iou": holder.nms_thresh,
         "detections": holder.detections_per_img,
     }
+    assert card.input_shape == (3, vision_models.SIZE, vision_models.SIZE)  # FCOS's from its transform's min_size
     graph = onnx.load(str(families[name] / "model.onnx")).graph
     assert [o.name for o in graph.output] == ["boxes", "scores", "labels"]
 

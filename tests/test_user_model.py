@@ -310,6 +310,7 @@ def test_sizing_follows_the_models_measured_cost(user_exports):
             "safe name",
         ),
         (["--model", "{file}:PetNet", "--input-shape", "3,32,32"], "--weights"),
+        (["--model", "{file}:PetNet", "--weights", "{petnet}"], "states no working size of its own"),
         (
             ["--model", "{file}:PetNet", "--weights", "{petnet}", "--input-shape", "3,32,32", "--formats", "ts,gif"],
             "choose from",
