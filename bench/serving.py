@@ -43,7 +43,8 @@ class Setup:
     config: ModelConfig | None = None  # torchserve: None is TorchServe's defaults
     handler: Path | None = None  # torchserve: a handler file of our own instead of torchship's
     peer: str | None = None
-    protocol: str = "v2"  # oip: what the load test sends (serve/client.py: v2 binary, or v2 JSON with base64)
+    protocol: str = "v2"  # oip: what the load test sends (serve/client.py: v2 binary, or v2 JSON with base64); every
+    # kind: "v2-text", a text model's rows, sent to each server as v2 JSON's `text` input
     outputs: str = "all"  # oip: which outputs it asks for (serve/client.py OUTPUTS)
     env: tuple[tuple[str, str], ...] = ()  # oip: environment variables the server starts with (OTEL_*)
 
@@ -146,7 +147,8 @@ def start(name: str, setup: Setup, export_dir: Path, work: Path, stack: ExitStac
         return Target("127.0.0.1", port, "mnist", protocol="raw"), {}, proc.pid
     running = peer_setup.start(peer_setup.PEERS[setup.peer], export_dir / "model.onnx", work / "peers")
     stack.callback(peer_setup.stop, running)
-    return running.target, {"version": running.version}, running.proc.pid
+    target = replace(running.target, protocol="v2-text") if setup.protocol == "v2-text" else running.target
+    return target, {"version": running.version}, running.proc.pid
 
 
 def _wait_port(port: int, timeout: float = 30) -> None:

@@ -388,3 +388,25 @@ def test_a_corrupted_int8_classifier_fails_its_agreement(text_exports, tmp_path)
     onnx.save(model, str(path))
     r = subprocess.run([*TORCHSHIP, "verify", str(copy)], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "onnx-int8" in r.stderr + r.stdout and "agreement" in r.stderr + r.stdout, r.stderr
+
+
+def test_the_load_clients_text_protocol_is_answered_as_tritonclient_is(server):
+    """serve/client.py's `v2-text` (what the bench sends a text model, and every peer the same body): one text as v2
+    JSON's `text` input, its label read back by the load client as tritonclient reads it."""
+    import asyncio
+
+    from torchship.serve.client import Connection, Target, answer
+
+    text = "the load client sends this text"
+    want = infer(client(server, "http"), "http", "sentiment", [text]).as_numpy("label")[0].decode()
+    target = Target("127.0.0.1", server.http_port, "sentiment", protocol="v2-text")
+
+    async def once():
+        conn = Connection(target)
+        try:
+            return await conn.send(target.request(text.encode(), "text/plain"))
+        finally:
+            await conn.close()
+
+    status, reply = asyncio.run(once())
+    assert status == 200 and answer(reply) == want, reply[:300]

@@ -1,4 +1,4 @@
-"""The digit model on LitServe (https://lightning.ai/docs/litserve/api-reference/litapi,
+"""The digit model (or the BERT row's text classifier: v2 JSON bodies) on LitServe (https://lightning.ai/docs/litserve/api-reference/litapi,
 https://lightning.ai/docs/litserve/features/batching): decode / batch / predict / unbatch / encode.
 
 Requests are multipart forms (LitServe parses JSON or forms), one image each; the model, its preprocessing and its
@@ -22,12 +22,17 @@ class DigitAPI(ls.LitAPI):
         self.model = load(self.model_path, threads=1)
 
     def decode_request(self, request):
+        if self.model.card.named:  # the BERT row: one text, sent as v2 JSON's `text` input
+            return request["inputs"][0]["data"][0]
         return self.model.prepare(request["image"].file.read())
 
     def batch(self, inputs):
-        return np.stack(inputs)
+        return inputs if self.model.card.named else np.stack(inputs)
 
     def predict(self, x):
+        if self.model.card.named:
+            out = self.model.predict(list(x))
+            return [{"label": label.decode()} for label in out["label"]]
         return respond(self.model.card, self.model.run(x))
 
     def unbatch(self, output):

@@ -1,4 +1,4 @@
-"""The digit model on NVIDIA Triton through PyTriton (https://triton-inference-server.github.io/pytriton/latest/
+"""The digit model (or the BERT row's text classifier, its input `text`) on NVIDIA Triton through PyTriton (https://triton-inference-server.github.io/pytriton/latest/
 binding_models/, .../binding_configuration/): a bound inference function, two instances, Triton's dynamic batching.
 
 Requests are Open Inference Protocol calls with the binary tensor extension (raw image bytes, as Triton takes them).
@@ -26,7 +26,12 @@ def instance(model_path: str):
         labels = np.array([[model.card.labels[i].encode()] for i in probs.argmax(1)], dtype=object)
         return {"label": labels, "probabilities": probs}
 
-    return infer
+    @batch
+    def infer_text(text: np.ndarray):  # the BERT row: texts in, the runtime's tokenizer and answer
+        out = model.predict([bytes(row[0]).decode() for row in text])
+        return {"label": out["label"].reshape(-1, 1), "probabilities": out["probabilities"]}
+
+    return (infer_text, "text") if model.card.named else (infer, "images")
 
 
 if __name__ == "__main__":
@@ -49,11 +54,12 @@ if __name__ == "__main__":
     )
     # PyTriton 0.7 guards Triton's statistics and repository APIs with a token of its own; perf_analyzer reads the
     # statistics, and this server listens on loopback for the bench alone: no guarded endpoints
+    instances = [instance(args.model) for _ in range(args.workers)]  # (function, its input's name)
     with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
         triton.bind(
             model_name="mnist",
-            infer_func=[instance(args.model) for _ in range(args.workers)],
-            inputs=[Tensor(name="images", dtype=bytes, shape=(1,))],
+            infer_func=[fn for fn, _ in instances],
+            inputs=[Tensor(name=instances[0][1], dtype=bytes, shape=(1,))],
             outputs=[
                 Tensor(name="label", dtype=bytes, shape=(1,)),
                 Tensor(name="probabilities", dtype=np.float32, shape=(-1,)),
