@@ -201,13 +201,14 @@ def with_peers(export: Path, work: Path, seconds: float, log) -> dict:
     return serving.compare(export, work, setups, seconds, rounds=2, bodies=bodies, warmup=48, log=log)
 
 
-TEXT_PEERS = ("pytriton", "litserve", "mlserver")  # BentoML's batchable API would need a body of its own
+TEXT_PEERS = ("pytriton", "litserve", "mlserver", "bentoml")
 
 
 def text_with_peers(export: Path, work: Path, seconds: float, log) -> dict:
-    """BERT-base served by the OIP server (its own choice of settings) and by the peers that take the same v2 JSON
-    body (`text` BYTES), each as bench/peer_setup.py sets it up (2 workers, one ONNX Runtime thread each, batches up
-    to 8), its answer checked against in-process ONNX Runtime's; measured as with_peers measures ResNet-50."""
+    """BERT-base served by the OIP server (its own choice of settings) and by each peer, the same texts sent as v2
+    JSON's `text` input (BentoML's batchable API: {"text": [it]}), each peer as bench/peer_setup.py sets it up (2
+    workers, one ONNX Runtime thread each, batches up to 8), its answer checked against in-process ONNX Runtime's;
+    measured as with_peers measures ResNet-50."""
     from bench import serving
     from torchship.handlers.model.onnx_model import load as load_onnx
 

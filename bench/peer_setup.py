@@ -48,6 +48,7 @@ class Peer:
     env: dict = field(default_factory=dict)
     bytes_shape: tuple[int, ...] = (1,)  # a v2 BYTES input's shape for one image
     retries: int = 1  # starts to try (PyTriton's start with two instances is racy)
+    text: tuple[str, str | None] = ("v2-text", None)  # a text model's protocol and route (None: the peer's path)
 
 
 def _mlserver_configure(work: Path, ports: dict, model: Path) -> None:
@@ -128,6 +129,7 @@ PEERS: dict[str, Peer] = {
                 str(ports["http"]),
             ],
             "/readyz",
+            text=("json-text", "/classify_text"),
             env={
                 "TORCHSHIP_PEER_WORKERS": str(WORKERS),
                 "TORCHSHIP_PEER_MAX_BATCH": str(MAX_BATCH),

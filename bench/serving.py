@@ -147,7 +147,10 @@ def start(name: str, setup: Setup, export_dir: Path, work: Path, stack: ExitStac
         return Target("127.0.0.1", port, "mnist", protocol="raw"), {}, proc.pid
     running = peer_setup.start(peer_setup.PEERS[setup.peer], export_dir / "model.onnx", work / "peers")
     stack.callback(peer_setup.stop, running)
-    target = replace(running.target, protocol="v2-text") if setup.protocol == "v2-text" else running.target
+    target = running.target
+    if setup.protocol == "v2-text":  # a text model: each peer's own way to take one text
+        protocol, path = running.peer.text
+        target = replace(target, protocol=protocol, path=path or target.path)
     return target, {"version": running.version}, running.proc.pid
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 # How each protocol carries one image, and where it goes: TorchServe's raw body, the Open Inference Protocol with
 # the binary tensor extension, or as base64 in v2 JSON, a raw body to any path, a multipart form file; and one text
-# (the body, UTF-8) as v2 JSON's `text` BYTES input, to the v2 route or any path.
-PROTOCOLS = ("torchserve", "v2", "v2-json", "raw", "multipart", "v2-text")
+# (the body, UTF-8) as v2 JSON's `text` BYTES input, to the v2 route or any path, or as {"text": [it]} to a path.
+PROTOCOLS = ("torchserve", "v2", "v2-json", "raw", "multipart", "v2-text", "json-text")
 # What a v2 request asks for: every output (JSON for v2-json, binary for v2, as tritonclient asks by default), or the
 # label alone as JSON (the lightest answer: a tenth of the bytes to write and parse).
 OUTPUTS = ("all", "label")
@@ -79,6 +79,9 @@ class Target:
             path, extra = self.path or f"/v2/models/{self.model}/infer", "Content-Type: application/json\r\n"
             text = {"name": "text", "shape": list(self.bytes_shape), "datatype": "BYTES", "data": [body.decode()]}
             body = json.dumps({"inputs": [text]}).encode()
+        elif self.protocol == "json-text":
+            path, extra = self.path or "/predict", "Content-Type: application/json\r\n"
+            body = json.dumps({"text": [body.decode()]}).encode()
         elif self.protocol == "raw":
             path, extra = self.path or "/predict", f"Content-Type: {content_type}\r\n"
         else:

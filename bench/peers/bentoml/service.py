@@ -1,4 +1,4 @@
-"""The digit model as a BentoML 1.4 service (https://docs.bentoml.com/en/latest/build-with-bentoml/services.html,
+"""The digit model (or the BERT row's text classifier, at /classify_text) as a BentoML 1.4 service (https://docs.bentoml.com/en/latest/build-with-bentoml/services.html,
 https://docs.bentoml.com/en/latest/get-started/adaptive-batching.html): a batchable API with adaptive batching.
 
 Requests are multipart forms with one image file; BentoML gathers them into batches of up to 8, each worker on its
@@ -29,3 +29,8 @@ class Digits:
     def classify(self, image: list[Path]) -> list[dict]:
         x = np.stack([self.model.prepare(p.read_bytes()) for p in image])
         return respond(self.model.card, self.model.run(x))
+
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
+    def classify_text(self, text: list[str]) -> list[dict]:
+        """The BERT row: JSON {"text": [one text]}, batched; the runtime's tokenizer and answer."""
+        return [{"label": label.decode()} for label in self.model.predict(list(text))["label"]]
