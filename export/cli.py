@@ -84,8 +84,7 @@ def run_proof(export_dir, atol, rtol, data_dir, source=None) -> None:
     callback=shape,
     default=None,
     metavar="SHAPE",
-    help="With --model: C,H,W for images (3,224,224; default for a torchvision detector: its own working size); "
-    "one example's shape for tensors (13, or 3,128).",
+    help="With --model: C,H,W for images (3,224,224; a torchvision detector's by default); a row's for tensors (13).",
 )
 @click.option(
     "--input-kind",
@@ -310,14 +309,12 @@ def export_command(
         input_shape = input_shape or ((3, side, side) if side else None)
     if spec is not None and input_kind != "named" and weights is None:
         raise click.UsageError("--model needs --weights FILE")
-    if spec is not None and input_kind not in ("named", "image") and input_shape is None:
+    if spec is not None and input_kind == "tensor" and input_shape is None:
         raise click.UsageError("--model needs --input-shape (the shape of one row, e.g. 13)")
     if spec is not None and input_kind == "image" and input_shape is not None and len(input_shape) != 3:
-        raise click.BadParameter(
-            f"an image model's input is C,H,W, got {','.join(map(str, input_shape))} (rows of "
-            "numbers? add --input-kind tensor)",
-            param_hint="--input-shape",
-        )
+        got = ",".join(map(str, input_shape))
+        hint = f"an image model's input is C,H,W, got {got} (rows of numbers? add --input-kind tensor)"
+        raise click.BadParameter(hint, param_hint="--input-shape")
     if checkpoint is not None and any(user_only.values()):
         given = [k for k, v in user_only.items() if v]
         raise click.UsageError(f"{', '.join(given)} apply to --model; a checkpoint carries its own model card")

@@ -291,12 +291,10 @@ def user_model(
             )
         except (CardError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
-        if found == "detect" and vision.unexported(out):
-            print(
-                f"note: the model also answers {', '.join(vision.unexported(out))}: the export answers its boxes, "
-                "scores and labels only",
-                file=sys.stderr,
-            )
+        dropped = vision.unexported(out) if found == "detect" else []
+        if dropped:
+            note = f"note: the model also answers {', '.join(dropped)}: the export answers its boxes, scores and labels"
+            print(note + " only", file=sys.stderr)
         return vision.wrap(model, found), card
     if isinstance(out, (list, tuple)):
         raise ModelLoadError(f"the model returns a {type(out).__name__}; torchship exports models with one output")

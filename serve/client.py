@@ -18,6 +18,8 @@ import struct
 import urllib.request
 from dataclasses import dataclass, field
 
+from torchship.handlers.signature import TEXT_INPUT
+
 # How each protocol carries one image, and where it goes: TorchServe's raw body, the Open Inference Protocol with
 # the binary tensor extension, or as base64 in v2 JSON, a raw body to any path, a multipart form file; and one text
 # (the body, UTF-8) as v2 JSON's `text` BYTES input, to the v2 route or any path, or as {"text": [it]} to a path.
@@ -77,7 +79,7 @@ class Target:
                 extra = "Content-Type: application/json\r\n"
         elif self.protocol == "v2-text":
             path, extra = self.path or f"/v2/models/{self.model}/infer", "Content-Type: application/json\r\n"
-            text = {"name": "text", "shape": list(self.bytes_shape), "datatype": "BYTES", "data": [body.decode()]}
+            text = {"name": TEXT_INPUT, "shape": list(self.bytes_shape), "datatype": "BYTES", "data": [body.decode()]}
             body = json.dumps({"inputs": [text]}).encode()
         elif self.protocol == "json-text":
             path, extra = self.path or "/predict", "Content-Type: application/json\r\n"

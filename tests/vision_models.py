@@ -145,8 +145,8 @@ def train_families(out_dir: Path, detector_weights: Path) -> dict[str, Path]:
     missing = masked.load_state_dict(torch.load(detector_weights, weights_only=True), strict=False).missing_keys
     assert missing and all(".mask_" in k for k in missing), missing
     torch.save(masked.state_dict(), files["mask_rcnn"])
-    for name in FAMILIES:
-        model = globals()[name]()
+    for name, build in zip(FAMILIES, (retinanet, fcos, ssdlite)):
+        model = build()
         opt = (
             torch.optim.Adam(model.parameters(), lr=0.01)
             if name == "retinanet"
