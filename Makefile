@@ -9,6 +9,10 @@ EXPORT := exports/$(PRESET)
 BACKEND ?= onnx
 RUNTIME ?= torchserve
 SERVE_FLAGS ?=
+# Python keeps compiled modules beside their sources; an environment that turns that off (PYTHONDONTWRITEBYTECODE,
+# set on these machines) has every process compile torch's and onnxscript's sources again: 3 of an export's 10
+# CPU-seconds (docs/testing.md).
+unexport PYTHONDONTWRITEBYTECODE
 
 # What the machine itself must have, as command:package (Debian and Ubuntu names; `ubuntu:` entries replace them
 # there). Serving needs Java 17 (TorchServe) and npm (the page's onnxruntime-web); the tests also drive Chromium
