@@ -15,7 +15,6 @@ made by `python -m bench.run --only heavy`)."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import multiprocessing as mp
 import os
@@ -42,38 +41,13 @@ def sessions(model: Path, layout: str):
     return wide, narrow
 
 
-def take(fds: list[int], waiting: int, layout: str) -> tuple[list[int], str]:
-    """The slots a pass holds, and which session it runs. WAITING: a lock that a worker waiting for a slot holds
-    shared; a pass runs wide only when nobody holds it (flock's wake-ups are not fair: a worker that loops straight
-    back would otherwise take every slot again before the waiter runs)."""
-    if layout == "narrow":
-        return [], "narrow"
-    if layout == "turns":  # one slot for all: one pass at a time
-        fcntl.flock(fds[0], fcntl.LOCK_EX)
-        return [fds[0]], "wide"
-    held = []
-    for fd in fds:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held.append(fd)
-        except BlockingIOError:
-            pass
-    if len(held) == len(fds):
-        try:
-            fcntl.flock(waiting, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(waiting, fcntl.LOCK_UN)
-            return held, "wide"
-        except BlockingIOError:
-            pass
-    for fd in held[1:]:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    if held:
-        return held[:1], "narrow"
-    fcntl.flock(waiting, fcntl.LOCK_SH)
-    fd = fds[os.getpid() % len(fds)]
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    fcntl.flock(waiting, fcntl.LOCK_UN)
-    return [fd], "narrow"
+def slots(lock_dir: str, layout: str):
+    """The server's pass slots (handlers/oip/slots.py) as each layout uses them: one for all (turns), one a core
+    (adaptive), none (narrow)."""
+    from torchship.handlers.oip.slots import NONE, Slots
+
+    count = {"turns": 1, "adaptive": os.cpu_count() or 1}.get(layout, 0)
+    return Slots(f"{lock_dir}/slot", count) if count else NONE
 
 
 def worker(model: Path, layout: str, lock_dir: str, start: float, seconds: float, queue) -> None:
@@ -82,8 +56,7 @@ def worker(model: Path, layout: str, lock_dir: str, start: float, seconds: float
     name = session.get_inputs()[0].name
     shape = [BATCH, *session.get_inputs()[0].shape[1:]]
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    fds = [os.open(f"{lock_dir}/slot-{i}.lock", os.O_RDWR | os.O_CREAT) for i in range(os.cpu_count() or 1)]
-    waiting = os.open(f"{lock_dir}/waiting.lock", os.O_RDWR | os.O_CREAT)
+    shared = slots(lock_dir, layout)
     for s in (wide, narrow):
         if s is not None:
             s.run(None, {name: x})  # warm
@@ -91,12 +64,11 @@ def worker(model: Path, layout: str, lock_dir: str, start: float, seconds: float
         time.sleep(0.001)
     passes, kinds, times = 0, {"wide": 0, "narrow": 0}, []
     while time.time() < start + seconds:
-        held, kind = take(fds, waiting, layout)
-        t = time.perf_counter()
-        (wide if kind == "wide" else narrow).run(None, {name: x})
-        times.append(time.perf_counter() - t)
-        for fd in held:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        with shared.taken(wide=layout == "adaptive") as held:
+            kind = "narrow" if layout == "narrow" or (layout == "adaptive" and held < shared.count) else "wide"
+            t = time.perf_counter()
+            (wide if kind == "wide" else narrow).run(None, {name: x})
+            times.append(time.perf_counter() - t)
         passes, kinds[kind] = passes + 1, kinds[kind] + 1
     queue.put({"passes": passes, "kinds": kinds, "p50_ms": float(np.median(times) * 1000)})
 
@@ -130,6 +102,47 @@ def main(model_dir: str = "bench/models/resnet50", seconds: float = 8.0, rounds:
     return out
 
 
+SERVED = {  # the server's settings for each layout, as bench/heavy.py's grid names them
+    "turns": lambda n: {"workers": 2, "threads": n, "pass_slots": 1, "busy_threads": n},
+    "adaptive": lambda n: {"workers": 2, "threads": n, "pass_slots": n, "busy_threads": max(1, n // 2)},
+}
+
+
+def served(seconds: float = 8.0, rounds: int = 3, work: str = "/tmp/adaptive-served") -> dict:
+    """Both layouts served by the OIP server, side by side, for ResNet-50 and BERT-base (batches up to 8, 2 ms delay),
+    at c=1, 4 and 16 each round, beside the in-process ceiling: `python -m bench.adaptive_cores --served`."""
+    from bench.heavy import ceiling, model_inputs, served_levels
+    from bench.real_models import MODELS, images, text_payloads, texts
+    from torchship.handlers.card import ModelCard
+
+    n = os.cpu_count() or 1
+    models = {"resnet50": ("image", images()), "bert-base": ("text", None)}
+    out: dict = {"seconds": seconds, "cpu": n, "rounds": []}
+    for r in range(rounds):
+        row = {}
+        for model, (kind, bodies) in models.items():
+            export = MODELS / model
+            bodies = bodies or text_payloads(texts(export / "tokenizer.json"))
+            rows = model_inputs(export, ModelCard.load(export), bodies, kind)
+            row[f"{model} ceiling"] = ceiling(export / "model.onnx", rows, seconds=min(seconds, 4))["best"]
+            for layout, settings in SERVED.items():
+                given = {**settings(n), "max_batch": 8, "max_batch_delay_ms": 2}
+                levels = served_levels(export, model, kind, bodies, Path(work) / "state", given, seconds)
+                row[f"{model} {layout}"] = levels
+                print(
+                    r,
+                    model,
+                    layout,
+                    [(lv["concurrency"], round(lv["throughput"], 2), round(lv["p50_ms"], 1)) for lv in levels],
+                    flush=True,
+                )
+        out["rounds"].append(row)
+    return out
+
+
 if __name__ == "__main__":
-    result = main(*(sys.argv[1:2] or []), *(float(a) for a in sys.argv[2:3]))
+    if sys.argv[1:2] == ["--served"]:
+        result = served(*(float(a) for a in sys.argv[2:3]))
+    else:
+        result = main(*(sys.argv[1:2] or []), *(float(a) for a in sys.argv[2:3]))
     print(json.dumps(result, indent=1))

@@ -32,12 +32,13 @@ GRID_BATCHES = (1, 8)  # the served grid's largest batches
 RUNS = 3  # the ceiling and the chosen setting's levels, measured this many times: the machine drifts
 
 
-def grid_layouts() -> list[tuple[int, int, int]]:
-    """(workers, intra-op threads a worker, passes at once) that use every core: one worker with all of them, one
-    worker a core, two workers with all of them each (oversubscribed while both run), and two workers with all of
-    them taking turns (the rule's choice for a heavy model)."""
+def grid_layouts() -> list[tuple[int, int, int, int]]:
+    """(workers, intra-op threads of a lone pass, passes at once, threads of a pass beside others) that use every
+    core: one worker with all of them, one worker a core, two workers with all of them each (oversubscribed while
+    both run), two with all of them taking turns (lever 59), and two whose lone pass takes all of them and whose
+    passes at once one each (lever 64: the rule's choice for a heavy model)."""
     n = sizing.cores()
-    return list(dict.fromkeys([(1, n, 1), (n, 1, n), (2, n, 2), (2, n, 1)]))
+    return list(dict.fromkeys([(1, n, 1, n), (n, 1, n, 1), (2, n, 2, n), (2, n, 1, n), (2, n, n, max(1, n // 2))]))
 
 
 def model_inputs(export: Path, card: ModelCard, bodies: list[Payload], kind: str) -> list[dict]:
@@ -146,6 +147,7 @@ def chosen_settings(export: Path) -> dict:
         "max_batch": s.max_batch,
         "max_batch_delay_ms": s.max_batch_delay_ms,
         "pass_slots": s.pass_slots,
+        "busy_threads": s.busy_threads,
     }
 
 
@@ -171,9 +173,10 @@ def one_model(
     chosen = chosen_settings(export)
     log(f"  {name}: the server's own choice {chosen}")
     grid = []
-    for workers, threads, slots in grid_layouts():
+    for workers, threads, slots, busy in grid_layouts():
         for batch in GRID_BATCHES:
             settings = {"workers": workers, "threads": threads, "pass_slots": slots, "max_batch": batch}
+            settings["busy_threads"] = busy
             settings["max_batch_delay_ms"] = 2
             log(f"  {name}: grid {settings} at c=16 ...")
             lv = served_levels(export, name, kind, bodies, work / "state", settings, seconds, levels=(16,))[0]
@@ -321,7 +324,7 @@ def targets(section: dict) -> list[tuple[str, float, str, bool]]:
         if not m["grid"]:
             continue
         best = max(g["throughput"] for g in m["grid"])
-        keys = ("workers", "threads", "max_batch", "pass_slots")
+        keys = ("workers", "threads", "max_batch", "pass_slots", "busy_threads")
         chosen = [g for g in m["grid"] if all(g.get(k) == m["chosen"].get(k) for k in keys)]
         mine = (
             statistics.median(next(x for x in r["levels"] if x["concurrency"] == 16)["throughput"] for r in m["runs"])
@@ -364,7 +367,8 @@ def table(section: dict) -> list[str]:
             for g in m["grid"]:
                 lines.append(
                     f"    grid: {g['workers']} worker(s) x {g['threads']} thread(s), "
-                    f"{g.get('pass_slots', '-')} pass(es) at once, batch {g['max_batch']}: "
+                    f"{g.get('pass_slots', '-')} pass(es) at once ({g.get('busy_threads', g['threads'])} thread(s) "
+                    f"each), batch {g['max_batch']}: "
                     f"c=16 {g['throughput']:,.1f} req/s"
                 )
         for a in m.get("approximations", []):

@@ -21,17 +21,21 @@ class Format:
     backend: str
     file: str
     exact: bool = True  # False: an approximation (int8), judged by accuracy rather than element-wise error
+    # ONNX Runtime sets threads per loaded model (a session), torch per process; the torch-free runtime runs only the
+    # former
+    onnxruntime: bool = False
 
 
 FORMATS = (
     Format("ts", "torchscript", "model.ts.pt"),
-    Format("onnx", "onnx", "model.onnx"),
+    Format("onnx", "onnx", "model.onnx", onnxruntime=True),
     Format("pt2", "pt2", "model.pt2"),
-    Format("int8", "onnx-int8", "model.int8.onnx", exact=False),
+    Format("int8", "onnx-int8", "model.int8.onnx", exact=False, onnxruntime=True),
 )
 FORMAT_BY_NAME = {f.name: f for f in FORMATS}
 DEFAULT_FORMATS = ("ts", "onnx")  # what `torchship export` writes unless told: seconds to build (README)
 FORMAT_BY_BACKEND = {f.backend: f for f in FORMATS}
+ORT_BACKENDS = tuple(f.backend for f in FORMATS if f.onnxruntime)  # what a torch-free server can run
 
 
 def served_files(card: ModelCard, backend: str) -> tuple[str, ...]:

@@ -77,6 +77,17 @@ class Sizing:
     threads: int  # intra-op threads per worker
     timeout_s: int  # a request that waits longer has failed
     pass_slots: int = 0  # forward passes at once over all workers (oip/slots.py); the workers' count: no limit
+    # a pass's threads when another is running: fewer than THREADS, a heavy model's lone pass takes every core and its
+    # passes under load one each (oip/slots.py, bench/NOTES.md lever 64); 0: THREADS
+    busy_threads: int = 0
+
+    @property
+    def split_threads(self) -> int:
+        """Threads per worker for a runtime whose workers can neither take turns nor change threads by the pass
+        (TorchServe): the cores the rule keeps busy at once, split between them."""
+        if 0 < self.busy_threads < self.threads:
+            return self.busy_threads
+        return max(1, self.threads * min(self.pass_slots, self.workers) // self.workers)
 
 
 def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float = 0.5) -> Cost:
@@ -97,15 +108,15 @@ def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float
 
 def sized(cost: Cost, workers: int | None = None) -> Sizing:
     """Batching, delay, timeout and threads from the model's measured cost instead of the digit model's. A heavy
-    model: every core in each pass, one pass at a time per that many cores (the workers take turns), batches up to
-    MAX_BATCH (ResNet-50 here: batch 4-8 gives 3-5 % more images a second than 1). Otherwise a thread per worker
-    and batches that take about BATCH_BUDGET_MS."""
+    model: every core in a pass that runs alone, one core in each of the passes that run at once (oip/slots.py),
+    batches up to MAX_BATCH (ResNet-50 here: batch 4-8 gives 3-5 % more images a second than 1). Otherwise a thread
+    per worker and batches that take about BATCH_BUDGET_MS."""
     workers = workers or default_workers()
     delay = int(np.clip(round(cost.batch1_ms / 10), 1, 20))  # waiting for company costs at most a tenth of a pass
     if cost.batch1_ms >= HEAVY_MS:
-        threads, batch = cores(), MAX_BATCH if cost.batches else 1
+        threads, busy, batch = cores(), max(1, cores() // workers), MAX_BATCH if cost.batches else 1
     else:  # the fast models only pay fork/join for more threads (bench/NOTES.md, lever 25)
-        threads = 1
+        threads = busy = 1
         batch = int(np.clip(BATCH_BUDGET_MS // max(cost.per_image_batched_ms, 1e-3), 1, MAX_BATCH))
         batch = batch if cost.batches else 1
     timeout = max(30, math.ceil(cost.batch1_ms * batch * 20 / 1000))
@@ -115,12 +126,14 @@ def sized(cost: Cost, workers: int | None = None) -> Sizing:
         max_batch_delay_ms=delay,
         threads=threads,
         timeout_s=timeout,
-        pass_slots=pass_slots(workers, threads),
+        pass_slots=pass_slots(workers, threads, busy),
+        busy_threads=busy,
     )
 
 
-def pass_slots(workers: int, threads: int) -> int:
-    """Forward passes at once over all workers: as many as the cores hold at THREADS each, where workers of several
-    threads would otherwise oversubscribe them (12 % fewer ResNet-50 images a second: bench/NOTES.md, lever 59); else
-    every worker's (no turns: single-threaded workers were measured without them)."""
-    return max(1, cores() // threads) if threads > 1 and threads * workers > cores() else workers
+def pass_slots(workers: int, threads: int, busy_threads: int = 0) -> int:
+    """Forward passes at once over all workers: as many as the cores hold at BUSY_THREADS (else THREADS) each, where
+    workers of several threads would otherwise oversubscribe them (12 % fewer ResNet-50 images a second:
+    bench/NOTES.md, lever 59); else every worker's (no turns: single-threaded workers were measured without them)."""
+    each = busy_threads or threads
+    return max(1, cores() // each) if threads > 1 and threads * workers > cores() else workers

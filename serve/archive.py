@@ -54,9 +54,7 @@ def model_config(sizing: Sizing, **handler) -> ModelConfig:
         batchSize=sizing.max_batch,
         maxBatchDelay=sizing.max_batch_delay_ms,
         responseTimeout=sizing.timeout_s,
-        # TorchServe's workers cannot take turns at the cores (pass_slots): where the rule has them do so, they split
-        # the cores instead
-        threads=max(1, sizing.threads * min(sizing.pass_slots, sizing.workers) // sizing.workers),
+        threads=sizing.split_threads,
         **handler,
     )
 

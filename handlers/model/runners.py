@@ -117,7 +117,7 @@ def _load(model_dir, backend: str | None, threads: int, card: ModelCard | None) 
     path = Path(model_dir) / FORMAT_BY_BACKEND[backend].file
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: export it first (`torchship export --formats ...`)")
-    if backend in ("onnx", "onnx-int8"):
+    if FORMAT_BY_BACKEND[backend].onnxruntime:
         return Runner(backend, path, onnx_runner(path, threads, sig, all_outputs=detect))
     import torch  # lazily: the torch-free runtime imports torch only for a TorchScript or pt2 model
 

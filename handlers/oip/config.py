@@ -65,6 +65,9 @@ class Config:
     max_batch_tokens: int = 16384
     threads: int = 0  # intra-op threads per worker
     pass_slots: int = 0  # forward passes at once over all workers (slots.py)  [0: sizing.pass_slots; workers: no limit]
+    # a pass's threads while another runs (slots.py): fewer than THREADS, a lone pass takes THREADS and passes under
+    # load this many each, from a second session of the model  [0: sizing's for a measured heavy model, else THREADS]
+    busy_threads: int = 0
     max_queue: int = 0  # queued requests per worker before 503  [0: sizing.queue_size()]
     max_pixels: int = 0  # the largest decoded image  [0: the card's]
     limits: Limits = field(default_factory=Limits)
@@ -96,11 +99,24 @@ class Config:
                 raise ConfigError(f"{name} must be a port number (1-65535), got {getattr(self, name)}")
         if self.http_port == self.grpc_port:
             raise ConfigError(f"http_port and grpc_port are both {self.http_port}: REST and gRPC need one each")
-        for name in ("workers", "max_batch", "threads", "pass_slots", "max_queue", "max_pixels", "max_batch_tokens"):
+        for name in (
+            "workers",
+            "max_batch",
+            "threads",
+            "pass_slots",
+            "busy_threads",
+            "max_queue",
+            "max_pixels",
+            "max_batch_tokens",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (decided at start) or more, got {getattr(self, name)}")
         if self.max_batch_delay_ms < 0 and self.max_batch_delay_ms != -1:
             raise ConfigError(f"max_batch_delay_ms must be -1 (measured) or 0 or more, got {self.max_batch_delay_ms}")
+        if self.busy_threads and self.threads and self.busy_threads > self.threads:
+            raise ConfigError(f"busy_threads ({self.busy_threads}) is at most threads ({self.threads})")
+        if 0 < self.busy_threads < self.threads and not FORMAT_BY_BACKEND[self.backend].onnxruntime:
+            raise ConfigError("busy_threads below threads needs an ONNX Runtime backend (torch: by process)")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.trace_stages not in TRACE_STAGES:
@@ -152,7 +168,14 @@ class Config:
         tmp.write_text(json.dumps(self.to_dict(), indent=2))
         tmp.replace(path)
 
+    @property
+    def adapts(self) -> bool:
+        """A lone pass on THREADS, passes under load on BUSY_THREADS each (slots.py)."""
+        return 0 < self.busy_threads < self.threads
+
     def turns(self) -> str:
+        if self.adapts:
+            return f" alone, {self.busy_threads} each while passes run at once ({self.pass_slots} at most)"
         if 0 < self.pass_slots < self.workers:
             return f", {self.pass_slots} forward pass(es) at a time over all workers"
         return ""

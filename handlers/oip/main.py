@@ -38,6 +38,8 @@ HELP = {
     "threads": "intra-op threads per worker  [default: measured]",
     "pass_slots": "forward passes at once over all workers: a heavy model's workers each use every core and take "
     "turns  [default: measured; the number of workers or more: no limit]",
+    "busy_threads": "a forward pass's intra-op threads while other passes run: below --threads, a pass alone runs on "
+    "--threads and passes under load on this many each, from a second ONNX Runtime session  [default: measured]",
     "max_queue": "queued requests per worker before 503  [default: sizing.queue_size()]",
     "max_pixels": "largest decoded image  [default: the card's]",
     "admin_token_file": "the token the repository calls need: read from here, or written here when the file does "

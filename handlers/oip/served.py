@@ -52,6 +52,7 @@ class Served:
     max_rows: int = MAX_BATCH_ITEMS  # rows one request may hold: Triton's max_batch_size
     images: bool = True  # an image model's full inputs and outputs; False: Triton's image classifier (triton_images)
     steps: Steps | None = None  # a named-input model's signature and its own step (model/steps.py)
+    runs: tuple[Callable, ...] = ()  # its sessions, warmed before serving: one, or a lone pass's and a busy one's
 
     def __post_init__(self):
         self.limit = self.limit or model_io.element_limit(self.card)
@@ -102,7 +103,8 @@ def load(
     runner = runners.load(model_dir, config.backend, threads=config.threads, card=card)
     metrics = Metrics(name, card.version)
 
-    forward = slots.around(runner.run)  # a heavy model's workers take turns (slots.py)
+    busy = runners.load(model_dir, config.backend, threads=config.busy_threads, card=card) if config.adapts else None
+    forward = slots.around(runner.run, busy and busy.run)  # a heavy model's passes share the cores (slots.py)
 
     def run(x):  # once per forward pass: the model, then what all its requests' answers share
         return batch_outputs(card, forward(x))
@@ -120,6 +122,7 @@ def load(
     version = Served(name, card, preprocessor, batcher, metrics, runner.backend, card.version, str(model_dir))
     version.overrides, version.max_rows, version.images = dict(overrides), rows, not config.triton_images
     version.outputs, version.steps = model_io.output_names(card, not config.triton_images), model_steps
+    version.runs = (runner.run, busy.run) if busy else (runner.run,)
     return version
 
 
@@ -143,6 +146,8 @@ def warm_up(served: Served) -> dict:
     so that a long pass never stalls the worker's connections (batching.Batcher._serve has the lone request's case)."""
     n, card = served.batcher.max_batch, served.card
     x = named.zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
+    for run in served.runs[1:]:  # the busy session's first pass is slow too (slots.py)
+        run(x)
     served.encode(served.batcher.run(x))  # and its answer must make sense to the encoder
     ms = math.inf
     for _ in range(2):

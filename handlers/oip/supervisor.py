@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import sizing
 from ..card import ModelCard
+from ..formats import FORMAT_BY_BACKEND
 from . import metrics
 from .admin import write_token
 from .config import Assignment, Config
@@ -46,7 +47,10 @@ def complete(config: Config, state: State) -> Config:
     workers = config.workers or sizing.default_workers()
     config = replace(config, workers=workers, max_queue=config.max_queue or sizing.queue_size(config.limits.max_body))
     if config.decided:
-        return replace(config, pass_slots=config.pass_slots or sizing.pass_slots(workers, config.threads))
+        busy = config.busy_threads or config.threads
+        return replace(
+            config, busy_threads=busy, pass_slots=config.pass_slots or sizing.pass_slots(workers, config.threads, busy)
+        )
     first = next(iter(state.models.values()))  # one setting for every model: the first one's measured cost
     export = first.versions[first.route.default].directory
     try:
@@ -60,12 +64,15 @@ def complete(config: Config, state: State) -> Config:
     sized = sizing.sized(cost, workers)
     logger.info("measured %s: %.2f ms at batch 1, %.2f at batch 8 (one thread)", export, cost.batch1_ms, cost.batch8_ms)
     threads = config.threads or sized.threads
+    adapts = FORMAT_BY_BACKEND[config.backend].onnxruntime and not config.threads  # a second session a worker
+    busy = config.busy_threads or (min(sized.busy_threads, threads) if adapts else threads)
     return replace(
         config,
         max_batch=config.max_batch or sized.max_batch,
         max_batch_delay_ms=config.max_batch_delay_ms if config.max_batch_delay_ms >= 0 else sized.max_batch_delay_ms,
         threads=threads,
-        pass_slots=config.pass_slots or sizing.pass_slots(workers, threads),
+        busy_threads=busy,
+        pass_slots=config.pass_slots or sizing.pass_slots(workers, threads, busy),
     )
 
 

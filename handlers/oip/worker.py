@@ -186,7 +186,7 @@ def main(argv: list[str]) -> int:
     config = job.config
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT, stream=sys.stdout)
     logging.getLogger("torchship.access").setLevel(logging.INFO if config.access_log else logging.WARNING)
-    limited = 0 < config.pass_slots < config.workers  # else every worker always finds a slot: no lock at all
+    limited = config.adapts or 0 < config.pass_slots < config.workers  # else a worker always finds one: no lock
     slots = Slots(Path(job.state_file).with_name("pass-slot"), config.pass_slots) if limited else NONE
     load = loader(config, slots)
     try:

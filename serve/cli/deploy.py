@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from torchship.handlers.card import CARD_FILE, CardError
+from torchship.handlers.formats import ORT_BACKENDS
 from torchship.serve import runtimes
 from torchship.serve.archive import ArchiveError
-from torchship.serve.cli.server import ORT_BACKENDS
 from torchship.serve.deploy import PROTOCOLS, SCALE_METRICS, DeployError, Resources, Scaling, write_bundle
 
 

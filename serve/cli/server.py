@@ -7,14 +7,13 @@ import zipfile
 
 import click
 
+from torchship.handlers.formats import ORT_BACKENDS
 from torchship.serve import oip, runtimes
 from torchship.serve.process import ServerError, StartOptions
 from torchship.serve.samples import write_sample
 from torchship.serve.settings import LOOPBACK, OIP_PORTS, TORCHSERVE_PORTS
 from torchship.serve.traces import OtlpSink, line
 from torchship.train.presets import DEFAULT_PRESET
-
-ORT_BACKENDS = ("onnx", "onnx-int8")  # what a torch-free server can run
 
 STATE = click.option(
     "--state-dir",

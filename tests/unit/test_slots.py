@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 
 from torchship.handlers import sizing
-from torchship.handlers.oip.config import Config
+from torchship.handlers.oip.config import Config, ConfigError
 from torchship.handlers.oip.slots import NONE, Slots
 from torchship.handlers.oip.supervisor import complete
 
@@ -89,3 +89,63 @@ def test_the_supervisor_makes_oversubscribed_workers_take_turns():
     assert done.pass_slots == max(1, sizing.cores() // threads) == 1 < done.workers
     one_thread = complete(replace(given, threads=1, workers=sizing.cores()), state=None)
     assert one_thread.pass_slots == one_thread.workers  # cores enough for every worker's pass: no turns
+
+
+WIDE = """
+import sys
+from torchship.handlers.oip.slots import Slots
+slots = Slots(sys.argv[1], 2)
+with slots.taken(wide=True) as held:
+    print(held, flush=True)
+    sys.stdin.readline()  # holds its slots until told
+"""
+
+
+def test_a_lone_pass_takes_every_slot_and_one_beside_others_or_a_waiter_takes_one(tmp_path):
+    prefix = tmp_path / "slot"
+    slots = Slots(prefix, 2)
+    ran = []
+    forward = slots.around(lambda x: ran.append(("wide", x)), lambda x: ran.append(("busy", x)))
+    forward(1)  # alone: every slot, every core
+    start = lambda: subprocess.Popen(  # noqa: E731
+        [sys.executable, "-c", WIDE, str(prefix)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    first = start()
+    try:
+        assert first.stdout.readline().strip() == "2"  # alone too
+        waiter = start()  # finds both taken: waits for one, and says so on the waiting lock
+        try:
+            probe = os.open(f"{prefix}-waiting.lock", os.O_RDWR)
+            while True:  # until the waiter is seen waiting (it holds the lock shared)
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(probe, fcntl.LOCK_UN)
+                    assert waiter.poll() is None, "the waiter ended without waiting"
+                except BlockingIOError:
+                    break
+            os.close(probe)
+            first.stdin.write("\n")
+            first.stdin.flush()
+            assert first.wait(30) == 0
+            assert waiter.stdout.readline().strip() == "1"  # it waited for one slot: it runs on one core
+            forward(2)  # the waiter holds a slot: this pass takes the other, on one core
+        finally:
+            waiter.communicate("\n", timeout=30)
+    finally:
+        first.kill()
+    forward(3)  # alone again
+    assert ran == [("wide", 1), ("busy", 2), ("wide", 3)]
+    slots.close()
+
+
+def test_busy_threads_below_threads_adapt_and_a_torch_backend_cannot():
+    busy = Config(("unused",), workers=2, max_batch=8, max_batch_delay_ms=2, threads=4, busy_threads=1, max_queue=8)
+    done = complete(busy, state=None)
+    assert done.adapts and done.pass_slots == sizing.cores() and "1 each while passes run at once" in done.summary()
+    assert not complete(replace(busy, busy_threads=0), state=None).adapts  # threads given alone: one session
+    for bad, message in (({"busy_threads": 5}, "at most threads"), ({"backend": "torchscript"}, "ONNX Runtime")):
+        try:
+            replace(busy, **bad)
+            raise AssertionError(f"{bad} was accepted")
+        except ConfigError as e:
+            assert message in str(e)
