@@ -53,8 +53,7 @@ def model_inputs(export: Path, card: ModelCard, bodies: list[Payload], kind: str
     step = steps.load(card.signature, export)
     out = []
     for p in bodies:
-        text = json.loads(p.body)["inputs"][0]["data"][0]
-        out.append(step.check({"text": ("BYTES", (1,), np.array([text.encode()], dtype=object))}).arrays)
+        out.append(step.check({"text": ("BYTES", (1,), np.array([p.body], dtype=object))}).arrays)
     return out
 
 
@@ -122,7 +121,7 @@ def target(cfg, name: str, kind: str) -> Target:
         return Target("127.0.0.1", cfg.http_port, name, protocol="v2")
     if kind == "image":
         return Target("127.0.0.1", cfg.http_port, name, protocol="v2", outputs="label")
-    return Target("127.0.0.1", cfg.http_port, name, protocol="raw", path=f"/v2/models/{name}/infer")
+    return Target("127.0.0.1", cfg.http_port, name, protocol="v2-text")
 
 
 def level_dict(lv) -> dict:

@@ -6,7 +6,6 @@ tokens."""
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -110,11 +109,5 @@ def texts(tokenizer_path: Path, n: int = 64, seed: int = 0) -> list[str]:
 
 
 def text_payloads(sample: list[str]) -> list[Payload]:
-    return [
-        Payload(
-            json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [t]}]}).encode(),
-            None,
-            "application/json",
-        )
-        for t in sample
-    ]
+    """Each text as it is, for the load client's v2-text protocol (serve/client.py) to send as v2 JSON."""
+    return [Payload(t.encode(), None, "text/plain") for t in sample]

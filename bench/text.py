@@ -6,16 +6,16 @@ downloaded)."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.real_models import text_payloads
 from torchship.serve import oip
 from torchship.serve.client import Target
-from torchship.serve.loadtest import Payload, run_level
+from torchship.serve.loadtest import run_level
 
 CORPUS = Path(__file__).with_name("corpus.txt")  # README.md, docs/export.md and docs/serving.md of 2026-12-02
 VOCAB = 600
@@ -148,14 +148,7 @@ def tokenizer_share(export_dir: Path, sample: list[str]) -> dict:
 def run(work: Path, seconds: float = 5, log=print) -> dict:
     export = build(work / "model")
     sample = texts(export / "tokenizer.json")
-    bodies = [
-        Payload(
-            json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [t]}]}).encode(),
-            None,
-            "application/json",
-        )
-        for t in sample
-    ]
+    bodies = text_payloads(sample)
     out = {"texts": len(sample), "lengths": list(LENGTHS), "budgets": BUDGETS, "rounds": ROUNDS, "levels": []}
     out["tokenizer"] = tokenizer_share(export, sample[:200])
     targets = {}
@@ -172,8 +165,7 @@ def run(work: Path, seconds: float = 5, log=print) -> dict:
                 max_batch_tokens=budget,
             )
             cfg = oip.start(cfg, timeout=180)
-            path = "/v2/models/sentences/infer"
-            targets[setting] = Target("127.0.0.1", cfg.http_port, "sentences", protocol="raw", path=path)
+            targets[setting] = Target("127.0.0.1", cfg.http_port, "sentences", protocol="v2-text")
             run_level(targets[setting], bodies, 4, 2, 10**6)  # warm-up
         runs = {}
         for r in range(ROUNDS):

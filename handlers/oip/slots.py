@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,12 +46,28 @@ class Slots:
         BUSY: the model on fewer threads, run by a pass that holds fewer than every slot (FN by one holding all)."""
         if not self.fds:
             return fn
+        if busy is None:
 
-        def in_slot(*args):
-            with self.taken(wide=busy is not None) as held:
-                return (fn if busy is None or held == self.count else busy)(*args)
+            def in_slot(*args):
+                with self.taken():
+                    return fn(*args)
 
-        return in_slot
+            return in_slot
+        last = [0.0, 0.0]  # when this worker's last busy pass ended, and how long it took
+
+        def adapting(*args):
+            # under load, a worker between two passes leaves every slot free for a moment: one that ran busy within a
+            # pass's time stays busy, or the other worker would wait out a whole wide pass (bench/NOTES.md, lever 64)
+            with self.taken(wide=time.monotonic() - last[0] > last[1]) as held:
+                if held == self.count:
+                    return fn(*args)
+                start = time.monotonic()
+                try:
+                    return busy(*args)
+                finally:
+                    last[:] = time.monotonic(), time.monotonic() - start
+
+        return adapting
 
     def take(self, wide: bool = False) -> list[int]:
         self.local.acquire()
