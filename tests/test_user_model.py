@@ -278,8 +278,8 @@ def test_sizing_follows_the_models_measured_cost(user_exports):
     tiny, slow = sized(Cost(0.1, 0.4)), sized(Cost(40.0, 320.0))
     assert tiny.max_batch == 8 and tiny.max_batch_delay_ms == 1 and tiny.threads == 1
     assert tiny.pass_slots == tiny.workers  # a fast model's passes never wait for another worker's
-    # a heavy one: every core in a lone pass, the cores split between passes at once, batches of up to 8 (bench/NOTES.md,
-    # levers 59 and 64)
+    # a heavy one: every core in a lone pass, the cores split between passes at once, batches of up to 8
+    # (bench/NOTES.md, levers 59 and 64)
     assert slow.threads == cores() and slow.busy_threads == max(1, cores() // slow.workers)
     assert slow.pass_slots == (cores() // slow.busy_threads if cores() > 1 else slow.workers)
     assert slow.max_batch == 8 and slow.max_batch_delay_ms == 4 and slow.timeout_s >= 30

@@ -10,23 +10,30 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+RECORD = struct.Struct("<qdd")  # a busy pass: its worker's pid, when it ended and how long it took (monotonic seconds)
+
 
 class Slots:
     """COUNT slots as lock files beside PREFIX; a pass waits for a free one. Zero: passes never wait."""
 
-    def __init__(self, prefix: str | Path, count: int):
+    def __init__(self, prefix: str | Path, count: int, *, clock: Callable[[], float] = time.monotonic, owner: int = 0):
         self.count = count
         self.fds = [os.open(f"{prefix}-{i}.lock", os.O_RDWR | os.O_CREAT, 0o600) for i in range(count)]
         # held shared by a worker waiting for a slot: a pass runs wide only when nobody waits, since flock's wake-ups
         # are not fair (a worker that loops straight back would otherwise take every slot again before the waiter runs)
         self.waiting = os.open(f"{prefix}-waiting.lock", os.O_RDWR | os.O_CREAT, 0o600) if count else -1
-        self.turn = os.getpid()  # where a worker that finds every slot taken waits: spread over the slots
+        # a record a slot of the last busy pass run on it beside another (owner, end, duration): between two passes a
+        # loaded worker holds no slot, and the other would otherwise go wide and leave it waiting out a whole wide pass
+        self.records = os.open(f"{prefix}-busy", os.O_RDWR | os.O_CREAT, 0o600) if count else -1
+        self.clock, self.owner = clock, owner or os.getpid()  # CLOCK_MONOTONIC: one clock for every process
+        self.turn = self.owner  # where a worker that finds every slot taken waits: spread over the slots
         self.local = threading.Lock()  # an flock is the process's: its own threads' passes queue here first
 
     @contextmanager
@@ -53,48 +60,55 @@ class Slots:
                     return fn(*args)
 
             return in_slot
-        last = [0.0, 0.0]  # when this worker's last busy pass ended, and how long it took
 
         def adapting(*args):
-            # under load, a worker between two passes leaves every slot free for a moment: one that ran busy within a
-            # pass's time stays busy, or the other worker would wait out a whole wide pass (bench/NOTES.md, lever 64)
-            with self.taken(wide=time.monotonic() - last[0] > last[1]) as held:
+            with self.taken(wide=not self._others_busy()) as held:
                 if held == self.count:
                     return fn(*args)
-                start = time.monotonic()
+                start = self.clock()
                 try:
                     return busy(*args)
                 finally:
-                    last[:] = time.monotonic(), time.monotonic() - start
+                    if self.beside:  # a pass beside another's, not one kept busy by the record alone
+                        end = self.clock()
+                        os.pwrite(self.records, RECORD.pack(self.owner, end, end - start), self.slot * RECORD.size)
 
         return adapting
 
     def take(self, wide: bool = False) -> list[int]:
         self.local.acquire()
         held = []
-        for fd in self.fds if wide else ():
+        for fd in self.fds:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 held.append(fd)
             except BlockingIOError:
                 pass
-        if len(held) == self.count and self._nobody_waits():
+        self.beside = len(held) < self.count or not self._nobody_waits()  # another pass runs, or waits to
+        if wide and not self.beside:
             return held
         for fd in held[1:]:
             fcntl.flock(fd, fcntl.LOCK_UN)
         if held:
-            return held[:1]
-        for fd in self.fds:  # a free one at once
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return [fd]
-            except BlockingIOError:
-                continue
-        fcntl.flock(self.waiting, fcntl.LOCK_SH)  # else wait for one, seen waiting
+            return self._one(held[0])
+        fcntl.flock(self.waiting, fcntl.LOCK_SH)  # every slot taken: wait for one, seen waiting
         fd = self.fds[self.turn % self.count]
         fcntl.flock(fd, fcntl.LOCK_EX)
         fcntl.flock(self.waiting, fcntl.LOCK_UN)
+        return self._one(fd)
+
+    def _one(self, fd: int) -> list[int]:
+        self.slot = self.fds.index(fd)
         return [fd]
+
+    def _others_busy(self) -> bool:
+        """Another worker ran a busy pass beside a third within that pass's time: the load goes on."""
+        data, now = os.pread(self.records, RECORD.size * self.count, 0), self.clock()
+        for i in range(len(data) // RECORD.size):
+            owner, end, took = RECORD.unpack_from(data, i * RECORD.size)
+            if owner != self.owner and now - end <= took:
+                return True
+        return False
 
     def give(self, held: list[int]) -> None:
         for fd in held:
@@ -110,7 +124,7 @@ class Slots:
         return True
 
     def close(self) -> None:
-        for fd in [*self.fds, self.waiting] if self.fds else ():
+        for fd in [*self.fds, self.waiting, self.records] if self.fds else ():
             os.close(fd)
         self.fds = []
 

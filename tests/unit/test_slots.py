@@ -149,3 +149,25 @@ def test_busy_threads_below_threads_adapt_and_a_torch_backend_cannot():
             raise AssertionError(f"{bad} was accepted")
         except ConfigError as e:
             assert message in str(e)
+
+
+def test_a_worker_keeps_to_its_share_while_another_ran_a_pass_beside_a_third_lately(tmp_path):
+    """Between two passes a loaded worker holds no slot; the other must not take that moment to go wide. A hand-moved
+    clock: each busy pass takes a tenth of a second."""
+    now, ran = [100.0], []
+
+    def busy(x):
+        now[0] += 0.1
+        ran.append(("busy", x))
+
+    a, b = (Slots(tmp_path / "slot", 2, clock=lambda: now[0], owner=owner) for owner in (1, 2))
+    fa, fb = (s.around(lambda x: ran.append(("wide", x)), busy) for s in (a, b))
+    held = b.take()  # b's pass runs
+    fa(1)  # beside it: a runs on its share, and records that it ran beside another
+    b.give(held)
+    fb(2)  # every slot is free and nobody waits, but a ran beside another a moment ago: b keeps to its share
+    fa(3)  # b's pass was alone (kept to its share by a's record only): a records nothing that holds it back
+    fb(4)  # a's record is 0.1 s old, as long as its pass took: still its share
+    fb(5)  # 0.2 s: the load is over
+    assert ran == [("busy", 1), ("busy", 2), ("wide", 3), ("busy", 4), ("wide", 5)]
+    a.close(), b.close()
