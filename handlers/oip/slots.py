@@ -102,7 +102,7 @@ class Slots:
         return [fd]
 
     def _others_busy(self) -> bool:
-        """Another worker ran a busy pass beside a third within that pass's time: the load goes on."""
+        """Another worker ran a pass beside another's within that pass's time: the load goes on."""
         data, now = os.pread(self.records, RECORD.size * self.count, 0), self.clock()
         for i in range(len(data) // RECORD.size):
             owner, end, took = RECORD.unpack_from(data, i * RECORD.size)

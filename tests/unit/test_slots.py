@@ -151,7 +151,7 @@ def test_busy_threads_below_threads_adapt_and_a_torch_backend_cannot():
             assert message in str(e)
 
 
-def test_a_worker_keeps_to_its_share_while_another_ran_a_pass_beside_a_third_lately(tmp_path):
+def test_a_worker_keeps_to_its_share_while_another_lately_ran_a_pass_beside_one(tmp_path):
     """Between two passes a loaded worker holds no slot; the other must not take that moment to go wide. A hand-moved
     clock: each busy pass takes a tenth of a second."""
     now, ran = [100.0], []
