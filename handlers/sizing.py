@@ -131,6 +131,12 @@ def sized(cost: Cost, workers: int | None = None) -> Sizing:
     )
 
 
+def busy_session_fits(model_bytes: int, workers: int) -> bool:
+    """A busy session beside the lone pass's doubles every worker's weights (oip/slots.py): only while all of them
+    stay within half of this machine's memory."""
+    return 2 * workers * model_bytes <= memory_bytes() // 2
+
+
 def pass_slots(workers: int, threads: int, busy_threads: int = 0) -> int:
     """Forward passes at once over all workers: as many as the cores hold at BUSY_THREADS (else THREADS) each, where
     workers of several threads would otherwise oversubscribe them (12 % fewer ResNet-50 images a second:

@@ -64,7 +64,12 @@ def complete(config: Config, state: State) -> Config:
     sized = sizing.sized(cost, workers)
     logger.info("measured %s: %.2f ms at batch 1, %.2f at batch 8 (one thread)", export, cost.batch1_ms, cost.batch8_ms)
     threads = config.threads or sized.threads
-    adapts = FORMAT_BY_BACKEND[config.backend].onnxruntime and not config.threads  # a second session a worker
+    fmt = FORMAT_BY_BACKEND[config.backend]
+    weights = sum(f.stat().st_size for f in Path(export).glob(f"{fmt.file}*"))  # and ONNX's external data, if any
+    fits = sizing.busy_session_fits(weights, workers)
+    adapts = fmt.onnxruntime and not config.threads and fits  # a second session a worker
+    if fmt.onnxruntime and sized.busy_threads < sized.threads and not fits:
+        logger.info("two sessions a worker would not fit in memory: the workers take turns instead")
     busy = config.busy_threads or (min(sized.busy_threads, threads) if adapts else threads)
     return replace(
         config,

@@ -171,3 +171,9 @@ def test_a_worker_keeps_to_its_share_while_another_lately_ran_a_pass_beside_one(
     fb(5)  # 0.2 s: the load is over
     assert ran == [("busy", 1), ("busy", 2), ("wide", 3), ("busy", 4), ("wide", 5)]
     a.close(), b.close()
+
+
+def test_a_busy_session_is_chosen_only_where_every_workers_two_fit_in_half_the_memory():
+    half = sizing.memory_bytes() // 2
+    assert sizing.busy_session_fits(100 << 20, 2)  # ResNet-50's 100 MB, two workers
+    assert sizing.busy_session_fits(half // 4, 2) and not sizing.busy_session_fits(half // 4 + 1, 2)
