@@ -102,16 +102,10 @@ def main(model_dir: str = "bench/models/resnet50", seconds: float = 8.0, rounds:
     return out
 
 
-SERVED = {  # the server's settings for each layout, as bench/heavy.py's grid names them
-    "turns": lambda n: {"workers": 2, "threads": n, "pass_slots": 1, "busy_threads": n},
-    "adaptive": lambda n: {"workers": 2, "threads": n, "pass_slots": n, "busy_threads": max(1, n // 2)},
-}
-
-
 def served(seconds: float = 8.0, rounds: int = 3, work: str = "/tmp/adaptive-served") -> dict:
     """Both layouts served by the OIP server, side by side, for ResNet-50 and BERT-base (batches up to 8, 2 ms delay),
     at c=1, 4 and 16 each round, beside the in-process ceiling: `python -m bench.adaptive_cores --served`."""
-    from bench.heavy import ceiling, model_inputs, served_levels
+    from bench.heavy import ceiling, layouts, model_inputs, served_levels
     from bench.real_models import MODELS, images, text_payloads, texts
     from torchship.handlers.card import ModelCard
 
@@ -125,8 +119,10 @@ def served(seconds: float = 8.0, rounds: int = 3, work: str = "/tmp/adaptive-ser
             bodies = bodies or text_payloads(texts(export / "tokenizer.json"))
             rows = model_inputs(export, ModelCard.load(export), bodies, kind)
             row[f"{model} ceiling"] = ceiling(export / "model.onnx", rows, seconds=min(seconds, 4))["best"]
-            for layout, settings in SERVED.items():
-                given = {**settings(n), "max_batch": 8, "max_batch_delay_ms": 2}
+            for layout in ("turns", "adaptive"):
+                workers, threads, slots, busy = layouts(n)[layout]
+                given = {"workers": workers, "threads": threads, "pass_slots": slots, "busy_threads": busy}
+                given.update(max_batch=8, max_batch_delay_ms=2)
                 levels = served_levels(export, model, kind, bodies, Path(work) / "state", given, seconds)
                 row[f"{model} {layout}"] = levels
                 print(

@@ -32,13 +32,22 @@ GRID_BATCHES = (1, 8)  # the served grid's largest batches
 RUNS = 3  # the ceiling and the chosen setting's levels, measured this many times: the machine drifts
 
 
-def grid_layouts() -> list[tuple[int, int, int, int]]:
-    """(workers, intra-op threads of a lone pass, passes at once, threads of a pass beside others) that use every
-    core: one worker with all of them, one worker a core, two workers with all of them each (oversubscribed while
+def layouts(n: int) -> dict[str, tuple[int, int, int, int]]:
+    """(workers, intra-op threads of a lone pass, passes at once, threads of a pass beside others) that use all N
+    cores: one worker with all of them, one worker a core, two workers with all of them each (oversubscribed while
     both run), two with all of them taking turns (lever 59), and two whose lone pass takes all of them and whose
-    passes at once one each (lever 64: the rule's choice for a heavy model)."""
-    n = sizing.cores()
-    return list(dict.fromkeys([(1, n, 1, n), (n, 1, n, 1), (2, n, 2, n), (2, n, 1, n), (2, n, n, max(1, n // 2))]))
+    passes at once their share each (lever 64: the rule's choice for a heavy model)."""
+    return {
+        "one worker": (1, n, 1, n),
+        "a worker a core": (n, 1, n, 1),
+        "oversubscribed": (2, n, 2, n),
+        "turns": (2, n, 1, n),
+        "adaptive": (2, n, n, max(1, n // 2)),
+    }
+
+
+def grid_layouts() -> list[tuple[int, int, int, int]]:
+    return list(dict.fromkeys(layouts(sizing.cores()).values()))
 
 
 def model_inputs(export: Path, card: ModelCard, bodies: list[Payload], kind: str) -> list[dict]:
@@ -174,9 +183,8 @@ def one_model(
     grid = []
     for workers, threads, slots, busy in grid_layouts():
         for batch in GRID_BATCHES:
-            settings = {"workers": workers, "threads": threads, "pass_slots": slots, "max_batch": batch}
-            settings["busy_threads"] = busy
-            settings["max_batch_delay_ms"] = 2
+            settings = {"workers": workers, "threads": threads, "pass_slots": slots, "busy_threads": busy}
+            settings.update(max_batch=batch, max_batch_delay_ms=2)
             log(f"  {name}: grid {settings} at c=16 ...")
             lv = served_levels(export, name, kind, bodies, work / "state", settings, seconds, levels=(16,))[0]
             grid.append({**settings, **lv})

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .card import ModelCard
+from .formats import FORMAT_BY_BACKEND
 from .limits import MAX_REQUEST_BYTES
 from .model import runners
 from .model.named import zeros
@@ -63,6 +64,10 @@ class Cost:
     # False: the graph takes one image a pass (a detector: model/vision.py), so a batch only waits for company it
     # cannot share a pass with (at c=16, batch 8 gave 0.88 of batch 1's images a second: bench/NOTES.md lever 61)
     batches: bool = True
+    model_bytes: int = 0  # the model file and any ONNX external data: what a second session a worker would add
+    # ONNX Runtime sets threads per session, so a worker can hold a busy one beside its lone pass's (oip/slots.py);
+    # torch sets them per process
+    threads_by_session: bool = True
 
     @property
     def per_image_batched_ms(self) -> float:
@@ -103,18 +108,23 @@ def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float
             run(x)
             times.append(time.perf_counter() - t)
         out[n] = float(np.median(times)) * 1000
-    return Cost(out[1], out[8], batches=card.task != "detect")
+    file = FORMAT_BY_BACKEND[backend]
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob(f"{file.file}*"))
+    return Cost(out[1], out[8], batches=card.task != "detect", model_bytes=weights, threads_by_session=file.onnxruntime)
 
 
 def sized(cost: Cost, workers: int | None = None) -> Sizing:
     """Batching, delay, timeout and threads from the model's measured cost instead of the digit model's. A heavy
-    model: every core in a pass that runs alone, one core in each of the passes that run at once (oip/slots.py),
-    batches up to MAX_BATCH (ResNet-50 here: batch 4-8 gives 3-5 % more images a second than 1). Otherwise a thread
-    per worker and batches that take about BATCH_BUDGET_MS."""
+    model: every core in a pass that runs alone, its share of them in each of the passes that run at once where a
+    second session a worker can run it and fits in memory (oip/slots.py; else the workers take turns), batches up to
+    MAX_BATCH (ResNet-50 here: batch 4-8 gives 3-5 % more images a second than 1). Otherwise a thread per worker and
+    batches that take about BATCH_BUDGET_MS."""
     workers = workers or default_workers()
     delay = int(np.clip(round(cost.batch1_ms / 10), 1, 20))  # waiting for company costs at most a tenth of a pass
     if cost.batch1_ms >= HEAVY_MS:
-        threads, busy, batch = cores(), max(1, cores() // workers), MAX_BATCH if cost.batches else 1
+        threads, batch = cores(), MAX_BATCH if cost.batches else 1
+        second = cost.threads_by_session and busy_session_fits(cost.model_bytes, workers)
+        busy = max(1, cores() // workers) if second else threads
     else:  # the fast models only pay fork/join for more threads (bench/NOTES.md, lever 25)
         threads = busy = 1
         batch = int(np.clip(BATCH_BUDGET_MS // max(cost.per_image_batched_ms, 1e-3), 1, MAX_BATCH))

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from .. import sizing
 from ..card import ModelCard
-from ..formats import FORMAT_BY_BACKEND
 from . import metrics
 from .admin import write_token
 from .config import Assignment, Config
@@ -64,13 +63,7 @@ def complete(config: Config, state: State) -> Config:
     sized = sizing.sized(cost, workers)
     logger.info("measured %s: %.2f ms at batch 1, %.2f at batch 8 (one thread)", export, cost.batch1_ms, cost.batch8_ms)
     threads = config.threads or sized.threads
-    fmt = FORMAT_BY_BACKEND[config.backend]
-    weights = sum(f.stat().st_size for f in Path(export).glob(f"{fmt.file}*"))  # and ONNX's external data, if any
-    fits = sizing.busy_session_fits(weights, workers)
-    adapts = fmt.onnxruntime and not config.threads and fits  # a second session a worker
-    if fmt.onnxruntime and sized.busy_threads < sized.threads and not fits:
-        logger.info("two sessions a worker would not fit in memory: the workers take turns instead")
-    busy = config.busy_threads or (min(sized.busy_threads, threads) if adapts else threads)
+    busy = config.busy_threads or (threads if config.threads else sized.busy_threads)  # threads given: one session
     return replace(
         config,
         max_batch=config.max_batch or sized.max_batch,

@@ -173,7 +173,13 @@ def test_a_worker_keeps_to_its_share_while_another_lately_ran_a_pass_beside_one(
     a.close(), b.close()
 
 
-def test_a_busy_session_is_chosen_only_where_every_workers_two_fit_in_half_the_memory():
-    half = sizing.memory_bytes() // 2
-    assert sizing.busy_session_fits(100 << 20, 2)  # ResNet-50's 100 MB, two workers
-    assert sizing.busy_session_fits(half // 4, 2) and not sizing.busy_session_fits(half // 4 + 1, 2)
+def test_a_heavy_model_gets_a_busy_session_only_where_its_runtime_and_the_memory_allow_one():
+    heavy = sizing.Cost(40.0, 320.0, model_bytes=100 << 20)  # ResNet-50's 100 MB, two workers
+    share = max(1, sizing.cores() // 2)
+    assert sizing.sized(heavy, 2).busy_threads == share
+    half = sizing.memory_bytes() // 2  # every worker's two sessions within half the memory, or the workers take turns
+    assert sizing.sized(replace(heavy, model_bytes=half // 4), 2).busy_threads == share
+    too_big = sizing.sized(replace(heavy, model_bytes=half // 4 + 1), 2)
+    torch = sizing.sized(replace(heavy, threads_by_session=False), 2)  # TorchScript, pt2: threads are the process's
+    for turns in (too_big, torch):
+        assert turns.busy_threads == turns.threads and turns.pass_slots == sizing.pass_slots(2, turns.threads)
