@@ -35,8 +35,11 @@ def gated_main(argv: list[str]) -> int:
 
         served.batcher.run = gated
         served.batcher.inline = False  # a pass that waits stands for a long one: long passes run on their thread
-    listener = shared_listener(config.host, config.http_port, "REST")  # what the supervisor would hand it
-    job = Assignment(config, state_file="", http_fd=listener.fileno())
+    listening = [
+        shared_listener(config.host, port, what)
+        for port, what in ((config.http_port, "REST"), (config.grpc_port, "gRPC"))
+    ]  # what the supervisor would hand it
+    job = Assignment(config, state_file="", http_fd=listening[0].fileno(), grpc_fd=listening[1].fileno())
     return worker.serve(repo, job, load, lambda: print("ready", flush=True))
 
 

@@ -199,6 +199,7 @@ class Assignment:
     control: str | None = None
     ready_fd: int = -1
     http_fd: int = -1  # the REST listening socket the supervisor shares with every worker
+    grpc_fd: int = -1  # ... and the gRPC one
     index: int = 0  # this worker's place in the connection counts (sockets.Shares); a replacement takes the dead one's
 
     def to_json(self) -> str:

@@ -1,38 +1,40 @@
-"""The Open Inference Protocol over gRPC: the protocol's standard service, `inference.GRPCInferenceService`, on
-grpcio's asyncio server, with Triton's model configuration and repository calls; tritonclient.grpc and KServe's
-client talk to it. Messages to the pipeline (pipeline.py) and its answers back to messages: nothing else."""
+"""The Open Inference Protocol over gRPC: the protocol's standard service, `inference.GRPCInferenceService`, with
+Triton's model configuration and repository calls, on our own HTTP/2 (grpc_calls.py, http2.py) on the worker's loop;
+tritonclient.grpc and KServe's client talk to it. Messages to the pipeline (pipeline.py) and its answers back to
+messages: nothing else."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
 
-import grpc
 from google.protobuf.message import DecodeError
 
 from ..protocol import triton, v2_grpc
-from .config import Config, Limits
+from .config import Config
+from .flow_control import Tally
+from .grpc_calls import Method, Server, Status
 from .pipeline import ABANDONED, CUDA_SHM, Pipeline, refusal
 from .repository import RepositoryError
 
 CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND,
-    409: grpc.StatusCode.ABORTED,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    501: grpc.StatusCode.UNIMPLEMENTED,
-    503: grpc.StatusCode.UNAVAILABLE,
+    400: Status.INVALID_ARGUMENT,
+    401: Status.UNAUTHENTICATED,
+    404: Status.NOT_FOUND,
+    409: Status.ABORTED,
+    413: Status.RESOURCE_EXHAUSTED,
+    501: Status.UNIMPLEMENTED,
+    503: Status.UNAVAILABLE,
 }
 
 
-def code(status: int) -> grpc.StatusCode:
+def code(status: int) -> Status:
     """gRPC's status for an HTTP one: every other 4xx is the client's invalid argument, every 5xx internal."""
-    return CODES.get(status, grpc.StatusCode.INVALID_ARGUMENT if status < 500 else grpc.StatusCode.INTERNAL)
+    return CODES.get(status, Status.INVALID_ARGUMENT if status < 500 else Status.INTERNAL)
 
 
-def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
-    """The service's methods, as one grpcio generic handler."""
+def methods(pipeline: Pipeline) -> dict[str, Method]:
+    """The service's methods by name."""
     pb, tr = v2_grpc.messages(), triton.messages()
 
     async def fail(e: Exception, context) -> None:
@@ -108,9 +110,9 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
         return tr["SystemSharedMemoryUnregisterResponse"]()
 
     async def authorized(context) -> None:
-        if not pipeline.authorized(dict(context.invocation_metadata()).get("authorization"), context.peer()):
+        if not pipeline.authorized(context.header("authorization"), context.peer()):
             message = "the repository calls need the admin token: authorization: Bearer TOKEN metadata"
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            await context.abort(Status.UNAUTHENTICATED, message)
 
     async def admin(op: str, model: str, parameters: dict, context) -> None:
         await authorized(context)
@@ -169,7 +171,7 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
 
     async def model_infer(request, context):
         try:
-            return await infer(request, context.peer(), dict(context.invocation_metadata()).get("traceparent"))
+            return await infer(request, context.peer(), context.header("traceparent"))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -178,7 +180,7 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
     async def model_stream_infer(requests, context):
         """Triton's streaming endpoint for ordinary models: every request on the stream answered on it, in the
         order their passes end, each answer or error carrying the request's id (an error does not end the stream)."""
-        peer, traceparent = context.peer(), dict(context.invocation_metadata()).get("traceparent")
+        peer, traceparent = context.peer(), context.header("traceparent")
         writing, running = asyncio.Lock(), set()
 
         async def one(request) -> None:
@@ -203,49 +205,31 @@ def handler(pipeline: Pipeline) -> grpc.GenericRpcHandler:
         if running:
             await asyncio.gather(*running, return_exceptions=True)
 
-    methods = {
-        "ServerLive": (server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
-        "ServerReady": (server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
-        "ServerMetadata": (server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-        "ModelReady": (model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
-        "ModelMetadata": (model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-        "ModelInfer": (model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
-        "ModelConfig": (model_config, tr["ModelConfigRequest"], tr["ModelConfigResponse"]),
-        "ModelStatistics": (model_statistics, tr["ModelStatisticsRequest"], tr["ModelStatisticsResponse"]),
-        **{
-            f"SystemSharedMemory{call}": (
-                fn,
-                tr[f"SystemSharedMemory{call}Request"],
-                tr[f"SystemSharedMemory{call}Response"],
-            )
-            for call, fn in (("Status", shm_status), ("Register", shm_register), ("Unregister", shm_unregister))
-        },
-        "RepositoryIndex": (repository_index, tr["RepositoryIndexRequest"], tr["RepositoryIndexResponse"]),
-        "RepositoryModelLoad": (repository_load, tr["RepositoryModelLoadRequest"], tr["RepositoryModelLoadResponse"]),
-        "RepositoryModelUnload": (
-            repository_unload,
-            tr["RepositoryModelUnloadRequest"],
-            tr["RepositoryModelUnloadResponse"],
-        ),
+    unary = {
+        "ServerLive": (server_live, pb.ServerLiveRequest),
+        "ServerReady": (server_ready, pb.ServerReadyRequest),
+        "ServerMetadata": (server_metadata, pb.ServerMetadataRequest),
+        "ModelReady": (model_ready, pb.ModelReadyRequest),
+        "ModelMetadata": (model_metadata, pb.ModelMetadataRequest),
+        "ModelInfer": (model_infer, pb.ModelInferRequest),
+        "ModelConfig": (model_config, tr["ModelConfigRequest"]),
+        "ModelStatistics": (model_statistics, tr["ModelStatisticsRequest"]),
+        "SystemSharedMemoryStatus": (shm_status, tr["SystemSharedMemoryStatusRequest"]),
+        "SystemSharedMemoryRegister": (shm_register, tr["SystemSharedMemoryRegisterRequest"]),
+        "SystemSharedMemoryUnregister": (shm_unregister, tr["SystemSharedMemoryUnregisterRequest"]),
+        "RepositoryIndex": (repository_index, tr["RepositoryIndexRequest"]),
+        "RepositoryModelLoad": (repository_load, tr["RepositoryModelLoadRequest"]),
+        "RepositoryModelUnload": (repository_unload, tr["RepositoryModelUnloadRequest"]),
     }
-    handlers = {
-        name: grpc.unary_unary_rpc_method_handler(
-            guarded(fn), request_deserializer=parsing(req), response_serializer=resp.SerializeToString
-        )
-        for name, (fn, req, resp) in methods.items()
-    }
+    found = {name: Method(guarded(fn), parsing(req)) for name, (fn, req) in unary.items()}
 
     async def cuda_shm(request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, CUDA_SHM)
+        await context.abort(Status.UNIMPLEMENTED, CUDA_SHM)
 
-    for call in ("Status", "Register", "Unregister"):  # any request decodes as an empty message: we read none of it
-        handlers[f"CudaSharedMemory{call}"] = grpc.unary_unary_rpc_method_handler(
-            cuda_shm, request_deserializer=lambda _: None, response_serializer=bytes
-        )
-    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-        model_stream_infer, request_deserializer=parsing(pb.ModelInferRequest), response_serializer=bytes
-    )
-    return grpc.method_handlers_generic_handler(v2_grpc.SERVICE, handlers)
+    for call in ("Status", "Register", "Unregister"):  # any request reads as nothing: we read none of it
+        found[f"CudaSharedMemory{call}"] = Method(cuda_shm, lambda _: None)
+    found["ModelStreamInfer"] = Method(model_stream_infer, parsing(pb.ModelInferRequest), streaming=True)
+    return found
 
 
 @dataclass(frozen=True)
@@ -274,7 +258,7 @@ def guarded(fn):
 
     async def call(request, context):
         if isinstance(request, Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            await context.abort(Status.INVALID_ARGUMENT, request.message)
         return await fn(request, context)
 
     return call
@@ -285,23 +269,9 @@ def decode(to_rows, limit, request, shm=None):
     return to_rows(v2_grpc.tensors_of(request, limit, shm))
 
 
-def server(pipeline: Pipeline, config: Config) -> grpc.aio.Server:
-    """An asyncio gRPC server on the config's host and gRPC port; every worker binds the same port (SO_REUSEPORT,
-    grpcio's default), with the REST core's limits where HTTP/2 has the same knob. Calls in progress are capped per
-    worker like REST connections (past the cap: RESOURCE_EXHAUSTED); a per-connection stream cap would refuse
-    tritonclient's streams instead of queueing them, since every client in a process shares one connection."""
-    limits: Limits = config.limits
-    options = [
-        ("grpc.max_receive_message_length", limits.max_body),
-        ("grpc.max_send_message_length", limits.max_body),
-        ("grpc.so_reuseport", 1),
-        ("grpc.max_metadata_size", limits.head_bytes),
-        ("grpc.max_connection_idle_ms", int(limits.idle_timeout_s * 1000)),
-    ]
-    srv = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.connections)
-    srv.add_generic_rpc_handlers((handler(pipeline),))
-    host = config.host
-    address = f"[{host}]:{config.grpc_port}" if ":" in host else f"{host}:{config.grpc_port}"
-    if srv.add_insecure_port(address) == 0:
-        raise OSError(f"cannot listen for gRPC on {address}")
-    return srv
+def server(pipeline: Pipeline, config: Config, tally: Tally) -> Server:
+    """The worker's gRPC server, with the REST core's limits where HTTP/2 has the same knob: the message size, the
+    metadata's, the idle timeout, and calls in progress capped per worker like REST connections (past the cap:
+    RESOURCE_EXHAUSTED; a per-connection stream cap would refuse tritonclient's streams instead of queueing them,
+    since every client in a process shares one connection). `start` it on the listening socket."""
+    return Server(v2_grpc.SERVICE, methods(pipeline), config.limits, tally)

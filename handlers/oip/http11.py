@@ -383,9 +383,15 @@ class Connection(asyncio.Protocol):
 
 
 def serve(
-    app: App, error: Error, sock, limits: Limits = Limits(), tally: Tally | None = None, shares: Shares | None = None
+    app: App,
+    error: Error,
+    sock,
+    limits: Limits = Limits(),
+    tally: Tally | None = None,
+    shares: Shares | None = None,
+    held: Callable[[], int] | None = None,
 ) -> Acceptor:
-    """Start answering on a listening socket, shared with other workers (SHARES: their connection counts) or not;
-    stop accepting with .close()."""
+    """Start answering on a listening socket, shared with other workers (SHARES: their connection counts, against
+    which HELD, this worker's, is compared) or not; stop accepting with .close()."""
     tally = tally or Tally()  # this worker's, shared by its connections
-    return Acceptor(sock, lambda: Connection(app, error, limits, tally), shares, lambda: tally.open)
+    return Acceptor(sock, lambda: Connection(app, error, limits, tally), shares, held or (lambda: tally.open))

@@ -1,7 +1,6 @@
-"""The server's listening sockets. REST: the supervisor listens on one socket that every worker accepts from, so a
-connection waiting to be accepted outlives any worker (with a socket each, a killed worker's queue was reset: issue
-36). gRPC: grpcio binds its own sockets, so each worker binds one in the port's SO_REUSEPORT group while the supervisor
-holds the port, bound, so that no other server joins it (bench/NOTES.md, levers 39 and 57)."""
+"""The server's listening sockets: for REST and for gRPC the supervisor listens on one socket that every worker accepts
+from, so a connection waiting to be accepted outlives any worker (with a socket each, a killed worker's queue was
+reset: issue 36; bench/NOTES.md, levers 39, 57 and 65)."""
 
 from __future__ import annotations
 
@@ -29,18 +28,11 @@ def family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def tcp_socket(host: str, *, share: bool) -> socket.socket:
-    """SO_REUSEADDR on every socket we bind: the connections our last run closed sit in TIME_WAIT on its ports for a
-    minute, and a restart must not wait for them. SHARE: join the port's SO_REUSEPORT group of our workers."""
+def bind(host: str, port: int, what: str) -> socket.socket:
+    """SO_REUSEADDR: the connections our last run closed sit in TIME_WAIT on its ports for a minute, and a restart must
+    not wait for them."""
     sock = socket.socket(family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if share:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    return sock
-
-
-def bind(host: str, port: int, what: str, *, share: bool) -> socket.socket:
-    sock = tcp_socket(host, share=share)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -49,24 +41,17 @@ def bind(host: str, port: int, what: str, *, share: bool) -> socket.socket:
     return sock
 
 
-def hold_port(host: str, port: int, what: str) -> socket.socket:
-    """Refuse a port something else holds (SO_REUSEPORT would otherwise quietly join another server's), then keep it
-    bound, not listening, for our workers alone: they share it through SO_REUSEPORT."""
-    bind(host, port, what, share=False).close()
-    return bind(host, port, what, share=True)
-
-
 def shared_listener(host: str, port: int, what: str) -> socket.socket:
     """The one listening socket every worker accepts from; inherited by the workers the supervisor starts."""
-    sock = bind(host, port, what, share=False)
+    sock = bind(host, port, what)
     sock.listen(BACKLOG)
     sock.set_inheritable(True)
     return sock
 
 
 class Shares:
-    """Each worker's open REST connections, in a small file every worker maps (the supervisor's work folder): what
-    a worker reads before it takes a connection from the shared socket."""
+    """Each worker's open connections (REST and gRPC), in a small file every worker maps (the supervisor's work
+    folder): what a worker reads before it takes a connection from a shared socket."""
 
     def __init__(self, path: str | Path, workers: int, index: int = -1):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -24,7 +24,7 @@ from .admin import write_token
 from .config import Assignment, Config
 from .control import ControlPlane, initial_state
 from .repository import RepositoryError, State, exports_below
-from .sockets import GONE, SHARES, Shares, hold_port, shared_listener
+from .sockets import GONE, SHARES, Shares, shared_listener
 
 logger = logging.getLogger("torchship.oip")
 GIVE_UP_AFTER = 3  # a worker that dies this many times in a row before it is ready will not come up: stop
@@ -90,7 +90,7 @@ class Supervisor:
         # the ports first: a taken one fails before a second is spent measuring
         self.http = shared_listener(config.host, config.http_port, "REST")
         self.shares: Shares | None = None  # each worker's REST connections, once the worker count is decided
-        self.grpc_guard = hold_port(config.host, config.grpc_port, "gRPC")
+        self.grpc = shared_listener(config.host, config.grpc_port, "gRPC")
         self.work_dir = tempfile.mkdtemp(prefix="torchship-oip-")  # metrics, the saved state, the control socket
         self.state_file = str(Path(self.work_dir) / "repository.json")
         self.control_path = str(Path(self.work_dir) / "control.sock")
@@ -125,10 +125,11 @@ class Supervisor:
 
     def spawn(self, index: int) -> Worker:
         read, write = os.pipe()
-        job = Assignment(self.config, self.state_file, self.control_path, write, self.http.fileno(), index)
+        listening = (self.http.fileno(), self.grpc.fileno())
+        job = Assignment(self.config, self.state_file, self.control_path, write, *listening, index=index)
         argv = [sys.executable, "-m", f"{__package__}.worker", job.to_json()]
         env = {**os.environ, metrics.MULTIPROCESS_ENV: self.work_dir}
-        proc = subprocess.Popen(argv, pass_fds=(write, self.http.fileno()), env=env, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, pass_fds=(write, *listening), env=env, stdin=subprocess.DEVNULL)
         os.close(write)
         os.set_blocking(read, False)
         w = Worker(proc, read, index)

@@ -64,7 +64,8 @@ def serve(repo: Repository, job: Assignment, load: Callable, announce: Callable[
     its socket); `announce` once both listen."""
     config, control = job.config, job.control
     tracing.STAGES = config.trace_stages
-    http = socket.socket(fileno=job.http_fd)  # the supervisor's listening socket, shared by every worker
+    http = socket.socket(fileno=job.http_fd)  # the supervisor's listening sockets, shared by every worker
+    grpc_listener = socket.socket(fileno=job.grpc_fd)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -75,16 +76,23 @@ def serve(repo: Repository, job: Assignment, load: Callable, announce: Callable[
             s.batcher.start()
         regions = Regions()  # the shared memory clients registered, as the supervisor says (shm.py)
         pipeline = Pipeline(repo, config, Admin(read_token(config.admin_token_file), control), regions)
-        grpc = grpc_server(pipeline, config)
-        await grpc.start()
         shares = Shares(Path(job.state_file).with_name(SHARES), config.workers, job.index) if job.state_file else None
 
-        def counted(open_: int, paused: int) -> None:
-            metrics.connections(open_, paused)
-            if shares is not None:
-                shares.set(open_)
+        def held() -> int:  # what the other workers compare their connections with
+            return rest.open + calls.open
 
-        server = http11.serve(RestApp(pipeline), error, http, config.limits, http11.Tally(counted), shares)
+        def counted(open_: int, paused: int) -> None:
+            if shares is not None:
+                shares.set(held())
+
+        def counted_rest(open_: int, paused: int) -> None:
+            metrics.connections(open_, paused)
+            counted(open_, paused)
+
+        rest, calls = http11.Tally(counted_rest), http11.Tally(counted)
+        grpc = grpc_server(pipeline, config, calls)
+        grpc.start(grpc_listener, shares, held)
+        server = http11.serve(RestApp(pipeline), error, http, config.limits, rest, shares, held)
         if control:
             following = loop.create_task(follow(control, repo, load, regions))
             following.add_done_callback(lambda t: t.cancelled() or t.exception() and stop.set())
@@ -93,6 +101,7 @@ def serve(repo: Repository, job: Assignment, load: Callable, announce: Callable[
         await stop.wait()
         repo.ready = False  # probes see it first; then no new connections, and what is queued is answered
         server.close()
+        grpc.close()  # GOAWAY: its clients open their next calls on another worker
         deadline = loop.time() + STOP_GRACE_S / 2
         while any(s.batcher.queued or s.metrics.active for s in repo.served()) and loop.time() < deadline:
             await asyncio.sleep(0.05)
