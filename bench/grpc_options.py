@@ -4,12 +4,13 @@ gRPC, as the server process's CPU time (user + system) per call, so the load cli
 - aio: grpc.aio on uvloop, what the OIP server runs;
 - sync: grpcio's synchronous server, C-core's completion queue and a pool of 16 threads;
 - grpclib: pure Python on h2 (its maintainer, grpclib#81: at least 2x slower than grpcio);
-- h2: a transport of our own, an asyncio Protocol over h2 on uvloop (unary calls only, no flow-control corner cases).
+- h2: a transport of our own, an asyncio Protocol over h2 on uvloop (unary calls only, no flow-control corner cases);
+- ours: what the OIP server runs since lever 65, our HTTP/2 (oip/http2.py) and gRPC calls (oip/grpc_calls.py).
 
 Every handler does the same: parse the ModelInferRequest (one PNG digit as BYTES), answer one fixed ModelInferResponse.
 The client is grpcio's synchronous stub, 16 threads with a channel each, in this process. `h2` and `grpclib` are not
 the project's dependencies: `pip install --target DIR h2 grpclib`, then
-`PYTHONPATH=DIR .venv/bin/python -m bench.grpc_options [CALLS]`."""
+`PYTHONPATH=DIR .venv/bin/python -m bench.grpc_options [CALLS] [KIND ...]`."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import threading
 import time
 
 SERVICE, METHOD = "inference.GRPCInferenceService", "ModelInfer"
-KINDS = ("aio", "sync", "grpclib", "h2")
+KINDS = ("aio", "sync", "grpclib", "h2", "ours")
 CONCURRENCY = 16
 
 
@@ -80,7 +81,8 @@ def serve(kind: str, port: int) -> None:
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run({"aio": aio, "grpclib": grpclib_server, "h2": h2_server}[kind](port, pb, answer, parse))
+    servers = {"aio": aio, "grpclib": grpclib_server, "h2": h2_server, "ours": ours}
+    asyncio.run(servers[kind](port, pb, answer, parse))
 
 
 async def aio(port, pb, answer, parse):
@@ -157,6 +159,21 @@ async def h2_server(port, pb, answer, parse):
     await server.serve_forever()
 
 
+async def ours(port, pb, answer, parse):
+    from torchship.handlers.oip.config import Limits
+    from torchship.handlers.oip.flow_control import Tally
+    from torchship.handlers.oip.grpc_calls import Method, Server
+    from torchship.handlers.oip.sockets import shared_listener
+
+    async def infer(request, context):
+        return answer
+
+    server = Server(SERVICE, {METHOD: Method(infer, parse)}, Limits(), Tally())
+    server.start(shared_listener("127.0.0.1", port, "gRPC"))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
 def cpu_seconds(pid: int) -> float:
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -218,13 +235,14 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["serve"]:
         return serve(argv[1], int(argv[2]))
     calls = int(argv[0]) if argv else 6000
+    kinds = argv[1:] or KINDS
     rounds = []
     for r in range(3):  # alternating rounds: the machine drifts
-        for kind in KINDS:
+        for kind in kinds:
             m = measure(kind, calls)
             rounds.append({"round": r + 1, **m})
             print(json.dumps(rounds[-1]), flush=True)
-    for kind in KINDS:
+    for kind in kinds:
         cpu = sorted(x["server_cpu_us_per_call"] for x in rounds if x["kind"] == kind)
         rate = sorted(x["calls_per_s"] for x in rounds if x["kind"] == kind)
         print(

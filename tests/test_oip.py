@@ -4,10 +4,14 @@ sockets for what no client would send, and by the load test: batching, workers, 
 import base64
 import http.client
 import json
+import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -559,6 +563,62 @@ def test_kill_9_of_a_worker_under_load_costs_at_most_its_own_requests(server, co
             "the worker's replacement",
         )
         assert victim not in [w["pid"] for w in after["workers"]] and after["restarts"] == before["restarts"] + 1
+
+
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # else grpcio's channels to one address share a connection
+
+
+def grpc_calls_across_a_kill(url: str, victim: int, total: int, kill_at: int) -> tuple[list, float]:
+    """TOTAL calls from 8 clients, each on a channel of its own; VICTIM killed once KILL_AT are answered: (start, end,
+    answered right, or the error) a call, and when the kill was."""
+    events, started, lock = [], [0], threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                if started[0] >= total:
+                    return
+                started[0] += 1
+            start, ok = time.perf_counter(), False
+            try:
+                c = tgrpc.InferenceServerClient(url, channel_args=OWN_CONNECTION)
+                ok = text(c.infer("mnist", [images_input("grpc", [DIGIT])]).as_numpy("label")) == ["0"]
+                c.close()
+            except InferenceServerException as e:
+                ok = str(e)[:200]
+            with lock:
+                events.append((start, time.perf_counter(), ok))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(events) >= kill_at, 120, f"{kill_at} calls answered")
+    os.kill(victim, signal.SIGKILL)
+    killed = time.perf_counter()  # after the signal: a client thread may run between a clock read and the kill
+    for t in threads:
+        t.join(120)
+    return events, killed
+
+
+def test_kill_9_of_a_worker_fails_no_grpc_call_sent_after_it(server):
+    """Issue 36 over gRPC, five kills: each call on a new connection; the gRPC port is one listening socket every
+    worker shares (lever 65), so a call sent after the kill never meets the dead worker. Only calls in flight at the
+    kill may fail."""
+    for _ in range(5):
+        before = oip.status(server.state_dir)
+        events, killed = grpc_calls_across_a_kill(f"127.0.0.1:{server.grpc_port}", before["workers"][0]["pid"], 300, 90)
+        after = [ok for start, _, ok in events if start >= killed]
+        in_flight = [ok for start, end, ok in events if start < killed <= end]
+        assert len(events) == 300 and len(after) > 100 and in_flight  # killed mid-load
+        failed = [ok for ok in after if ok is not True]
+        assert not failed, f"{len(failed)} of {len(after)} calls sent after the kill failed: {failed[:3]}"
+        wait_for(
+            lambda n=len(before["workers"]): (
+                (s := oip.status(server.state_dir)) and len(s["workers"]) == n and all(w["ready"] for w in s["workers"])
+            ),
+            60,
+            "the worker's replacement",
+        )
 
 
 def test_a_public_bind_without_auth_in_front_is_refused(convnet_export, tmp_path):

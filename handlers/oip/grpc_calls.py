@@ -242,8 +242,7 @@ class Server:
         self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()  # the open ones
         self.acceptor: Acceptor | None = None
 
-    def open(self, conn: Connection, sid: int, fields: list[tuple[bytes, bytes]]):
-        headers = dict(fields)
+    def open(self, conn: Connection, sid: int, headers: dict[bytes, bytes], size: int):
         method = self.methods.get(headers.get(b":path", b""))
         refusal = None
         if headers.get(b":method") != b"POST":
@@ -256,7 +255,7 @@ class Server:
         elif self.active >= self.limits.connections:
             why = f"this worker has {self.limits.connections} calls in progress, its limit: retry shortly"
             refusal = trailers(Status.RESOURCE_EXHAUSTED, why, only=True)
-        elif sum(len(n) + len(v) + 32 for n, v in fields) > self.limits.head_bytes:
+        elif size > self.limits.head_bytes:
             why = f"the call's metadata is over the {self.limits.head_bytes}-byte limit"
             refusal = trailers(Status.RESOURCE_EXHAUSTED, why, only=True)
         if refusal is not None:
