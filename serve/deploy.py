@@ -192,7 +192,7 @@ def requirements() -> str:
             "onnxruntime",
             "numpy",
             "pillow",
-            "grpcio",
+            "hpack",
             "protobuf",
             "httptools",
             "uvloop",
