@@ -73,6 +73,12 @@ def targets(r: dict) -> list[dict]:
             if "levels" in off and "levels" in t.get(name, {}):
                 ratio = level(t[name], 16)["throughput"] / level(off, 16)["throughput"]
                 check(f"{name} sampled: c=16 throughput / tracing off", round(ratio, 2), f">= {goal}", ratio >= goal)
+    if "triton" in r:
+        pa = {(x["server"], x["protocol"], x["input"], x["concurrency"]): x for x in r["triton"]["rows"]}
+        http, grpc = pa.get(("oip", "http", "images", 16), {}), pa.get(("oip", "grpc", "images", 16), {})
+        if "throughput" in http and "throughput" in grpc:
+            ratio = grpc["throughput"] / http["throughput"]
+            check("perf_analyzer c=16, gRPC / HTTP throughput (digits)", round(ratio, 2), ">= 0.8", ratio >= 0.8)
     if "workers" in r:
         two = r["workers"]["2 workers"]["disruption"]
         check("2 workers: no answer for at most (s)", round(two["longest_gap_s"], 2), "<= 2", two["longest_gap_s"] <= 2)
