@@ -275,3 +275,44 @@ def test_protocol_errors_close_with_goaway_saying_which(data, code):
     conn.data_received(data)
     (kind, _, _, payload), *_ = frames(transport.take())
     assert kind == GOAWAY and struct.unpack_from(">L", payload, 4)[0] == code and transport.closed
+
+
+def test_mutated_client_streams_never_raise_and_end_answered_or_with_goaway():
+    """2,000 mutations (bytes flipped, cut, repeated) of a client's stream of settings, a ping, calls with their data,
+    a window update and a reset, fed in random pieces: the core never raises (a raise would be a traceback in the log
+    and a dropped connection without a word); it closes with GOAWAY, or goes on."""
+    import random
+
+    rng = random.Random(36)
+    encoder = hpack.Encoder()
+    stream = frame(SETTINGS, 0, 0, struct.pack(">HL", http2.INITIAL_WINDOW_SIZE, 100)) + frame(PING, 0, 0, b"8" * 8)
+    for sid in (1, 3, 5):
+        stream += frame(HEADERS, END_HEADERS, sid, encoder.encode(REQUEST)) + frame(DATA, END_STREAM, sid, b"x" * 40)
+    stream += frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", 1000)) + frame(RST_STREAM, 0, 3, struct.pack(">L", 8))
+    closed = went_on = 0
+    for _ in range(2000):
+        data = bytearray(stream)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(data))
+            kind = rng.random()
+            if kind < 0.6:
+                data[at] = rng.randrange(256)
+            elif kind < 0.8:
+                del data[at : at + rng.randint(1, 20)]
+            else:
+                data[at:at] = data[at : at + rng.randint(1, 30)]
+        conn, transport, loop, app = connect()  # the preface is in: what follows is mutated
+        pos = 0
+        while pos < len(data) and not transport.closed:
+            n = rng.randint(1, 64)
+            conn.data_received(bytes(data[pos : pos + n]))
+            pos += n
+        for sid in list(conn.live):
+            conn.respond(sid, http2.block((b":status", b"200")), b"answer", http2.block((b"grpc-status", b"0")))
+        loop.turn()
+        if transport.closed:
+            closed += 1
+            assert frames(transport.take())[-1][0] == GOAWAY
+        else:
+            went_on += 1
+    assert closed > 100 and went_on > 100, (closed, went_on)  # the mutations reached both outcomes
