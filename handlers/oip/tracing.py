@@ -19,6 +19,8 @@ import os
 import random
 import time
 
+from . import otlp
+
 ENABLED = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 SERVICE = "torchship"
 _provider = _processor = _sampler = _propagator = _made = _span_of = _event = None  # configure() sets them
@@ -40,10 +42,9 @@ def configure(processor=None) -> None:
     _sampler = _provider.sampler  # the one OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG name
     if processor is None:
         # lazily: optional, see configure
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        processor = BatchSpanProcessor(OTLPSpanExporter())
+        processor = BatchSpanProcessor(otlp.exporter())
     _provider.add_span_processor(processor)
     _processor = processor
     scope, resource, sampled = InstrumentationScope("torchship.handlers"), _provider.resource, TraceFlags(1)
