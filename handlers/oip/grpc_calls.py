@@ -126,6 +126,8 @@ class Call:
             request = self.method.parse(message)
             if self.queue is not None:
                 self.queue.put_nowait(request)
+            elif self.requests:  # a unary call holds one: no more is kept
+                return self.finish(Status.UNIMPLEMENTED, "a unary call takes one request message, not more")
             else:
                 self.requests.append(request)
         if not end:
@@ -134,8 +136,8 @@ class Call:
             return self.finish(Status.INVALID_ARGUMENT, f"the stream ended inside a message ({len(buf)} bytes left)")
         if self.queue is not None:
             self.queue.put_nowait(None)
-        elif len(self.requests) != 1:
-            self.finish(Status.UNIMPLEMENTED, f"a unary call takes one request message, not {len(self.requests)}")
+        elif not self.requests:
+            self.finish(Status.UNIMPLEMENTED, "a unary call takes one request message, not none")
         else:
             self.task = self.conn.loop.create_task(self.run(self.method.fn(self.requests.pop(), self)))
 
