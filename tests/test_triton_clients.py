@@ -788,3 +788,21 @@ def test_a_model_infer_message_that_is_not_protobuf_is_an_invalid_argument_namin
         assert len(answers) == 1 and b"not a valid ModelInferRequest message" in answers[0]
     a = np.arange(16, dtype=np.int32)[None]
     assert (client(server, "grpc").infer("simple", simple_inputs("grpc", a, a)).as_numpy("OUTPUT0") == 2 * a).all()
+
+
+def test_a_unary_call_of_two_messages_or_none_is_refused_and_the_server_goes_on(server):
+    """A client streaming to a unary method (grpcio lets any method be called so): UNIMPLEMENTED, where the server
+    would otherwise keep what it sends; then a call as it should be is answered."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        live = channel.stream_unary(
+            "/inference.GRPCInferenceService/ServerLive",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        for messages in ([b"", b""], []):
+            with pytest.raises(grpc.RpcError) as e:
+                live(iter(messages), timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "one request message" in e.value.details()
+        assert live(iter([b""]), timeout=30) == b"\x08\x01"  # ServerLiveResponse(live=True)
