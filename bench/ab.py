@@ -4,7 +4,9 @@ Both run as they ship (the runtime folder copied out as `torchship_handlers`, st
 export, with the same fixed settings (2 workers, batches of 8, 1 ms, one thread: what sizing picks for the digit
 model, fixed so that a measurement at start cannot differ between them). They take turns, the other paused
 (SIGSTOP), in alternating rounds: REST with our load client (v2 binary) at c=1 and c=16, and gRPC with Triton's
-perf_analyzer at c=1 and c=16. The result is each metric's per-round ratio, new over old, so that the machine's drift
+perf_analyzer at c=1 and c=16, as it comes (its 16 clients share 3 connections) and with all 16 on one connection
+(`grpc-one`: one HTTP/2 connection's calls, which only the worker holding it reads).
+The result is each metric's per-round ratio, new over old, so that the machine's drift
 over minutes cancels within a round.
 
 python -m bench.run --only ab --baseline REF   (REF: any git commit, e.g. the one before a refactor)
@@ -34,7 +36,8 @@ from torchship.serve.shipping import SHIPPED_NAME, copy_runtime
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"workers": 2, "max_batch": 8, "threads": 1}
 DELAY_MS = 1
-LEVELS = (("rest", 1), ("rest", 16), ("grpc", 1), ("grpc", 16))
+LEVELS = (("rest", 1), ("rest", 16), ("grpc", 1), ("grpc", 16), ("grpc-one", 16))
+ONE_CONNECTION = {"TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT": "16"}  # perf_analyzer's clients per channel (default 6)
 
 
 def runtime_at(ref: str, dest: Path) -> Path:
@@ -120,7 +123,9 @@ def run(export_dir: Path, work: Path, baseline: str, rounds: int = 6, seconds: f
                         "p50_ms": lv.latency_ms["p50"],
                         "errors": sum(lv.errors.values()),
                     }
-                return triton_tools.measure(*pa, grpc_url, "grpc", data, c, seconds)
+                binary, env = pa
+                env = {**env, **ONE_CONNECTION} if protocol == "grpc-one" else env
+                return triton_tools.measure(binary, env, grpc_url, "grpc", data, c, seconds)
             finally:
                 procs.pause()
 

@@ -621,6 +621,83 @@ def test_kill_9_of_a_worker_fails_no_grpc_call_sent_after_it(server):
         )
 
 
+def holders(server) -> list[int]:
+    """The workers holding an established gRPC connection."""
+    pids = [w["pid"] for w in oip.status(server.state_dir)["workers"]]
+    port = server.grpc_port
+    return [
+        pid
+        for pid in pids
+        if any(k.status == "ESTABLISHED" and k.laddr.port == port for k in psutil.Process(pid).connections())
+    ]
+
+
+def calls_on_one_connection(c, total: int, in_flight: int, at: int = -1, then=lambda: None) -> list:
+    """TOTAL ModelInfer calls of DIGIT on client C's one connection, IN_FLIGHT at a time: each call's label or error;
+    THEN() once AT calls are answered."""
+    inp = images_input("grpc", [DIGIT])
+    room, answered, lock, done = threading.Semaphore(in_flight), [], threading.Lock(), threading.Event()
+
+    def answer(result, error) -> None:
+        with lock:
+            answered.append(str(error)[:200] if error else text(result.as_numpy("label"))[0])
+            if len(answered) == at:
+                done.set()
+        room.release()
+
+    for i in range(total):
+        room.acquire()
+        if i == at + in_flight:  # AT answered by now: the rest are sent after THEN
+            done.wait(60)
+            then()
+        c.async_infer("mnist", [inp], answer, client_timeout=30)
+    for _ in range(in_flight):
+        room.acquire()
+    return answered
+
+
+def test_one_grpc_connections_calls_are_run_by_every_worker(server):
+    """Issue 36: HTTP/2 keeps a connection's streams in the worker that accepted it (one tritonclient, or
+    perf_analyzer's clients sharing a channel); that worker hands a ModelInfer call to another running fewer
+    (oip/handoff.py). One client, one connection, 16 calls in flight: some are run by the other worker."""
+    c = tgrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    assert c.is_server_live()
+    assert len(holders(server)) == 1  # the connection is in one worker
+    before = metric(server, "torchship_grpc_handed_calls_total")
+    labels = calls_on_one_connection(c, 400, 16)
+    c.close()
+    assert labels == ["0"] * 400
+    assert metric(server, "torchship_grpc_handed_calls_total") > before
+
+
+def test_a_killed_worker_loses_none_of_the_calls_handed_to_it(server):
+    """Issue 36: a worker killed while it runs calls handed to it by the worker holding their connection: those calls
+    are run by the holding worker, and none fails. Five kills of the worker not holding one client's connection."""
+    for _ in range(5):
+        c = tgrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+        assert c.is_server_live()
+        (holding,) = holders(server)
+        (other,) = [w["pid"] for w in oip.status(server.state_dir)["workers"] if w["pid"] != holding]
+        handed = metric(server, "torchship_grpc_handed_calls_total")
+        seen = []
+
+        def kill(other=other, handed=handed, seen=seen) -> None:
+            seen.append(metric(server, "torchship_grpc_handed_calls_total") - handed)
+            os.kill(other, signal.SIGKILL)
+
+        labels = calls_on_one_connection(c, 900, 16, at=300, then=kill)
+        c.close()
+        assert seen and seen[0] > 0  # calls were being handed to the worker when it was killed
+        assert not psutil.pid_exists(other) or psutil.Process(other).status() == psutil.STATUS_ZOMBIE
+        failed = [x for x in labels if x != "0"]
+        assert len(labels) == 900 and not failed, f"{len(failed)} calls failed: {failed[:3]}"
+        wait_for(
+            lambda: (s := oip.status(server.state_dir)) and [w["ready"] for w in s["workers"]] == [True, True],
+            60,
+            "the worker's replacement",
+        )
+
+
 def test_a_public_bind_without_auth_in_front_is_refused(convnet_export, tmp_path):
     cfg = oip.OIPConfig.on_free_ports(str(convnet_export.directory), "mnist", str(tmp_path), host="0.0.0.0")
     with pytest.raises(ServerError, match="no authentication"):

@@ -14,6 +14,7 @@ from ..protocol import triton, v2_grpc
 from .config import Config
 from .flow_control import Tally
 from .grpc_calls import Method, Server, Status
+from .handoff import Handoff
 from .pipeline import ABANDONED, CUDA_SHM, Pipeline, refusal
 from .repository import RepositoryError
 
@@ -221,7 +222,7 @@ def methods(pipeline: Pipeline) -> dict[str, Method]:
         "RepositoryModelLoad": (repository_load, tr["RepositoryModelLoadRequest"]),
         "RepositoryModelUnload": (repository_unload, tr["RepositoryModelUnloadRequest"]),
     }
-    found = {name: Method(guarded(fn), parsing(req)) for name, (fn, req) in unary.items()}
+    found = {name: Method(guarded(fn), parsing(req), handed=name == "ModelInfer") for name, (fn, req) in unary.items()}
 
     async def cuda_shm(request, context):
         await context.abort(Status.UNIMPLEMENTED, CUDA_SHM)
@@ -269,9 +270,10 @@ def decode(to_rows, limit, request, shm=None):
     return to_rows(v2_grpc.tensors_of(request, limit, shm))
 
 
-def server(pipeline: Pipeline, config: Config, tally: Tally) -> Server:
+def server(pipeline: Pipeline, config: Config, tally: Tally, handoff: Handoff | None = None) -> Server:
     """The worker's gRPC server, with the REST core's limits where HTTP/2 has the same knob: the message size, the
     metadata's, the idle timeout, and calls in progress capped per worker like REST connections (past the cap:
     RESOURCE_EXHAUSTED; a per-connection stream cap would refuse tritonclient's streams instead of queueing them,
-    since every client in a process shares one connection). `start` it on the listening socket."""
-    return Server(v2_grpc.SERVICE, methods(pipeline), config.limits, tally)
+    since every client in a process shares one connection); HANDOFF: ModelInfer calls shared with the other workers.
+    `start` it on the listening socket."""
+    return Server(v2_grpc.SERVICE, methods(pipeline), config.limits, tally, handoff)

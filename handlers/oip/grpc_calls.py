@@ -13,6 +13,7 @@ import struct
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from ..protocol.v2 import ProtocolError
@@ -21,6 +22,9 @@ from .config import Limits
 from .flow_control import Tally
 from .http2 import Connection, block
 from .sockets import Acceptor, Shares
+
+if TYPE_CHECKING:
+    from .handoff import Handoff
 
 logger = logging.getLogger("torchship.oip")
 PREFIX = struct.Struct(">BL")  # a message's compressed flag and length
@@ -67,11 +71,13 @@ class Aborted(Exception):
 @dataclass(frozen=True)
 class Method:
     """One of the service's methods: FN(request or an async iterator of them, call) -> the response (unary), or None
-    having written its answers (streaming); PARSE turns a message's bytes into the request."""
+    having written its answers (streaming); PARSE turns a message's bytes into the request. HANDED: a unary method whose
+    calls another worker may run (handoff.py)."""
 
     fn: Callable[..., Awaitable]
     parse: Callable[[bytes], object]
     streaming: bool = False
+    handed: bool = False
 
 
 class Call:
@@ -80,10 +86,10 @@ class Call:
     def __init__(self, server: Server, conn: Connection, sid: int, method: Method, headers: dict[bytes, bytes]):
         self.server, self.conn, self.sid, self.method, self.headers = server, conn, sid, method, headers
         self.buf = bytearray()
-        self.requests: list[object] = []
+        self.requests: list[object] = []  # a unary call's message, as it came
         self.queue: asyncio.Queue | None = asyncio.Queue() if method.streaming else None
         self.task: asyncio.Task | None = None
-        self.headed = self.done = self.expired = False
+        self.headed = self.done = self.expired = self.counted = False
         self.timer: asyncio.TimerHandle | None = None
         self.coding = headers.get(b"grpc-encoding", b"identity").decode("latin-1")
         server.active += 1
@@ -123,13 +129,12 @@ class Call:
                 except ProtocolError as e:
                     status = Status.RESOURCE_EXHAUSTED if e.status == 413 else Status.INVALID_ARGUMENT
                     return self.finish(status, str(e))
-            request = self.method.parse(message)
             if self.queue is not None:
-                self.queue.put_nowait(request)
+                self.queue.put_nowait(self.method.parse(message))
             elif self.requests:  # a unary call holds one: no more is kept
                 return self.finish(Status.UNIMPLEMENTED, "a unary call takes one request message, not more")
             else:
-                self.requests.append(request)
+                self.requests.append(message)
         if not end:
             return
         if buf:
@@ -139,7 +144,27 @@ class Call:
         elif not self.requests:
             self.finish(Status.UNIMPLEMENTED, "a unary call takes one request message, not none")
         else:
-            self.task = self.conn.loop.create_task(self.run(self.method.fn(self.requests.pop(), self)))
+            handoff = self.server.handoff
+            link = handoff.choose() if handoff is not None and self.method.handed else None
+            if link is not None:
+                link.send(self, self.requests.pop())
+            else:
+                self.start(self.requests.pop())
+
+    def start(self, message: bytes) -> None:
+        """Run the unary call here."""
+        handoff = self.server.handoff
+        if handoff is not None and self.method.handed:
+            handoff.started()
+            self.counted = True
+        self.task = self.conn.loop.create_task(self.run(self.method.fn(self.method.parse(message), self)))
+
+    def answer(self, status: int, body: bytes) -> None:
+        """What the worker that ran the call sent back: the response message, or the error's message."""
+        if status == Status.OK:
+            self.finish(Status.OK, "", body)
+        else:
+            self.finish(Status(status), body.decode("utf-8", "replace"))
 
     def reset(self) -> None:
         """The client cancelled the call or went away: its work is dropped (the pipeline counts it abandoned)."""
@@ -196,6 +221,9 @@ class Call:
 
     def settle(self) -> None:
         self.server.active -= 1
+        if self.counted:
+            self.counted = False
+            self.server.handoff.ended()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -237,9 +265,13 @@ REFUSED = Refused()
 class Server:
     """The gRPC side of one worker: calls on the connections it accepts from the shared listening socket."""
 
-    def __init__(self, service: str, methods: dict[str, Method], limits: Limits, tally: Tally):
+    def __init__(
+        self, service: str, methods: dict[str, Method], limits: Limits, tally: Tally, handoff: Handoff | None = None
+    ):
         self.methods = {f"/{service}/{name}".encode(): m for name, m in methods.items()}
-        self.limits, self.tally = limits, tally
+        self.limits, self.tally, self.handoff = limits, tally, handoff
+        if handoff is not None:
+            handoff.method = next(m for m in methods.values() if m.handed)
         self.active = 0  # calls in progress in this worker
         self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()  # the open ones
         self.acceptor: Acceptor | None = None
@@ -277,6 +309,8 @@ class Server:
         """No new connections; each open one is told to go away (GOAWAY) and closes once its calls are answered."""
         if self.acceptor is not None:
             self.acceptor.close()
+        if self.handoff is not None:
+            self.handoff.close()
         for conn in list(self.connections):
             conn.shutdown()
 

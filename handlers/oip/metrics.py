@@ -29,6 +29,7 @@ INFERENCE_SECONDS = "torchship_inference_seconds"
 BATCH_SIZE = "torchship_batch_size"
 IN_FLIGHT = "torchship_requests_in_flight"
 CONNECTIONS = "torchship_http_connections"
+HANDED = "torchship_grpc_handed_calls_total"  # gRPC calls a worker handed to another to run (handoff.py)
 # Triton's statistics extension, counted here so that GET /v2/models/M/stats sums every worker as /metrics does:
 # per request, each of Triton's inference_stats but the queue (QUEUE_SECONDS), and per batch size, its passes
 STATISTICS = "torchship_statistics_seconds"
@@ -74,6 +75,10 @@ def families() -> dict:
             "REST connections: open, and paused (not read while the client leaves its answers unread)",
             ["state"],
             multiprocess_mode="livesum",
+        ),
+        "handed": Counter(
+            HANDED.removesuffix("_total"),
+            "gRPC inference calls the worker holding their connection handed to another worker to run",
         ),
         "statistics": Summary(
             STATISTICS,
@@ -188,6 +193,10 @@ def connections(open_: int, paused: int) -> None:
     gauge = families()["connections"]
     gauge.labels("open").set(open_)
     gauge.labels("paused").set(paused)
+
+
+def handed() -> None:
+    families()["handed"].inc()
 
 
 def shadowed(model: str, default: str, candidate: str, agreed: bool, max_diff: float) -> None:

@@ -68,9 +68,12 @@ class Shares:
     def set(self, n: int, index: int | None = None) -> None:
         struct.pack_into("q", self.map, 8 * (self.index if index is None else index), n)
 
+    def all(self) -> tuple[int, ...]:
+        return struct.unpack_from(f"{self.workers}q", self.map)
+
     def fewer_elsewhere(self, mine: int) -> bool:
         """Another worker holds fewer connections than MINE."""
-        return min(struct.unpack_from(f"{self.workers}q", self.map)) < mine
+        return min(self.all()) < mine
 
 
 class Acceptor:

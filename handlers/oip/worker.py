@@ -20,6 +20,7 @@ from . import http11, metrics, served, tracing
 from .admin import Admin, read_token
 from .config import LOG_FORMAT, Assignment, Config, ConfigError
 from .grpc import server as grpc_server
+from .handoff import Handoff
 from .pipeline import Pipeline
 from .repository import Model, Repository, State
 from .rest import RestApp, error
@@ -90,7 +91,11 @@ def serve(repo: Repository, job: Assignment, load: Callable, announce: Callable[
             counted(open_, paused)
 
         rest, calls = http11.Tally(counted_rest), http11.Tally(counted)
-        grpc = grpc_server(pipeline, config, calls)
+        handoff = None
+        if job.state_file and config.workers > 1:  # a connection's calls shared with the other workers
+            handoff = Handoff(Path(job.state_file).parent, config.workers, job.index, metrics.handed)
+            await handoff.start()
+        grpc = grpc_server(pipeline, config, calls, handoff)
         grpc.start(grpc_listener, shares, held)
         server = http11.serve(RestApp(pipeline), error, http, config.limits, rest, shares, held)
         if control:
