@@ -86,7 +86,7 @@ class Call:
     def __init__(self, server: Server, conn: Connection, sid: int, method: Method, headers: dict[bytes, bytes]):
         self.server, self.conn, self.sid, self.method, self.headers = server, conn, sid, method, headers
         self.buf = bytearray()
-        self.requests: list[object] = []  # a unary call's message, as it came
+        self.requests: list[bytes] = []  # a unary call's message, as it came
         self.queue: asyncio.Queue | None = asyncio.Queue() if method.streaming else None
         self.task: asyncio.Task | None = None
         self.headed = self.done = self.expired = self.counted = False
