@@ -20,7 +20,8 @@ from ..protocol.v2 import ProtocolError
 from .compression import CODINGS, decompress
 from .config import Limits
 from .flow_control import Tally
-from .http2 import Connection, block
+from .header_blocks import block
+from .http2 import Connection
 from .sockets import Acceptor, Shares
 
 if TYPE_CHECKING:

@@ -1,5 +1,5 @@
 """A lean HTTP/2 server connection for gRPC: cleartext with prior knowledge (what gRPC's insecure channels speak),
-frames read with struct, header blocks decoded by `hpack` (python-hyper's HPACK), flow control both ways, and bounds on
+frames read with struct, header blocks through header_blocks.py, flow control both ways, and bounds on
 what one client may cost (a frame's size, a header block's, the answers it leaves unread).
 
 Exists for speed: grpc.aio spent ~310 µs of server CPU on a unary call's transport alone, on a completion queue thread
@@ -20,6 +20,7 @@ import hpack
 
 from .config import Limits
 from .flow_control import Tally
+from .header_blocks import BLOCK_FACTOR, Blocks
 
 logger = logging.getLogger("torchship.oip")
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -34,7 +35,6 @@ DEFAULT_WINDOW, DEFAULT_FRAME, MAX_WINDOW = 65535, 16384, 2**31 - 1
 STREAM_WINDOW = 1 << 20  # what a client may send on one stream before it must hear from us again
 CONNECTION_WINDOW = 1 << 24  # ... and on all of them together
 FRAME_LIMIT = 1 << 20  # the largest frame a client may send (SETTINGS_MAX_FRAME_SIZE)
-BLOCK_FACTOR = 8  # a header block that decodes to more than this many times the head limit closes the connection
 
 
 class Handler(Protocol):
@@ -48,35 +48,11 @@ class Handler(Protocol):
 # The app: (connection, stream id, the request's headers (a repeated name keeps its last), their size as HTTP/2 counts
 # it) -> the stream's handler; it may answer at once (a refusal).
 App = Callable[["Connection", int, dict[bytes, bytes], int], Handler]
-BLOCKS_KEPT = 64  # header blocks remembered per connection
 
 
 def frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
     n = len(payload)
     return FRAME.pack(n >> 8, n & 0xFF, kind, flags, sid) + payload
-
-
-def _int(n: int) -> bytes:
-    """HPACK's integer with a 7-bit prefix (a string's length, Huffman off)."""
-    if n < 127:
-        return bytes((n,))
-    out, n = [127], n - 127
-    while n >= 128:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    return bytes((*out, n))
-
-
-def indexed_only(data: bytes) -> bool:
-    """A header block of fields from the tables alone, each index under 127 (one byte each): gRPC clients send every
-    call's headers so once the first call has put them in the table. Exists for speed: hpack decoded such a block in
-    ~230 µs on a slow day here (bench/NOTES.md, lever 65)."""
-    return bool(data) and min(data) >= 0x80 and max(data) < 0xFF
-
-
-def block(*fields: tuple[bytes, bytes]) -> bytes:
-    """A header block of literal fields that the peer's table does not index (so no state is shared with it)."""
-    return b"".join(b"\x00" + _int(len(n)) + n + _int(len(v)) + v for n, v in fields)
 
 
 class Stream:
@@ -97,7 +73,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.preface = False
-        self.decoder = hpack.Decoder(max_header_list_size=limits.head_bytes * BLOCK_FACTOR)
+        self.blocks = Blocks(limits.head_bytes)
         self.live: dict[int, Stream] = {}
         self.last_id = 0
         self.send_window, self.peer_window, self.peer_frame = DEFAULT_WINDOW, DEFAULT_WINDOW, DEFAULT_FRAME
@@ -108,7 +84,6 @@ class Connection(asyncio.Protocol):
         self.idle: asyncio.TimerHandle | None = None
         self.peer = ""
         self.counted = False
-        self.blocks: dict[bytes, tuple[dict[bytes, bytes], int]] = {}  # blocks of indexed fields alone, decoded
         self.out: list[bytes] = []  # frames to send when this turn of the loop ends
 
     # asyncio's side
@@ -262,22 +237,12 @@ class Connection(asyncio.Protocol):
         s.handler.data(payload, end)
 
     def on_headers(self, sid: int, data: bytes, end: bool) -> None:
-        known = self.blocks.get(data)
-        if known is None:
-            try:
-                fields = self.decoder.decode(data, raw=True)
-            except hpack.OversizedHeaderListError:
-                return self.fail(ENHANCE_YOUR_CALM, "a header block that decodes past the limit")
-            except hpack.HPACKError:
-                return self.fail(COMPRESSION_ERROR, "a header block HPACK cannot decode")
-            known = dict(fields), sum(len(n) + len(v) + 32 for n, v in fields)
-            if indexed_only(data):  # changes no table: it decodes the same until a block that does arrives
-                if len(self.blocks) >= BLOCKS_KEPT:
-                    self.blocks.clear()
-                self.blocks[data] = known
-            else:
-                self.blocks.clear()
-        headers, size = known
+        try:
+            headers, size = self.blocks.decode(data)
+        except hpack.OversizedHeaderListError:
+            return self.fail(ENHANCE_YOUR_CALM, "a header block that decodes past the limit")
+        except hpack.HPACKError:
+            return self.fail(COMPRESSION_ERROR, "a header block HPACK cannot decode")
         s = self.live.get(sid)
         if s is not None:  # the client's trailers
             if s.receiving and end:

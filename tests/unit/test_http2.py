@@ -11,7 +11,7 @@ import hpack
 import pytest
 from test_http11 import MockLoop, MockTransport
 
-from torchship.handlers.oip import http2
+from torchship.handlers.oip import header_blocks, http2
 from torchship.handlers.oip.config import Limits
 from torchship.handlers.oip.flow_control import Tally
 from torchship.handlers.oip.http2 import (
@@ -133,7 +133,7 @@ def test_a_call_in_and_its_answer_out_in_one_write():
     assert s.headers[b":path"] == b"/s/M" and s.headers[b"traceparent"] == b"00-ab" and s.size > 0
     assert b"".join(s.chunks) == b"hello world" and s.ended
     transport.take()
-    conn.respond(1, http2.block((b":status", b"200")), b"answer", http2.block((b"grpc-status", b"0")))
+    conn.respond(1, header_blocks.block((b":status", b"200")), b"answer", header_blocks.block((b"grpc-status", b"0")))
     assert transport.buffer == b""  # nothing until the turn ends
     out = written(transport, loop)
     assert [(k, f) for k, f, _, _ in out] == [(HEADERS, END_HEADERS), (DATA, 0), (HEADERS, END_HEADERS | END_STREAM)]
@@ -149,7 +149,7 @@ def test_an_answer_waits_for_the_clients_window():
     conn.data_received(frame(SETTINGS, 0, 0, struct.pack(">HL", http2.INITIAL_WINDOW_SIZE, 10)))
     conn.data_received(frame(HEADERS, END_HEADERS | END_STREAM, 1, hpack.Encoder().encode(REQUEST)))
     transport.take()
-    conn.respond(1, http2.block((b":status", b"200")), b"x" * 25, http2.block((b"grpc-status", b"0")))
+    conn.respond(1, header_blocks.block((b":status", b"200")), b"x" * 25, header_blocks.block((b"grpc-status", b"0")))
     out = [(k, len(p)) for k, _, _, p in written(transport, loop) if k != SETTINGS]
     assert out == [(HEADERS, 13), (DATA, 10)]  # the window's worth, no trailers yet
     conn.data_received(frame(WINDOW_UPDATE, 0, 1, struct.pack(">L", 10)))
@@ -169,14 +169,14 @@ def test_a_header_block_of_table_indices_means_what_the_table_holds_now():
     encoder = hpack.Encoder()
     conn.data_received(frame(HEADERS, END_HEADERS | END_STREAM, 1, encoder.encode(REQUEST)))
     again = encoder.encode(REQUEST)
-    assert http2.indexed_only(again)  # the condition the memory relies on: every field now comes from the table
+    assert header_blocks.indexed_only(again)  # the condition the memory relies on: every field now comes from the table
     for sid in (3, 5):
         conn.data_received(frame(HEADERS, END_HEADERS | END_STREAM, sid, again))
         assert app.streams[sid].headers[b":path"] == b"/s/M"
-    assert again in conn.blocks
+    assert again in conn.blocks.known
     moved = encoder.encode([(":method", "POST"), (":path", "/s/Other"), ("content-type", "application/grpc")])
     conn.data_received(frame(HEADERS, END_HEADERS | END_STREAM, 7, moved))
-    assert app.streams[7].headers[b":path"] == b"/s/Other" and not conn.blocks
+    assert app.streams[7].headers[b":path"] == b"/s/Other" and not conn.blocks.known
     same = encoder.encode(REQUEST)
     conn.data_received(frame(HEADERS, END_HEADERS | END_STREAM, 9, same))
     assert app.streams[9].headers[b":path"] == b"/s/M"
@@ -216,7 +216,7 @@ def test_reset_by_the_client_reaches_the_call_and_nothing_is_sent_after():
     conn.data_received(frame(RST_STREAM, 0, 1, struct.pack(">L", http2.CANCEL)))
     assert app.streams[1].was_reset
     transport.take()
-    conn.respond(1, http2.block((b":status", b"200")), b"x", http2.block((b"grpc-status", b"0")))
+    conn.respond(1, header_blocks.block((b":status", b"200")), b"x", header_blocks.block((b"grpc-status", b"0")))
     assert written(transport, loop) == []
 
 
@@ -224,7 +224,7 @@ def test_an_answer_before_the_request_ended_tells_the_client_to_stop():
     conn, transport, loop, app = connect()
     conn.data_received(frame(HEADERS, END_HEADERS, 1, hpack.Encoder().encode(REQUEST)))
     transport.take()
-    conn.respond(1, tail=http2.block((b":status", b"200"), (b"grpc-status", b"8")))
+    conn.respond(1, tail=header_blocks.block((b":status", b"200"), (b"grpc-status", b"8")))
     out = written(transport, loop)
     assert out[-1] == (RST_STREAM, 0, 1, struct.pack(">L", http2.NO_ERROR))
     conn.data_received(frame(DATA, END_STREAM, 1, b"more"))  # still on its way: dropped, no error
@@ -237,7 +237,7 @@ def test_idle_connections_close_and_busy_ones_stay():
     conn.data_received(frame(HEADERS, END_HEADERS, 1, hpack.Encoder().encode(REQUEST)))
     loop.advance(25)
     assert not transport.closed  # a call in progress
-    conn.respond(1, tail=http2.block((b":status", b"200")))
+    conn.respond(1, tail=header_blocks.block((b":status", b"200")))
     loop.turn()
     loop.advance(9)
     assert not transport.closed
@@ -256,7 +256,7 @@ def test_shutdown_answers_what_it_holds_and_refuses_new_streams():
     assert 3 not in app.streams
     assert (RST_STREAM, 0, 3, struct.pack(">L", http2.REFUSED_STREAM)) in written(transport, loop)
     assert not transport.closed
-    conn.respond(1, tail=http2.block((b":status", b"200")))
+    conn.respond(1, tail=header_blocks.block((b":status", b"200")))
     assert transport.closed
 
 
@@ -308,7 +308,8 @@ def test_mutated_client_streams_never_raise_and_end_answered_or_with_goaway():
             conn.data_received(bytes(data[pos : pos + n]))
             pos += n
         for sid in list(conn.live):
-            conn.respond(sid, http2.block((b":status", b"200")), b"answer", http2.block((b"grpc-status", b"0")))
+            head, tail = header_blocks.block((b":status", b"200")), header_blocks.block((b"grpc-status", b"0"))
+            conn.respond(sid, head, b"answer", tail)
         loop.turn()
         if transport.closed:
             closed += 1
