@@ -81,6 +81,22 @@ class Method:
     handed: bool = False
 
 
+async def outcome(answer: Awaitable, name: str) -> tuple[Status, str, bytes | None]:
+    """A method's answer as the call's status, message and response message (None: a streaming call's, written)."""
+    try:
+        response = await answer
+    except Aborted as e:
+        return e.status, e.message, None
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # a fault of ours: the client hears INTERNAL, the log has the traceback
+        logger.exception("gRPC %s failed", name)
+        return Status.INTERNAL, f"{type(e).__name__}: {str(e)[:200]}", None
+    if response is None:
+        return Status.OK, "", None
+    return Status.OK, "", response if isinstance(response, bytes) else response.SerializeToString()
+
+
 class Call:
     """One call: the http2 stream's handler on one side, the servicer context on the other."""
 
@@ -185,20 +201,10 @@ class Call:
 
     async def run(self, answer: Awaitable) -> None:
         try:
-            response = await answer
-            if response is not None:
-                body = response if isinstance(response, bytes) else response.SerializeToString()
-                self.finish(Status.OK, "", body)
-            else:
-                self.finish(Status.OK, "")
-        except Aborted as e:
-            self.finish(e.status, e.message)
+            self.finish(*await outcome(answer, self.method.fn.__name__))
         except asyncio.CancelledError:
             if self.expired:
                 self.finish(Status.DEADLINE_EXCEEDED, "Deadline Exceeded")
-        except Exception as e:  # a fault of ours: the client hears INTERNAL, the log has the traceback
-            logger.exception("gRPC %s failed", self.method.fn.__name__)
-            self.finish(Status.INTERNAL, f"{type(e).__name__}: {str(e)[:200]}")
 
     async def stream(self) -> None:
         async def requests():

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .grpc_calls import Aborted, Call, Method, Status
+from .grpc_calls import Aborted, Call, Method, Status, outcome
 from .sockets import GONE, Shares
 
 logger = logging.getLogger("torchship.oip")
@@ -184,15 +184,10 @@ class Taker(asyncio.Protocol):
         handoff, method = self.handoff, self.handoff.method
         handoff.started()
         try:
-            response = await method.fn(method.parse(message), Context(peer, traceparent))
-            status, body = Status.OK, response.SerializeToString()
-        except Aborted as e:
-            status, body = e.status, e.message.encode()
-        except Exception as e:  # a fault of ours: the client hears INTERNAL, the log has the traceback
-            logger.exception("a handed gRPC call failed")
-            status, body = Status.INTERNAL, f"{type(e).__name__}: {str(e)[:200]}".encode()
+            status, why, body = await outcome(method.fn(method.parse(message), Context(peer, traceparent)), "handed")
         finally:
             handoff.ended()
+        body = body if status == Status.OK else why.encode()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines((ANSWER.pack(len(body), number, status), body))
 
