@@ -37,6 +37,7 @@ class Handoff:
         self.directory, self.workers, self.index, self.handed = Path(directory), workers, index, handed
         self.counts = Shares(self.directory / RUNNING, workers, index)
         self.running = 0  # calls this worker runs: its own clients' and those handed to it
+        self.closed = False  # stopping: its count reads GONE, so that no worker hands it another call
         self.links: dict[int, Link] = {}
         self.retry_at = dict.fromkeys((i for i in range(workers) if i != index), 0.0)
         self.connecting: set[int] = set()
@@ -54,17 +55,20 @@ class Handoff:
 
     def close(self) -> None:
         """No call is handed to this worker any more; those it holds are still answered."""
+        self.closed = True
         self.counts.set(GONE)
         if self.server is not None:
             self.server.close()
 
     def started(self) -> None:
         self.running += 1
-        self.counts.set(self.running)
+        if not self.closed:
+            self.counts.set(self.running)
 
     def ended(self) -> None:
         self.running -= 1
-        self.counts.set(self.running)
+        if not self.closed:
+            self.counts.set(self.running)
 
     def choose(self) -> Link | None:
         """The linked worker running the fewest calls, if it runs at least MARGIN fewer than this one; None: run it

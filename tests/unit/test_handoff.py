@@ -77,7 +77,9 @@ def test_a_call_goes_to_the_other_worker_only_when_this_one_runs_margin_more(tmp
         assert a.counts.all() == (MARGIN, 1) and a.choose() is None
         a.started()
         assert a.choose() is a.links[1]
-        b.close()  # a stopping worker takes no more
+        b.close()  # a stopping worker takes no more, even once the call it ran has ended
+        assert a.choose() is None
+        b.ended()
         assert a.choose() is None
         a.close()
 
