@@ -51,7 +51,11 @@ class Handoff:
             os.unlink(path)  # the socket of the worker this one replaces
         except FileNotFoundError:
             pass
-        self.server = await asyncio.get_running_loop().create_unix_server(lambda: Taker(self), path)
+        try:
+            self.server = await asyncio.get_running_loop().create_unix_server(lambda: Taker(self), path)
+        except OSError as e:  # a path over the socket name's 108 bytes (a long TMPDIR): serve without taking calls
+            logger.warning("no socket for calls from the other workers (%s): %s", path, e.strerror or e)
+            self.close()
 
     def close(self) -> None:
         """No call is handed to this worker any more; those it holds are still answered."""
