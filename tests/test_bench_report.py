@@ -85,3 +85,44 @@ def test_a_change_is_judged_by_the_median_of_its_per_round_ratios_against_its_ba
     ab = {"levels": [level("rest", 1, [1.0, 1.3, 1.2]), level("grpc", 16, [0.95, 0.7, 1.1])]}
     met = {t["target"].split(",")[0]: t["met"] for t in targets({"ab": ab})}
     assert met == {"rest c=1 p50_ms": False, "grpc c=16 throughput": True}  # 1.2x slower fails; 0.95x passes
+
+
+def heavy_run(grid_best: float, in_turns: float | None, c16: float) -> dict:
+    levels = [
+        {"concurrency": 1, "throughput": 20.0, "p50_ms": 50.0, "p99_ms": 60.0},
+        {"concurrency": 16, "throughput": c16, "p50_ms": 700.0, "p99_ms": 900.0},
+    ]
+    top = {"best": {"items_per_s": grid_best, "sessions": 2, "threads": 1, "batch": 4}, "best_batch1_ms": 40.0}
+    run = {"ceiling": top, "levels": levels}
+    if in_turns is not None:
+        run.update(ceiling_items_per_s=in_turns, batch1_ms=48.0)
+    return run
+
+
+def test_a_heavy_models_targets_divide_by_the_ceiling_measured_in_turns_with_the_server():
+    from bench.heavy import targets as heavy_targets
+
+    # the grid's best (the max of eight noisy figures, minutes earlier) would fail both: 23/30 and 50/40
+    section = {"resnet50": {"grid": [], "runs": [heavy_run(30.0, 25.0, 23.0)]}}
+    judged = {name: (round(value, 3), ok) for name, value, _, ok in heavy_targets(section)}
+    assert judged["resnet50: OIP c=16 / in-process ceiling"] == (0.92, True)
+    assert judged["resnet50: OIP c=1 p50 / in-process batch-1 latency"] == (round(50 / 48, 3), True)
+    # a run recorded before the turns existed (bench/runs/) is judged as it was then
+    old = {"resnet50": {"grid": [], "runs": [heavy_run(30.0, None, 23.0)]}}
+    judged = {name: (round(value, 3), ok) for name, value, _, ok in heavy_targets(old)}
+    assert judged["resnet50: OIP c=16 / in-process ceiling"] == (round(23 / 30, 3), False)
+    assert judged["resnet50: OIP c=1 p50 / in-process batch-1 latency"] == (1.25, False)
+
+
+def test_rounds_of_one_level_pool_into_requests_over_their_summed_time():
+    from bench.heavy import pooled
+    from torchship.serve.loadtest import Level
+
+    def level(requests, seconds, errors):
+        return Level("closed", 16, None, requests, errors, seconds, requests / seconds, {}, float("nan"))
+
+    rounds = [level(100, 10.0, {}), level(300, 10.0, {"503": 2})]
+    p = pooled(16, rounds, [0.01 * k for k in range(1, 101)])
+    assert p["throughput"] == 20.0  # 400 requests in 20 s, not the mean of 10 and 30 req/s weighted otherwise
+    assert p["requests"] == 400 and p["errors"] == {"503": 2}
+    assert p["p50_ms"] == 510.0 and p["p99_ms"] == 1000.0
