@@ -25,7 +25,7 @@ from .http2 import Connection
 from .sockets import Acceptor, Shares
 
 if TYPE_CHECKING:
-    from .handoff import Handoff
+    from .handoff import Handoff, Link
 
 logger = logging.getLogger("torchship.oip")
 PREFIX = struct.Struct(">BL")  # a message's compressed flag and length
@@ -106,6 +106,7 @@ class Call:
         self.requests: list[bytes] = []  # a unary call's message, as it came
         self.queue: asyncio.Queue | None = asyncio.Queue() if method.streaming else None
         self.task: asyncio.Task | None = None
+        self.handed: tuple[Link, int] | None = None  # the link to the worker running it, and its number there
         self.headed = self.done = self.expired = self.counted = False
         self.timer: asyncio.TimerHandle | None = None
         self.coding = headers.get(b"grpc-encoding", b"identity").decode("latin-1")
@@ -164,12 +165,13 @@ class Call:
             handoff = self.server.handoff
             link = handoff.choose() if handoff is not None and self.method.handed else None
             if link is not None:
-                link.send(self, self.requests.pop())
+                self.handed = (link, link.send(self, self.requests.pop()))
             else:
                 self.start(self.requests.pop())
 
     def start(self, message: bytes) -> None:
         """Run the unary call here."""
+        self.handed = None
         handoff = self.server.handoff
         if handoff is not None and self.method.handed:
             handoff.started()
@@ -188,8 +190,7 @@ class Call:
         if not self.done:
             self.done = True
             self.settle()
-            if self.task is not None:
-                self.task.cancel()
+            self.stop_work()
 
     def expire(self) -> None:
         self.timer = None
@@ -197,7 +198,17 @@ class Call:
         if self.task is not None and not self.done:
             self.task.cancel()
         else:
+            if not self.done:
+                self.stop_work()
             self.finish(Status.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    def stop_work(self) -> None:
+        """The call's work is no longer wanted: cancelled here, or where it was handed."""
+        if self.task is not None:
+            self.task.cancel()
+        elif self.handed is not None:
+            link, number = self.handed
+            link.cancel(number)
 
     async def run(self, answer: Awaitable) -> None:
         try:

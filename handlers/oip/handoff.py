@@ -2,7 +2,8 @@
 process that accepted it (grpc#28867), and one tritonclient or perf_analyzer puts many calls on one connection. The
 worker holding the connection reads each ModelInfer call and, when another worker runs fewer calls, hands the call's
 message to it over a Unix socket and answers the client with what comes back (bench/NOTES.md, lever 67). A call
-handed to a worker that dies is run by the worker holding the connection: no call is lost to it."""
+handed to a worker that dies is run by the worker holding the connection: no call is lost to it. A handed call its
+client cancels (or whose deadline passes) is cancelled where it runs, as a call run here is."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from .grpc_calls import Aborted, Call, Method, Status, outcome
 from .sockets import GONE, Shares
 
 logger = logging.getLogger("torchship.oip")
-CALL = struct.Struct(">IIHH")  # a handed call: the length after this, its number, the client's address's, traceparent's
+# to the worker running it: what (RUN or CANCEL), the length after this, the call's number, and (RUN) the lengths of
+# the client's address and of its traceparent, which come before the message
+CALL = struct.Struct(">BIIHH")
+RUN, CANCEL = 0, 1
 ANSWER = struct.Struct(">IIB")  # its answer: the length after this, the call's number, its gRPC status
 MARGIN = 4  # a call goes to a worker running at least this many fewer calls (2 handed too often: NOTES lever 69)
 RETRY_S = 0.5  # how long a worker that could not be reached is left alone
@@ -130,13 +134,22 @@ class Link(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
 
-    def send(self, call: Call, message: bytes) -> None:
+    def send(self, call: Call, message: bytes) -> int:
+        """CALL's message to the other worker; the call's number on this link, for `cancel`."""
         self.number = number = (self.number + 1) & 0xFFFFFFFF
         self.pending[number] = (call, message)
         peer, traceparent = call.conn.peer.encode(), (call.headers.get(b"traceparent") or b"")[:512]
         size = len(peer) + len(traceparent) + len(message)
-        self.transport.writelines((CALL.pack(size, number, len(peer), len(traceparent)), peer, traceparent, message))
+        head = CALL.pack(RUN, size, number, len(peer), len(traceparent))
+        self.transport.writelines((head, peer, traceparent, message))
         self.handoff.handed()
+        return number
+
+    def cancel(self, number: int) -> None:
+        """The client no longer wants call NUMBER: the other worker stops it, and it is not run here if the link
+        breaks."""
+        if self.pending.pop(number, None) is not None and not self.transport.is_closing():
+            self.transport.write(CALL.pack(CANCEL, 0, number, 0, 0))
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
@@ -169,6 +182,7 @@ class Taker(asyncio.Protocol):
         self.handoff = handoff
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
+        self.calls: dict[int, asyncio.Task] = {}  # running, by their number on the link
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -177,22 +191,33 @@ class Taker(asyncio.Protocol):
         buf = self.buf
         buf += data
         while len(buf) >= CALL.size:
-            size, number, peer_len, tp_len = CALL.unpack_from(buf)
+            kind, size, number, peer_len, tp_len = CALL.unpack_from(buf)
             end = CALL.size + size
             if len(buf) < end:
                 break
+            if kind == CANCEL:
+                del buf[:end]
+                task = self.calls.pop(number, None)
+                if task is not None:
+                    task.cancel()
+                continue
             at = CALL.size + peer_len + tp_len
             peer = buf[CALL.size : CALL.size + peer_len].decode("latin-1")
             traceparent = bytes(buf[CALL.size + peer_len : at]) or None
             message = bytes(buf[at:end])
             del buf[:end]
-            self.handoff.keep(asyncio.get_running_loop().create_task(self.run(number, peer, traceparent, message)))
+            task = asyncio.get_running_loop().create_task(self.run(number, peer, traceparent, message))
+            self.calls[number] = task
+            task.add_done_callback(lambda t, n=number: self.calls.pop(n, None) if self.calls.get(n) is t else None)
+            self.handoff.keep(task)
 
     async def run(self, number: int, peer: str, traceparent: bytes | None, message: bytes) -> None:
         handoff, method = self.handoff, self.handoff.method
         handoff.started()
         try:
             status, why, body = await outcome(method.fn(method.parse(message), Context(peer, traceparent)), "handed")
+        except asyncio.CancelledError:
+            return  # its client cancelled it, and was answered by the worker holding its connection
         finally:
             handoff.ended()
         body = body if status == Status.OK else why.encode()
@@ -200,7 +225,11 @@ class Taker(asyncio.Protocol):
             self.transport.writelines((ANSWER.pack(len(body), number, status), body))
 
     def connection_lost(self, exc) -> None:
+        """The worker holding these calls' connections is gone, and their clients with it: the calls stop."""
         self.transport = None
+        calls, self.calls = self.calls, {}
+        for task in calls.values():
+            task.cancel()
 
 
 class Context:
