@@ -279,10 +279,29 @@ def one_model(
             log(f"  {name}: grid {settings} at c=16 ...")
             lv = served_levels(export, name, kind, bodies, work / "state", settings, seconds, levels=(16,))[0]
             grid.append({**settings, **lv})
+    measured = in_turns(export, name, kind, bodies, work, chosen=chosen, seconds=seconds, rows=rows, runs=runs, log=log)
+    return {"model": name, "chosen": chosen, "grid": grid, "runs": measured}
+
+
+def in_turns(
+    export: Path,
+    name: str,
+    kind: str,
+    bodies: list[Payload],
+    work: Path,
+    *,
+    chosen: dict,
+    seconds: float,
+    rows,
+    runs: int,
+    log,
+    batches: tuple[int, ...] = BATCHES,
+) -> list[dict]:
+    """RUNS times: the ceiling, then the chosen setting served in turns with it (against_ceiling)."""
     measured = []
     for r in range(runs):
         log(f"  {name}: run {r + 1} of {runs}: the ceiling, then the chosen setting in turns with it ...")
-        top = ceiling(export / "model.onnx", rows, seconds=min(seconds, 4))
+        top = ceiling(export / "model.onnx", rows, seconds=min(seconds, 4), batches=batches)
         paired = against_ceiling(
             export,
             name,
@@ -296,7 +315,7 @@ def one_model(
             top=top,
         )
         measured.append({"ceiling": top, **paired})
-    return {"model": name, "chosen": chosen, "grid": grid, "runs": measured}
+    return measured
 
 
 def with_peers(export: Path, work: Path, seconds: float, log) -> dict:
@@ -395,23 +414,19 @@ def detector_row(work: Path, seconds: float, log, runs: int) -> dict:
         settings = {**chosen, "max_batch": batch}
         lv = served_levels(export, "detector", "detect", bodies, work / "state", settings, seconds, levels=(16,))[0]
         grid.append({**settings, **lv})
-    measured = []
-    for r in range(runs):
-        log(f"  detector: run {r + 1} of {runs}: the ceiling, then the chosen setting in turns with it ...")
-        top = ceiling(export / "model.onnx", rows, seconds=min(seconds, 4), batches=(1,))
-        paired = against_ceiling(
-            export,
-            "detector",
-            "detect",
-            bodies,
-            work / "state",
-            settings=chosen,
-            seconds=seconds,
-            model_file=export / "model.onnx",
-            rows=rows,
-            top=top,
-        )
-        measured.append({"ceiling": top, **paired})
+    measured = in_turns(
+        export,
+        "detector",
+        "detect",
+        bodies,
+        work,
+        chosen=chosen,
+        seconds=seconds,
+        rows=rows,
+        runs=runs,
+        log=log,
+        batches=(1,),
+    )
     return {"model": "detector", "chosen": chosen, "grid": grid, "runs": measured}
 
 

@@ -72,7 +72,8 @@ def targets(r: dict) -> list[dict]:
         for name, goal in lifecycle.TRACING_GOALS.items():
             if "levels" in off and "levels" in t.get(name, {}):
                 ratio = level(t[name], 16)["throughput"] / level(off, 16)["throughput"]
-                check(f"{name} sampled: c=16 throughput / tracing off", round(ratio, 2), f">= {goal}", ratio >= goal)
+                # three places: at two, 0.899 read "0.9 >= 0.9: NO"
+                check(f"{name} sampled: c=16 throughput / tracing off", round(ratio, 3), f">= {goal}", ratio >= goal)
     if "triton" in r:
         pa = {(x["server"], x["protocol"], x["input"], x["concurrency"]): x for x in r["triton"]["rows"]}
         http, grpc = pa.get(("oip", "http", "images", 16), {}), pa.get(("oip", "grpc", "images", 16), {})
