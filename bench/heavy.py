@@ -216,7 +216,6 @@ def against_ceiling(
     *,
     settings: dict,
     seconds: float,
-    model_file: Path,
     rows: list[dict],
     top: dict,
 ) -> dict:
@@ -225,6 +224,7 @@ def against_ceiling(
     the machine: two figures taken minutes apart on this machine measure its drift as much as the server
     (bench/NOTES.md lever 70)."""
     best, lone_threads = top["best"], min(top["batch1_ms"], key=top["batch1_ms"].get)
+    model_file = export / "model.onnx"
     made = [session(model_file, best["threads"]) for _ in range(best["sessions"])]
     lone = session(model_file, int(lone_threads))
     wide, one = stacked(rows, best["batch"]), stacked(rows, 1)
@@ -310,7 +310,6 @@ def in_turns(
             work / "state",
             settings=chosen,
             seconds=seconds,
-            model_file=export / "model.onnx",
             rows=rows,
             top=top,
         )

@@ -196,10 +196,9 @@ class Call:
         self.timer = None
         self.expired = True
         if self.task is not None and not self.done:
-            self.task.cancel()
-        else:
-            if not self.done:
-                self.stop_work()
+            self.task.cancel()  # run() answers DEADLINE_EXCEEDED
+        elif not self.done:
+            self.stop_work()  # a handed call: cancelled where it runs
             self.finish(Status.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def stop_work(self) -> None:
