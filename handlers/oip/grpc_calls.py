@@ -103,7 +103,7 @@ class Call:
     def __init__(self, server: Server, conn: Connection, sid: int, method: Method, headers: dict[bytes, bytes]):
         self.server, self.conn, self.sid, self.method, self.headers = server, conn, sid, method, headers
         self.buf = bytearray()
-        self.requests: list[bytes] = []  # a unary call's message, as it came
+        self.requests: list[bytes | bytearray] = []  # a unary call's message, as it came
         self.queue: asyncio.Queue | None = asyncio.Queue() if method.streaming else None
         self.task: asyncio.Task | None = None
         self.handed: tuple[Link, int] | None = None  # the link to the worker running it, and its number there
@@ -124,11 +124,14 @@ class Call:
 
     # the http2 side
 
-    def data(self, chunk: bytes, end: bool) -> None:
+    def data(self, chunk: bytes | bytearray, end: bool) -> None:
         if self.done:
             return
         buf = self.buf
-        buf += chunk
+        if not buf and isinstance(chunk, bytearray):
+            self.buf = buf = chunk  # the connection's own buffer, handed over: kept, not copied
+        else:
+            buf += chunk
         limit = self.server.limits.max_body
         while len(buf) >= 5:
             compressed, length = PREFIX.unpack_from(buf)
@@ -137,8 +140,13 @@ class Call:
                 return self.finish(Status.RESOURCE_EXHAUSTED, why)
             if len(buf) < 5 + length:
                 break
-            message = bytes(buf[5 : 5 + length])
-            del buf[: 5 + length]
+            if len(buf) == 5 + length:  # the buffer is this message: it becomes the message (bench/NOTES.md, lever 72)
+                del buf[:5]
+                message, self.buf = buf, bytearray()
+                buf = self.buf
+            else:
+                message = bytes(buf[5 : 5 + length])
+                del buf[: 5 + length]
             if compressed:
                 if self.coding not in CODINGS:
                     return self.finish(Status.UNIMPLEMENTED, f"a compressed message in grpc-encoding {self.coding!r}")

@@ -204,8 +204,13 @@ class Taker(asyncio.Protocol):
             at = CALL.size + peer_len + tp_len
             peer = buf[CALL.size : CALL.size + peer_len].decode("latin-1")
             traceparent = bytes(buf[CALL.size + peer_len : at]) or None
-            message = bytes(buf[at:end])
-            del buf[:end]
+            if end == len(buf):  # the call ends the buffer: its message is the buffer, not a copy (NOTES lever 72)
+                del buf[:at]
+                message, self.buf = buf, bytearray()
+                buf = self.buf
+            else:
+                message = bytes(buf[at:end])
+                del buf[:end]
             task = asyncio.get_running_loop().create_task(self.run(number, peer, traceparent, message))
             self.calls[number] = task
             task.add_done_callback(lambda t, n=number: self.calls.pop(n, None) if self.calls.get(n) is t else None)

@@ -197,6 +197,27 @@ def test_a_block_in_continuations_and_padded_data():
     assert transport.closed and frames(transport.take())[-1][0] == GOAWAY  # a block cut by another frame
 
 
+@pytest.mark.parametrize("alone", [True, False], ids=["ends-the-read", "followed-in-the-read"])
+def test_a_large_frame_read_in_pieces_arrives_whole_and_stays_as_it_came(alone):
+    """A DATA frame over the default frame size that ends the buffer is handed over as the buffer itself (not
+    copied): the next frames must be read into another, leaving the handed one as it came."""
+    conn, transport, loop, app = connect()
+    encoder = hpack.Encoder()
+    conn.data_received(frame(HEADERS, END_HEADERS, 1, encoder.encode(REQUEST)))
+    conn.data_received(frame(HEADERS, END_HEADERS, 3, encoder.encode(REQUEST)))
+    body = bytes(range(256)) * 1000
+    big, after = frame(DATA, END_STREAM, 1, body), frame(DATA, END_STREAM, 3, b"\xff" * 20_000)
+    reads = [big[:1000], big[1000:200_000], big[200_000:], after] if alone else [big[:1000], big[1000:] + after]
+    for data in reads:
+        conn.data_received(data)
+    (chunk,) = app.streams[1].chunks
+    assert isinstance(chunk, bytearray) is alone  # the condition this test is about: handed over, or copied
+    assert chunk == body and app.streams[1].ended
+    assert app.streams[3].chunks == [b"\xff" * 20_000] and app.streams[3].ended
+    conn.data_received(frame(HEADERS, END_HEADERS | END_STREAM, 5, encoder.encode(REQUEST)))
+    assert chunk == body and conn.taken == len(body) + 20_000
+
+
 def test_windows_given_back_as_data_is_read():
     conn, transport, loop, app = connect()
     conn.data_received(frame(HEADERS, END_HEADERS, 1, hpack.Encoder().encode(REQUEST)))
