@@ -5,9 +5,10 @@ export, with the same fixed settings (2 workers, batches of 8, 1 ms, one thread:
 model, fixed so that a measurement at start cannot differ between them). They take turns, the other paused
 (SIGSTOP), in alternating rounds: REST with our load client (v2 binary) at c=1 and c=16, and gRPC with Triton's
 perf_analyzer at c=1 and c=16, as it comes (its 16 clients share 3 connections) and with all 16 on one connection
-(`grpc-one`: one HTTP/2 connection's calls, which only the worker holding it reads).
-The result is each metric's per-round ratio, new over old, so that the machine's drift
-over minutes cancels within a round.
+(`grpc-one`: one HTTP/2 connection's calls, which only the worker holding it reads); and a large input (602 KB a
+request, `triton_tools.large_input_export`) with perf_analyzer over gRPC and HTTP (`grpc-large`, `http-large`), where
+moving the message is what a request costs. The result is each metric's per-round ratio, new over old, so that the
+machine's drift over minutes cancels within a round.
 
 python -m bench.run --only ab --baseline REF   (REF: any git commit, e.g. the one before a refactor)
 """
@@ -36,7 +37,16 @@ from torchship.serve.shipping import SHIPPED_NAME, copy_runtime
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"workers": 2, "max_batch": 8, "threads": 1}
 DELAY_MS = 1
-LEVELS = (("rest", 1), ("rest", 16), ("grpc", 1), ("grpc", 16), ("grpc-one", 16))
+LEVELS = (
+    ("rest", 1),
+    ("rest", 16),
+    ("grpc", 1),
+    ("grpc", 16),
+    ("grpc-one", 16),
+    ("grpc-large", 1),
+    ("grpc-large", 16),
+    ("http-large", 1),
+)
 ONE_CONNECTION = {"TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT": "16"}  # perf_analyzer's clients per channel (default 6)
 
 
@@ -49,26 +59,30 @@ def runtime_at(ref: str, dest: Path) -> Path:
     return dest
 
 
-def command(root: Path, export_dir: Path, http_port: int, grpc_port: int) -> list[str]:
-    """The server's command line in its own version's spelling (before the runtime had folders: oip_server)."""
+def command(root: Path, export_dir: Path, http_port: int, grpc_port: int, model: str = "mnist") -> list[str]:
+    """The server's command line in its own version's spelling (before the runtime had folders: oip_server). MODEL
+    other than the digits: served as Triton's image examples want it (its tensor input alone, for perf_analyzer)."""
     package = root / SHIPPED_NAME
     flat = (package / "oip_server.py").is_file()
     module, delay = (f"{SHIPPED_NAME}.oip_server", "max_delay_ms") if flat else (f"{SHIPPED_NAME}.oip", None)
     flags = {
         "model_dir": export_dir,
-        "model_name": "mnist",
+        "model_name": model,
         "http_port": http_port,
         "grpc_port": grpc_port,
         **SETTINGS,
         delay or "max_batch_delay_ms": DELAY_MS,
         "log_level": "WARNING",
     }
-    return [sys.executable, "-m", module, *(f"--{k}={v}" for k, v in flags.items())]
+    images = () if model == "mnist" else ("--triton_images",)
+    return [sys.executable, "-m", module, *(f"--{k}={v}" for k, v in flags.items()), *images]
 
 
-def start(root: Path, export_dir: Path, stack: ExitStack) -> tuple[Target, str, Processes]:
+def start(root: Path, export_dir: Path, stack: ExitStack, model: str = "mnist") -> tuple[Target, dict, Processes]:
+    """The server, ready: its REST target, its perf_analyzer URLs by protocol, its processes."""
     http_port, grpc_port = free_ports(2)
-    proc = subprocess.Popen(command(root, export_dir.resolve(), http_port, grpc_port), cwd=root, start_new_session=True)
+    cmd = command(root, export_dir.resolve(), http_port, grpc_port, model)
+    proc = subprocess.Popen(cmd, cwd=root, start_new_session=True)
     stack.callback(lambda: (proc.terminate(), proc.wait(30)))
     url = f"http://127.0.0.1:{http_port}"
     deadline = time.monotonic() + 120
@@ -84,8 +98,8 @@ def start(root: Path, export_dir: Path, stack: ExitStack) -> tuple[Target, str, 
         time.sleep(0.2)
     else:
         raise RuntimeError(f"{root.name}'s server was not ready after 120 s")
-    target = Target("127.0.0.1", http_port, "mnist", protocol="v2", metrics_url=url, metric_names=METRIC_NAMES)
-    return target, f"127.0.0.1:{grpc_port}", Processes(proc.pid)
+    target = Target("127.0.0.1", http_port, model, protocol="v2", metrics_url=url, metric_names=METRIC_NAMES)
+    return target, {"grpc": f"127.0.0.1:{grpc_port}", "http": f"127.0.0.1:{http_port}"}, Processes(proc.pid)
 
 
 def run(export_dir: Path, work: Path, baseline: str, rounds: int = 6, seconds: float = 5, log=print) -> dict:
@@ -97,6 +111,8 @@ def run(export_dir: Path, work: Path, baseline: str, rounds: int = 6, seconds: f
     bodies = agreed(export_dir)
     pa = triton_tools.installed()
     data = triton_tools.input_files(export_dir, work)["images"]
+    large = triton_tools.large_input_export(work / "large")
+    large_data = triton_tools.large_input_file(large, work)
     out: dict = {
         "baseline": baseline,
         "rounds": rounds,
@@ -107,13 +123,15 @@ def run(export_dir: Path, work: Path, baseline: str, rounds: int = 6, seconds: f
     with ExitStack() as stack:
         servers = {}
         for name, root in roots.items():
-            log(f"  starting the {name} server ({baseline if name == 'old' else 'working tree'}) ...")
-            servers[name] = start(root, export_dir, stack)
-            stack.callback(servers[name][2].resume)  # a paused server cannot stop
-            servers[name][2].pause()
+            for model, folder in (("mnist", export_dir), ("large", large)):
+                log(f"  starting the {name} server ({baseline if name == 'old' else 'working tree'}) for {model} ...")
+                servers[name, model] = start(root, folder, stack, model)
+                stack.callback(servers[name, model][2].resume)  # a paused server cannot stop
+                servers[name, model][2].pause()
 
         def measure(name: str, protocol: str, c: int) -> dict:
-            target, grpc_url, procs = servers[name]
+            model = "large" if protocol.endswith("-large") else "mnist"
+            target, urls, procs = servers[name, model]
             procs.resume()
             try:
                 if protocol == "rest":
@@ -125,13 +143,16 @@ def run(export_dir: Path, work: Path, baseline: str, rounds: int = 6, seconds: f
                     }
                 binary, env = pa
                 env = {**env, **ONE_CONNECTION} if protocol == "grpc-one" else env
-                return triton_tools.measure(binary, env, grpc_url, "grpc", data, c, seconds)
+                how = "http" if protocol == "http-large" else "grpc"
+                given = large_data if model == "large" else data
+                return triton_tools.measure(binary, env, urls[how], how, given, c, seconds, model=model)
             finally:
                 procs.pause()
 
         for name in roots:  # warm: JITs, caches, lazy initialisation
             measure(name, "rest", 4)
             measure(name, "grpc", 4)
+            measure(name, "grpc-large", 4)
         for r in range(rounds):
             order = list(roots) if r % 2 == 0 else list(roots)[::-1]
             log(f"  round {r + 1} of {rounds} ({' then '.join(order)}) ...")
