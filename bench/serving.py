@@ -248,12 +248,15 @@ def compare(
     log=print,
     bodies: list[Payload] | None = None,
     warmup: int = WARMUP,
+    loaded_rounds: int = LOADED_ROUNDS,
+    loaded_seconds: float | None = None,
 ) -> dict:
     """Every setup started, then measured one at a time (the rest paused): c=1 in alternating rounds, then the
     loaded levels in alternating rounds too, since this machine's speed drifts by tens of percent within minutes.
 
     A setup that cannot start is a result that says why. `after(name, target, state_dir)` runs on each setup while
-    its server is still up (the worker-kill test). BODIES: labelled requests (default: the held-out digits)."""
+    its server is still up (the worker-kill test). BODIES: labelled requests (default: the held-out digits).
+    Each loaded level runs LOADED_SECONDS (default: DURATION) in all, in LOADED_ROUNDS rounds."""
     bodies = bodies or agreed(export_dir)
     levels: dict[str, list[Level]] = {}
     info, failed, extra = {}, {}, {}
@@ -294,8 +297,8 @@ def compare(
                 )
         for name in names:
             levels[name] = [pooled(rounds_c1[name], samples[name])]
-        each = duration / LOADED_ROUNDS
-        log(f"  c={', '.join(map(str, concurrency))} in {LOADED_ROUNDS} alternating rounds of {each:g} s ...")
+        each = (loaded_seconds or duration) / loaded_rounds
+        log(f"  c={', '.join(map(str, concurrency))} in {loaded_rounds} alternating rounds of {each:g} s ...")
         loaded = {(name, c): [] for name in names for c in concurrency}
         loaded_samples = {key: [] for key in loaded}
 
@@ -304,7 +307,7 @@ def compare(
                 procs[name], lambda: run_level(targets[name], bodies, c, each, 100000, samples=loaded_samples[name, c])
             )
 
-        for r in range(LOADED_ROUNDS):  # each setup's levels side by side in time: drift hits c=4 and c=16 alike
+        for r in range(loaded_rounds):  # each setup's levels side by side in time: drift hits c=4 and c=16 alike
             for name in names if r % 2 == 0 else names[::-1]:
                 for c in concurrency if r % 2 == 0 else concurrency[::-1]:
                     loaded[name, c].append(alone(name, lambda n=name, c=c: level_of(n, c)))
