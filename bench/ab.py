@@ -5,7 +5,8 @@ export, with the same fixed settings (2 workers, batches of 8, 1 ms, one thread:
 model, fixed so that a measurement at start cannot differ between them). They take turns, the other paused
 (SIGSTOP), in alternating rounds: REST with our load client (v2 binary) at c=1 and c=16, and gRPC with Triton's
 perf_analyzer at c=1 and c=16, as it comes (its 16 clients share 3 connections) and with all 16 on one connection
-(`grpc-one`: one HTTP/2 connection's calls, which only the worker holding it reads); and a large input (602 KB a
+(`grpc-one`: one HTTP/2 connection's calls, which only the worker holding it reads; `grpc-stream-one`: the same as
+16 ModelStreamInfer streams, `--streaming`); and a large input (602 KB a
 request, `triton_tools.large_input_export`) with perf_analyzer over gRPC and HTTP (`grpc-large`, `http-large`), where
 moving the message is what a request costs. The result is each metric's per-round ratio, new over old, so that the
 machine's drift over minutes cancels within a round.
@@ -43,6 +44,7 @@ LEVELS = (
     ("grpc", 1),
     ("grpc", 16),
     ("grpc-one", 16),
+    ("grpc-stream-one", 16),
     ("grpc-large", 1),
     ("grpc-large", 16),
     ("http-large", 1),
@@ -142,10 +144,11 @@ def run(export_dir: Path, work: Path, baseline: str, rounds: int = 6, seconds: f
                         "errors": sum(lv.errors.values()),
                     }
                 binary, env = pa
-                env = {**env, **ONE_CONNECTION} if protocol == "grpc-one" else env
+                env = {**env, **ONE_CONNECTION} if protocol.endswith("-one") else env
                 how = "http" if protocol == "http-large" else "grpc"
                 given = large_data if model == "large" else data
-                return triton_tools.measure(binary, env, urls[how], how, given, c, seconds, model=model)
+                extra = ("--streaming",) if protocol.startswith("grpc-stream") else ()
+                return triton_tools.measure(binary, env, urls[how], how, given, c, seconds, extra, model=model)
             finally:
                 procs.pause()
 
