@@ -670,31 +670,6 @@ def test_one_grpc_connections_calls_are_run_by_every_worker(server):
     assert metric(server, "torchship_grpc_handed_calls_total") > before
 
 
-def test_one_grpc_streams_requests_are_run_by_every_worker(server):
-    """A ModelStreamInfer stream's requests are shared as a connection's unary calls are: one tritonclient stream,
-    16 requests in flight, some run by the other worker; every answer on the stream with its request's id."""
-    c = tgrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
-    assert c.is_server_live()
-    assert len(holders(server)) == 1  # the stream is in one worker
-    before = metric(server, "torchship_grpc_handed_calls_total")
-    inp, room, answers = images_input("grpc", [DIGIT]), threading.Semaphore(16), []
-
-    def answer(result, error) -> None:
-        answers.append(str(error)[:200] if error else (result.get_response().id, text(result.as_numpy("label"))[0]))
-        room.release()
-
-    c.start_stream(callback=answer)
-    for i in range(400):
-        room.acquire()
-        c.async_stream_infer("mnist", [inp], request_id=f"r{i}")
-    for _ in range(16):
-        room.acquire()
-    c.stop_stream()
-    c.close()
-    assert sorted(answers) == sorted((f"r{i}", "0") for i in range(400))
-    assert metric(server, "torchship_grpc_handed_calls_total") > before
-
-
 def test_a_killed_worker_loses_none_of_the_calls_handed_to_it(server):
     """Issue 36: a worker killed while it runs calls handed to it by the worker holding their connection: those calls
     are run by the holding worker, and none fails. Five kills of the worker not holding one client's connection."""

@@ -6,7 +6,6 @@ messages: nothing else."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -18,8 +17,6 @@ from .grpc_calls import Method, Server, Status
 from .handoff import Handoff
 from .pipeline import ABANDONED, CUDA_SHM, Pipeline, refusal
 from .repository import RepositoryError
-
-logger = logging.getLogger("torchship.oip")
 
 CODES = {
     400: Status.INVALID_ARGUMENT,
@@ -181,50 +178,31 @@ def methods(pipeline: Pipeline) -> dict[str, Method]:
         except Exception as e:
             await fail(e, context)
 
-    async def model_stream_infer(messages, context):
+    async def model_stream_infer(requests, context):
         """Triton's streaming endpoint for ordinary models: every request on the stream answered on it, in the
-        order their passes end, each answer or error carrying the request's id (an error does not end the stream).
-        A request runs in another worker when that one runs fewer calls, as a unary call's does: one client's
-        stream is served by every worker's cores."""
+        order their passes end, each answer or error carrying the request's id (an error does not end the stream)."""
         peer, traceparent = context.peer(), context.header("traceparent")
-        running = set()
+        writing, running = asyncio.Lock(), set()
 
-        async def answer_to(message) -> bytes:
-            handed = await context.elsewhere(message)
-            if handed is not None and handed[0] == Status.OK:
-                return v2_grpc.stream_response(handed[1])
-            request = parse_request(message)
+        async def one(request) -> None:
             if isinstance(request, Undecodable):  # answered on the stream, which goes on
-                return v2_grpc.stream_response(error=request.message, request_id="")
-            if handed is not None:  # refused where it ran
-                return v2_grpc.stream_response(error=handed[1].decode("utf-8", "replace"), request_id=request.id)
-            with context.running_here():
-                try:
-                    return v2_grpc.stream_response(await infer(request, peer, traceparent, "grpc-stream"))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:
-                    return v2_grpc.stream_response(error=refusal(e)[1], request_id=request.id)
-
-        async def one(message) -> None:
+                answer = v2_grpc.stream_response(error=request.message, request_id="")
+                async with writing:
+                    await context.write(answer)
+                return
             try:
-                answer = await answer_to(message)
+                answer = v2_grpc.stream_response(await infer(request, peer, traceparent, "grpc-stream"))
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # a fault of ours: this request hears it, the stream goes on, the log has why
-                logger.exception("gRPC ModelStreamInfer failed")
-                answer = v2_grpc.stream_response(error=f"{type(e).__name__}: {str(e)[:200]}")
-            await context.write(answer)
+            except Exception as e:
+                answer = v2_grpc.stream_response(error=refusal(e)[1], request_id=request.id)
+            async with writing:
+                await context.write(answer)
 
-        try:
-            async for message in messages:
-                task = asyncio.get_running_loop().create_task(one(message))
-                running.add(task)
-                task.add_done_callback(running.discard)
-        except asyncio.CancelledError:  # the client reset the stream: its requests stop, here and where handed
-            for task in running:
-                task.cancel()
-            raise
+        async for request in requests:
+            task = asyncio.get_running_loop().create_task(one(request))
+            running.add(task)
+            task.add_done_callback(running.discard)
         if running:
             await asyncio.gather(*running, return_exceptions=True)
 
@@ -251,8 +229,7 @@ def methods(pipeline: Pipeline) -> dict[str, Method]:
 
     for call in ("Status", "Register", "Unregister"):  # any request reads as nothing: we read none of it
         found[f"CudaSharedMemory{call}"] = Method(cuda_shm, lambda _: None)
-    parse_request = parsing(pb.ModelInferRequest)
-    found["ModelStreamInfer"] = Method(model_stream_infer, lambda message: message, streaming=True)  # `one` parses
+    found["ModelStreamInfer"] = Method(model_stream_infer, parsing(pb.ModelInferRequest), streaming=True)
     return found
 
 

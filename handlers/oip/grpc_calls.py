@@ -6,7 +6,6 @@ Exists for speed with http2.py (bench/NOTES.md, lever 65)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import socket
@@ -266,34 +265,6 @@ class Call:
     async def abort(self, status: Status, message: str):
         raise Aborted(status, message)
 
-    async def elsewhere(self, message: bytes | bytearray) -> tuple[int, bytes] | None:
-        """One message of a streaming call run by another worker, as a handed unary call is, when one runs MARGIN
-        fewer calls (handoff.py): its gRPC status and its answer (the response, or the error's message). None: run it
-        here, inside `running_here()`."""
-        handoff = self.server.handoff
-        link = handoff.choose() if handoff is not None else None
-        if link is None:
-            return None
-        piece = Piece(self)
-        number = link.send(piece, message)
-        try:
-            return await piece.outcome
-        except asyncio.CancelledError:  # the stream ended or was reset: stopped where it runs
-            link.cancel(number)
-            raise
-
-    @contextlib.contextmanager
-    def running_here(self):
-        """A streaming call's message running here, counted as a unary call is (what `elsewhere` compares)."""
-        handoff = self.server.handoff
-        if handoff is not None:
-            handoff.started()
-        try:
-            yield
-        finally:
-            if handoff is not None:
-                handoff.ended()
-
     async def write(self, message) -> None:
         """One message of a streaming answer."""
         if self.done:
@@ -301,27 +272,6 @@ class Call:
         body = message if isinstance(message, bytes) else message.SerializeToString()
         head, self.headed = (None if self.headed else HEAD), True
         self.conn.respond(self.sid, head, PREFIX.pack(0, len(body)) + body)
-
-
-class Piece:
-    """A streaming call's message handed to another worker: what handoff.Link reads of a call (its connection's
-    peer, its headers, whether it is answered) and how it answers it; `start` (the worker went away): None, run it
-    here."""
-
-    def __init__(self, call: Call):
-        self.conn, self.headers, self.done = call.conn, call.headers, False
-        self.outcome: asyncio.Future = call.conn.loop.create_future()
-
-    def answer(self, status: int, body: bytes) -> None:
-        self.settle((status, body))
-
-    def start(self, message: bytes) -> None:
-        self.settle(None)
-
-    def settle(self, result) -> None:
-        self.done = True
-        if not self.outcome.done():
-            self.outcome.set_result(result)
 
 
 class Refused:

@@ -132,15 +132,14 @@ def infer_response(name: str, version: str, request, outputs: list[v2.Tensor], l
 def stream_response(infer_response=None, *, error: str = "", request_id: str = "") -> bytes:
     """Triton's ModelStreamInferResponse (error_message = 1, infer_response = 2), written as protobuf's wire format
     by hand: kserve's definitions have no streaming messages, and a message of one pool cannot hold another's. An
-    error carries the request's id in an otherwise empty infer_response, as Triton's does. INFER_RESPONSE: a message,
-    or its bytes (another worker's answer)."""
+    error carries the request's id in an otherwise empty infer_response, as Triton's does."""
     if infer_response is None:
         infer_response = messages().ModelInferResponse(id=request_id)
     out = b""
     if error:
         text = error.encode()
         out += b"\x0a" + _varint(len(text)) + text
-    body = infer_response if isinstance(infer_response, bytes) else infer_response.SerializeToString()
+    body = infer_response.SerializeToString()
     return out + b"\x12" + _varint(len(body)) + body
 
 

@@ -190,29 +190,3 @@ def test_a_client_resetting_a_handed_stream_cancels_the_call_in_the_worker_runni
         b.close()
 
     asyncio.run(main())
-
-
-def test_a_streams_request_handed_is_answered_or_comes_back_to_run_here(tmp_path):
-    """grpc_calls.Piece, one request of a stream on the link: answered with what the other worker ran, or (the link
-    broken while it ran there) settled None, which the stream reads as "run it here"."""
-    from torchship.handlers.oip.grpc_calls import Piece
-
-    async def main() -> None:
-        gate, cancelled = asyncio.Event(), []
-        a, b, _ = await two_workers(tmp_path, gate, cancelled)
-        call = SimpleNamespace(conn=SimpleNamespace(peer=PEER, loop=asyncio.get_running_loop()), headers={})
-        answered, stranded = Piece(call), Piece(call)
-        a.links[1].send(answered, b"first")
-        await until(lambda: b.running == 1, "worker 1 running the first")
-        gate.set()
-        status, body = await asyncio.wait_for(answered.outcome, 10)
-        assert status == Status.OK and StringValue.FromString(body).value == f"first|{PEER} None"
-        gate.clear()
-        a.links[1].send(stranded, b"second")
-        await until(lambda: b.running == 1, "worker 1 running the second")
-        a.links[1].transport.abort()
-        assert await asyncio.wait_for(stranded.outcome, 10) is None and stranded.done
-        a.close()
-        b.close()
-
-    asyncio.run(main())
