@@ -242,11 +242,17 @@ class Undecodable:
 
 def parsing(message_type):
     """A deserializer that turns bytes that are not MESSAGE_TYPE into an Undecodable, where grpcio would answer
-    UNKNOWN "Unexpected <class 'DecodeError'>" (found by feeding the server mutated messages: issue 36)."""
+    UNKNOWN "Unexpected <class 'DecodeError'>" (found by feeding the server mutated messages: issue 36). A large
+    ModelInferRequest keeps its raw contents as views of its bytes (v2_grpc.WithViews)."""
     name = message_type.DESCRIPTOR.name
+    views = name == "ModelInferRequest"
 
     def parse(data: bytes):
         try:
+            if views and len(data) >= v2_grpc.VIEWS_FROM:
+                split = v2_grpc.split_raw(data)
+                if split is not None and split[1]:
+                    return v2_grpc.WithViews(message_type.FromString(split[0]), split[1], len(data))
             return message_type.FromString(data)
         except DecodeError as e:
             return Undecodable(f"the request is not a valid {name} message ({len(data)} bytes): {str(e)[:200]}")

@@ -63,6 +63,71 @@ def plain(parameters) -> dict:
     }
 
 
+RAW_INPUT_CONTENTS = 7  # ModelInferRequest's field number (tests/unit/test_v2_grpc.py checks it against the proto)
+VIEWS_FROM = 64 * 1024  # a message this large has its raw contents taken as views (bench/NOTES.md, lever 75)
+
+
+class WithViews:
+    """A ModelInferRequest whose raw_input_contents are read-only views of the message it came in: upb parsed only
+    the rest, where it would have copied each tensor twice (into the message, then out as `bytes`)."""
+
+    __slots__ = ("message", "raw_input_contents", "size")
+
+    def __init__(self, message, raw: list[memoryview], size: int):
+        self.message, self.raw_input_contents, self.size = message, raw, size
+
+    def __getattr__(self, name: str):
+        return getattr(self.message, name)
+
+    def ByteSize(self) -> int:  # noqa: N802 (protobuf's name)
+        return self.size
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    """A varint at POS and where it ends; (-1, pos) if it is not one."""
+    value, shift = 0, 0
+    while pos < len(view) and shift < 64:
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return -1, pos
+
+
+def split_raw(data) -> tuple[bytes, list[memoryview]] | None:
+    """A serialized ModelInferRequest as the message without its raw_input_contents, and those as views of DATA in
+    order; None where its top level is not plain protobuf (then upb's own parse says what is wrong)."""
+    view = memoryview(data).toreadonly()
+    rest, raw, kept, pos, n = [], [], 0, 0, len(view)
+    while pos < n:
+        start = pos
+        tag, pos = _read_varint(view, pos)
+        wire = tag & 7
+        if tag < 0 or wire not in (0, 1, 2, 5):
+            return None
+        if wire == 0:
+            value, pos = _read_varint(view, pos)
+            if value < 0:
+                return None
+        elif wire == 2:
+            length, pos = _read_varint(view, pos)
+            if length < 0 or pos + length > n:
+                return None
+            if tag >> 3 == RAW_INPUT_CONTENTS:
+                raw.append(view[pos : pos + length])
+                rest.append(view[kept:start])
+                kept = pos + length
+            pos += length
+        else:
+            pos += 8 if wire == 1 else 4
+        if pos > n:
+            return None
+    rest.append(view[kept:n])
+    return b"".join(rest), raw
+
+
 def tensors_of(request, limit=None, shm=None) -> list[v2.Tensor]:
     """A ModelInferRequest's inputs: raw contents (tritonclient's default), typed contents, or a shared memory region
     (SHM: oip/shm.Regions); `limit` (model_io.element_limit) bounds each tensor's elements before any is read."""
@@ -83,7 +148,9 @@ def tensors_of(request, limit=None, shm=None) -> list[v2.Tensor]:
             out.append(v2.tensor_from_binary(name, datatype, shape, v2.read_region(shm, region, name), most))
             continue
         if raw:
-            out.append(v2.tensor_from_binary(name, datatype, shape, raw.pop(0), most))
+            chunk = raw.pop(0)
+            chunk = bytes(chunk) if datatype == "BYTES" else chunk  # its elements are decoded as bytes
+            out.append(v2.tensor_from_binary(name, datatype, shape, chunk, most))
             continue
         if datatype not in TYPED_CONTENTS:
             raise v2.ProtocolError(
