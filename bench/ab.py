@@ -57,6 +57,7 @@ def runtime_at(ref: str, dest: Path) -> Path:
     blob = subprocess.run(["git", "archive", ref, "handlers"], cwd=ROOT, capture_output=True, check=True).stdout
     with tarfile.open(fileobj=BytesIO(blob)) as tar:
         tar.extractall(dest, filter="data")
+    shutil.rmtree(dest / SHIPPED_NAME, ignore_errors=True)  # a work folder used before
     (dest / "handlers").rename(dest / SHIPPED_NAME)
     return dest
 
