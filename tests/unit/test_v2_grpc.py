@@ -1,16 +1,18 @@
 """A large ModelInferRequest parsed with its raw contents as views of its bytes (protocol/v2_grpc.py `split_raw`,
-oip/grpc.py `parsing`): the same request as upb's own parse, for well-formed messages and mutated ones alike."""
+oip/grpc.py `parsing`): the same request as upb's own parse, for well-formed messages and mutated ones alike.
+Triton's definition of the message here (tritonclient's, as every test's client side): the server's kserve one is
+the same message, field for field."""
 
 from __future__ import annotations
 
 import random
 
 import numpy as np
+from tritonclient.grpc import service_pb2 as pb  # not kserve's: one process cannot hold both `inference` packages
 
 from torchship.handlers.oip.grpc import Undecodable, parsing
 from torchship.handlers.protocol import v2_grpc
 
-pb = v2_grpc.messages()
 parse = parsing(pb.ModelInferRequest)
 
 
