@@ -97,7 +97,9 @@ def fastest_two(inf: dict) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", choices=(*PARTS, "ab"), action="append")
+    ap.add_argument(
+        "--only", choices=(*PARTS, "ab"), action="extend", nargs="+", help="these parts only (one or more, or repeated)"
+    )
     ap.add_argument(
         "--baseline",
         metavar="REF",
