@@ -206,6 +206,8 @@ def serving_table(s: dict) -> list[str]:
                 if i == 0
                 else (f"  idle: {idle}% of a core" if i == 1 and idle is not None else "")
             )
+            if i == 2 and "memory_mb" in s[name]:
+                note += f"  ready in {s[name]['ready_s']:.1f} s, {s[name]['memory_mb']:,.0f} MB (PSS)"
             cost = lv.get("server", {})
             if "server_cores" in cost:
                 rows = cost.get("rows_per_pass")

@@ -95,6 +95,15 @@ class Processes:
             with suppress(psutil.Error):
                 p.resume()
 
+    def memory_mb(self) -> float:
+        """Proportional set size of the setup's processes, summed: what it holds of this machine's memory, pages
+        its forked workers share counted once (resident size would count them in every worker)."""
+        total = 0
+        for p in self.all():
+            with suppress(psutil.Error):
+                total += p.memory_full_info().pss
+        return round(total / 2**20, 1)
+
     def idle_cpu(self, seconds: float = 3) -> float:
         """Percent of one core the setup uses while nobody asks it anything."""
 
@@ -265,7 +274,9 @@ def compare(
         for name, setup in setups.items():
             log(f"  starting {name} ...")
             try:
+                t0 = time.perf_counter()
                 targets[name], info[name], root = start(name, setup, export_dir, work, stack)
+                info[name]["ready_s"] = round(time.perf_counter() - t0, 1)
                 procs[name] = Processes(root)
                 stack.callback(procs[name].resume)  # a paused server cannot stop
                 procs[name].pause()
@@ -285,6 +296,7 @@ def compare(
         for name in names:
             info[name]["idle_cpu_percent"] = alone(name, procs[name].idle_cpu)
             alone(name, lambda n=name: run_level(targets[n], bodies, 4, 60, warmup))
+            info[name]["memory_mb"] = procs[name].memory_mb()
         rounds_c1: dict[str, list[Level]] = {name: [] for name in names}
         samples: dict[str, list[float]] = {name: [] for name in names}
         log(f"  c=1 in {rounds} alternating rounds of {duration / 2:g} s ...")
