@@ -317,10 +317,10 @@ def in_turns(
     return measured
 
 
-def with_peers(export: Path, work: Path, seconds: float, log) -> dict:
+def image_case(export: Path) -> tuple[dict, list[Payload]]:
     """ResNet-50 served by the OIP server (its own choice of settings) and by each peer as bench/peer_setup.py sets it
-    up for the digit model (2 workers, one ONNX Runtime thread each, batches up to 8), on the same JPEGs, each answer
-    checked against in-process ONNX Runtime; measured as `make bench`'s serving rows are, with shorter rounds."""
+    up for the digit model (2 workers, one ONNX Runtime thread each, batches up to 8), on the same JPEGs, each labelled
+    with in-process ONNX Runtime's answer."""
     from bench import peer_setup, serving
     from torchship.handlers.model.onnx_model import load as load_onnx
 
@@ -328,17 +328,16 @@ def with_peers(export: Path, work: Path, seconds: float, log) -> dict:
     labels = [r["label"] for r in load_onnx(str(export / "model.onnx")).predict([p.body for p in bodies])]
     bodies = [Payload(p.body, label, p.content_type) for p, label in zip(bodies, labels)]
     setups = {"oip": serving.Setup("oip"), **{name: serving.Setup("peer", peer=name) for name in peer_setup.PEERS}}
-    return serving.compare(export, work, setups, seconds, rounds=2, bodies=bodies, warmup=48, log=log)
+    return setups, bodies
 
 
 TEXT_PEERS = ("pytriton", "litserve", "mlserver", "bentoml")
 
 
-def text_with_peers(export: Path, work: Path, seconds: float, log) -> dict:
+def text_case(export: Path) -> tuple[dict, list[Payload]]:
     """BERT-base served by the OIP server (its own choice of settings) and by each peer, the same texts sent as v2
     JSON's `text` input (BentoML's batchable API: {"text": [it]}), each peer as bench/peer_setup.py sets it up (2
-    workers, one ONNX Runtime thread each, batches up to 8), its answer checked against in-process ONNX Runtime's;
-    measured as with_peers measures ResNet-50."""
+    workers, one ONNX Runtime thread each, batches up to 8), each labelled with in-process ONNX Runtime's answer."""
     from bench import serving
     from torchship.handlers.model.onnx_model import load as load_onnx
 
@@ -349,7 +348,65 @@ def text_with_peers(export: Path, work: Path, seconds: float, log) -> dict:
         "oip": serving.Setup("oip", protocol="v2-text"),
         **{name: serving.Setup("peer", peer=name, protocol="v2-text") for name in TEXT_PEERS},
     }
-    return serving.compare(export, work, setups, seconds, rounds=2, bodies=bodies, warmup=16, log=log)
+    return setups, bodies
+
+
+def with_peers(export: Path, work: Path, seconds: float, log, case=image_case) -> dict:
+    """The model served by the OIP server and each peer (CASE: image_case or text_case), measured as `make bench`'s
+    serving rows are, with shorter rounds."""
+    from bench import serving
+
+    setups, bodies = case(export)
+    return serving.compare(export, work, setups, seconds, rounds=2, bodies=bodies, warmup=48, log=log)
+
+
+def footprint(export: Path, work: Path, log=print, case=image_case, warmup: int = 32) -> dict:
+    """What a heavy model costs before it serves: each server started alone, the seconds until it answers ready, and
+    its memory (PSS of all its processes) after WARMUP requests at c=4, beside the model file's size."""
+    from contextlib import ExitStack
+
+    from bench import serving
+
+    setups, bodies = case(export)
+    out = {"model_mb": round((export / "model.onnx").stat().st_size / 2**20, 1), "warmup": warmup, "servers": {}}
+    for name, setup in setups.items():
+        log(f"  {export.name}: starting {name} alone ...")
+        try:
+            with ExitStack() as stack:
+                t0 = time.perf_counter()
+                target, info, root = serving.start(name, setup, export, work, stack)
+                ready_s = time.perf_counter() - t0
+                lv = run_level(target, bodies, 4, 600, warmup)
+                procs = serving.Processes(root)
+                out["servers"][name] = {
+                    **{k: v for k, v in info.items() if k in ("version", "settings")},
+                    "ready_s": round(ready_s, 1),
+                    "memory_mb": procs.memory_mb(),
+                    "processes": len(procs.all()),
+                    "warmup_agreement": lv.accuracy,
+                    "warmup_errors": sum(lv.errors.values()),
+                }
+        except Exception as e:  # a peer's own failure is a row, not the end of the bench
+            out["servers"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    return out
+
+
+def footprint_lines(model: str, f: dict | None) -> list[str]:
+    if not f:
+        return []
+    lines = [
+        f"  {model} ({f['model_mb']:,.0f} MB of ONNX): started alone, ready after, memory (PSS) after {f['warmup']}"
+        " requests"
+    ]
+    for name, s in f["servers"].items():
+        if "error" in s:
+            lines.append(f"    {name:<10} could not run: {s['error'][:100]}")
+            continue
+        lines.append(
+            f"    {name:<10} ready in {s['ready_s']:5.1f} s, {s['memory_mb']:7,.0f} MB in {s['processes']} process(es),"
+            f" agreement {s['warmup_agreement']:.3f}"
+        )
+    return lines
 
 
 def int8_row(
@@ -391,7 +448,12 @@ def run(work: Path, seconds: float = 10, log=print, runs: int = RUNS, peers: boo
     out["bert-base"] = one_model(bert, "bert", "text", bodies, work / "bert", seconds, log, runs)
     save(out)
     if peers:
-        out["bert-base peers"] = text_with_peers(bert, work / "bert-peers", seconds, log)
+        out["bert-base peers"] = with_peers(bert, work / "bert-peers", seconds, log, case=text_case)
+        save(out)
+        out["footprint"] = {
+            "resnet50": footprint(resnet, work / "footprint", log),
+            "bert-base": footprint(bert, work / "footprint", log, case=text_case),
+        }
         save(out)
     out["bert-base int8"] = int8_row(
         bert, "bert", bodies, work / "bert", seconds, out["bert-base"]["chosen"], log, runs
@@ -522,6 +584,8 @@ def table(section: dict) -> list[str]:
             lines.append(f"    int8 proof: {json.dumps(a)[:200]}")
     for model in ("resnet50", "bert-base"):
         lines += peer_lines(model, section.get(f"{model} peers"))
+    for model in ("resnet50", "bert-base"):
+        lines += footprint_lines(model, section.get("footprint", {}).get(model))
     for name, value, goal, ok in targets(section):
         lines.append(f"  {'PASS' if ok else 'FAIL'} {name}: {value:.2f} (goal {goal})")
     return lines
