@@ -64,7 +64,10 @@ class Cost:
     # False: the graph takes one image a pass (a detector: model/vision.py), so a batch only waits for company it
     # cannot share a pass with (at c=16, batch 8 gave 0.88 of batch 1's images a second: bench/NOTES.md lever 61)
     batches: bool = True
-    model_bytes: int = 0  # the model file and any ONNX external data: what a second session a worker would add
+    model_bytes: int = 0  # the model file and any ONNX external data
+    # what loading one session added to the process's resident memory: 2.6x the file for ResNet-50 (its convolutions'
+    # weights kept twice, as given and reordered), 1.3x for BERT-base (bench/NOTES.md lever 76); 0: not measured
+    session_bytes: int = 0
     # ONNX Runtime sets threads per session, so a worker can hold a busy one beside its lone pass's (oip/slots.py);
     # torch sets them per process
     threads_by_session: bool = True
@@ -96,8 +99,14 @@ class Sizing:
 
 
 def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float = 0.5) -> Cost:
-    """Median forward time at batch 1 and 8 with one thread: what a single-threaded worker will see."""
+    """Median forward time at batch 1 and 8 with one thread: what a single-threaded worker will see; and the memory
+    its session holds."""
+    file = FORMAT_BY_BACKEND[backend]
+    if file.onnxruntime:  # the runtime's own import is not the session's memory; heavy, so imported only here
+        import onnxruntime  # noqa: F401
+    before = resident_bytes()
     run = runners.load(model_dir, backend, threads=1, card=card).run
+    session = max(0, resident_bytes() - before)
     out = {}
     for n in (1, 8):  # named inputs at their longest: what the largest request costs
         x = zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
@@ -108,9 +117,24 @@ def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float
             run(x)
             times.append(time.perf_counter() - t)
         out[n] = float(np.median(times)) * 1000
-    file = FORMAT_BY_BACKEND[backend]
     weights = sum(f.stat().st_size for f in Path(model_dir).glob(f"{file.file}*"))
-    return Cost(out[1], out[8], batches=card.task != "detect", model_bytes=weights, threads_by_session=file.onnxruntime)
+    return Cost(
+        out[1],
+        out[8],
+        batches=card.task != "detect",
+        model_bytes=weights,
+        session_bytes=session,
+        threads_by_session=file.onnxruntime,
+    )
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux's /proc), 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def sized(cost: Cost, workers: int | None = None) -> Sizing:
@@ -123,7 +147,7 @@ def sized(cost: Cost, workers: int | None = None) -> Sizing:
     delay = int(np.clip(round(cost.batch1_ms / 10), 1, 20))  # waiting for company costs at most a tenth of a pass
     if cost.batch1_ms >= HEAVY_MS:
         threads, batch = cores(), MAX_BATCH if cost.batches else 1
-        second = cost.threads_by_session and busy_session_fits(cost.model_bytes, workers)
+        second = cost.threads_by_session and busy_session_fits(max(cost.model_bytes, cost.session_bytes), workers)
         busy = max(1, cores() // workers) if second else threads
     else:  # the fast models only pay fork/join for more threads (bench/NOTES.md, lever 25)
         threads = busy = 1
@@ -141,10 +165,10 @@ def sized(cost: Cost, workers: int | None = None) -> Sizing:
     )
 
 
-def busy_session_fits(model_bytes: int, workers: int) -> bool:
-    """A busy session beside the lone pass's doubles every worker's weights (oip/slots.py): only while all of them
+def busy_session_fits(session_bytes: int, workers: int) -> bool:
+    """A busy session beside the lone pass's doubles every worker's model (oip/slots.py): only while all of them
     stay within half of this machine's memory."""
-    return 2 * workers * model_bytes <= memory_bytes() // 2
+    return 2 * workers * session_bytes <= memory_bytes() // 2
 
 
 def pass_slots(workers: int, threads: int, busy_threads: int = 0) -> int:

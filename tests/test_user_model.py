@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -275,6 +276,23 @@ def test_sizing_follows_the_models_measured_cost(user_exports):
     card = ModelCard.load(work / "mobilenet")
     cost = measure(work / "mobilenet", "onnx", card, seconds=0.2)
     assert cost.batch8_ms > cost.batch1_ms > 0
+    # the memory a session holds, measured where the server measures it: in a process that has loaded nothing yet
+    # (here, one that freed another model could reuse its pages and read less)
+    fresh = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from torchship.handlers import sizing; "
+            "from torchship.handlers.card import ModelCard; d = Path(sys.argv[1]); "
+            "c = sizing.measure(d, 'onnx', ModelCard.load(d), seconds=0.1); print(c.model_bytes, c.session_bytes)",
+            str(work / "mobilenet"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    model_bytes, session_bytes = map(int, fresh.stdout.split())
+    assert session_bytes >= model_bytes > 1 << 20  # a session holds its weights at least
     tiny, slow = sized(Cost(0.1, 0.4)), sized(Cost(40.0, 320.0))
     assert tiny.max_batch == 8 and tiny.max_batch_delay_ms == 1 and tiny.threads == 1
     assert tiny.pass_slots == tiny.workers  # a fast model's passes never wait for another worker's

@@ -61,7 +61,13 @@ def complete(config: Config, state: State) -> Config:
             "--max_batch_delay_ms and --threads to skip the measurement"
         ) from None
     sized = sizing.sized(cost, workers)
-    logger.info("measured %s: %.2f ms at batch 1, %.2f at batch 8 (one thread)", export, cost.batch1_ms, cost.batch8_ms)
+    logger.info(
+        "measured %s: %.2f ms at batch 1, %.2f at batch 8 (one thread); a session holds %.0f MB",
+        export,
+        cost.batch1_ms,
+        cost.batch8_ms,
+        cost.session_bytes / 2**20,
+    )
     threads = config.threads or sized.threads
     busy = config.busy_threads or (threads if config.threads else sized.busy_threads)  # threads given: one session
     return replace(

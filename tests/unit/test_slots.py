@@ -180,6 +180,8 @@ def test_a_heavy_model_gets_a_busy_session_only_where_its_runtime_and_the_memory
     half = sizing.memory_bytes() // 2  # every worker's two sessions within half the memory, or the workers take turns
     assert sizing.sized(replace(heavy, model_bytes=half // 4), 2).busy_threads == share
     too_big = sizing.sized(replace(heavy, model_bytes=half // 4 + 1), 2)
+    # what a session holds, where measured, counts over the file's size (ResNet-50's: 2.6x it)
+    holds_more = sizing.sized(replace(heavy, session_bytes=half // 4 + 1), 2)
     torch = sizing.sized(replace(heavy, threads_by_session=False), 2)  # TorchScript, pt2: threads are the process's
-    for turns in (too_big, torch):
+    for turns in (too_big, holds_more, torch):
         assert turns.busy_threads == turns.threads and turns.pass_slots == sizing.pass_slots(2, turns.threads)
