@@ -6,6 +6,8 @@ all call sized(measure(...)); every choice also has a flag. Why these numbers: b
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import os
 import time
@@ -107,6 +109,22 @@ def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float
     before = resident_bytes()
     run = runners.load(model_dir, backend, threads=1, card=card).run
     session = max(0, resident_bytes() - before)
+    out = passes(run, card, seconds)
+    del run
+    release_freed_memory()
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob(f"{file.file}*"))
+    return Cost(
+        out[1],
+        out[8],
+        batches=card.task != "detect",
+        model_bytes=weights,
+        session_bytes=session,
+        threads_by_session=file.onnxruntime,
+    )
+
+
+def passes(run, card: ModelCard, seconds: float) -> dict[int, float]:
+    """Median ms of a pass at batch 1 and 8."""
     out = {}
     for n in (1, 8):  # named inputs at their longest: what the largest request costs
         x = zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
@@ -117,15 +135,17 @@ def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float
             run(x)
             times.append(time.perf_counter() - t)
         out[n] = float(np.median(times)) * 1000
-    weights = sum(f.stat().st_size for f in Path(model_dir).glob(f"{file.file}*"))
-    return Cost(
-        out[1],
-        out[8],
-        batches=card.task != "detect",
-        model_bytes=weights,
-        session_bytes=session,
-        threads_by_session=file.onnxruntime,
-    )
+    return out
+
+
+def release_freed_memory() -> None:
+    """glibc keeps a freed session's heap (ResNet-50's: 240 MB in the supervisor for its whole life) unless asked to
+    give it back (bench/NOTES.md, lever 77); elsewhere nothing to do."""
+    gc.collect()  # a runner caught in a reference cycle is freed now, not at some later collection
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def resident_bytes() -> int:
