@@ -647,7 +647,7 @@ def calls_on_one_connection(c, total: int, in_flight: int, at: int = -1, then=la
 
     for i in range(total):
         room.acquire()
-        if i == at + in_flight:  # AT answered by now: the rest are sent after THEN
+        if at >= 0 and i == at + in_flight:  # AT answered by now: the rest are sent after THEN
             done.wait(60)
             then()
         c.async_infer("mnist", [inp], answer, client_timeout=30)
@@ -678,6 +678,17 @@ def test_a_killed_worker_loses_none_of_the_calls_handed_to_it(server):
         assert c.is_server_live()
         (holding,) = holders(server)
         (other,) = [w["pid"] for w in oip.status(server.state_dir)["workers"] if w["pid"] != holding]
+        # a worker that lost its link to the killed one reconnects to the replacement only after handoff.RETRY_S:
+        # calls until it hands some again, so that the kill below lands while calls are handed
+        start = metric(server, "torchship_grpc_handed_calls_total")
+        wait_for(
+            lambda c=c, start=start: (
+                calls_on_one_connection(c, 64, 16) and metric(server, "torchship_grpc_handed_calls_total") > start
+            ),
+            30,
+            "calls handed to the other worker",
+            every=0,
+        )
         handed = metric(server, "torchship_grpc_handed_calls_total")
         seen = []
 
