@@ -351,13 +351,13 @@ def text_case(export: Path) -> tuple[dict, list[Payload]]:
     return setups, bodies
 
 
-def with_peers(export: Path, work: Path, seconds: float, log, case=image_case) -> dict:
+def with_peers(export: Path, work: Path, seconds: float, log, case=image_case, warmup: int = 48) -> dict:
     """The model served by the OIP server and each peer (CASE: image_case or text_case), measured as `make bench`'s
     serving rows are, with shorter rounds."""
     from bench import serving
 
     setups, bodies = case(export)
-    return serving.compare(export, work, setups, seconds, rounds=2, bodies=bodies, warmup=48, log=log)
+    return serving.compare(export, work, setups, seconds, rounds=2, bodies=bodies, warmup=warmup, log=log)
 
 
 def footprint(export: Path, work: Path, log=print, case=image_case, warmup: int = 32) -> dict:
@@ -448,7 +448,7 @@ def run(work: Path, seconds: float = 10, log=print, runs: int = RUNS, peers: boo
     out["bert-base"] = one_model(bert, "bert", "text", bodies, work / "bert", seconds, log, runs)
     save(out)
     if peers:
-        out["bert-base peers"] = with_peers(bert, work / "bert-peers", seconds, log, case=text_case)
+        out["bert-base peers"] = with_peers(bert, work / "bert-peers", seconds, log, case=text_case, warmup=16)
         save(out)
         out["footprint"] = {
             "resnet50": footprint(resnet, work / "footprint", log),
