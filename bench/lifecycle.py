@@ -20,6 +20,7 @@ import numpy as np
 
 from bench import serving
 from torchship.serve import oip
+from torchship.serve.client import metric_series
 from torchship.serve.loadtest import run_level
 from torchship.serve.process import free_ports
 
@@ -48,6 +49,21 @@ def p99(latencies: list[float]) -> float:
     return float(np.percentile(np.asarray(latencies) * 1000, 99)) if latencies else float("nan")
 
 
+SLOW_S = "0.2"  # a bucket bound of the server's request histogram (handlers/oip/metrics.py LATENCY_BUCKETS)
+
+
+def answered_slower(before: dict, after: dict, bound: str = SLOW_S) -> int:
+    """Requests the server itself took longer than BOUND seconds over, between two reads of its /metrics."""
+
+    def count(series: dict) -> float:
+        name = "torchship_request_seconds"
+        total = sum(v for (n, _), v in series.items() if n == f"{name}_count")
+        within = sum(v for (n, lb), v in series.items() if n == f"{name}_bucket" and lb.get("le") == bound)
+        return total - within
+
+    return int(count(after) - count(before))
+
+
 def swap(export_dir: Path, work: Path, data_dir: Path, seconds: float = 10, log=print) -> dict:
     """Steady load, then the same load across a swap: p99 of the requests in flight during the swap against p99 of
     the steady run, and every request's status."""
@@ -68,6 +84,7 @@ def swap(export_dir: Path, work: Path, data_dir: Path, seconds: float = 10, log=
             target=lambda: result.update(level=run_level(target, bodies, CLIENTS, seconds, 10**6, timeline=timeline))
         )
         log("  the same load across a swap to the next version and the unloading of this one ...")
+        series = metric_series(target.metrics_url)
         loader.start()
         time.sleep(seconds / 3)  # the swap happens in the middle of the run, not at its edges
         began = time.perf_counter()
@@ -77,6 +94,7 @@ def swap(export_dir: Path, work: Path, data_dir: Path, seconds: float = 10, log=
         oip.repository_call(state, "unload", name, {"parameters": {"version": one.name}})
         ended = time.perf_counter()
         loader.join()
+        slow = answered_slower(series, metric_series(target.metrics_url))
     finally:
         oip.stop(state)
     during = [end - start for start, end, _ in timeline if start <= ended and end >= began]
@@ -94,6 +112,9 @@ def swap(export_dir: Path, work: Path, data_dir: Path, seconds: float = 10, log=
         "errors": level.errors,
         "requests": level.requests,
         "ratio": p99(during) / steady.latency_ms["p99"],
+        # who stood still when the swap's p99 is high: the load client's own loop, or the server (its own timing)
+        "client_stall_ms": level.client_stall_ms,
+        f"server_over_{SLOW_S}s": slow,
     }
 
 
@@ -160,6 +181,11 @@ def table(section: dict) -> list[str]:
         f"{s['steady_p99_ms']:.1f} ms steady ({s['ratio']:.2f}x); failed: {sum(s['errors'].values())} of "
         f"{s['requests']}",
     ]
+    if "client_stall_ms" in s:
+        lines.append(
+            f"  the load client's loop stood still at most {s['client_stall_ms']:.0f} ms; the server took over "
+            f"{SLOW_S} s for {s[f'server_over_{SLOW_S}s']} requests"
+        )
     t = section["tracing"]
     lines.append(
         "Tracing: "

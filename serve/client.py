@@ -196,9 +196,13 @@ def metric_series(url: str | None) -> dict[tuple[str, dict], float]:
         return {}
     try:
         with urllib.request.urlopen(f"{url}/metrics", timeout=3) as r:
-            text = r.read().decode()
+            return parse_metrics(r.read().decode())
     except (OSError, ValueError):
         return {}
+
+
+def parse_metrics(text: str) -> dict[tuple[str, dict], float]:
+    """Prometheus' text format, by (name, labels)."""
     out = {}
     for m in re.finditer(r"^([a-zA-Z_:]+)(?:\{([^}]*)\})?\s+([0-9.eE+-]+|NaN|[+-]Inf)$", text, re.M):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))

@@ -7,6 +7,8 @@ Sends real held-out digits and checks every answer's label, so a fast wrong serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import signal
 import threading
@@ -34,6 +36,7 @@ class Level:
     accuracy: float  # of the labelled answers; NaN when no request carried a label
     server: dict = field(default_factory=dict)
     answers: list[int] = field(default_factory=list)  # per digit of the set: 1 right, 0 wrong, -1 not sent
+    client_stall_ms: float = 0.0  # the longest the client's own loop stood still: a stall the server did not cause
 
 
 @dataclass(frozen=True)
@@ -102,9 +105,38 @@ def run_level(
     each request from its intended send time, so a stalled server cannot hide its queue (no coordinated omission).
     FRESH: each request on a connection of its own."""
     before = server_metrics(target.metrics_url)
-    level = run(_level(target, bodies, concurrency, duration, max_requests, rate, samples, timeline, fresh))
+    with collector_paused():
+        level = run(_level(target, bodies, concurrency, duration, max_requests, rate, samples, timeline, fresh))
     level.server = server_delta(target, before, server_metrics(target.metrics_url))
     return level
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """No garbage collection while the clients run: a full one in a process holding torch took ~185 ms here, and
+    under load it stood every client still for up to 0.6 s, which the load test would count against the server
+    (bench/NOTES.md, lever 78). The clients make no reference cycles; the collector runs once before and after."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+STALL_TICK_S = 0.02  # how often the client's loop notes that it is still running
+
+
+async def _watch_stalls(longest: list[float]) -> None:
+    """The longest gap between two ticks of the client's own loop, less the tick."""
+    last = time.perf_counter()
+    while True:
+        await asyncio.sleep(STALL_TICK_S)
+        now = time.perf_counter()
+        longest[0] = max(longest[0], now - last - STALL_TICK_S)
+        last = now
 
 
 def run(coroutine):
@@ -149,8 +181,11 @@ async def _level(target, bodies, concurrency, duration, max_requests, rate, samp
         finally:
             await conn.close()
 
+    stall = [0.0]
+    watcher = asyncio.ensure_future(_watch_stalls(stall))
     await asyncio.gather(*(client() for _ in range(concurrency)))
     seconds = max(time.perf_counter() - t0, 1e-9)
+    watcher.cancel()
     if samples is not None:  # raw latencies (s), for callers that pool several runs
         samples.extend(latencies)
     n = sum(statuses.values())
@@ -168,6 +203,7 @@ async def _level(target, bodies, concurrency, duration, max_requests, rate, samp
         accuracy,
         {},
         answers,
+        round(stall[0] * 1000, 1),
     )
 
 

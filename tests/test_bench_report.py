@@ -1,16 +1,24 @@
 """`python -m bench.run --range`: several bench runs as ranges, each target counted over the runs (issue 23 asks
 for the range over three runs, never one run's best); and the lifecycle bench's versions."""
 
+import asyncio
+import gc
 import json
 import shutil
 import sys
+import time
 
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from torchship.handlers.oip.metrics import LATENCY_BUCKETS, REQUEST_SECONDS
 from torchship.handlers.oip.repository import exports_below
+from torchship.serve import loadtest
+from torchship.serve.client import parse_metrics
 
 from helpers import ROOT
 
 sys.path.insert(0, str(ROOT))  # bench/ belongs to the repository, not the package: `make bench` runs it from there
-from bench.lifecycle import versions  # noqa: E402
+from bench.lifecycle import SLOW_S, answered_slower, versions  # noqa: E402
 from bench.report import range_table, span, targets  # noqa: E402
 
 
@@ -126,3 +134,36 @@ def test_rounds_of_one_level_pool_into_requests_over_their_summed_time():
     assert p["throughput"] == 20.0  # 400 requests in 20 s, not the mean of 10 and 30 req/s weighted otherwise
     assert p["requests"] == 400 and p["errors"] == {"503": 2}
     assert p["p50_ms"] == 510.0 and p["p99_ms"] == 1000.0
+
+
+def test_the_swap_bench_counts_the_requests_the_server_itself_took_long_over():
+    registry = CollectorRegistry()
+    seconds = Histogram(REQUEST_SECONDS, "", ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+    seconds.labels("a").observe(0.01)
+    before = parse_metrics(generate_latest(registry).decode())
+    assert float(SLOW_S) in LATENCY_BUCKETS  # the bound is a bucket the server keeps
+    for v, model in ((0.05, "a"), (0.3, "a"), (1.5, "b"), (0.19, "b")):
+        seconds.labels(model).observe(v)
+    assert answered_slower(before, parse_metrics(generate_latest(registry).decode())) == 2
+
+
+def test_the_load_client_notes_how_long_its_own_loop_stood_still():
+    async def blocked() -> tuple[float, float]:
+        longest = [0.0]
+        watcher = asyncio.ensure_future(loadtest._watch_stalls(longest))
+        await asyncio.sleep(3 * loadtest.STALL_TICK_S)
+        quiet = longest[0]
+        time.sleep(0.3)  # the loop itself stands still: what a collection in the client would do
+        await asyncio.sleep(3 * loadtest.STALL_TICK_S)
+        watcher.cancel()
+        return quiet, longest[0]
+
+    quiet, stalled = asyncio.run(blocked())
+    assert quiet < 0.25 <= stalled
+
+
+def test_the_load_client_collects_before_its_clients_run_and_not_while():
+    assert gc.isenabled()
+    with loadtest.collector_paused():
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+    assert gc.isenabled() and gc.get_freeze_count() == 0
