@@ -100,14 +100,16 @@ class Sizing:
         return max(1, self.threads * min(self.pass_slots, self.workers) // self.workers)
 
 
-def measure(model_dir: Path | str, backend: str, card: ModelCard, seconds: float = 0.5) -> Cost:
+def measure(
+    model_dir: Path | str, backend: str, card: ModelCard, seconds: float = 0.5, mapped_dir: Path | None = None
+) -> Cost:
     """Median forward time at batch 1 and 8 with one thread: what a single-threaded worker will see; and the memory
-    its session holds."""
+    its session holds (MAPPED_DIR: loaded as the workers will, from an optimized copy kept there)."""
     file = FORMAT_BY_BACKEND[backend]
     if file.onnxruntime:  # the runtime's own import is not the session's memory; heavy, so imported only here
         import onnxruntime  # noqa: F401
     before = resident_bytes()
-    run = runners.load(model_dir, backend, threads=1, card=card).run
+    run = runners.load(model_dir, backend, threads=1, card=card, mapped_dir=mapped_dir).run
     session = max(0, resident_bytes() - before)
     out = passes(run, card, seconds)
     del run

@@ -13,6 +13,7 @@ import numpy as np
 from ..card import ModelCard
 from ..formats import FORMAT_BY_BACKEND, FORMATS
 from ..signature import Signature
+from .mapped import mapped, worth_it
 from .vision import detect_runner
 
 
@@ -54,10 +55,13 @@ def session_options(threads: int = 1, optimization: str = "all", spinning: bool 
     return options
 
 
-def onnx_runner(path: Path, threads: int, sig: Signature | None = None, all_outputs: bool = False) -> Callable:
+def onnx_runner(
+    path: Path, threads: int, sig: Signature | None = None, all_outputs: bool = False, optimization: str = "all"
+) -> Callable:
     import onnxruntime as ort  # lazily: an archive of TorchScript or pt2 runs without it
 
-    session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    options = session_options(threads, optimization)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     if sig is not None:
         names = [o.name for o in session.get_outputs()]
         return lambda feeds: dict(zip(names, session.run(None, {t.name: feeds[t.name] for t in sig.inputs})))
@@ -97,17 +101,22 @@ def torch_runner(module, all_outputs: bool = False) -> Callable:
 
 
 def load(
-    model_dir: str | os.PathLike, backend: str | None = None, threads: int = 1, card: ModelCard | None = None
+    model_dir: str | os.PathLike,
+    backend: str | None = None,
+    threads: int = 1,
+    card: ModelCard | None = None,
+    *,
+    mapped_dir: Path | None = None,
 ) -> Runner:
     """The card says whether the model takes one batch, named inputs or an image a pass (a detector); without it, one
-    batch."""
-    runner = _load(model_dir, backend, threads, card)
+    batch. MAPPED_DIR: where a large ONNX model's optimized copy is kept for every session to map (mapped.py)."""
+    runner = _load(model_dir, backend, threads, card, mapped_dir)
     if card is not None and card.task == "detect":
         return Runner(runner.backend, runner.path, detect_runner(runner.run, card.thresholds["detections"]))
     return runner
 
 
-def _load(model_dir, backend: str | None, threads: int, card: ModelCard | None) -> Runner:
+def _load(model_dir, backend: str | None, threads: int, card: ModelCard | None, mapped_dir: Path | None) -> Runner:
     backend = backend or find(model_dir)
     sig = card.signature if card is not None else None
     detect = card is not None and card.task == "detect"
@@ -118,6 +127,9 @@ def _load(model_dir, backend: str | None, threads: int, card: ModelCard | None) 
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: export it first (`torchship export --formats ...`)")
     if FORMAT_BY_BACKEND[backend].onnxruntime:
+        optimized = mapped(path, mapped_dir) if mapped_dir is not None and worth_it(path) else None
+        if optimized is not None:  # optimized once already: the session has nothing left to do
+            return Runner(backend, path, onnx_runner(optimized, threads, sig, detect, optimization="disable"))
         return Runner(backend, path, onnx_runner(path, threads, sig, all_outputs=detect))
     import torch  # lazily: the torch-free runtime imports torch only for a TorchScript or pt2 model
 

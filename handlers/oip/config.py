@@ -84,6 +84,9 @@ class Config:
     # a traced request's stages (tracing.py): events of its one span (decoded, forward, forwarded), or a child span
     # each, which its trace viewer draws as bars but costs about twice as much to build and export (lever 63)
     trace_stages: str = "events"
+    # each session loads its own copy of a large ONNX model's weights (ONNX Runtime's way) instead of mapping one
+    # optimized copy kept in the server's work folder (model/mapped.py, lever 79): for a work folder with no room
+    copy_weights: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "model_dirs", tuple(str(d) for d in self.model_dirs))
@@ -189,6 +192,13 @@ class Config:
         )
 
 
+MAPPED = "mapped"  # the folder beside the supervisor's saved state where optimized models are kept (model/mapped.py)
+
+
+def mapped_dir(config: Config, state_file: str | None) -> Path | None:
+    return None if config.copy_weights or not state_file else Path(state_file).with_name(MAPPED)
+
+
 @dataclass(frozen=True)
 class Assignment:
     """What the supervisor hands a worker it starts: the completed configuration, the repository state to load, the
@@ -204,6 +214,11 @@ class Assignment:
 
     def to_json(self) -> str:
         return json.dumps({**self.__dict__, "config": self.config.to_dict()})
+
+    @property
+    def mapped_dir(self) -> Path | None:
+        """Beside the saved state: large ONNX models optimized once, which every worker's sessions map."""
+        return mapped_dir(self.config, self.state_file)
 
     @classmethod
     def from_json(cls, text: str) -> Assignment:

@@ -55,6 +55,9 @@ HELP = {
     "longest row times its rows, requests of similar lengths gathered first (TEI's --max-batch-tokens); 0: rows alone",
     "access_log": "a line per inference request (protocol, client, model version, status, ms, request id) in the "
     "log; off by default: ~10 us a request",
+    "copy_weights": "every ONNX Runtime session loads its own copy of a large model's weights, optimized in its own "
+    "heap; by default the supervisor saves the model once as ONNX Runtime optimizes it (about twice the weights, in "
+    "the server's temporary folder) and every session maps that file, sharing one copy",
     "trace_stages": "with tracing on (OTEL_EXPORTER_OTLP_ENDPOINT): a request's stages as its span's events, or as a "
     "child span each (twice the cost)  [default: events]",
 }

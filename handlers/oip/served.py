@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -86,10 +87,17 @@ class Served:
 
 
 def load(
-    model_dir: str, config: Config, *, name: str | None = None, overrides: dict | None = None, slots: Slots = NONE
+    model_dir: str,
+    config: Config,
+    *,
+    name: str | None = None,
+    overrides: dict | None = None,
+    slots: Slots = NONE,
+    mapped_dir: Path | None = None,
 ) -> Served:
     """One export ready to serve, not yet warm; its batcher starts with the worker's event loop (or at start()).
-    OVERRIDES (a load's configuration): max_batch_size caps both a request's rows and a pass's; max_batch_delay_ms."""
+    OVERRIDES (a load's configuration): max_batch_size caps both a request's rows and a pass's; max_batch_delay_ms.
+    MAPPED_DIR: where a large ONNX model's one optimized copy is, for its sessions to map (model/mapped.py)."""
     overrides = overrides or {}
     rows = int(overrides.get("max_batch_size", 0)) or MAX_BATCH_ITEMS
     config = replace(
@@ -100,10 +108,12 @@ def load(
     card = ModelCard.load(model_dir)
     name = name or card.name
     model_steps = steps.load(card.signature, model_dir)
-    runner = runners.load(model_dir, config.backend, threads=config.threads, card=card)
+    runner = runners.load(model_dir, config.backend, threads=config.threads, card=card, mapped_dir=mapped_dir)
     metrics = Metrics(name, card.version)
 
-    busy = runners.load(model_dir, config.backend, threads=config.busy_threads, card=card) if config.adapts else None
+    busy = None
+    if config.adapts:
+        busy = runners.load(model_dir, config.backend, threads=config.busy_threads, card=card, mapped_dir=mapped_dir)
     forward = slots.around(runner.run, busy and busy.run)  # a heavy model's passes share the cores (slots.py)
 
     def run(x):  # once per forward pass: the model, then what all its requests' answers share

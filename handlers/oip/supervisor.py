@@ -19,9 +19,11 @@ from pathlib import Path
 
 from .. import sizing
 from ..card import ModelCard
+from ..formats import FORMAT_BY_BACKEND
+from ..model.mapped import mapped, worth_it
 from . import metrics
 from .admin import write_token
-from .config import Assignment, Config
+from .config import Assignment, Config, mapped_dir
 from .control import ControlPlane, initial_state
 from .repository import RepositoryError, State, exports_below
 from .sockets import GONE, SHARES, Shares, shared_listener
@@ -41,8 +43,9 @@ def served_names(config: Config) -> dict[str, str]:
     return {config.model_name: names.pop()}
 
 
-def complete(config: Config, state: State) -> Config:
-    """Every choice the configuration leaves open, decided once by the shared sizing rule from a measured pass."""
+def complete(config: Config, state: State, mapped: Path | None = None) -> Config:
+    """Every choice the configuration leaves open, decided once by the shared sizing rule from a measured pass (of
+    the model as the workers will load it: from MAPPED, when its optimized copy is kept there)."""
     workers = config.workers or sizing.default_workers()
     config = replace(config, workers=workers, max_queue=config.max_queue or sizing.queue_size(config.limits.max_body))
     if config.decided:
@@ -53,7 +56,7 @@ def complete(config: Config, state: State) -> Config:
     first = next(iter(state.models.values()))  # one setting for every model: the first one's measured cost
     export = first.versions[first.route.default].directory
     try:
-        cost = sizing.measure(export, config.backend, ModelCard.load(export))
+        cost = sizing.measure(export, config.backend, ModelCard.load(export), mapped_dir=mapped)
     except Exception as e:  # a model that fails here fails in every worker: say so once, plainly
         detail = str(e).splitlines()[0][:200] if str(e) else ""
         raise SystemExit(
@@ -78,6 +81,20 @@ def complete(config: Config, state: State) -> Config:
         busy_threads=busy,
         pass_slots=config.pass_slots or sizing.pass_slots(workers, threads, busy),
     )
+
+
+def premap(config: Config, state: State, state_file: str) -> None:
+    """Every large ONNX model the workers will load, optimized once here, before they start: else each would make it
+    at once (the first to finish wins), and a swap would start with that work."""
+    into, file = mapped_dir(config, state_file), FORMAT_BY_BACKEND[config.backend]
+    if into is None or not file.onnxruntime:
+        return
+    for m in state.models.values():
+        for spec in m.versions.values():
+            path = Path(spec.directory) / file.file
+            if path.is_file() and worth_it(path):
+                mapped(path, into)
+    sizing.release_freed_memory()  # the optimizing session's heap: this process only routes from now on
 
 
 @dataclass
@@ -179,7 +196,8 @@ class Supervisor:
         """Open the repository, complete the configuration, start the workers and keep them: until SIGTERM."""
         try:
             state = self.open_repository()
-            self.config = complete(self.config, state)
+            premap(self.config, state, self.state_file)
+            self.config = complete(self.config, state, mapped_dir(self.config, self.state_file))
         except BaseException:
             self.cleanup()
             raise

@@ -1,0 +1,121 @@
+"""A large ONNX model is optimized once and its weights mapped by every session of every worker (handlers/model/
+mapped.py), answering as a session of the model file itself does."""
+
+import http.client
+import json
+import struct
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from test_user_model import photo
+
+from torchship.handlers.card import ModelCard
+from torchship.handlers.model import mapped, runners
+from torchship.handlers.model.onnx_model import load as load_onnx
+from torchship.serve import oip
+
+from helpers import ROOT, TORCHSHIP
+
+WIDE = textwrap.dedent('''
+    from torch import nn
+
+
+    def wide():
+        """An image classifier past the size mapping starts at: one wide hidden layer (37 MB of weights)."""
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3000), nn.ReLU(), nn.Linear(3000, 4))
+''')
+
+
+@pytest.fixture(scope="module")
+def wide_export(tmp_path_factory):
+    import subprocess
+
+    work = tmp_path_factory.mktemp("wide")
+    (work / "wide.py").write_text(WIDE)
+    namespace: dict = {}
+    exec(compile(WIDE, str(work / "wide.py"), "exec"), namespace)
+    torch.manual_seed(0)
+    torch.save(namespace["wide"]().state_dict(), work / "wide.pt")
+    command = [*TORCHSHIP, "export", "--model", f"{work / 'wide.py'}:wide", "--weights", work / "wide.pt"]
+    options = ["--input-shape", "3,32,32", "--preprocess", "resize", "--labels", "a,b,c,d", "--name", "wide"]
+    r = subprocess.run([*command, *options, "--out", work / "export"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    export = work / "export"
+    assert mapped.worth_it(export / "model.onnx")  # the size this test is about
+    return export
+
+
+def mapped_files() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split()[-1] for line in f if line.rstrip().endswith(mapped.WEIGHTS)}
+
+
+def test_a_large_model_is_optimized_once_and_every_session_maps_its_weights(wide_export, tmp_path):
+    card = ModelCard.load(wide_export)
+    x = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    plain = runners.load(wide_export, "onnx", threads=1, card=card).run(x)
+    assert not mapped_files()
+    one = runners.load(wide_export, "onnx", threads=2, card=card, mapped_dir=tmp_path)
+    made = mapped.mapped(wide_export / "model.onnx", tmp_path)
+    stamp = made.stat().st_mtime_ns
+    two = runners.load(wide_export, "onnx", threads=1, card=card, mapped_dir=tmp_path)
+    assert made.stat().st_mtime_ns == stamp and len(list(tmp_path.iterdir())) == 1  # made once, found after
+    assert mapped_files() == {str(made.with_name(mapped.WEIGHTS))}  # both sessions map the one file
+    for runner in (one, two):
+        out = runner.run(x)
+        assert runner.path == wide_export / "model.onnx"  # the runner still names the export's own file
+        np.testing.assert_allclose(out, plain, rtol=1e-5, atol=1e-5)
+        assert (out.argmax(1) == plain.argmax(1)).all()
+
+
+def test_a_model_the_optimizer_cannot_save_loads_as_it_is(tmp_path, caplog):
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"not a model" * 10)
+    assert mapped.mapped(broken, tmp_path / "mapped") is None
+    assert "loaded as it is" in caplog.text
+    assert not [p for p in (tmp_path / "mapped").iterdir()]  # nothing half-made left behind
+
+
+def worker_maps(state) -> list[set[str]]:
+    pids = [w["pid"] for w in oip.status(state)["workers"]]
+    out = []
+    for pid in pids:
+        with open(f"/proc/{pid}/maps") as f:
+            out.append({line.split()[-1] for line in f if line.rstrip().endswith(mapped.WEIGHTS)})
+    return out
+
+
+def label_of(cfg, image: bytes) -> str:
+    blob = struct.pack("<I", len(image)) + image
+    tensor = {"name": "images", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(blob)}}
+    head = json.dumps({"inputs": [tensor]}).encode()
+    headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+    conn = http.client.HTTPConnection("127.0.0.1", cfg.http_port, timeout=60)
+    conn.request("POST", "/v2/models/wide/infer", head + blob, headers)
+    r = conn.getresponse()
+    answer = json.loads(r.read())
+    conn.close()
+    assert r.status == 200, answer
+    return next(o for o in answer["outputs"] if o["name"] == "label")["data"][0]
+
+
+@pytest.mark.parametrize("copy_weights", [False, True])
+def test_the_servers_workers_map_one_copy_unless_told_to_copy(wide_export, tmp_path, copy_weights):
+    settings = dict(workers=2, threads=2, busy_threads=1, max_batch=4, max_batch_delay_ms=1, copy_weights=copy_weights)
+    cfg = oip.OIPConfig.on_free_ports(str(wide_export), "wide", str(tmp_path / "state"), **settings)
+    oip.start(cfg, timeout=180)
+    try:
+        maps = worker_maps(tmp_path / "state")
+        local = load_onnx(wide_export / "model.onnx")
+        for seed in range(4):
+            body = photo(seed, size=(40, 50))
+            assert label_of(cfg, body) == local.predict(body)["label"]
+    finally:
+        oip.stop(tmp_path / "state")
+    assert len(maps) == 2
+    if copy_weights:
+        assert maps == [set(), set()]
+    else:
+        assert maps[0] == maps[1] and len(maps[0]) == 1  # both workers, both sessions each: one file
