@@ -164,6 +164,8 @@ def warm_up(served: Served) -> dict:
         start = time.perf_counter()
         served.batcher.run(x)
         ms = min(ms, (time.perf_counter() - start) * 1000)
+        if ms > 10 * INLINE_PASS_MS:  # far from the line: a second pass would only delay the worker's start
+            break
     served.batcher.inline = ms <= INLINE_PASS_MS
     served.warmup = {"batch": n, "ms": round(ms, 2), "inline": served.batcher.inline}
     return served.warmup

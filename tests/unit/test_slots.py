@@ -6,12 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 from torchship.handlers import sizing
 from torchship.handlers.oip.config import Config, ConfigError
 from torchship.handlers.oip.slots import NONE, Slots
 from torchship.handlers.oip.supervisor import complete
+
+from helpers import card
 
 HOLDER = """
 import sys, time
@@ -93,6 +96,7 @@ def test_the_supervisor_makes_oversubscribed_workers_take_turns():
 
 WIDE = """
 import sys
+import time
 from torchship.handlers.oip.slots import Slots
 slots = Slots(sys.argv[1], 2)
 with slots.taken(wide=True) as held:
@@ -207,3 +211,21 @@ def test_memory_a_measured_session_freed_goes_back_to_the_system():
     start, kept, released = map(int, r.stdout.split())
     assert kept > start - 20  # the condition: freed, glibc still holds it
     assert released < kept - 150
+
+
+def test_a_long_pass_is_timed_once_and_a_short_one_three_times():
+    def counted(pass_s: float):
+        calls = []
+
+        def run(x):
+            calls.append(len(x))
+            if pass_s:
+                time.sleep(pass_s)  # the pass itself: a model this slow, not a wait for anything
+
+        return run, calls
+
+    for pass_s, timed in ((0.0, 3), (sizing.LONG_PASS_S + 0.01, 1)):
+        run, calls = counted(pass_s)
+        ms = sizing.passes(run, card(), seconds=0)
+        assert calls == [1] * (1 + timed) + [8] * (1 + timed)  # a warming pass, then the timed ones, each batch
+        assert (ms[1] >= sizing.LONG_PASS_S * 1000) == bool(pass_s)
