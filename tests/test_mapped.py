@@ -3,8 +3,10 @@ mapped.py), answering as a session of the model file itself does."""
 
 import http.client
 import json
+import shutil
 import struct
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,21 +103,38 @@ def label_of(cfg, image: bytes) -> str:
     return next(o for o in answer["outputs"] if o["name"] == "label")["data"][0]
 
 
+def versioned(export: Path, root: Path, version: str) -> Path:
+    """The export as version VERSION of a repository folder (the same model bytes: its proof still holds)."""
+    target = root / "wide" / version
+    shutil.copytree(export, target)
+    card = json.loads((target / "meta.json").read_text())
+    (target / "meta.json").write_text(json.dumps({**card, "version": version}))
+    return target
+
+
 @pytest.mark.parametrize("copy_weights", [False, True])
 def test_the_servers_workers_map_one_copy_unless_told_to_copy(wide_export, tmp_path, copy_weights):
     settings = dict(workers=2, threads=2, busy_threads=1, max_batch=4, max_batch_delay_ms=1, copy_weights=copy_weights)
-    cfg = oip.OIPConfig.on_free_ports(str(wide_export), "wide", str(tmp_path / "state"), **settings)
+    root, state = tmp_path / "models", tmp_path / "state"
+    versioned(wide_export, root, "1")
+    cfg = oip.OIPConfig.on_free_ports(str(root), "wide", str(state), **settings)
     oip.start(cfg, timeout=180)
     try:
-        maps = worker_maps(tmp_path / "state")
+        maps = worker_maps(state)
         local = load_onnx(wide_export / "model.onnx")
         for seed in range(4):
             body = photo(seed, size=(40, 50))
             assert label_of(cfg, body) == local.predict(body)["label"]
+        if not copy_weights:  # a version loaded later is mapped too, one copy for both workers
+            versioned(wide_export, root, "2")
+            oip.repository_call(state, "load", "wide")
+            later = worker_maps(state)
+            assert label_of(cfg, photo(9, size=(40, 50))) == local.predict(photo(9, size=(40, 50)))["label"]
     finally:
-        oip.stop(tmp_path / "state")
+        oip.stop(state)
     assert len(maps) == 2
     if copy_weights:
         assert maps == [set(), set()]
     else:
         assert maps[0] == maps[1] and len(maps[0]) == 1  # both workers, both sessions each: one file
+        assert later[0] == later[1] and len(later[0]) == 2 and maps[0] < later[0]

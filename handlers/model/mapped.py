@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..formats import FORMAT_BY_BACKEND
+
 logger = logging.getLogger("torchship.model")
 
 MIN_BYTES = 32 << 20  # a model file this large is mapped; a smaller one costs less copied than the step costs
@@ -80,3 +82,12 @@ def mapped(path: Path, into: Path) -> Path | None:
     size = sum(f.stat().st_size for f in target.iterdir()) / 2**20
     logger.info("%s optimized once for every session to map: %.0f MB, %.1f s", path, size, time.perf_counter() - began)
     return target / FILE
+
+
+def prepare(directory: str | Path, backend: str, into: Path | None) -> None:
+    """An export's model optimized under INTO before the workers load it (each would otherwise make it at once, the
+    first to finish winning), when it is an ONNX Runtime model large enough to be mapped."""
+    file = FORMAT_BY_BACKEND[backend]
+    path = Path(directory) / file.file
+    if into is not None and file.onnxruntime and path.is_file() and worth_it(path):
+        mapped(path, into)

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..limits import MAX_BATCH_ITEMS
+from ..model.mapped import prepare
 from . import shm
 from .repository import (
     ModelState,
@@ -62,8 +63,10 @@ class ControlPlane:
         backend: str,
         aliases: dict[str, str],
         allow_shm: bool = False,
+        mapped_dir: Path | None = None,
     ):
         self.path, self.state_file, self.sources, self.backend = path, state_file, sources, backend
+        self.mapped_dir = mapped_dir  # where a large model is optimized once before the workers load it (mapped.py)
         self.aliases = aliases  # a model served under another name than its card's (--model_name): served -> card
         self.allow_shm = allow_shm  # clients may register shared memory regions (config.allow_client_shm)
         self.regions: dict[str, shm.Region] = {}
@@ -240,6 +243,7 @@ class ControlPlane:
         same = old is not None and old.overrides == overrides
         new = [v for v in specs if not same or v not in loaded or loaded[v].directory != specs[v].directory]
         for v in new:
+            prepare(specs[v].directory, self.backend, self.mapped_dir)
             stage = {"op": "stage", "model": name, "version": v, "dir": specs[v].directory, "overrides": overrides}
             replies = self._everywhere(stage, STAGE_TIMEOUT_S)
             failed = {pid: r for pid, r in replies.items() if not r.get("ok")}

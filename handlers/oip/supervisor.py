@@ -19,8 +19,7 @@ from pathlib import Path
 
 from .. import sizing
 from ..card import ModelCard
-from ..formats import FORMAT_BY_BACKEND
-from ..model.mapped import mapped, worth_it
+from ..model.mapped import prepare
 from . import metrics
 from .admin import write_token
 from .config import Assignment, Config, mapped_dir
@@ -84,16 +83,11 @@ def complete(config: Config, state: State, mapped: Path | None = None) -> Config
 
 
 def premap(config: Config, state: State, state_file: str) -> None:
-    """Every large ONNX model the workers will load, optimized once here, before they start: else each would make it
-    at once (the first to finish wins), and a swap would start with that work."""
-    into, file = mapped_dir(config, state_file), FORMAT_BY_BACKEND[config.backend]
-    if into is None or not file.onnxruntime:
-        return
+    """Every large ONNX model the workers will load at start, optimized once here for all of them to map."""
+    into = mapped_dir(config, state_file)
     for m in state.models.values():
         for spec in m.versions.values():
-            path = Path(spec.directory) / file.file
-            if path.is_file() and worth_it(path):
-                mapped(path, into)
+            prepare(spec.directory, config.backend, into)
     sizing.release_freed_memory()  # the optimizing session's heap: this process only routes from now on
 
 
@@ -143,6 +137,7 @@ class Supervisor:
             backend=config.backend,
             aliases=aliases,
             allow_shm=config.allow_client_shm,
+            mapped_dir=mapped_dir(config, self.state_file),
         )
         return state
 
