@@ -9,8 +9,11 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from test_user_model import photo
 
 from torchship.handlers.card import ModelCard
@@ -138,3 +141,20 @@ def test_the_servers_workers_map_one_copy_unless_told_to_copy(wide_export, tmp_p
     else:
         assert maps[0] == maps[1] and len(maps[0]) == 1  # both workers, both sessions each: one file
         assert later[0] == later[1] and len(later[0]) == 2 and maps[0] < later[0]
+
+
+def test_a_model_whose_weights_are_external_data_is_mapped_whole(tmp_path):
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((3000, 3000)).astype(np.float32), "w")
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3000])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3000])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x_info], [y_info], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    assert (tmp_path / "model.onnx").stat().st_size < mapped.MIN_BYTES  # the graph alone is small: its data is not
+    assert mapped.worth_it(tmp_path / "model.onnx")
+    made = mapped.mapped(tmp_path / "model.onnx", tmp_path / "mapped")
+    x = np.random.default_rng(1).standard_normal((2, 3000)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ort.InferenceSession(str(made), options).run(None, {"x": x})[0], plain, atol=1e-4)

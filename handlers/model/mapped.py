@@ -28,7 +28,8 @@ FILE, WEIGHTS = "model.onnx", "weights.bin"
 
 
 def worth_it(path: Path) -> bool:
-    return path.stat().st_size >= MIN_BYTES
+    """The file and its external data beside it (a model over 2 GB keeps its weights in model.onnx.data)."""
+    return sum(f.stat().st_size for f in path.parent.glob(f"{path.name}*")) >= MIN_BYTES
 
 
 def machine() -> str:
