@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import sizing
 from ..card import ModelCard
 from ..limits import MAX_BATCH_ITEMS
 from ..model import named, runners, steps
@@ -158,14 +159,17 @@ def warm_up(served: Served) -> dict:
     x = named.zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
     for run in served.runs[1:]:  # the busy session's first pass is slow too (slots.py)
         run(x)
+    start = time.perf_counter()
     served.encode(served.batcher.run(x))  # and its answer must make sense to the encoder
-    ms = math.inf
-    for _ in range(2):
-        start = time.perf_counter()
-        served.batcher.run(x)
-        ms = min(ms, (time.perf_counter() - start) * 1000)
-        if ms > 10 * INLINE_PASS_MS:  # far from the line: a second pass would only delay the worker's start
-            break
+    ms = (time.perf_counter() - start) * 1000
+    # a first pass this long leaves no doubt which side of the line the next ones fall: timing them would only delay
+    # the worker's start (BERT-base: ~2 s a pass at batch 8; bench/NOTES.md lever 80)
+    if ms < sizing.LONG_PASS_S * 1000:
+        ms = math.inf
+        for _ in range(2):
+            start = time.perf_counter()
+            served.batcher.run(x)
+            ms = min(ms, (time.perf_counter() - start) * 1000)
     served.batcher.inline = ms <= INLINE_PASS_MS
     served.warmup = {"batch": n, "ms": round(ms, 2), "inline": served.batcher.inline}
     return served.warmup
