@@ -113,9 +113,9 @@ def run_level(
 
 @contextlib.contextmanager
 def collector_paused():
-    """No garbage collection while the clients run: a full one in a process holding torch took ~185 ms here, and
-    under load it stood every client still for up to 0.6 s, which the load test would count against the server
-    (bench/NOTES.md, lever 78). The clients make no reference cycles; the collector runs once before and after."""
+    """No garbage collection while the clients run: a full one in a process holding torch takes ~185 ms here, which
+    the level would count against the server (bench/NOTES.md lever 78; not yet caught doing so). The clients make no
+    reference cycles; the collector runs once before and after."""
     gc.collect()
     gc.freeze()
     gc.disable()

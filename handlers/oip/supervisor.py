@@ -82,12 +82,11 @@ def complete(config: Config, state: State, mapped: Path | None = None) -> Config
     )
 
 
-def premap(config: Config, state: State, state_file: str) -> None:
+def premap(state: State, backend: str, into: Path | None) -> None:
     """Every large ONNX model the workers will load at start, optimized once here for all of them to map."""
-    into = mapped_dir(config, state_file)
     for m in state.models.values():
         for spec in m.versions.values():
-            prepare(spec.directory, config.backend, into)
+            prepare(spec.directory, backend, into)
     sizing.release_freed_memory()  # the optimizing session's heap: this process only routes from now on
 
 
@@ -110,6 +109,7 @@ class Supervisor:
         self.grpc = shared_listener(config.host, config.grpc_port, "gRPC")
         self.work_dir = tempfile.mkdtemp(prefix="torchship-oip-")  # metrics, the saved state, the control socket
         self.state_file = str(Path(self.work_dir) / "repository.json")
+        self.mapped = mapped_dir(config, self.state_file)  # large models optimized once, for every session to map
         self.control_path = str(Path(self.work_dir) / "control.sock")
         self.selector = selectors.DefaultSelector()
         self.control: ControlPlane | None = None
@@ -137,7 +137,7 @@ class Supervisor:
             backend=config.backend,
             aliases=aliases,
             allow_shm=config.allow_client_shm,
-            mapped_dir=mapped_dir(config, self.state_file),
+            mapped_dir=self.mapped,
         )
         return state
 
@@ -191,8 +191,8 @@ class Supervisor:
         """Open the repository, complete the configuration, start the workers and keep them: until SIGTERM."""
         try:
             state = self.open_repository()
-            premap(self.config, state, self.state_file)
-            self.config = complete(self.config, state, mapped_dir(self.config, self.state_file))
+            premap(state, self.config.backend, self.mapped)
+            self.config = complete(self.config, state, self.mapped)
         except BaseException:
             self.cleanup()
             raise
