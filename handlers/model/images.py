@@ -77,8 +77,8 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS, draft: tuple[int, int] | N
     return img
 
 
-def flatten(img: Image.Image, channels: int) -> np.ndarray:
-    """uint8 (H, W) grey or (H, W, 3) RGB; transparency composited onto white paper, 16-bit stretched to 8."""
+def flat(img: Image.Image, channels: int) -> Image.Image:
+    """8-bit grey ("L") or RGB; transparency composited onto white paper, 16-bit stretched to 8."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float32)
         lo, hi = float(a.min()), float(a.max())
@@ -88,7 +88,12 @@ def flatten(img: Image.Image, channels: int) -> np.ndarray:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     mode = "L" if channels == 1 else "RGB"
-    return np.asarray(img if img.mode == mode else img.convert(mode), dtype=np.uint8)
+    return img if img.mode == mode else img.convert(mode)
+
+
+def flatten(img: Image.Image, channels: int) -> np.ndarray:
+    """uint8 (H, W) grey or (H, W, 3) RGB: flat()'s pixels."""
+    return np.asarray(flat(img, channels), dtype=np.uint8)
 
 
 def light_background(gray: np.ndarray) -> bool:
@@ -146,20 +151,21 @@ def fashion(gray: np.ndarray, height: int = 28, width: int = 28) -> np.ndarray:
     return a.astype(np.float32) / 255.0
 
 
-def resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize(img: Image.Image, height: int, width: int) -> np.ndarray:
     """Straight to H x W, bilinear with antialiasing (torchvision's Resize((H, W)) on a PIL image)."""
-    if pixels.shape[:2] == (height, width):
-        return pixels
-    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR))
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(img)
 
 
-def resize_crop(pixels: np.ndarray, height: int, width: int, short: int) -> np.ndarray:
+def resize_crop(img: Image.Image, height: int, width: int, short: int) -> np.ndarray:
     """Shorter side to `short`, then the centre H x W: torchvision's Resize(short) + CenterCrop((H, W))."""
-    h, w = pixels.shape[:2]
+    w, h = img.size
     if (h <= w and h != short) or (w < h and w != short):
         nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
-        pixels = np.asarray(Image.fromarray(pixels).resize((nw, nh), Image.Resampling.BILINEAR))
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
         h, w = nh, nw
+    pixels = np.asarray(img)
     if h < height or w < width:  # torchvision pads a crop larger than the image with zeros
         pad = np.zeros((max(h, height), max(w, width), *pixels.shape[2:]), np.uint8)
         top, left = (pad.shape[0] - h) // 2, (pad.shape[1] - w) // 2
@@ -169,17 +175,11 @@ def resize_crop(pixels: np.ndarray, height: int, width: int, short: int) -> np.n
     return pixels[top : top + height, left : left + width]
 
 
-def letterbox(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Fitted into H x W keeping its aspect (bilinear), placed at the top left on black: undone by fitted_size."""
-    h, w = pixels.shape[:2]
+def letterbox(img: Image.Image, height: int, width: int) -> np.ndarray:
+    """Fitted into H x W keeping its aspect (bilinear), for placing at the top left on black: undone by fitted_size."""
+    w, h = img.size
     nh, nw = fitted_size(h, w, height, width)
-    if (nh, nw) != (h, w):
-        pixels = np.asarray(Image.fromarray(pixels).resize((nw, nh), Image.Resampling.BILINEAR))
-    if (nh, nw) == (height, width):
-        return pixels
-    out = np.zeros((height, width, *pixels.shape[2:]), np.uint8)
-    out[:nh, :nw] = pixels
-    return out
+    return np.asarray(img if (nh, nw) == (h, w) else img.resize((nw, nh), Image.Resampling.BILINEAR))
 
 
 def fitted_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
@@ -295,32 +295,49 @@ class Preprocessor:
         std = np.asarray(self.card.std, np.float32)
         return np.ascontiguousarray(((x - mean) / std).astype(np.float32).transpose(2, 0, 1))
 
-    def lookup(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (H, W) or (H, W, C) to the normalised (C, H, W) input through the tables (no float pass)."""
-        if pixels.ndim == 2:
-            return self.tables[0][pixels][None]
-        return np.stack([t[pixels[..., i]] for i, t in enumerate(self.tables)])
+    def scaled(self, pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 (H, W) or (H, W, C) to the normalised (C, H, W) float32 (into `out`): the tables' own float32
+        arithmetic, equal to them bit for bit, 5x faster than indexing them for a photo (bench/NOTES.md, lever 81)."""
+        planes = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        out = np.empty(planes.shape, np.float32) if out is None else out
+        for plane, into, mean, std in zip(planes, out, self.card.mean, self.card.std):
+            np.divide(plane, np.float32(255.0), out=into, dtype=np.float32)
+            into -= np.float32(mean)
+            into /= np.float32(std)
+        return out
 
     def from_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """A flattened uint8 image (see flatten) through the card's recipe."""
         c = self.card
         _, height, width = c.input_shape
-        if c.preprocess in GREY_RECIPES:
-            if blank(pixels):
-                raise InputError(
-                    422, f"the image is blank (one uniform shade): there is nothing for {c.name} to recognise"
-                )
-            recipe = mnist_digit if c.preprocess == "mnist-digit" else fashion
-            return self.normalise(recipe(pixels, height, width))
+        if c.preprocess not in GREY_RECIPES:
+            return self.from_flat(Image.fromarray(pixels))
+        if blank(pixels):
+            raise InputError(422, f"the image is blank (one uniform shade): there is nothing for {c.name} to recognise")
+        recipe = mnist_digit if c.preprocess == "mnist-digit" else fashion
+        return self.normalise(recipe(pixels, height, width))
+
+    def from_flat(self, img: Image.Image) -> np.ndarray:
+        """A flat() picture through a photo recipe, resized as a PIL image and normalised in one pass."""
+        c = self.card
+        _, height, width = c.input_shape
         if c.preprocess == "resize":
-            return self.lookup(resize(pixels, height, width))
-        if c.preprocess == FRAMED_RECIPE:
-            return with_sizes(self.lookup(letterbox(pixels, height, width)), (pixels.shape[:2],))
-        return self.lookup(resize_crop(pixels, height, width, c.resize))
+            return self.scaled(resize(img, height, width))
+        if c.preprocess != FRAMED_RECIPE:
+            return self.scaled(resize_crop(img, height, width, c.resize))
+        pixels = letterbox(img, height, width)
+        nh, nw = pixels.shape[:2]
+        out = np.empty((c.channels, height, width), np.float32)
+        black = self.scaled(np.zeros((1, 1, c.channels), np.uint8))
+        out[:, nh:], out[:, :nh, nw:] = black, black
+        self.scaled(pixels, out[:, :nh, :nw])
+        return with_sizes(out, ((img.size[1], img.size[0]),))
 
     def from_image(self, img: Image.Image) -> np.ndarray:
+        if self.card.preprocess not in GREY_RECIPES:
+            return self.from_flat(flat(img, self.card.channels))
         pixels = flatten(img, self.card.channels)
-        if self.card.preprocess in GREY_RECIPES and max(pixels.shape[:2]) > WORKING_SIDE:
+        if max(pixels.shape[:2]) > WORKING_SIDE:
             factor = -(-max(pixels.shape[:2]) // WORKING_SIDE)  # box filter, integer factor: cheap, enough to find ink
             pixels = np.asarray(Image.fromarray(pixels).reduce(factor))
         return self.from_pixels(pixels)

@@ -157,6 +157,37 @@ def test_normaliser_table_is_prepare_exactly():
     assert np.array_equal(preprocess.normaliser(mean, std)[every], expected)
 
 
+@pytest.mark.parametrize(
+    ("mean", "std"),
+    [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.0,) * 3, (1.0,) * 3), ((0.5,) * 3, (0.5,) * 3)],
+)
+def test_photos_are_normalised_as_the_tables_say_bit_for_bit(mean, std):
+    prep = Preprocessor(card(input_shape=(3, 16, 16), mean=mean, std=std, preprocess="resize", output_kind="logits"))
+    every = np.stack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3, -1)
+    every[..., 1] = every[..., 1].T  # each channel in its own order: a mixed-up channel would show
+    tables = [preprocess.normaliser(m, s) for m, s in zip(mean, std)]
+    out = prep.scaled(every)
+    assert out.dtype == np.float32 and out.shape == (3, 16, 16)
+    assert all(np.array_equal(out[i], t[every[..., i]]) for i, t in enumerate(tables))
+
+
+def test_a_letterbox_is_the_picture_at_the_top_left_on_black():
+    c = card(
+        input_shape=(3, 40, 40),
+        mean=(0.4, 0.5, 0.6),
+        std=(0.2, 0.3, 0.25),
+        preprocess="letterbox",
+        output_kind="logits",
+    )
+    prep, img = Preprocessor(c), photo(20, 10)  # fits as 40 x 20: the right half is padding
+    out = prep.from_image(img)
+    picture = np.asarray(img.resize((20, 40), Image.Resampling.BILINEAR))
+    black = [preprocess.normaliser(m, s)[0] for m, s in zip(c.mean, c.std)]
+    assert out.sizes == ((20, 10),) and out.shape == (3, 40, 40)
+    assert np.array_equal(out[:, :, :20], prep.scaled(picture))
+    assert all(np.all(out[i, :, 20:] == b) for i, b in enumerate(black)) and len(set(black)) == 3
+
+
 @pytest.mark.parametrize("mode", ["mnist-digit", "fashion"])
 def test_fast_path_gives_the_general_paths_pixels(mode):
     mean, std = 0.1307, 0.3081
