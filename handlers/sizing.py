@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
+import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ from .card import ModelCard
 from .formats import FORMAT_BY_BACKEND
 from .limits import MAX_REQUEST_BYTES
 from .model import runners
+from .model.mapped import cpu, stamp
 from .model.named import zeros
 
 BATCH_BUDGET_MS = 50  # a full batch should take about this long, so a queued request waits at most ~2 of them
@@ -123,6 +127,40 @@ def measure(
         session_bytes=session,
         threads_by_session=file.onnxruntime,
     )
+
+
+MEASURED = "measured"  # the cache folder's part holding measured costs, one JSON file a model file and machine
+
+
+def measured(
+    model_dir: Path | str, backend: str, card: ModelCard, *, cache: Path | None, mapped_dir: Path | None = None
+) -> tuple[Cost, str]:
+    """measure()'s cost and where it came from, read from CACHE when this model file was measured on this machine
+    before: a restart of a heavy model skips its measuring passes (BERT-base: ~4 s, bench/NOTES.md lever 82)."""
+    if cache is None:
+        return measure(model_dir, backend, card, mapped_dir=mapped_dir), "measured"
+    file = FORMAT_BY_BACKEND[backend]
+    path = (Path(model_dir) / file.file).resolve()
+    runtime = "onnxruntime" if file.onnxruntime else "torch"
+    try:
+        runtime += " " + version(runtime)
+    except PackageNotFoundError:
+        pass
+    facts = f"{path}|{stamp(path)}|{backend}|{runtime}|{cpu()}|{cores()}"
+    kept = cache / MEASURED / f"{hashlib.sha256(facts.encode()).hexdigest()[:20]}.json"
+    try:
+        return Cost(**json.loads(kept.read_text())), f"read from {kept}"
+    except (OSError, ValueError, TypeError):
+        pass  # not measured here yet, or unreadable: measured again
+    cost = measure(model_dir, backend, card, mapped_dir=mapped_dir)
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        making = kept.with_name(f".{kept.name}.{os.getpid()}")
+        making.write_text(json.dumps(asdict(cost)))
+        os.replace(making, kept)  # another server reading it sees the whole file or none
+    except OSError as e:
+        return cost, f"measured (not kept: {e})"
+    return cost, f"measured, kept in {kept}"
 
 
 LONG_PASS_S = 0.25  # a pass this long is timed once, not three times: BERT-base's 8 rows take ~2.2 s on one thread

@@ -34,6 +34,9 @@ from torchship.serve.shipping import SHIPPED_NAME, copy_runtime
 PROTOCOLS = ("v1", "v2")
 SCALE_METRICS = ("concurrency", "rps", "cpu", "memory")
 MODEL_MOUNT = "/mnt/models"  # where KServe's storage initializer (or our image) puts the model
+# the OIP server's --cache_dir, an emptyDir: a restarted container (its OOM kill, a failed probe) neither optimizes
+# nor measures the model again; a new pod does, on its own node's CPU
+CACHE_MOUNT = "/var/cache/torchship"
 
 
 class DeployError(Exception):
@@ -243,6 +246,8 @@ def container_command(card: ModelCard, capacity: Capacity, backend: str = "onnx"
         str(capacity.workers),
         "--backend",
         backend,
+        "--cache_dir",
+        CACHE_MOUNT,
     ]
 
 
@@ -287,11 +292,11 @@ def oip_bundle(
         "ports": [{"containerPort": OIP_HTTP_PORT, "protocol": "TCP"}],
         "readinessProbe": probe,
         "resources": resources.spec(),
+        "volumeMounts": [{"name": "cache", "mountPath": CACHE_MOUNT}],
     }
+    predictor = {"containers": [container], "volumes": [{"name": "cache", "emptyDir": {}}]}
     manifest = out / "inferenceservice.yaml"
-    manifest.write_text(
-        yaml.safe_dump(inference_service(card.name, {"containers": [container]}, scaling, capacity), sort_keys=False)
-    )
+    manifest.write_text(yaml.safe_dump(inference_service(card.name, predictor, scaling, capacity), sort_keys=False))
     return [dockerfile, out / "requirements.txt", package, out / "model", manifest]
 
 

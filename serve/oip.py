@@ -34,6 +34,7 @@ LEGACY_MODULES = ("torchship.handlers.oip_server", "torchship.runtime.oip_server
 LOG = "oip.log"
 STATUS = "oip-status.json"  # the supervisor's own account of its workers
 ADMIN_TOKEN = "admin-token"  # the repository calls' token, beside the instance's state (mode 0600)
+CACHE = "cache"  # a large model's optimized copy and the measured costs, kept for the next start (Config.cache_dir)
 CONFIG = "oip-config.json"  # the server's Config, as it was started with it
 NAME = "oip"
 
@@ -158,6 +159,7 @@ def start(cfg: OIPConfig, timeout: float = 120, *, behind_auth: bool = False) ->
         model_name=server.model_name or (cfg.model if one else None),  # one export, served under the name asked for
         status_file=str(state / STATUS),
         admin_token_file=str(state / ADMIN_TOKEN),
+        cache_dir=server.cache_dir or str(state / CACHE),  # a restart of this instance neither optimizes nor measures
     )
     cfg = replace(cfg, server=server, state_dir=str(state))
     (state / "logs").mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from torchship.handlers.model.onnx_model import load as load_onnx
-from torchship.serve.deploy import Scaling, inference_service
+from torchship.serve.deploy import CACHE_MOUNT, Scaling, inference_service
 from torchship.serve.process import free_ports
 from torchship.serve.samples import held_out_digits, png
 
@@ -102,6 +102,9 @@ def test_oip_bundle_has_a_torch_free_dockerfile_and_a_custom_container_sized_for
     cmd = json.loads(docker.split("CMD ", 1)[1])
     workers = int(cmd[cmd.index("--workers") + 1])
     assert workers == 2  # 4 CPUs, a worker per two
+    (mount,) = container["volumeMounts"]  # the server's cache survives a restarted container
+    assert cmd[cmd.index("--cache_dir") + 1] == mount["mountPath"] == CACHE_MOUNT
+    assert {"name": mount["name"], "emptyDir": {}} in doc["spec"]["predictor"]["volumes"]
     predictor, note = doc["spec"]["predictor"], doc["metadata"]["annotations"]["torchship.dev/capacity"]
     batch = int(re.search(r"batches of (\d+)", note).group(1))
     assert predictor["scaleMetric"] == "concurrency" and predictor["scaleTarget"] == workers * batch
@@ -163,6 +166,7 @@ def container(out, tmp_path, bare_python, model: str):
     cmd = json.loads((out / "Dockerfile").read_text().split("CMD ", 1)[1])
     http_port, grpc_port = free_ports(2)
     swap = {"/mnt/models": str(out / "model"), "0.0.0.0": "127.0.0.1", "8080": str(http_port), "8081": str(grpc_port)}
+    swap[CACHE_MOUNT] = str(tmp_path / "cache")
     cmd = [str(bare_python) if a == "python" else swap.get(a, a) for a in cmd]
     env = {**os.environ, "PYTHONPATH": f"{no_torch(tmp_path / 'blocker')}{os.pathsep}{out}"}
     proc = subprocess.Popen(

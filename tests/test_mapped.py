@@ -16,9 +16,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from test_user_model import photo
 
+from torchship.handlers import sizing
 from torchship.handlers.card import ModelCard
 from torchship.handlers.model import mapped, runners
 from torchship.handlers.model.onnx_model import load as load_onnx
+from torchship.handlers.oip import config
 from torchship.serve import oip
 
 from helpers import ROOT, TORCHSHIP
@@ -158,3 +160,48 @@ def test_a_model_whose_weights_are_external_data_is_mapped_whole(tmp_path):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     plain = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"x": x})[0]
     np.testing.assert_allclose(ort.InferenceSession(str(made), options).run(None, {"x": x})[0], plain, atol=1e-4)
+
+
+def test_a_measured_cost_is_kept_and_read_back_until_the_file_changes(wide_export, tmp_path):
+    card, cache = ModelCard.load(wide_export), tmp_path / "cache"
+    first, how = sizing.measured(wide_export, "onnx", card, cache=cache)
+    assert how.startswith("measured, kept in ")
+    kept = Path(how.removeprefix("measured, kept in "))
+    again, how = sizing.measured(wide_export, "onnx", card, cache=cache)
+    assert how == f"read from {kept}" and again == first
+    kept.write_text("{not json")  # a torn or foreign file is measured again, never trusted
+    assert sizing.measured(wide_export, "onnx", card, cache=cache)[1] == f"measured, kept in {kept}"
+    copy = tmp_path / "copy"
+    shutil.copytree(wide_export, copy)  # another file (path, time): another entry
+    assert sizing.measured(copy, "onnx", card, cache=cache)[1] != f"read from {kept}"
+
+
+def log_since(state: Path, mark: int) -> str:
+    with open(state / "logs" / oip.LOG, "rb") as f:
+        f.seek(mark)
+        return f.read().decode(errors="replace")
+
+
+def test_a_restarted_server_neither_optimizes_nor_measures_again(wide_export, tmp_path):
+    export, state = tmp_path / "wide", tmp_path / "state"
+    shutil.copytree(wide_export, export)
+    local, body = load_onnx(export / "model.onnx"), photo(3, size=(40, 50))
+    logs, entries = [], []
+    for start in range(3):
+        if start == 2:  # the model rewritten in place (same bytes, a new file): optimized and measured anew
+            data = (export / "model.onnx").read_bytes()
+            (export / "model.onnx").unlink()
+            (export / "model.onnx").write_bytes(data)
+        mark = (state / "logs" / oip.LOG).stat().st_size if start else 0
+        cfg = oip.OIPConfig.on_free_ports(str(export), "wide", str(state), workers=2)  # batch and threads measured
+        oip.start(cfg, timeout=180)
+        try:
+            assert label_of(cfg, body) == local.predict(body)["label"]
+        finally:
+            oip.stop(state)
+        logs.append(log_since(state, mark))
+        entries.append(sorted(p.name for p in (state / oip.CACHE / config.MAPPED).iterdir()))
+    assert "optimized once" in logs[0] and "measured, kept in" in logs[0]
+    assert "optimized once" not in logs[1] and "(read from" in logs[1] and entries[1] == entries[0]
+    assert "optimized once" in logs[2] and "measured, kept in" in logs[2]
+    assert len(entries[2]) == 1 and entries[2] != entries[0]  # the old file's copy removed, not left to pile up

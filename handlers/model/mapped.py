@@ -24,7 +24,7 @@ from ..formats import FORMAT_BY_BACKEND
 logger = logging.getLogger("torchship.model")
 
 MIN_BYTES = 32 << 20  # a model file this large is mapped; a smaller one costs less copied than the step costs
-FILE, WEIGHTS = "model.onnx", "weights.bin"
+FILE, WEIGHTS, SOURCE = "model.onnx", "weights.bin", "source.txt"  # SOURCE: the model file it was made from
 
 
 def worth_it(path: Path) -> bool:
@@ -32,23 +32,48 @@ def worth_it(path: Path) -> bool:
     return sum(f.stat().st_size for f in path.parent.glob(f"{path.name}*")) >= MIN_BYTES
 
 
+def cpu() -> str:
+    """This machine's processor as /proc/cpuinfo names it, and its instruction set."""
+    found = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() in ("model name", "flags"):
+                    found.setdefault(name.strip(), value.strip())
+                if len(found) == 2:
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{found.get('model name', '')}|{found.get('flags', '')}"
+
+
 def machine() -> str:
     """What the optimized graph depends on besides the model: ONNX Runtime's version and the CPU's instruction set
     (its convolutions are reordered for the vector width found)."""
     import onnxruntime as ort  # lazily: an archive of TorchScript or pt2 runs without it
 
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return f"{ort.__version__}|{platform.machine()}|{flags}"
+    return f"{ort.__version__}|{cpu()}"
+
+
+def stamp(path: Path) -> str:
+    """The model file and its external data as they are now: a rewritten file is another model."""
+    files = sorted(path.parent.glob(f"{path.name}*"))
+    return "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
 def key(path: Path) -> str:
-    s = path.resolve().stat()
-    return hashlib.sha256(f"{path.resolve()}|{s.st_size}|{s.st_mtime_ns}|{machine()}".encode()).hexdigest()[:20]
+    path = path.resolve()
+    return hashlib.sha256(f"{path}|{stamp(path)}|{machine()}".encode()).hexdigest()[:20]
+
+
+def prune(into: Path, source: Path, keep: Path) -> None:
+    """Copies of SOURCE made for an earlier file or machine, left in a cache kept across restarts: the disk they hold
+    is twice the weights each. A process still mapping one keeps its pages (the file is only unlinked)."""
+    for entry in into.iterdir():
+        origin = entry / SOURCE
+        if entry != keep and origin.is_file() and origin.read_text() == str(source):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def mapped(path: Path, into: Path) -> Path | None:
@@ -72,6 +97,7 @@ def mapped(path: Path, into: Path) -> Path | None:
         options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
         options.log_severity_level = 3  # its warning that the file fits this machine only: the key says as much
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        (making / SOURCE).write_text(str(path.resolve()))
         os.rename(making, target)
     except Exception as e:  # noqa: BLE001 - whatever failed, the model still loads as it is
         if making is not None:
@@ -80,6 +106,7 @@ def mapped(path: Path, into: Path) -> Path | None:
             return target / FILE
         logger.warning("%s is loaded as it is: saving it optimized failed (%s: %s)", path, type(e).__name__, e)
         return None
+    prune(into, path.resolve(), target)
     size = sum(f.stat().st_size for f in target.iterdir()) / 2**20
     logger.info("%s optimized once for every session to map: %.0f MB, %.1f s", path, size, time.perf_counter() - began)
     return target / FILE

@@ -87,6 +87,9 @@ class Config:
     # each session loads its own copy of a large ONNX model's weights (ONNX Runtime's way) instead of mapping one
     # optimized copy kept in the server's work folder (model/mapped.py, lever 79): for a work folder with no room
     copy_weights: bool = False
+    # kept across restarts (a volume): a large ONNX model's optimized copy and every model's measured cost, each keyed
+    # by the model file and this machine, so a restart neither optimizes nor measures again (lever 82); "": neither kept
+    cache_dir: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "model_dirs", tuple(str(d) for d in self.model_dirs))
@@ -196,7 +199,11 @@ MAPPED = "mapped"  # the folder beside the supervisor's saved state where optimi
 
 
 def mapped_dir(config: Config, state_file: str | None) -> Path | None:
-    return None if config.copy_weights or not state_file else Path(state_file).with_name(MAPPED)
+    if config.copy_weights:
+        return None
+    if config.cache_dir:
+        return Path(config.cache_dir) / MAPPED
+    return Path(state_file).with_name(MAPPED) if state_file else None
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,9 @@ HELP = {
     "copy_weights": "every ONNX Runtime session loads its own copy of a large model's weights, optimized in its own "
     "heap; by default the supervisor saves the model once as ONNX Runtime optimizes it (about twice the weights, in "
     "the server's temporary folder) and every session maps that file, sharing one copy",
+    "cache_dir": "keep a large model's optimized copy and every model's measured cost in this folder across restarts "
+    "(a volume in Kubernetes), keyed by the model file and this machine: a restart skips optimizing and measuring "
+    "[default: neither kept]",
     "trace_stages": "with tracing on (OTEL_EXPORTER_OTLP_ENDPOINT): a request's stages as its span's events, or as a "
     "child span each (twice the cost)  [default: events]",
 }

@@ -55,7 +55,8 @@ def complete(config: Config, state: State, mapped: Path | None = None) -> Config
     first = next(iter(state.models.values()))  # one setting for every model: the first one's measured cost
     export = first.versions[first.route.default].directory
     try:
-        cost = sizing.measure(export, config.backend, ModelCard.load(export), mapped_dir=mapped)
+        cache = Path(config.cache_dir) if config.cache_dir else None
+        cost, source = sizing.measured(export, config.backend, ModelCard.load(export), cache=cache, mapped_dir=mapped)
     except Exception as e:  # a model that fails here fails in every worker: say so once, plainly
         detail = str(e).splitlines()[0][:200] if str(e) else ""
         raise SystemExit(
@@ -64,11 +65,12 @@ def complete(config: Config, state: State, mapped: Path | None = None) -> Config
         ) from None
     sized = sizing.sized(cost, workers)
     logger.info(
-        "measured %s: %.2f ms at batch 1, %.2f at batch 8 (one thread); a session holds %.0f MB",
+        "%s: %.2f ms at batch 1, %.2f at batch 8 (one thread); a session holds %.0f MB (%s)",
         export,
         cost.batch1_ms,
         cost.batch8_ms,
         cost.session_bytes / 2**20,
+        source,
     )
     threads = config.threads or sized.threads
     busy = config.busy_threads or (threads if config.threads else sized.busy_threads)  # threads given: one session

@@ -20,7 +20,8 @@ STATE = click.option(
     type=click.Path(file_okay=False),
     default="serve-state",
     show_default=True,
-    help="This instance's config, logs, keys and pid file.",
+    help="This instance's config, logs, keys and pid file; OIP: its cache (a large model's optimized copy, the "
+    "measured costs), which makes the next start faster.",
 )
 TS, OIP = "TorchServe", "OIP"
 PORT = click.IntRange(1, 65535)
