@@ -205,3 +205,29 @@ def test_a_restarted_server_neither_optimizes_nor_measures_again(wide_export, tm
     assert "optimized once" not in logs[1] and "(read from" in logs[1] and entries[1] == entries[0]
     assert "optimized once" in logs[2] and "measured, kept in" in logs[2]
     assert len(entries[2]) == 1 and entries[2] != entries[0]  # the old file's copy removed, not left to pile up
+
+
+def test_torchserves_workers_of_a_large_model_map_one_copy(wide_export, tmp_path):
+    import psutil
+
+    from torchship.serve import torchserve
+    from torchship.serve.archive import build_archive
+
+    build_archive(wide_export, tmp_path / "store", name="wide", backend="onnx")
+    state = tmp_path / "state"
+    cfg = torchserve.start(torchserve.ServerConfig.on_free_ports("wide", str(tmp_path / "store"), str(state)))
+    try:
+        workers = [p for p in psutil.Process(torchserve.pid(state)).children(recursive=True) if "python" in p.name()]
+        maps = [{m.path for m in p.memory_maps() if m.path.endswith(mapped.WEIGHTS)} for p in workers]
+        body = photo(5, size=(40, 50))
+        conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
+        conn.request("POST", "/predictions/wide", body, {"Content-Type": "image/jpeg", **torchserve.headers(state)})
+        r = conn.getresponse()
+        answer = json.loads(r.read())
+        conn.close()
+    finally:
+        torchserve.stop(state)
+    assert len(workers) == 2 and r.status == 200, answer
+    # TorchServe unpacks the archive once for all of a model's workers: each may optimize, the first to finish is kept
+    assert maps[0] == maps[1] and len(maps[0]) == 1 and f"/{mapped.FOLDER}/" in next(iter(maps[0]))
+    assert answer["label"] == load_onnx(wide_export / "model.onnx").predict(body)["label"]

@@ -23,6 +23,7 @@ from ..formats import FORMAT_BY_BACKEND
 
 logger = logging.getLogger("torchship.model")
 
+FOLDER = "mapped"  # a runtime's optimized copies, in its cache or work folder or the archive's unpacked one
 MIN_BYTES = 32 << 20  # a model file this large is mapped; a smaller one costs less copied than the step costs
 FILE, WEIGHTS, SOURCE = "model.onnx", "weights.bin", "source.txt"  # SOURCE: the model file it was made from
 

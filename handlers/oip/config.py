@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..formats import FORMAT_BY_BACKEND
 from ..limits import MAX_REQUEST_BYTES
+from ..model.mapped import FOLDER
 
 HTTP_PORT, GRPC_PORT = 8080, 8081  # KServe's ports for a custom predictor container: REST, then gRPC
 LOOPBACK = "127.0.0.1"
@@ -195,7 +196,7 @@ class Config:
         )
 
 
-MAPPED = "mapped"  # the folder beside the supervisor's saved state where optimized models are kept (model/mapped.py)
+MAPPED = FOLDER  # in the cache, or beside the supervisor's saved state: where optimized models are kept
 
 
 def mapped_dir(config: Config, state_file: str | None) -> Path | None:

@@ -157,14 +157,15 @@ def warm_up(served: Served) -> dict:
     so that a long pass never stalls the worker's connections (batching.Batcher._serve has the lone request's case)."""
     n, card = served.batcher.max_batch, served.card
     x = named.zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
-    for run in served.runs[1:]:  # the busy session's first pass is slow too (slots.py)
-        run(x)
     start = time.perf_counter()
     served.encode(served.batcher.run(x))  # and its answer must make sense to the encoder
     ms = (time.perf_counter() - start) * 1000
     # a first pass this long leaves no doubt which side of the line the next ones fall: timing them would only delay
-    # the worker's start (BERT-base: ~2 s a pass at batch 8; bench/NOTES.md lever 80)
+    # the worker's start (BERT-base: ~2 s a pass at batch 8; bench/NOTES.md lever 80); nor is a busy session's first
+    # pass that long any slower than its next ones (lever 83), so it is left cold
     if ms < sizing.LONG_PASS_S * 1000:
+        for run in served.runs[1:]:  # the busy session's first short pass is slow (slots.py)
+            run(x)
         ms = math.inf
         for _ in range(2):
             start = time.perf_counter()

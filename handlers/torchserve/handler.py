@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 from ts.torch_handler.base_handler import BaseHandler
@@ -13,6 +14,7 @@ from ..card import ModelCard
 from ..model import named, runners, steps
 from ..model.errors import InputError
 from ..model.images import Preprocessor, framed, sizes_of, with_sizes
+from ..model.mapped import FOLDER
 from ..model.responses import answers, batch_outputs
 from ..model.tensors import rows_from_instances, standardize
 from ..protocol import model_io, v2
@@ -32,7 +34,10 @@ class ModelHandler(BaseHandler):
         # the frontend reads and parses: a measurable share of a lone request on 2 cores (bench/NOTES.md).
         worker_level = str(config.get("worker_log_level") or logging.getLevelName(logging.getLogger().level)).upper()
         self.card = ModelCard.load(model_dir)
-        self.runner = runners.load(model_dir, threads=threads, card=self.card)
+        # a large ONNX model optimized once into the archive's unpacked folder, which every worker of the model loads
+        # from: the workers map one copy of its weights instead of holding one each (model/mapped.py, lever 83)
+        mapped_dir = None if config.get("copy_weights") else Path(model_dir) / FOLDER
+        self.runner = runners.load(model_dir, threads=threads, card=self.card, mapped_dir=mapped_dir)
         self.backend = self.runner.backend
         self.preprocessor = Preprocessor(self.card, int(config.get("max_pixels", 0)))
         self.steps = steps.load(self.card.signature, model_dir)  # a named-input model's own step, if it has one

@@ -229,3 +229,23 @@ def test_a_long_pass_is_timed_once_and_a_short_one_three_times():
         ms = sizing.passes(run, card(), seconds=0)
         assert calls == [1] * (1 + timed) + [8] * (1 + timed)  # a warming pass, then the timed ones, each batch
         assert (ms[1] >= sizing.LONG_PASS_S * 1000) == bool(pass_s)
+
+
+def test_a_workers_warm_up_leaves_a_busy_session_cold_only_behind_a_long_pass():
+    from types import SimpleNamespace
+
+    from torchship.handlers.oip.served import warm_up
+
+    for pass_s, wide_passes, busy_passes in ((0.0, 3, 1), (sizing.LONG_PASS_S + 0.01, 1, 0)):
+        wide, busy = [], []
+
+        def run(x, calls=wide, pass_s=pass_s):
+            calls.append(len(x))
+            if pass_s:
+                time.sleep(pass_s)  # the pass itself: a model this slow, not a wait for anything
+
+        batcher = SimpleNamespace(max_batch=4, run=run, inline=None)
+        served = SimpleNamespace(batcher=batcher, card=card(), runs=(run, busy.append), encode=lambda out: out)
+        warm_up(served)
+        assert wide == [4] * wide_passes and [len(x) for x in busy] == [4] * busy_passes
+        assert served.warmup["batch"] == 4 and (served.warmup["ms"] >= sizing.LONG_PASS_S * 1000) == bool(pass_s)
