@@ -37,8 +37,10 @@ class ModelConfig:
     threads: int = 1  # handler: intra-op threads per worker
     worker_log_level: str = WORKER_LOG_LEVEL  # handler: INFO brings back two log lines per request
     max_pixels: int = 0  # handler: largest decoded image; 0 is handlers.images.default_max_pixels(card)
+    # handler: each worker loads its own copy of a large ONNX model's weights instead of mapping one (model/mapped.py)
+    copy_weights: bool = False
 
-    HANDLER_KEYS = ("threads", "worker_log_level", "max_pixels")
+    HANDLER_KEYS = ("threads", "worker_log_level", "max_pixels", "copy_weights")
 
     def yaml(self) -> str:
         d = asdict(self)

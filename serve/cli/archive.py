@@ -58,6 +58,12 @@ from torchship.serve.settings import WORKER_LOG_LEVEL
     help="Largest image the handler decodes  [default: 4,194,304 (2048x2048) or 4 model inputs]",
 )
 @click.option(
+    "--copy-weights",
+    is_flag=True,
+    help="Each worker loads its own copy of a large ONNX model's weights (32 MiB or more); by default the first "
+    "worker saves it once as ONNX Runtime optimizes it, in TorchServe's unpacked model folder, and all of them map it.",
+)
+@click.option(
     "--worker-log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default=WORKER_LOG_LEVEL,
@@ -75,6 +81,7 @@ def archive_command(
     threads,
     response_timeout,
     max_pixels,
+    copy_weights,
     worker_log_level,
 ):
     """Package EXPORT_DIR into MODEL_STORE/NAME.mar with our handler, sized from the model's measured cost."""
@@ -94,7 +101,7 @@ def archive_command(
         cost = measure(export_dir, backend, card)
     except (CardError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    cfg = model_config(sized(cost, workers), worker_log_level=worker_log_level.upper())
+    cfg = model_config(sized(cost, workers), worker_log_level=worker_log_level.upper(), copy_weights=copy_weights)
     given = {
         "batchSize": batch_size,
         "maxBatchDelay": max_batch_delay_ms,
