@@ -35,7 +35,7 @@ class ModelHandler(BaseHandler):
         worker_level = str(config.get("worker_log_level") or logging.getLevelName(logging.getLogger().level)).upper()
         self.card = ModelCard.load(model_dir)
         # a large ONNX model optimized once into the archive's unpacked folder, which every worker of the model loads
-        # from: the workers map one copy of its weights instead of holding one each (model/mapped.py, lever 83)
+        # from: the workers map one copy of its weights instead of holding one each (model/mapped.py, lever 84)
         mapped_dir = None if config.get("copy_weights") else Path(model_dir) / FOLDER
         self.runner = runners.load(model_dir, threads=threads, card=self.card, mapped_dir=mapped_dir)
         self.backend = self.runner.backend
