@@ -193,7 +193,7 @@ def test_a_restarted_server_neither_optimizes_nor_measures_again(wide_export, tm
             (export / "model.onnx").unlink()
             (export / "model.onnx").write_bytes(data)
         mark = (state / "logs" / oip.LOG).stat().st_size if start else 0
-        cfg = oip.OIPConfig.on_free_ports(str(export), "wide", str(state), workers=2)  # batch and threads measured
+        cfg = oip.OIPConfig.on_free_ports(str(export), "wide", str(state), workers=1)  # batch and threads measured
         oip.start(cfg, timeout=180)
         try:
             assert label_of(cfg, body) == local.predict(body)["label"]
