@@ -213,7 +213,7 @@ def test_memory_a_measured_session_freed_goes_back_to_the_system():
     assert released < kept - 150
 
 
-def test_a_long_pass_is_timed_once_and_a_short_one_three_times():
+def test_a_long_pass_is_timed_once_a_short_one_three_times_and_a_heavy_batch_of_8_unwarmed():
     def counted(pass_s: float):
         calls = []
 
@@ -227,7 +227,10 @@ def test_a_long_pass_is_timed_once_and_a_short_one_three_times():
     for pass_s, timed in ((0.0, 3), (sizing.LONG_PASS_S + 0.01, 1)):
         run, calls = counted(pass_s)
         ms = sizing.passes(run, card(), seconds=0)
-        assert calls == [1] * (1 + timed) + [8] * (1 + timed)  # a warming pass, then the timed ones, each batch
+        heavy = pass_s * 1000 >= sizing.HEAVY_MS  # the condition: the long pass is a heavy model's
+        assert heavy == bool(pass_s)
+        # a warming pass, then the timed ones, at each batch; a heavy model's batch of 8 unwarmed
+        assert calls == [1] * (1 + timed) + [8] * (1 - heavy + timed)
         assert (ms[1] >= sizing.LONG_PASS_S * 1000) == bool(pass_s)
 
 
