@@ -33,6 +33,7 @@ BATCHES = (1, 2, 4, 8)  # the ceiling's batch sizes (a ResNet-50 pass of 8 on on
 GRID_BATCHES = (1, 8)  # the served grid's largest batches
 RUNS = 3  # the ceiling and the chosen setting's levels, measured this many times: the machine drifts
 ROUNDS = 3  # within a run, the served c=1 and c=16 levels in turns with the ceiling measured again
+BERT_LOADED = 4  # BERT-base's loaded levels against the peers run 4x the level's seconds: 4 rounds of 10 s
 
 
 def layouts(n: int) -> dict[str, tuple[int, int, int, int]]:
@@ -359,13 +360,18 @@ def text_case(export: Path) -> tuple[dict, list[Payload]]:
     return setups, bodies
 
 
-def with_peers(export: Path, work: Path, seconds: float, log, case=image_case, warmup: int = 48) -> dict:
+def with_peers(
+    export: Path, work: Path, seconds: float, log, case=image_case, warmup: int = 48, loaded: float = 1
+) -> dict:
     """The model served by the OIP server and each peer (CASE: image_case or text_case), measured as `make bench`'s
-    serving rows are, with shorter rounds."""
+    serving rows are, with shorter rounds; the loaded levels LOADED times SECONDS in all (BERT-base's passes of ~1 s
+    leave a round of 2.5 s at c=16 ~20 requests: too few to order the servers, bench/NOTES.md)."""
     from bench import serving
 
     setups, bodies = case(export)
-    return serving.compare(export, work, setups, seconds, rounds=2, bodies=bodies, warmup=warmup, log=log)
+    return serving.compare(
+        export, work, setups, seconds, rounds=2, bodies=bodies, warmup=warmup, log=log, loaded_seconds=loaded * seconds
+    )
 
 
 def footprint(export: Path, work: Path, log=print, case=image_case, warmup: int = 32) -> dict:
@@ -465,7 +471,9 @@ def run(work: Path, seconds: float = 10, log=print, runs: int = RUNS, peers: boo
     out["bert-base"] = one_model(bert, "bert", "text", bodies, work / "bert", seconds, log, runs)
     save(out)
     if peers:
-        out["bert-base peers"] = with_peers(bert, work / "bert-peers", seconds, log, case=text_case, warmup=16)
+        out["bert-base peers"] = with_peers(
+            bert, work / "bert-peers", seconds, log, case=text_case, warmup=16, loaded=BERT_LOADED
+        )
         save(out)
         out["footprint"] = {
             "resnet50": footprint(resnet, work / "footprint", log),
