@@ -172,13 +172,7 @@ def test_photos_are_normalised_as_the_tables_say_bit_for_bit(mean, std):
 
 
 def test_a_letterbox_is_the_picture_at_the_top_left_on_black():
-    c = card(
-        input_shape=(3, 40, 40),
-        mean=(0.4, 0.5, 0.6),
-        std=(0.2, 0.3, 0.25),
-        preprocess="letterbox",
-        output_kind="logits",
-    )
+    c = card(input_shape=(3, 40, 40), mean=RGB.mean, std=RGB.std, preprocess="letterbox", output_kind="logits")
     prep, img = Preprocessor(c), photo(20, 10)  # fits as 40 x 20: the right half is padding
     out = prep.from_image(img)
     picture = np.asarray(img.resize((20, 40), Image.Resampling.BILINEAR))
