@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import hashlib
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from .card import ModelCard
 from .formats import FORMAT_BY_BACKEND
 from .limits import MAX_REQUEST_BYTES
 from .model import runners
-from .model.mapped import cpu, stamp
+from .model.mapped import cpu, fingerprint
 from .model.named import zeros
 
 BATCH_BUDGET_MS = 50  # a full batch should take about this long, so a queued request waits at most ~2 of them
@@ -140,14 +139,13 @@ def measured(
     if cache is None:
         return measure(model_dir, backend, card, mapped_dir=mapped_dir), "measured"
     file = FORMAT_BY_BACKEND[backend]
-    path = (Path(model_dir) / file.file).resolve()
+    path = Path(model_dir) / file.file
     runtime = "onnxruntime" if file.onnxruntime else "torch"
     try:
         runtime += " " + version(runtime)
     except PackageNotFoundError:
         pass
-    facts = f"{path}|{stamp(path)}|{backend}|{runtime}|{cpu()}|{cores()}"
-    kept = cache / MEASURED / f"{hashlib.sha256(facts.encode()).hexdigest()[:20]}.json"
+    kept = cache / MEASURED / f"{fingerprint(path, backend, runtime, cpu(), str(cores()))}.json"
     try:
         return Cost(**json.loads(kept.read_text())), f"read from {kept}"
     except (OSError, ValueError, TypeError):

@@ -257,9 +257,18 @@ def grey_png(data: bytes, height: int, width: int) -> np.ndarray | None:
         return None
 
 
+def scale(plane: np.ndarray, into: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """uint8 pixels of one channel -> the model's input, in float32 as normalise() computes it: the one arithmetic
+    behind both the tables and a photo's pass."""
+    np.divide(plane, np.float32(255.0), out=into, dtype=np.float32)
+    into -= np.float32(mean)
+    into /= np.float32(std)
+    return into
+
+
 def normaliser(mean: float, std: float) -> np.ndarray:
-    """uint8 pixel -> model input for one channel, computed exactly as normalise() computes it, as a table."""
-    return ((np.arange(256, dtype=np.uint8).astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+    """uint8 pixel -> model input for one channel, as a table."""
+    return scale(np.arange(256, dtype=np.uint8), np.empty(256, np.float32), mean, std)
 
 
 @dataclass(frozen=True)
@@ -296,14 +305,12 @@ class Preprocessor:
         return np.ascontiguousarray(((x - mean) / std).astype(np.float32).transpose(2, 0, 1))
 
     def scaled(self, pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """uint8 (H, W) or (H, W, C) to the normalised (C, H, W) float32 (into `out`): the tables' own float32
-        arithmetic, equal to them bit for bit, 5x faster than indexing them for a photo (bench/NOTES.md, lever 81)."""
+        """uint8 (H, W) or (H, W, C) to the normalised (C, H, W) float32 (into `out`) by the tables' own arithmetic,
+        one pass a channel: 5x faster than indexing the tables for a photo (bench/NOTES.md, lever 81)."""
         planes = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         out = np.empty(planes.shape, np.float32) if out is None else out
         for plane, into, mean, std in zip(planes, out, self.card.mean, self.card.std):
-            np.divide(plane, np.float32(255.0), out=into, dtype=np.float32)
-            into -= np.float32(mean)
-            into /= np.float32(std)
+            scale(plane, into, mean, std)
         return out
 
     def from_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -328,7 +335,7 @@ class Preprocessor:
         pixels = letterbox(img, height, width)
         nh, nw = pixels.shape[:2]
         out = np.empty((c.channels, height, width), np.float32)
-        black = self.scaled(np.zeros((1, 1, c.channels), np.uint8))
+        black = np.array([t[0] for t in self.tables[: c.channels]], np.float32)[:, None, None]  # a black pixel's input
         out[:, nh:], out[:, :nh, nw:] = black, black
         self.scaled(pixels, out[:, :nh, :nw])
         return with_sizes(out, ((img.size[1], img.size[0]),))

@@ -63,9 +63,14 @@ def stamp(path: Path) -> str:
     return "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
-def key(path: Path) -> str:
+def fingerprint(path: Path, *facts: str) -> str:
+    """A name for what was made from the model file as it is now (its path and stamp) and FACTS (the machine's)."""
     path = path.resolve()
-    return hashlib.sha256(f"{path}|{stamp(path)}|{machine()}".encode()).hexdigest()[:20]
+    return hashlib.sha256("|".join((str(path), stamp(path), *facts)).encode()).hexdigest()[:20]
+
+
+def key(path: Path) -> str:
+    return fingerprint(path, machine())
 
 
 def prune(into: Path, source: Path, keep: Path) -> None:
