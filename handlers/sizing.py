@@ -65,7 +65,7 @@ class Cost:
     """What one forward pass of the exported model costs on this machine, measured with one thread."""
 
     batch1_ms: float
-    batch8_ms: float
+    batch8_ms: float  # 0: not run, a heavy model's, whose batch of 8 the caller runs before it serves (measure())
     # False: the graph takes one image a pass (a detector: model/vision.py), so a batch only waits for company it
     # cannot share a pass with (at c=16, batch 8 gave 0.88 of batch 1's images a second: bench/NOTES.md lever 61)
     batches: bool = True
@@ -104,17 +104,26 @@ class Sizing:
 
 
 def measure(
-    model_dir: Path | str, backend: str, card: ModelCard, seconds: float = 0.5, mapped_dir: Path | None = None
+    model_dir: Path | str,
+    backend: str,
+    card: ModelCard,
+    seconds: float = 0.5,
+    mapped_dir: Path | None = None,
+    *,
+    heavy_batch8: bool = True,
 ) -> Cost:
     """Median forward time at batch 1 and 8 with one thread: what a single-threaded worker will see; and the memory
-    its session holds (MAPPED_DIR: loaded as the workers will, from an optimized copy kept there)."""
+    its session holds (MAPPED_DIR: loaded as the workers will, from an optimized copy kept there). HEAVY_BATCH8
+    False: a heavy model's batch of 8 is not run, for a caller that runs one before it serves anyway (the OIP
+    workers' warm-up); the rule reads only its batch-1 figure (BERT-base: ~2 s of a first start, bench/NOTES.md
+    lever 86)."""
     file = FORMAT_BY_BACKEND[backend]
     if file.onnxruntime:  # the runtime's own import is not the session's memory; heavy, so imported only here
         import onnxruntime  # noqa: F401
     before = resident_bytes()
     run = runners.load(model_dir, backend, threads=1, card=card, mapped_dir=mapped_dir).run
     session = max(0, resident_bytes() - before)
-    out = passes(run, card, seconds)
+    out = passes(run, card, seconds, heavy_batch8=heavy_batch8)
     del run
     release_freed_memory()
     weights = sum(f.stat().st_size for f in Path(model_dir).glob(f"{file.file}*"))
@@ -134,10 +143,11 @@ MEASURED = "measured"  # the cache folder's part holding measured costs, one JSO
 def measured(
     model_dir: Path | str, backend: str, card: ModelCard, *, cache: Path | None, mapped_dir: Path | None = None
 ) -> tuple[Cost, str]:
-    """measure()'s cost and where it came from, read from CACHE when this model file was measured on this machine
-    before: a restart of a heavy model skips its measuring passes (BERT-base: ~4 s, bench/NOTES.md lever 82)."""
+    """measure()'s cost, a heavy model's batch of 8 left to the workers' warm-up, and where it came from: read from
+    CACHE when this model file was measured on this machine before, so that a restart of a heavy model skips its
+    measuring passes (BERT-base: ~4 s, bench/NOTES.md lever 82)."""
     if cache is None:
-        return measure(model_dir, backend, card, mapped_dir=mapped_dir), "measured"
+        return measure(model_dir, backend, card, mapped_dir=mapped_dir, heavy_batch8=False), "measured"
     file = FORMAT_BY_BACKEND[backend]
     path = Path(model_dir) / file.file
     runtime = "onnxruntime" if file.onnxruntime else "torch"
@@ -150,7 +160,7 @@ def measured(
         return Cost(**json.loads(kept.read_text())), f"read from {kept}"
     except (OSError, ValueError, TypeError):
         pass  # not measured here yet, or unreadable: measured again
-    cost = measure(model_dir, backend, card, mapped_dir=mapped_dir)
+    cost = measure(model_dir, backend, card, mapped_dir=mapped_dir, heavy_batch8=False)
     try:
         kept.parent.mkdir(parents=True, exist_ok=True)
         making = kept.with_name(f".{kept.name}.{os.getpid()}")
@@ -164,12 +174,15 @@ def measured(
 LONG_PASS_S = 0.25  # a pass this long is timed once, not three times: BERT-base's 8 rows take ~2.2 s on one thread
 
 
-def passes(run, card: ModelCard, seconds: float) -> dict[int, float]:
+def passes(run, card: ModelCard, seconds: float, *, heavy_batch8: bool = True) -> dict[int, float]:
     """Median ms of a pass at batch 1 and 8, after a pass each that warms the session; a heavy model's batch of 8
     unwarmed: the rule uses only its batch-1 figure, and a warm session's first batch of 8 is within 7 % of its next
-    (BERT-base: ~2 s of a first start saved, bench/NOTES.md lever 85)."""
+    (BERT-base: ~2 s of a first start saved, bench/NOTES.md lever 85); not run at all (0) unless HEAVY_BATCH8."""
     out = {}
     for n in (1, 8):  # named inputs at their longest: what the largest request costs
+        if n == 8 and out[1] >= HEAVY_MS and not heavy_batch8:
+            out[n] = 0.0
+            break
         x = zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
         if n == 1 or out[1] < HEAVY_MS:
             run(x)

@@ -150,12 +150,23 @@ def stacking(card: ModelCard) -> Stacking | None:
     )
 
 
-def warm_up(served: Served) -> dict:
+def warm_up(served: Served, *, proves: bool = True) -> dict:
     """Forward passes at the largest batch the batcher will make, every named dimension at its longest: a model
     that cannot run one is never ready. The warm passes' time decides where passes of several requests run: on the
     event loop when short, since a thread hand-off then costs more than it overlaps; on the pass's thread otherwise,
-    so that a long pass never stalls the worker's connections (batching.Batcher._serve has the lone request's case)."""
+    so that a long pass never stalls the worker's connections (batching.Batcher._serve has the lone request's case).
+    Not PROVES (a worker other than the first, which proves the full batch for the same file): one row first, and no
+    more for a heavy model, whose first full pass costs what its next does (BERT-base: ~1 s of a start, lever 86)."""
     n, card = served.batcher.max_batch, served.card
+    if not proves and n > 1:
+        one = named.zeros(card.signature, 1) if card.named else np.zeros((1, *card.input_shape), np.float32)
+        start = time.perf_counter()  # on the busy session where there is one: sizing's one thread; no slot waited
+        served.encode(batch_outputs(card, served.runs[-1](one)))  # for, so the first worker's full pass runs wide
+        ms = (time.perf_counter() - start) * 1000
+        if ms >= sizing.HEAVY_MS:
+            served.batcher.inline = False
+            served.warmup = {"batch": 1, "ms": round(ms, 2), "inline": False}
+            return served.warmup
     x = named.zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
     start = time.perf_counter()
     served.encode(served.batcher.run(x))  # and its answer must make sense to the encoder

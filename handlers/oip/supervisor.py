@@ -60,15 +60,16 @@ def complete(config: Config, state: State, mapped: Path | None = None) -> Config
     except Exception as e:  # a model that fails here fails in every worker: say so once, plainly
         detail = str(e).splitlines()[0][:200] if str(e) else ""
         raise SystemExit(
-            f"measuring {export} at batches of 1 and 8 failed ({type(e).__name__}: {detail}); give --max_batch, "
+            f"measuring {export}'s passes failed ({type(e).__name__}: {detail}); give --max_batch, "
             "--max_batch_delay_ms and --threads to skip the measurement"
         ) from None
     sized = sizing.sized(cost, workers)
+    batch8 = f"{cost.batch8_ms:.2f} at batch 8" if cost.batch8_ms else "batch 8 left to the workers' warm-up"
     logger.info(
-        "%s: %.2f ms at batch 1, %.2f at batch 8 (one thread); a session holds %.0f MB (%s)",
+        "%s: %.2f ms at batch 1, %s (one thread); a session holds %.0f MB (%s)",
         export,
         cost.batch1_ms,
-        cost.batch8_ms,
+        batch8,
         cost.session_bytes / 2**20,
         source,
     )

@@ -32,17 +32,18 @@ logger = logging.getLogger("torchship.oip")
 STOP_GRACE_S = 10  # a stopping worker answers what it holds for at most half of this, the supervisor waits the rest
 
 
-def loader(config: Config, slots: Slots = NONE, mapped_dir: Path | None = None) -> Callable:
+def loader(config: Config, slots: Slots = NONE, mapped_dir: Path | None = None, *, proves: bool = True) -> Callable:
     """(name, export directory, the model's overrides) -> the version loaded and warm at the largest batch, or the
     error that stops it. SLOTS: the server's forward passes at once, which every model's passes take. MAPPED_DIR:
-    where large ONNX models are kept optimized once for every worker's sessions to map (model/mapped.py)."""
+    where large ONNX models are kept optimized once for every worker's sessions to map (model/mapped.py). PROVES:
+    this worker's warm-up runs the full batch even for a heavy model (served.warm_up)."""
 
     def load(name: str, directory: str, overrides: dict | None = None) -> served.Served:
         version = served.load(
             directory, config, name=name, overrides=overrides or {}, slots=slots, mapped_dir=mapped_dir
         )
         try:
-            served.warm_up(version)
+            served.warm_up(version, proves=proves)
         except Exception as e:  # a model that cannot run a full batch must never take traffic
             detail = str(e).splitlines()[0][:300] if str(e) else ""
             raise RuntimeError(
@@ -205,7 +206,7 @@ def main(argv: list[str]) -> int:
     logging.getLogger("torchship.access").setLevel(logging.INFO if config.access_log else logging.WARNING)
     limited = config.adapts or 0 < config.pass_slots < config.workers  # else a worker always finds one: no lock
     slots = Slots(Path(job.state_file).with_name("pass-slot"), config.pass_slots) if limited else NONE
-    load = loader(config, slots, job.mapped_dir)
+    load = loader(config, slots, job.mapped_dir, proves=job.index == 0)  # the first worker proves a full batch
     try:
         repo = repository(State.load(job.state_file), load)
     except Exception as e:

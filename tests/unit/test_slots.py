@@ -9,6 +9,8 @@ import sys
 import time
 from dataclasses import replace
 
+import numpy as np
+
 from torchship.handlers import sizing
 from torchship.handlers.oip.config import Config, ConfigError
 from torchship.handlers.oip.slots import NONE, Slots
@@ -213,7 +215,7 @@ def test_memory_a_measured_session_freed_goes_back_to_the_system():
     assert released < kept - 150
 
 
-def test_a_long_pass_is_timed_once_a_short_one_three_times_and_a_heavy_batch_of_8_unwarmed():
+def test_a_long_pass_is_timed_once_a_short_one_three_times_and_a_heavy_batch_of_8_unwarmed_or_left_out():
     def counted(pass_s: float):
         calls = []
 
@@ -232,6 +234,11 @@ def test_a_long_pass_is_timed_once_a_short_one_three_times_and_a_heavy_batch_of_
         # a warming pass, then the timed ones, at each batch; a heavy model's batch of 8 unwarmed
         assert calls == [1] * (1 + timed) + [8] * (1 - heavy + timed)
         assert (ms[1] >= sizing.LONG_PASS_S * 1000) == bool(pass_s)
+        # the OIP server's: a heavy model's batch of 8 not run at all, its workers' warm-up runs one before ready
+        run, calls = counted(pass_s)
+        ms = sizing.passes(run, card(), seconds=0, heavy_batch8=False)
+        assert calls == [1] * (1 + timed) + [8] * (1 - heavy) * (1 + timed)
+        assert (ms[8] == 0) == heavy
 
 
 def test_a_workers_warm_up_leaves_a_busy_session_cold_only_behind_a_long_pass():
@@ -252,3 +259,29 @@ def test_a_workers_warm_up_leaves_a_busy_session_cold_only_behind_a_long_pass():
         warm_up(served)
         assert wide == [4] * wide_passes and [len(x) for x in busy] == [4] * busy_passes
         assert served.warmup["batch"] == 4 and (served.warmup["ms"] >= sizing.LONG_PASS_S * 1000) == bool(pass_s)
+
+
+def test_a_worker_that_does_not_prove_the_batch_warms_a_heavy_model_at_one_row_only():
+    from types import SimpleNamespace
+
+    from torchship.handlers.oip.served import warm_up
+
+    for pass_s in (0.0, sizing.HEAVY_MS / 1000 + 0.005):
+        wide, busy = [], []
+
+        def run(x, calls=wide, pass_s=pass_s):
+            calls.append(len(x))
+            time.sleep(pass_s)  # the pass itself: a model this slow, not a wait for anything
+            return np.zeros((len(x), 10), np.float32)  # the digit card's logits
+
+        def lone(x, calls=busy, pass_s=pass_s):
+            return run(x, calls, pass_s)
+
+        batcher = SimpleNamespace(max_batch=4, run=run, inline=None)
+        served = SimpleNamespace(batcher=batcher, card=card(), runs=(run, lone), encode=lambda out: out)
+        warm_up(served, proves=False)
+        if pass_s:  # heavy: the first worker ran the full batch; this one's row ran on its busy session
+            assert wide == [] and busy == [1] and served.batcher.inline is False
+            assert served.warmup["batch"] == 1 and served.warmup["ms"] >= sizing.HEAVY_MS
+        else:  # light: the full warm-up, which decides where its passes run
+            assert wide == [4, 4, 4] and busy == [1, 4] and served.warmup["batch"] == 4
