@@ -3,9 +3,11 @@ mapped.py), answering as a session of the model file itself does."""
 
 import http.client
 import json
+import os
 import shutil
 import struct
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +233,28 @@ def test_torchserves_workers_of_a_large_model_map_one_copy(wide_export, tmp_path
     # TorchServe unpacks the archive once for all of a model's workers: each may optimize, the first to finish is kept
     assert maps[0] == maps[1] and len(maps[0]) == 1 and f"/{mapped.FOLDER}/" in next(iter(maps[0]))
     assert answer["label"] == load_onnx(wide_export / "model.onnx").predict(body)["label"]
+
+
+def test_a_kept_cache_loses_the_copies_no_session_will_load_again(wide_export, tmp_path):
+    into, model = tmp_path / "mapped", wide_export / "model.onnx"
+    made = mapped.mapped(model, into)
+    assert made is not None and made.parent.name == mapped.key(model)
+
+    def left(name: str, source: str, age_s: float = 0) -> Path:
+        entry = into / name
+        entry.mkdir()
+        (entry / mapped.SOURCE).write_text(source)
+        when = time.time() - age_s
+        os.utime(entry, (when, when))
+        return entry
+
+    other = tmp_path / "other.onnx"
+    other.write_bytes(b"another model, still there")
+    earlier = left("earlier", str(model.resolve()))  # the same file before it was rewritten, or another machine's
+    removed = left("removed", str(tmp_path / "gone.onnx"))  # a model file since deleted
+    kept = left("kept", str(other))  # another model still on disk: another server may serve it
+    abandoned = left(".making-killed", "", mapped.ABANDONED_S + 60)  # its optimizer killed an hour ago
+    making = left(".making-now", "")  # another process optimizing right now
+    assert all(p.is_dir() for p in (earlier, removed, kept, abandoned, making))
+    assert mapped.mapped(model, into) == made  # a later start finds its copy and prunes
+    assert sorted(p.name for p in into.iterdir()) == sorted([made.parent.name, "kept", ".making-now"])

@@ -73,12 +73,23 @@ def key(path: Path) -> str:
     return fingerprint(path, machine())
 
 
+ABANDONED_S = 3600  # a folder still being made that nobody has written to for this long: its maker was killed
+
+
 def prune(into: Path, source: Path, keep: Path) -> None:
-    """Copies of SOURCE made for an earlier file or machine, left in a cache kept across restarts: the disk they hold
-    is twice the weights each. A process still mapping one keeps its pages (the file is only unlinked)."""
+    """Copies no session will load again, left in a cache kept across restarts (each holds twice the weights on disk):
+    of SOURCE made for an earlier file or machine, of a model file since removed, and folders half made by a process
+    killed while optimizing. A process still mapping one keeps its pages (the file is only unlinked)."""
     for entry in into.iterdir():
-        origin = entry / SOURCE
-        if entry != keep and origin.is_file() and origin.read_text() == str(source):
+        try:
+            if entry.name.startswith(".making-"):
+                stale = time.time() - entry.stat().st_mtime > ABANDONED_S
+            else:
+                origin = (entry / SOURCE).read_text()
+                stale = entry != keep and (origin == str(source) or not Path(origin).is_file())
+        except OSError:  # not one of ours, or removed meanwhile by another process pruning
+            continue
+        if stale:
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -88,6 +99,7 @@ def mapped(path: Path, into: Path) -> Path | None:
     finish renames its folder into place and the other's is removed."""
     target = into / key(path)
     if (target / FILE).is_file():
+        prune(into, path.resolve(), target)  # a start on a kept cache: what earlier ones left
         return target / FILE
     import onnxruntime as ort  # lazily: an archive of TorchScript or pt2 runs without it
 
