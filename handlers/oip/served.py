@@ -160,8 +160,10 @@ def warm_up(served: Served, *, proves: bool = True) -> dict:
     n, card = served.batcher.max_batch, served.card
     if not proves and n > 1:
         one = named.zeros(card.signature, 1) if card.named else np.zeros((1, *card.input_shape), np.float32)
-        start = time.perf_counter()  # on the busy session where there is one: sizing's one thread; no slot waited
-        served.encode(batch_outputs(card, served.runs[-1](one)))  # for, so the first worker's full pass runs wide
+        # on the busy session where there is one (sizing's one thread) and in no slot, so that the first worker's
+        # full pass, meanwhile, finds every slot free and runs wide
+        start = time.perf_counter()
+        served.encode(batch_outputs(card, served.runs[-1](one)))
         ms = (time.perf_counter() - start) * 1000
         if ms >= sizing.HEAVY_MS:
             served.batcher.inline = False
