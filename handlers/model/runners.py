@@ -41,8 +41,11 @@ OPTIMIZATION = {
 }
 
 
-def session_options(threads: int = 1, optimization: str = "all", spinning: bool = False):
-    """Small models want one thread per worker (no fork/join cost, no fight over cores) and full graph fusion."""
+def session_options(threads: int = 1, optimization: str = "all", spinning: bool = False, *, spin_in_pass: bool = False):
+    """Small models want one thread per worker (no fork/join cost, no fight over cores) and full graph fusion.
+    SPIN_IN_PASS, for a pass that has the cores to itself: its threads spin between its operators, not after it
+    (BERT-base's lone request 0.89 of its time with a sleeping thread woken at each operator, bench/NOTES.md lever
+    87)."""
     import onnxruntime as ort  # lazily: an archive of TorchScript or pt2 runs without it
 
     options = ort.SessionOptions()
@@ -50,17 +53,25 @@ def session_options(threads: int = 1, optimization: str = "all", spinning: bool 
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION[optimization])
-    if not spinning:  # idle threads would otherwise busy-wait and steal cores from other workers
+    if spin_in_pass:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    elif not spinning:  # idle threads would otherwise busy-wait and steal cores from other workers
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
 def onnx_runner(
-    path: Path, threads: int, sig: Signature | None = None, all_outputs: bool = False, optimization: str = "all"
+    path: Path,
+    threads: int,
+    sig: Signature | None = None,
+    all_outputs: bool = False,
+    optimization: str = "all",
+    *,
+    spin_in_pass: bool = False,
 ) -> Callable:
     import onnxruntime as ort  # lazily: an archive of TorchScript or pt2 runs without it
 
-    options = session_options(threads, optimization)
+    options = session_options(threads, optimization, spin_in_pass=spin_in_pass)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     if sig is not None:
         names = [o.name for o in session.get_outputs()]
@@ -107,16 +118,20 @@ def load(
     card: ModelCard | None = None,
     *,
     mapped_dir: Path | None = None,
+    spin_in_pass: bool = False,
 ) -> Runner:
     """The card says whether the model takes one batch, named inputs or an image a pass (a detector); without it, one
-    batch. MAPPED_DIR: where a large ONNX model's optimized copy is kept for every session to map (mapped.py)."""
-    runner = _load(model_dir, backend, threads, card, mapped_dir)
+    batch. MAPPED_DIR: where a large ONNX model's optimized copy is kept for every session to map (mapped.py).
+    SPIN_IN_PASS: an ONNX Runtime session whose passes have the cores to themselves (session_options)."""
+    runner = _load(model_dir, backend, threads, card, mapped_dir, spin_in_pass)
     if card is not None and card.task == "detect":
         return Runner(runner.backend, runner.path, detect_runner(runner.run, card.thresholds["detections"]))
     return runner
 
 
-def _load(model_dir, backend: str | None, threads: int, card: ModelCard | None, mapped_dir: Path | None) -> Runner:
+def _load(
+    model_dir, backend: str | None, threads: int, card: ModelCard | None, mapped_dir: Path | None, spin_in_pass: bool
+) -> Runner:
     backend = backend or find(model_dir)
     sig = card.signature if card is not None else None
     detect = card is not None and card.task == "detect"
@@ -129,8 +144,12 @@ def _load(model_dir, backend: str | None, threads: int, card: ModelCard | None, 
     if FORMAT_BY_BACKEND[backend].onnxruntime:
         optimized = mapped(path, mapped_dir) if mapped_dir is not None and worth_it(path) else None
         if optimized is not None:  # optimized once already: the session has nothing left to do
-            return Runner(backend, path, onnx_runner(optimized, threads, sig, detect, optimization="disable"))
-        return Runner(backend, path, onnx_runner(path, threads, sig, all_outputs=detect))
+            return Runner(
+                backend,
+                path,
+                onnx_runner(optimized, threads, sig, detect, optimization="disable", spin_in_pass=spin_in_pass),
+            )
+        return Runner(backend, path, onnx_runner(path, threads, sig, all_outputs=detect, spin_in_pass=spin_in_pass))
     import torch  # lazily: the torch-free runtime imports torch only for a TorchScript or pt2 model
 
     torch.set_num_threads(threads)  # one per worker: workers must not fight over the cores

@@ -87,6 +87,14 @@ class Served:
         await self.batcher.stop()
 
 
+def alone(config: Config) -> bool:
+    """Whether a pass of THREADS threads has the cores to itself (a heavy model's lone pass holds every slot: slots.py),
+    so that its threads may spin between its operators instead of sleeping (BERT-base's lone request: 0.89 of its
+    time with a thread woken at each operator, bench/NOTES.md lever 87)."""
+    at_once = 1 if config.adapts else min(config.pass_slots or config.workers, config.workers)
+    return config.threads > 1 and config.threads * at_once <= sizing.cores()
+
+
 def load(
     model_dir: str,
     config: Config,
@@ -109,7 +117,9 @@ def load(
     card = ModelCard.load(model_dir)
     name = name or card.name
     model_steps = steps.load(card.signature, model_dir)
-    runner = runners.load(model_dir, config.backend, threads=config.threads, card=card, mapped_dir=mapped_dir)
+    runner = runners.load(
+        model_dir, config.backend, threads=config.threads, card=card, mapped_dir=mapped_dir, spin_in_pass=alone(config)
+    )
     metrics = Metrics(name, card.version)
 
     busy = None

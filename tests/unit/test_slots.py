@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from torchship.handlers import sizing
 from torchship.handlers.oip.config import Config, ConfigError
@@ -285,3 +286,20 @@ def test_a_worker_that_does_not_prove_the_batch_warms_a_heavy_model_at_one_row_o
             assert served.warmup["batch"] == 1 and served.warmup["ms"] >= sizing.HEAVY_MS
         else:  # light: the full warm-up, which decides where its passes run
             assert wide == [4, 4, 4] and busy == [1, 4] and served.warmup["batch"] == 4
+
+
+def test_only_a_pass_that_has_the_cores_to_itself_spins_between_its_operators():
+    from torchship.handlers.model.runners import session_options
+    from torchship.handlers.oip.served import alone
+
+    n = sizing.cores()
+    base = Config(model_dirs=["m"], workers=2, max_batch=8)
+    assert alone(replace(base, threads=n, busy_threads=1, pass_slots=n))  # a heavy model's lone pass: every slot
+    assert alone(replace(base, threads=n, pass_slots=1))  # the workers take turns
+    assert not alone(replace(base, threads=n, pass_slots=2))  # two passes of every core at once: oversubscribed
+    assert not alone(replace(base, threads=1))  # one thread: nothing to spin
+    spinning = session_options(2, spin_in_pass=True)
+    assert spinning.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # not set: ONNX Runtime's default, on
+        spinning.get_session_config_entry("session.intra_op.allow_spinning")
+    assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "0"
