@@ -171,6 +171,11 @@ def measured(
     return cost, f"measured, kept in {kept}"
 
 
+def zero_input(card: ModelCard, rows: int):
+    """ROWS of the model's input, named dimensions at their longest: what the largest request of ROWS costs."""
+    return zeros(card.signature, rows) if card.named else np.zeros((rows, *card.input_shape), np.float32)
+
+
 LONG_PASS_S = 0.25  # a pass this long is timed once, not three times: BERT-base's 8 rows take ~2.2 s on one thread
 
 
@@ -183,7 +188,7 @@ def passes(run, card: ModelCard, seconds: float, *, heavy_batch8: bool = True) -
         if n == 8 and out[1] >= HEAVY_MS and not heavy_batch8:
             out[n] = 0.0
             break
-        x = zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
+        x = zero_input(card, n)
         if n == 1 or out[1] < HEAVY_MS:
             run(x)
         times, start = [], time.perf_counter()

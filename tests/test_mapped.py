@@ -256,5 +256,5 @@ def test_a_kept_cache_loses_the_copies_no_session_will_load_again(wide_export, t
     abandoned = left(".making-killed", "", mapped.ABANDONED_S + 60)  # its optimizer killed an hour ago
     making = left(".making-now", "")  # another process optimizing right now
     assert all(p.is_dir() for p in (earlier, removed, kept, abandoned, making))
-    assert mapped.mapped(model, into) == made  # a later start finds its copy and prunes
+    mapped.prepare(wide_export, "onnx", into)  # a later start (or load) finds its copy and prunes
     assert sorted(p.name for p in into.iterdir()) == sorted([made.parent.name, "kept", ".making-now"])

@@ -99,7 +99,6 @@ def mapped(path: Path, into: Path) -> Path | None:
     finish renames its folder into place and the other's is removed."""
     target = into / key(path)
     if (target / FILE).is_file():
-        prune(into, path.resolve(), target)  # a start on a kept cache: what earlier ones left
         return target / FILE
     import onnxruntime as ort  # lazily: an archive of TorchScript or pt2 runs without it
 
@@ -124,7 +123,6 @@ def mapped(path: Path, into: Path) -> Path | None:
             return target / FILE
         logger.warning("%s is loaded as it is: saving it optimized failed (%s: %s)", path, type(e).__name__, e)
         return None
-    prune(into, path.resolve(), target)
     size = sum(f.stat().st_size for f in target.iterdir()) / 2**20
     logger.info("%s optimized once for every session to map: %.0f MB, %.1f s", path, size, time.perf_counter() - began)
     return target / FILE
@@ -136,4 +134,6 @@ def prepare(directory: str | Path, backend: str, into: Path | None) -> None:
     file = FORMAT_BY_BACKEND[backend]
     path = Path(directory) / file.file
     if into is not None and file.onnxruntime and path.is_file() and worth_it(path):
-        mapped(path, into)
+        made = mapped(path, into)
+        if made is not None:  # once a start or load, here: what earlier ones left in a kept cache goes
+            prune(into, path.resolve(), made.parent)

@@ -169,7 +169,7 @@ def warm_up(served: Served, *, proves: bool = True) -> dict:
     more for a heavy model, whose first full pass costs what its next does (BERT-base: ~1 s of a start, lever 86)."""
     n, card = served.batcher.max_batch, served.card
     if not proves and n > 1:
-        one = named.zeros(card.signature, 1) if card.named else np.zeros((1, *card.input_shape), np.float32)
+        one = sizing.zero_input(card, 1)
         # on the busy session where there is one (sizing's one thread) and in no slot, so that the first worker's
         # full pass, meanwhile, finds every slot free and runs wide
         start = time.perf_counter()
@@ -179,7 +179,7 @@ def warm_up(served: Served, *, proves: bool = True) -> dict:
             served.batcher.inline = False
             served.warmup = {"batch": 1, "ms": round(ms, 2), "inline": False}
             return served.warmup
-    x = named.zeros(card.signature, n) if card.named else np.zeros((n, *card.input_shape), np.float32)
+    x = sizing.zero_input(card, n)
     start = time.perf_counter()
     served.encode(served.batcher.run(x))  # and its answer must make sense to the encoder
     ms = (time.perf_counter() - start) * 1000
